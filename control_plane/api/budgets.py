@@ -1,0 +1,120 @@
+"""BudgetService: thin async methods over control_plane.service."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.field_mask_pb2 import FieldMask
+
+from control_plane.api.auth import AuthInterceptor
+from control_plane.api.errors import unary
+from control_plane.errors import InvalidArgument
+from control_plane.service import ControlPlane
+from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import budget_pb2_grpc
+
+WRITABLE_PATHS = frozenset(
+    {
+        "name",
+        "description",
+        "amount_usd",
+        "window",
+        "window.unit",
+        "window.count",
+        "window.week_start",
+        "timezone",
+        "action",
+        "scope",
+        "target",
+        "alert_thresholds",
+        "enabled",
+    }
+)
+
+
+def mask_merger(patch: pb.BudgetPolicy, mask: FieldMask) -> MaskMerge:
+    bad = [p for p in mask.paths if p not in WRITABLE_PATHS]
+    if bad:
+        raise InvalidArgument.one(
+            "update_mask",
+            f"unknown or read-only path(s): {', '.join(bad)}; writable: "
+            + ", ".join(sorted(WRITABLE_PATHS)),
+        )
+    return MaskMerge(patch, mask)
+
+
+class MaskMerge:
+    def __init__(self, patch: pb.BudgetPolicy, mask: FieldMask) -> None:
+        self.patch = patch
+        self.mask = mask
+
+    def __call__(self, stored: pb.BudgetPolicy) -> pb.BudgetPolicy:
+        if not self.mask.paths:
+            return self.patch  # empty mask: replace every writable field
+        merged = pb.BudgetPolicy()
+        merged.CopyFrom(stored)
+        self.mask.MergeMessage(
+            self.patch, merged, replace_message_field=True, replace_repeated_field=True
+        )
+        return merged
+
+
+class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
+    def __init__(self, cp: ControlPlane, auth: AuthInterceptor) -> None:
+        self.cp = cp
+        self.auth = auth
+
+    def _author(self, context: grpc.aio.ServicerContext) -> str:
+        return self.auth.role_of(tuple(context.invocation_metadata() or ())) or "unknown"
+
+    @unary
+    async def CreateBudgetPolicy(
+        self, request: pb.CreateBudgetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BudgetPolicy:
+        if not request.HasField("policy"):
+            raise InvalidArgument.one("policy", "is required")
+        return await self.cp.create_policy(request.policy, self._author(context))
+
+    @unary
+    async def GetBudgetPolicy(
+        self, request: pb.GetBudgetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BudgetPolicy:
+        if not request.id:
+            raise InvalidArgument.one("id", "is required")
+        return await self.cp.get_policy(request.id)
+
+    @unary
+    async def ListBudgetPolicies(
+        self, request: pb.ListBudgetPoliciesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListBudgetPoliciesResponse:
+        policies, token = await self.cp.list_policies(request.page_size, request.page_token)
+        return pb.ListBudgetPoliciesResponse(policies=policies, next_page_token=token)
+
+    @unary
+    async def UpdateBudgetPolicy(
+        self, request: pb.UpdateBudgetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BudgetPolicy:
+        if not request.policy.id:
+            raise InvalidArgument.one("policy.id", "is required")
+        merge = mask_merger(request.policy, request.update_mask)
+        return await self.cp.update_policy(
+            request.policy.id, merge, request.policy.etag, self._author(context)
+        )
+
+    @unary
+    async def DeleteBudgetPolicy(
+        self, request: pb.DeleteBudgetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        if not request.id:
+            raise InvalidArgument.one("id", "is required")
+        await self.cp.delete_policy(request.id, request.etag, self._author(context))
+        return empty_pb2.Empty()
+
+    @unary
+    async def ListSpend(
+        self, request: pb.ListSpendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSpendResponse:
+        entries, token = await self.cp.list_spend(
+            request.policy_id, request.member, request.page_size, request.page_token
+        )
+        return pb.ListSpendResponse(entries=entries, next_page_token=token)

@@ -1,0 +1,205 @@
+"""spendgate.v1 messages <-> stored rows <-> domain values, with validation.
+
+Validation collects every violation before failing, so an admin sees all
+wrong fields at once, each named as in the .proto ("window.count").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from control_plane.errors import InvalidArgument
+from control_plane.store.models import PolicyRow
+from spendgate.domain.policies import (
+    Action,
+    FieldViolation,
+    Policy,
+    PolicyInvalid,
+    Scope,
+    normalize_target,
+    validate_policy,
+)
+from spendgate.domain.pricing import format_usd, parse_usd
+from spendgate.domain.windows import InvalidWindow, WindowSpec, WindowUnit
+from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.wire import ACTIONS, ACTIONS_PB, SCOPES, SCOPES_PB, UNITS, UNITS_PB, timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyValues:
+    """The writable fields of a policy, validated and normalised."""
+
+    name: str
+    description: str
+    amount_nanos: int
+    window: WindowSpec
+    action: Action
+    scope: Scope
+    target: str
+    alert_thresholds: tuple[int, ...]
+    enabled: bool
+
+
+def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyValues:
+    """Validate a BudgetPolicy message; raise InvalidArgument naming each bad field."""
+    violations: list[FieldViolation] = []
+    amount: int | None = None
+    if not msg.amount_usd:
+        violations.append(FieldViolation("amount_usd", 'is required (US dollars, e.g. "25.00")'))
+    else:
+        try:
+            amount = parse_usd(msg.amount_usd)
+        except ValueError:
+            violations.append(
+                FieldViolation("amount_usd", f"{msg.amount_usd!r} is not a decimal dollar amount")
+            )
+    violations += validate_policy(
+        name=msg.name, amount_nanos=amount, alert_thresholds=msg.alert_thresholds
+    )
+    unit = UNITS.get(msg.window.unit)
+    if unit is None:
+        violations.append(
+            FieldViolation("window.unit", "is required: MINUTES, HOURS, DAYS, WEEKS or MONTHS")
+        )
+    week_start = default_week_start if msg.window.week_start == 0 else msg.window.week_start - 1
+    window: WindowSpec | None = None
+    try:
+        window = WindowSpec(
+            unit=unit or WindowUnit.DAYS,
+            count=msg.window.count,
+            timezone=msg.timezone or "UTC",
+            week_start=week_start,
+        )
+    except InvalidWindow as e:
+        name = {"count": "window.count", "week_start": "window.week_start"}.get(e.field, e.field)
+        violations.append(FieldViolation(name, e.message))
+    action = ACTIONS.get(msg.action)
+    if action is None:
+        violations.append(FieldViolation("action", "is required: ALERT or REJECT"))
+    scope = SCOPES.get(msg.scope)
+    target = ""
+    if scope is None:
+        violations.append(
+            FieldViolation("scope", "is required: " + ", ".join(s.value for s in Scope))
+        )
+    else:
+        try:
+            target = normalize_target(scope, msg.target)
+        except PolicyInvalid as e:
+            violations += e.violations
+    if violations:
+        raise InvalidArgument(violations)
+    assert window is not None and action is not None and scope is not None
+    return PolicyValues(
+        name=msg.name.strip(),
+        description=msg.description,
+        amount_nanos=amount or 0,
+        window=window,
+        action=action,
+        scope=scope,
+        target=target,
+        alert_thresholds=tuple(sorted(msg.alert_thresholds)),
+        enabled=msg.enabled if msg.HasField("enabled") else True,
+    )
+
+
+def apply_values(row: PolicyRow, v: PolicyValues) -> None:
+    row.name = v.name
+    row.description = v.description
+    row.amount_nanos = v.amount_nanos
+    row.window_unit = v.window.unit.value
+    row.window_count = v.window.count
+    row.week_start = v.window.week_start
+    row.timezone = v.window.timezone
+    row.action = v.action.value
+    row.scope = v.scope.value
+    row.target = v.target
+    row.alert_thresholds = ",".join(str(t) for t in v.alert_thresholds)
+    row.enabled = v.enabled
+
+
+def window_spec(row: PolicyRow) -> WindowSpec:
+    return WindowSpec(
+        unit=WindowUnit(row.window_unit),
+        count=row.window_count,
+        timezone=row.timezone,
+        week_start=row.week_start,
+    )
+
+
+def thresholds(row: PolicyRow) -> tuple[int, ...]:
+    return tuple(int(t) for t in row.alert_thresholds.split(",") if t)
+
+
+def domain_policy(row: PolicyRow) -> Policy:
+    return Policy(
+        id=row.id,
+        name=row.name,
+        amount_nanos=row.amount_nanos,
+        window=window_spec(row),
+        action=Action(row.action),
+        scope=Scope(row.scope),
+        target=row.target,
+        alert_thresholds=thresholds(row),
+        enabled=row.enabled,
+    )
+
+
+def etag(row: PolicyRow) -> str:
+    return f"v{row.version}"
+
+
+def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
+    return pb.BudgetPolicy(
+        id=row.id,
+        name=row.name,
+        description=row.description,
+        amount_usd=format_usd(row.amount_nanos).removeprefix("$"),
+        window=pb.BudgetWindow(
+            unit=UNITS_PB[WindowUnit(row.window_unit)],
+            count=row.window_count,
+            week_start=row.week_start + 1,
+        ),
+        timezone=row.timezone,
+        action=ACTIONS_PB[Action(row.action)],
+        scope=SCOPES_PB[Scope(row.scope)],
+        target=row.target,
+        alert_thresholds=thresholds(row),
+        enabled=row.enabled,
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
+        created_by=row.created_by,
+        updated_by=row.updated_by,
+        etag=etag(row),
+    )
+
+
+def window_spend_message(
+    *,
+    policy_id: str,
+    member: str,
+    window_start: int,
+    window_end: int,
+    spent_nanos: int,
+    limit_nanos: int,
+    request_count: int,
+) -> dp.WindowSpend:
+    return dp.WindowSpend(
+        policy_id=policy_id,
+        member=member,
+        window_start=timestamp(window_start),
+        window_end=timestamp(window_end),
+        spent_nanos=spent_nanos,
+        limit_nanos=limit_nanos,
+        exceeded=spent_nanos >= limit_nanos,
+        request_count=request_count,
+    )
+
+
+def scope_message(scope: Scope) -> int:
+    return SCOPES_PB[scope]
+
+
+def action_message(action: Action) -> int:
+    return ACTIONS_PB[action]

@@ -1,0 +1,45 @@
+"""The control plane's domain errors. api/errors.py maps them to gRPC status
+codes, in one place; nothing else needs to know about gRPC.
+
+    ControlPlaneError
+     ├── NotFound          unknown id                     -> NOT_FOUND
+     ├── InvalidArgument   field violations               -> INVALID_ARGUMENT (+ BadRequest)
+     ├── EtagMismatch      stale read-modify-write        -> ABORTED
+     └── Unavailable       database unreachable           -> UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+from spendgate.domain.policies import FieldViolation
+
+
+class ControlPlaneError(Exception):
+    pass
+
+
+class NotFound(ControlPlaneError):
+    def __init__(self, kind: str, id: str) -> None:
+        super().__init__(f"{kind} {id!r} not found")
+        self.kind = kind
+        self.id = id
+
+
+class InvalidArgument(ControlPlaneError):
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.violations = violations
+
+    @classmethod
+    def one(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class EtagMismatch(ControlPlaneError):
+    def __init__(self, id: str) -> None:
+        super().__init__(
+            f"policy {id!r} was changed by someone else (etag mismatch); read it again"
+        )
+
+
+class Unavailable(ControlPlaneError):
+    pass

@@ -1,0 +1,126 @@
+"""Builds and runs the control plane's grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from control_plane.api.auth import ADMIN, DATA_PLANE, READ, AuthInterceptor, RequestIdInterceptor
+from control_plane.api.budgets import BudgetServicer
+from control_plane.api.dataplane import DataPlaneServicer
+from control_plane.config import Settings
+from control_plane.errors import Unavailable
+from control_plane.hub import StateHub
+from control_plane.service import Clock, ControlPlane, utc_now
+from control_plane.store.db import create_db_engine, migrate
+from spendgate.v1 import budget_pb2, budget_pb2_grpc, dataplane_pb2, dataplane_pb2_grpc
+
+log = structlog.get_logger("spendgate.control_plane")
+SERVICE_NAMES = (
+    budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
+    dataplane_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name,
+)
+HEALTH_INTERVAL_S = 5.0
+
+
+class ControlPlaneServer:
+    """The control plane process: database, services, health. ``start`` then ``stop``."""
+
+    def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
+        self.settings = settings
+        url = settings.database_url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_db_engine(url)
+        self.cp = ControlPlane(
+            self.engine, StateHub(), clock=clock, default_week_start=settings.week_start_index
+        )
+        self.auth = AuthInterceptor(
+            {
+                ADMIN: settings.admin_token,
+                READ: settings.read_token,
+                DATA_PLANE: settings.data_plane_token,
+            }
+        )
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor(), self.auth])
+        budget_pb2_grpc.add_BudgetServiceServicer_to_server(
+            BudgetServicer(self.cp, self.auth), self.server
+        )
+        dataplane_pb2_grpc.add_DataPlaneServiceServicer_to_server(
+            DataPlaneServicer(self.cp), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self._bind(settings)
+        self._health_task: asyncio.Task[None] | None = None
+
+    def _bind(self, settings: Settings) -> int:
+        if settings.tls_cert_file:
+            creds = grpc.ssl_server_credentials(
+                [
+                    (
+                        Path(settings.tls_key_file).read_bytes(),
+                        Path(settings.tls_cert_file).read_bytes(),
+                    )
+                ]
+            )
+            return self.server.add_secure_port(settings.listen, creds)
+        return self.server.add_insecure_port(settings.listen)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(migrate, self.engine)
+        await self.server.start()
+        await self._set_health(True)
+        self._health_task = asyncio.create_task(self._watch_database())
+        log.info(
+            "control plane listening",
+            address=self.settings.listen,
+            port=self.port,
+            database=self.engine.url.render_as_string(hide_password=True),
+        )
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        """Health follows the database: NOT_SERVING while it is unreachable."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                await self.cp.ping()
+                ok = True
+            except Unavailable:
+                ok = False
+            if ok != serving:
+                serving = ok
+                await self._set_health(ok)
+                log.warning("health changed", serving=ok)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.cp.close()
+        log.info("control plane stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

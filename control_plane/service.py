@@ -1,0 +1,373 @@
+"""Use cases of the control plane: one transaction each.
+
+Blocking database work runs on a thread pool (one thread for SQLite, whose
+single writer would otherwise make threads queue on its lock); callers on the
+event loop await it. Every successful change is published to the StateHub
+after its transaction commits, never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import structlog
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from control_plane import convert
+from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
+from control_plane.hub import StateHub
+from control_plane.store import repo
+from control_plane.store.models import PolicyRow, WindowSpendRow
+from spendgate.domain.pricing import format_usd
+from spendgate.domain.windows import window_for
+from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.wire import from_timestamp, timestamp
+
+log = structlog.get_logger("spendgate.control_plane")
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+MAX_INCREMENTS_PER_BATCH = 50_000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    duplicate: bool
+    spend: list[dp.WindowSpend]
+    unknown_policy_increments: int
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        engine: Engine,
+        hub: StateHub,
+        *,
+        clock: Clock = utc_now,
+        default_week_start: int = 0,
+    ) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.clock = clock
+        self.default_week_start = default_week_start
+        workers = 1 if engine.dialect.name == "sqlite" else 8
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="store")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.engine.dispose()
+
+    async def _run(self, fn: Callable[[Session], T]) -> T:
+        def in_transaction() -> T:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                return fn(session)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, in_transaction)
+        except (OperationalError, InterfaceError) as e:
+            log.error("database unavailable", error=str(e.orig or e).splitlines()[0])
+            raise Unavailable("database unavailable") from e
+
+    async def ping(self) -> None:
+        await self._run(lambda s: s.execute(select(1)).scalar_one())
+
+    # ---- policies -------------------------------------------------------
+
+    async def create_policy(self, msg: pb.BudgetPolicy, author: str) -> pb.BudgetPolicy:
+        values = convert.policy_values(msg, default_week_start=self.default_week_start)
+        now = self.clock()
+
+        def create(s: Session) -> PolicyRow:
+            row = PolicyRow(
+                id=repo.new_policy_id(),
+                create_time=now,
+                update_time=now,
+                created_by=author,
+                updated_by=author,
+                version=1,
+            )
+            convert.apply_values(row, values)
+            s.add(row)
+            return row
+
+        row = await self._run(create)
+        log.info("policy created", policy_id=row.id, name=row.name, author=author)
+        await self.publish_policies()
+        return convert.policy_message(row)
+
+    async def get_policy(self, policy_id: str) -> pb.BudgetPolicy:
+        row = await self._run(lambda s: repo.get_policy(s, policy_id))
+        if row is None:
+            raise NotFound("policy", policy_id)
+        return convert.policy_message(row)
+
+    async def list_policies(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[pb.BudgetPolicy], str]:
+        limit = _page_size(page_size, default=50)
+        after = ""
+        if page_token:
+            parts = repo.decode_page_token(page_token, 1)
+            if parts is None:
+                raise InvalidArgument.one("page_token", "is not a token this server returned")
+            after = parts[0]
+        rows = await self._run(lambda s: repo.list_policies(s, after_id=after, limit=limit + 1))
+        page = rows[:limit]
+        token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
+        return [convert.policy_message(r) for r in page], token
+
+    async def update_policy(
+        self,
+        policy_id: str,
+        merge: Callable[[pb.BudgetPolicy], pb.BudgetPolicy],
+        expected_etag: str,
+        author: str,
+    ) -> pb.BudgetPolicy:
+        """Read, merge (``merge`` applies the field mask to the stored message),
+        validate and write in one transaction; the row is locked meanwhile."""
+        now = self.clock()
+
+        def update(s: Session) -> PolicyRow:
+            row = s.get(PolicyRow, policy_id, with_for_update=True)
+            if row is None:
+                raise NotFound("policy", policy_id)
+            if expected_etag and expected_etag != convert.etag(row):
+                raise EtagMismatch(policy_id)
+            merged = merge(convert.policy_message(row))
+            values = convert.policy_values(merged, default_week_start=self.default_week_start)
+            convert.apply_values(row, values)
+            row.update_time = now
+            row.updated_by = author
+            row.version += 1
+            return row
+
+        row = await self._run(update)
+        log.info("policy updated", policy_id=row.id, author=author, version=row.version)
+        await self.publish_policies()
+        return convert.policy_message(row)
+
+    async def delete_policy(self, policy_id: str, expected_etag: str, author: str) -> None:
+        def delete(s: Session) -> None:
+            row = s.get(PolicyRow, policy_id, with_for_update=True)
+            if row is None:
+                raise NotFound("policy", policy_id)
+            if expected_etag and expected_etag != convert.etag(row):
+                raise EtagMismatch(policy_id)
+            repo.delete_policy(s, row)
+
+        await self._run(delete)
+        log.info("policy deleted", policy_id=policy_id, author=author)
+        await self.publish_policies()
+
+    # ---- spend ------------------------------------------------------------
+
+    async def apply_usage(self, req: dp.ReportUsageRequest) -> UsageResult:
+        """Apply a usage batch exactly once (by batch_id), atomically."""
+        if not req.batch_id:
+            raise InvalidArgument.one("batch_id", "is required")
+        if len(req.batch_id) > 80:
+            raise InvalidArgument.one("batch_id", "must be at most 80 characters")
+        if len(req.increments) > MAX_INCREMENTS_PER_BATCH:
+            raise InvalidArgument.one("increments", f"at most {MAX_INCREMENTS_PER_BATCH} per batch")
+        for i, inc in enumerate(req.increments):
+            if inc.cost_nanos < 0 or inc.request_count < 0 or inc.estimated_count < 0:
+                raise InvalidArgument.one(f"increments[{i}]", "counts and cost must be >= 0")
+            if not inc.policy_id:
+                raise InvalidArgument.one(f"increments[{i}].policy_id", "is required")
+        now = self.clock()
+
+        def apply(s: Session) -> tuple[bool, list[dp.WindowSpend], int]:
+            ids = {inc.policy_id for inc in req.increments}
+            rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
+            deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+            unknown = 0
+            for inc in req.increments:
+                row = rows.get(inc.policy_id)
+                if row is None:
+                    unknown += 1
+                    continue
+                policy = convert.domain_policy(row)
+                # Re-bucket by the policy as stored now: a data plane with a
+                # stale snapshot never puts spend into a window that no
+                # longer exists.
+                w = window_for(policy.window, from_timestamp(inc.window_start))
+                member = inc.member if policy.is_wildcard else ""
+                key = (row.id, member, int(w.start.timestamp()))
+                acc = deltas[key]
+                acc[0] = int(w.end.timestamp())
+                acc[1] += inc.cost_nanos
+                acc[2] += inc.request_count
+                acc[3] += inc.estimated_count
+            if not repo.claim_batch(s, req.batch_id, req.data_plane_id, now):
+                current = repo.spend_rows(s, deltas.keys())
+                return True, [_spend_message(r, rows[r.policy_id]) for r in current], unknown
+            totals = repo.add_spend(
+                s,
+                (
+                    repo.SpendDelta(k[0], k[1], k[2], a[0], a[1], a[2], a[3])
+                    for k, a in deltas.items()
+                ),
+                now,
+            )
+            return (
+                False,
+                [
+                    convert.window_spend_message(
+                        policy_id=t.policy_id,
+                        member=t.member,
+                        window_start=t.window_start,
+                        window_end=t.window_end,
+                        spent_nanos=t.spent_nanos,
+                        limit_nanos=rows[t.policy_id].amount_nanos,
+                        request_count=t.request_count,
+                    )
+                    for t in totals
+                ],
+                unknown,
+            )
+
+        duplicate, spend, unknown = await self._run(apply)
+        if unknown:
+            log.warning("usage for unknown policies dropped", count=unknown, batch_id=req.batch_id)
+        if not duplicate and spend:
+            self.hub.publish(dp.StateUpdate(spend=spend))
+        return UsageResult(duplicate, spend, unknown)
+
+    async def list_spend(
+        self, policy_id: str, member: str, page_size: int, page_token: str
+    ) -> tuple[list[pb.SpendEntry], str]:
+        limit = _page_size(page_size, default=100)
+        after: tuple[str, str] = ("", "")
+        if page_token:
+            parts = repo.decode_page_token(page_token, 2)
+            if parts is None:
+                raise InvalidArgument.one("page_token", "is not a token this server returned")
+            after = (parts[0], parts[1])
+        now = self.clock()
+        at = int(now.timestamp())
+
+        def query(s: Session) -> list[pb.SpendEntry]:
+            if policy_id:
+                one = repo.get_policy(s, policy_id)
+                if one is None:
+                    raise NotFound("policy", policy_id)
+                policies = {one.id: one}
+            else:
+                policies = {r.id: r for r in repo.all_policies(s)}
+            rows = repo.current_spend(s, active_at=at, policy_id=policy_id, member=member)
+            entries: dict[tuple[str, str], pb.SpendEntry] = {}
+            for r in rows:
+                if r.policy_id in policies and (r.policy_id, r.member) > after:
+                    entries[(r.policy_id, r.member)] = _spend_entry(r, policies[r.policy_id])
+            # A policy with nothing spent yet still has a current window: show it.
+            for p in policies.values():
+                key = (p.id, "")
+                policy = convert.domain_policy(p)
+                if policy.is_wildcard or member or key <= after or key in entries:
+                    continue
+                w = window_for(policy.window, now)
+                entries[key] = _spend_entry(
+                    WindowSpendRow(
+                        policy_id=p.id,
+                        member="",
+                        window_start=int(w.start.timestamp()),
+                        window_end=int(w.end.timestamp()),
+                        spent_nanos=0,
+                        request_count=0,
+                        estimated_count=0,
+                    ),
+                    p,
+                )
+            return [entries[k] for k in sorted(entries)][: limit + 1]
+
+        page = await self._run(query)
+        token = ""
+        if len(page) > limit:
+            page = page[:limit]
+            token = repo.encode_page_token(page[-1].policy_id, page[-1].member)
+        return page, token
+
+    # ---- data-plane state ------------------------------------------------
+
+    async def snapshot(self) -> dp.StateUpdate:
+        """Every policy and the spend of every window open now."""
+        at = int(self.clock().timestamp())
+
+        def query(s: Session) -> dp.StateUpdate:
+            rows = repo.all_policies(s)
+            by_id = {r.id: r for r in rows}
+            spend = [
+                _spend_message(r, by_id[r.policy_id])
+                for r in repo.current_spend(s, active_at=at)
+                if r.policy_id in by_id
+            ]
+            return dp.StateUpdate(
+                policies=dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows]),
+                spend=spend,
+                full_snapshot=True,
+            )
+
+        update = await self._run(query)
+        update.server_time.FromDatetime(self.clock())
+        return update
+
+    async def publish_policies(self) -> None:
+        rows = await self._run(repo.all_policies)
+        self.hub.publish(
+            dp.StateUpdate(
+                policies=dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows])
+            )
+        )
+
+
+def _page_size(requested: int, *, default: int) -> int:
+    if requested < 0:
+        raise InvalidArgument.one("page_size", "must not be negative")
+    return min(requested or default, 1000)
+
+
+def _spend_message(r: WindowSpendRow, p: PolicyRow) -> dp.WindowSpend:
+    return convert.window_spend_message(
+        policy_id=r.policy_id,
+        member=r.member,
+        window_start=r.window_start,
+        window_end=r.window_end,
+        spent_nanos=r.spent_nanos,
+        limit_nanos=p.amount_nanos,
+        request_count=r.request_count,
+    )
+
+
+def _spend_entry(r: WindowSpendRow, p: PolicyRow) -> pb.SpendEntry:
+    remaining = max(p.amount_nanos - r.spent_nanos, 0)
+    return pb.SpendEntry(
+        policy_id=p.id,
+        policy_name=p.name,
+        scope=convert.scope_message(convert.domain_policy(p).scope),
+        target=p.target,
+        member=r.member,
+        action=convert.action_message(convert.domain_policy(p).action),
+        window_start=timestamp(r.window_start),
+        window_end=timestamp(r.window_end),
+        spent_usd=format_usd(r.spent_nanos).removeprefix("$"),
+        limit_usd=format_usd(p.amount_nanos).removeprefix("$"),
+        remaining_usd=format_usd(remaining).removeprefix("$"),
+        exceeded=r.spent_nanos >= p.amount_nanos,
+        request_count=r.request_count,
+    )
+
+
+__all__: Sequence[str] = ("ControlPlane", "UsageResult", "utc_now")

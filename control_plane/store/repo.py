@@ -1,0 +1,180 @@
+"""Queries over the control plane's tables. Sessions are passed in; each
+public function of control_plane.service wraps one transaction around them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Select, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowSpendRow
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_policy_id() -> str:
+    """Time-ordered id ("bp_" + 26 base32 characters, like a ULID), so listing
+    by id lists by creation."""
+    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[n & 31])
+        n >>= 5
+    return "bp_" + "".join(reversed(chars))
+
+
+def encode_page_token(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\x1f".join(parts).encode()).decode()
+
+
+def decode_page_token(token: str, nparts: int) -> list[str] | None:
+    """The parts of a token made by encode_page_token, or None if it is not one."""
+    try:
+        parts = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return parts if len(parts) == nparts else None
+
+
+def get_policy(session: Session, policy_id: str) -> PolicyRow | None:
+    return session.get(PolicyRow, policy_id)
+
+
+def list_policies(session: Session, *, after_id: str, limit: int) -> Sequence[PolicyRow]:
+    q = select(PolicyRow).where(PolicyRow.id > after_id).order_by(PolicyRow.id).limit(limit)
+    return session.scalars(q).all()
+
+
+def all_policies(session: Session) -> Sequence[PolicyRow]:
+    return session.scalars(select(PolicyRow).order_by(PolicyRow.id)).all()
+
+
+def delete_policy(session: Session, row: PolicyRow) -> None:
+    session.execute(delete(WindowSpendRow).where(WindowSpendRow.policy_id == row.id))
+    session.delete(row)
+
+
+def _insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite.Insert:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise RuntimeError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
+
+
+def claim_batch(session: Session, batch_id: str, data_plane_id: str, now: datetime) -> bool:
+    """Record batch_id as applied; False if it already was (by anyone).
+
+    With PostgreSQL a concurrent transaction inserting the same id waits for
+    this one and then finds the conflict, so exactly one applies the batch.
+    """
+    stmt = (
+        _insert(session, AppliedBatchRow)
+        .values(batch_id=batch_id, data_plane_id=data_plane_id, applied_at=now)
+        .on_conflict_do_nothing(index_elements=["batch_id"])
+        .returning(AppliedBatchRow.batch_id)
+    )
+    return session.execute(stmt).first() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendDelta:
+    policy_id: str
+    member: str
+    window_start: int
+    window_end: int
+    cost_nanos: int
+    request_count: int
+    estimated_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpendTotal:
+    policy_id: str
+    member: str
+    window_start: int
+    window_end: int
+    spent_nanos: int
+    request_count: int
+    previous_nanos: int  # spend before this apply, for crossing detection
+
+
+def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> list[SpendTotal]:
+    """Atomically add each delta to its window row (``spent = spent + x``).
+
+    Rows are touched in key order so two transactions on PostgreSQL lock them
+    in the same order and cannot deadlock.
+    """
+    totals: list[SpendTotal] = []
+    table = WindowSpendRow.__table__
+    for d in sorted(deltas, key=lambda d: (d.policy_id, d.member, d.window_start)):
+        ins = _insert(session, WindowSpendRow).values(
+            policy_id=d.policy_id,
+            member=d.member,
+            window_start=d.window_start,
+            window_end=d.window_end,
+            spent_nanos=d.cost_nanos,
+            request_count=d.request_count,
+            estimated_count=d.estimated_count,
+            updated_at=now,
+        )
+        stmt = ins.on_conflict_do_update(
+            index_elements=["policy_id", "member", "window_start"],
+            set_={
+                "spent_nanos": table.c.spent_nanos + ins.excluded.spent_nanos,
+                "request_count": table.c.request_count + ins.excluded.request_count,
+                "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
+                "updated_at": ins.excluded.updated_at,
+            },
+        ).returning(table.c.spent_nanos, table.c.request_count)
+        spent, count = session.execute(stmt).one()
+        totals.append(
+            SpendTotal(
+                d.policy_id,
+                d.member,
+                d.window_start,
+                d.window_end,
+                spent,
+                count,
+                spent - d.cost_nanos,
+            )
+        )
+    return totals
+
+
+def spend_rows_query(*, active_at: int) -> Select[tuple[WindowSpendRow]]:
+    """Rows of windows that contain the instant ``active_at`` (Unix seconds)."""
+    return select(WindowSpendRow).where(
+        WindowSpendRow.window_start <= active_at, WindowSpendRow.window_end > active_at
+    )
+
+
+def current_spend(
+    session: Session, *, active_at: int, policy_id: str = "", member: str = ""
+) -> Sequence[WindowSpendRow]:
+    q = spend_rows_query(active_at=active_at)
+    if policy_id:
+        q = q.where(WindowSpendRow.policy_id == policy_id)
+    if member:
+        q = q.where(WindowSpendRow.member == member)
+    return session.scalars(
+        q.order_by(WindowSpendRow.policy_id, WindowSpendRow.member, WindowSpendRow.window_start)
+    ).all()
+
+
+def spend_rows(session: Session, keys: Iterable[tuple[str, str, int]]) -> list[WindowSpendRow]:
+    out = []
+    for key in keys:
+        row = session.get(WindowSpendRow, key)
+        if row is not None:
+            out.append(row)
+    return out

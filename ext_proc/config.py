@@ -1,0 +1,55 @@
+"""ext_proc settings (see spendgate.settings for sources and precedence)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from spendgate import settings
+from spendgate.settings import ConfigError
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:50052"
+    # The control plane's DataPlaneService address.
+    control_plane: str = "127.0.0.1:50051"
+    data_plane_token: str = ""
+    control_plane_tls: bool = False
+    control_plane_ca_file: str = ""
+    # Identifies this data plane in the control plane's records.
+    data_plane_id: str = ""
+    # Request headers that identify the caller (removed before the provider).
+    user_header: str = "x-spendgate-user"
+    workspace_header: str = "x-spendgate-workspace"
+    tags_header: str = "x-spendgate-tags"
+    # How often unsent usage is sent to the control plane.
+    flush_interval_ms: int = 100
+    log_json: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.data_plane_token:
+            raise ConfigError("data_plane_token is required (SPENDGATE_DATA_PLANE_TOKEN)")
+        if not 10 <= self.flush_interval_ms <= 60_000:
+            raise ConfigError("flush_interval_ms must be between 10 and 60000")
+        for name in ("user_header", "workspace_header", "tags_header"):
+            if getattr(self, name) != getattr(self, name).lower():
+                raise ConfigError(f"{name} must be lower-case (Envoy lower-cases headers)")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level must be debug, info, warning or error")
+
+    @property
+    def identity(self) -> str:
+        return self.data_plane_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, file: str | None = None, **overrides: Any
+) -> Settings:
+    return settings.load(Settings, section="ext_proc", env=env, file=file, overrides=overrides)

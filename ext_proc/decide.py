@@ -1,0 +1,52 @@
+"""Admission: pure, local, instant.
+
+Given the policies that match a request, the spend this data plane knows of
+(control plane totals + its own unsent usage) and ``now``, decide whether the
+request may go to the provider. The request that crosses a limit completes;
+the ones after it are rejected until the window resets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from spendgate.domain.policies import Action, Match, Policy
+from spendgate.domain.windows import Window, window_for
+
+SpendKey = tuple[str, str, int]
+"""(policy id, member, window start in Unix seconds)"""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    policy: Policy
+    member: str
+    window: Window
+    spent_nanos: int
+
+
+def decide(
+    matches: Iterable[Match],
+    spent: Callable[[SpendKey], int],
+    now: datetime,
+) -> Rejection | None:
+    """The exceeded REJECT policy whose window resets last, or None to admit.
+
+    Spend is compared with the limit as the policy says now (not with an
+    "exceeded" flag computed earlier), so raising a limit admits at once.
+
+    Reporting the latest reset makes ``retry-after`` honest: no request can
+    pass before every exceeded window has reset.
+    """
+    worst: Rejection | None = None
+    for policy, member in matches:
+        if policy.action is not Action.REJECT:
+            continue
+        window = window_for(policy.window, now)
+        key = (policy.id, member, int(window.start.timestamp()))
+        amount = spent(key)
+        if amount >= policy.amount_nanos and (worst is None or window.end > worst.window.end):
+            worst = Rejection(policy, member, window, amount)
+    return worst

@@ -1,0 +1,289 @@
+"""One processor per HTTP request: the ext_proc protocol as a small state machine.
+
+Envoy sends, in order, whichever phases the filter config and our
+mode_overrides ask for: request headers, request body, response headers,
+response body chunks (trailers only if configured). Each message gets exactly
+one answer. Nothing here awaits: the whole per-message path is synchronous
+and allocation-light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+import structlog
+
+from ext_proc import envoy_codec as codec
+from ext_proc.config import Settings
+from ext_proc.decide import Rejection, decide
+from ext_proc.meters.base import Meter, estimate_tokens_from_chars
+from ext_proc.reject import openai_error_body, rejection_headers, rejection_message
+from ext_proc.shapes import ApiShape, detect
+from ext_proc.state import LocalState
+from ext_proc.stats import Stats
+from spendgate.domain.policies import Match, RequestFacts, hash_api_key
+from spendgate.domain.pricing import PriceBook, cost_nanos
+from spendgate.domain.usage import Usage
+
+log = structlog.get_logger("spendgate.ext_proc")
+MAX_TAGS = 32
+_API_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclasses.dataclass(slots=True)
+class Context:
+    """Everything a processor shares with the others in this process."""
+
+    settings: Settings
+    state: LocalState
+    prices: PriceBook
+    clock: Callable[[], datetime]
+    stats: Stats = dataclasses.field(default_factory=Stats)
+    warned_models: set[str] = dataclasses.field(default_factory=set)
+
+
+def parse_tags(value: str) -> dict[str, str]:
+    """``team=search,env=prod`` -> {"team": "search", "env": "prod"} (bounded)."""
+    tags: dict[str, str] = {}
+    for part in value.split(",")[:MAX_TAGS]:
+        key, sep, val = part.partition("=")
+        if sep and key.strip() and val.strip():
+            tags[key.strip()] = val.strip()
+    return tags
+
+
+def api_key_of(headers: dict[str, str]) -> str:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    for name in _API_KEY_HEADERS:
+        if name in headers:
+            return headers[name].strip()
+    return ""
+
+
+class RequestProcessor:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.shape: ApiShape | None = None
+        self.facts = RequestFacts()
+        self.matches: list[Match] = []
+        self.request_model = ""
+        self.request_bytes = 0
+        self.content_length_sent = False
+        self.body_parts: list[bytes] = []
+        self.meter: Meter | None = None
+        self.done = False  # charged (or decided there is nothing to charge)
+
+    # ---- dispatch -------------------------------------------------------------
+
+    def handle(self, req: codec.ProcessingRequest) -> codec.ProcessingResponse:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return self.on_request_headers(req)
+            if kind == "request_body":
+                return self.on_request_body(req.request_body)
+            if kind == "response_headers":
+                return self.on_response_headers(req.response_headers)
+            if kind == "response_body":
+                return self.on_response_body(req.response_body)
+        except Exception:
+            # A bug must never break the client's request: answer "continue".
+            self.ctx.stats.internal_errors += 1
+            log.exception("ext_proc error; request continues unchanged", phase=kind)
+        return _CONTINUE[kind or ""]
+
+    # ---- request ------------------------------------------------------------
+
+    def on_request_headers(self, req: codec.ProcessingRequest) -> codec.ProcessingResponse:
+        s = self.ctx.settings
+        h = codec.header_dict(req.request_headers)
+        method = h.get(":method", "")
+        self.shape = detect(method, h.get(":path", ""))
+        self.content_length_sent = "content-length" in h
+        key = api_key_of(h)
+        route = codec.attribute(req, "xds.route_name")
+        self.facts = RequestFacts(
+            route=route,
+            user=h.get(s.user_header, ""),
+            api_key_hash=hash_api_key(key) if key else "",
+            workspace=h.get(s.workspace_header, ""),
+            provider=self.shape.provider if self.shape else "",
+            tags=parse_tags(h[s.tags_header]) if s.tags_header in h else {},
+        )
+        self.matches = self.ctx.state.index.matches(self.facts)
+        if method not in _BODYLESS_METHODS:
+            rejected = self._decide()
+            if rejected is not None:
+                return rejected
+        remove = [k for k in h if k.startswith("x-spendgate-")]
+        if self.shape is None or req.request_headers.end_of_stream:
+            self.done = True
+            self.ctx.stats.unmetered_requests += self.shape is None
+            return codec.request_headers_response(
+                codec.header_mutation(remove=remove) if remove else None, codec.SKIP_REST
+            )
+        # Ask for an uncompressed response so it can be metered as it streams.
+        remove.append("accept-encoding")
+        return codec.request_headers_response(codec.header_mutation(remove=remove))
+
+    def on_request_body(self, body: Any) -> codec.ProcessingResponse:
+        if not body.end_of_stream:  # only when Envoy streams the request body
+            self.body_parts.append(body.body)
+            return codec.REQUEST_BODY_CONTINUE
+        data = b"".join((*self.body_parts, body.body)) if self.body_parts else body.body
+        self.body_parts = []
+        self.request_bytes = len(data)
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            # The provider will answer 400; an error costs nothing. Metering
+            # still runs on the response in case it does not.
+            self.ctx.stats.unparsed_requests += 1
+            log.debug("request body is not a JSON object; passed through unchanged")
+            return codec.REQUEST_BODY_CONTINUE
+        model = parsed.get("model")
+        if isinstance(model, str) and model:
+            self.request_model = model
+            self.facts = dataclasses.replace(self.facts, model=model.lower())
+            if self.ctx.state.index.needs_model:
+                self.matches = self.ctx.state.index.matches(self.facts)
+                rejected = self._decide()
+                if rejected is not None:
+                    return rejected
+        assert self.shape is not None
+        if not self.shape.prepare_request(parsed):
+            return codec.REQUEST_BODY_CONTINUE
+        new = orjson.dumps(parsed)
+        headers = {"content-length": str(len(new))} if self.content_length_sent else None
+        return codec.request_body_response(new, headers)
+
+    def _decide(self) -> codec.ProcessingResponse | None:
+        if not self.matches:
+            return None
+        now = self.ctx.clock()
+        r = decide(self.matches, self.ctx.state.spent, now)
+        if r is None:
+            return None
+        self.done = True
+        return self._reject(r, now)
+
+    def _reject(self, r: Rejection, now: datetime) -> codec.ProcessingResponse:
+        self.ctx.stats.rejected_requests += 1
+        log.info(
+            "rejected",
+            policy_id=r.policy.id,
+            member=r.member if r.member else None,
+            reset=r.window.end.isoformat(),
+        )
+        error_body = self.shape.error_body if self.shape else openai_error_body
+        return codec.immediate_response(
+            429,
+            rejection_headers(r, now),
+            error_body(rejection_message(r)),
+            "spendgate_budget_exceeded",
+        )
+
+    # ---- response -------------------------------------------------------------
+
+    def on_response_headers(self, headers: Any) -> codec.ProcessingResponse:
+        if self.done or self.shape is None:
+            return codec.RESPONSE_HEADERS_CONTINUE
+        h = codec.header_dict(headers)
+        status = int(h.get(":status", "0") or 0)
+        if not 200 <= status < 300:
+            self.done = True  # errors carry no usage and cost nothing
+            return codec.RESPONSE_HEADERS_CONTINUE
+        encoding = h.get("content-encoding", "identity").lower()
+        if encoding not in ("", "identity"):
+            self.done = True
+            self.ctx.stats.unmetered_responses += 1
+            log.warning(
+                "response is compressed and was not metered",
+                encoding=encoding,
+                model=self.request_model,
+            )
+            return codec.RESPONSE_HEADERS_CONTINUE
+        streaming = "text/event-stream" in h.get("content-type", "")
+        self.meter = self.shape.new_meter(streaming)
+        if headers.end_of_stream:
+            self._finish(aborted=False)
+            return codec.RESPONSE_HEADERS_CONTINUE
+        return codec.response_headers_response(codec.STREAM_RESPONSE_BODY)
+
+    def on_response_body(self, body: Any) -> codec.ProcessingResponse:
+        if self.meter is not None and not self.done:
+            self.meter.feed(body.body)
+            if body.end_of_stream:
+                self._finish(aborted=False)
+        return codec.RESPONSE_BODY_CONTINUE
+
+    def close(self) -> None:
+        """The stream with Envoy ended. A response cut short is still charged."""
+        if self.meter is not None and not self.done:
+            try:
+                self._finish(aborted=True)
+            except Exception:
+                self.ctx.stats.internal_errors += 1
+                log.exception("could not charge an aborted response")
+
+    def _finish(self, *, aborted: bool) -> None:
+        assert self.meter is not None
+        self.done = True
+        result = self.meter.finish(aborted=aborted)
+        usage = result.usage
+        stats = self.ctx.stats
+        if usage is None:
+            stats.unmetered_responses += 1
+            log.warning(
+                "response not metered",
+                reason=result.error,
+                model=self.request_model,
+                aborted=aborted,
+            )
+            return
+        if usage.estimated and usage.input_tokens is None:
+            usage = dataclasses.replace(
+                usage, input_tokens=estimate_tokens_from_chars(self.request_bytes)
+            )
+        model = result.model or self.request_model
+        price = self.ctx.prices.lookup(model, self.facts.provider or None)
+        cost = 0
+        if price is None:
+            stats.unpriced_responses += 1
+            if model not in self.ctx.warned_models:
+                self.ctx.warned_models.add(model)
+                log.warning("no price for model; its usage is counted at $0", model=model)
+        else:
+            cost = cost_nanos(usage, price)
+        if usage.estimated:
+            stats.estimated_responses += 1
+        stats.metered_responses += 1
+        stats.cost_nanos += cost
+        _count_tokens(stats, usage)
+        if self.matches:
+            self.ctx.state.charge(self.matches, cost, self.ctx.clock(), estimated=usage.estimated)
+
+
+def _count_tokens(stats: Stats, usage: Usage) -> None:
+    stats.input_tokens += usage.input_tokens or 0
+    stats.output_tokens += usage.output_tokens or 0
+
+
+_CONTINUE: dict[str, codec.ProcessingResponse] = {
+    "request_headers": codec.request_headers_response(),
+    "request_body": codec.REQUEST_BODY_CONTINUE,
+    "response_headers": codec.RESPONSE_HEADERS_CONTINUE,
+    "response_body": codec.RESPONSE_BODY_CONTINUE,
+    "request_trailers": codec.REQUEST_TRAILERS_CONTINUE,
+    "response_trailers": codec.RESPONSE_TRAILERS_CONTINUE,
+    "": codec.ProcessingResponse(),
+}

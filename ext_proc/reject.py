@@ -1,0 +1,57 @@
+"""The 429: what a rejected client receives, in its own SDK's dialect.
+
+The message names the policy, its limit, its window and when the window
+resets; it shows nothing about other members of a wildcard policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import orjson
+
+from ext_proc.decide import Rejection
+from spendgate.domain.policies import Scope
+from spendgate.domain.pricing import format_usd
+from spendgate.domain.windows import describe
+
+ERROR_CODE = "budget_exceeded"
+ErrorBody = Callable[[str], bytes]
+
+
+def rejection_message(r: Rejection) -> str:
+    p = r.policy
+    reset = r.window.end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    who = ""
+    if r.member and p.scope is not Scope.API_KEY:
+        who = f" for {p.scope.value.lower().replace('_', ' ')} '{r.member}'"
+    return (
+        f"Budget exceeded: policy '{p.name}' ({p.id}) allows {format_usd(p.amount_nanos)} "
+        f"per {describe(p.window)}{who}; {format_usd(r.spent_nanos)} spent. "
+        f"Requests are rejected until the window resets at {reset}."
+    )
+
+
+def retry_after_seconds(r: Rejection, now: datetime) -> int:
+    return max(1, math.ceil((r.window.end - now).total_seconds()))
+
+
+def openai_error_body(message: str) -> bytes:
+    """OpenAI's error shape; openai.RateLimitError.message carries ``message``."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": ERROR_CODE, "param": None, "code": ERROR_CODE}}
+    )
+
+
+def rejection_headers(r: Rejection, now: datetime) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "retry-after": str(retry_after_seconds(r, now)),
+        # The official SDKs retry a 429 by default; a budget does not come
+        # back in seconds, so tell them not to.
+        "x-should-retry": "false",
+        "x-spendgate-policy": r.policy.id,
+        "x-spendgate-reset": r.window.end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }

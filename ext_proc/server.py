@@ -1,0 +1,99 @@
+"""The ExternalProcessor gRPC service: one bidirectional stream per HTTP request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+import grpc
+import structlog
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ext_proc import envoy_codec as codec
+from ext_proc.config import Settings
+from ext_proc.processor import Context, RequestProcessor
+from ext_proc.state import LocalState
+from ext_proc.sync import ControlPlaneSync
+from spendgate.domain.pricing import PriceBook
+
+log = structlog.get_logger("spendgate.ext_proc")
+SYNC_HEALTH_SERVICE = "spendgate.ControlPlaneSync"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def Process(
+        self,
+        request_iterator: AsyncIterator[codec.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[codec.ProcessingResponse]:
+        proc = RequestProcessor(self.ctx)
+        try:
+            async for req in request_iterator:
+                yield proc.handle(req)
+        finally:
+            proc.close()
+
+
+class ExtProcServer:
+    """ext_proc process: the gRPC server, its state and its sync to the control plane."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        prices: PriceBook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.state = LocalState()
+        self.ctx = Context(
+            settings=settings, state=self.state, prices=prices or PriceBook.bundled(), clock=clock
+        )
+        self.sync = ControlPlaneSync(settings, self.state, clock)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.ctx), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(settings.listen)
+        self.sync.on_connection_change = self._on_sync_change
+
+    def _on_sync_change(self, up: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if up
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        asyncio.get_running_loop().create_task(self.health.set(SYNC_HEALTH_SERVICE, status))
+
+    async def start(self) -> None:
+        await self.server.start()
+        # Serving requests never depends on the control plane; the separate
+        # SYNC_HEALTH_SERVICE tells whether usage is reaching it.
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SYNC_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.sync.start()
+        log.info(
+            "ext_proc listening",
+            address=self.settings.listen,
+            port=self.port,
+            control_plane=self.settings.control_plane,
+            prices=len(self.ctx.prices),
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        # Finish in-flight HTTP requests first so their usage is charged, then flush.
+        await self.server.stop(grace)
+        await self.sync.stop()
+        log.info("ext_proc stopped", **self.ctx.stats.as_dict())

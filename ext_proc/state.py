@@ -1,0 +1,150 @@
+"""What a data plane knows: policies, window spend, and its own unsent usage.
+
+Single-threaded by design: every method is called from the ext_proc event
+loop, so no locks are needed and reads never see a half-applied update.
+
+Spend of a window as this data plane sees it =
+    the control plane's last known total (includes every data plane's
+    acknowledged usage, ours too)
+  + our usage not yet acknowledged (pending + in flight).
+Totals only grow within a window, so totals from acks and from the state
+stream are merged with max(). Between the moment the control plane applies
+our batch and the moment its ack reaches us, that batch can be counted twice
+— an over-estimate for a few milliseconds, never an under-estimate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+
+from ext_proc.decide import SpendKey
+from spendgate.domain.policies import Match, PolicyIndex
+from spendgate.domain.windows import window_for
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.wire import policy_from_message, timestamp
+
+log = structlog.get_logger("spendgate.ext_proc")
+
+
+@dataclass(slots=True)
+class Increment:
+    cost_nanos: int = 0
+    requests: int = 0
+    estimated: int = 0
+
+
+@dataclass(slots=True)
+class Batch:
+    batch_id: str
+    increments: dict[SpendKey, Increment]
+    attempts: int = 0
+
+    def message(self, data_plane_id: str) -> dp.ReportUsageRequest:
+        return dp.ReportUsageRequest(
+            data_plane_id=data_plane_id,
+            batch_id=self.batch_id,
+            increments=[
+                dp.SpendIncrement(
+                    policy_id=k[0],
+                    member=k[1],
+                    window_start=timestamp(k[2]),
+                    cost_nanos=i.cost_nanos,
+                    request_count=i.requests,
+                    estimated_count=i.estimated,
+                )
+                for k, i in self.increments.items()
+            ],
+        )
+
+
+@dataclass(slots=True)
+class LocalState:
+    index: PolicyIndex = field(default_factory=lambda: PolicyIndex(()))
+    # control plane totals: key -> (spent nanos, window end in Unix seconds)
+    remote: dict[SpendKey, tuple[int, int]] = field(default_factory=dict)
+    pending: dict[SpendKey, Increment] = field(default_factory=dict)
+    in_flight: dict[str, Batch] = field(default_factory=dict)
+    synced: bool = False  # a snapshot has arrived at least once
+
+    # ---- reads (hot path) --------------------------------------------------
+
+    def spent(self, key: SpendKey) -> int:
+        total = self.remote[key][0] if key in self.remote else 0
+        inc = self.pending.get(key)
+        if inc is not None:
+            total += inc.cost_nanos
+        for batch in self.in_flight.values():
+            b = batch.increments.get(key)
+            if b is not None:
+                total += b.cost_nanos
+        return total
+
+    # ---- local usage ---------------------------------------------------------
+
+    def charge(
+        self, matches: Iterable[Match], cost_nanos: int, now: datetime, *, estimated: bool
+    ) -> None:
+        """Add one response's cost to every window it counts against."""
+        for policy, member in matches:
+            start = int(window_for(policy.window, now).start.timestamp())
+            inc = self.pending.get((policy.id, member, start))
+            if inc is None:
+                inc = self.pending[(policy.id, member, start)] = Increment()
+            inc.cost_nanos += cost_nanos
+            inc.requests += 1
+            inc.estimated += int(estimated)
+
+    def take_batch(self) -> Batch | None:
+        """Move pending usage into a new in-flight batch with a fresh id."""
+        if not self.pending:
+            return None
+        batch = Batch(batch_id=uuid.uuid4().hex, increments=self.pending)
+        self.pending = {}
+        self.in_flight[batch.batch_id] = batch
+        return batch
+
+    def unsent_count(self) -> int:
+        return len(self.pending) + sum(len(b.increments) for b in self.in_flight.values())
+
+    def acknowledge(self, batch: Batch, resp: dp.ReportUsageResponse) -> None:
+        # Merge the totals first so the batch is never missing from both.
+        self.merge_spend(resp.spend)
+        self.in_flight.pop(batch.batch_id, None)
+
+    # ---- control plane state -------------------------------------------------
+
+    def apply_update(self, update: dp.StateUpdate, now: datetime) -> None:
+        if update.HasField("policies"):
+            policies = []
+            for msg in update.policies.policies:
+                try:
+                    policies.append(policy_from_message(msg))
+                except (KeyError, ValueError) as e:
+                    log.error(
+                        "ignoring policy the control plane sent", policy_id=msg.id, error=str(e)
+                    )
+            self.index = PolicyIndex(policies)
+        if update.full_snapshot:
+            self.remote = {}
+            self.synced = True
+        self.merge_spend(update.spend)
+        self.prune(now)
+
+    def merge_spend(self, spend: Iterable[dp.WindowSpend]) -> None:
+        for ws in spend:
+            key = (ws.policy_id, ws.member, ws.window_start.seconds)
+            old = self.remote.get(key)
+            if old is None or ws.spent_nanos >= old[0]:
+                self.remote[key] = (ws.spent_nanos, ws.window_end.seconds)
+
+    def prune(self, now: datetime) -> None:
+        """Forget control plane totals of windows that have ended."""
+        t = now.timestamp()
+        ended = [k for k, v in self.remote.items() if v[1] <= t]
+        for k in ended:
+            del self.remote[k]

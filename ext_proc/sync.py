@@ -1,0 +1,145 @@
+"""The only module that talks to the control plane.
+
+Two loops: ``watch`` keeps a WatchState stream open (reconnecting with
+backoff) and applies what arrives to the LocalState; ``flush`` sends unsent
+usage every ``flush_interval_ms`` as ReportUsage batches. A batch keeps its id
+until acknowledged, so a retry after a lost answer never counts twice. While
+the control plane is unreachable, decisions continue from the last snapshot
+plus local spend, and usage accumulates until it can be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import structlog
+
+from ext_proc.config import Settings
+from ext_proc.state import LocalState
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.v1 import dataplane_pb2_grpc
+
+log = structlog.get_logger("spendgate.ext_proc")
+REPORT_TIMEOUT_S = 5.0
+
+
+class ControlPlaneSync:
+    def __init__(
+        self, settings: Settings, state: LocalState, clock: Callable[[], datetime]
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.clock = clock
+        self.connected = asyncio.Event()
+        self.on_connection_change: Callable[[bool], None] = lambda up: None
+        self._metadata = (("authorization", f"Bearer {settings.data_plane_token}"),)
+        self._channel = self._open_channel()
+        self._stub = dataplane_pb2_grpc.DataPlaneServiceStub(self._channel)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flush_lock = asyncio.Lock()
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        s = self.settings
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        if s.control_plane_tls:
+            ca = Path(s.control_plane_ca_file).read_bytes() if s.control_plane_ca_file else None
+            return grpc.aio.secure_channel(
+                s.control_plane, grpc.ssl_channel_credentials(ca), options=options
+            )
+        return grpc.aio.insecure_channel(s.control_plane, options=options)
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="watch-state"),
+            asyncio.create_task(self._flush_loop(), name="flush-usage"),
+        ]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loops, then send what is unsent (bounded by ``timeout``)."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), timeout)
+        left = self.state.unsent_count()
+        if left:
+            log.error("usage not delivered at shutdown", windows=left)
+        await self._channel.close()
+
+    def _set_connected(self, up: bool) -> None:
+        if up != self.connected.is_set():
+            if up:
+                self.connected.set()
+                log.info("connected to control plane", address=self.settings.control_plane)
+            else:
+                self.connected.clear()
+                log.warning(
+                    "control plane unreachable; enforcing from last snapshot",
+                    address=self.settings.control_plane,
+                )
+            self.on_connection_change(up)
+
+    async def _watch(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                call = self._stub.WatchState(
+                    dp.WatchStateRequest(data_plane_id=self.settings.identity),
+                    metadata=self._metadata,
+                )
+                async for update in call:
+                    self.state.apply_update(update, self.clock())
+                    if update.full_snapshot:
+                        self._set_connected(True)
+                        backoff = 0.1
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("control plane refused our token", detail=e.details())
+                else:
+                    log.debug("state stream ended", code=e.code().name)
+            self._set_connected(False)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _flush_loop(self) -> None:
+        interval = self.settings.flush_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send the pending usage and retry every unacknowledged batch, oldest first."""
+        async with self._flush_lock:
+            self.state.take_batch()
+            for batch in list(self.state.in_flight.values()):
+                batch.attempts += 1
+                try:
+                    resp = await self._stub.ReportUsage(
+                        batch.message(self.settings.identity),
+                        metadata=self._metadata,
+                        timeout=REPORT_TIMEOUT_S,
+                    )
+                except grpc.aio.AioRpcError as e:
+                    if batch.attempts in (1, 10) or batch.attempts % 100 == 0:
+                        log.warning(
+                            "usage batch not delivered; will retry",
+                            batch_id=batch.batch_id,
+                            attempts=batch.attempts,
+                            code=e.code().name,
+                            detail=e.details(),
+                        )
+                    return
+                self.state.acknowledge(batch, resp)
+                if resp.unknown_policy_increments:
+                    log.info(
+                        "control plane dropped usage of deleted policies",
+                        count=resp.unknown_policy_increments,
+                    )

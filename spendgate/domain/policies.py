@@ -1,0 +1,216 @@
+"""Budget policies: the plain domain values, validation and request matching.
+
+Pure: no grpc, no database. Both planes use it — the control plane to validate
+what admins write, ext_proc to find the policies that apply to a request.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from spendgate.domain.windows import WindowSpec
+
+MAX_NAME_LENGTH = 200
+MAX_TARGET_LENGTH = 512
+MAX_AMOUNT_NANOS = 10**9 * 10**9  # one billion dollars: far beyond any real budget
+_SHA256_TARGET = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class Scope(enum.Enum):
+    GLOBAL = "GLOBAL"
+    WORKSPACE = "WORKSPACE"
+    ENDPOINT = "ENDPOINT"
+    USER = "USER"
+    API_KEY = "API_KEY"
+    MODEL = "MODEL"
+    PROVIDER = "PROVIDER"
+    TAG = "TAG"
+
+
+class Action(enum.Enum):
+    ALERT = "ALERT"
+    REJECT = "REJECT"
+
+
+WILDCARD = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class PolicyInvalid(ValueError):
+    """One or more fields of a policy are invalid; ``violations`` names them."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A budget policy as both planes use it. Money is integer nano-dollars."""
+
+    id: str
+    name: str
+    amount_nanos: int
+    window: WindowSpec
+    action: Action
+    scope: Scope
+    target: str = ""
+    alert_thresholds: tuple[int, ...] = ()
+    enabled: bool = True
+
+    @property
+    def is_wildcard(self) -> bool:
+        if self.scope is Scope.TAG:
+            return self.target.partition("=")[2] == WILDCARD
+        return self.target == WILDCARD
+
+
+def hash_api_key(key: str) -> str:
+    """The only form in which spendgate keeps an API key: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def normalize_target(scope: Scope, target: str) -> str:
+    """Validate ``target`` for ``scope`` and return its stored form.
+
+    Raises PolicyInvalid naming ``target``. API keys are hashed here, so a raw
+    key never reaches storage; model and provider names are case-insensitive.
+    """
+    target = target.strip()
+
+    def bad(description: str) -> PolicyInvalid:
+        return PolicyInvalid([FieldViolation("target", description)])
+
+    if len(target) > MAX_TARGET_LENGTH:
+        raise bad(f"must be at most {MAX_TARGET_LENGTH} characters")
+    if scope is Scope.GLOBAL:
+        if target not in ("", WILDCARD):
+            raise bad("must be empty for scope GLOBAL")
+        return ""
+    if not target:
+        raise bad(f"is required for scope {scope.value} (a name, or '*' for each member)")
+    if scope is Scope.API_KEY:
+        if target == WILDCARD or _SHA256_TARGET.match(target):
+            return target
+        return hash_api_key(target)
+    if scope is Scope.TAG:
+        key, sep, value = target.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise bad("must be 'key=value' or 'key=*' for scope TAG")
+        return f"{key.strip()}={value.strip()}"
+    if scope in (Scope.MODEL, Scope.PROVIDER):
+        return target.lower()
+    return target
+
+
+def validate_policy(
+    *, name: str, amount_nanos: int | None, alert_thresholds: Iterable[int]
+) -> list[FieldViolation]:
+    """Violations of the fields that need no parsing (name, amount, thresholds)."""
+    violations: list[FieldViolation] = []
+    if not name.strip():
+        violations.append(FieldViolation("name", "is required"))
+    elif len(name) > MAX_NAME_LENGTH:
+        violations.append(FieldViolation("name", f"must be at most {MAX_NAME_LENGTH} characters"))
+    if amount_nanos is not None and amount_nanos <= 0:
+        violations.append(FieldViolation("amount_usd", "must be greater than 0"))
+    elif amount_nanos is not None and amount_nanos > MAX_AMOUNT_NANOS:
+        violations.append(FieldViolation("amount_usd", "must be at most 1000000000"))
+    seen: set[int] = set()
+    for t in alert_thresholds:
+        if not 1 <= t <= 1000:
+            violations.append(FieldViolation("alert_thresholds", f"{t} is not in 1..1000"))
+        elif t in seen:
+            violations.append(FieldViolation("alert_thresholds", f"{t} is listed twice"))
+        seen.add(t)
+    return violations
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What ext_proc knows about a request, normalised (model/provider lower-case)."""
+
+    route: str = ""
+    user: str = ""
+    api_key_hash: str = ""
+    workspace: str = ""
+    provider: str = ""
+    model: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+Match = tuple[Policy, str]
+"""A policy that applies to a request and the member it charges ("" if none)."""
+
+
+class PolicyIndex:
+    """Enabled policies indexed so matching costs O(policies that match).
+
+    Immutable once built; ext_proc swaps in a new index when a snapshot
+    arrives, so readers never see a half-built one.
+    """
+
+    def __init__(self, policies: Iterable[Policy]) -> None:
+        self.policies: dict[str, Policy] = {}
+        self._global: list[Policy] = []
+        self._exact: dict[tuple[Scope, str], list[Policy]] = {}
+        self._wildcard: dict[Scope, list[Policy]] = {}
+        self._tag_exact: dict[tuple[str, str], list[Policy]] = {}
+        self._tag_wildcard: dict[str, list[Policy]] = {}
+        for p in policies:
+            if not p.enabled:
+                continue
+            self.policies[p.id] = p
+            if p.scope is Scope.GLOBAL:
+                self._global.append(p)
+            elif p.scope is Scope.TAG:
+                key, _, value = p.target.partition("=")
+                if value == WILDCARD:
+                    self._tag_wildcard.setdefault(key, []).append(p)
+                else:
+                    self._tag_exact.setdefault((key, value), []).append(p)
+            elif p.target == WILDCARD:
+                self._wildcard.setdefault(p.scope, []).append(p)
+            else:
+                self._exact.setdefault((p.scope, p.target), []).append(p)
+        self.needs_model = any(p.scope is Scope.MODEL for p in self.policies.values())
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def matches(self, facts: RequestFacts) -> list[Match]:
+        """Every enabled policy that applies to the request, with its member."""
+        out: list[Match] = [(p, "") for p in self._global]
+        for scope, value in (
+            (Scope.WORKSPACE, facts.workspace),
+            (Scope.ENDPOINT, facts.route),
+            (Scope.USER, facts.user),
+            (Scope.API_KEY, facts.api_key_hash),
+            (Scope.MODEL, facts.model),
+            (Scope.PROVIDER, facts.provider),
+        ):
+            if not value:
+                continue
+            exact = self._exact.get((scope, value))
+            if exact:
+                out.extend((p, "") for p in exact)
+            wild = self._wildcard.get(scope)
+            if wild:
+                out.extend((p, value) for p in wild)
+        for key, value in facts.tags.items():
+            exact = self._tag_exact.get((key, value))
+            if exact:
+                out.extend((p, "") for p in exact)
+            wild = self._tag_wildcard.get(key)
+            if wild:
+                out.extend((p, value) for p in wild)
+        return out

@@ -1,0 +1,87 @@
+"""Load an Envoy bootstrap from envoy/ and adapt it to a run: ports and,
+for the demo and the tests, the provider clusters' addresses.
+
+The YAML files in envoy/ stay complete and valid on their own (the tests run
+``envoy --mode validate`` on each); this only rewrites values in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL_BOOTSTRAP = ROOT / "envoy" / "envoy.yaml"
+EXT_PROC_CLUSTER = "spendgate_ext_proc"
+
+
+def load(path: Path = LOCAL_BOOTSTRAP) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _static(name: str, host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def adapt(
+    config: dict[str, Any],
+    *,
+    listen_port: int | None = None,
+    admin_port: int | None = None,
+    ext_proc: tuple[str, int] | None = None,
+    providers_to: tuple[str, int] | None = None,
+    demo_to: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """Return ``config`` with the given addresses replaced.
+
+    providers_to: send every provider cluster (not ext_proc) to this plain-HTTP
+    address instead, e.g. a local fake provider.
+    """
+    if listen_port is not None:
+        config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = (
+            listen_port
+        )
+    if admin_port is not None:
+        config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    clusters = config["static_resources"]["clusters"]
+    for i, cluster in enumerate(clusters):
+        name = cluster["name"]
+        if name == EXT_PROC_CLUSTER:
+            if ext_proc is not None:
+                ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+                ep["address"]["socket_address"] = {
+                    "address": ext_proc[0],
+                    "port_value": ext_proc[1],
+                }
+        elif name == "demo_provider" and demo_to is not None:
+            clusters[i] = _static(name, *demo_to)
+        elif providers_to is not None:
+            clusters[i] = _static(name, *providers_to)
+    return config
+
+
+def write(config: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,0 +1,217 @@
+import datetime
+
+from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCOPE_UNSPECIFIED: _ClassVar[Scope]
+    SCOPE_GLOBAL: _ClassVar[Scope]
+    SCOPE_WORKSPACE: _ClassVar[Scope]
+    SCOPE_ENDPOINT: _ClassVar[Scope]
+    SCOPE_USER: _ClassVar[Scope]
+    SCOPE_API_KEY: _ClassVar[Scope]
+    SCOPE_MODEL: _ClassVar[Scope]
+    SCOPE_PROVIDER: _ClassVar[Scope]
+    SCOPE_TAG: _ClassVar[Scope]
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    ACTION_ALERT: _ClassVar[Action]
+    ACTION_REJECT: _ClassVar[Action]
+
+class WindowUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WINDOW_UNIT_UNSPECIFIED: _ClassVar[WindowUnit]
+    WINDOW_UNIT_MINUTES: _ClassVar[WindowUnit]
+    WINDOW_UNIT_HOURS: _ClassVar[WindowUnit]
+    WINDOW_UNIT_DAYS: _ClassVar[WindowUnit]
+    WINDOW_UNIT_WEEKS: _ClassVar[WindowUnit]
+    WINDOW_UNIT_MONTHS: _ClassVar[WindowUnit]
+
+class Weekday(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEEKDAY_UNSPECIFIED: _ClassVar[Weekday]
+    WEEKDAY_MONDAY: _ClassVar[Weekday]
+    WEEKDAY_TUESDAY: _ClassVar[Weekday]
+    WEEKDAY_WEDNESDAY: _ClassVar[Weekday]
+    WEEKDAY_THURSDAY: _ClassVar[Weekday]
+    WEEKDAY_FRIDAY: _ClassVar[Weekday]
+    WEEKDAY_SATURDAY: _ClassVar[Weekday]
+    WEEKDAY_SUNDAY: _ClassVar[Weekday]
+SCOPE_UNSPECIFIED: Scope
+SCOPE_GLOBAL: Scope
+SCOPE_WORKSPACE: Scope
+SCOPE_ENDPOINT: Scope
+SCOPE_USER: Scope
+SCOPE_API_KEY: Scope
+SCOPE_MODEL: Scope
+SCOPE_PROVIDER: Scope
+SCOPE_TAG: Scope
+ACTION_UNSPECIFIED: Action
+ACTION_ALERT: Action
+ACTION_REJECT: Action
+WINDOW_UNIT_UNSPECIFIED: WindowUnit
+WINDOW_UNIT_MINUTES: WindowUnit
+WINDOW_UNIT_HOURS: WindowUnit
+WINDOW_UNIT_DAYS: WindowUnit
+WINDOW_UNIT_WEEKS: WindowUnit
+WINDOW_UNIT_MONTHS: WindowUnit
+WEEKDAY_UNSPECIFIED: Weekday
+WEEKDAY_MONDAY: Weekday
+WEEKDAY_TUESDAY: Weekday
+WEEKDAY_WEDNESDAY: Weekday
+WEEKDAY_THURSDAY: Weekday
+WEEKDAY_FRIDAY: Weekday
+WEEKDAY_SATURDAY: Weekday
+WEEKDAY_SUNDAY: Weekday
+
+class BudgetWindow(_message.Message):
+    __slots__ = ("unit", "count", "week_start")
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    WEEK_START_FIELD_NUMBER: _ClassVar[int]
+    unit: WindowUnit
+    count: int
+    week_start: Weekday
+    def __init__(self, unit: _Optional[_Union[WindowUnit, str]] = ..., count: _Optional[int] = ..., week_start: _Optional[_Union[Weekday, str]] = ...) -> None: ...
+
+class BudgetPolicy(_message.Message):
+    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_USD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    TIMEZONE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ALERT_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    description: str
+    amount_usd: str
+    window: BudgetWindow
+    timezone: str
+    action: Action
+    scope: Scope
+    target: str
+    alert_thresholds: _containers.RepeatedScalarFieldContainer[int]
+    enabled: bool
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    created_by: str
+    updated_by: str
+    etag: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+
+class CreateBudgetPolicyRequest(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: BudgetPolicy
+    def __init__(self, policy: _Optional[_Union[BudgetPolicy, _Mapping]] = ...) -> None: ...
+
+class GetBudgetPolicyRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListBudgetPoliciesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListBudgetPoliciesResponse(_message.Message):
+    __slots__ = ("policies", "next_page_token")
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[BudgetPolicy]
+    next_page_token: str
+    def __init__(self, policies: _Optional[_Iterable[_Union[BudgetPolicy, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class UpdateBudgetPolicyRequest(_message.Message):
+    __slots__ = ("policy", "update_mask")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    policy: BudgetPolicy
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, policy: _Optional[_Union[BudgetPolicy, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class DeleteBudgetPolicyRequest(_message.Message):
+    __slots__ = ("id", "etag")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    etag: str
+    def __init__(self, id: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+
+class ListSpendRequest(_message.Message):
+    __slots__ = ("policy_id", "member", "page_size", "page_token")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    member: str
+    page_size: int
+    page_token: str
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class SpendEntry(_message.Message):
+    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    SPENT_USD_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_USD_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_USD_FIELD_NUMBER: _ClassVar[int]
+    EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    policy_name: str
+    scope: Scope
+    target: str
+    member: str
+    action: Action
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    spent_usd: str
+    limit_usd: str
+    remaining_usd: str
+    exceeded: bool
+    request_count: int
+    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ...) -> None: ...
+
+class ListSpendResponse(_message.Message):
+    __slots__ = ("entries", "next_page_token")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[SpendEntry]
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[SpendEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,91 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from spendgate.v1 import budget_pb2 as _budget_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SpendIncrement(_message.Message):
+    __slots__ = ("policy_id", "member", "window_start", "cost_nanos", "request_count", "estimated_count")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    COST_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    member: str
+    window_start: _timestamp_pb2.Timestamp
+    cost_nanos: int
+    request_count: int
+    estimated_count: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., estimated_count: _Optional[int] = ...) -> None: ...
+
+class ReportUsageRequest(_message.Message):
+    __slots__ = ("data_plane_id", "batch_id", "increments")
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTS_FIELD_NUMBER: _ClassVar[int]
+    data_plane_id: str
+    batch_id: str
+    increments: _containers.RepeatedCompositeFieldContainer[SpendIncrement]
+    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ...) -> None: ...
+
+class ReportUsageResponse(_message.Message):
+    __slots__ = ("duplicate", "spend", "unknown_policy_increments")
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    SPEND_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_POLICY_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
+    unknown_policy_increments: int
+    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ...) -> None: ...
+
+class WindowSpend(_message.Message):
+    __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    SPENT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    member: str
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    spent_nanos: int
+    limit_nanos: int
+    exceeded: bool
+    request_count: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_nanos: _Optional[int] = ..., limit_nanos: _Optional[int] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ...) -> None: ...
+
+class WatchStateRequest(_message.Message):
+    __slots__ = ("data_plane_id",)
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    data_plane_id: str
+    def __init__(self, data_plane_id: _Optional[str] = ...) -> None: ...
+
+class PolicySnapshot(_message.Message):
+    __slots__ = ("policies",)
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[_budget_pb2.BudgetPolicy]
+    def __init__(self, policies: _Optional[_Iterable[_Union[_budget_pb2.BudgetPolicy, _Mapping]]] = ...) -> None: ...
+
+class StateUpdate(_message.Message):
+    __slots__ = ("policies", "spend", "full_snapshot", "server_time")
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    SPEND_FIELD_NUMBER: _ClassVar[int]
+    FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    policies: PolicySnapshot
+    spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
+    full_snapshot: bool
+    server_time: _timestamp_pb2.Timestamp
+    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,62 @@
+"""spendgate.v1 enums and messages <-> domain values, shared by both planes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from spendgate.domain.policies import Action, Policy, Scope
+from spendgate.domain.pricing import parse_usd
+from spendgate.domain.windows import WindowSpec, WindowUnit
+from spendgate.v1 import budget_pb2 as pb
+
+UNITS = {
+    pb.WINDOW_UNIT_MINUTES: WindowUnit.MINUTES,
+    pb.WINDOW_UNIT_HOURS: WindowUnit.HOURS,
+    pb.WINDOW_UNIT_DAYS: WindowUnit.DAYS,
+    pb.WINDOW_UNIT_WEEKS: WindowUnit.WEEKS,
+    pb.WINDOW_UNIT_MONTHS: WindowUnit.MONTHS,
+}
+UNITS_PB = {v: k for k, v in UNITS.items()}
+SCOPES = {getattr(pb, f"SCOPE_{s.value}"): s for s in Scope}
+SCOPES_PB = {v: k for k, v in SCOPES.items()}
+ACTIONS = {pb.ACTION_ALERT: Action.ALERT, pb.ACTION_REJECT: Action.REJECT}
+ACTIONS_PB = {v: k for k, v in ACTIONS.items()}
+
+
+def timestamp(t: datetime | int) -> Timestamp:
+    """A Timestamp from an aware datetime or from Unix seconds."""
+    ts = Timestamp()
+    if isinstance(t, int):
+        ts.seconds = t
+    else:
+        ts.FromDatetime(t.astimezone(UTC))
+    return ts
+
+
+def from_timestamp(ts: Timestamp) -> datetime:
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
+
+
+def policy_from_message(msg: pb.BudgetPolicy) -> Policy:
+    """The domain policy from a message the control plane validated and sent.
+
+    Raises KeyError/ValueError on a message no control plane would send.
+    """
+    return Policy(
+        id=msg.id,
+        name=msg.name,
+        amount_nanos=parse_usd(msg.amount_usd),
+        window=WindowSpec(
+            unit=UNITS[msg.window.unit],
+            count=msg.window.count,
+            timezone=msg.timezone or "UTC",
+            week_start=max(msg.window.week_start - 1, 0),
+        ),
+        action=ACTIONS[msg.action],
+        scope=SCOPES[msg.scope],
+        target=msg.target,
+        alert_thresholds=tuple(msg.alert_thresholds),
+        enabled=msg.enabled,
+    )

@@ -1,0 +1,175 @@
+"""SSEDecoder: line endings, fields, chunk boundaries and bounded memory."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ext_proc.meters.sse import SSEDecoder, SSEEvent
+
+BOM = b"\xef\xbb\xbf"
+
+
+def decode(*chunks: bytes, max_event_bytes: int = 1024 * 1024) -> list[SSEEvent]:
+    decoder = SSEDecoder(max_event_bytes)
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    return events + decoder.flush()
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
+    return [data[a:b] for a, b in pairwise(bounds)]
+
+
+def ev(data: bytes, event: str | None = None) -> SSEEvent:
+    return SSEEvent(event, data)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        pytest.param([b"data: a\n\n"], [ev(b"a")], id="lf"),
+        pytest.param([b"data: a\r\n\r\n"], [ev(b"a")], id="crlf"),
+        pytest.param([b"data: a\r\r"], [ev(b"a")], id="cr"),
+        pytest.param([b"data: a\r\ndata: b\rdata: c\n\n"], [ev(b"a\nb\nc")], id="mixed-endings"),
+        pytest.param([b"data: a\r", b"\ndata: b\r\n\r\n"], [ev(b"a\nb")], id="crlf-split"),
+        pytest.param([b"data: a\r", b"\r\n"], [ev(b"a")], id="cr-then-crlf-is-blank"),
+        pytest.param([b"data: a\ndata: b\n\n"], [ev(b"a\nb")], id="multi-data-joined"),
+        pytest.param([b"event: ping\ndata: {}\n\n"], [ev(b"{}", "ping")], id="event-field"),
+        pytest.param([b"event:\ndata: x\n\n"], [ev(b"x")], id="empty-event-is-none"),
+        pytest.param([b": keep-alive\n\ndata: x\n\n"], [ev(b"x")], id="comment-block"),
+        pytest.param([b"data: x\n:comment\n\n"], [ev(b"x")], id="comment-in-event"),
+        pytest.param([b"data\n\n"], [ev(b"")], id="field-without-colon"),
+        pytest.param([b"data:\n\n"], [ev(b"")], id="empty-data"),
+        pytest.param([b"data:x\n\n"], [ev(b"x")], id="no-space-after-colon"),
+        pytest.param([b"data:  x \n\n"], [ev(b" x ")], id="only-one-space-stripped"),
+        pytest.param([b"data: a:b\n\n"], [ev(b"a:b")], id="colon-in-value"),
+        pytest.param([b"id: 1\nretry: 5\nfoo: bar\ndata: x\n\n"], [ev(b"x")], id="other-fields"),
+        pytest.param([b"event: x\nid: 1\n\n"], [], id="no-data-no-event"),
+        pytest.param([b"\n\n\r\n\r"], [], id="only-blank-lines"),
+        pytest.param([BOM + b"data: x\n\n"], [ev(b"x")], id="bom"),
+        pytest.param([BOM[:1], BOM[1:2], BOM[2:] + b"data: x\n\n"], [ev(b"x")], id="bom-split"),
+        pytest.param(
+            [b"data: x\n\n" + BOM + b"data: y\n\n"], [ev(b"x")], id="late-bom-not-stripped"
+        ),
+        pytest.param([b"data: x\n"], [ev(b"x")], id="flush-pending-event"),
+        pytest.param([b"data: x"], [ev(b"x")], id="flush-unterminated-line"),
+        pytest.param([b"data: x\r"], [ev(b"x")], id="flush-after-cr"),
+        pytest.param([b"data: \xff\xfe\n\n"], [ev(b"\xff\xfe")], id="non-utf8-data-kept"),
+        pytest.param([b"event: \xff\ndata: x\n\n"], [ev(b"x", "\ufffd")], id="non-utf8-event"),
+        pytest.param(
+            [b"data: 1\n\nevent: e\ndata: 2\n\n"], [ev(b"1"), ev(b"2", "e")], id="two-events"
+        ),
+    ],
+)
+def test_decode(chunks: list[bytes], expected: list[SSEEvent]) -> None:
+    assert decode(*chunks) == expected
+    assert decode(*(bytes([b]) for b in b"".join(chunks))) == expected
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected", "oversized"),
+    [
+        pytest.param(b"data: " + b"x" * 40 + b"\n\ndata: ok\n\n", [ev(b"ok")], 1, id="long-line"),
+        pytest.param(b"data: abcdefgh\n" * 3 + b"\ndata: ok\n\n", [ev(b"ok")], 1, id="long-event"),
+        pytest.param(b":" + b"x" * 40 + b"\n\ndata: ok\n\n", [ev(b"ok")], 1, id="long-comment"),
+        pytest.param(b"data: " + b"x" * 40 + b"\r\r\ndata: ok\n\n", [ev(b"ok")], 1, id="cr-resync"),
+        pytest.param(b"data: " + b"y" * 40, [], 1, id="long-unterminated"),
+        pytest.param(b"data: " + b"y" * 40 + b"\ndata: z\n", [], 1, id="no-resync-before-eof"),
+        pytest.param(
+            b"data: 0123456789abcdefghijklmn\n\n",
+            [ev(b"0123456789abcdefghijklmn")],
+            0,
+            id="exactly-max",
+        ),
+    ],
+)
+def test_oversized_events_are_dropped(
+    stream: bytes, expected: list[SSEEvent], oversized: int
+) -> None:
+    max_event_bytes = 30
+    for chunks in ([stream], [bytes([b]) for b in stream]):
+        decoder = SSEDecoder(max_event_bytes)
+        events = [e for chunk in chunks for e in decoder.feed(chunk)] + decoder.flush()
+        assert (events, decoder.oversized_events) == (expected, oversized)
+
+
+def test_memory_is_bounded_without_line_breaks() -> None:
+    decoder = SSEDecoder(max_event_bytes=1000)
+    for _ in range(1000):
+        assert decoder.feed(b"data: " + b"x" * 4096) == []
+        assert decoder.buffered_bytes <= 1000
+    assert decoder.feed(b"\n\ndata: ok\n\n") == [ev(b"ok")]
+    assert decoder.oversized_events == 1
+
+
+# -- properties --------------------------------------------------------------
+
+TERMINATORS = st.sampled_from([b"\n", b"\r\n", b"\r"])
+VALUE = st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+NAME = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]), min_size=1)
+EVENT = st.tuples(
+    st.none() | NAME,
+    st.lists(VALUE, min_size=1, max_size=4),
+    st.lists(VALUE.map(lambda v: b":" + v), max_size=2),  # comments
+)
+
+
+@st.composite
+def event_streams(draw: st.DrawFn) -> tuple[bytes, list[SSEEvent]]:
+    lines: list[bytes] = []
+    expected: list[SSEEvent] = []
+    for name, data, comments in draw(st.lists(EVENT, max_size=6)):
+        lines += comments
+        if name is not None:
+            lines.append(b"event: " + name.encode())
+        lines += [b"data: " + value for value in data]
+        lines.append(b"")
+        expected.append(SSEEvent(name, b"\n".join(data)))
+    out = bytearray(BOM if draw(st.booleans()) else b"")
+    for line in lines:
+        end = draw(TERMINATORS)
+        if not line and out.endswith(b"\r") and end == b"\n":
+            end = b"\r\n"  # "\r" + "\n" would read as one CRLF, not a blank line
+        out += line + end
+    return bytes(out), expected
+
+
+@settings(database=None)
+@given(event_streams(), st.lists(st.integers(min_value=0), max_size=30))
+def test_any_chunking_yields_the_same_events(
+    stream: tuple[bytes, list[SSEEvent]], cuts: list[int]
+) -> None:
+    data, expected = stream
+    assert decode(data) == expected
+    assert decode(*split(data, cuts)) == expected
+
+
+SOUP = st.lists(
+    st.sampled_from(
+        [b"data:", b"event: e", b" ", b":", b"x", b"x" * 30, b"\r", b"\n", BOM, b"\xff"]
+    )
+    | st.binary(max_size=12),
+    max_size=60,
+).map(b"".join)
+
+
+@settings(database=None)
+@given(SOUP, st.lists(st.integers(min_value=0), max_size=30), st.integers(1, 40))
+def test_garbage_is_chunking_invariant_and_bounded(
+    data: bytes, cuts: list[int], max_event_bytes: int
+) -> None:
+    whole = SSEDecoder(max_event_bytes)
+    expected = whole.feed(data) + whole.flush()
+    decoder = SSEDecoder(max_event_bytes)
+    events: list[SSEEvent] = []
+    for chunk in split(data, cuts):
+        events += decoder.feed(chunk)
+        assert decoder.buffered_bytes <= max_event_bytes + 2
+    events += decoder.flush()
+    assert events == expected
+    assert decoder.oversized_events == whole.oversized_events
+    assert all(len(e.data) <= max_event_bytes for e in events)
