@@ -25,7 +25,9 @@ def rejection_message(r: Rejection) -> str:
     p = r.policy
     reset = r.window.end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     who = ""
-    if r.member and p.scope is not Scope.API_KEY:
+    if r.member and p.scope is Scope.TAG:
+        who = f" for tag {p.target.partition('=')[0]}={r.member}"
+    elif r.member and p.scope is not Scope.API_KEY:
         who = f" for {p.scope.value.lower().replace('_', ' ')} '{r.member}'"
     return (
         f"Budget exceeded: policy '{p.name}' ({p.id}) allows {format_usd(p.amount_nanos)} "

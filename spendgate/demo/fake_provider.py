@@ -14,6 +14,9 @@ Per-request knobs (request headers; Envoy passes them through):
   x-fake-chunks             number of content chunks when streaming (default 5)
   x-fake-chunk-delay-ms     pause between streamed chunks
   x-fake-cut-after          stream this many chunks, then drop the connection
+  x-fake-gate               name of a gate: each content chunk waits until the
+                            caller opens the gate once (FakeProviderServer.open_gate),
+                            which lets a test prove chunks are not buffered
 """
 
 from __future__ import annotations
@@ -221,8 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
 
+        gate = self.server.gate(self.headers.get("x-fake-gate", ""))
         send(chunk({"role": "assistant", "content": ""}))
         for i in range(chunks):
+            if gate is not None and not gate.acquire(timeout=15):
+                cut_after = i  # the caller never asked for more: give up on this stream
             if i == cut_after:
                 self.close_connection = True
                 self.wfile.flush()
@@ -259,6 +265,20 @@ class FakeProviderServer(ThreadingHTTPServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _Handler)
         self.log = ProviderLog()
+        self._gates: dict[str, threading.Semaphore] = {}
+        self._gates_lock = threading.Lock()
+
+    def gate(self, name: str) -> threading.Semaphore | None:
+        if not name:
+            return None
+        with self._gates_lock:
+            return self._gates.setdefault(name, threading.Semaphore(0))
+
+    def open_gate(self, name: str) -> None:
+        """Let one more chunk of the stream using gate ``name`` through."""
+        gate = self.gate(name)
+        assert gate is not None
+        gate.release()
 
     @property
     def port(self) -> int:

@@ -209,7 +209,7 @@ def _local_midnight(tz: tzinfo, d: date) -> datetime:
     return _bisect_change(tz, candidates[0], candidates[1])
 
 
-# --- MINUTES / HOURS -------------------------------------------------------
+# --- MINUTES / HOURS, and offset helpers shared with the calendar units ------
 
 
 def _wall(tz: tzinfo, t: datetime) -> datetime:  # naive local wall-clock reading of `t`

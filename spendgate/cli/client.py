@@ -1,0 +1,67 @@
+"""The CLI's gRPC client: every library error becomes one readable line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from spendgate.v1 import budget_pb2_grpc
+
+TIMEOUT_S = 10.0
+
+
+class CliError(Exception):
+    """A failure to show the user as one line (exit status 1)."""
+
+
+class AdminClient:
+    def __init__(self, server: str, token: str, *, tls: bool = False) -> None:
+        self.server = server
+        self.token = token
+        self.channel = (
+            grpc.secure_channel(server, grpc.ssl_channel_credentials())
+            if tls
+            else grpc.insecure_channel(server)
+        )
+        self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        if not self.token:
+            raise CliError(
+                "no token: pass --token, set SPENDGATE_TOKEN, or run in the folder where "
+                "`spendgate up` keeps .spendgate/credentials.json"
+            )
+        try:
+            return getattr(self.budgets, method)(
+                request, metadata=(("authorization", f"Bearer {self.token}"),), timeout=TIMEOUT_S
+            )
+        except grpc.RpcError as e:
+            raise CliError(self.describe(e)) from None
+
+    def describe(self, e: grpc.RpcError) -> str:
+        code = e.code()  # type: ignore[attr-defined]
+        details = e.details() or ""  # type: ignore[attr-defined]
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return (
+                f"cannot reach the control plane at {self.server} "
+                "(is `spendgate up` running? set --server or SPENDGATE_SERVER)"
+            )
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return f"the control plane at {self.server} rejected the token: {details}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return f"not allowed: {details}"
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            status = rpc_status.from_call(e)  # type: ignore[arg-type]
+            fields = []
+            for detail in status.details if status else []:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    fields += [f"{v.field}: {v.description}" for v in bad.field_violations]
+            return "invalid request: " + ("; ".join(fields) if fields else details)
+        return f"{code.name.lower().replace('_', ' ')}: {details}"
+
+    def close(self) -> None:
+        self.channel.close()

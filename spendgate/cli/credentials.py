@@ -1,0 +1,77 @@
+"""Where the CLI finds its server and token.
+
+Order: command-line flags, then SPENDGATE_SERVER / SPENDGATE_TOKEN (or
+SPENDGATE_ADMIN_TOKEN), then the credentials file `spendgate up` writes in
+its state directory (``.spendgate/credentials.json``, mode 0600).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path(".spendgate")
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    admin: str
+    read: str
+    data_plane: str
+
+
+def credentials_path(state_dir: Path = DEFAULT_STATE_DIR) -> Path:
+    return state_dir / "credentials.json"
+
+
+def load_or_create_tokens(state_dir: Path) -> Tokens:
+    """Tokens from the environment, else from the state dir, else new random ones
+    (saved there, readable only by this user)."""
+    env = os.environ
+    if env.get("SPENDGATE_ADMIN_TOKEN"):
+        return Tokens(
+            env["SPENDGATE_ADMIN_TOKEN"],
+            env.get("SPENDGATE_READ_TOKEN", ""),
+            env.get("SPENDGATE_DATA_PLANE_TOKEN", "") or secrets.token_urlsafe(24),
+        )
+    path = credentials_path(state_dir)
+    if path.exists():
+        data = json.loads(path.read_text())
+        return Tokens(data["admin_token"], data["read_token"], data["data_plane_token"])
+    tokens = Tokens(*(secrets.token_urlsafe(24) for _ in range(3)))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(
+            {
+                "admin_token": tokens.admin,
+                "read_token": tokens.read,
+                "data_plane_token": tokens.data_plane,
+            },
+            f,
+        )
+    return tokens
+
+
+def client_token(flag: str | None, state_dir: Path = DEFAULT_STATE_DIR) -> str:
+    if flag:
+        return flag
+    env = os.environ
+    for name in ("SPENDGATE_TOKEN", "SPENDGATE_ADMIN_TOKEN"):
+        if env.get(name):
+            return env[name]
+    path = credentials_path(state_dir)
+    if path.exists():
+        try:
+            return str(json.loads(path.read_text())["admin_token"])
+        except (ValueError, KeyError):
+            return ""
+    return ""
+
+
+def client_server(flag: str | None) -> str:
+    return flag or os.environ.get("SPENDGATE_SERVER") or DEFAULT_SERVER

