@@ -7,12 +7,14 @@ import asyncio
 import signal
 import sys
 
-from control_plane.config import ConfigError, load_settings
+from control_plane.config import ConfigError, Settings, load_settings
 from control_plane.server import ControlPlaneServer
 from spendgate import logs
 
 
-async def serve(server: ControlPlaneServer) -> None:
+async def serve(settings: Settings) -> None:
+    # grpc.aio objects belong to the loop they are created on: build inside it.
+    server = ControlPlaneServer(settings)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spendgate control plane: bad configuration: {e}", file=sys.stderr)
         return 2
     logs.configure(json=settings.log_json, level=settings.log_level)
-    asyncio.run(serve(ControlPlaneServer(settings)))
+    asyncio.run(serve(settings))
     return 0
 
 

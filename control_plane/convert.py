@@ -64,16 +64,26 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
         )
     week_start = default_week_start if msg.window.week_start == 0 else msg.window.week_start - 1
     window: WindowSpec | None = None
-    try:
+    timezone = msg.timezone or "UTC"
+    window_errors: list[FieldViolation] = []
+    # Check the zone and the count/week start separately so both are reported.
+    for kwargs in ({"timezone": timezone}, {"count": msg.window.count, "week_start": week_start}):
+        try:
+            WindowSpec(unit=unit or WindowUnit.DAYS, **kwargs)  # type: ignore[arg-type]
+        except InvalidWindow as e:
+            name = {"count": "window.count", "week_start": "window.week_start"}.get(
+                e.field, e.field
+            )
+            window_errors.append(FieldViolation(name, e.message))
+    if window_errors:
+        violations += window_errors
+    else:
         window = WindowSpec(
             unit=unit or WindowUnit.DAYS,
             count=msg.window.count,
-            timezone=msg.timezone or "UTC",
+            timezone=timezone,
             week_start=week_start,
         )
-    except InvalidWindow as e:
-        name = {"count": "window.count", "week_start": "window.week_start"}.get(e.field, e.field)
-        violations.append(FieldViolation(name, e.message))
     action = ACTIONS.get(msg.action)
     if action is None:
         violations.append(FieldViolation("action", "is required: ALERT or REJECT"))

@@ -269,8 +269,18 @@ class ControlPlane:
                 policies = {r.id: r for r in repo.all_policies(s)}
             rows = repo.current_spend(s, active_at=at, policy_id=policy_id, member=member)
             entries: dict[tuple[str, str], pb.SpendEntry] = {}
+            # Start of each policy's current window: after a policy's window is
+            # changed, rows of its old windows may still contain `now`.
+            starts = {
+                p.id: int(window_for(convert.window_spec(p), now).start.timestamp())
+                for p in policies.values()
+            }
             for r in rows:
-                if r.policy_id in policies and (r.policy_id, r.member) > after:
+                if (
+                    r.policy_id in policies
+                    and r.window_start == starts[r.policy_id]
+                    and (r.policy_id, r.member) > after
+                ):
                     entries[(r.policy_id, r.member)] = _spend_entry(r, policies[r.policy_id])
             # A policy with nothing spent yet still has a current window: show it.
             for p in policies.values():

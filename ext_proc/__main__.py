@@ -7,12 +7,14 @@ import asyncio
 import signal
 import sys
 
-from ext_proc.config import ConfigError, load_settings
+from ext_proc.config import ConfigError, Settings, load_settings
 from ext_proc.server import ExtProcServer
 from spendgate import logs
 
 
-async def serve(server: ExtProcServer) -> None:
+async def serve(settings: Settings) -> None:
+    # grpc.aio objects belong to the loop they are created on: build inside it.
+    server = ExtProcServer(settings)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spendgate ext_proc: bad configuration: {e}", file=sys.stderr)
         return 2
     logs.configure(json=settings.log_json, level=settings.log_level)
-    asyncio.run(serve(ExtProcServer(settings)))
+    asyncio.run(serve(settings))
     return 0
 
 

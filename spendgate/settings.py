@@ -46,14 +46,21 @@ def load(
             raise ConfigError(f"config file {file}: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {file}: must be a mapping of settings")
-        section_values = loaded.get(section, {})
+        section_values = loaded.get(section)
+        if section_values is None:  # absent, or an empty ``section:``
+            section_values = {}
         if not isinstance(section_values, dict):
             raise ConfigError(f"config file {file}: {section} must be a mapping")
-        raw.update({k: v for k, v in loaded.items() if k in names})
+        # A top-level mapping is another process's section (ext_proc has a
+        # ``control_plane`` setting *and* the file a ``control_plane:`` section).
+        # An empty YAML value (``key:``) means "not set", not the text "None".
+        raw.update(
+            {k: v for k, v in loaded.items() if k in names and not isinstance(v, dict | None)}
+        )
         unknown = set(section_values) - set(names)
         if unknown:
             raise ConfigError(f"unknown setting(s) in {section}: {', '.join(sorted(unknown))}")
-        raw.update(section_values)
+        raw.update({k: v for k, v in section_values.items() if v is not None})
     for name in names:
         # SPENDGATE_EXT_PROC_LISTEN beats SPENDGATE_LISTEN, so one environment
         # can configure both planes.
@@ -63,6 +70,9 @@ def load(
         if value is not None:
             raw[name] = value
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(raw) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     values: dict[str, Any] = {}
     for name, value in raw.items():
         values[name] = _coerce(name, names[name].default, value)
@@ -83,6 +93,8 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
             return False
         raise ConfigError(f"{name} must be true or false, not {value!r}")
     if isinstance(default, int):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name} must be an integer, not {value!r}")
         try:
             return int(value)
         except (TypeError, ValueError):
@@ -92,4 +104,6 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number, not {value!r}") from None
+    if isinstance(value, dict | list):
+        raise ConfigError(f"{name} must be a string, not {value!r}")
     return str(value)

@@ -64,6 +64,7 @@ def _int_header(handler: BaseHTTPRequestHandler, name: str, default: int) -> int
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # separate header and body writes must not wait 40 ms
     server: FakeProviderServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet

@@ -1,0 +1,170 @@
+"""`spendgate up --demo` and the CLI, as a newcomer runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.harness import env_without_spendgate, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[str]
+    cwd: Path
+    port: int
+    server: str
+    output: list[str]
+
+    def cli(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        extra = ["--server", self.server] + (["--token", token] if token else [])
+        return subprocess.run(
+            [*SPENDGATE, *args, *extra], cwd=self.cwd, capture_output=True, text=True,
+            env=env_without_spendgate(), timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    cwd = tmp_path_factory.mktemp("up")
+    ports = {name: free_port() for name in
+             ("port", "envoy-admin-port", "control-plane-port", "ext-proc-port", "demo-port")}
+    args = [f"--{k}={v}" for k, v in ports.items()]
+    proc = subprocess.Popen(
+        [*SPENDGATE, "up", "--demo", *args], cwd=cwd, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env=env_without_spendgate(),
+    )
+    output: list[str] = []
+
+    def started() -> bool:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        output.append(line)
+        if proc.poll() is not None:
+            raise AssertionError("spendgate up exited:\n" + "".join(output))
+        return "Ctrl-C stops everything." in line
+
+    wait_until(started, timeout=60, interval=0, message="spendgate up")
+    u = Up(proc, cwd, ports["port"], f"127.0.0.1:{ports['control-plane-port']}", output)
+    yield u
+    if proc.poll() is None:
+        proc.kill()
+
+
+def test_up_says_where_everything_listens(up: Up) -> None:
+    text = "".join(up.output)
+    for needle in (f"http://127.0.0.1:{up.port}", f"/demo/v1", up.server, "credentials.json"):
+        assert needle in text
+    creds = up.cwd / ".spendgate" / "credentials.json"
+    assert oct(creds.stat().st_mode & 0o777) == "0o600"
+
+
+def test_quickstart_policy_then_requests_then_429(up: Up) -> None:
+    created = up.cli("policy", "create", "--name", "quickstart", "--amount", "0.00005",
+                     "--action", "reject", "--window", "1d", "--json")
+    assert created.returncode == 0, created.stderr
+    policy = json.loads(created.stdout)
+    assert policy["name"] == "quickstart" and policy["amount_usd"] == "0.00005"
+    listed = up.cli("policy", "list")
+    assert "quickstart" in listed.stdout and policy["id"] in listed.stdout
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{up.port}/demo/v1", api_key="demo")
+
+    def send() -> None:
+        client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "hi"}])
+
+    # Each demo answer costs $0.0000111; the policy's snapshot reaches ext_proc
+    # within milliseconds, so after a handful of requests the 429 must come.
+    with pytest.raises(openai.RateLimitError) as exc:
+        for _ in range(20):
+            send()
+    assert "quickstart" in exc.value.message
+    spend = up.cli("spend", "--json")
+    entry = next(e for e in json.loads(spend.stdout) if e["policy_id"] == policy["id"])
+    assert entry["exceeded"] is True
+    table = up.cli("spend")
+    assert "EXCEEDED (rejecting)" in table.stdout
+    updated = up.cli("policy", "update", policy["id"], "--amount", "1000")
+    assert updated.returncode == 0 and "$1000.00" in updated.stdout
+    wait_until(lambda: _admitted(send), message="raised limit admits")
+    deleted = up.cli("policy", "delete", policy["id"])
+    assert deleted.stdout.strip() == f"deleted {policy['id']}"
+
+
+def _admitted(send: object) -> bool:
+    try:
+        send()  # type: ignore[operator]
+        return True
+    except openai.RateLimitError:
+        return False
+
+
+@pytest.mark.parametrize(
+    ("args", "token", "expected"),
+    [
+        pytest.param(["policy", "create", "--name", "bad", "--amount", "-5", "--action",
+                      "reject", "--window", "0d", "--timezone", "Mars/Olympus"], None,
+                     ["invalid request", "amount_usd", "window.count", "timezone"],
+                     id="invalid-policy-names-each-field"),
+        pytest.param(["policy", "list"], "wrong-token-0123456789", ["rejected the token"],
+                     id="wrong-token"),
+        pytest.param(["policy", "get", "bp_doesnotexist"], None, ["not found"],
+                     id="unknown-id"),
+        pytest.param(["policy", "create", "--name", "x", "--amount", "1", "--action",
+                      "reject", "--window", "fortnight"], None, ["--window 'fortnight'"],
+                     id="bad-window-text"),
+    ],
+)
+def test_cli_errors_are_one_line(up: Up, args: list[str], token: str | None,
+                                 expected: list[str]) -> None:
+    result = up.cli(*args, token=token)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    for needle in expected:
+        assert needle in result.stderr
+
+
+def test_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*SPENDGATE, "policy", "list", "--server", f"127.0.0.1:{free_port()}", "--token",
+         "x" * 20], capture_output=True, text=True, env=env_without_spendgate(), timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("spendgate: cannot reach the control plane")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_stops_everything_cleanly(up: Up) -> None:
+    # Runs last in this module: it stops the stack.
+    children = subprocess.run(["pgrep", "-P", str(up.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 4  # control plane, ext_proc, fake provider, envoy
+    up.proc.send_signal(signal.SIGINT)
+    rest, _ = up.proc.communicate(timeout=60)
+    assert up.proc.returncode == 0, rest
+    assert "stopping spendgate" in rest and "ext_proc stopped" in rest
+    for pid in children:
+        wait_until(lambda pid=pid: not _alive(int(pid)), message=f"child {pid} exits")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"

@@ -1,0 +1,169 @@
+"""The 429 a rejected client receives: OpenAI error body, message and headers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from ext_proc.decide import Rejection
+from ext_proc.reject import (
+    ERROR_CODE,
+    openai_error_body,
+    rejection_headers,
+    rejection_message,
+    retry_after_seconds,
+)
+from spendgate.domain.policies import Action, Policy, Scope, hash_api_key
+from spendgate.domain.windows import Window, WindowSpec, WindowUnit, window_for
+
+USD = 10**9
+NOW = datetime(2025, 3, 10, 12, 30, tzinfo=UTC)
+DAY = WindowSpec(WindowUnit.DAYS)
+KEY_HASH = hash_api_key("sk-secret-key")
+
+
+def rejection(
+    scope: Scope = Scope.GLOBAL,
+    target: str = "",
+    member: str = "",
+    window: WindowSpec = DAY,
+    amount: int = 10 * USD,
+    spent: int = 10 * USD,
+) -> Rejection:
+    p = Policy("bp_01TEAM", "Team cap", amount, window, Action.REJECT, scope, target)
+    return Rejection(p, member, window_for(window, NOW), spent)
+
+
+@pytest.mark.parametrize(
+    ("r", "expected"),
+    [
+        pytest.param(
+            rejection(),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
+            "$10.00 spent. Requests are rejected until the window resets at "
+            "2025-03-11T00:00:00Z.",
+            id="global",
+        ),
+        pytest.param(
+            rejection(Scope.USER, "*", "alice", spent=10_250_000_000),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day "
+            "for user 'alice'; $10.25 spent. Requests are rejected until the window "
+            "resets at 2025-03-11T00:00:00Z.",
+            id="wildcard-user-named",
+        ),
+        pytest.param(
+            rejection(Scope.API_KEY, "*", KEY_HASH),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
+            "$10.00 spent. Requests are rejected until the window resets at "
+            "2025-03-11T00:00:00Z.",
+            id="wildcard-api-key-hash-hidden",
+        ),
+        pytest.param(
+            rejection(Scope.TAG, "team=*", "search"),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day "
+            "for tag team=search; $10.00 spent. Requests are rejected until the window "
+            "resets at 2025-03-11T00:00:00Z.",
+            id="wildcard-tag",
+        ),
+        pytest.param(
+            rejection(Scope.USER, "alice", ""),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
+            "$10.00 spent. Requests are rejected until the window resets at "
+            "2025-03-11T00:00:00Z.",
+            id="exact-user",
+        ),
+        pytest.param(
+            rejection(window=WindowSpec(WindowUnit.HOURS, 6), amount=1_500_000, spent=1_600_000),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $0.0015 per 6 hours; "
+            "$0.0016 spent. Requests are rejected until the window resets at "
+            "2025-03-10T18:00:00Z.",
+            id="six-hours-sub-cent",
+        ),
+        pytest.param(
+            rejection(window=WindowSpec(WindowUnit.DAYS, timezone="America/New_York")),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day "
+            "(America/New_York); $10.00 spent. Requests are rejected until the window "
+            "resets at 2025-03-11T04:00:00Z.",
+            id="reset-shown-in-utc",
+        ),
+        pytest.param(
+            rejection(window=WindowSpec(WindowUnit.WEEKS, week_start=6)),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 week "
+            "(from Sunday); $10.00 spent. Requests are rejected until the window resets "
+            "at 2025-03-16T00:00:00Z.",
+            id="week-from-sunday",
+        ),
+    ],
+)
+def test_rejection_message(r: Rejection, expected: str) -> None:
+    assert rejection_message(r) == expected
+
+
+def test_api_key_never_appears_in_message_or_headers() -> None:
+    r = rejection(Scope.API_KEY, "*", KEY_HASH)
+    text = rejection_message(r) + repr(rejection_headers(r, NOW))
+    assert KEY_HASH not in text
+    assert KEY_HASH.removeprefix("sha256:") not in text
+
+
+def test_openai_error_body_is_exact() -> None:
+    r = rejection(Scope.USER, "*", "alice")
+    body = openai_error_body(rejection_message(r))
+    assert orjson.loads(body) == {
+        "error": {
+            "message": rejection_message(r),
+            "type": "budget_exceeded",
+            "param": None,
+            "code": "budget_exceeded",
+        }
+    }
+    assert body == (
+        b'{"error":{"message":"' + rejection_message(r).encode() + b'",'
+        b'"type":"budget_exceeded","param":null,"code":"budget_exceeded"}}'
+    )
+    assert ERROR_CODE == "budget_exceeded"
+
+
+def test_openai_error_body_escapes_quotes() -> None:
+    assert orjson.loads(openai_error_body('policy "x"\n'))["error"]["message"] == 'policy "x"\n'
+
+
+def test_rejection_headers() -> None:
+    r = rejection(Scope.USER, "*", "alice")
+    assert rejection_headers(r, NOW) == {
+        "content-type": "application/json",
+        "retry-after": str(11 * 3600 + 30 * 60),
+        "x-should-retry": "false",
+        "x-spendgate-policy": "bp_01TEAM",
+        "x-spendgate-reset": "2025-03-11T00:00:00Z",
+    }
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        pytest.param(NOW, 41400, id="whole-seconds"),
+        pytest.param(NOW + timedelta(microseconds=1), 41400, id="rounds-up"),
+        pytest.param(NOW + timedelta(seconds=0.5), 41400, id="half-second-rounds-up"),
+        pytest.param(datetime(2025, 3, 10, 23, 59, 59, 900_000, tzinfo=UTC), 1, id="under-1s"),
+        pytest.param(datetime(2025, 3, 11, tzinfo=UTC), 1, id="at-reset-min-1"),
+        pytest.param(datetime(2025, 3, 11, 0, 5, tzinfo=UTC), 1, id="after-reset-min-1"),
+    ],
+)
+def test_retry_after_is_ceil_seconds_at_least_1(now: datetime, expected: int) -> None:
+    r = rejection()
+    assert retry_after_seconds(r, now) == expected
+    assert rejection_headers(r, now)["retry-after"] == str(expected)
+
+
+def test_reset_header_is_utc_for_local_windows() -> None:
+    spec = WindowSpec(WindowUnit.DAYS, timezone="Asia/Tokyo")
+    r = rejection(window=spec)
+    assert r.window == Window(
+        datetime(2025, 3, 9, 15, tzinfo=UTC), datetime(2025, 3, 10, 15, tzinfo=UTC)
+    )
+    headers = rejection_headers(r, NOW)
+    assert headers["x-spendgate-reset"] == "2025-03-10T15:00:00Z"
+    assert headers["retry-after"] == str(int(timedelta(hours=2, minutes=30).total_seconds()))
