@@ -23,7 +23,7 @@ def header_dict(headers: ep.HttpHeaders) -> dict[str, str]:
     """Header name (lower-case, as Envoy sends) -> value; repeated names joined by ','."""
     out: dict[str, str] = {}
     for h in headers.headers.headers:
-        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
         key = h.key
         out[key] = f"{out[key]},{value}" if key in out else value
     return out
@@ -106,7 +106,7 @@ def immediate_response(
 ) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=header_mutation(headers),
             body=body,
             details=details,

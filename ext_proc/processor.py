@@ -122,7 +122,9 @@ class RequestProcessor:
             rejected = self._decide()
             if rejected is not None:
                 return rejected
-        remove = [k for k in h if k.startswith("x-spendgate-")]
+        # The identity headers never reach the provider, whatever they are named.
+        own = (s.user_header, s.workspace_header, s.tags_header)
+        remove = [k for k in h if k.startswith("x-spendgate-") or k in own]
         if self.shape is None or req.request_headers.end_of_stream:
             self.done = True
             self.ctx.stats.unmetered_requests += self.shape is None

@@ -42,8 +42,8 @@ class AdminClient:
             raise CliError(self.describe(e)) from None
 
     def describe(self, e: grpc.RpcError) -> str:
-        code = e.code()  # type: ignore[attr-defined]
-        details = e.details() or ""  # type: ignore[attr-defined]
+        code = e.code()
+        details = e.details() or ""
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return (
                 f"cannot reach the control plane at {self.server} "
@@ -54,7 +54,7 @@ class AdminClient:
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return f"not allowed: {details}"
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            status = rpc_status.from_call(e)  # type: ignore[arg-type]
+            status = rpc_status.from_call(e)
             fields = []
             for detail in status.details if status else []:
                 bad = error_details_pb2.BadRequest()

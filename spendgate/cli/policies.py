@@ -56,19 +56,6 @@ def window_text(w: pb.BudgetWindow) -> str:
     return f"{w.count} {name}{'s' if w.count != 1 else ''}"
 
 
-def _enum(prefix: str, value: str, enum: object) -> int:
-    name = f"{prefix}_{value.upper().replace('-', '_')}"
-    try:
-        return int(enum.Value(name))  # type: ignore[attr-defined]
-    except ValueError:
-        choices = [
-            n.removeprefix(prefix + "_").lower()
-            for n in enum.keys()  # type: ignore[attr-defined]
-            if not n.endswith("UNSPECIFIED")
-        ]
-        raise CliError(f"{value!r} is not one of: {', '.join(choices)}") from None
-
-
 def _thresholds(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -104,27 +91,29 @@ def policy_from_args(args: argparse.Namespace) -> tuple[pb.BudgetPolicy, list[st
     """The policy fields given on the command line, and their field-mask paths."""
     policy = pb.BudgetPolicy()
     paths: list[str] = []
-    if args.name is not None:
-        policy.name, _ = args.name, paths.append("name")
-    if args.description is not None:
-        policy.description, _ = args.description, paths.append("description")
+    simple = {"name": "name", "description": "description", "timezone": "timezone",
+              "target": "target"}
+    for arg, field in simple.items():
+        value = getattr(args, arg)
+        if value is not None:
+            setattr(policy, field, value)
+            paths.append(field)
     if args.amount is not None:
-        policy.amount_usd, _ = args.amount.lstrip("$"), paths.append("amount_usd")
+        policy.amount_usd = args.amount.lstrip("$")
+        paths.append("amount_usd")
     if args.window is not None:
         w = parse_window(args.window)
         policy.window.unit, policy.window.count = w.unit, w.count
         paths += ["window.unit", "window.count"]
     if args.week_start is not None:
-        policy.window.week_start = _WEEKDAYS.index(args.week_start) + 1
+        policy.window.week_start = pb.Weekday.Value(f"WEEKDAY_{args.week_start.upper()}")  # type: ignore[assignment]
         paths.append("window.week_start")
-    if args.timezone is not None:
-        policy.timezone, _ = args.timezone, paths.append("timezone")
     if args.action is not None:
-        policy.action, _ = _enum("ACTION", args.action, pb.Action), paths.append("action")
+        policy.action = pb.Action.Value(f"ACTION_{args.action.upper()}")  # type: ignore[assignment]
+        paths.append("action")
     if args.scope is not None:
-        policy.scope, _ = _enum("SCOPE", args.scope, pb.Scope), paths.append("scope")
-    if args.target is not None:
-        policy.target, _ = args.target, paths.append("target")
+        policy.scope = pb.Scope.Value(f"SCOPE_{args.scope.upper()}")  # type: ignore[assignment]
+        paths.append("scope")
     if args.thresholds is not None:
         policy.alert_thresholds.extend(_thresholds(args.thresholds))
         paths.append("alert_thresholds")

@@ -1,46 +1,65 @@
-"""A local, OpenAI-compatible fake LLM provider: a real HTTP/1.1 server.
+"""A local fake LLM provider: a real HTTP/1.1 server speaking each provider's API.
 
 ``spendgate up --demo`` runs it so the quickstart needs no provider key, and
-the end-to-end tests put it behind a real Envoy. It answers
-``POST .../chat/completions`` as OpenAI does (JSON, or SSE when ``stream`` is
-true, with a usage chunk when ``stream_options.include_usage`` is true) and
-records every usage it reported, so a test can compare spendgate's spend
-with what the provider billed.
+the end-to-end tests put it behind a real Envoy and call it with the official
+SDKs. It records every usage it reported, so a test can compare spendgate's
+spend with what the provider billed.
+
+APIs (by path): OpenAI ``.../chat/completions``, ``/v1/responses``,
+``/v1/embeddings``; Anthropic ``/v1/messages``; Gemini
+``/v1beta/models/{model}:generateContent`` / ``:streamGenerateContent``
+(``?alt=sse`` or the JSON-array form); Bedrock ``/model/{id}/converse`` and
+``/model/{id}/converse-stream`` (AWS event stream).
 
 Per-request knobs (request headers; Envoy passes them through):
-  x-fake-prompt-tokens, x-fake-completion-tokens, x-fake-cached-tokens,
-  x-fake-reasoning-tokens   usage to report
-  x-fake-status             answer this HTTP status with an OpenAI error body
-  x-fake-chunks             number of content chunks when streaming (default 5)
-  x-fake-chunk-delay-ms     pause between streamed chunks
-  x-fake-cut-after          stream this many chunks, then drop the connection
-  x-fake-gate               name of a gate: each content chunk waits until the
-                            caller opens the gate once (FakeProviderServer.open_gate),
-                            which lets a test prove chunks are not buffered
+  x-fake-prompt-tokens      all input tokens, cached and cache writes included
+                            (default: 8 + the words in the request's messages)
+  x-fake-cached-tokens, x-fake-cache-write-tokens, x-fake-cache-write-1h-tokens
+                            the parts of the input read from / written to cache
+  x-fake-completion-tokens  all output tokens, reasoning included (default 16)
+  x-fake-reasoning-tokens   the reasoning part of the output
+  x-fake-status             answer this HTTP status with the API's error body
+  x-fake-chunks             content chunks when streaming (default 5)
+  x-fake-chunk-delay-ms     pause between streamed events
+  x-fake-cut-after          stream this many events after the first, then drop
+                            the connection
+  x-fake-gate               name of a gate: each streamed event after the first
+                            waits until the caller opens the gate once
+                            (FakeProviderServer.open_gate), which lets a test
+                            prove chunks are not buffered
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
+
+from spendgate.demo import fake_apis
+from spendgate.domain.usage import Usage
+
+_GEMINI = re.compile(r"^/v1(?:beta)?/models/([^/:]+):(generateContent|streamGenerateContent)$")
+_BEDROCK = re.compile(r"^/model/([^/]+)/(converse|converse-stream)$")
 
 
 @dataclass
 class Billed:
-    """One response's usage as the provider reported it."""
+    """One response's usage as the provider reported it (normalised)."""
 
+    api: str
     model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    reasoning_tokens: int
+    usage: Usage
     stream: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.usage.input_tokens or 0
 
 
 @dataclass
@@ -55,11 +74,24 @@ class ProviderLog:
             self.requests.clear()
 
 
-def _int_header(handler: BaseHTTPRequestHandler, name: str, default: int) -> int:
-    try:
-        return int(handler.headers.get(name, default))
-    except ValueError:
-        return default
+def _words_in(body: dict[str, Any]) -> int:
+    """A deterministic stand-in for prompt tokens: words in the request's text."""
+    count = 0
+
+    def walk(value: Any) -> None:
+        nonlocal count
+        if isinstance(value, str):
+            count += len(value.split())
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if k in ("content", "text", "input", "messages", "contents", "parts", "system"):
+                    walk(v)
+
+    walk(body)
+    return count
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -70,7 +102,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
+    def _int(self, name: str, default: int) -> int:
+        try:
+            return int(self.headers.get(name, default))
+        except ValueError:
+            return default
+
+    def _send_json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -78,185 +116,137 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _read_body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("content-length", 0) or 0)
+        return self.rfile.read(length) if length else b""
+
     def do_GET(self) -> None:
         if self.path.endswith("/models"):
-            self._json(
-                200,
-                {
-                    "object": "list",
-                    "data": [
-                        {"id": "gpt-4o-mini", "object": "model", "owned_by": "spendgate-demo"}
-                    ],
-                },
-            )
+            self._send_json(200, {"object": "list", "data": [
+                {"id": "gpt-4o-mini", "object": "model", "owned_by": "spendgate-demo"}]})
         else:
-            self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+            self._send_json(404, {"error": {"message": "not found",
+                                            "type": "invalid_request_error"}})
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        raw = self.rfile.read(length) if length else b""
-        log = self.server.log
-        with log.lock:
-            log.requests.append(
-                {
-                    "path": self.path,
-                    "headers": dict(self.headers.items()),
-                    "body_bytes": len(raw),
-                    "body": raw[:4096],
-                }
-            )
-        if not self.path.split("?")[0].endswith("/chat/completions"):
-            self._json(
-                404,
-                {
-                    "error": {
-                        "message": f"unknown path {self.path}",
-                        "type": "invalid_request_error",
-                    }
-                },
-            )
+        raw = self._read_body()
+        path, _, query = self.path.partition("?")
+        with self.server.log.lock:
+            self.server.log.requests.append({"path": self.path, "headers": dict(self.headers),
+                                             "body_bytes": len(raw), "body": raw[:4096]})
+        api, model_in_path = self._api(path)
+        if api is None:
+            self._send_json(404, {"error": {"message": f"unknown path {path}",
+                                            "type": "invalid_request_error"}})
             return
-        status = _int_header(self, "x-fake-status", 200)
+        status = self._int("x-fake-status", 200)
         if status != 200:
-            self._json(
-                status,
-                {
-                    "error": {
-                        "message": f"fake provider error {status}",
-                        "type": "server_error",
-                        "code": None,
-                    }
-                },
-            )
+            self._send_json(status, fake_apis.error_body(api, status))
             return
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError:
-            self._json(
-                400,
-                {
-                    "error": {
-                        "message": "We could not parse the JSON body of your request.",
-                        "type": "invalid_request_error",
-                    }
-                },
-            )
+            self._send_json(400, fake_apis.error_body(api, 400) | (
+                {"error": {"message": "We could not parse the JSON body of your request.",
+                           "type": "invalid_request_error"}} if api.startswith("openai") else {}))
             return
-        model = str(body.get("model") or "gpt-4o-mini")
-        messages = body.get("messages") or []
-        words = sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
-        usage = Billed(
-            model=model,
-            prompt_tokens=_int_header(self, "x-fake-prompt-tokens", 8 + words),
-            completion_tokens=_int_header(self, "x-fake-completion-tokens", 16),
-            cached_tokens=_int_header(self, "x-fake-cached-tokens", 0),
-            reasoning_tokens=_int_header(self, "x-fake-reasoning-tokens", 0),
-            stream=body.get("stream") is True,
+        model = model_in_path or str(body.get("model") or "gpt-4o-mini")
+        usage = Usage(
+            input_tokens=self._int("x-fake-prompt-tokens", 8 + _words_in(body)),
+            cached_input_tokens=self._int("x-fake-cached-tokens", 0),
+            cache_write_tokens=self._int("x-fake-cache-write-tokens", 0),
+            cache_write_1h_tokens=self._int("x-fake-cache-write-1h-tokens", 0),
+            output_tokens=self._int("x-fake-completion-tokens", 16),
+            reasoning_tokens=self._int("x-fake-reasoning-tokens", 0),
         )
-        if usage.stream:
-            self._stream(body, usage)
-        else:
-            self._complete(usage)
+        chunks = self._int("x-fake-chunks", 5)
+        reply = self._render(api, path, query, body, model, usage, chunks)
+        stream = bool(reply.events)
+        billed = Billed(api, model, usage, stream)
+        if not stream:
+            self._record(billed)
+            self.send_response(200)
+            self.send_header("content-type", reply.content_type)
+            self.send_header("content-length", str(len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+            return
+        # An OpenAI chat stream reports usage only when asked to.
+        reports_usage = api != "openai_chat" or b'"usage": {' in reply.events[-2]
+        if self._stream(reply) and reports_usage:
+            self._record(billed)
 
-    def _usage_json(self, u: Billed) -> dict[str, Any]:
-        return {
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": u.reasoning_tokens,
-                "audio_tokens": 0,
-            },
-        }
+    def _api(self, path: str) -> tuple[str | None, str | None]:
+        if path.endswith("/chat/completions"):
+            return "openai_chat", None
+        if path.endswith("/v1/responses"):
+            return "openai_responses", None
+        if path.endswith("/v1/embeddings"):
+            return "openai_embeddings", None
+        if path.endswith("/v1/messages"):
+            return "anthropic", None
+        if m := _GEMINI.match(path):
+            return "gemini", m.group(1)
+        if m := _BEDROCK.match(path):
+            return "bedrock", unquote(m.group(1))
+        return None, None
 
-    def _complete(self, u: Billed) -> None:
+    def _render(self, api: str, path: str, query: str, body: dict[str, Any], model: str,
+                usage: Usage, chunks: int) -> fake_apis.Reply:
+        if api == "openai_chat":
+            return fake_apis.openai_chat(body, model, usage, chunks)
+        if api == "openai_responses":
+            return fake_apis.openai_responses(body, model, usage, chunks)
+        if api == "openai_embeddings":
+            return fake_apis.openai_embeddings(body, model, usage, chunks)
+        if api == "anthropic":
+            return fake_apis.anthropic_messages(body, model, usage, chunks)
+        if api == "gemini":
+            return fake_apis.gemini(body, model, usage, chunks,
+                                    stream=path.endswith(":streamGenerateContent"),
+                                    alt_sse="alt=sse" in query)
+        return fake_apis.bedrock_converse(body, model, usage, chunks,
+                                          stream=path.endswith("converse-stream"))
+
+    def _record(self, billed: Billed) -> None:
         with self.server.log.lock:
-            self.server.log.billed.append(u)
-        self._json(
-            200,
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": u.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "message": {
-                            "role": "assistant",
-                            "content": " ".join(["spend"] * u.completion_tokens),
-                        },
-                    }
-                ],
-                "usage": self._usage_json(u),
-            },
-        )
+            self.server.log.billed.append(billed)
 
-    def _stream(self, body: dict[str, Any], u: Billed) -> None:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        chunks = _int_header(self, "x-fake-chunks", 5)
-        delay = _int_header(self, "x-fake-chunk-delay-ms", 0) / 1000
-        cut_after = _int_header(self, "x-fake-cut-after", -1)
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    def _stream(self, reply: fake_apis.Reply) -> bool:
+        """Send the events one HTTP chunk each; False if the stream was cut."""
+        delay = self._int("x-fake-chunk-delay-ms", 0) / 1000
+        cut_after = self._int("x-fake-cut-after", -1)
+        gate = self.server.gate(self.headers.get("x-fake-gate", ""))
         self.send_response(200)
-        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-type", reply.content_type)
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-
-        def send(payload: str) -> None:
-            data = f"data: {payload}\n\n".encode()
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        for i, event in enumerate(reply.events):
+            if i > 0:
+                if gate is not None and not gate.acquire(timeout=15):
+                    cut_after = i - 1  # nobody asked for more: give up on this stream
+                if i - 1 == cut_after:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return False
+                if delay:
+                    time.sleep(delay)
+            self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             self.wfile.flush()
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            return json.dumps(
-                {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": int(time.time()),
-                    "model": u.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                    **({"usage": None} if include_usage else {}),
-                }
-            )
-
-        gate = self.server.gate(self.headers.get("x-fake-gate", ""))
-        send(chunk({"role": "assistant", "content": ""}))
-        for i in range(chunks):
-            if gate is not None and not gate.acquire(timeout=15):
-                cut_after = i  # the caller never asked for more: give up on this stream
-            if i == cut_after:
-                self.close_connection = True
-                self.wfile.flush()
-                self.connection.shutdown(2)
-                return
-            if delay:
-                time.sleep(delay)
-            send(chunk({"content": f"word{i} "}))
-        send(chunk({}, "stop"))
-        if include_usage:
-            with self.server.log.lock:
-                self.server.log.billed.append(u)
-            send(
-                json.dumps(
-                    {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": int(time.time()),
-                        "model": u.model,
-                        "choices": [],
-                        "usage": self._usage_json(u),
-                    }
-                )
-            )
-        send("[DONE]")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+        return True
 
 
 class FakeProviderServer(ThreadingHTTPServer):
@@ -269,6 +259,10 @@ class FakeProviderServer(ThreadingHTTPServer):
         self._gates: dict[str, threading.Semaphore] = {}
         self._gates_lock = threading.Lock()
 
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
     def gate(self, name: str) -> threading.Semaphore | None:
         if not name:
             return None
@@ -276,14 +270,10 @@ class FakeProviderServer(ThreadingHTTPServer):
             return self._gates.setdefault(name, threading.Semaphore(0))
 
     def open_gate(self, name: str) -> None:
-        """Let one more chunk of the stream using gate ``name`` through."""
+        """Let one more event of the stream using gate ``name`` through."""
         gate = self.gate(name)
         assert gate is not None
         gate.release()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
 
     def start_in_thread(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="fake-provider", daemon=True)

@@ -400,7 +400,7 @@ def test_update_validation_not_found_and_stale_etag(api: Api) -> None:
     assert list_all(api) == []
 
 
-def test_api_key_is_only_ever_stored_hashed(api: Api) -> None:
+def test_api_key_is_only_ever_stored_hashed(api: Api, capfd: pytest.CaptureFixture[str]) -> None:
     raw = "sk-live-THIS-IS-A-RAW-KEY-5f3a9c"
     hashed = hash_api_key(raw)
     created = create(api, policy("key budget", scope=pb.SCOPE_API_KEY, target=raw))
@@ -435,6 +435,10 @@ def test_api_key_is_only_ever_stored_hashed(api: Api) -> None:
     assert hash_api_key(raw2).encode() in stored
     assert raw.encode() not in stored
     assert raw2.encode() not in stored
+    # ... nor in the server's logs.
+    out, err = capfd.readouterr()
+    assert "policy created" in out + err
+    assert raw not in out + err and raw2 not in out + err
 
 
 # ---- auth, health, reflection ---------------------------------------------------

@@ -97,15 +97,7 @@ def billed_cost(stack: Stack) -> Decimal:
     for b in stack.provider.log.billed:
         price = PRICES.lookup(b.model)
         assert price is not None
-        total += cost_nanos(
-            Usage(
-                input_tokens=b.prompt_tokens,
-                cached_input_tokens=b.cached_tokens,
-                output_tokens=b.completion_tokens,
-                reasoning_tokens=b.reasoning_tokens,
-            ),
-            price,
-        )
+        total += cost_nanos(b.usage, price)
     return Decimal(total) / NANOS_PER_USD
 
 
@@ -190,14 +182,13 @@ def test_streaming_reaches_client_chunk_by_chunk_and_is_charged(stack: Stack) ->
     policy = create(stack, amount_usd="10", scope=pb.SCOPE_GLOBAL)
     gate = uuid.uuid4().hex
     client = sdk(stack, headers={"x-fake-gate": gate, "x-fake-chunks": "5", **BIG})
-    # The provider sends each content chunk only after the client has received
-    # the one before: if Envoy or ext_proc buffered the stream, this would hang.
-    stack.provider.open_gate(gate)
+    # The provider sends each event only after the client has received the one
+    # before: if Envoy or ext_proc buffered the stream, this would hang.
     received = []
     for event in chat(client, stream=True):  # type: ignore[attr-defined]
+        stack.provider.open_gate(gate)
         if event.choices and event.choices[0].delta.content:
             received.append(event.choices[0].delta.content)
-            stack.provider.open_gate(gate)
         elif not event.choices:
             assert event.usage is not None and event.usage.completion_tokens == 500
     assert received == [f"word{i} " for i in range(5)]
@@ -310,13 +301,12 @@ def test_truncated_stream_is_charged_an_estimate(stack: Stack) -> None:
     client = sdk(stack, headers={"x-fake-cut-after": "2", "x-fake-gate": gate}).with_options(
         max_retries=0
     )
-    stack.provider.open_gate(gate)
     received = []
     with pytest.raises(openai.APIError):
         for event in chat(client, stream=True):  # type: ignore[attr-defined]
+            stack.provider.open_gate(gate)  # after the 3rd event the provider hangs up
             if event.choices and event.choices[0].delta.content:
                 received.append(event.choices[0].delta.content)
-                stack.provider.open_gate(gate)  # after the 2nd chunk the provider hangs up
     assert received == ["word0 ", "word1 "]
     wait_until(
         lambda: stack.ext.ctx.stats.estimated_responses == before + 1, message="estimated charge"

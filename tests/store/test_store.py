@@ -268,6 +268,11 @@ async def test_create_and_get_return_the_stored_policy(cp: ControlPlane) -> None
     with pytest.raises(NotFound):
         await cp.get_policy("bp_doesnotexist")
 
+    off = policy("disabled")
+    off.enabled = False
+    stored = await cp.get_policy((await cp.create_policy(off, "alice")).id)
+    assert stored.HasField("enabled") and stored.enabled is False
+
 
 async def test_api_key_targets_are_stored_hashed(cp: ControlPlane, engine: Engine) -> None:
     raw = "sk-proj-very-secret-key-1234"

@@ -40,7 +40,7 @@ EP_DEFAULTS = EPSettings(data_plane_token=DP)
 CP_DEFAULTS = CPSettings(admin_token=ADMIN)
 
 
-# ---- precedence ----------------------------------------------------------------------
+# ---- precedence ----
 
 PRECEDENCE_FILE = """
 listen: 0.0.0.0:1000
@@ -177,7 +177,7 @@ def test_empty_values_and_sections_mean_unset(tmp_path: Path) -> None:
 
 def test_empty_token_in_file_is_missing_not_none(tmp_path: Path) -> None:
     path = write(tmp_path, "ext_proc:\n  data_plane_token:\n")
-    with pytest.raises(ConfigError, match="^data_plane_token is required"):
+    with pytest.raises(ConfigError, match=r"^data_plane_token is required"):
         load_ep(env={}, file=path)
 
 
@@ -210,12 +210,14 @@ def test_yaml_types_are_taken_as_they_are(tmp_path: Path) -> None:
 
 
 def test_int_from_env_and_integral_float(tmp_path: Path) -> None:
-    assert load_ep(env={**EP_REQUIRED, "SPENDGATE_FLUSH_INTERVAL_MS": " 75 "}).flush_interval_ms == 75
+    assert (
+        load_ep(env={**EP_REQUIRED, "SPENDGATE_FLUSH_INTERVAL_MS": " 75 "}).flush_interval_ms == 75
+    )
     path = write(tmp_path, "flush_interval_ms: 80.0\n")
     assert load_ep(env=EP_REQUIRED, file=path).flush_interval_ms == 80
 
 
-# ---- errors name the key ----------------------------------------------------------------
+# ---- errors name the key ----
 
 
 @pytest.mark.parametrize(
@@ -337,7 +339,7 @@ def test_ext_proc_errors(
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config file .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml"):
         load_ep(env=EP_REQUIRED, file=str(tmp_path / "nope.yaml"))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -42,11 +44,11 @@ def utc(ts: int) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
-def spend_of(table: dict[SpendKey, int]):  # type: ignore[no-untyped-def]
+def spend_of(table: dict[SpendKey, int]) -> Callable[[SpendKey], int]:
     return lambda key: table.get(key, 0)
 
 
-# ---- decide ---------------------------------------------------------------------
+# ---- decide ----
 
 DAILY = policy("daily", 10, DAY)
 HOURLY = policy("hourly", 1, HOUR)
@@ -168,7 +170,7 @@ def test_decide_uses_the_policy_timezone() -> None:
     assert r.window == Window(utc(start), utc(start + 86400))
 
 
-# ---- LocalState: local usage --------------------------------------------------------
+# ---- LocalState: local usage ----
 
 
 def test_charge_adds_to_every_matched_window() -> None:
@@ -316,11 +318,11 @@ def test_stale_ack_never_lowers_spend() -> None:
     assert state.spent(KEY) == 1000
 
 
-# ---- LocalState: control plane state ---------------------------------------------------
+# ---- LocalState: control plane state ----
 
 
-def policy_msg(pid: str, amount: str = "10", **kw: object) -> pb.BudgetPolicy:
-    fields: dict[str, object] = {
+def policy_msg(pid: str, amount: str = "10", **kw: Any) -> pb.BudgetPolicy:
+    fields: dict[str, Any] = {
         "id": pid,
         "name": f"name of {pid}",
         "amount_usd": amount,
@@ -330,10 +332,12 @@ def policy_msg(pid: str, amount: str = "10", **kw: object) -> pb.BudgetPolicy:
         "enabled": True,
     }
     fields.update(kw)
-    return pb.BudgetPolicy(**fields)  # type: ignore[arg-type]
+    return pb.BudgetPolicy(**fields)
 
 
-def snapshot(*policies: pb.BudgetPolicy, spend: list[dp.WindowSpend] | None = None):  # type: ignore[no-untyped-def]
+def snapshot(
+    *policies: pb.BudgetPolicy, spend: list[dp.WindowSpend] | None = None
+) -> dp.StateUpdate:
     return dp.StateUpdate(
         policies=dp.PolicySnapshot(policies=policies), spend=spend or [], full_snapshot=True
     )
@@ -341,14 +345,14 @@ def snapshot(*policies: pb.BudgetPolicy, spend: list[dp.WindowSpend] | None = No
 
 def test_apply_full_snapshot_replaces_remote_spend_and_policies() -> None:
     state = LocalState()
-    state.apply_update(snapshot(policy_msg("old"), spend=[window_spend(("old", "", DAY_START), 7)]), NOW)
+    state.apply_update(
+        snapshot(policy_msg("old"), spend=[window_spend(("old", "", DAY_START), 7)]), NOW
+    )
     assert state.synced is True
     assert list(state.index.policies) == ["old"]
     state.charge([(DAILY, "")], 5, NOW, estimated=False)
 
-    state.apply_update(
-        snapshot(policy_msg("daily", "2.5"), spend=[window_spend(KEY, 900)]), NOW
-    )
+    state.apply_update(snapshot(policy_msg("daily", "2.5"), spend=[window_spend(KEY, 900)]), NOW)
     assert list(state.index.policies) == ["daily"]
     assert state.index.policies["daily"] == Policy(
         "daily", "name of daily", 2_500_000_000, DAY, Action.REJECT, Scope.GLOBAL, ""
@@ -369,9 +373,7 @@ def test_incremental_update_merges_and_keeps_policies() -> None:
     state = LocalState()
     state.apply_update(snapshot(policy_msg("daily"), spend=[window_spend(KEY, 900)]), NOW)
     other = ("daily", "x", DAY_START)
-    state.apply_update(
-        dp.StateUpdate(spend=[window_spend(KEY, 800), window_spend(other, 1)]), NOW
-    )
+    state.apply_update(dp.StateUpdate(spend=[window_spend(KEY, 800), window_spend(other, 1)]), NOW)
     assert list(state.index.policies) == ["daily"]
     assert state.remote == {KEY: (900, DAY_END), other: (1, DAY_END)}
 
@@ -421,3 +423,9 @@ def test_unconvertible_policy_is_skipped(bad: pb.BudgetPolicy) -> None:
     state.apply_update(snapshot(policy_msg("good"), bad, policy_msg("also-good")), NOW)
     assert list(state.index.policies) == ["good", "also-good"]
     assert state.synced is True
+
+
+def test_disabled_policy_in_snapshot_is_not_enforced() -> None:
+    state = LocalState()
+    state.apply_update(snapshot(policy_msg("on"), policy_msg("off", enabled=False)), NOW)
+    assert list(state.index.policies) == ["on"]

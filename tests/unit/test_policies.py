@@ -34,7 +34,7 @@ def test_hash_api_key_is_sha256_hex_with_prefix() -> None:
     assert len(KEY_HASH) == len("sha256:") + 64
 
 
-# ---- normalize_target -------------------------------------------------------
+# ---- normalize_target ----
 
 
 @pytest.mark.parametrize(
@@ -152,7 +152,7 @@ def test_normalize_target_accepts_max_length() -> None:
     assert normalize_target(Scope.USER, "u" * MAX_TARGET_LENGTH) == "u" * MAX_TARGET_LENGTH
 
 
-# ---- validate_policy ----------------------------------------------------------
+# ---- validate_policy ----
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,7 @@ def test_validate_policy(
     assert validate_policy(name=name, amount_nanos=amount, alert_thresholds=thresholds) == expected
 
 
-# ---- Policy ---------------------------------------------------------------------
+# ---- Policy ----
 
 
 def policy(pid: str, scope: Scope, target: str = "", *, enabled: bool = True) -> Policy:
@@ -244,7 +244,7 @@ def test_policy_is_wildcard(scope: Scope, target: str, wildcard: bool) -> None:
     assert policy("p", scope, target).is_wildcard is wildcard
 
 
-# ---- PolicyIndex.matches ---------------------------------------------------------
+# ---- PolicyIndex.matches ----
 
 ALL_FACTS = RequestFacts(
     route="openai_route",
