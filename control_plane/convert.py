@@ -7,6 +7,7 @@ wrong fields at once, each named as in the .proto ("window.count").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from control_plane.errors import InvalidArgument
 from control_plane.store.models import PolicyRow
@@ -23,7 +24,16 @@ from spendgate.domain.pricing import format_usd, parse_usd
 from spendgate.domain.windows import InvalidWindow, WindowSpec, WindowUnit
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
-from spendgate.wire import ACTIONS, ACTIONS_PB, SCOPES, SCOPES_PB, UNITS, UNITS_PB, timestamp
+from spendgate.wire import (
+    ACTIONS,
+    ACTIONS_PB,
+    SCOPES,
+    SCOPES_PB,
+    UNITS,
+    UNITS_PB,
+    WEEKDAYS_PB,
+    timestamp,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +77,13 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
     timezone = msg.timezone or "UTC"
     window_errors: list[FieldViolation] = []
     # Check the zone and the count/week start separately so both are reported.
-    for kwargs in ({"timezone": timezone}, {"count": msg.window.count, "week_start": week_start}):
+    checks: tuple[dict[str, Any], ...] = (
+        {"timezone": timezone},
+        {"count": msg.window.count, "week_start": week_start},
+    )
+    for kwargs in checks:
         try:
-            WindowSpec(unit=unit or WindowUnit.DAYS, **kwargs)  # type: ignore[arg-type]
+            WindowSpec(unit=unit or WindowUnit.DAYS, **kwargs)
         except InvalidWindow as e:
             name = {"count": "window.count", "week_start": "window.week_start"}.get(
                 e.field, e.field
@@ -169,7 +183,7 @@ def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
         window=pb.BudgetWindow(
             unit=UNITS_PB[WindowUnit(row.window_unit)],
             count=row.window_count,
-            week_start=row.week_start + 1,
+            week_start=WEEKDAYS_PB[row.week_start],
         ),
         timezone=row.timezone,
         action=ACTIONS_PB[Action(row.action)],
@@ -207,9 +221,9 @@ def window_spend_message(
     )
 
 
-def scope_message(scope: Scope) -> int:
+def scope_message(scope: Scope) -> pb.Scope:
     return SCOPES_PB[scope]
 
 
-def action_message(action: Action) -> int:
+def action_message(action: Action) -> pb.Action:
     return ACTIONS_PB[action]

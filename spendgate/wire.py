@@ -11,18 +11,28 @@ from spendgate.domain.pricing import parse_usd
 from spendgate.domain.windows import WindowSpec, WindowUnit
 from spendgate.v1 import budget_pb2 as pb
 
-UNITS = {
+UNITS: dict[pb.WindowUnit, WindowUnit] = {
     pb.WINDOW_UNIT_MINUTES: WindowUnit.MINUTES,
     pb.WINDOW_UNIT_HOURS: WindowUnit.HOURS,
     pb.WINDOW_UNIT_DAYS: WindowUnit.DAYS,
     pb.WINDOW_UNIT_WEEKS: WindowUnit.WEEKS,
     pb.WINDOW_UNIT_MONTHS: WindowUnit.MONTHS,
 }
-UNITS_PB = {v: k for k, v in UNITS.items()}
-SCOPES = {getattr(pb, f"SCOPE_{s.value}"): s for s in Scope}
-SCOPES_PB = {v: k for k, v in SCOPES.items()}
-ACTIONS = {pb.ACTION_ALERT: Action.ALERT, pb.ACTION_REJECT: Action.REJECT}
-ACTIONS_PB = {v: k for k, v in ACTIONS.items()}
+UNITS_PB: dict[WindowUnit, pb.WindowUnit] = {v: k for k, v in UNITS.items()}
+SCOPES: dict[pb.Scope, Scope] = {pb.Scope.Value(f"SCOPE_{s.value}"): s for s in Scope}  # type: ignore[misc]
+SCOPES_PB: dict[Scope, pb.Scope] = {v: k for k, v in SCOPES.items()}
+ACTIONS: dict[pb.Action, Action] = {pb.ACTION_ALERT: Action.ALERT, pb.ACTION_REJECT: Action.REJECT}
+ACTIONS_PB: dict[Action, pb.Action] = {v: k for k, v in ACTIONS.items()}
+# Domain weekday index (0 = Monday) -> message value.
+WEEKDAYS_PB: tuple[pb.Weekday, ...] = (
+    pb.WEEKDAY_MONDAY,
+    pb.WEEKDAY_TUESDAY,
+    pb.WEEKDAY_WEDNESDAY,
+    pb.WEEKDAY_THURSDAY,
+    pb.WEEKDAY_FRIDAY,
+    pb.WEEKDAY_SATURDAY,
+    pb.WEEKDAY_SUNDAY,
+)
 
 
 def timestamp(t: datetime | int) -> Timestamp:

@@ -151,7 +151,7 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
     return totals
 
 
-def spend_rows_query(*, active_at: int) -> Select[tuple[WindowSpendRow]]:
+def spend_rows_query(*, active_at: int) -> Select[WindowSpendRow]:
     """Rows of windows that contain the instant ``active_at`` (Unix seconds)."""
     return select(WindowSpendRow).where(
         WindowSpendRow.window_start <= active_at, WindowSpendRow.window_end > active_at

@@ -91,8 +91,12 @@ def policy_from_args(args: argparse.Namespace) -> tuple[pb.BudgetPolicy, list[st
     """The policy fields given on the command line, and their field-mask paths."""
     policy = pb.BudgetPolicy()
     paths: list[str] = []
-    simple = {"name": "name", "description": "description", "timezone": "timezone",
-              "target": "target"}
+    simple = {
+        "name": "name",
+        "description": "description",
+        "timezone": "timezone",
+        "target": "target",
+    }
     for arg, field in simple.items():
         value = getattr(args, arg)
         if value is not None:

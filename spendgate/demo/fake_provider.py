@@ -118,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            parts = []
+            parts: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -131,22 +131,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.endswith("/models"):
-            self._send_json(200, {"object": "list", "data": [
-                {"id": "gpt-4o-mini", "object": "model", "owned_by": "spendgate-demo"}]})
+            self._send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": "gpt-4o-mini", "object": "model", "owned_by": "spendgate-demo"}
+                    ],
+                },
+            )
         else:
-            self._send_json(404, {"error": {"message": "not found",
-                                            "type": "invalid_request_error"}})
+            self._send_json(
+                404, {"error": {"message": "not found", "type": "invalid_request_error"}}
+            )
 
     def do_POST(self) -> None:
         raw = self._read_body()
         path, _, query = self.path.partition("?")
         with self.server.log.lock:
-            self.server.log.requests.append({"path": self.path, "headers": dict(self.headers),
-                                             "body_bytes": len(raw), "body": raw[:4096]})
+            self.server.log.requests.append(
+                {
+                    "path": self.path,
+                    "headers": dict(self.headers),
+                    "body_bytes": len(raw),
+                    "body": raw[:4096],
+                }
+            )
         api, model_in_path = self._api(path)
         if api is None:
-            self._send_json(404, {"error": {"message": f"unknown path {path}",
-                                            "type": "invalid_request_error"}})
+            self._send_json(
+                404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
+            )
             return
         status = self._int("x-fake-status", 200)
         if status != 200:
@@ -157,9 +172,20 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError:
-            self._send_json(400, fake_apis.error_body(api, 400) | (
-                {"error": {"message": "We could not parse the JSON body of your request.",
-                           "type": "invalid_request_error"}} if api.startswith("openai") else {}))
+            self._send_json(
+                400,
+                fake_apis.error_body(api, 400)
+                | (
+                    {
+                        "error": {
+                            "message": "We could not parse the JSON body of your request.",
+                            "type": "invalid_request_error",
+                        }
+                    }
+                    if api.startswith("openai")
+                    else {}
+                ),
+            )
             return
         model = model_in_path or str(body.get("model") or "gpt-4o-mini")
         usage = Usage(
@@ -202,8 +228,16 @@ class _Handler(BaseHTTPRequestHandler):
             return "bedrock", unquote(m.group(1))
         return None, None
 
-    def _render(self, api: str, path: str, query: str, body: dict[str, Any], model: str,
-                usage: Usage, chunks: int) -> fake_apis.Reply:
+    def _render(
+        self,
+        api: str,
+        path: str,
+        query: str,
+        body: dict[str, Any],
+        model: str,
+        usage: Usage,
+        chunks: int,
+    ) -> fake_apis.Reply:
         if api == "openai_chat":
             return fake_apis.openai_chat(body, model, usage, chunks)
         if api == "openai_responses":
@@ -213,11 +247,17 @@ class _Handler(BaseHTTPRequestHandler):
         if api == "anthropic":
             return fake_apis.anthropic_messages(body, model, usage, chunks)
         if api == "gemini":
-            return fake_apis.gemini(body, model, usage, chunks,
-                                    stream=path.endswith(":streamGenerateContent"),
-                                    alt_sse="alt=sse" in query)
-        return fake_apis.bedrock_converse(body, model, usage, chunks,
-                                          stream=path.endswith("converse-stream"))
+            return fake_apis.gemini(
+                body,
+                model,
+                usage,
+                chunks,
+                stream=path.endswith(":streamGenerateContent"),
+                alt_sse="alt=sse" in query,
+            )
+        return fake_apis.bedrock_converse(
+            body, model, usage, chunks, stream=path.endswith("converse-stream")
+        )
 
     def _record(self, billed: Billed) -> None:
         with self.server.log.lock:

@@ -31,20 +31,30 @@ class Up:
     def cli(self, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
         extra = ["--server", self.server] + (["--token", token] if token else [])
         return subprocess.run(
-            [*SPENDGATE, *args, *extra], cwd=self.cwd, capture_output=True, text=True,
-            env=env_without_spendgate(), timeout=30,
+            [*SPENDGATE, *args, *extra],
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            env=env_without_spendgate(),
+            timeout=30,
         )
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     cwd = tmp_path_factory.mktemp("up")
-    ports = {name: free_port() for name in
-             ("port", "envoy-admin-port", "control-plane-port", "ext-proc-port", "demo-port")}
+    ports = {
+        name: free_port()
+        for name in ("port", "envoy-admin-port", "control-plane-port", "ext-proc-port", "demo-port")
+    }
     args = [f"--{k}={v}" for k, v in ports.items()]
     proc = subprocess.Popen(
-        [*SPENDGATE, "up", "--demo", *args], cwd=cwd, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env=env_without_spendgate(),
+        [*SPENDGATE, "up", "--demo", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env_without_spendgate(),
     )
     output: list[str] = []
 
@@ -65,15 +75,26 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
 
 def test_up_says_where_everything_listens(up: Up) -> None:
     text = "".join(up.output)
-    for needle in (f"http://127.0.0.1:{up.port}", f"/demo/v1", up.server, "credentials.json"):
+    for needle in (f"http://127.0.0.1:{up.port}", "/demo/v1", up.server, "credentials.json"):
         assert needle in text
     creds = up.cwd / ".spendgate" / "credentials.json"
     assert oct(creds.stat().st_mode & 0o777) == "0o600"
 
 
 def test_quickstart_policy_then_requests_then_429(up: Up) -> None:
-    created = up.cli("policy", "create", "--name", "quickstart", "--amount", "0.00005",
-                     "--action", "reject", "--window", "1d", "--json")
+    created = up.cli(
+        "policy",
+        "create",
+        "--name",
+        "quickstart",
+        "--amount",
+        "0.00005",
+        "--action",
+        "reject",
+        "--window",
+        "1d",
+        "--json",
+    )
     assert created.returncode == 0, created.stderr
     policy = json.loads(created.stdout)
     assert policy["name"] == "quickstart" and policy["amount_usd"] == "0.00005"
@@ -82,8 +103,9 @@ def test_quickstart_policy_then_requests_then_429(up: Up) -> None:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{up.port}/demo/v1", api_key="demo")
 
     def send() -> None:
-        client.chat.completions.create(model="gpt-4o-mini",
-                                       messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
 
     # Each demo answer costs $0.0000111; the policy's snapshot reaches ext_proc
     # within milliseconds, so after a handful of requests the 429 must come.
@@ -114,21 +136,51 @@ def _admitted(send: object) -> bool:
 @pytest.mark.parametrize(
     ("args", "token", "expected"),
     [
-        pytest.param(["policy", "create", "--name", "bad", "--amount", "-5", "--action",
-                      "reject", "--window", "0d", "--timezone", "Mars/Olympus"], None,
-                     ["invalid request", "amount_usd", "window.count", "timezone"],
-                     id="invalid-policy-names-each-field"),
-        pytest.param(["policy", "list"], "wrong-token-0123456789", ["rejected the token"],
-                     id="wrong-token"),
-        pytest.param(["policy", "get", "bp_doesnotexist"], None, ["not found"],
-                     id="unknown-id"),
-        pytest.param(["policy", "create", "--name", "x", "--amount", "1", "--action",
-                      "reject", "--window", "fortnight"], None, ["--window 'fortnight'"],
-                     id="bad-window-text"),
+        pytest.param(
+            [
+                "policy",
+                "create",
+                "--name",
+                "bad",
+                "--amount",
+                "-5",
+                "--action",
+                "reject",
+                "--window",
+                "0d",
+                "--timezone",
+                "Mars/Olympus",
+            ],
+            None,
+            ["invalid request", "amount_usd", "window.count", "timezone"],
+            id="invalid-policy-names-each-field",
+        ),
+        pytest.param(
+            ["policy", "list"], "wrong-token-0123456789", ["rejected the token"], id="wrong-token"
+        ),
+        pytest.param(["policy", "get", "bp_doesnotexist"], None, ["not found"], id="unknown-id"),
+        pytest.param(
+            [
+                "policy",
+                "create",
+                "--name",
+                "x",
+                "--amount",
+                "1",
+                "--action",
+                "reject",
+                "--window",
+                "fortnight",
+            ],
+            None,
+            ["--window 'fortnight'"],
+            id="bad-window-text",
+        ),
     ],
 )
-def test_cli_errors_are_one_line(up: Up, args: list[str], token: str | None,
-                                 expected: list[str]) -> None:
+def test_cli_errors_are_one_line(
+    up: Up, args: list[str], token: str | None, expected: list[str]
+) -> None:
     result = up.cli(*args, token=token)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -139,8 +191,11 @@ def test_cli_errors_are_one_line(up: Up, args: list[str], token: str | None,
 
 def test_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [*SPENDGATE, "policy", "list", "--server", f"127.0.0.1:{free_port()}", "--token",
-         "x" * 20], capture_output=True, text=True, env=env_without_spendgate(), timeout=30,
+        [*SPENDGATE, "policy", "list", "--server", f"127.0.0.1:{free_port()}", "--token", "x" * 20],
+        capture_output=True,
+        text=True,
+        env=env_without_spendgate(),
+        timeout=30,
     )
     assert result.returncode == 1
     assert result.stderr.startswith("spendgate: cannot reach the control plane")
@@ -149,8 +204,9 @@ def test_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
 
 def test_ctrl_c_stops_everything_cleanly(up: Up) -> None:
     # Runs last in this module: it stops the stack.
-    children = subprocess.run(["pgrep", "-P", str(up.proc.pid)], capture_output=True,
-                              text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(up.proc.pid)], capture_output=True, text=True
+    ).stdout.split()
     assert len(children) == 4  # control plane, ext_proc, fake provider, envoy
     up.proc.send_signal(signal.SIGINT)
     rest, _ = up.proc.communicate(timeout=60)

@@ -15,7 +15,6 @@ import openai
 import pytest
 
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos, parse_usd
-from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack
 from tests.harness import wait_until
@@ -23,7 +22,7 @@ from tests.harness import wait_until
 pytestmark = pytest.mark.e2e
 PRICES = PriceBook.bundled()
 # With these fake-provider knobs a gpt-4o-mini response costs exactly
-# 1000 × $0.15/M + 500 × $0.60/M = $0.00045.
+# 1000 x $0.15/M + 500 x $0.60/M = $0.00045.
 BIG = {"x-fake-prompt-tokens": "1000", "x-fake-completion-tokens": "500"}
 BIG_COST = Decimal("0.00045")
 
@@ -71,7 +70,9 @@ def wait_for_spend(stack: Stack, policy_id: str, expected: Decimal, member: str 
     try:
         wait_until(reached, message=f"control plane spend {expected}")
     except AssertionError:
-        raise AssertionError(f"spend is {spend_of(stack, policy_id, member)}, want {expected}")
+        raise AssertionError(
+            f"spend is {spend_of(stack, policy_id, member)}, want {expected}"
+        ) from None
 
 
 def sdk(
@@ -115,7 +116,7 @@ def test_reject_budget_returns_429_that_the_openai_sdk_understands(stack: Stack)
         stack, name="alice-daily", amount_usd="0.0018", scope=pb.SCOPE_USER, target=user
     )
     client = sdk(stack, user=user, headers=BIG)
-    for _ in range(4):  # 4 × $0.00045 = $0.0018: the 4th reaches the limit
+    for _ in range(4):  # 4 x $0.00045 = $0.0018: the 4th reaches the limit
         chat(client)
     with pytest.raises(openai.RateLimitError) as exc:
         chat(client)
