@@ -22,6 +22,8 @@ class Settings:
     data_plane_token: str = ""
     # First day of WEEKS windows when a policy does not say.
     week_start: str = "monday"
+    # How long applied usage batch ids are kept to recognise retries.
+    batch_retention_hours: int = 168
     tls_cert_file: str = ""
     tls_key_file: str = ""
     log_json: bool = True
@@ -39,6 +41,8 @@ class Settings:
             raise ConfigError(f"week_start must be one of {', '.join(WEEKDAYS)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file must be set together")
+        if self.batch_retention_hours < 1:
+            raise ConfigError("batch_retention_hours must be at least 1")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ SERVICE_NAMES = (
     dataplane_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name,
 )
 HEALTH_INTERVAL_S = 5.0
+MAINTENANCE_INTERVAL_S = 3600.0
 
 
 class ControlPlaneServer:
@@ -61,7 +63,7 @@ class ControlPlaneServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = self._bind(settings)
-        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def _bind(self, settings: Settings) -> int:
         if settings.tls_cert_file:
@@ -80,7 +82,10 @@ class ControlPlaneServer:
         await asyncio.to_thread(migrate, self.engine)
         await self.server.start()
         await self._set_health(True)
-        self._health_task = asyncio.create_task(self._watch_database())
+        self._tasks = [
+            asyncio.create_task(self._watch_database()),
+            asyncio.create_task(self._maintenance()),
+        ]
         log.info(
             "control plane listening",
             address=self.settings.listen,
@@ -112,11 +117,19 @@ class ControlPlaneServer:
                 await self._set_health(ok)
                 log.warning("health changed", serving=ok)
 
+    async def _maintenance(self) -> None:
+        retention = timedelta(hours=self.settings.batch_retention_hours)
+        while True:
+            # A database outage is logged by the service; try next round.
+            with contextlib.suppress(Unavailable):
+                await self.cp.forget_old_batches(retention)
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+
     async def stop(self, grace: float = 5.0) -> None:
-        if self._health_task:
-            self._health_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+                await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.cp.close()

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import structlog
@@ -309,6 +309,16 @@ class ControlPlane:
             page = page[:limit]
             token = repo.encode_page_token(page[-1].policy_id, page[-1].member)
         return page, token
+
+    async def forget_old_batches(self, retention: timedelta) -> int:
+        """Drop batch ids older than ``retention``. A data plane retries a batch
+        until it is acknowledged, so retention only has to outlast the longest
+        control plane outage a data plane rides out with usage unsent."""
+        cutoff = self.clock() - retention
+        removed = await self._run(lambda s: repo.forget_batches(s, cutoff))
+        if removed:
+            log.info("forgot old usage batch ids", count=removed)
+        return removed
 
     # ---- data-plane state ------------------------------------------------
 

@@ -29,6 +29,7 @@ from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import policy_from_message, timestamp
 
 log = structlog.get_logger("spendgate.ext_proc")
+PRUNE_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class LocalState:
     pending: dict[SpendKey, Increment] = field(default_factory=dict)
     in_flight: dict[str, Batch] = field(default_factory=dict)
     synced: bool = False  # a snapshot has arrived at least once
+    last_prune: float = 0.0
 
     # ---- reads (hot path) --------------------------------------------------
 
@@ -133,7 +135,9 @@ class LocalState:
             self.remote = {}
             self.synced = True
         self.merge_spend(update.spend)
-        self.prune(now)
+        # Pruning walks every known window: do it at most every few seconds.
+        if update.full_snapshot or now.timestamp() - self.last_prune >= PRUNE_INTERVAL_S:
+            self.prune(now)
 
     def merge_spend(self, spend: Iterable[dp.WindowSpend]) -> None:
         for ws in spend:
@@ -145,6 +149,7 @@ class LocalState:
     def prune(self, now: datetime) -> None:
         """Forget control plane totals of windows that have ended."""
         t = now.timestamp()
+        self.last_prune = t
         ended = [k for k, v in self.remote.items() if v[1] <= t]
         for k in ended:
             del self.remote[k]

@@ -54,10 +54,14 @@ def policy_from_message(msg: pb.BudgetPolicy) -> Policy:
 
     Raises KeyError/ValueError on a message no control plane would send.
     """
+    amount = parse_usd(msg.amount_usd)
+    if amount <= 0:
+        # A zero REJECT budget would refuse all traffic: never trust one.
+        raise ValueError(f"policy {msg.id}: amount must be > 0, got {msg.amount_usd!r}")
     return Policy(
         id=msg.id,
         name=msg.name,
-        amount_nanos=parse_usd(msg.amount_usd),
+        amount_nanos=amount,
         window=WindowSpec(
             unit=UNITS[msg.window.unit],
             count=msg.window.count,

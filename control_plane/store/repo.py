@@ -71,6 +71,16 @@ def _insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite
     raise RuntimeError(f"unsupported database {dialect!r}: use SQLite or PostgreSQL")
 
 
+def forget_batches(session: Session, applied_before: datetime) -> int:
+    """Delete idempotency ids applied before ``applied_before``; how many."""
+    gone = session.scalars(
+        delete(AppliedBatchRow)
+        .where(AppliedBatchRow.applied_at < applied_before)
+        .returning(AppliedBatchRow.batch_id)
+    ).all()
+    return len(gone)
+
+
 def claim_batch(session: Session, batch_id: str, data_plane_id: str, now: datetime) -> bool:
     """Record batch_id as applied; False if it already was (by anyone).
 

@@ -848,3 +848,27 @@ async def test_list_spend_follows_a_changed_window(cp: ControlPlane) -> None:
     assert await all_spend(cp) == [
         entry(daily, spent="1.00", remaining="9.00", requests=1, start=DAY_START, end=DAY_END)
     ]
+
+
+async def test_old_batch_ids_are_forgotten_and_recent_ones_kept(db_url: str) -> None:
+    from datetime import timedelta
+
+    from control_plane.hub import StateHub
+    from control_plane.service import ControlPlane
+    from control_plane.store.db import create_db_engine, migrate
+    from spendgate.v1 import dataplane_pb2 as dp
+    from tests.harness import FakeClock
+
+    engine = create_db_engine(db_url)
+    migrate(engine)
+    clock = FakeClock()
+    cp = ControlPlane(engine, StateHub(), clock=clock)
+    try:
+        await cp.apply_usage(dp.ReportUsageRequest(batch_id="old", data_plane_id="dp"))
+        clock.advance(timedelta(days=8))
+        await cp.apply_usage(dp.ReportUsageRequest(batch_id="new", data_plane_id="dp"))
+        assert await cp.forget_old_batches(timedelta(days=7)) == 1
+        again = await cp.apply_usage(dp.ReportUsageRequest(batch_id="new", data_plane_id="dp"))
+        assert again.duplicate
+    finally:
+        cp.close()
