@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from spendgate import settings
@@ -30,6 +31,13 @@ class Settings:
     tags_header: str = "x-spendgate-tags"
     # How often unsent usage is sent to the control plane.
     flush_interval_ms: int = 100
+    # What to charge for a model with no price: default | free | reject
+    # (see ext_proc/pricing.py).
+    unpriced_models: str = "default"
+    # USD per million tokens, for unpriced_models = default (or reject, when
+    # the model only appears in the response).
+    default_input_price: str = "15"
+    default_output_price: str = "75"
     log_json: bool = True
     log_level: str = "info"
 
@@ -41,6 +49,17 @@ class Settings:
         for name in ("user_header", "workspace_header", "tags_header"):
             if getattr(self, name) != getattr(self, name).lower():
                 raise ConfigError(f"{name} must be lower-case (Envoy lower-cases headers)")
+        if self.unpriced_models not in ("default", "free", "reject"):
+            raise ConfigError("unpriced_models must be default, free or reject")
+        for name in ("default_input_price", "default_output_price"):
+            try:
+                if Decimal(getattr(self, name)) < 0:
+                    raise ValueError
+            except (InvalidOperation, ValueError):
+                raise ConfigError(
+                    f"{name} must be a non-negative decimal (USD per million "
+                    f"tokens), not {getattr(self, name)!r}"
+                ) from None
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
 

@@ -97,6 +97,8 @@ SKIP_REST = Mode(
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
 )
+# Shapes that name the model in the path need no request body.
+SKIP_REQUEST_BODY = Mode(request_body_mode=Mode.NONE)
 STREAM_RESPONSE_BODY = Mode(response_body_mode=Mode.STREAMED)
 NO_RESPONSE_BODY = Mode(response_body_mode=Mode.NONE)
 

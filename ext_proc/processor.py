@@ -17,16 +17,20 @@ from typing import Any
 import orjson
 import structlog
 
+from ext_proc import dialects
 from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
 from ext_proc.decide import Rejection, decide
+from ext_proc.decoding import SUPPORTED as DECODABLE
+from ext_proc.decoding import BodyDecoder
 from ext_proc.meters.base import Meter, estimate_tokens_from_chars
-from ext_proc.reject import openai_error_body, rejection_headers, rejection_message
+from ext_proc.pricing import PriceTable
+from ext_proc.reject import rejection_headers, rejection_message
 from ext_proc.shapes import ApiShape, detect
 from ext_proc.state import LocalState
 from ext_proc.stats import Stats
 from spendgate.domain.policies import Match, RequestFacts, hash_api_key
-from spendgate.domain.pricing import PriceBook, cost_nanos
+from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
 
 log = structlog.get_logger("spendgate.ext_proc")
@@ -41,7 +45,7 @@ class Context:
 
     settings: Settings
     state: LocalState
-    prices: PriceBook
+    prices: PriceTable
     clock: Callable[[], datetime]
     stats: Stats = dataclasses.field(default_factory=Stats)
     warned_models: set[str] = dataclasses.field(default_factory=set)
@@ -78,6 +82,9 @@ class RequestProcessor:
         self.content_length_sent = False
         self.body_parts: list[bytes] = []
         self.meter: Meter | None = None
+        self.path = ""
+        self.path_model: str | None = None
+        self.decoder: BodyDecoder | None = None
         self.done = False  # charged (or decided there is nothing to charge)
 
     # ---- dispatch -------------------------------------------------------------
@@ -105,7 +112,10 @@ class RequestProcessor:
         s = self.ctx.settings
         h = codec.header_dict(req.request_headers)
         method = h.get(":method", "")
-        self.shape = detect(method, h.get(":path", ""))
+        self.path = h.get(":path", "")
+        self.shape = detect(method, self.path)
+        if self.shape is not None and self.shape.model_from_path is not None:
+            self.path_model = self.shape.model_from_path(self.path)
         self.content_length_sent = "content-length" in h
         key = api_key_of(h)
         route = codec.attribute(req, "xds.route_name")
@@ -115,11 +125,14 @@ class RequestProcessor:
             api_key_hash=hash_api_key(key) if key else "",
             workspace=h.get(s.workspace_header, ""),
             provider=self.shape.provider if self.shape else "",
+            model=self.path_model.lower() if self.path_model else "",
             tags=parse_tags(h[s.tags_header]) if s.tags_header in h else {},
         )
+        if self.path_model:
+            self.request_model = self.path_model
         self.matches = self.ctx.state.index.matches(self.facts)
         if method not in _BODYLESS_METHODS:
-            rejected = self._decide()
+            rejected = self._decide() or self._check_priced()
             if rejected is not None:
                 return rejected
         # The identity headers never reach the provider, whatever they are named.
@@ -133,7 +146,8 @@ class RequestProcessor:
             )
         # Ask for an uncompressed response so it can be metered as it streams.
         remove.append("accept-encoding")
-        return codec.request_headers_response(codec.header_mutation(remove=remove))
+        mode = None if self.shape.needs_request_body else codec.SKIP_REQUEST_BODY
+        return codec.request_headers_response(codec.header_mutation(remove=remove), mode)
 
     def on_request_body(self, body: Any) -> codec.ProcessingResponse:
         if not body.end_of_stream:  # only when Envoy streams the request body
@@ -161,6 +175,9 @@ class RequestProcessor:
                 rejected = self._decide()
                 if rejected is not None:
                     return rejected
+            rejected = self._check_priced()
+            if rejected is not None:
+                return rejected
         assert self.shape is not None
         if not self.shape.prepare_request(parsed):
             return codec.REQUEST_BODY_CONTINUE
@@ -186,12 +203,34 @@ class RequestProcessor:
             member=r.member if r.member else None,
             reset=r.window.end.isoformat(),
         )
-        error_body = self.shape.error_body if self.shape else openai_error_body
+        dialect = self.shape.dialect if self.shape else dialects.openai
+        reply = dialect(429, "budget_exceeded", rejection_message(r))
         return codec.immediate_response(
-            429,
-            rejection_headers(r, now),
-            error_body(rejection_message(r)),
+            reply.status,
+            {**reply.headers, **rejection_headers(r, now)},
+            reply.body,
             "spendgate_budget_exceeded",
+        )
+
+    def _check_priced(self) -> codec.ProcessingResponse | None:
+        """With ``unpriced_models: reject``, refuse a model spendgate cannot price."""
+        prices = self.ctx.prices
+        if prices.unpriced != "reject" or not self.request_model or self.shape is None:
+            return None
+        if prices.lookup(self.request_model, self.facts.provider, self.facts.route):
+            return None
+        self.done = True
+        self.ctx.stats.rejected_requests += 1
+        log.warning("rejected: model has no price", model=self.request_model)
+        reply = self.shape.dialect(
+            403,
+            "model_not_priced",
+            f"spendgate has no price for model '{self.request_model}', so it cannot be "
+            "budgeted; ask an administrator to set one.",
+        )
+        headers = {**reply.headers, "x-spendgate-error": "model_not_priced"}
+        return codec.immediate_response(
+            reply.status, headers, reply.body, "spendgate_model_not_priced"
         )
 
     # ---- response -------------------------------------------------------------
@@ -204,18 +243,19 @@ class RequestProcessor:
         if not 200 <= status < 300:
             self.done = True  # errors carry no usage and cost nothing
             return codec.RESPONSE_HEADERS_CONTINUE
-        encoding = h.get("content-encoding", "identity").lower()
-        if encoding not in ("", "identity"):
+        encoding = h.get("content-encoding", "identity").strip().lower()
+        if encoding in DECODABLE:
+            self.decoder = BodyDecoder(encoding)
+        elif encoding not in ("", "identity"):
             self.done = True
             self.ctx.stats.unmetered_responses += 1
             log.warning(
-                "response is compressed and was not metered",
+                "response is compressed in a way spendgate cannot decode; not metered",
                 encoding=encoding,
                 model=self.request_model,
             )
             return codec.RESPONSE_HEADERS_CONTINUE
-        streaming = "text/event-stream" in h.get("content-type", "")
-        self.meter = self.shape.new_meter(streaming)
+        self.meter = self.shape.new_meter(self.path, h.get("content-type", ""), self.path_model)
         if headers.end_of_stream:
             self._finish(aborted=False)
             return codec.RESPONSE_HEADERS_CONTINUE
@@ -223,7 +263,7 @@ class RequestProcessor:
 
     def on_response_body(self, body: Any) -> codec.ProcessingResponse:
         if self.meter is not None and not self.done:
-            self.meter.feed(body.body)
+            self.meter.feed(self.decoder.decode(body.body) if self.decoder else body.body)
             if body.end_of_stream:
                 self._finish(aborted=False)
         return codec.RESPONSE_BODY_CONTINUE
@@ -257,15 +297,23 @@ class RequestProcessor:
                 usage, input_tokens=estimate_tokens_from_chars(self.request_bytes)
             )
         model = result.model or self.request_model
-        price = self.ctx.prices.lookup(model, self.facts.provider or None)
-        cost = 0
+        prices = self.ctx.prices
+        price = prices.lookup(model, self.facts.provider, self.facts.route)
         if price is None:
             stats.unpriced_responses += 1
+            price = prices.for_charge(model, self.facts.provider, self.facts.route)
             if model not in self.ctx.warned_models:
                 self.ctx.warned_models.add(model)
-                log.warning("no price for model; its usage is counted at $0", model=model)
-        else:
-            cost = cost_nanos(usage, price)
+                log.warning(
+                    "no price for model; set one with the pricing API",
+                    model=model,
+                    charged=(
+                        "nothing"
+                        if price is None
+                        else f"default ${price.input}/${price.output} per million tokens"
+                    ),
+                )
+        cost = cost_nanos(usage, price) if price is not None else 0
         if usage.estimated:
             stats.estimated_responses += 1
         stats.metered_responses += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import grpc
 import structlog
@@ -13,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
+from ext_proc.pricing import PriceTable
 from ext_proc.processor import Context, RequestProcessor
 from ext_proc.state import LocalState
 from ext_proc.sync import ControlPlaneSync
@@ -55,9 +57,13 @@ class ExtProcServer:
     ) -> None:
         self.settings = settings
         self.state = LocalState()
-        self.ctx = Context(
-            settings=settings, state=self.state, prices=prices or PriceBook.bundled(), clock=clock
+        table = PriceTable(
+            prices or PriceBook.bundled(),
+            unpriced=settings.unpriced_models,
+            default_input=Decimal(settings.default_input_price),
+            default_output=Decimal(settings.default_output_price),
         )
+        self.ctx = Context(settings=settings, state=self.state, prices=table, clock=clock)
         self.sync = ControlPlaneSync(settings, self.state, clock)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(

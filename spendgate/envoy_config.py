@@ -85,3 +85,36 @@ def adapt(
 def write(config: dict[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+COMPOSE_BOOTSTRAP = ROOT / "envoy" / "envoy-compose.yaml"
+COMPOSE_HEADER = """\
+# spendgate: Envoy bootstrap for docker-compose.yml — GENERATED from
+# envoy/envoy.yaml by `python -m spendgate.envoy_config` (a test checks it).
+# Same routes and ext_proc filter; addresses are compose service names, and
+# the listener and admin bind every interface inside the container.
+# Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.
+"""
+
+
+def compose_variant(config: dict[str, Any]) -> dict[str, Any]:
+    """The local bootstrap adapted to docker-compose's network."""
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "0.0.0.0"
+    config["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"
+    services = {EXT_PROC_CLUSTER: ("ext-proc", 50052), "demo_provider": ("demo-provider", 18080)}
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] in services:
+            host, port = services[cluster["name"]]
+            cluster["type"] = "STRICT_DNS"
+            ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ep["address"]["socket_address"] = {"address": host, "port_value": port}
+    return config
+
+
+def compose_text() -> str:
+    return COMPOSE_HEADER + yaml.safe_dump(compose_variant(load()), sort_keys=False)
+
+
+if __name__ == "__main__":
+    COMPOSE_BOOTSTRAP.write_text(compose_text())
+    print(f"wrote {COMPOSE_BOOTSTRAP}")

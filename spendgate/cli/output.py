@@ -22,7 +22,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def as_json(messages: Message | Sequence[Message]) -> Any:
     def one(m: Message) -> dict[str, Any]:
-        return MessageToDict(m, preserving_proto_field_name=True)
+        return MessageToDict(
+            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
 
     if isinstance(messages, Message):
         return one(messages)

@@ -173,40 +173,34 @@ def openai_responses(body: dict[str, Any], model: str, u: Usage, chunks: int) ->
     if body.get("stream") is not True:
         return _json(response("completed", True))
     seq = iter(range(1_000_000))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return sse({"type": kind, "sequence_number": next(seq), **fields}, kind)
+
+    item = {
+        "type": "message",
+        "id": mid,
+        "status": "in_progress",
+        "role": "assistant",
+        "content": [],
+    }
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": mid, "output_index": 0, "content_index": 0}
+    done_item = response("completed", True)["output"][0]
     events = [
-        sse(
-            {
-                "type": "response.created",
-                "sequence_number": next(seq),
-                "response": response("in_progress", False),
-            },
-            "response.created",
-        )
+        event("response.created", response=response("in_progress", False)),
+        event("response.output_item.added", output_index=0, item=item),
+        event("response.content_part.added", part=part, **at),
     ]
-    for w in _words(chunks):
-        events.append(
-            sse(
-                {
-                    "type": "response.output_text.delta",
-                    "item_id": mid,
-                    "output_index": 0,
-                    "content_index": 0,
-                    "delta": w,
-                    "sequence_number": next(seq),
-                },
-                "response.output_text.delta",
-            )
-        )
-    events.append(
-        sse(
-            {
-                "type": "response.completed",
-                "sequence_number": next(seq),
-                "response": response("completed", True),
-            },
-            "response.completed",
-        )
-    )
+    events += [
+        event("response.output_text.delta", delta=w, logprobs=[], **at) for w in _words(chunks)
+    ]
+    events += [
+        event("response.output_text.done", text=text, logprobs=[], **at),
+        event("response.content_part.done", part={**part, "text": text}, **at),
+        event("response.output_item.done", output_index=0, item=done_item),
+        event("response.completed", response=response("completed", True)),
+    ]
     return Reply("text/event-stream", events=tuple(events))
 
 

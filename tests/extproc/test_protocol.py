@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gzip
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -367,7 +368,7 @@ async def test_custom_identity_headers_are_read_and_removed() -> None:
 
 async def test_unmetered_post_without_spendgate_headers_has_no_mutation(ext: Ext) -> None:
     s = ext.stream()
-    resp = await s.send(request_headers("POST", "/v1/embeddings", chat_headers()))
+    resp = await s.send(request_headers("POST", "/v1/images/generations", chat_headers()))
     expected = ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(response=ep.CommonResponse()), mode_override=SKIP_REST
     )
@@ -673,13 +674,30 @@ async def test_error_status_costs_nothing(ext: Ext, status: int) -> None:
     assert ext.stats_changed() == {}
 
 
-async def test_compressed_response_is_counted_unmetered(ext: Ext) -> None:
+async def test_gzip_response_is_decoded_and_metered(ext: Ext) -> None:
     ext.set_policies(policy("global"))
     body = chat_body()
     s = ext.stream()
     await s.send(request_headers(headers=chat_headers(body)))
     await s.send(request_body(body))
     resp = await s.send(response_headers(200, content_encoding="gzip"))
+    assert resp.mode_override.response_body_mode == Mode.STREAMED
+    packed = gzip.compress(COMPLETION)
+    for part in chunks(packed, 7):
+        await s.send(response_body(part))
+    await s.send(response_body(b"", end_of_stream=True))
+    await s.close()
+    assert ext.stats_changed()["metered_responses"] == 1
+    assert ext.pending() != {}
+
+
+async def test_undecodable_encoding_is_counted_unmetered(ext: Ext) -> None:
+    ext.set_policies(policy("global"))
+    body = chat_body()
+    s = ext.stream()
+    await s.send(request_headers(headers=chat_headers(body)))
+    await s.send(request_body(body))
+    resp = await s.send(response_headers(200, content_encoding="br"))
     assert resp == CONTINUE_RESPONSE_HEADERS
     await s.close()
     assert ext.pending() == {}
@@ -924,27 +942,54 @@ async def test_api_key_is_read_from_any_provider_header(ext: Ext, headers: dict[
     assert ext.pending() == {("key", "", DAY_START): Increment(cost, 1, 0)}
 
 
-async def test_unpriced_model_counts_the_request_at_zero(ext: Ext) -> None:
-    ext.set_policies(policy("global"))
-    completion = orjson.dumps(
-        {"model": "my-local-llm", "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
-    )
-    for _ in range(2):
+UNPRICED_COMPLETION = orjson.dumps(
+    {"model": "my-local-llm", "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+)
+
+
+async def _send_unpriced(ext: Ext, times: int) -> list[ep.ProcessingResponse]:
+    answers = []
+    for _ in range(times):
         body = chat_body("my-local-llm")
         s = ext.stream()
         await s.send(request_headers(headers=chat_headers(body)))
-        await s.send(request_body(body))
-        await s.send(response_headers())
-        await s.send(response_body(completion, end_of_stream=True))
+        answers.append(await s.send(request_body(body)))
+        if not answers[-1].HasField("immediate_response"):
+            await s.send(response_headers())
+            await s.send(response_body(UNPRICED_COMPLETION, end_of_stream=True))
         await s.close()
-    assert ext.pending() == {GLOBAL_KEY: Increment(0, 2, 0)}
-    assert ext.stats_changed() == {
-        "metered_responses": 2,
-        "unpriced_responses": 2,
-        "input_tokens": 10,
-        "output_tokens": 14,
-    }
+    return answers
+
+
+async def test_unpriced_model_is_charged_the_default_price_by_default(ext: Ext) -> None:
+    ext.set_policies(policy("global"))
+    await _send_unpriced(ext, 2)
+    # $15 / $75 per million tokens: 5 x 15000 + 7 x 75000 nanos per request.
+    assert ext.pending() == {GLOBAL_KEY: Increment(2 * (5 * 15_000 + 7 * 75_000), 2, 0)}
+    assert ext.stats_changed()["unpriced_responses"] == 2
     assert ext.server.ctx.warned_models == {"my-local-llm"}
+
+
+async def test_unpriced_model_counts_the_request_at_zero_when_free() -> None:
+    async with running(unpriced_models="free") as ext:
+        ext.set_policies(policy("global"))
+        await _send_unpriced(ext, 2)
+        assert ext.pending() == {GLOBAL_KEY: Increment(0, 2, 0)}
+        assert ext.stats_changed() == {
+            "metered_responses": 2,
+            "unpriced_responses": 2,
+            "input_tokens": 10,
+            "output_tokens": 14,
+        }
+
+
+async def test_unpriced_model_is_refused_before_the_provider_when_reject() -> None:
+    async with running(unpriced_models="reject") as ext:
+        [answer] = await _send_unpriced(ext, 1)
+        reply = answer.immediate_response
+        assert reply.status.code == 403
+        assert orjson.loads(reply.body)["error"]["code"] == "model_not_priced"
+        assert ext.pending() == {}
 
 
 async def test_response_headers_ending_the_stream_finish_metering(ext: Ext) -> None:
