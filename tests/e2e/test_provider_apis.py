@@ -155,6 +155,18 @@ def openai_chat_stream(stack: Stack, h: dict[str, str]) -> None:
         pass
 
 
+def azure_openai_chat(stack: Stack, h: dict[str, str]) -> None:
+    # /openai/deployments/{deployment}/chat/completions?api-version=...
+    client = openai.AzureOpenAI(
+        azure_endpoint=stack.envoy.base_url,
+        api_key="az-key",
+        api_version="2024-10-21",
+        default_headers=h,
+        max_retries=0,
+    )
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
 def openai_responses(stack: Stack, h: dict[str, str]) -> None:
     r = openai_client(stack, h).responses.create(model="gpt-4o", input="cost?")
     assert r.usage is not None and r.usage.output_tokens == 300
@@ -219,6 +231,7 @@ def bedrock_converse_stream(stack: Stack, h: dict[str, str]) -> None:
 CALLS: list[Callable[[Stack, dict[str, str]], None]] = [
     openai_chat,
     openai_chat_stream,
+    azure_openai_chat,
     openai_responses,
     openai_responses_stream,
     openai_embeddings,
@@ -279,6 +292,7 @@ def expect_bedrock(fn: Callable[[], None]) -> str:
     ("call", "expect"),
     [
         pytest.param(openai_chat, expect_openai, id="openai-chat"),
+        pytest.param(azure_openai_chat, expect_openai, id="azure-openai-chat"),
         pytest.param(openai_responses, expect_openai, id="openai-responses"),
         pytest.param(openai_embeddings, expect_openai, id="openai-embeddings"),
         pytest.param(anthropic_messages, expect_anthropic, id="anthropic"),
