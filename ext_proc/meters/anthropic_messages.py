@@ -34,12 +34,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ext_proc.meters.base import MeterResult, estimate_tokens_from_chars
-from ext_proc.meters.jsonutil import add_counts, count, json_chars, loads_object
+from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, estimate_tokens_from_chars
+from ext_proc.meters.jsonutil import add_counts, count, json_chars, loads_object, text_chars
 from ext_proc.meters.sse import SSEDecoder, SSEEvent
 from spendgate.domain.usage import Usage
 
-_MAX_EVENT_BYTES = 1024 * 1024
 _USAGE_KEYS = (
     "input_tokens",
     "cache_read_input_tokens",
@@ -50,73 +49,13 @@ _CACHE_CREATION_KEYS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"
 _DELTA_TEXT_KEYS = ("text", "thinking", "partial_json")  # text/thinking/input_json deltas
 
 
-class AnthropicMessagesMeter:
-    def __init__(self, *, streaming: bool, max_body_bytes: int = 16 * 1024 * 1024) -> None:
-        self._max_body_bytes = max_body_bytes
-        self._decoder = SSEDecoder(min(max_body_bytes, _MAX_EVENT_BYTES)) if streaming else None
-        self._sniffed = False  # streaming: first non-blank byte seen?
-        self._body = bytearray()
-        self._too_large = False
-        self._model: str | None = None
+class AnthropicMessagesMeter(BodyMeter[SSEDecoder]):
+    def __init__(self, *, streaming: bool, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        super().__init__(streaming=streaming, max_body_bytes=max_body_bytes, decoder=SSEDecoder)
         self._counts: dict[str, int] = {}  # latest value of each reported usage field
         self._final = False  # the final output count was seen
-        self._chars = 0  # generated characters seen, for estimation
-        self._provider_error = False
-        self._stopped = False  # saw ``message_stop``
-        self._result: MeterResult | None = None
-        self.bad_events = 0  # stream events that were not JSON objects
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Body bytes held between calls (at most max_body_bytes + 2)."""
-        decoder = self._decoder.buffered_bytes if self._decoder is not None else 0
-        return len(self._body) + decoder
-
-    def feed(self, chunk: bytes) -> None:
-        if self._result is not None or not chunk:
-            return
-        if self._decoder is not None and not self._sniffed:
-            head = chunk.lstrip()
-            if head:
-                self._sniffed = True
-                if head[0] == 0x7B:  # '{': a JSON body, not an event stream
-                    self._decoder = None
-        if self._decoder is None:
-            self._buffer(chunk)
-            return
-        for event in self._decoder.feed(chunk):
-            self._on_event(event)
-
-    def finish(self, *, aborted: bool = False) -> MeterResult:
-        if self._result is None:
-            if self._decoder is None:
-                self._result = self._finish_body(aborted)
-            else:
-                for event in self._decoder.flush():
-                    self._on_event(event)
-                cut = aborted and not self._stopped
-                self._result = self._outcome("stream aborted" if cut else "no usage in stream")
-            self._body = bytearray()
-            self._decoder = None
-        return self._result
-
-    # -- non-streaming -----------------------------------------------------
-
-    def _buffer(self, chunk: bytes) -> None:
-        if self._too_large:
-            return
-        if len(self._body) + len(chunk) > self._max_body_bytes:
-            self._too_large = True
-            self._body = bytearray()
-        else:
-            self._body += chunk
-
-    def _finish_body(self, aborted: bool) -> MeterResult:
-        if self._too_large:
-            return MeterResult(None, None, False, "body too large")
-        body = loads_object(self._body)
-        if body is None:
-            return MeterResult(None, None, False, "response aborted" if aborted else "invalid json")
+    def _on_body(self, body: dict[str, Any]) -> None:
         self._set_model(body.get("model"))
         if body.get("type") == "error" or body.get("error") is not None:
             self._provider_error = True
@@ -126,9 +65,6 @@ class AnthropicMessagesMeter:
         for block in content if isinstance(content, list) else ():
             if isinstance(block, dict):
                 self._chars += _block_chars(block)
-        return self._outcome("no usage in response")
-
-    # -- streaming ---------------------------------------------------------
 
     def _on_event(self, event: SSEEvent) -> None:
         obj = loads_object(event.data)
@@ -142,8 +78,7 @@ class AnthropicMessagesMeter:
         if kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):
-                texts = (delta.get(key) for key in _DELTA_TEXT_KEYS)
-                self._chars += sum(len(text) for text in texts if isinstance(text, str))
+                self._chars += text_chars(delta.get(key) for key in _DELTA_TEXT_KEYS)
         elif kind == "message_start":
             message = obj.get("message")
             if isinstance(message, dict):
@@ -155,15 +90,9 @@ class AnthropicMessagesMeter:
             if isinstance(usage, dict) and count(usage.get("output_tokens")) is not None:
                 self._final = True
         elif kind == "message_stop":
-            self._stopped = True
+            self._ended = True
         elif kind == "error" or event.event == "error":
             self._provider_error = True
-
-    # -- shared ------------------------------------------------------------
-
-    def _set_model(self, model: object) -> None:
-        if self._model is None and isinstance(model, str) and model:
-            self._model = model
 
     def _merge(self, usage: object) -> None:
         """Keep the latest reported value of each usage field."""
@@ -211,8 +140,7 @@ def _normalise(counts: dict[str, int], output: int | None, *, estimated: bool = 
 
 def _block_chars(block: dict[str, Any]) -> int:
     """Characters of generated text in a content block (text, thinking, tool input)."""
-    texts = [block.get("text"), block.get("thinking")]
-    chars = sum(len(text) for text in texts if isinstance(text, str))
+    chars = text_chars((block.get("text"), block.get("thinking")))
     if block.get("type") in ("tool_use", "server_tool_use"):
         chars += json_chars(block.get("input"))
     return chars

@@ -90,6 +90,10 @@ class EventStreamDecoder:
                 messages.append(message)
         return messages
 
+    def flush(self) -> list[EventMessage]:
+        """End of stream: nothing more to emit (a partial message is incomplete)."""
+        return []
+
     # -- internals ---------------------------------------------------------
 
     def _prelude(self) -> None:

@@ -39,12 +39,11 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
-from ext_proc.meters.base import MeterResult, estimate_tokens_from_chars
+from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, estimate_tokens_from_chars
 from ext_proc.meters.jsonutil import add_counts, count, json_chars, loads_object
 from ext_proc.meters.sse import SSEDecoder
 from spendgate.domain.usage import Usage
 
-_MAX_EVENT_BYTES = 1024 * 1024
 _MODEL_SEGMENT = re.compile(r"/models/([^/?#]+)")
 
 
@@ -59,100 +58,29 @@ def gemini_model_from_path(path: str) -> str | None:
     return model or None
 
 
-class GeminiMeter:
+class GeminiMeter(BodyMeter["_SSEData | _ArraySplitter"]):
     def __init__(
-        self,
-        *,
-        streaming: bool,
-        model_from_path: str | None,
-        max_body_bytes: int = 16 * 1024 * 1024,
+        self, *, streaming: bool, model_from_path: str | None, max_body_bytes: int = MAX_BODY_BYTES
     ) -> None:
-        self._max_body_bytes = max_body_bytes
-        self._streaming = streaming
-        self._path_model = model_from_path
-        self._decoder: SSEDecoder | None = None  # streaming, SSE form
-        self._splitter: _ArraySplitter | None = None  # streaming, JSON-array form
-        self._body = bytearray()
-        self._too_large = False
-        self._model: str | None = None
-        self._usage: Usage | None = None
-        self._chars = 0  # generated characters seen, for estimation
-        self._chars_at_usage = 0  # ... when the last usage report arrived
-        self._final = False  # saw a final chunk
-        self._provider_error = False
-        self._result: MeterResult | None = None
-        self.bad_events = 0  # stream events that were not JSON objects
+        # A stream's decoder is picked by its first non-blank byte (_sniff).
+        super().__init__(
+            streaming=streaming, max_body_bytes=max_body_bytes, path_model=model_from_path
+        )
+        self._chars_at_usage = 0  # generated characters seen when the last report arrived
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Body bytes held between calls (at most max_body_bytes + 2)."""
-        decoder = self._decoder.buffered_bytes if self._decoder is not None else 0
-        splitter = self._splitter.buffered_bytes if self._splitter is not None else 0
-        return len(self._body) + decoder + splitter
+    def _sniff(self, chunk: bytes) -> bytes:
+        """A stream is never a plain body: ``[`` or ``{`` starts the array form."""
+        chunk = chunk.lstrip()
+        if chunk:
+            self._sniffed = True
+            array = chunk[0] in b"[{"
+            self._decoder = (_ArraySplitter if array else _SSEData)(self._max_event_bytes)
+        return chunk
 
-    def feed(self, chunk: bytes) -> None:
-        if self._result is not None or not chunk:
-            return
-        if not self._streaming:
-            self._buffer(chunk)
-            return
-        if self._decoder is None and self._splitter is None:  # sniff the stream's form
-            chunk = chunk.lstrip()
-            if not chunk:
-                return
-            max_object = min(self._max_body_bytes, _MAX_EVENT_BYTES)
-            if chunk[0] in b"[{":
-                self._splitter = _ArraySplitter(max_object)
-            else:
-                self._decoder = SSEDecoder(max_object)
-        objects: list[bytes] = []
-        if self._splitter is not None:
-            objects = self._splitter.feed(chunk)
-        elif self._decoder is not None:
-            objects = [event.data for event in self._decoder.feed(chunk)]
-        for data in objects:
-            self._on_data(data)
-
-    def finish(self, *, aborted: bool = False) -> MeterResult:
-        if self._result is None:
-            if not self._streaming:
-                self._result = self._finish_body(aborted)
-            else:
-                if self._decoder is not None:
-                    for event in self._decoder.flush():
-                        self._on_data(event.data)
-                if self._splitter is not None and self._splitter.closed:
-                    self._final = True
-                cut = aborted and not self._final
-                self._result = self._outcome("stream aborted" if cut else "no usage in stream", cut)
-            self._body = bytearray()
-            self._decoder = self._splitter = None
-        return self._result
-
-    # -- non-streaming -----------------------------------------------------
-
-    def _buffer(self, chunk: bytes) -> None:
-        if self._too_large:
-            return
-        if len(self._body) + len(chunk) > self._max_body_bytes:
-            self._too_large = True
-            self._body = bytearray()
-        else:
-            self._body += chunk
-
-    def _finish_body(self, aborted: bool) -> MeterResult:
-        if self._too_large:
-            return MeterResult(self._path_model, None, False, "body too large")
-        body = loads_object(self._body)
-        if body is None:
-            error = "response aborted" if aborted else "invalid json"
-            return MeterResult(self._path_model, None, False, error)
+    def _on_body(self, body: dict[str, Any]) -> None:
         self._on_object(body)
-        return self._outcome("no usage in response", False)
 
-    # -- shared ------------------------------------------------------------
-
-    def _on_data(self, data: bytes) -> None:
+    def _on_event(self, data: bytes) -> None:
         obj = loads_object(data)
         if obj is None:
             self.bad_events += 1
@@ -161,19 +89,18 @@ class GeminiMeter:
 
     def _on_object(self, obj: dict[str, Any]) -> None:
         """One GenerateContentResponse (a whole body or one stream chunk)."""
-        model = obj.get("modelVersion")
-        if self._model is None and isinstance(model, str) and model:
-            self._model = model
+        if self._model is None:  # every chunk names it: skip the lookup once known
+            self._set_model(obj.get("modelVersion"))
         if obj.get("error") is not None:
             self._provider_error = True
         feedback = obj.get("promptFeedback")
         if isinstance(feedback, dict) and isinstance(feedback.get("blockReason"), str):
-            self._final = True  # a blocked prompt gets no candidates
+            self._ended = True  # a blocked prompt gets no candidates
         candidates = obj.get("candidates")
         for candidate in candidates if isinstance(candidates, list) else ():
             if isinstance(candidate, dict):
                 if isinstance(candidate.get("finishReason"), str):
-                    self._final = True
+                    self._ended = True
                 self._chars += _candidate_chars(candidate)
         metadata = obj.get("usageMetadata")
         usage = _parse_usage(metadata) if isinstance(metadata, dict) else None
@@ -181,21 +108,19 @@ class GeminiMeter:
             self._usage = usage
             self._chars_at_usage = self._chars
 
-    def _outcome(self, missing: str, cut: bool) -> MeterResult:
-        model = self._model or self._path_model
-        error = "provider error" if self._provider_error else None
+    def _finish_stream(self, aborted: bool) -> MeterResult:
+        if isinstance(self._decoder, _ArraySplitter) and self._decoder.closed:
+            self._ended = True
         usage = self._usage
-        if usage is not None and not cut:
-            return MeterResult(model, usage, True, error)
-        estimate = None
-        if usage is not None:  # a partial report: top it up for the text streamed since
-            reported = usage.output_tokens
-            since = self._chars - self._chars_at_usage if reported is not None else self._chars
-            output = (reported or 0) + estimate_tokens_from_chars(since)
-            estimate = replace(usage, output_tokens=output, estimated=True)
-        elif self._chars:
-            estimate = Usage(output_tokens=estimate_tokens_from_chars(self._chars), estimated=True)
-        return MeterResult(model, estimate, False, error or missing)
+        if not aborted or self._ended or usage is None:
+            return super()._finish_stream(aborted)
+        # Cut with a partial report: top its output up for the text streamed since.
+        reported = usage.output_tokens
+        since = self._chars - self._chars_at_usage if reported is not None else self._chars
+        output = (reported or 0) + estimate_tokens_from_chars(since)
+        estimate = replace(usage, output_tokens=output, estimated=True)
+        error = "provider error" if self._provider_error else "stream aborted"
+        return MeterResult(self._model or self._path_model, estimate, False, error)
 
 
 def _parse_usage(metadata: dict[str, Any]) -> Usage | None:
@@ -256,6 +181,10 @@ class _ArraySplitter:
     def buffered_bytes(self) -> int:
         return len(self._object)
 
+    def flush(self) -> list[bytes]:
+        """End of stream: an unfinished object is dropped."""
+        return []
+
     def feed(self, chunk: bytes) -> list[bytes]:
         objects: list[bytes] = []
         start = i = 0  # start: where the current object starts in this chunk
@@ -313,3 +242,20 @@ class _ArraySplitter:
             self._object.clear()
         else:
             self._object += part
+
+
+class _SSEData:
+    """The ``alt=sse`` form of a stream: each event's data is one object."""
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self._sse = SSEDecoder(max_event_bytes)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._sse.buffered_bytes
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        return [event.data for event in self._sse.feed(chunk)]
+
+    def flush(self) -> list[bytes]:
+        return [event.data for event in self._sse.flush()]

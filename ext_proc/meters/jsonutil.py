@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -13,15 +14,34 @@ def count(value: object) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
+def detail(details: object, key: str) -> int | None:
+    """The count at ``details[key]``, where ``details`` should be an object
+    (a ``*_tokens_details`` breakdown); None when it is not or has no count."""
+    return count(details.get(key)) if isinstance(details, dict) else None
+
+
 def add_counts(*values: int | None) -> int | None:
     """Sum of the reported counts; None when none of them was reported."""
     present = [value for value in values if value is not None]
     return sum(present) if present else None
 
 
+def text_chars(texts: Iterable[object]) -> int:
+    """Characters in those of ``texts`` that are strings (generated text)."""
+    return sum(len(text) for text in texts if isinstance(text, str))
+
+
+def loads(data: bytes | bytearray) -> object:
+    """The JSON value in ``data``; None when it is not valid JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def loads_object(data: bytes | bytearray) -> dict[str, Any] | None:
     """The JSON object in ``data``; None when it is not valid JSON or not an object."""
-    try:
+    try:  # not via loads(): this runs for every stream event
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None

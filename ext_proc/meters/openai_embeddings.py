@@ -26,9 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
-
-from ext_proc.meters.base import MeterResult
+from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, StreamDecoder
+from ext_proc.meters.jsonutil import count, loads, loads_object
 from spendgate.domain.usage import Usage
 
 _EDGE = 4096  # bytes kept at each end of an oversized body
@@ -36,24 +35,19 @@ _USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
 _MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
-class OpenAIEmbeddingsMeter:
-    def __init__(self, *, streaming: bool = False, max_body_bytes: int = 16 * 1024 * 1024) -> None:
+class OpenAIEmbeddingsMeter(BodyMeter[StreamDecoder]):
+    def __init__(self, *, streaming: bool = False, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         del streaming  # embeddings never stream
-        self._max_body_bytes = max_body_bytes
+        super().__init__(streaming=False, max_body_bytes=max_body_bytes)
         self._edge = max(min(_EDGE, max_body_bytes // 2), 0)
-        self._body = bytearray()  # the whole body, or its head once too large
-        self._tail = bytearray()  # the last bytes of a body too large
-        self._too_large = False
-        self._result: MeterResult | None = None
+        self._tail = bytearray()  # the last bytes of a body too large (_body keeps its head)
 
     @property
     def buffered_bytes(self) -> int:
         """Body bytes held between calls (at most max_body_bytes)."""
         return len(self._body) + len(self._tail)
 
-    def feed(self, chunk: bytes) -> None:
-        if self._result is not None or not chunk:
-            return
+    def _buffer(self, chunk: bytes) -> None:
         if self._too_large:
             self._keep_tail(chunk)
         elif len(self._body) + len(chunk) > self._max_body_bytes:
@@ -69,55 +63,30 @@ class OpenAIEmbeddingsMeter:
         self._tail += data[max(len(data) - self._edge, 0) :]
         del self._tail[: max(len(self._tail) - self._edge, 0)]
 
-    def finish(self, *, aborted: bool = False) -> MeterResult:
-        if self._result is None:
-            self._result = self._edges() if self._too_large else self._whole(aborted)
-            self._body = bytearray()
-            self._tail = bytearray()
-        return self._result
+    def _finish_body(self, aborted: bool) -> MeterResult:
+        tail, self._tail = self._tail, bytearray()
+        return self._edges(bytes(tail)) if self._too_large else super()._finish_body(aborted)
 
-    def _whole(self, aborted: bool) -> MeterResult:
-        try:
-            body = orjson.loads(self._body)
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            return MeterResult(None, None, False, "response aborted" if aborted else "invalid json")
-        model = body.get("model")
-        model = model if isinstance(model, str) and model else None
-        usage = body.get("usage")
-        parsed = _parse_usage(usage) if isinstance(usage, dict) else None
-        error = "provider error" if body.get("error") is not None else None
-        if parsed is None:
-            return MeterResult(model, None, False, error or "no usage in response")
-        return MeterResult(model, parsed, True, error)
+    def _on_body(self, body: dict[str, Any]) -> None:
+        self._set_model(body.get("model"))
+        self._provider_error = body.get("error") is not None
+        self._set_usage(_parse_usage(body.get("usage")))
 
-    def _edges(self) -> MeterResult:
+    def _edges(self, tail: bytes) -> MeterResult:
         """Model and usage of an oversized body, from its head and tail."""
-        tail = bytes(self._tail)
         usages = _USAGE.findall(tail) if tail.rstrip().endswith(b"}") else []
-        usage = _loads(usages[-1]) if usages else None
-        parsed = _parse_usage(usage) if isinstance(usage, dict) else None
+        parsed = _parse_usage(loads_object(usages[-1])) if usages else None
         if parsed is None:
-            return MeterResult(None, None, False, "body too large")
+            return self._failed("body too large")
         found = _MODEL.search(tail) or _MODEL.search(self._body)
-        model = _loads(found[1]) if found else None
-        return MeterResult(model if isinstance(model, str) and model else None, parsed, True, None)
+        self._set_model(loads(found[1]) if found else None)
+        return MeterResult(self._model, parsed, True, None)
 
 
-def _loads(data: bytes) -> object:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
+def _parse_usage(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
         return None
-
-
-def _count(value: object) -> int | None:
-    return value if type(value) is int and value >= 0 else None
-
-
-def _parse_usage(usage: dict[str, Any]) -> Usage | None:
-    tokens = _count(usage.get("prompt_tokens"))
+    tokens = count(usage.get("prompt_tokens"))
     if tokens is None:
-        tokens = _count(usage.get("total_tokens"))
+        tokens = count(usage.get("total_tokens"))
     return None if tokens is None else Usage(input_tokens=tokens, output_tokens=0)

@@ -2,55 +2,24 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-from pathlib import Path
-from typing import Any
-
 import orjson
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from ext_proc.meters.anthropic_messages import AnthropicMessagesMeter
-from ext_proc.meters.base import Meter, MeterResult, estimate_tokens_from_chars
+from ext_proc.meters.base import MeterResult, estimate_tokens_from_chars
 from spendgate.domain.usage import Usage
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
-STREAMS = sorted(p.name for p in FIXTURES.glob("*.sse"))
+pytest.register_assert_rewrite("tests.unit.meter_cases")
+from tests.unit.meter_cases import (  # noqa: E402
+    FIXTURES,
+    MeterCases,
+    exact,
+    failed,
+    meter_contract,
+)
+from tests.unit.meter_cases import named_sse as sse  # noqa: E402
+
 SONNET = "claude-sonnet-4-5-20250929"
-
-
-def fixture(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def meter(*chunks: bytes, streaming: bool, aborted: bool = False, **kw: Any) -> MeterResult:
-    m: Meter = AnthropicMessagesMeter(streaming=streaming, **kw)
-    for chunk in chunks:
-        m.feed(chunk)
-    return m.finish(aborted=aborted)
-
-
-def sse(*events: object) -> bytes:
-    """An event stream: dicts become ``event: <type>`` + JSON data, bytes are sent as data."""
-    out = b""
-    for e in events:
-        if isinstance(e, dict):
-            out += b"event: " + str(e.get("type")).encode() + b"\ndata: " + orjson.dumps(e)
-        else:
-            assert isinstance(e, bytes)
-            out += b"data: " + e
-        out += b"\n\n"
-    return out
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in pairwise(bounds)]
-
-
-def exact(model: str | None, usage: Usage, error: str | None = None) -> MeterResult:
-    return MeterResult(model=model, usage=usage, complete=True, error=error)
 
 
 def estimated(model: str | None, error: str, chars: int = 0, **counts: int | None) -> MeterResult:
@@ -59,10 +28,6 @@ def estimated(model: str | None, error: str, chars: int = 0, **counts: int | Non
     output = max(estimate_tokens_from_chars(chars), floor)
     usage = Usage(output_tokens=output, estimated=True, **counts)
     return MeterResult(model=model, usage=usage, complete=False, error=error)
-
-
-def failed(error: str, model: str | None = None) -> MeterResult:
-    return MeterResult(model=model, usage=None, complete=False, error=error)
 
 
 FIXTURE_RESULTS = {
@@ -85,14 +50,21 @@ FIXTURE_RESULTS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"), [pytest.param(n, r, id=n) for n, r in FIXTURE_RESULTS.items()]
+STREAMS = sorted(p.name for p in (FIXTURES / "anthropic").glob("*.sse"))
+GARBAGE = [b"data: ", b"event: error\n", b"\n\n", b"\r", b"{", b"}", b'"usage":', b"\xef\xbb"]
+CASES = MeterCases(
+    AnthropicMessagesMeter, FIXTURES / "anthropic", FIXTURE_RESULTS, STREAMS, GARBAGE
 )
-def test_fixture(name: str, expected: MeterResult) -> None:
-    data = fixture(name)
-    streaming = name.endswith(".sse")
-    assert meter(data, streaming=streaming) == expected
-    assert meter(*(bytes([b]) for b in data), streaming=streaming) == expected
+fixture, meter = CASES.fixture, CASES.meter
+
+
+class TestContract(meter_contract(CASES)):
+    """The tests every meter passes (tests/unit/meter_cases.py)."""
+
+    def check_truncated(self, full: bytes, data: bytes, aborted: bool, whole: MeterResult) -> None:
+        start_data = full.split(b"\n")[1]  # every stream fixture opens with message_start
+        if start_data in data and not whole.complete:  # cut: input known, output estimated
+            assert whole.usage is not None and whole.usage.input_tokens is not None
 
 
 # -- non-streaming -------------------------------------------------------------
@@ -177,31 +149,10 @@ def message(usage: object = None, *content: dict[str, object]) -> dict[str, obje
             failed("provider error"),
             id="error-body",
         ),
-        pytest.param([1, 2], failed("invalid json"), id="not-an-object"),
     ],
 )
 def test_json_body(body: object, expected: MeterResult) -> None:
     assert meter(orjson.dumps(body), streaming=False) == expected
-
-
-@pytest.mark.parametrize(
-    ("chunks", "aborted", "expected"),
-    [
-        pytest.param([b""], False, failed("invalid json"), id="empty-body"),
-        pytest.param([b'{"model": '], False, failed("invalid json"), id="truncated"),
-        pytest.param([b'{"model": '], True, failed("response aborted"), id="truncated-aborted"),
-        pytest.param([b"<html>529</html>"], False, failed("invalid json"), id="html"),
-        pytest.param([b"x" * 60, b"x" * 60], False, failed("body too large"), id="too-large"),
-        pytest.param(
-            [orjson.dumps(message(U))],
-            True,
-            exact("m", Usage(10, output_tokens=5)),
-            id="complete-body-then-abort",
-        ),
-    ],
-)
-def test_raw_body(chunks: list[bytes], aborted: bool, expected: MeterResult) -> None:
-    assert meter(*chunks, streaming=False, aborted=aborted, max_body_bytes=100) == expected
 
 
 # -- streaming -----------------------------------------------------------------
@@ -352,18 +303,6 @@ BASIC_INPUT = {"input_tokens": 25, "cached_input_tokens": 0, "cache_write_tokens
             failed("no usage in stream"),
             id="junk-shapes",
         ),
-        pytest.param(
-            fixture("error.json"),
-            False,
-            failed("provider error"),
-            id="json-error-body-on-stream-request",
-        ),
-        pytest.param(
-            b"\r\n  " + fixture("message_basic.json"),
-            False,
-            exact(SONNET, Usage(12, 0, 0, 0, 12)),
-            id="json-message-on-stream-request",
-        ),
     ],
 )
 def test_stream(stream: bytes, aborted: bool, expected: MeterResult) -> None:
@@ -377,73 +316,8 @@ def test_bad_events_are_counted() -> None:
     assert m.bad_events == 3
 
 
-def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
-    m = AnthropicMessagesMeter(streaming=True)
-    m.feed(BEFORE_DELTA)
-    first = m.finish(aborted=True)
-    m.feed(STREAM[len(BEFORE_DELTA) :])
-    assert m.finish() is first
-    assert first == estimated(SONNET, "stream aborted", HELLO, **BASIC_INPUT)
-
-
 def test_oversized_stream_event_is_skipped() -> None:
     big = delta(type="text_delta", text="x" * 2000)
     stream = sse(start(input_tokens=10), big, end({"output_tokens": 5}))
     result = meter(stream, streaming=True, max_body_bytes=1000)
     assert result == exact("m", Usage(10, output_tokens=5))
-
-
-# -- properties ----------------------------------------------------------------
-
-CUTS = st.lists(st.integers(min_value=0), max_size=40)
-
-
-@settings(database=None)
-@given(st.sampled_from(sorted(FIXTURE_RESULTS)), CUTS)
-def test_any_chunking_gives_the_same_result(name: str, cuts: list[int]) -> None:
-    data = fixture(name)
-    streaming = name.endswith(".sse")
-    assert meter(*split(data, cuts), streaming=streaming) == FIXTURE_RESULTS[name]
-
-
-@settings(database=None)
-@given(st.sampled_from(STREAMS), st.integers(min_value=0), CUTS, st.booleans())
-def test_truncated_streams_are_chunking_invariant(
-    name: str, end: int, cuts: list[int], aborted: bool
-) -> None:
-    full = fixture(name)
-    data = full[: end % (len(full) + 1)]
-    whole = meter(data, streaming=True, aborted=aborted)
-    assert meter(*split(data, cuts), streaming=True, aborted=aborted) == whole
-    assert whole.complete == (whole.usage is not None and not whole.usage.estimated)
-    start_data = full.split(b"\n")[1]  # every stream fixture opens with message_start
-    if start_data in data and not whole.complete:  # cut: input known, output estimated
-        assert whole.usage is not None and whole.usage.input_tokens is not None
-
-
-GARBAGE = st.lists(
-    st.binary(max_size=64)
-    | st.sampled_from(
-        [b"data: ", b"event: error\n", b"\n\n", b"\r", b"{", b"}", b'"usage":', b"\xef\xbb"]
-    )
-    | st.sampled_from([fixture(n) for n in FIXTURE_RESULTS]).flatmap(
-        lambda d: st.integers(0, len(d)).map(lambda i: d[i : i + 200])
-    ),
-    max_size=30,
-)
-
-
-@settings(database=None)
-@given(GARBAGE, st.booleans(), st.booleans(), st.integers(16, 400))
-def test_garbage_never_raises_and_stays_bounded(
-    chunks: list[bytes], streaming: bool, aborted: bool, max_body_bytes: int
-) -> None:
-    m = AnthropicMessagesMeter(streaming=streaming, max_body_bytes=max_body_bytes)
-    for piece in chunks:
-        m.feed(piece)
-        assert m.buffered_bytes <= max_body_bytes + 2
-    result = m.finish(aborted=aborted)
-    assert isinstance(result, MeterResult)
-    assert result.complete == (result.usage is not None and not result.usage.estimated)
-    assert result.complete or result.error is not None
-    assert m.finish() is result

@@ -8,8 +8,7 @@ so their shapes are Bedrock's, not ours.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import pairwise
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import botocore.session
@@ -21,7 +20,7 @@ from botocore.parsers import EventStreamJSONParser, RestJSONParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.base import Meter, MeterResult, estimate_tokens_from_chars
+from ext_proc.meters.base import MeterResult
 from ext_proc.meters.bedrock_converse import BedrockConverseMeter, bedrock_model_from_path
 from spendgate.domain.usage import Usage
 from tests.fixtures.bedrock.streams import (
@@ -34,40 +33,31 @@ from tests.fixtures.bedrock.streams import (
     text_delta,
 )
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "bedrock"
+pytest.register_assert_rewrite("tests.unit.meter_cases")
+from tests.unit import meter_cases  # noqa: E402
+from tests.unit.meter_cases import (  # noqa: E402
+    CUTS,
+    FIXTURES,
+    MeterCases,
+    bytewise,
+    meter_contract,
+    split,
+)
+
 SONNET = "us.anthropic.claude-sonnet-4-20250514-v1:0"
 HAIKU = "anthropic.claude-3-5-haiku-20241022-v1:0"
 
 
-def fixture(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def meter(
-    *chunks: bytes, streaming: bool, aborted: bool = False, model: str | None = SONNET, **kw: Any
-) -> MeterResult:
-    m: Meter = BedrockConverseMeter(streaming=streaming, model_from_path=model, **kw)
-    for chunk in chunks:
-        m.feed(chunk)
-    return m.finish(aborted=aborted)
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in pairwise(bounds)]
-
-
 def exact(usage: Usage, error: str | None = None, model: str | None = SONNET) -> MeterResult:
-    return MeterResult(model=model, usage=usage, complete=True, error=error)
+    return meter_cases.exact(model, usage, error)
 
 
 def estimated(chars: int, error: str, model: str | None = SONNET) -> MeterResult:
-    usage = Usage(output_tokens=estimate_tokens_from_chars(chars), estimated=True)
-    return MeterResult(model=model, usage=usage, complete=False, error=error)
+    return meter_cases.estimated(model, chars, error)
 
 
 def failed(error: str, model: str | None = SONNET) -> MeterResult:
-    return MeterResult(model=model, usage=None, complete=False, error=error)
+    return meter_cases.failed(error, model)
 
 
 FIXTURE_RESULTS = {
@@ -82,14 +72,26 @@ FIXTURE_RESULTS = {
 }
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"), [pytest.param(n, r, id=n) for n, r in FIXTURE_RESULTS.items()]
+GARBAGE = [b"{", b"}", b'"usage":', b"\x00\x00\x00", *BASIC]
+CASES = MeterCases(
+    partial(BedrockConverseMeter, model_from_path=SONNET),
+    FIXTURES / "bedrock",
+    FIXTURE_RESULTS,
+    sorted(STREAMS),
+    GARBAGE,
+    body_model=SONNET,
+    slack=0,
 )
-def test_fixture(name: str, expected: MeterResult) -> None:
-    data = fixture(name)
-    streaming = name.endswith(".bin")
-    assert meter(data, streaming=streaming) == expected
-    assert meter(*(bytes([b]) for b in data), streaming=streaming) == expected
+fixture, meter = CASES.fixture, CASES.meter
+
+
+class TestContract(meter_contract(CASES)):
+    """The tests every meter passes (tests/unit/meter_cases.py)."""
+
+    def check_truncated(self, full: bytes, data: bytes, aborted: bool, whole: MeterResult) -> None:
+        if aborted and not whole.complete and whole.error != "provider error":
+            assert whole.error == "stream aborted"
+            assert whole.usage is None or whole.usage.estimated
 
 
 def botocore_events(data: bytes) -> Iterator[dict[str, Any]]:
@@ -171,7 +173,7 @@ def test_bedrock_model_from_path(path: str, expected: str | None) -> None:
     ],
 )
 def test_model_from_path_is_decoded(model: str | None, expected: str | None) -> None:
-    result = meter(fixture("converse_basic.json"), streaming=False, model=model)
+    result = meter(fixture("converse_basic.json"), streaming=False, model_from_path=model)
     assert result == exact(Usage(14, output_tokens=29), model=expected)
 
 
@@ -260,6 +262,16 @@ def content(*blocks: object) -> dict[str, object]:
             id="estimate-reasoning-and-tool-input",
         ),
         pytest.param(
+            content({"toolUse": {"toolUseId": "t", "name": "f", "input": {"a": "ééé"}}}),
+            estimated(len('{"a":"ééé"}'), "no usage in response"),  # 11 characters, 14 bytes
+            id="tool-input-counted-in-characters",
+        ),
+        pytest.param(
+            content({"toolUse": {"toolUseId": "t", "name": "f", "input": None}}),
+            estimated(len("null"), "no usage in response"),
+            id="null-tool-input-counted-as-null",
+        ),
+        pytest.param(
             content(
                 None, "x", {"text": 5}, {"toolUse": "x"}, {"reasoningContent": {"reasoningText": 1}}
             ),
@@ -273,31 +285,10 @@ def content(*blocks: object) -> dict[str, object]:
             exact(Usage(10, output_tokens=5)),
             id="message-key-with-usage",
         ),
-        pytest.param([1, 2], failed("invalid json"), id="not-an-object"),
     ],
 )
 def test_json_body(body: object, expected: MeterResult) -> None:
     assert meter(orjson.dumps(body), streaming=False) == expected
-
-
-@pytest.mark.parametrize(
-    ("chunks", "aborted", "expected"),
-    [
-        pytest.param([b""], False, failed("invalid json"), id="empty-body"),
-        pytest.param([b'{"usage": '], False, failed("invalid json"), id="truncated"),
-        pytest.param([b'{"usage": '], True, failed("response aborted"), id="truncated-aborted"),
-        pytest.param([b"<html>502</html>"], False, failed("invalid json"), id="html"),
-        pytest.param([b"x" * 60, b"x" * 60], False, failed("body too large"), id="too-large"),
-        pytest.param(
-            [orjson.dumps({"usage": U})],
-            True,
-            exact(Usage(10, output_tokens=5)),
-            id="complete-body-then-abort",
-        ),
-    ],
-)
-def test_raw_body(chunks: list[bytes], aborted: bool, expected: MeterResult) -> None:
-    assert meter(*chunks, streaming=False, aborted=aborted, max_body_bytes=100) == expected
 
 
 # -- streaming -----------------------------------------------------------------
@@ -368,18 +359,6 @@ def error_message(code: str, text: str) -> bytes:
             id="bad-crc-after-usage",
         ),
         pytest.param(
-            fixture("converse_error.json"),
-            False,
-            failed("provider error"),
-            id="json-error-body-on-stream-request",
-        ),
-        pytest.param(
-            b"\r\n  " + fixture("converse_basic.json"),
-            False,
-            exact(Usage(14, output_tokens=29)),
-            id="json-body-on-stream-request",
-        ),
-        pytest.param(
             event("metadata", {"usage": {**U, "outputTokens": 1}}) + METADATA_U,
             False,
             exact(Usage(10, output_tokens=5)),
@@ -440,7 +419,7 @@ def error_message(code: str, text: str) -> bytes:
 )
 def test_stream(stream: bytes, aborted: bool, expected: MeterResult) -> None:
     assert meter(stream, streaming=True, aborted=aborted) == expected
-    assert meter(*(bytes([b]) for b in stream), streaming=True, aborted=aborted) == expected
+    assert meter(*bytewise(stream), streaming=True, aborted=aborted) == expected
 
 
 def test_bad_events_are_counted() -> None:
@@ -451,15 +430,6 @@ def test_bad_events_are_counted() -> None:
     assert m.bad_events == 3
 
 
-def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
-    m = BedrockConverseMeter(streaming=True, model_from_path=SONNET)
-    m.feed(NO_METADATA)
-    first = m.finish(aborted=True)
-    m.feed(BASIC[-1])
-    assert m.finish() is first
-    assert first == estimated(HELLO, "stream aborted")
-
-
 def test_oversized_stream_message_is_skipped() -> None:
     big = event("contentBlockDelta", {"delta": {"text": "x" * 2000}})
     result = meter(text_delta(0, "ab") + big + METADATA_U, streaming=True, max_body_bytes=1000)
@@ -468,35 +438,9 @@ def test_oversized_stream_message_is_skipped() -> None:
 
 # -- properties ----------------------------------------------------------------
 
-CUTS = st.lists(st.integers(min_value=0), max_size=40)
-STREAM_NAMES = sorted(STREAMS)
-
 
 @settings(database=None)
-@given(st.sampled_from(sorted(FIXTURE_RESULTS)), CUTS)
-def test_any_chunking_gives_the_same_result(name: str, cuts: list[int]) -> None:
-    data = fixture(name)
-    streaming = name.endswith(".bin")
-    assert meter(*split(data, cuts), streaming=streaming) == FIXTURE_RESULTS[name]
-
-
-@settings(database=None)
-@given(st.sampled_from(STREAM_NAMES), st.integers(min_value=0), CUTS, st.booleans())
-def test_truncated_streams_are_chunking_invariant(
-    name: str, end: int, cuts: list[int], aborted: bool
-) -> None:
-    data = fixture(name)
-    data = data[: end % (len(data) + 1)]
-    whole = meter(data, streaming=True, aborted=aborted)
-    assert meter(*split(data, cuts), streaming=True, aborted=aborted) == whole
-    assert whole.complete == (whole.usage is not None and not whole.usage.estimated)
-    if aborted and not whole.complete and whole.error != "provider error":
-        assert whole.error == "stream aborted"
-        assert whole.usage is None or whole.usage.estimated
-
-
-@settings(database=None)
-@given(st.sampled_from(STREAM_NAMES), st.data())
+@given(st.sampled_from(sorted(STREAMS)), st.data())
 def test_corrupted_streams_never_raise(name: str, data: st.DataObject) -> None:
     stream = bytearray(fixture(name))
     for _ in range(data.draw(st.integers(1, 3))):
@@ -504,31 +448,3 @@ def test_corrupted_streams_never_raise(name: str, data: st.DataObject) -> None:
     result = meter(*split(bytes(stream), data.draw(CUTS)), streaming=True)
     assert result.model == SONNET
     assert result.complete or result.error is not None
-
-
-GARBAGE = st.lists(
-    st.binary(max_size=64)
-    | st.sampled_from([b"{", b"}", b'"usage":', b"\x00\x00\x00", *BASIC])
-    | st.sampled_from([fixture(n) for n in FIXTURE_RESULTS]).flatmap(
-        lambda d: st.integers(0, len(d)).map(lambda i: d[i : i + 200])
-    ),
-    max_size=30,
-)
-
-
-@settings(database=None)
-@given(GARBAGE, st.booleans(), st.booleans(), st.integers(16, 400))
-def test_garbage_never_raises_and_stays_bounded(
-    chunks: list[bytes], streaming: bool, aborted: bool, max_body_bytes: int
-) -> None:
-    m = BedrockConverseMeter(
-        streaming=streaming, model_from_path=SONNET, max_body_bytes=max_body_bytes
-    )
-    for piece in chunks:
-        m.feed(piece)
-        assert m.buffered_bytes <= max_body_bytes
-    result = m.finish(aborted=aborted)
-    assert isinstance(result, MeterResult)
-    assert result.complete == (result.usage is not None and not result.usage.estimated)
-    assert result.complete or result.error is not None
-    assert m.finish() is result

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,9 @@ from hypothesis import strategies as st
 
 from ext_proc.meters.eventstream import EventMessage, EventStreamDecoder, HeaderValue
 from tests.fixtures.bedrock.streams import STREAMS, Header, encode_message
+
+pytest.register_assert_rewrite("tests.unit.meter_cases")
+from tests.unit.meter_cases import CUTS, bytewise, split  # noqa: E402
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "bedrock"
 UUID = bytes(range(16))
@@ -40,11 +42,6 @@ def botocore_decode(data: bytes) -> list[EventMessage]:
     except ParserError:
         pass
     return messages
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in pairwise(bounds)]
 
 
 def msg(payload: bytes = b"", **headers: HeaderValue) -> EventMessage:
@@ -99,7 +96,7 @@ B = encode_message(b"b", [("n", 7, "2")])
 def test_decode(headers: list[Header], payload: bytes, expected: EventMessage) -> None:
     data = encode_message(payload, headers)
     assert decode(data, max_message_bytes=1 << 20) == ([expected], 0, False)
-    assert decode(*(bytes([b]) for b in data), max_message_bytes=1 << 20)[0] == [expected]
+    assert decode(*bytewise(data), max_message_bytes=1 << 20)[0] == [expected]
     assert botocore_decode(data) == [expected]
 
 
@@ -153,7 +150,7 @@ def test_bad_frames(
     data: bytes, expected: list[EventMessage], bad_frames: int, broken: bool
 ) -> None:
     assert decode(data) == (expected, bad_frames, broken)
-    assert decode(*(bytes([b]) for b in data)) == (expected, bad_frames, broken)
+    assert decode(*bytewise(data)) == (expected, bad_frames, broken)
     if broken:  # botocore stops there too (it raises)
         assert botocore_decode(data) == expected
 
@@ -185,9 +182,14 @@ def test_truncated_stream_keeps_its_partial_message() -> None:
     assert (decoder.buffered_bytes, decoder.bad_frames, decoder.broken) == (0, 0, False)
 
 
+def test_flush_emits_nothing() -> None:
+    decoder = EventStreamDecoder()
+    assert decoder.feed(A + B[:-1]) == [msg(b"a", n="1")]
+    assert decoder.flush() == []  # a partial message is incomplete: it is never emitted
+
+
 # -- properties ----------------------------------------------------------------
 
-CUTS = st.lists(st.integers(min_value=0), max_size=40)
 INT = {2: 8, 3: 16, 4: 32, 5: 64, 8: 64}
 VALUES = st.one_of(
     st.sampled_from([(0, None), (1, None)]),

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import orjson
@@ -11,36 +10,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.base import Meter, MeterResult, estimate_tokens_from_chars
+from ext_proc.meters.base import MeterResult
 from ext_proc.meters.gemini import GeminiMeter, _ArraySplitter, gemini_model_from_path
 from spendgate.domain.usage import Usage
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "gemini"
-STREAMS = sorted(p.name for p in FIXTURES.glob("stream_*"))
+pytest.register_assert_rewrite("tests.unit.meter_cases")
+from tests.unit import meter_cases  # noqa: E402
+from tests.unit.meter_cases import (  # noqa: E402
+    FIXTURES,
+    MeterCases,
+    exact,
+    meter_contract,
+    split,
+)
+from tests.unit.meter_cases import estimated as from_chars  # noqa: E402
+
 PATH_MODEL = "gemini-from-path"
 
 
-def fixture(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
-
-
-def meter(
-    *chunks: bytes,
-    streaming: bool,
-    aborted: bool = False,
-    model_from_path: str | None = PATH_MODEL,
-    **kw: Any,
-) -> MeterResult:
-    m: Meter = GeminiMeter(streaming=streaming, model_from_path=model_from_path, **kw)
-    for chunk in chunks:
-        m.feed(chunk)
-    return m.finish(aborted=aborted)
-
-
 def sse(*events: object) -> bytes:
-    """An alt=sse stream: dicts become JSON, bytes are sent as they are."""
-    datas = [e if isinstance(e, bytes) else orjson.dumps(e) for e in events]
-    return b"".join(b"data: " + d + b"\r\n\r\n" for d in datas)
+    """An alt=sse stream (CRLF line ends): dicts become JSON, bytes are sent as they are."""
+    return meter_cases.sse(*events, newline=b"\r\n")
 
 
 def array(*objects: object) -> bytes:
@@ -50,26 +40,12 @@ def array(*objects: object) -> bytes:
     )
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in pairwise(bounds)]
-
-
-def exact(model: str | None, usage: Usage, error: str | None = None) -> MeterResult:
-    return MeterResult(model=model, usage=usage, complete=True, error=error)
-
-
 def estimated(model: str | None, usage: Usage, error: str) -> MeterResult:
     return MeterResult(model=model, usage=usage, complete=False, error=error)
 
 
-def from_chars(model: str | None, chars: int, error: str) -> MeterResult:
-    usage = Usage(output_tokens=estimate_tokens_from_chars(chars), estimated=True)
-    return MeterResult(model=model, usage=usage, complete=False, error=error)
-
-
 def failed(error: str, model: str | None = PATH_MODEL) -> MeterResult:
-    return MeterResult(model=model, usage=None, complete=False, error=error)
+    return meter_cases.failed(error, model)
 
 
 FIXTURE_RESULTS = {
@@ -84,18 +60,24 @@ FIXTURE_RESULTS = {
 }
 
 
-def is_stream(name: str) -> bool:
-    return name.startswith("stream_")
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"), [pytest.param(n, r, id=n) for n, r in FIXTURE_RESULTS.items()]
+STREAMS = sorted(p.name for p in (FIXTURES / "gemini").glob("stream_*"))
+GARBAGE = [b"data: ", b"\r\n\r\n", b"\r", b"[", b"]", b"{", b"}", b'"', b"\\", b",", b"\xef\xbb"]
+CASES = MeterCases(
+    partial(GeminiMeter, model_from_path=PATH_MODEL),
+    FIXTURES / "gemini",
+    FIXTURE_RESULTS,
+    STREAMS,
+    GARBAGE,
+    body_model=PATH_MODEL,
 )
-def test_fixture(name: str, expected: MeterResult) -> None:
-    data = fixture(name)
-    streaming = is_stream(name)
-    assert meter(data, streaming=streaming) == expected
-    assert meter(*(bytes([b]) for b in data), streaming=streaming) == expected
+fixture, meter = CASES.fixture, CASES.meter
+
+
+class TestContract(meter_contract(CASES)):
+    """The tests every meter passes (tests/unit/meter_cases.py)."""
+
+    def check_truncated(self, full: bytes, data: bytes, aborted: bool, whole: MeterResult) -> None:
+        assert whole.complete or whole.error in ("stream aborted", "no usage in stream")
 
 
 @pytest.mark.parametrize(
@@ -195,26 +177,6 @@ def test_json_body(body: object, expected: MeterResult) -> None:
 def test_model_is_none_without_path_or_version() -> None:
     result = meter(orjson.dumps(response(U)), streaming=False, model_from_path=None)
     assert result == exact(None, Usage(10, output_tokens=5))
-
-
-@pytest.mark.parametrize(
-    ("chunks", "aborted", "expected"),
-    [
-        pytest.param([b""], False, failed("invalid json"), id="empty-body"),
-        pytest.param([b'{"candidates": '], False, failed("invalid json"), id="truncated"),
-        pytest.param([b'{"candidates": '], True, failed("response aborted"), id="truncated-abort"),
-        pytest.param([b"<html>503</html>"], False, failed("invalid json"), id="html"),
-        pytest.param([b"x" * 60, b"x" * 60], False, failed("body too large"), id="too-large"),
-        pytest.param(
-            [orjson.dumps({"usageMetadata": U})],
-            True,
-            exact(PATH_MODEL, Usage(10, output_tokens=5)),
-            id="complete-body-then-abort",
-        ),
-    ],
-)
-def test_raw_body(chunks: list[bytes], aborted: bool, expected: MeterResult) -> None:
-    assert meter(*chunks, streaming=False, aborted=aborted, max_body_bytes=100) == expected
 
 
 # -- streaming -----------------------------------------------------------------
@@ -331,12 +293,6 @@ def chunk(text: str | None = None, usage: object = None, **candidate: object) ->
             id="sse-error-mid-stream",
         ),
         pytest.param(
-            fixture("error.json"),
-            False,
-            failed("provider error"),
-            id="json-error-body-on-stream-request",
-        ),
-        pytest.param(
             b"[" + fixture("error.json") + b"]",
             True,
             failed("provider error"),
@@ -375,15 +331,6 @@ def test_bad_events_are_counted() -> None:
     m.feed(sse(b"not json", b"[1]", b"null", chunk("ok")))
     m.finish()
     assert m.bad_events == 3
-
-
-def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
-    m = GeminiMeter(streaming=True, model_from_path=PATH_MODEL)
-    m.feed(ARRAY_FIRST)
-    first = m.finish(aborted=True)
-    m.feed(ARRAY[len(ARRAY_FIRST) :])
-    assert m.finish() is first
-    assert first.error == "stream aborted"
 
 
 @pytest.mark.parametrize("form", [sse, array])
@@ -445,56 +392,3 @@ def test_splitter_cuts_out_any_array_of_objects(
 ) -> None:
     data = array(*objects) if pretty else orjson.dumps(objects)
     assert [orjson.loads(obj) for obj in cut_out(data, cuts)] == objects
-
-
-# -- properties ----------------------------------------------------------------
-
-CUTS = st.lists(st.integers(min_value=0), max_size=40)
-
-
-@settings(database=None)
-@given(st.sampled_from(sorted(FIXTURE_RESULTS)), CUTS)
-def test_any_chunking_gives_the_same_result(name: str, cuts: list[int]) -> None:
-    data = fixture(name)
-    assert meter(*split(data, cuts), streaming=is_stream(name)) == FIXTURE_RESULTS[name]
-
-
-@settings(database=None)
-@given(st.sampled_from(STREAMS), st.integers(min_value=0), CUTS, st.booleans())
-def test_truncated_streams_are_chunking_invariant(
-    name: str, end: int, cuts: list[int], aborted: bool
-) -> None:
-    data = fixture(name)
-    data = data[: end % (len(data) + 1)]
-    whole = meter(data, streaming=True, aborted=aborted)
-    assert meter(*split(data, cuts), streaming=True, aborted=aborted) == whole
-    assert whole.complete == (whole.usage is not None and not whole.usage.estimated)
-    assert whole.complete or whole.error in ("stream aborted", "no usage in stream")
-
-
-GARBAGE = st.lists(
-    st.binary(max_size=64)
-    | st.sampled_from(
-        [b"data: ", b"\r\n\r\n", b"\r", b"[", b"]", b"{", b"}", b'"', b"\\", b",", b"\xef\xbb"]
-    )
-    | st.sampled_from([fixture(n) for n in FIXTURE_RESULTS]).flatmap(
-        lambda d: st.integers(0, len(d)).map(lambda i: d[i : i + 200])
-    ),
-    max_size=30,
-)
-
-
-@settings(database=None)
-@given(GARBAGE, st.booleans(), st.booleans(), st.integers(16, 400))
-def test_garbage_never_raises_and_stays_bounded(
-    chunks: list[bytes], streaming: bool, aborted: bool, max_body_bytes: int
-) -> None:
-    m = GeminiMeter(streaming=streaming, model_from_path=None, max_body_bytes=max_body_bytes)
-    for piece in chunks:
-        m.feed(piece)
-        assert m.buffered_bytes <= max_body_bytes + 2
-    result = m.finish(aborted=aborted)
-    assert isinstance(result, MeterResult)
-    assert result.complete == (result.usage is not None and not result.usage.estimated)
-    assert result.complete or result.error is not None
-    assert m.finish() is result

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ext_proc.meters.sse import SSEDecoder, SSEEvent
+
+pytest.register_assert_rewrite("tests.unit.meter_cases")
+from tests.unit.meter_cases import CUTS, bytewise, split  # noqa: E402
 
 BOM = b"\xef\xbb\xbf"
 
@@ -17,11 +18,6 @@ def decode(*chunks: bytes, max_event_bytes: int = 1024 * 1024) -> list[SSEEvent]
     decoder = SSEDecoder(max_event_bytes)
     events = [event for chunk in chunks for event in decoder.feed(chunk)]
     return events + decoder.flush()
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
-    return [data[a:b] for a, b in pairwise(bounds)]
 
 
 def ev(data: bytes, event: str | None = None) -> SSEEvent:
@@ -67,7 +63,7 @@ def ev(data: bytes, event: str | None = None) -> SSEEvent:
 )
 def test_decode(chunks: list[bytes], expected: list[SSEEvent]) -> None:
     assert decode(*chunks) == expected
-    assert decode(*(bytes([b]) for b in b"".join(chunks))) == expected
+    assert decode(*bytewise(b"".join(chunks))) == expected
 
 
 @pytest.mark.parametrize(
@@ -91,7 +87,7 @@ def test_oversized_events_are_dropped(
     stream: bytes, expected: list[SSEEvent], oversized: int
 ) -> None:
     max_event_bytes = 30
-    for chunks in ([stream], [bytes([b]) for b in stream]):
+    for chunks in ([stream], bytewise(stream)):
         decoder = SSEDecoder(max_event_bytes)
         events = [e for chunk in chunks for e in decoder.feed(chunk)] + decoder.flush()
         assert (events, decoder.oversized_events) == (expected, oversized)
@@ -139,7 +135,7 @@ def event_streams(draw: st.DrawFn) -> tuple[bytes, list[SSEEvent]]:
 
 
 @settings(database=None)
-@given(event_streams(), st.lists(st.integers(min_value=0), max_size=30))
+@given(event_streams(), CUTS)
 def test_any_chunking_yields_the_same_events(
     stream: tuple[bytes, list[SSEEvent]], cuts: list[int]
 ) -> None:
@@ -158,7 +154,7 @@ SOUP = st.lists(
 
 
 @settings(database=None)
-@given(SOUP, st.lists(st.integers(min_value=0), max_size=30), st.integers(1, 40))
+@given(SOUP, CUTS, st.integers(1, 40))
 def test_garbage_is_chunking_invariant_and_bounded(
     data: bytes, cuts: list[int], max_event_bytes: int
 ) -> None:

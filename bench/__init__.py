@@ -1,0 +1,1 @@
+"""spendgate benchmarks: `make bench` (python -m bench). Never run by `make test`."""

@@ -1,0 +1,262 @@
+"""The processes one benchmark run needs, all on this machine:
+
+upstream     Envoy answering a fixed chat completion with direct_response
+             (fast enough never to be the bottleneck)
+streamer     the fake provider (Python), for the streaming measurement only
+plain        Envoy routing to the upstream, no ext_proc: the floor
+spendgate    Envoy with the repo's bootstrap (ext_proc filter) + ext_proc +
+             control plane, with realistic policies loaded
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from spendgate import envoy_config
+from spendgate.demo.fake_provider import FakeProviderServer
+from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import budget_pb2_grpc
+from tests.harness import EnvoyProcess, free_port, wait_until
+
+ADMIN = "bench-admin-token-0123456789"
+DATA_PLANE = "bench-data-plane-token-0123"
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
+    }
+)
+
+
+def upstream_config() -> dict[str, Any]:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "upstream",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "upstream",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "direct_response": {
+                                                                "status": 200,
+                                                                "body": {
+                                                                    "inline_string": COMPLETION
+                                                                },
+                                                            },
+                                                            "response_headers_to_add": [
+                                                                {
+                                                                    "header": {
+                                                                        "key": "content-type",
+                                                                        "value": "application/json",
+                                                                    }
+                                                                }
+                                                            ],
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router."
+                                                    "v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [],
+        },
+    }
+
+
+def without_access_logs(config: dict[str, Any]) -> dict[str, Any]:
+    """Access logs cost the same with or without spendgate; leave them out."""
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                f["typed_config"].pop("access_log", None)
+    return config
+
+
+def plain_config(spendgate: dict[str, Any]) -> dict[str, Any]:
+    """The same bootstrap with the ext_proc filter removed: the floor."""
+    plain = copy.deepcopy(spendgate)
+    hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    hcm["typed_config"]["http_filters"] = [
+        f for f in hcm["typed_config"]["http_filters"] if "ext_proc" not in f["name"]
+    ]
+    return plain
+
+
+@dataclass
+class Topology:
+    workdir: Path
+    upstream: EnvoyProcess
+    streamer: FakeProviderServer
+    plain: EnvoyProcess
+    spendgate: EnvoyProcess
+    control_plane: subprocess.Popen[bytes]
+    ext_proc: subprocess.Popen[bytes]
+    cp_address: str
+    children: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for env in (self.spendgate, self.plain, self.upstream):
+            env.stop()
+        for proc in (self.ext_proc, self.control_plane):
+            proc.terminate()
+            proc.wait(15)
+        self.streamer.shutdown()
+
+
+def _python(
+    module: str, args: list[str], env: dict[str, str], log: Path
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _serving(address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def start(*, ext_proc_args: list[str] | None = None) -> Topology:
+    workdir = Path(tempfile.mkdtemp(prefix="spendgate-bench-"))
+    upstream_cfg = upstream_config()
+    up_port = free_port()
+    upstream_cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = (
+        up_port
+    )
+    upstream = EnvoyProcess(upstream_cfg, workdir)
+    # EnvoyProcess assigns its own listener port: read it back.
+    up_port = upstream.port
+    streamer = FakeProviderServer()
+    streamer.start_in_thread()
+    env = {
+        **os.environ,
+        "SPENDGATE_ADMIN_TOKEN": ADMIN,
+        "SPENDGATE_DATA_PLANE_TOKEN": DATA_PLANE,
+        "SPENDGATE_LOG_LEVEL": "warning",
+    }
+    cp_address = f"127.0.0.1:{free_port()}"
+    ep_port = free_port()
+    control_plane = _python(
+        "control_plane",
+        ["--listen", cp_address, "--database-url", f"sqlite:///{workdir}/bench.db"],
+        env,
+        workdir / "control_plane.log",
+    )
+    wait_until(lambda: _serving(cp_address), timeout=30, message="control plane")
+    ext_proc = _python(
+        "ext_proc",
+        ["--listen", f"127.0.0.1:{ep_port}", "--control-plane", cp_address, *(ext_proc_args or [])],
+        env,
+        workdir / "ext_proc.log",
+    )
+    wait_until(lambda: _serving(f"127.0.0.1:{ep_port}"), timeout=30, message="ext_proc")
+    base = without_access_logs(
+        envoy_config.adapt(
+            envoy_config.load(),
+            ext_proc=("127.0.0.1", ep_port),
+            providers_to=("127.0.0.1", up_port),
+            demo_to=("127.0.0.1", streamer.port),
+        )
+    )
+    plain = EnvoyProcess(plain_config(base), workdir)
+    spendgate = EnvoyProcess(base, workdir)
+    return Topology(
+        workdir, upstream, streamer, plain, spendgate, control_plane, ext_proc, cp_address
+    )
+
+
+def load_policies(cp_address: str, count: int = 50) -> int:
+    """``count`` policies across scopes; the benchmark request matches several
+    of them (global, its user, its team tag, its model, its route, its key)."""
+    stub = budget_pb2_grpc.BudgetServiceStub(grpc.insecure_channel(cp_address))
+    md = (("authorization", f"Bearer {ADMIN}"),)
+    day = pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1)
+    matching = [
+        (pb.SCOPE_GLOBAL, ""),
+        (pb.SCOPE_USER, "bench-user"),
+        (pb.SCOPE_USER, "*"),
+        (pb.SCOPE_TAG, "team=*"),
+        (pb.SCOPE_MODEL, "gpt-4o-mini"),
+        (pb.SCOPE_ENDPOINT, "openai"),
+        (pb.SCOPE_API_KEY, "sk-bench"),
+    ]
+    specs = list(matching)
+    i = 0
+    while len(specs) < count:
+        scope = [pb.SCOPE_USER, pb.SCOPE_TAG, pb.SCOPE_MODEL, pb.SCOPE_WORKSPACE][i % 4]
+        target = {pb.SCOPE_TAG: f"team=other{i}"}.get(scope, f"other-{i}")
+        specs.append((scope, target))
+        i += 1
+    for n, (scope, target) in enumerate(specs):
+        stub.CreateBudgetPolicy(
+            pb.CreateBudgetPolicyRequest(
+                policy=pb.BudgetPolicy(
+                    name=f"bench-{n}",
+                    amount_usd="1000000",
+                    window=day,
+                    action=pb.ACTION_REJECT if n % 2 else pb.ACTION_ALERT,
+                    scope=scope,
+                    target=target,
+                    alert_thresholds=[50, 80, 100],
+                )
+            ),
+            metadata=md,
+        )
+    time.sleep(1.0)  # the snapshot reaches ext_proc within milliseconds
+    return len(matching)
