@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import yaml
 
 from spendgate import envoy_config
 from spendgate.demo.fake_provider import FakeProviderServer
@@ -46,68 +47,13 @@ COMPLETION = json.dumps(
 
 
 def upstream_config() -> dict[str, Any]:
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "upstream",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "upstream",
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "all",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "direct_response": {
-                                                                "status": 200,
-                                                                "body": {
-                                                                    "inline_string": COMPLETION
-                                                                },
-                                                            },
-                                                            "response_headers_to_add": [
-                                                                {
-                                                                    "header": {
-                                                                        "key": "content-type",
-                                                                        "value": "application/json",
-                                                                    }
-                                                                }
-                                                            ],
-                                                        }
-                                                    ],
-                                                }
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router."
-                                                    "v3.Router"
-                                                },
-                                            }
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [],
-        },
-    }
+    """An Envoy that answers every request with COMPLETION, as fast as Envoy can."""
+    config: dict[str, Any] = yaml.safe_load((Path(__file__).parent / "upstream.yaml").read_text())
+    routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"]
+    routes[0]["direct_response"]["body"]["inline_string"] = COMPLETION
+    return config
 
 
 def without_access_logs(config: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +134,7 @@ def start(*, ext_proc_args: list[str] | None = None) -> Topology:
         **os.environ,
         "SPENDGATE_ADMIN_TOKEN": ADMIN,
         "SPENDGATE_DATA_PLANE_TOKEN": DATA_PLANE,
-        "SPENDGATE_LOG_LEVEL": "warning",
+        "SPENDGATE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
     }
     cp_address = f"127.0.0.1:{free_port()}"
     ep_port = free_port()

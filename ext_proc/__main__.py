@@ -7,6 +7,8 @@ import asyncio
 import signal
 import sys
 
+import uvloop
+
 from ext_proc.config import ConfigError, Settings, load_settings
 from ext_proc.server import ExtProcServer
 from spendgate import logs
@@ -38,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spendgate ext_proc: bad configuration: {e}", file=sys.stderr)
         return 2
     logs.configure(json=settings.log_json, level=settings.log_level)
-    asyncio.run(serve(settings))
+    # uvloop trims the event loop's share of each ext_proc message (measured in
+    # bench/: about 10-15 % less CPU per request than the default loop).
+    uvloop.run(serve(settings))
     return 0
 
 

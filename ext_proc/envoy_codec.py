@@ -97,8 +97,22 @@ SKIP_REST = Mode(
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
 )
-# Shapes that name the model in the path need no request body.
-SKIP_REQUEST_BODY = Mode(request_body_mode=Mode.NONE)
+# Metered requests: response headers are not needed (the request says whether
+# the answer streams; error bodies are recognised by the meters), so Envoy is
+# asked only for the response body, streamed. One round trip less per request.
+# (A mode_override replaces every body mode: NONE is the proto default, so
+# each one is spelled out.)
+METERED = Mode(
+    request_body_mode=Mode.BUFFERED,
+    response_header_mode=Mode.SKIP,
+    response_body_mode=Mode.STREAMED,
+)
+# ... and shapes that name the model in the path need no request body either.
+METERED_NO_REQUEST_BODY = Mode(
+    request_body_mode=Mode.NONE,
+    response_header_mode=Mode.SKIP,
+    response_body_mode=Mode.STREAMED,
+)
 STREAM_RESPONSE_BODY = Mode(response_body_mode=Mode.STREAMED)
 NO_RESPONSE_BODY = Mode(response_body_mode=Mode.NONE)
 

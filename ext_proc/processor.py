@@ -85,12 +85,14 @@ class RequestProcessor:
         self.path = ""
         self.path_model: str | None = None
         self.decoder: BodyDecoder | None = None
+        self.stream_requested = False
         self.done = False  # charged (or decided there is nothing to charge)
 
     # ---- dispatch -------------------------------------------------------------
 
     def handle(self, req: codec.ProcessingRequest) -> codec.ProcessingResponse:
         kind = req.WhichOneof("request")
+        self.ctx.stats.messages += 1
         try:
             if kind == "request_headers":
                 return self.on_request_headers(req)
@@ -146,7 +148,7 @@ class RequestProcessor:
             )
         # Ask for an uncompressed response so it can be metered as it streams.
         remove.append("accept-encoding")
-        mode = None if self.shape.needs_request_body else codec.SKIP_REQUEST_BODY
+        mode = codec.METERED if self.shape.needs_request_body else codec.METERED_NO_REQUEST_BODY
         return codec.request_headers_response(codec.header_mutation(remove=remove), mode)
 
     def on_request_body(self, body: Any) -> codec.ProcessingResponse:
@@ -166,6 +168,7 @@ class RequestProcessor:
             self.ctx.stats.unparsed_requests += 1
             log.debug("request body is not a JSON object; passed through unchanged")
             return codec.REQUEST_BODY_CONTINUE
+        self.stream_requested = parsed.get("stream") is True
         model = parsed.get("model")
         if isinstance(model, str) and model:
             self.request_model = model
@@ -262,11 +265,29 @@ class RequestProcessor:
         return codec.response_headers_response(codec.STREAM_RESPONSE_BODY)
 
     def on_response_body(self, body: Any) -> codec.ProcessingResponse:
-        if self.meter is not None and not self.done:
-            self.meter.feed(self.decoder.decode(body.body) if self.decoder else body.body)
-            if body.end_of_stream:
-                self._finish(aborted=False)
+        if self.done or self.shape is None:
+            return codec.RESPONSE_BODY_CONTINUE
+        if self.meter is None:  # response headers were skipped: start here
+            self._start_meter(body.body)
+        assert self.meter is not None
+        self.meter.feed(self.decoder.decode(body.body) if self.decoder else body.body)
+        if body.end_of_stream:
+            self._finish(aborted=False)
         return codec.RESPONSE_BODY_CONTINUE
+
+    def _start_meter(self, first: bytes) -> None:
+        """Meter a response whose headers ext_proc did not ask for.
+
+        The request told whether the answer streams; a provider that compresses
+        although accept-encoding was removed is recognised by the magic bytes.
+        """
+        assert self.shape is not None
+        if first[:2] == b"\x1f\x8b":
+            self.decoder = BodyDecoder("gzip")
+        elif len(first) > 1 and first[0] == 0x78 and (first[0] * 256 + first[1]) % 31 == 0:
+            self.decoder = BodyDecoder("deflate")
+        content_type = "text/event-stream" if self.stream_requested else "application/json"
+        self.meter = self.shape.new_meter(self.path, content_type, self.path_model)
 
     def close(self) -> None:
         """The stream with Envoy ended. A response cut short is still charged."""
@@ -283,6 +304,9 @@ class RequestProcessor:
         result = self.meter.finish(aborted=aborted)
         usage = result.usage
         stats = self.ctx.stats
+        if usage is None and result.error == "provider error":
+            stats.provider_errors += 1  # an error answer carries no usage and costs nothing
+            return
         if usage is None:
             stats.unmetered_responses += 1
             log.warning(

@@ -38,6 +38,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[codec.ProcessingResponse]:
         proc = RequestProcessor(self.ctx)
+        self.ctx.stats.streams += 1
         try:
             async for req in request_iterator:
                 yield proc.handle(req)

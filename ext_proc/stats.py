@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass(slots=True)
 class Stats:
+    streams: int = 0  # HTTP requests seen (one ext_proc stream each)
+    messages: int = 0  # ext_proc messages answered
     rejected_requests: int = 0
     unmetered_requests: int = 0  # requests of no metered API shape
     unparsed_requests: int = 0  # request bodies that were not JSON objects
@@ -14,6 +16,7 @@ class Stats:
     estimated_responses: int = 0
     unmetered_responses: int = 0  # metered shape, but no usage could be read
     unpriced_responses: int = 0
+    provider_errors: int = 0  # error answers (no usage, no cost)
     internal_errors: int = 0
     input_tokens: int = 0
     output_tokens: int = 0

@@ -28,6 +28,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
 from ext_proc.meters.base import estimate_tokens_from_chars
 from ext_proc.server import ExtProcServer
@@ -142,7 +143,9 @@ SKIP_REST = Mode(
 )
 
 
-def headers_removed(*names: str, mode: pm.ProcessingMode | None = None) -> ep.ProcessingResponse:
+def headers_removed(
+    *names: str, mode: pm.ProcessingMode | None = codec.METERED
+) -> ep.ProcessingResponse:
     resp = ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(
             response=ep.CommonResponse(
@@ -888,7 +891,8 @@ async def test_internal_error_answers_continue_and_the_stream_goes_on(ext: Ext) 
     assert await s.send(bad) == CONTINUE_RESPONSE_HEADERS
     assert await s.send(response_body(b"{}", end_of_stream=True)) == CONTINUE_RESPONSE_BODY
     await s.close()
-    assert ext.stats_changed() == {"internal_errors": 1}
+    # The body is still looked at (it carries no usage).
+    assert ext.stats_changed() == {"internal_errors": 1, "unmetered_responses": 1}
 
 
 async def test_messages_out_of_order_are_answered(ext: Ext) -> None:
