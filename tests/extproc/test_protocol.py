@@ -277,7 +277,9 @@ class Ext:
         return dict(self.server.state.pending)
 
     def stats_changed(self) -> dict[str, int]:
-        return {k: v for k, v in self.stats.as_dict().items() if v}
+        """Counters that moved, except the always-moving protocol counters."""
+        traffic = ("streams", "messages")
+        return {k: v for k, v in self.stats.as_dict().items() if v and k not in traffic}
 
 
 @contextlib.asynccontextmanager
