@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,32 @@ class Settings:
     batch_retention_hours: int = 168
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # ---- webhooks (see control_plane/webhooks/) ----
+    # Timeouts of one delivery attempt, in seconds.
+    webhook_connect_timeout_s: float = 5.0
+    webhook_read_timeout_s: float = 10.0
+    # Retry n waits min(base * 2**(n-1), max) seconds, times a random factor
+    # in [1 - jitter, 1 + jitter]; a longer Retry-After from the receiver wins.
+    webhook_backoff_base_s: float = 10.0
+    webhook_backoff_max_s: float = 3600.0
+    webhook_backoff_jitter: float = 0.5
+    # A delivery is given up (state failed) after this many attempts, or when
+    # its next attempt would come later than this long after the event.
+    webhook_max_attempts: int = 15
+    webhook_max_age_hours: float = 48.0
+    # How often the dispatcher looks for due deliveries (it is also woken at
+    # once when this control plane records new ones).
+    webhook_poll_interval_s: float = 1.0
+    # Deliveries sent at the same time by one control plane.
+    webhook_max_in_flight: int = 32
+    # Finished deliveries, their attempts and old events are kept this long.
+    webhook_retention_hours: int = 720
+    # SSRF guard: webhook URLs must be https and resolve to public addresses
+    # unless these allow more. Hosts: comma-separated names or IP literals
+    # whose addresses are not checked; ranges: comma-separated CIDRs.
+    webhook_allow_http: bool = False
+    webhook_allow_hosts: str = ""
+    webhook_allow_private_ranges: str = ""
     log_json: bool = True
     log_level: str = "info"
 
@@ -45,10 +72,53 @@ class Settings:
             raise ConfigError("batch_retention_hours must be at least 1")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        self._check_webhooks()
+
+    def _check_webhooks(self) -> None:
+        for name in (
+            "webhook_connect_timeout_s",
+            "webhook_read_timeout_s",
+            "webhook_backoff_base_s",
+            "webhook_backoff_max_s",
+            "webhook_max_age_hours",
+            "webhook_poll_interval_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be greater than 0")
+        if self.webhook_backoff_max_s < self.webhook_backoff_base_s:
+            raise ConfigError("webhook_backoff_max_s must be at least webhook_backoff_base_s")
+        if not 0 <= self.webhook_backoff_jitter <= 1:
+            raise ConfigError("webhook_backoff_jitter must be between 0 and 1")
+        for name in ("webhook_max_attempts", "webhook_max_in_flight", "webhook_retention_hours"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for cidr in _items(self.webhook_allow_private_ranges):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"webhook_allow_private_ranges: {cidr!r} is not a CIDR like 10.0.0.0/8"
+                ) from None
+
+    @property
+    def webhook_allowed_hosts(self) -> frozenset[str]:
+        return frozenset(h.lower().strip("[]") for h in _items(self.webhook_allow_hosts))
+
+    @property
+    def webhook_allowed_networks(
+        self,
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(
+            ipaddress.ip_network(c, strict=False) for c in _items(self.webhook_allow_private_ranges)
+        )
 
     @property
     def week_start_index(self) -> int:
         return WEEKDAYS.index(self.week_start.lower())
+
+
+def _items(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def load_settings(

@@ -35,9 +35,9 @@ class InvalidArgument(ControlPlaneError):
 
 
 class EtagMismatch(ControlPlaneError):
-    def __init__(self, id: str) -> None:
+    def __init__(self, id: str, kind: str = "policy") -> None:
         super().__init__(
-            f"policy {id!r} was changed by someone else (etag mismatch); read it again"
+            f"{kind} {id!r} was changed by someone else (etag mismatch); read it again"
         )
 
 

@@ -15,17 +15,31 @@ from grpc_reflection.v1alpha import reflection
 from control_plane.api.auth import ADMIN, DATA_PLANE, READ, AuthInterceptor, RequestIdInterceptor
 from control_plane.api.budgets import BudgetServicer
 from control_plane.api.dataplane import DataPlaneServicer
+from control_plane.api.webhooks import WebhookServicer
 from control_plane.config import Settings
 from control_plane.errors import Unavailable
 from control_plane.hub import StateHub
 from control_plane.service import Clock, ControlPlane, utc_now
+from control_plane.store import webhook_repo
 from control_plane.store.db import create_db_engine, migrate
-from spendgate.v1 import budget_pb2, budget_pb2_grpc, dataplane_pb2, dataplane_pb2_grpc
+from control_plane.webhooks.dispatcher import Dispatcher
+from control_plane.webhooks.sender import Sender
+from control_plane.webhooks.service import WebhookAdmin
+from control_plane.webhooks.ssrf import Resolver, UrlPolicy, system_resolver
+from spendgate.v1 import (
+    budget_pb2,
+    budget_pb2_grpc,
+    dataplane_pb2,
+    dataplane_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
+)
 
 log = structlog.get_logger("spendgate.control_plane")
 SERVICE_NAMES = (
     budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
     dataplane_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name,
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 HEALTH_INTERVAL_S = 5.0
 MAINTENANCE_INTERVAL_S = 3600.0
@@ -34,7 +48,14 @@ MAINTENANCE_INTERVAL_S = 3600.0
 class ControlPlaneServer:
     """The control plane process: database, services, health. ``start`` then ``stop``."""
 
-    def __init__(self, settings: Settings, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = utc_now,
+        resolver: Resolver = system_resolver,
+    ) -> None:
+        """``resolver`` resolves webhook hosts (tests replace DNS with it)."""
         self.settings = settings
         url = settings.database_url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
@@ -58,6 +79,17 @@ class ControlPlaneServer:
         dataplane_pb2_grpc.add_DataPlaneServiceServicer_to_server(
             DataPlaneServicer(self.cp), self.server
         )
+        url_policy = UrlPolicy.from_settings(settings)
+        self.sender = Sender(
+            url_policy,
+            connect_timeout_s=settings.webhook_connect_timeout_s,
+            read_timeout_s=settings.webhook_read_timeout_s,
+            resolver=resolver,
+        )
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
+            WebhookServicer(WebhookAdmin(self.cp, url_policy, self.sender), self.auth), self.server
+        )
+        self.dispatcher = Dispatcher(self.cp, self.sender, settings, clock=clock)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -85,6 +117,7 @@ class ControlPlaneServer:
         self._tasks = [
             asyncio.create_task(self._watch_database()),
             asyncio.create_task(self._maintenance()),
+            asyncio.create_task(self.dispatcher.run()),
         ]
         log.info(
             "control plane listening",
@@ -123,15 +156,29 @@ class ControlPlaneServer:
             # A database outage is logged by the service; try next round.
             with contextlib.suppress(Unavailable):
                 await self.cp.forget_old_batches(retention)
+            with contextlib.suppress(Unavailable):
+                await self._forget_old_deliveries()
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
 
+    async def _forget_old_deliveries(self) -> None:
+        cutoff = self.cp.clock() - timedelta(hours=self.settings.webhook_retention_hours)
+        removed = await self.cp.run(
+            lambda s: webhook_repo.forget(
+                s, finished_before=cutoff, window_ended_before=int(cutoff.timestamp())
+            )
+        )
+        if removed:
+            log.info("forgot old webhook deliveries and events", count=removed)
+
     async def stop(self, grace: float = 5.0) -> None:
+        await self.dispatcher.stop(grace)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.sender.aclose()
         self.cp.close()
         log.info("control plane stopped")
 

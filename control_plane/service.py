@@ -26,6 +26,7 @@ from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavai
 from control_plane.hub import StateHub
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
+from control_plane.webhooks.outbox import KnownEvents, OutboxResult, record_crossings
 from spendgate.domain.pricing import format_usd
 from spendgate.domain.windows import window_for
 from spendgate.v1 import budget_pb2 as pb
@@ -65,12 +66,19 @@ class ControlPlane:
         self.default_week_start = default_week_start
         workers = 1 if engine.dialect.name == "sqlite" else 8
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="store")
+        # Set after a transaction that wrote webhook deliveries commits; the
+        # dispatcher waits on it besides polling.
+        self.deliveries_ready = asyncio.Event()
+        self.known_events = KnownEvents()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.engine.dispose()
 
-    async def _run(self, fn: Callable[[Session], T]) -> T:
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """``fn(session)`` in one transaction on the store's thread pool;
+        Unavailable when the database cannot be reached."""
+
         def in_transaction() -> T:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 return fn(session)
@@ -82,7 +90,7 @@ class ControlPlane:
             raise Unavailable("database unavailable") from e
 
     async def ping(self) -> None:
-        await self._run(lambda s: s.execute(select(1)).scalar_one())
+        await self.run(lambda s: s.execute(select(1)).scalar_one())
 
     # ---- policies -------------------------------------------------------
 
@@ -103,13 +111,13 @@ class ControlPlane:
             s.add(row)
             return row
 
-        row = await self._run(create)
+        row = await self.run(create)
         log.info("policy created", policy_id=row.id, name=row.name, author=author)
         await self.publish_policies()
         return convert.policy_message(row)
 
     async def get_policy(self, policy_id: str) -> pb.BudgetPolicy:
-        row = await self._run(lambda s: repo.get_policy(s, policy_id))
+        row = await self.run(lambda s: repo.get_policy(s, policy_id))
         if row is None:
             raise NotFound("policy", policy_id)
         return convert.policy_message(row)
@@ -117,14 +125,14 @@ class ControlPlane:
     async def list_policies(
         self, page_size: int, page_token: str
     ) -> tuple[list[pb.BudgetPolicy], str]:
-        limit = _page_size(page_size, default=50)
+        limit = clamp_page_size(page_size, default=50)
         after = ""
         if page_token:
             parts = repo.decode_page_token(page_token, 1)
             if parts is None:
                 raise InvalidArgument.one("page_token", "is not a token this server returned")
             after = parts[0]
-        rows = await self._run(lambda s: repo.list_policies(s, after_id=after, limit=limit + 1))
+        rows = await self.run(lambda s: repo.list_policies(s, after_id=after, limit=limit + 1))
         page = rows[:limit]
         token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
         return [convert.policy_message(r) for r in page], token
@@ -154,7 +162,7 @@ class ControlPlane:
             row.version += 1
             return row
 
-        row = await self._run(update)
+        row = await self.run(update)
         log.info("policy updated", policy_id=row.id, author=author, version=row.version)
         await self.publish_policies()
         return convert.policy_message(row)
@@ -168,7 +176,7 @@ class ControlPlane:
                 raise EtagMismatch(policy_id)
             repo.delete_policy(s, row)
 
-        await self._run(delete)
+        await self.run(delete)
         log.info("policy deleted", policy_id=policy_id, author=author)
         await self.publish_policies()
 
@@ -189,7 +197,7 @@ class ControlPlane:
                 raise InvalidArgument.one(f"increments[{i}].policy_id", "is required")
         now = self.clock()
 
-        def apply(s: Session) -> tuple[bool, list[dp.WindowSpend], int]:
+        def apply(s: Session) -> tuple[bool, list[dp.WindowSpend], int, OutboxResult]:
             ids = {inc.policy_id for inc in req.increments}
             rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
             deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
@@ -213,7 +221,8 @@ class ControlPlane:
                 acc[3] += inc.estimated_count
             if not repo.claim_batch(s, req.batch_id, req.data_plane_id, now):
                 current = repo.spend_rows(s, deltas.keys())
-                return True, [_spend_message(r, rows[r.policy_id]) for r in current], unknown
+                spend = [_spend_message(r, rows[r.policy_id]) for r in current]
+                return True, spend, unknown, OutboxResult()
             totals = repo.add_spend(
                 s,
                 (
@@ -221,6 +230,11 @@ class ControlPlane:
                     for k, a in deltas.items()
                 ),
                 now,
+            )
+            # Crossings are recorded in this transaction: committed together
+            # with the spend, or not at all.
+            outbox = record_crossings(
+                s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
             )
             return (
                 False,
@@ -237,9 +251,15 @@ class ControlPlane:
                     for t in totals
                 ],
                 unknown,
+                outbox,
             )
 
-        duplicate, spend, unknown = await self._run(apply)
+        duplicate, spend, unknown, outbox = await self.run(apply)
+        self.known_events.add(outbox.seen, now)
+        if outbox.events:
+            log.info("budget events recorded", events=outbox.events, deliveries=outbox.deliveries)
+        if outbox.deliveries:
+            self.deliveries_ready.set()
         if unknown:
             log.warning("usage for unknown policies dropped", count=unknown, batch_id=req.batch_id)
         if not duplicate and spend:
@@ -249,7 +269,7 @@ class ControlPlane:
     async def list_spend(
         self, policy_id: str, member: str, page_size: int, page_token: str
     ) -> tuple[list[pb.SpendEntry], str]:
-        limit = _page_size(page_size, default=100)
+        limit = clamp_page_size(page_size, default=100)
         after: tuple[str, str] = ("", "")
         if page_token:
             parts = repo.decode_page_token(page_token, 2)
@@ -303,7 +323,7 @@ class ControlPlane:
                 )
             return [entries[k] for k in sorted(entries)][: limit + 1]
 
-        page = await self._run(query)
+        page = await self.run(query)
         token = ""
         if len(page) > limit:
             page = page[:limit]
@@ -315,7 +335,7 @@ class ControlPlane:
         until it is acknowledged, so retention only has to outlast the longest
         control plane outage a data plane rides out with usage unsent."""
         cutoff = self.clock() - retention
-        removed = await self._run(lambda s: repo.forget_batches(s, cutoff))
+        removed = await self.run(lambda s: repo.forget_batches(s, cutoff))
         if removed:
             log.info("forgot old usage batch ids", count=removed)
         return removed
@@ -340,12 +360,12 @@ class ControlPlane:
                 full_snapshot=True,
             )
 
-        update = await self._run(query)
+        update = await self.run(query)
         update.server_time.FromDatetime(self.clock())
         return update
 
     async def publish_policies(self) -> None:
-        rows = await self._run(repo.all_policies)
+        rows = await self.run(repo.all_policies)
         self.hub.publish(
             dp.StateUpdate(
                 policies=dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows])
@@ -353,7 +373,7 @@ class ControlPlane:
         )
 
 
-def _page_size(requested: int, *, default: int) -> int:
+def clamp_page_size(requested: int, *, default: int) -> int:
     if requested < 0:
         raise InvalidArgument.one("page_size", "must not be negative")
     return min(requested or default, 1000)
@@ -390,4 +410,4 @@ def _spend_entry(r: WindowSpendRow, p: PolicyRow) -> pb.SpendEntry:
     )
 
 
-__all__: Sequence[str] = ("ControlPlane", "UsageResult", "utc_now")
+__all__: Sequence[str] = ("ControlPlane", "UsageResult", "clamp_page_size", "utc_now")

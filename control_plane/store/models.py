@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -90,3 +100,102 @@ class AppliedBatchRow(Base):
     batch_id: Mapped[str] = mapped_column(String(80), primary_key=True)
     data_plane_id: Mapped[str] = mapped_column(String(200))
     applied_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class WebhookRow(Base):
+    """A receiver of budget events. ``secret`` and ``routing_key`` are kept
+    only because signing and PagerDuty need them; no API returns them."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    url: Mapped[str] = mapped_column(String(2048))
+    format: Mapped[str] = mapped_column(String(16))  # generic | slack | pagerduty
+    events: Mapped[str] = mapped_column(String(200))  # "budget_policy.exceeded,..."
+    secret: Mapped[str] = mapped_column(String(200), default="")
+    routing_key: Mapped[str] = mapped_column(String(200), default="")
+    severity: Mapped[str] = mapped_column(String(16))  # critical | error | warning | info
+    resolve_on_reset: Mapped[bool] = mapped_column(Boolean)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(200))
+    updated_by: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class WebhookEventRow(Base):
+    """A budget event, recorded in the transaction that saw the crossing.
+
+    The unique key makes creation idempotent: whichever transaction inserts
+    it first creates the deliveries; every later one finds it and does nothing.
+    ``threshold`` is 0 for events that have none (so the key has no NULLs).
+    """
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    policy_id: Mapped[str] = mapped_column(String(40))
+    member: Mapped[str] = mapped_column(String(512))
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    threshold: Mapped[int] = mapped_column(Integer)
+    window_end: Mapped[int] = mapped_column(BigInteger, index=True)
+    data: Mapped[str] = mapped_column(Text)  # JSON: the payload's "data"
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "policy_id",
+            "member",
+            "window_start",
+            "kind",
+            "threshold",
+            name="uq_webhook_events_key",
+        ),
+    )
+
+
+class DeliveryRow(Base):
+    """One event to one webhook: the outbox row the dispatcher works through.
+
+    A claimed row has ``next_attempt_at`` pushed to the end of its lease and a
+    fresh ``claim_token``; if the sender dies, the lease runs out and the row
+    is due again (at-least-once).
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(40), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claim_token: Mapped[str] = mapped_column(String(32), default="")
+    last_status_code: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        UniqueConstraint("webhook_id", "event_id", name="uq_webhook_deliveries_webhook_event"),
+    )
+
+
+class DeliveryAttemptRow(Base):
+    """One HTTP attempt of a delivery."""
+
+    __tablename__ = "webhook_delivery_attempts"
+
+    delivery_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text)
+    response_excerpt: Mapped[str] = mapped_column(Text)

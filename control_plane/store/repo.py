@@ -62,7 +62,7 @@ def delete_policy(session: Session, row: PolicyRow) -> None:
     session.delete(row)
 
 
-def _insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite.Insert:
+def dialect_insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite.Insert:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         return postgresql.insert(table)
@@ -88,7 +88,7 @@ def claim_batch(session: Session, batch_id: str, data_plane_id: str, now: dateti
     this one and then finds the conflict, so exactly one applies the batch.
     """
     stmt = (
-        _insert(session, AppliedBatchRow)
+        dialect_insert(session, AppliedBatchRow)
         .values(batch_id=batch_id, data_plane_id=data_plane_id, applied_at=now)
         .on_conflict_do_nothing(index_elements=["batch_id"])
         .returning(AppliedBatchRow.batch_id)
@@ -127,7 +127,7 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
     totals: list[SpendTotal] = []
     table = WindowSpendRow.__table__
     for d in sorted(deltas, key=lambda d: (d.policy_id, d.member, d.window_start)):
-        ins = _insert(session, WindowSpendRow).values(
+        ins = dialect_insert(session, WindowSpendRow).values(
             policy_id=d.policy_id,
             member=d.member,
             window_start=d.window_start,

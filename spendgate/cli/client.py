@@ -8,7 +8,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from spendgate.v1 import budget_pb2_grpc
+from spendgate.v1 import budget_pb2_grpc, webhooks_pb2_grpc
 
 TIMEOUT_S = 10.0
 
@@ -27,6 +27,7 @@ class AdminClient:
             else grpc.insecure_channel(server)
         )
         self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
+        self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(self.channel)
 
     def call(self, method: str, request: Any) -> Any:
         if not self.token:
@@ -34,8 +35,9 @@ class AdminClient:
                 "no token: pass --token, set SPENDGATE_TOKEN, or run in the folder where "
                 "`spendgate up` keeps .spendgate/credentials.json"
             )
+        stub = self.webhooks if hasattr(self.webhooks, method) else self.budgets
         try:
-            return getattr(self.budgets, method)(
+            return getattr(stub, method)(
                 request, metadata=(("authorization", f"Bearer {self.token}"),), timeout=TIMEOUT_S
             )
         except grpc.RpcError as e:

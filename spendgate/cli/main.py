@@ -10,7 +10,7 @@ from spendgate.cli.credentials import client_server, client_token
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import policies, up
+    from spendgate.cli import policies, up, webhooks
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_spend.add_argument("--policy", help="only this policy id")
     p_spend.add_argument("--member", help="only this member of a wildcard policy")
     admin_flags(p_spend)
+
+    webhooks.add_parser(sub, admin_flags)
     return parser
 
 
@@ -55,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import policies
+        from spendgate.cli import policies, webhooks
 
         client = AdminClient(client_server(args.server), client_token(args.token), tls=args.tls)
         try:
             if args.command == "policy":
                 policies.run_policy(args, client)
+            elif args.command == "webhook":
+                webhooks.run_webhook(args, client)
             else:
                 policies.run_spend(args, client)
         finally:

@@ -14,7 +14,7 @@ import yaml
 from tests.harness import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "envoy").glob("*.yaml")) + [ROOT / "bench" / "upstream.yaml"]
+CONFIGS = [*sorted((ROOT / "envoy").glob("*.yaml")), ROOT / "bench" / "upstream.yaml"]
 
 
 def test_there_are_configs() -> None:

@@ -17,9 +17,15 @@ def files_under(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_every_proto_has_stubs() -> None:
+def proto_stems() -> list[str]:
+    return [p.stem for p in protogen.proto_files()]
+
+
+def test_every_proto_is_found() -> None:
     names = [p.relative_to(protogen.PROTO_DIR).as_posix() for p in protogen.proto_files()]
-    assert names == ["spendgate/v1/budget.proto", "spendgate/v1/dataplane.proto"]
+    assert names == sorted(names)
+    assert {"spendgate/v1/budget.proto", "spendgate/v1/dataplane.proto"} <= set(names)
+    assert all(n.startswith("spendgate/v1/") for n in names)
 
 
 def test_committed_stubs_match_generated(tmp_path: Path) -> None:
@@ -35,15 +41,15 @@ def test_committed_stubs_match_generated(tmp_path: Path) -> None:
     assert sorted(committed) == sorted(generated), "stub files missing or extra: run `make proto`"
     stale = sorted(name for name in generated if generated[name] != committed[name])
     assert stale == [], f"stale stubs (run `make proto`): {stale}"
-    assert sorted(generated) == [
-        "__init__.py",
-        "budget_pb2.py",
-        "budget_pb2.pyi",
-        "budget_pb2_grpc.py",
-        "dataplane_pb2.py",
-        "dataplane_pb2.pyi",
-        "dataplane_pb2_grpc.py",
-    ]
+    # Each .proto gives exactly its message module, type stubs and gRPC module.
+    assert sorted(generated) == sorted(
+        ["__init__.py"]
+        + [
+            f"{stem}{suffix}"
+            for stem in proto_stems()
+            for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+        ]
+    )
 
 
 def test_generate_keeps_an_existing_init(tmp_path: Path) -> None:

@@ -1,0 +1,102 @@
+"""Budget events: which crossings a window has reached, and their payload.
+
+Pure: no database, no HTTP. ``crossings`` is level-triggered (every level the
+spend is at or above), so a batch that jumps over several thresholds yields
+each of them, and a level missed earlier (a threshold added, a limit lowered)
+is still reported; the store's unique key makes each one happen once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_DOWN, Decimal
+from typing import Any
+
+from spendgate.domain.policies import Policy
+from spendgate.domain.pricing import format_usd
+
+EXCEEDED = "budget_policy.exceeded"
+THRESHOLD_CROSSED = "budget_policy.threshold_crossed"
+# Not subscribable: scheduled at the end of a window that had a crossing, so
+# PagerDuty webhooks can resolve their incident.
+WINDOW_RESET = "budget_policy.window_reset"
+SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED)
+TEST = "webhook.test"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Crossing:
+    """A level of a window's spend. Sorts in the order events are emitted:
+    by percentage, and at equal percentage the threshold before "exceeded"."""
+
+    percent: int
+    rank: int  # 0 threshold_crossed, 1 exceeded
+    kind: str
+
+    @property
+    def threshold(self) -> int:
+        """The threshold percentage, or 0 for "exceeded" (part of the event key)."""
+        return self.percent if self.kind == THRESHOLD_CROSSED else 0
+
+
+def crossings(amount_nanos: int, thresholds: tuple[int, ...], spent_nanos: int) -> list[Crossing]:
+    """Every level ``spent_nanos`` has reached, in emission order.
+
+    Exceeded is ``spent >= amount``, the rule ext_proc rejects by.
+    """
+    levels = [Crossing(t, 0, THRESHOLD_CROSSED) for t in set(thresholds)]
+    levels.append(Crossing(100, 1, EXCEEDED))
+    return sorted(c for c in levels if spent_nanos * 100 >= amount_nanos * c.percent)
+
+
+def iso(t: int | datetime) -> str:
+    """RFC 3339 in UTC with a Z, to the second for Unix seconds."""
+    if isinstance(t, int):
+        t = datetime.fromtimestamp(t, UTC)
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def percent_used(spent_nanos: int, amount_nanos: int) -> str:
+    """Spend as a percentage of the amount, rounded down to 0.1 ("99.9", not "100.0")."""
+    if amount_nanos <= 0:
+        return "0.0"
+    value = Decimal(spent_nanos) * 100 / Decimal(amount_nanos)
+    return str(value.quantize(Decimal("0.1"), rounding=ROUND_DOWN))
+
+
+def usd(nanos: int) -> str:
+    return format_usd(nanos).removeprefix("$")
+
+
+def event_data(
+    *,
+    event_id: str,
+    kind: str,
+    policy: Policy,
+    member: str,
+    threshold: int,
+    spent_nanos: int,
+    window_start: int,
+    window_end: int,
+) -> dict[str, Any]:
+    """The ``data`` of an event's payload, as stored with the event."""
+    data: dict[str, Any] = {
+        "event_id": event_id,
+        "type": kind,
+        "policy_id": policy.id,
+        "policy_name": policy.name,
+        "scope": policy.scope.value.lower(),
+        "target": policy.target,
+        "member": member,
+        "action": policy.action.value.lower(),
+        "amount_usd": usd(policy.amount_nanos),
+        "spent_usd": usd(spent_nanos),
+        "percent_used": percent_used(spent_nanos, policy.amount_nanos),
+        "window_start": iso(window_start),
+        "window_end": iso(window_end),
+        "timezone": policy.window.timezone,
+    }
+    if kind == THRESHOLD_CROSSED:
+        data["threshold_percent"] = threshold
+    return data

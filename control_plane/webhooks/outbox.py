@@ -1,0 +1,138 @@
+"""The outbox: budget events and their deliveries, written in the same
+transaction as the spend that caused them (ControlPlane.apply_usage).
+
+If that transaction commits, the events and one pending delivery per
+subscribed, enabled webhook are durable; if it rolls back, none exist. The
+event's unique key (policy, member, window, kind, threshold) makes each
+crossing happen once, also when replicas apply usage at the same moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session
+
+from control_plane import convert
+from control_plane.store import webhook_repo
+from control_plane.store.models import PolicyRow, WebhookRow
+from control_plane.store.repo import SpendTotal
+from control_plane.store.webhook_repo import EventKey
+from control_plane.webhooks import events
+from control_plane.webhooks.formats import PAGERDUTY
+from spendgate.domain.policies import Policy
+
+MAX_KNOWN = 200_000
+
+
+class KnownEvents:
+    """Event keys known to exist (per process), so a window above a level
+    does not probe the database for that event on every usage batch.
+
+    Only keys of committed transactions are added. Not thread-safe: use it
+    from the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[EventKey, int] = {}  # key -> window end (Unix seconds)
+
+    def __contains__(self, key: EventKey) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, seen: Iterable[tuple[EventKey, int]], now: datetime) -> None:
+        self._keys.update(seen)
+        if len(self._keys) > MAX_KNOWN:
+            at = int(now.timestamp())
+            self._keys = {k: end for k, end in self._keys.items() if end > at}
+            if len(self._keys) > MAX_KNOWN:  # still too many open windows: start over
+                self._keys.clear()
+
+
+@dataclass(slots=True)
+class OutboxResult:
+    seen: list[tuple[EventKey, int]] = field(default_factory=list)
+    events: int = 0
+    deliveries: int = 0
+
+
+def record_crossings(
+    session: Session,
+    windows: Iterable[tuple[PolicyRow, SpendTotal]],
+    now: datetime,
+    known: KnownEvents,
+) -> OutboxResult:
+    """Create the events the new window totals reached, and their deliveries."""
+    result = OutboxResult()
+    webhooks: list[WebhookRow] | None = None
+    for row, total in windows:
+        if not row.enabled:
+            continue
+        policy = convert.domain_policy(row)
+        pagerduty: set[str] = set()
+        for c in events.crossings(policy.amount_nanos, policy.alert_thresholds, total.spent_nanos):
+            key = EventKey(policy.id, total.member, total.window_start, c.kind, c.threshold)
+            if key in known:
+                continue
+            result.seen.append((key, total.window_end))
+            event_id = webhook_repo.new_id("evt_")
+            data = events.event_data(
+                event_id=event_id,
+                kind=c.kind,
+                policy=policy,
+                member=total.member,
+                threshold=c.threshold,
+                spent_nanos=total.spent_nanos,
+                window_start=total.window_start,
+                window_end=total.window_end,
+            )
+            if not webhook_repo.insert_event(
+                session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
+            ):
+                continue
+            result.events += 1
+            if webhooks is None:
+                webhooks = list(webhook_repo.enabled_webhooks(session))
+            targets = [w for w in webhooks if c.kind in w.events.split(",")]
+            result.deliveries += webhook_repo.add_deliveries(
+                session, event_id, (w.id for w in targets), due=now, now=now
+            )
+            pagerduty |= {w.id for w in targets if w.format == PAGERDUTY and w.resolve_on_reset}
+        if pagerduty:
+            result.deliveries += _schedule_resolve(session, policy, total, pagerduty, now)
+    return result
+
+
+def _schedule_resolve(
+    session: Session,
+    policy: Policy,
+    total: SpendTotal,
+    webhook_ids: set[str],
+    now: datetime,
+) -> int:
+    """A window_reset event (once per window) and, for each PagerDuty webhook
+    that was just sent a trigger, a delivery due when the window ends."""
+    key = EventKey(policy.id, total.member, total.window_start, events.WINDOW_RESET, 0)
+    event_id = webhook_repo.new_id("evt_")
+    data = events.event_data(
+        event_id=event_id,
+        kind=events.WINDOW_RESET,
+        policy=policy,
+        member=total.member,
+        threshold=0,
+        spent_nanos=total.spent_nanos,
+        window_start=total.window_start,
+        window_end=total.window_end,
+    )
+    if not webhook_repo.insert_event(
+        session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
+    ):
+        found = webhook_repo.event_id_of(session, key)
+        assert found is not None
+        event_id = found
+    due = datetime.fromtimestamp(total.window_end, UTC)
+    return webhook_repo.add_deliveries(session, event_id, sorted(webhook_ids), due=due, now=now)

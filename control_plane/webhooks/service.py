@@ -1,0 +1,220 @@
+"""Webhook admin use cases: one transaction each (over ControlPlane.run).
+
+A URL is checked when written (scheme, credentials, literal addresses, and,
+when the host resolves, every address it resolves to); a host that does not
+resolve now is accepted and checked again before every attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.orm import Session
+
+from control_plane.errors import EtagMismatch, InvalidArgument, NotFound
+from control_plane.service import ControlPlane, clamp_page_size
+from control_plane.store import repo, webhook_repo
+from control_plane.store.models import WebhookRow
+from control_plane.webhooks import convert, events
+from control_plane.webhooks.formats import PAGERDUTY, Message, render, render_test_resolve
+from control_plane.webhooks.sender import Sender
+from control_plane.webhooks.ssrf import ResolveFailed, UrlBlocked, UrlPolicy
+from spendgate.v1 import webhooks_pb2 as wpb
+
+log = structlog.get_logger("spendgate.webhooks")
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Write-only fields of an update: None keeps the stored value."""
+
+    secret: str | None = None
+    routing_key: str | None = None
+
+
+class WebhookAdmin:
+    def __init__(self, cp: ControlPlane, url_policy: UrlPolicy, sender: Sender) -> None:
+        self.cp = cp
+        self.url_policy = url_policy
+        self.sender = sender
+
+    async def _check_resolved(self, url: str) -> None:
+        try:
+            await self.url_policy.addresses(url, self.sender.resolver)
+        except UrlBlocked as e:
+            raise InvalidArgument.one("url", str(e)) from None
+        except ResolveFailed:
+            pass  # checked again before every attempt
+
+    async def create_webhook(self, msg: wpb.Webhook, author: str) -> wpb.Webhook:
+        values = convert.webhook_values(
+            msg, url_policy=self.url_policy, secret=msg.secret, routing_key=msg.routing_key
+        )
+        await self._check_resolved(values.url)
+        now = self.cp.clock()
+
+        def create(s: Session) -> WebhookRow:
+            row = WebhookRow(
+                id=webhook_repo.new_id("wh_"),
+                create_time=now,
+                update_time=now,
+                created_by=author,
+                updated_by=author,
+                version=1,
+            )
+            convert.apply_values(row, values)
+            s.add(row)
+            return row
+
+        row = await self.cp.run(create)
+        log.info("webhook created", webhook_id=row.id, format=row.format, author=author)
+        return convert.webhook_message(row)
+
+    async def get_webhook(self, webhook_id: str) -> wpb.Webhook:
+        row = await self.cp.run(lambda s: webhook_repo.get_webhook(s, webhook_id))
+        if row is None:
+            raise NotFound("webhook", webhook_id)
+        return convert.webhook_message(row)
+
+    async def list_webhooks(self, page_size: int, page_token: str) -> tuple[list[wpb.Webhook], str]:
+        limit = clamp_page_size(page_size, default=50)
+        after = _after(page_token)
+        rows = await self.cp.run(
+            lambda s: webhook_repo.list_webhooks(s, after_id=after, limit=limit + 1)
+        )
+        page = rows[:limit]
+        token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
+        return [convert.webhook_message(r) for r in page], token
+
+    async def update_webhook(
+        self,
+        webhook_id: str,
+        merge: Callable[[wpb.Webhook], wpb.Webhook],
+        secrets: Secrets,
+        expected_etag: str,
+        author: str,
+    ) -> wpb.Webhook:
+        """Read, merge, validate and write in one transaction (row locked)."""
+        now = self.cp.clock()
+        checked: set[str] = set()
+
+        def update(s: Session) -> WebhookRow | str:
+            row = s.get(WebhookRow, webhook_id, with_for_update=True)
+            if row is None:
+                raise NotFound("webhook", webhook_id)
+            if expected_etag and expected_etag != convert.etag(row):
+                raise EtagMismatch(webhook_id, "webhook")
+            merged = merge(convert.webhook_message(row))
+            if merged.url == convert.masked_url(row.url):
+                merged.url = row.url  # the masked form sent back: unchanged
+            values = convert.webhook_values(
+                merged,
+                url_policy=self.url_policy,
+                secret=row.secret if secrets.secret is None else secrets.secret,
+                routing_key=row.routing_key if secrets.routing_key is None else secrets.routing_key,
+            )
+            if values.url != row.url and values.url not in checked:
+                return values.url  # resolve outside the transaction, then again
+            convert.apply_values(row, values)
+            row.update_time = now
+            row.updated_by = author
+            row.version += 1
+            return row
+
+        while True:
+            result = await self.cp.run(update)
+            if isinstance(result, WebhookRow):
+                break
+            await self._check_resolved(result)
+            checked.add(result)
+        log.info("webhook updated", webhook_id=webhook_id, author=author, version=result.version)
+        return convert.webhook_message(result)
+
+    async def delete_webhook(self, webhook_id: str, expected_etag: str, author: str) -> None:
+        def delete(s: Session) -> None:
+            row = s.get(WebhookRow, webhook_id, with_for_update=True)
+            if row is None:
+                raise NotFound("webhook", webhook_id)
+            if expected_etag and expected_etag != convert.etag(row):
+                raise EtagMismatch(webhook_id, "webhook")
+            webhook_repo.delete_webhook(s, row)
+
+        await self.cp.run(delete)
+        log.info("webhook deleted", webhook_id=webhook_id, author=author)
+
+    async def test_webhook(self, webhook_id: str) -> wpb.TestWebhookResponse:
+        """Send a test event now; PagerDuty's test incident is resolved at once."""
+        row = await self.cp.run(lambda s: webhook_repo.get_webhook(s, webhook_id))
+        if row is None:
+            raise NotFound("webhook", webhook_id)
+        now = self.cp.clock()
+        message = Message(
+            webhook_repo.new_id("msg_"),
+            events.TEST,
+            {
+                "webhook_id": row.id,
+                "webhook_name": row.name,
+                "message": "spendgate test event: this webhook is reachable",
+            },
+            now,
+        )
+        receiver = convert.receiver(row)
+        out = render(receiver, message, now)
+        result = await self.sender.send(out, now)
+        if row.format == PAGERDUTY and result.delivered:
+            await self.sender.send(render_test_resolve(receiver, message, now), now)
+        log.info(
+            "webhook tested",
+            webhook_id=row.id,
+            status_code=result.status_code,
+            delivered=result.delivered,
+            error=result.error,
+        )
+        return wpb.TestWebhookResponse(
+            delivered=result.delivered,
+            status_code=result.status_code,
+            error=result.error,
+            response_excerpt=result.excerpt,
+            duration_ms=result.duration_ms,
+        )
+
+    async def list_deliveries(
+        self, req: wpb.ListDeliveriesRequest
+    ) -> tuple[list[wpb.WebhookDelivery], str]:
+        limit = clamp_page_size(req.page_size, default=50)
+        before = _after(req.page_token)
+        state = ""
+        if req.state:
+            if req.state not in convert.STATES:
+                raise InvalidArgument.one("state", "is not a known delivery state")
+            state = convert.STATES[req.state]
+
+        def query(s: Session) -> list[webhook_repo.DeliveryView]:
+            if req.webhook_id and webhook_repo.get_webhook(s, req.webhook_id) is None:
+                raise NotFound("webhook", req.webhook_id)
+            if req.event_id and not webhook_repo.event_exists(s, req.event_id):
+                raise NotFound("event", req.event_id)
+            return webhook_repo.list_deliveries(
+                s,
+                webhook_id=req.webhook_id,
+                event_id=req.event_id,
+                state=state,
+                before_id=before,
+                limit=limit + 1,
+            )
+
+        views = await self.cp.run(query)
+        page = views[:limit]
+        token = repo.encode_page_token(page[-1].delivery.id) if len(views) > limit else ""
+        return [convert.delivery_message(v) for v in page], token
+
+
+def _after(page_token: str) -> str:
+    if not page_token:
+        return ""
+    parts = repo.decode_page_token(page_token, 1)
+    if parts is None:
+        raise InvalidArgument.one("page_token", "is not a token this server returned")
+    return parts[0]
