@@ -15,10 +15,12 @@ from grpc_reflection.v1alpha import reflection
 from control_plane.api.auth import ADMIN, DATA_PLANE, READ, AuthInterceptor, RequestIdInterceptor
 from control_plane.api.budgets import BudgetServicer
 from control_plane.api.dataplane import DataPlaneServicer
+from control_plane.api.pricing import PricingServicer
 from control_plane.api.webhooks import WebhookServicer
 from control_plane.config import Settings
 from control_plane.errors import Unavailable
 from control_plane.hub import StateHub
+from control_plane.pricing import PricingAdmin
 from control_plane.service import Clock, ControlPlane, utc_now
 from control_plane.store import webhook_repo
 from control_plane.store.db import create_db_engine, migrate
@@ -31,6 +33,8 @@ from spendgate.v1 import (
     budget_pb2_grpc,
     dataplane_pb2,
     dataplane_pb2_grpc,
+    pricing_pb2,
+    pricing_pb2_grpc,
     webhooks_pb2,
     webhooks_pb2_grpc,
 )
@@ -40,6 +44,7 @@ SERVICE_NAMES = (
     budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
     dataplane_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name,
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name,
 )
 HEALTH_INTERVAL_S = 5.0
 MAINTENANCE_INTERVAL_S = 3600.0
@@ -64,6 +69,7 @@ class ControlPlaneServer:
         self.cp = ControlPlane(
             self.engine, StateHub(), clock=clock, default_week_start=settings.week_start_index
         )
+        self.pricing = PricingAdmin(self.cp)
         self.auth = AuthInterceptor(
             {
                 ADMIN: settings.admin_token,
@@ -77,7 +83,10 @@ class ControlPlaneServer:
             BudgetServicer(self.cp, self.auth), self.server
         )
         dataplane_pb2_grpc.add_DataPlaneServiceServicer_to_server(
-            DataPlaneServicer(self.cp), self.server
+            DataPlaneServicer(self.cp, self.pricing), self.server
+        )
+        pricing_pb2_grpc.add_PricingServiceServicer_to_server(
+            PricingServicer(self.pricing, self.auth), self.server
         )
         url_policy = UrlPolicy.from_settings(settings)
         self.sender = Sender(

@@ -73,13 +73,24 @@ class PriceTable:
     def lookup(self, model: str, provider: str = "", route: str = "") -> ModelPrice | None:
         """The most specific override (route, then provider, then any), else the
         catalog's price; None when spendgate knows no price for ``model``."""
+        catalog = self.catalog.lookup(model, provider or None)
         if self._overrides:
-            key = model.lower()
-            for k in ((key, provider, route), (key, "", route), (key, provider, ""), (key, "", "")):
-                found = self._overrides.get(k)
-                if found is not None:
-                    return found
-        return self.catalog.lookup(model, provider or None)
+            # An override for "gpt-4o" also prices "gpt-4o-2024-08-06": look
+            # under the name as sent and under the catalog's name for it.
+            names = [model.lower()]
+            if catalog is not None and catalog.model.lower() != names[0]:
+                names.append(catalog.model.lower())
+            for name in names:
+                for key in (
+                    (name, provider, route),
+                    (name, "", route),
+                    (name, provider, ""),
+                    (name, "", ""),
+                ):
+                    found = self._overrides.get(key)
+                    if found is not None:
+                        return found
+        return catalog
 
     def for_charge(self, model: str, provider: str = "", route: str = "") -> ModelPrice | None:
         """The price to charge with: the known price, else the fallback the

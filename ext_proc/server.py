@@ -14,11 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
-from ext_proc.pricing import PriceTable
+from ext_proc.pricing import PriceOverride, PriceTable
 from ext_proc.processor import Context, RequestProcessor
 from ext_proc.state import LocalState
 from ext_proc.sync import ControlPlaneSync
 from spendgate.domain.pricing import PriceBook
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.wire import price_from_message
 
 log = structlog.get_logger("spendgate.ext_proc")
 SYNC_HEALTH_SERVICE = "spendgate.ControlPlaneSync"
@@ -74,6 +76,19 @@ class ExtProcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(settings.listen)
         self.sync.on_connection_change = self._on_sync_change
+        self.sync.on_price_overrides = self._on_price_overrides
+
+    def _on_price_overrides(self, msg: dp.PriceOverrides) -> None:
+        overrides = []
+        for o in msg.overrides:
+            try:
+                price = price_from_message(o.model, o.provider, o.price)
+            except ValueError as e:
+                log.error("ignoring a price override", override_id=o.id, error=str(e))
+                continue
+            overrides.append(PriceOverride(o.model, price, o.provider.lower(), o.route))
+        self.ctx.prices.set_overrides(overrides)
+        log.info("price overrides applied", count=len(overrides))
 
     def _on_sync_change(self, up: bool) -> None:
         status = (

@@ -38,6 +38,8 @@ class ControlPlaneSync:
         self.clock = clock
         self.connected = asyncio.Event()
         self.on_connection_change: Callable[[bool], None] = lambda up: None
+        # Called with each complete set of price overrides the control plane sends.
+        self.on_price_overrides: Callable[[dp.PriceOverrides], None] = lambda o: None
         self._metadata = (("authorization", f"Bearer {settings.data_plane_token}"),)
         self._channel = self._open_channel()
         self._stub = dataplane_pb2_grpc.DataPlaneServiceStub(self._channel)
@@ -97,6 +99,8 @@ class ControlPlaneSync:
                 )
                 async for update in call:
                     self.state.apply_update(update, self.clock())
+                    if update.HasField("price_overrides"):
+                        self.on_price_overrides(update.price_overrides)
                     if update.full_snapshot:
                         self._set_connected(True)
                         backoff = 0.1

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from spendgate.domain.policies import Action, Policy, Scope
-from spendgate.domain.pricing import parse_usd
+from spendgate.domain.pricing import ModelPrice, parse_usd
 from spendgate.domain.windows import WindowSpec, WindowUnit
 from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import pricing_pb2
 
 UNITS: dict[pb.WindowUnit, WindowUnit] = {
     pb.WINDOW_UNIT_MINUTES: WindowUnit.MINUTES,
@@ -74,3 +76,48 @@ def policy_from_message(msg: pb.BudgetPolicy) -> Policy:
         alert_thresholds=tuple(msg.alert_thresholds),
         enabled=msg.enabled,
     )
+
+
+def _decimal(text: str, field: str) -> Decimal | None:
+    if not text:
+        return None
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{field}: {text!r} is not a decimal") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{field}: must be a non-negative decimal, got {text!r}")
+    return value
+
+
+def price_from_message(
+    model: str, provider: str, msg: pricing_pb2.Price, *, source: str = "override"
+) -> ModelPrice:
+    """A ModelPrice (USD per million tokens) from a Price message.
+
+    Raises ValueError naming the field (price.input, ...) when it is invalid.
+    """
+    fields = {name: _decimal(getattr(msg, name), f"price.{name}") for name in PRICE_FIELDS}
+    if fields["input"] is None or fields["output"] is None:
+        raise ValueError("price.input and price.output are required")
+    return ModelPrice(
+        provider=provider,
+        model=model,
+        input=fields["input"],
+        output=fields["output"],
+        cached_input=fields["cached_input"],
+        cache_write=fields["cache_write"],
+        cache_write_1h=fields["cache_write_1h"],
+        source=source,
+        checked="",
+    )
+
+
+def price_message(price: ModelPrice) -> pricing_pb2.Price:
+    def text(value: Decimal | None) -> str:
+        return "" if value is None else format(value.normalize(), "f")
+
+    return pricing_pb2.Price(**{name: text(getattr(price, name)) for name in PRICE_FIELDS})
+
+
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")

@@ -9,6 +9,7 @@ import structlog
 
 from control_plane.api.errors import streaming, unary
 from control_plane.hub import SubscriberTooSlow
+from control_plane.pricing import PricingAdmin
 from control_plane.service import ControlPlane
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
@@ -17,8 +18,9 @@ log = structlog.get_logger("spendgate.control_plane")
 
 
 class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
-    def __init__(self, cp: ControlPlane) -> None:
+    def __init__(self, cp: ControlPlane, pricing: PricingAdmin) -> None:
         self.cp = cp
+        self.pricing = pricing
 
     @unary
     async def ReportUsage(
@@ -37,7 +39,9 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
     ) -> AsyncIterator[dp.StateUpdate]:
         # Subscribe before reading the snapshot so no change falls between.
         async with self.cp.hub.subscribe() as sub:
-            yield await self.cp.snapshot()
+            snapshot = await self.cp.snapshot()
+            snapshot.MergeFrom(await self.pricing.overrides_update())
+            yield snapshot
             log.info("data plane connected", data_plane_id=request.data_plane_id)
             try:
                 while True:

@@ -199,3 +199,25 @@ class DeliveryAttemptRow(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     error: Mapped[str] = mapped_column(Text)
     response_excerpt: Mapped[str] = mapped_column(Text)
+
+
+class PriceOverrideRow(Base):
+    """An operator's price for a model (USD per million tokens, decimal text),
+    for every provider/route or only one ("" = any)."""
+
+    __tablename__ = "price_overrides"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(200))
+    input: Mapped[str] = mapped_column(String(40))
+    output: Mapped[str] = mapped_column(String(40))
+    cached_input: Mapped[str] = mapped_column(String(40))
+    cache_write: Mapped[str] = mapped_column(String(40))
+    cache_write_1h: Mapped[str] = mapped_column(String(40))
+    note: Mapped[str] = mapped_column(String(500))
+    update_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (UniqueConstraint("model", "provider", "route"),)

@@ -8,7 +8,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from spendgate.v1 import budget_pb2_grpc, webhooks_pb2_grpc
+from spendgate.v1 import budget_pb2_grpc, pricing_pb2_grpc, webhooks_pb2_grpc
 
 TIMEOUT_S = 10.0
 
@@ -28,6 +28,8 @@ class AdminClient:
         )
         self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
         self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(self.channel)
+        self.pricing = pricing_pb2_grpc.PricingServiceStub(self.channel)
+        self._stubs = (self.budgets, self.webhooks, self.pricing)
 
     def call(self, method: str, request: Any) -> Any:
         if not self.token:
@@ -35,7 +37,7 @@ class AdminClient:
                 "no token: pass --token, set SPENDGATE_TOKEN, or run in the folder where "
                 "`spendgate up` keeps .spendgate/credentials.json"
             )
-        stub = self.webhooks if hasattr(self.webhooks, method) else self.budgets
+        stub = next(s for s in self._stubs if hasattr(s, method))
         try:
             return getattr(stub, method)(
                 request, metadata=(("authorization", f"Bearer {self.token}"),), timeout=TIMEOUT_S

@@ -10,7 +10,7 @@ from spendgate.cli.credentials import client_server, client_token
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import policies, up, webhooks
+    from spendgate.cli import policies, prices, up, webhooks
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_flags(p_spend)
 
     webhooks.add_parser(sub, admin_flags)
+    prices.add_parser(sub, admin_flags)
     return parser
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import policies, webhooks
+        from spendgate.cli import policies, prices, webhooks
 
         client = AdminClient(client_server(args.server), client_token(args.token), tls=args.tls)
         try:
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 policies.run_policy(args, client)
             elif args.command == "webhook":
                 webhooks.run_webhook(args, client)
+            elif args.command == "price":
+                prices.run_price(args, client)
             else:
                 policies.run_spend(args, client)
         finally:

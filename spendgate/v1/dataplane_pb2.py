@@ -24,29 +24,32 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from spendgate.v1 import budget_pb2 as spendgate_dot_v1_dot_budget__pb2
+from spendgate.v1 import pricing_pb2 as spendgate_dot_v1_dot_pricing__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/dataplane.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\"\xa9\x01\n\x0eSpendIncrement\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65stimated_count\x18\x06 \x01(\x03\"o\n\x12ReportUsageRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x30\n\nincrements\x18\x03 \x03(\x0b\x32\x1c.spendgate.v1.SpendIncrement\"u\n\x13ReportUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12!\n\x19unknown_policy_increments\x18\x03 \x01(\x05\"\xe5\x01\n\x0bWindowSpend\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x05 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x06 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x07 \x01(\x08\x12\x15\n\rrequest_count\x18\x08 \x01(\x03\"*\n\x11WatchStateRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\">\n\x0ePolicySnapshot\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"\xaf\x01\n\x0bStateUpdate\x12.\n\x08policies\x18\x01 \x01(\x0b\x32\x1c.spendgate.v1.PolicySnapshot\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12\x15\n\rfull_snapshot\x18\x03 \x01(\x08\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb2\x01\n\x10\x44\x61taPlaneService\x12R\n\x0bReportUsage\x12 .spendgate.v1.ReportUsageRequest\x1a!.spendgate.v1.ReportUsageResponse\x12J\n\nWatchState\x12\x1f.spendgate.v1.WatchStateRequest\x1a\x19.spendgate.v1.StateUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/dataplane.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\x1a\x1aspendgate/v1/pricing.proto\"\xa9\x01\n\x0eSpendIncrement\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65stimated_count\x18\x06 \x01(\x03\"o\n\x12ReportUsageRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x30\n\nincrements\x18\x03 \x03(\x0b\x32\x1c.spendgate.v1.SpendIncrement\"u\n\x13ReportUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12!\n\x19unknown_policy_increments\x18\x03 \x01(\x05\"\xe5\x01\n\x0bWindowSpend\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x05 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x06 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x07 \x01(\x08\x12\x15\n\rrequest_count\x18\x08 \x01(\x03\"*\n\x11WatchStateRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\">\n\x0ePolicySnapshot\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"@\n\x0ePriceOverrides\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"\xe6\x01\n\x0bStateUpdate\x12.\n\x08policies\x18\x01 \x01(\x0b\x32\x1c.spendgate.v1.PolicySnapshot\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12\x15\n\rfull_snapshot\x18\x03 \x01(\x08\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0fprice_overrides\x18\x05 \x01(\x0b\x32\x1c.spendgate.v1.PriceOverrides2\xb2\x01\n\x10\x44\x61taPlaneService\x12R\n\x0bReportUsage\x12 .spendgate.v1.ReportUsageRequest\x1a!.spendgate.v1.ReportUsageResponse\x12J\n\nWatchState\x12\x1f.spendgate.v1.WatchStateRequest\x1a\x19.spendgate.v1.StateUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.dataplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPENDINCREMENT']._serialized_start=107
-  _globals['_SPENDINCREMENT']._serialized_end=276
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=278
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=389
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=391
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=508
-  _globals['_WINDOWSPEND']._serialized_start=511
-  _globals['_WINDOWSPEND']._serialized_end=740
-  _globals['_WATCHSTATEREQUEST']._serialized_start=742
-  _globals['_WATCHSTATEREQUEST']._serialized_end=784
-  _globals['_POLICYSNAPSHOT']._serialized_start=786
-  _globals['_POLICYSNAPSHOT']._serialized_end=848
-  _globals['_STATEUPDATE']._serialized_start=851
-  _globals['_STATEUPDATE']._serialized_end=1026
-  _globals['_DATAPLANESERVICE']._serialized_start=1029
-  _globals['_DATAPLANESERVICE']._serialized_end=1207
+  _globals['_SPENDINCREMENT']._serialized_start=135
+  _globals['_SPENDINCREMENT']._serialized_end=304
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=306
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=417
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=419
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=536
+  _globals['_WINDOWSPEND']._serialized_start=539
+  _globals['_WINDOWSPEND']._serialized_end=768
+  _globals['_WATCHSTATEREQUEST']._serialized_start=770
+  _globals['_WATCHSTATEREQUEST']._serialized_end=812
+  _globals['_POLICYSNAPSHOT']._serialized_start=814
+  _globals['_POLICYSNAPSHOT']._serialized_end=876
+  _globals['_PRICEOVERRIDES']._serialized_start=878
+  _globals['_PRICEOVERRIDES']._serialized_end=942
+  _globals['_STATEUPDATE']._serialized_start=945
+  _globals['_STATEUPDATE']._serialized_end=1175
+  _globals['_DATAPLANESERVICE']._serialized_start=1178
+  _globals['_DATAPLANESERVICE']._serialized_end=1356
 # @@protoc_insertion_point(module_scope)

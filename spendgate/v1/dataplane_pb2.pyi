@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from spendgate.v1 import budget_pb2 as _budget_pb2
+from spendgate.v1 import pricing_pb2 as _pricing_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -78,14 +79,22 @@ class PolicySnapshot(_message.Message):
     policies: _containers.RepeatedCompositeFieldContainer[_budget_pb2.BudgetPolicy]
     def __init__(self, policies: _Optional[_Iterable[_Union[_budget_pb2.BudgetPolicy, _Mapping]]] = ...) -> None: ...
 
+class PriceOverrides(_message.Message):
+    __slots__ = ("overrides",)
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    overrides: _containers.RepeatedCompositeFieldContainer[_pricing_pb2.PriceOverride]
+    def __init__(self, overrides: _Optional[_Iterable[_Union[_pricing_pb2.PriceOverride, _Mapping]]] = ...) -> None: ...
+
 class StateUpdate(_message.Message):
-    __slots__ = ("policies", "spend", "full_snapshot", "server_time")
+    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides")
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    PRICE_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     policies: PolicySnapshot
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     full_snapshot: bool
     server_time: _timestamp_pb2.Timestamp
-    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    price_overrides: PriceOverrides
+    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ...) -> None: ...

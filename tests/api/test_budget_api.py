@@ -569,6 +569,7 @@ def test_report_usage_and_watch_state(api: Api) -> None:
             spend=[hour_spend(p.id, 1_500_000_000, 10 * USD, 1)],
             full_snapshot=True,
             server_time=timestamp(T0),
+            price_overrides=dp.PriceOverrides(),  # none set: an empty, complete set
         )
 
         # A new policy: the whole policy set is pushed.

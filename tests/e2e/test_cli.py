@@ -207,6 +207,24 @@ def test_unreachable_control_plane_is_one_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_price_override_from_the_cli(up: Up) -> None:
+    set_ = up.cli(
+        "price", "set", "gpt-4o-mini", "--input", "100", "--output", "200", "--note", "test"
+    )
+    assert set_.returncode == 0, set_.stderr
+    override_id = set_.stdout.split(":")[0]
+    assert set_.stdout.strip() == (
+        f"{override_id}: gpt-4o-mini now $100 in / $200 out per million tokens"
+    )
+    listed = json.loads(up.cli("price", "list", "--model", "gpt-4o-mini", "--json").stdout)
+    mini = next(p for p in listed if p["model"] == "gpt-4o-mini")
+    assert (mini["price"]["input"], mini["override_id"]) == ("100", override_id)
+    assert override_id in up.cli("price", "overrides").stdout
+    bad = up.cli("price", "set", "gpt-4o-mini", "--input", "-1", "--output", "2")
+    assert bad.returncode == 1 and "override.price.input" in bad.stderr
+    assert up.cli("price", "delete", override_id).stdout.strip() == f"deleted {override_id}"
+
+
 def test_ctrl_c_stops_everything_cleanly(up: Up) -> None:
     # Runs last in this module: it stops the stack.
     children = subprocess.run(

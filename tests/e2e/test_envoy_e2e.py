@@ -364,3 +364,32 @@ def test_provider_error_costs_nothing(stack: Stack) -> None:
         chat(sdk(stack, headers={"x-fake-status": "500"}).with_options(max_retries=0))
     chat(sdk(stack, headers=BIG))
     wait_for_spend(stack, policy.id, BIG_COST)
+
+
+def test_price_change_applies_to_the_next_request(stack: Stack) -> None:
+    from spendgate.v1 import pricing_pb2 as pp
+    from spendgate.v1 import pricing_pb2_grpc
+    from tests.harness import grpc_channel
+
+    policy = create(stack, amount_usd="100", scope=pb.SCOPE_GLOBAL, action=pb.ACTION_ALERT)
+    pricing = pricing_pb2_grpc.PricingServiceStub(grpc_channel(stack.cp.port))
+    o = pricing.SetPriceOverride(
+        pp.SetPriceOverrideRequest(
+            override=pp.PriceOverride(
+                model="gpt-4o-mini", price=pp.Price(input="100", output="200")
+            )
+        ),
+        metadata=stack.admin,
+    )
+
+    def price_in_ext_proc() -> Decimal | None:
+        found = stack.ext.ctx.prices.lookup("gpt-4o-mini-2024-07-18", "openai")
+        return found.input if found else None
+
+    wait_until(lambda: price_in_ext_proc() == Decimal(100), message="override reaches ext_proc")
+    chat(sdk(stack, headers=BIG))  # 1000 x $100/M + 500 x $200/M
+    wait_for_spend(stack, policy.id, Decimal("0.2"))
+    pricing.DeletePriceOverride(pp.DeletePriceOverrideRequest(id=o.id), metadata=stack.admin)
+    wait_until(lambda: price_in_ext_proc() == Decimal("0.15"), message="override removed")
+    chat(sdk(stack, headers=BIG))  # back to the catalog price
+    wait_for_spend(stack, policy.id, Decimal("0.2") + BIG_COST)

@@ -1,0 +1,208 @@
+"""Prices: the bundled catalog and the operator's overrides (PricingService).
+
+One transaction per use case, like control_plane.service; every change is
+pushed to all data planes as a complete set of overrides, so the next request
+anywhere is charged at the new price.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from control_plane.errors import InvalidArgument, NotFound
+from control_plane.service import ControlPlane, clamp_page_size
+from control_plane.store import repo
+from control_plane.store.models import PriceOverrideRow
+from spendgate.domain.policies import FieldViolation
+from spendgate.domain.pricing import ModelPrice, PriceBook
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.v1 import pricing_pb2 as pp
+from spendgate.wire import PRICE_FIELDS, price_from_message, price_message, timestamp
+
+log = structlog.get_logger("spendgate.control_plane")
+MAX_NOTE = 500
+
+
+def override_message(row: PriceOverrideRow) -> pp.PriceOverride:
+    return pp.PriceOverride(
+        id=row.id,
+        model=row.model,
+        provider=row.provider,
+        route=row.route,
+        price=pp.Price(**{name: getattr(row, name) for name in PRICE_FIELDS}),
+        note=row.note,
+        update_time=timestamp(row.update_time),
+        updated_by=row.updated_by,
+    )
+
+
+def _validated(o: pp.PriceOverride) -> tuple[str, str, str, ModelPrice]:
+    violations: list[FieldViolation] = []
+    model = o.model.strip().lower()
+    if not model:
+        violations.append(FieldViolation("override.model", "is required"))
+    if len(model) > 200:
+        violations.append(FieldViolation("override.model", "must be at most 200 characters"))
+    if len(o.note) > MAX_NOTE:
+        violations.append(FieldViolation("override.note", f"at most {MAX_NOTE} characters"))
+    price: ModelPrice | None = None
+    try:
+        price = price_from_message(model, o.provider.strip().lower(), o.price)
+    except ValueError as e:
+        field, _, text = str(e).partition(": ")
+        if not text:
+            field, text = "price.input", str(e)
+        violations.append(FieldViolation(f"override.{field}", text))
+    if violations:
+        raise InvalidArgument(violations)
+    assert price is not None
+    return model, o.provider.strip().lower(), o.route.strip(), price
+
+
+class PricingAdmin:
+    def __init__(self, cp: ControlPlane, catalog: PriceBook | None = None) -> None:
+        self.cp = cp
+        self.catalog = catalog or PriceBook.bundled()
+
+    async def list_overrides(self) -> list[pp.PriceOverride]:
+        rows = await self.cp.run(_all_overrides)
+        return [override_message(r) for r in rows]
+
+    async def overrides_update(self) -> dp.StateUpdate:
+        """The state-stream message that carries every override."""
+        return dp.StateUpdate(
+            price_overrides=dp.PriceOverrides(overrides=await self.list_overrides())
+        )
+
+    async def set_override(self, o: pp.PriceOverride, author: str) -> pp.PriceOverride:
+        model, provider, route, price = _validated(o)
+        now = self.cp.clock()
+
+        def upsert(s: Session) -> PriceOverrideRow:
+            row = s.scalars(
+                select(PriceOverrideRow)
+                .where(
+                    PriceOverrideRow.model == model,
+                    PriceOverrideRow.provider == provider,
+                    PriceOverrideRow.route == route,
+                )
+                .with_for_update()
+            ).first()
+            if row is None:
+                row = PriceOverrideRow(
+                    id="po_" + uuid.uuid4().hex[:24], model=model, provider=provider, route=route
+                )
+                s.add(row)
+            text = price_message(price)
+            for name in PRICE_FIELDS:
+                setattr(row, name, getattr(text, name))
+            row.note = o.note
+            row.update_time = now
+            row.updated_by = author
+            return row
+
+        row = await self.cp.run(upsert)
+        log.info(
+            "price override set",
+            override_id=row.id,
+            model=model,
+            provider=provider,
+            route=route,
+            input=row.input,
+            output=row.output,
+            author=author,
+        )
+        self.cp.hub.publish(await self.overrides_update())
+        return override_message(row)
+
+    async def delete_override(self, override_id: str, author: str) -> None:
+        def delete(s: Session) -> None:
+            row = s.get(PriceOverrideRow, override_id)
+            if row is None:
+                raise NotFound("price override", override_id)
+            s.delete(row)
+
+        await self.cp.run(delete)
+        log.info("price override deleted", override_id=override_id, author=author)
+        self.cp.hub.publish(await self.overrides_update())
+
+    async def list_prices(
+        self, provider: str, model_contains: str, page_size: int, page_token: str
+    ) -> tuple[list[pp.ModelPrice], str]:
+        limit = clamp_page_size(page_size, default=200)
+        offset = 0
+        if page_token:
+            parts = repo.decode_page_token(page_token, 1)
+            if parts is None or not parts[0].isdigit():
+                raise InvalidArgument.one("page_token", "is not a token this server returned")
+            offset = int(parts[0])
+        rows = await self.cp.run(_all_overrides)
+        entries = self._effective(rows)
+        provider = provider.strip().lower()
+        needle = model_contains.strip().lower()
+        entries = [
+            e
+            for e in entries
+            if (not provider or e.provider in (provider, "")) and (not needle or needle in e.model)
+        ]
+        page = entries[offset : offset + limit]
+        token = repo.encode_page_token(str(offset + limit)) if offset + limit < len(entries) else ""
+        return page, token
+
+    def _effective(self, rows: list[PriceOverrideRow]) -> list[pp.ModelPrice]:
+        """Catalog prices with the general overrides applied, then every
+        provider- or route-specific override and overrides of unknown models."""
+        general = {(r.model, r.provider): r for r in rows if not r.route}
+        out: list[pp.ModelPrice] = []
+        used: set[str] = set()
+        for price in sorted(self.catalog, key=lambda p: (p.provider, p.model)):
+            key = price.model.lower()
+            row = general.get((key, price.provider)) or general.get((key, ""))
+            if row is not None:
+                used.add(row.id)
+                out.append(
+                    pp.ModelPrice(
+                        provider=price.provider,
+                        model=price.model,
+                        price=override_message(row).price,
+                        source="override",
+                        override_id=row.id,
+                    )
+                )
+            else:
+                out.append(
+                    pp.ModelPrice(
+                        provider=price.provider,
+                        model=price.model,
+                        price=price_message(price),
+                        source=price.source,
+                        checked=price.checked,
+                    )
+                )
+        for row in rows:
+            if row.id not in used:
+                out.append(
+                    pp.ModelPrice(
+                        provider=row.provider,
+                        model=row.model,
+                        price=override_message(row).price,
+                        source="override",
+                        override_id=row.id,
+                        route=row.route,
+                    )
+                )
+        return out
+
+
+def _all_overrides(s: Session) -> list[PriceOverrideRow]:
+    return list(
+        s.scalars(
+            select(PriceOverrideRow).order_by(
+                PriceOverrideRow.model, PriceOverrideRow.provider, PriceOverrideRow.route
+            )
+        )
+    )
