@@ -28,7 +28,7 @@ from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
 from control_plane.webhooks.outbox import KnownEvents, OutboxResult, record_crossings
 from spendgate.domain.pricing import format_usd
-from spendgate.domain.windows import window_for
+from spendgate.domain.windows import Window, window_for
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import from_timestamp, timestamp
@@ -202,16 +202,21 @@ class ControlPlane:
             rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
             deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
             unknown = 0
+            policies = {pid: convert.domain_policy(r) for pid, r in rows.items()}
+            windows: dict[tuple[str, int], Window] = {}
             for inc in req.increments:
                 row = rows.get(inc.policy_id)
                 if row is None:
                     unknown += 1
                     continue
-                policy = convert.domain_policy(row)
+                policy = policies[row.id]
                 # Re-bucket by the policy as stored now: a data plane with a
                 # stale snapshot never puts spend into a window that no
                 # longer exists.
-                w = window_for(policy.window, from_timestamp(inc.window_start))
+                wkey = (row.id, inc.window_start.seconds)
+                w = windows.get(wkey)
+                if w is None:
+                    w = windows[wkey] = window_for(policy.window, from_timestamp(inc.window_start))
                 member = inc.member if policy.is_wildcard else ""
                 key = (row.id, member, int(w.start.timestamp()))
                 acc = deltas[key]

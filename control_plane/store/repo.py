@@ -9,9 +9,9 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import Select, delete, select
+from sqlalchemy import Select, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -118,36 +118,62 @@ class SpendTotal:
     previous_nanos: int  # spend before this apply, for crossing detection
 
 
+_PG_UPSERT = text("""
+    INSERT INTO window_spend AS w (policy_id, member, window_start, window_end, spent_nanos,
+                                   request_count, estimated_count, updated_at)
+    SELECT p, m, ws, we, c, r, e, :now
+    FROM unnest(CAST(:p AS varchar[]), CAST(:m AS varchar[]), CAST(:ws AS bigint[]),
+                CAST(:we AS bigint[]), CAST(:c AS bigint[]), CAST(:r AS bigint[]),
+                CAST(:e AS bigint[])) WITH ORDINALITY AS t(p, m, ws, we, c, r, e, n)
+    ORDER BY n
+    ON CONFLICT (policy_id, member, window_start) DO UPDATE SET
+        spent_nanos = w.spent_nanos + excluded.spent_nanos,
+        request_count = w.request_count + excluded.request_count,
+        estimated_count = w.estimated_count + excluded.estimated_count,
+        updated_at = excluded.updated_at
+    RETURNING policy_id, member, window_start, spent_nanos, request_count
+""")
+
+
+def _upsert_postgres(
+    session: Session, ordered: list[SpendDelta], now: datetime
+) -> list[tuple[int, int]]:
+    """PostgreSQL: the whole batch as seven arrays in one statement (unnest),
+    far cheaper to send and parse than one VALUES row per window."""
+    rows = session.execute(
+        _PG_UPSERT,
+        {
+            "p": [d.policy_id for d in ordered],
+            "m": [d.member for d in ordered],
+            "ws": [d.window_start for d in ordered],
+            "we": [d.window_end for d in ordered],
+            "c": [d.cost_nanos for d in ordered],
+            "r": [d.request_count for d in ordered],
+            "e": [d.estimated_count for d in ordered],
+            "now": now.astimezone(UTC).replace(tzinfo=None),
+        },
+    ).all()
+    # RETURNING order is not promised: match rows back by key.
+    after = {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
+    return [after[(d.policy_id, d.member, d.window_start)] for d in ordered]
+
+
 def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> list[SpendTotal]:
     """Atomically add each delta to its window row (``spent = spent + x``).
 
-    Rows are touched in key order so two transactions on PostgreSQL lock them
-    in the same order and cannot deadlock.
+    One upsert statement executed for all rows: SQLAlchemy sends them as
+    multi-row INSERT ... ON CONFLICT DO UPDATE ... RETURNING batches
+    ("insertmanyvalues"), compiled once and cached, so a batch of many windows
+    costs a few round trips, not one per window. Rows go in key order so two
+    transactions on PostgreSQL lock them in the same order and cannot
+    deadlock. Keys must be unique within ``deltas`` (callers aggregate first).
     """
-    totals: list[SpendTotal] = []
-    table = WindowSpendRow.__table__
-    for d in sorted(deltas, key=lambda d: (d.policy_id, d.member, d.window_start)):
-        ins = dialect_insert(session, WindowSpendRow).values(
-            policy_id=d.policy_id,
-            member=d.member,
-            window_start=d.window_start,
-            window_end=d.window_end,
-            spent_nanos=d.cost_nanos,
-            request_count=d.request_count,
-            estimated_count=d.estimated_count,
-            updated_at=now,
-        )
-        stmt = ins.on_conflict_do_update(
-            index_elements=["policy_id", "member", "window_start"],
-            set_={
-                "spent_nanos": table.c.spent_nanos + ins.excluded.spent_nanos,
-                "request_count": table.c.request_count + ins.excluded.request_count,
-                "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
-                "updated_at": ins.excluded.updated_at,
-            },
-        ).returning(table.c.spent_nanos, table.c.request_count)
-        spent, count = session.execute(stmt).one()
-        totals.append(
+    ordered = sorted(deltas, key=lambda d: (d.policy_id, d.member, d.window_start))
+    if not ordered:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        after = _upsert_postgres(session, ordered, now)
+        return [
             SpendTotal(
                 d.policy_id,
                 d.member,
@@ -157,8 +183,39 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
                 count,
                 spent - d.cost_nanos,
             )
+            for d, (spent, count) in zip(ordered, after, strict=True)
+        ]
+    table = WindowSpendRow.__table__
+    ins = dialect_insert(session, WindowSpendRow)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["policy_id", "member", "window_start"],
+        set_={
+            "spent_nanos": table.c.spent_nanos + ins.excluded.spent_nanos,
+            "request_count": table.c.request_count + ins.excluded.request_count,
+            "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
+            "updated_at": ins.excluded.updated_at,
+        },
+    ).returning(table.c.spent_nanos, table.c.request_count, sort_by_parameter_order=True)
+    params = [
+        {
+            "policy_id": d.policy_id,
+            "member": d.member,
+            "window_start": d.window_start,
+            "window_end": d.window_end,
+            "spent_nanos": d.cost_nanos,
+            "request_count": d.request_count,
+            "estimated_count": d.estimated_count,
+            "updated_at": now,
+        }
+        for d in ordered
+    ]
+    returned = session.execute(stmt, params).all()
+    return [
+        SpendTotal(
+            d.policy_id, d.member, d.window_start, d.window_end, spent, count, spent - d.cost_nanos
         )
-    return totals
+        for d, (spent, count) in zip(ordered, returned, strict=True)
+    ]
 
 
 def spend_rows_query(*, active_at: int) -> Select[WindowSpendRow]:
