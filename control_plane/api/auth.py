@@ -56,6 +56,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         return role
         return None
 
+    def author(self, context: grpc.aio.ServicerContext) -> str:
+        """Who made a call, for created_by/updated_by: the role of its token."""
+        return self.role_of(tuple(context.invocation_metadata() or ())) or "unknown"
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

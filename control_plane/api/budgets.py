@@ -64,16 +64,13 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         self.cp = cp
         self.auth = auth
 
-    def _author(self, context: grpc.aio.ServicerContext) -> str:
-        return self.auth.role_of(tuple(context.invocation_metadata() or ())) or "unknown"
-
     @unary
     async def CreateBudgetPolicy(
         self, request: pb.CreateBudgetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.BudgetPolicy:
         if not request.HasField("policy"):
             raise InvalidArgument.one("policy", "is required")
-        return await self.cp.create_policy(request.policy, self._author(context))
+        return await self.cp.create_policy(request.policy, self.auth.author(context))
 
     @unary
     async def GetBudgetPolicy(
@@ -98,7 +95,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             raise InvalidArgument.one("policy.id", "is required")
         merge = mask_merger(request.policy, request.update_mask)
         return await self.cp.update_policy(
-            request.policy.id, merge, request.policy.etag, self._author(context)
+            request.policy.id, merge, request.policy.etag, self.auth.author(context)
         )
 
     @unary
@@ -107,7 +104,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     ) -> empty_pb2.Empty:
         if not request.id:
             raise InvalidArgument.one("id", "is required")
-        await self.cp.delete_policy(request.id, request.etag, self._author(context))
+        await self.cp.delete_policy(request.id, request.etag, self.auth.author(context))
         return empty_pb2.Empty()
 
     @unary

@@ -18,9 +18,6 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         self.admin = admin
         self.auth = auth
 
-    def _author(self, context: grpc.aio.ServicerContext) -> str:
-        return self.auth.role_of(tuple(context.invocation_metadata() or ())) or "unknown"
-
     @unary
     async def ListPrices(
         self, request: pp.ListPricesRequest, context: grpc.aio.ServicerContext
@@ -42,7 +39,7 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
     ) -> pp.PriceOverride:
         if not request.HasField("override"):
             raise InvalidArgument.one("override", "is required")
-        return await self.admin.set_override(request.override, self._author(context))
+        return await self.admin.set_override(request.override, self.auth.author(context))
 
     @unary
     async def DeletePriceOverride(
@@ -50,5 +47,5 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
     ) -> empty_pb2.Empty:
         if not request.id:
             raise InvalidArgument.one("id", "is required")
-        await self.admin.delete_override(request.id, self._author(context))
+        await self.admin.delete_override(request.id, self.auth.author(context))
         return empty_pb2.Empty()

@@ -77,16 +77,13 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
         self.admin = admin
         self.auth = auth
 
-    def _author(self, context: grpc.aio.ServicerContext) -> str:
-        return self.auth.role_of(tuple(context.invocation_metadata() or ())) or "unknown"
-
     @unary
     async def CreateWebhook(
         self, request: wpb.CreateWebhookRequest, context: grpc.aio.ServicerContext
     ) -> wpb.Webhook:
         if not request.HasField("webhook"):
             raise InvalidArgument.one("webhook", "is required")
-        return await self.admin.create_webhook(request.webhook, self._author(context))
+        return await self.admin.create_webhook(request.webhook, self.auth.author(context))
 
     @unary
     async def GetWebhook(
@@ -115,7 +112,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
             merge,
             secrets_of(request.webhook, request.update_mask),
             request.webhook.etag,
-            self._author(context),
+            self.auth.author(context),
         )
 
     @unary
@@ -124,7 +121,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     ) -> empty_pb2.Empty:
         if not request.id:
             raise InvalidArgument.one("id", "is required")
-        await self.admin.delete_webhook(request.id, request.etag, self._author(context))
+        await self.admin.delete_webhook(request.id, request.etag, self.auth.author(context))
         return empty_pb2.Empty()
 
     @unary

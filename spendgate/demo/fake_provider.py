@@ -62,11 +62,20 @@ class Billed:
         return self.usage.input_tokens or 0
 
 
+LOG_LIMIT = 10_000  # records kept; `spendgate up --demo` may run for days
+
+
 @dataclass
 class ProviderLog:
     billed: list[Billed] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def trim(self) -> None:
+        """Keep the newest LOG_LIMIT records of each kind (call with the lock held)."""
+        for records in (self.billed, self.requests):
+            if len(records) > LOG_LIMIT:
+                del records[: len(records) - LOG_LIMIT]
 
     def clear(self) -> None:
         with self.lock:
@@ -157,6 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "body": raw[:4096],
                 }
             )
+            self.server.log.trim()
         api, model_in_path = self._api(path)
         if api is None:
             self._send_json(
@@ -262,6 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, billed: Billed) -> None:
         with self.server.log.lock:
             self.server.log.billed.append(billed)
+            self.server.log.trim()
 
     def _stream(self, reply: fake_apis.Reply) -> bool:
         """Send the events one HTTP chunk each; False if the stream was cut."""
