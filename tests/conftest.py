@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -87,7 +88,13 @@ class Stack:
         return (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
-def start_stack(database_url: str | None = None, *, clock: FakeClock | None = None) -> Stack:
+def start_stack(
+    database_url: str | None = None,
+    *,
+    clock: FakeClock | None = None,
+    control_plane: Mapping[str, Any] | None = None,
+) -> Stack:
+    """The whole stack; ``control_plane`` overrides control plane settings."""
     workdir = tempdir()
     clock = clock or FakeClock()
     provider = FakeProviderServer()
@@ -102,6 +109,7 @@ def start_stack(database_url: str | None = None, *, clock: FakeClock | None = No
                 admin_token=ADMIN_TOKEN,
                 read_token=READ_TOKEN,
                 data_plane_token=DATA_PLANE_TOKEN,
+                **(control_plane or {}),
             ),
             clock=clock,
         )

@@ -26,27 +26,20 @@ from control_plane.webhooks.dispatcher import Dispatcher
 from control_plane.webhooks.sender import Sender
 from control_plane.webhooks.service import WebhookAdmin
 from control_plane.webhooks.ssrf import Resolver, UrlPolicy, system_resolver
-from ext_proc.config import Settings as EPSettings
-from ext_proc.server import ExtProcServer
-from spendgate import envoy_config
-from spendgate.demo.fake_provider import FakeProviderServer
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import budget_pb2_grpc, dataplane_pb2_grpc, webhooks_pb2_grpc
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import webhooks_pb2 as wpb
 from spendgate.wire import timestamp
-from tests.conftest import Stack
+from tests.conftest import Stack, start_stack
 from tests.harness import (
     ADMIN_TOKEN,
     DATA_PLANE_TOKEN,
     READ_TOKEN,
-    EnvoyProcess,
     FakeClock,
     LoopThread,
     bearer,
     free_port,
-    grpc_channel,
-    tempdir,
 )
 from tests.webhooks.receiver import Receiver
 
@@ -299,38 +292,4 @@ def api(db_url: str, clock: FakeClock) -> Iterator[Api]:
 def start_stack_with_webhooks(clock: FakeClock | None = None) -> Stack:
     """tests.conftest.start_stack, with the webhook settings the local
     receivers need (stop it with tests.conftest.stop_stack)."""
-    workdir = tempdir()
-    clock = clock or FakeClock()
-    provider = FakeProviderServer()
-    provider.start_in_thread()
-    loop = LoopThread("spendgate-services")
-    cp_port, ep_port = free_port(), free_port()
-    database_url = f"sqlite:///{workdir}/spendgate.db"
-    cp = loop.call(
-        lambda: ControlPlaneServer(
-            settings(database_url, listen=f"127.0.0.1:{cp_port}"), clock=clock
-        )
-    )
-    loop.run(cp.start())
-    ext = loop.call(
-        lambda: ExtProcServer(
-            EPSettings(
-                listen=f"127.0.0.1:{ep_port}",
-                control_plane=f"127.0.0.1:{cp_port}",
-                data_plane_token=DATA_PLANE_TOKEN,
-                data_plane_id="test-dp",
-                flush_interval_ms=20,
-            ),
-            clock=clock,
-        )
-    )
-    loop.run(ext.start())
-    config = envoy_config.adapt(
-        envoy_config.load(),
-        ext_proc=("127.0.0.1", ep_port),
-        providers_to=("127.0.0.1", provider.port),
-        demo_to=("127.0.0.1", provider.port),
-    )
-    envoy = EnvoyProcess(config, workdir)
-    budgets = budget_pb2_grpc.BudgetServiceStub(grpc_channel(cp_port))
-    return Stack(clock, provider, cp, ext, envoy, loop, budgets, workdir)
+    return start_stack(clock=clock, control_plane=FAST)
