@@ -38,6 +38,12 @@ class Settings:
     # the model only appears in the response).
     default_input_price: str = "15"
     default_output_price: str = "75"
+    # Write-ahead journal of unsent usage (ext_proc/journal.py): a crash or
+    # kill -9 loses at most flush_interval_ms of usage, and usage the control
+    # plane could not take is re-sent on the next start. "{port}" becomes the
+    # listen port; relative paths are relative to the working directory.
+    # "" disables the journal (unsent usage then lives only in memory).
+    journal_dir: str = ".spendgate/ext_proc-{port}"
     log_json: bool = True
     log_level: str = "info"
 
@@ -62,6 +68,10 @@ class Settings:
                 ) from None
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+
+    def journal_path(self, port: int) -> str:
+        """The journal directory for the bound listen port ("" = no journal)."""
+        return self.journal_dir.replace("{port}", str(port))
 
     @property
     def identity(self) -> str:

@@ -13,7 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import envoy_codec as codec
-from ext_proc.config import Settings
+from ext_proc.config import ConfigError, Settings
+from ext_proc.journal import Journal, JournalError
 from ext_proc.pricing import PriceOverride, PriceTable
 from ext_proc.processor import Context, RequestProcessor
 from ext_proc.state import LocalState
@@ -24,6 +25,9 @@ from spendgate.wire import price_from_message
 
 log = structlog.get_logger("spendgate.ext_proc")
 SYNC_HEALTH_SERVICE = "spendgate.ControlPlaneSync"
+# NOT_SERVING while usage is piling up (a batch could not be delivered);
+# SERVING once every batch is acknowledged.
+USAGE_HEALTH_SERVICE = "spendgate.UsageDelivery"
 
 
 def utc_now() -> datetime:
@@ -77,6 +81,26 @@ class ExtProcServer:
         self.port = self.server.add_insecure_port(settings.listen)
         self.sync.on_connection_change = self._on_sync_change
         self.sync.on_price_overrides = self._on_price_overrides
+        self.sync.on_backlog_change = self._on_backlog_change
+        journal_dir = settings.journal_path(self.port)
+        if journal_dir:
+            try:
+                self.state.journal = Journal(journal_dir)
+                # Replay before the first flush: those batches keep their ids.
+                self.state.restore(self.state.journal.open())
+                self.sync.backlog = bool(self.state.in_flight)
+            except (JournalError, OSError) as e:
+                raise ConfigError(f"journal_dir {journal_dir!r}: {e}") from e
+        else:
+            log.warning("usage journal disabled: a crash loses unsent usage")
+
+    def _on_backlog_change(self, piling: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if piling
+            else health_pb2.HealthCheckResponse.SERVING
+        )
+        asyncio.get_running_loop().create_task(self.health.set(USAGE_HEALTH_SERVICE, status))
 
     def _on_price_overrides(self, msg: dp.PriceOverrides) -> None:
         overrides = []
@@ -104,6 +128,12 @@ class ExtProcServer:
         # SYNC_HEALTH_SERVICE tells whether usage is reaching it.
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SYNC_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(
+            USAGE_HEALTH_SERVICE,
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if self.state.in_flight
+            else health_pb2.HealthCheckResponse.SERVING,
+        )
         self.sync.start()
         log.info(
             "ext_proc listening",
@@ -118,4 +148,6 @@ class ExtProcServer:
         # Finish in-flight HTTP requests first so their usage is charged, then flush.
         await self.server.stop(grace)
         await self.sync.stop()
+        if self.state.journal is not None:
+            self.state.journal.close()
         log.info("ext_proc stopped", **self.ctx.stats.as_dict())

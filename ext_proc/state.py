@@ -11,18 +11,27 @@ Totals only grow within a window, so totals from acks and from the state
 stream are merged with max(). Between the moment the control plane applies
 our batch and the moment its ack reaches us, that batch can be counted twice
 — an over-estimate for a few milliseconds, never an under-estimate.
+
+With a journal (ext_proc/journal.py), every batch is written durably before
+it is sent, and acknowledged batches are marked there. Usage that cannot be
+sent stays bounded in memory: new usage is merged into the newest batch as
+long as that batch has never been sent (a batch id the control plane may have
+seen never changes content), so at most two batches wait during an outage
+and memory grows with the number of windows, not with time; the journal holds
+the durable copy.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import structlog
 
 from ext_proc.decide import SpendKey
+from ext_proc.journal import Journal
 from spendgate.domain.policies import Match, PolicyIndex
 from spendgate.domain.windows import window_for
 from spendgate.v1 import dataplane_pb2 as dp
@@ -44,6 +53,22 @@ class Batch:
     batch_id: str
     increments: dict[SpendKey, Increment]
     attempts: int = 0
+    # Set once the batch may have reached the control plane (a send was
+    # attempted, or it was replayed from the journal): its content is final.
+    sent: bool = False
+
+    @staticmethod
+    def from_message(msg: dp.ReportUsageRequest) -> Batch:
+        increments: dict[SpendKey, Increment] = {}
+        for i in msg.increments:
+            key = (i.policy_id, i.member, i.window_start.seconds)
+            inc = increments.get(key)
+            if inc is None:
+                inc = increments[key] = Increment()
+            inc.cost_nanos += i.cost_nanos
+            inc.requests += i.request_count
+            inc.estimated += i.estimated_count
+        return Batch(batch_id=msg.batch_id, increments=increments, sent=True)
 
     def message(self, data_plane_id: str) -> dp.ReportUsageRequest:
         return dp.ReportUsageRequest(
@@ -72,6 +97,8 @@ class LocalState:
     in_flight: dict[str, Batch] = field(default_factory=dict)
     synced: bool = False  # a snapshot has arrived at least once
     last_prune: float = 0.0
+    journal: Journal | None = None
+    journal_failed: bool = False
 
     # ---- reads (hot path) --------------------------------------------------
 
@@ -102,13 +129,36 @@ class LocalState:
             inc.estimated += int(estimated)
 
     def take_batch(self) -> Batch | None:
-        """Move pending usage into a new in-flight batch with a fresh id."""
+        """Move pending usage into an in-flight batch and journal it.
+
+        The usage joins the newest in-flight batch if that one was never sent,
+        else a new batch with a fresh id.
+        """
         if not self.pending:
             return None
-        batch = Batch(batch_id=uuid.uuid4().hex, increments=self.pending)
-        self.pending = {}
-        self.in_flight[batch.batch_id] = batch
+        delta, self.pending = self.pending, {}
+        newest = next(reversed(self.in_flight.values()), None)
+        if newest is not None and not newest.sent:
+            batch = newest
+            for key, inc in delta.items():
+                into = batch.increments.get(key)
+                if into is None:
+                    batch.increments[key] = inc
+                else:
+                    into.cost_nanos += inc.cost_nanos
+                    into.requests += inc.requests
+                    into.estimated += inc.estimated
+        else:
+            batch = Batch(batch_id=uuid.uuid4().hex, increments=delta)
+            self.in_flight[batch.batch_id] = batch
+        self._journal(lambda j: j.append(Batch(batch.batch_id, delta).message("")))
         return batch
+
+    def restore(self, messages: Iterable[dp.ReportUsageRequest]) -> None:
+        """Add batches replayed from the journal, before any new usage is taken."""
+        for msg in messages:
+            batch = Batch.from_message(msg)
+            self.in_flight[batch.batch_id] = batch
 
     def unsent_count(self) -> int:
         return len(self.pending) + sum(len(b.increments) for b in self.in_flight.values())
@@ -117,6 +167,25 @@ class LocalState:
         # Merge the totals first so the batch is never missing from both.
         self.merge_spend(resp.spend)
         self.in_flight.pop(batch.batch_id, None)
+        self._journal(lambda j: j.acknowledge(batch.batch_id))
+        if self.journal is not None and self.journal.needs_compaction():
+            live = [b.message("") for b in self.in_flight.values()]
+            self._journal(lambda j: j.compact(live))
+
+    def _journal(self, op: Callable[[Journal], None]) -> None:
+        """Run a journal operation; a failing disk never stops metering."""
+        if self.journal is None:
+            return
+        try:
+            op(self.journal)
+        except OSError as e:
+            if not self.journal_failed:
+                log.error("usage journal write failed; usage is kept in memory", error=str(e))
+            self.journal_failed = True
+        else:
+            if self.journal_failed:
+                log.info("usage journal writable again")
+            self.journal_failed = False
 
     # ---- control plane state -------------------------------------------------
 

@@ -40,6 +40,10 @@ class ControlPlaneSync:
         self.on_connection_change: Callable[[bool], None] = lambda up: None
         # Called with each complete set of price overrides the control plane sends.
         self.on_price_overrides: Callable[[dp.PriceOverrides], None] = lambda o: None
+        # Called with True when usage stops reaching the control plane (a
+        # batch could not be delivered) and False once everything is delivered.
+        self.on_backlog_change: Callable[[bool], None] = lambda piling: None
+        self.backlog = False
         self._metadata = (("authorization", f"Bearer {settings.data_plane_token}"),)
         self._channel = self._open_channel()
         self._stub = dataplane_pb2_grpc.DataPlaneServiceStub(self._channel)
@@ -73,7 +77,12 @@ class ControlPlaneSync:
             await asyncio.wait_for(self.flush(), timeout)
         left = self.state.unsent_count()
         if left:
-            log.error("usage not delivered at shutdown", windows=left)
+            journaled = self.state.journal is not None and not self.state.journal_failed
+            log.error(
+                "usage not delivered at shutdown"
+                + ("; kept in the journal for the next start" if journaled else ""),
+                windows=left,
+            )
         await self._channel.close()
 
     def _set_connected(self, up: bool) -> None:
@@ -119,31 +128,47 @@ class ControlPlaneSync:
             await asyncio.sleep(interval)
             await self.flush()
 
+    def _set_backlog(self, piling: bool) -> None:
+        if piling != self.backlog:
+            self.backlog = piling
+            if piling:
+                log.warning("usage is piling up: the control plane does not take it")
+            else:
+                log.info("all usage delivered to the control plane")
+            self.on_backlog_change(piling)
+
     async def flush(self) -> None:
         """Send the pending usage and retry every unacknowledged batch, oldest first."""
         async with self._flush_lock:
             self.state.take_batch()
-            for batch in list(self.state.in_flight.values()):
-                batch.attempts += 1
-                try:
-                    resp = await self._stub.ReportUsage(
-                        batch.message(self.settings.identity),
-                        metadata=self._metadata,
-                        timeout=REPORT_TIMEOUT_S,
+            delivered = await self._send_in_flight()
+            self._set_backlog(not delivered)
+
+    async def _send_in_flight(self) -> bool:
+        """False if a batch could not be delivered (the later ones are left unsent)."""
+        for batch in list(self.state.in_flight.values()):
+            batch.attempts += 1
+            batch.sent = True
+            try:
+                resp = await self._stub.ReportUsage(
+                    batch.message(self.settings.identity),
+                    metadata=self._metadata,
+                    timeout=REPORT_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as e:
+                if batch.attempts in (1, 10) or batch.attempts % 100 == 0:
+                    log.warning(
+                        "usage batch not delivered; will retry",
+                        batch_id=batch.batch_id,
+                        attempts=batch.attempts,
+                        code=e.code().name,
+                        detail=e.details(),
                     )
-                except grpc.aio.AioRpcError as e:
-                    if batch.attempts in (1, 10) or batch.attempts % 100 == 0:
-                        log.warning(
-                            "usage batch not delivered; will retry",
-                            batch_id=batch.batch_id,
-                            attempts=batch.attempts,
-                            code=e.code().name,
-                            detail=e.details(),
-                        )
-                    return
-                self.state.acknowledge(batch, resp)
-                if resp.unknown_policy_increments:
-                    log.info(
-                        "control plane dropped usage of deleted policies",
-                        count=resp.unknown_policy_increments,
-                    )
+                return False
+            self.state.acknowledge(batch, resp)
+            if resp.unknown_policy_increments:
+                log.info(
+                    "control plane dropped usage of deleted policies",
+                    count=resp.unknown_policy_increments,
+                )
+        return True

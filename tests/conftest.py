@@ -123,6 +123,7 @@ def start_stack(
                 data_plane_token=DATA_PLANE_TOKEN,
                 data_plane_id="test-dp",
                 flush_interval_ms=20,
+                journal_dir=str(workdir / "journal"),
             ),
             clock=clock,
         )

@@ -294,6 +294,7 @@ async def running(**settings: Any) -> AsyncIterator[Ext]:
                 "data_plane_token": "x" * 20,
                 "data_plane_id": "test-dp",
                 "flush_interval_ms": 60_000,  # keep usage in `pending` for the assertions
+                "journal_dir": "",  # nothing to keep between tests
                 **settings,
             }
         ),

@@ -215,7 +215,9 @@ def test_spent_is_remote_plus_pending_plus_in_flight() -> None:
     assert state.spent(KEY) == 0
     state.merge_spend([window_spend(KEY, 1000)])
     state.charge([(DAILY, "")], 20, NOW, estimated=False)
-    assert state.take_batch() is not None
+    first = state.take_batch()
+    assert first is not None
+    first.sent = True  # the next take starts a new batch
     state.charge([(DAILY, "")], 300, NOW, estimated=False)
     assert state.take_batch() is not None
     state.charge([(DAILY, "")], 4000, NOW, estimated=False)
@@ -237,6 +239,7 @@ def test_take_batch_moves_pending_to_a_fresh_in_flight_batch() -> None:
         ("daily", "", DAY_START): Increment(5, 1, 0),
         ("hourly", "", HOUR_START): Increment(5, 1, 0),
     }
+    first.sent = True  # a sent batch is never extended
     state.charge([(DAILY, "")], 6, NOW, estimated=True)
     second = state.take_batch()
     assert second is not None
@@ -247,6 +250,20 @@ def test_take_batch_moves_pending_to_a_fresh_in_flight_batch() -> None:
     state.charge([(DAILY, "")], 1000, NOW, estimated=False)
     assert first.increments[("daily", "", DAY_START)] == Increment(5, 1, 0)
     assert second.increments == {("daily", "", DAY_START): Increment(6, 1, 1)}
+
+
+def test_take_batch_extends_the_newest_batch_while_it_was_never_sent() -> None:
+    state = LocalState()
+    state.charge([(DAILY, "")], 5, NOW, estimated=False)
+    first = state.take_batch()
+    assert first is not None
+    state.charge([(DAILY, ""), (HOURLY, "")], 6, NOW, estimated=True)
+    assert state.take_batch() is first
+    assert first.increments == {
+        ("daily", "", DAY_START): Increment(11, 2, 1),
+        ("hourly", "", HOUR_START): Increment(6, 1, 1),
+    }
+    assert list(state.in_flight) == [first.batch_id]
 
 
 def test_batch_message() -> None:
