@@ -103,6 +103,7 @@ class PricingAdmin:
             row.note = o.note
             row.update_time = now
             row.updated_by = author
+            self.cp.changed(s, "prices")
             return row
 
         row = await self.cp.run(upsert)
@@ -125,6 +126,7 @@ class PricingAdmin:
             if row is None:
                 raise NotFound("price override", override_id)
             s.delete(row)
+            self.cp.changed(s, "prices")
 
         await self.cp.run(delete)
         log.info("price override deleted", override_id=override_id, author=author)

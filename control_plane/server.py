@@ -21,6 +21,7 @@ from control_plane.config import Settings
 from control_plane.errors import Unavailable
 from control_plane.hub import StateHub
 from control_plane.pricing import PricingAdmin
+from control_plane.replicas import ReplicaSync
 from control_plane.service import Clock, ControlPlane, utc_now
 from control_plane.store import webhook_repo
 from control_plane.store.db import create_db_engine, migrate
@@ -70,6 +71,11 @@ class ControlPlaneServer:
             self.engine, StateHub(), clock=clock, default_week_start=settings.week_start_index
         )
         self.pricing = PricingAdmin(self.cp)
+        # Several replicas may share PostgreSQL: tell each other of changes.
+        self.replicas: ReplicaSync | None = None
+        if self.engine.dialect.name == "postgresql":
+            self.replicas = ReplicaSync(self.cp, self.pricing)
+            self.cp.on_change = self.replicas.notify
         self.auth = AuthInterceptor(
             {
                 ADMIN: settings.admin_token,
@@ -121,6 +127,8 @@ class ControlPlaneServer:
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
+        if self.replicas is not None:
+            await self.replicas.start()
         await self.server.start()
         await self._set_health(True)
         self._tasks = [
@@ -187,6 +195,8 @@ class ControlPlaneServer:
                 await task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.sender.aclose()
         self.cp.close()
         log.info("control plane stopped")

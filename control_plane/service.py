@@ -37,6 +37,10 @@ log = structlog.get_logger("spendgate.control_plane")
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
+# Called inside a use case's transaction with what changed ("policies",
+# "prices" or "spend" with window keys); control_plane.replicas tells the
+# other replicas through it.
+ChangeHook = Callable[[Session, str, Sequence[tuple[str, str, int]]], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
 
 
@@ -70,6 +74,14 @@ class ControlPlane:
         # dispatcher waits on it besides polling.
         self.deliveries_ready = asyncio.Event()
         self.known_events = KnownEvents()
+        self.on_change: ChangeHook | None = None
+
+    def changed(
+        self, session: Session, kind: str, keys: Sequence[tuple[str, str, int]] = ()
+    ) -> None:
+        """Record, in ``session``'s transaction, that data-plane state changed."""
+        if self.on_change is not None:
+            self.on_change(session, kind, keys)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -109,6 +121,7 @@ class ControlPlane:
             )
             convert.apply_values(row, values)
             s.add(row)
+            self.changed(s, "policies")
             return row
 
         row = await self.run(create)
@@ -160,6 +173,7 @@ class ControlPlane:
             row.update_time = now
             row.updated_by = author
             row.version += 1
+            self.changed(s, "policies")
             return row
 
         row = await self.run(update)
@@ -175,6 +189,7 @@ class ControlPlane:
             if expected_etag and expected_etag != convert.etag(row):
                 raise EtagMismatch(policy_id)
             repo.delete_policy(s, row)
+            self.changed(s, "policies")
 
         await self.run(delete)
         log.info("policy deleted", policy_id=policy_id, author=author)
@@ -236,6 +251,7 @@ class ControlPlane:
                 ),
                 now,
             )
+            self.changed(s, "spend", [(t.policy_id, t.member, t.window_start) for t in totals])
             # Crossings are recorded in this transaction: committed together
             # with the spend, or not at all.
             outbox = record_crossings(
