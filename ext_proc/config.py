@@ -18,7 +18,8 @@ __all__ = ["ConfigError", "Settings", "load_settings"]
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: str = "127.0.0.1:50052"
-    # The control plane's DataPlaneService address.
+    # The control plane's DataPlaneService address; several replicas as
+    # "host1:port,host2:port" (the next is tried when one goes away).
     control_plane: str = "127.0.0.1:50051"
     data_plane_token: str = ""
     control_plane_tls: bool = False
@@ -50,6 +51,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.data_plane_token:
             raise ConfigError("data_plane_token is required (SPENDGATE_DATA_PLANE_TOKEN)")
+        if not [a for a in self.control_plane.split(",") if a.strip()]:
+            raise ConfigError("control_plane needs at least one host:port")
         if not 10 <= self.flush_interval_ms <= 60_000:
             raise ConfigError("flush_interval_ms must be between 10 and 60000")
         for name in ("user_header", "workspace_header", "tags_header"):

@@ -45,20 +45,41 @@ class ControlPlaneSync:
         self.on_backlog_change: Callable[[bool], None] = lambda piling: None
         self.backlog = False
         self._metadata = (("authorization", f"Bearer {settings.data_plane_token}"),)
-        self._channel = self._open_channel()
+        # Several comma-separated addresses: replicas of one control plane.
+        # The state stream stays on one; when it breaks, the next is tried.
+        self._addresses = [a.strip() for a in settings.control_plane.split(",") if a.strip()]
+        self._index = 0
+        self._channel = self._open_channel(self.address)
         self._stub = dataplane_pb2_grpc.DataPlaneServiceStub(self._channel)
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
 
-    def _open_channel(self) -> grpc.aio.Channel:
+    @property
+    def address(self) -> str:
+        """The control plane address in use."""
+        return self._addresses[self._index]
+
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
         s = self.settings
         options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
         if s.control_plane_tls:
             ca = Path(s.control_plane_ca_file).read_bytes() if s.control_plane_ca_file else None
             return grpc.aio.secure_channel(
-                s.control_plane, grpc.ssl_channel_credentials(ca), options=options
+                address, grpc.ssl_channel_credentials(ca), options=options
             )
-        return grpc.aio.insecure_channel(s.control_plane, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
+
+    async def _next_address(self) -> None:
+        """Move to the next replica. A flush on the old channel fails and is
+        retried on the new one with the same batch id."""
+        if len(self._addresses) < 2:
+            return
+        old = self._channel
+        self._index = (self._index + 1) % len(self._addresses)
+        self._channel = self._open_channel(self.address)
+        self._stub = dataplane_pb2_grpc.DataPlaneServiceStub(self._channel)
+        log.info("trying another control plane replica", address=self.address)
+        await old.close(grace=1.0)
 
     def start(self) -> None:
         self._tasks = [
@@ -89,12 +110,12 @@ class ControlPlaneSync:
         if up != self.connected.is_set():
             if up:
                 self.connected.set()
-                log.info("connected to control plane", address=self.settings.control_plane)
+                log.info("connected to control plane", address=self.address)
             else:
                 self.connected.clear()
                 log.warning(
                     "control plane unreachable; enforcing from last snapshot",
-                    address=self.settings.control_plane,
+                    address=self.address,
                 )
             self.on_connection_change(up)
 
@@ -119,6 +140,7 @@ class ControlPlaneSync:
                 else:
                     log.debug("state stream ended", code=e.code().name)
             self._set_connected(False)
+            await self._next_address()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
