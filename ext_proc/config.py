@@ -35,6 +35,11 @@ class Settings:
     # What to charge for a model with no price: default | free | reject
     # (see ext_proc/pricing.py).
     unpriced_models: str = "default"
+    # Reservations: an admitted request holds its estimated cost (input from
+    # the request size, output from max_tokens or the value below) against its
+    # REJECT windows until it ends, bounding concurrent overshoot.
+    reservations: bool = True
+    reservation_output_tokens: int = 4096
     # USD per million tokens, for unpriced_models = default (or reject, when
     # the model only appears in the response).
     default_input_price: str = "15"

@@ -29,9 +29,10 @@ from ext_proc.reject import rejection_headers, rejection_message
 from ext_proc.shapes import ApiShape, detect
 from ext_proc.state import LocalState
 from ext_proc.stats import Stats
-from spendgate.domain.policies import Match, RequestFacts, hash_api_key
+from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
+from spendgate.domain.windows import window_for
 
 log = structlog.get_logger("spendgate.ext_proc")
 MAX_TAGS = 32
@@ -86,6 +87,7 @@ class RequestProcessor:
         self.path_model: str | None = None
         self.decoder: BodyDecoder | None = None
         self.stream_requested = False
+        self.held: tuple[list[tuple[str, str, int]], int] | None = None
         self.done = False  # charged (or decided there is nothing to charge)
 
     # ---- dispatch -------------------------------------------------------------
@@ -148,6 +150,8 @@ class RequestProcessor:
             )
         # Ask for an uncompressed response so it can be metered as it streams.
         remove.append("accept-encoding")
+        if not self.shape.needs_request_body:
+            self._reserve(None)
         mode = codec.METERED if self.shape.needs_request_body else codec.METERED_NO_REQUEST_BODY
         return codec.request_headers_response(codec.header_mutation(remove=remove), mode)
 
@@ -167,6 +171,10 @@ class RequestProcessor:
             # still runs on the response in case it does not.
             self.ctx.stats.unparsed_requests += 1
             log.debug("request body is not a JSON object; passed through unchanged")
+            rejected = self._decide()
+            if rejected is not None:
+                return rejected
+            self._reserve(None)
             return codec.REQUEST_BODY_CONTINUE
         self.stream_requested = parsed.get("stream") is True
         model = parsed.get("model")
@@ -175,13 +183,13 @@ class RequestProcessor:
             self.facts = dataclasses.replace(self.facts, model=model.lower())
             if self.ctx.state.index.needs_model:
                 self.matches = self.ctx.state.index.matches(self.facts)
-                rejected = self._decide()
-                if rejected is not None:
-                    return rejected
-            rejected = self._check_priced()
-            if rejected is not None:
-                return rejected
+        # Decide again now: requests admitted since the headers hold
+        # reservations, and the model may bring MODEL policies.
+        rejected = self._decide() or self._check_priced()
+        if rejected is not None:
+            return rejected
         assert self.shape is not None
+        self._reserve(parsed)
         if not self.shape.prepare_request(parsed):
             return codec.REQUEST_BODY_CONTINUE
         new = orjson.dumps(parsed)
@@ -289,8 +297,47 @@ class RequestProcessor:
         content_type = "text/event-stream" if self.stream_requested else "application/json"
         self.meter = self.shape.new_meter(self.path, content_type, self.path_model)
 
+    def _reserve(self, body: dict[str, Any] | None) -> None:
+        """Hold this request's estimated cost against its REJECT windows until
+        it ends, so concurrent requests cannot together overshoot a budget:
+        a request is admitted only while spent + held < limit."""
+        s = self.ctx.settings
+        if not s.reservations:
+            return
+        now = self.ctx.clock()
+        keys = [
+            (p.id, m, int(window_for(p.window, now).start.timestamp()))
+            for p, m in self.matches
+            if p.action is Action.REJECT
+        ]
+        if not keys:
+            return
+        price = self.ctx.prices.for_charge(
+            self.request_model, self.facts.provider, self.facts.route
+        )
+        if price is None:
+            return
+        output = s.reservation_output_tokens
+        if body is not None:
+            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+                value = body.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    output = value
+                    break
+        estimate = Usage(
+            input_tokens=estimate_tokens_from_chars(self.request_bytes), output_tokens=output
+        )
+        self.held = (keys, cost_nanos(estimate, price))
+        self.ctx.state.reserve(*self.held)
+
+    def _release(self) -> None:
+        if self.held is not None:
+            self.ctx.state.release(*self.held)
+            self.held = None
+
     def close(self) -> None:
         """The stream with Envoy ended. A response cut short is still charged."""
+        self._release()
         if self.meter is not None and not self.done:
             try:
                 self._finish(aborted=True)
@@ -301,6 +348,7 @@ class RequestProcessor:
     def _finish(self, *, aborted: bool) -> None:
         assert self.meter is not None
         self.done = True
+        self._release()  # the real cost (or none) replaces the estimate
         result = self.meter.finish(aborted=aborted)
         usage = result.usage
         stats = self.ctx.stats

@@ -99,11 +99,18 @@ class LocalState:
     last_prune: float = 0.0
     journal: Journal | None = None
     journal_failed: bool = False
+    # Estimated cost held by admitted requests still running (reservations):
+    # counted as spent until the response ends and its real cost replaces it.
+    reserved: dict[SpendKey, int] = field(default_factory=dict)
 
     # ---- reads (hot path) --------------------------------------------------
 
     def spent(self, key: SpendKey) -> int:
+        """Spend of a window as this data plane sees it, reservations included."""
         total = self.remote[key][0] if key in self.remote else 0
+        held = self.reserved.get(key)
+        if held:
+            total += held
         inc = self.pending.get(key)
         if inc is not None:
             total += inc.cost_nanos
@@ -127,6 +134,19 @@ class LocalState:
             inc.cost_nanos += cost_nanos
             inc.requests += 1
             inc.estimated += int(estimated)
+
+    def reserve(self, keys: Iterable[SpendKey], nanos: int) -> None:
+        """Hold ``nanos`` against each window until ``release``."""
+        for key in keys:
+            self.reserved[key] = self.reserved.get(key, 0) + nanos
+
+    def release(self, keys: Iterable[SpendKey], nanos: int) -> None:
+        for key in keys:
+            left = self.reserved.get(key, 0) - nanos
+            if left > 0:
+                self.reserved[key] = left
+            else:
+                self.reserved.pop(key, None)
 
     def take_batch(self) -> Batch | None:
         """Move pending usage into an in-flight batch and journal it.

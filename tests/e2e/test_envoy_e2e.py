@@ -393,3 +393,35 @@ def test_price_change_applies_to_the_next_request(stack: Stack) -> None:
     wait_until(lambda: price_in_ext_proc() == Decimal("0.15"), message="override removed")
     chat(sdk(stack, headers=BIG))  # back to the catalog price
     wait_for_spend(stack, policy.id, Decimal("0.2") + BIG_COST)
+
+
+def test_reservations_bound_concurrent_overshoot(stack: Stack) -> None:
+    """100 concurrent requests against a budget with room for 10: each admitted
+    request holds its estimated cost while it runs, so at most the request
+    that crosses the line goes beyond the budget."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    user = f"burst-{uuid.uuid4().hex[:6]}"
+    # Each answer: 10 prompt tokens ("hello spendgate" + 8) and 500 completion
+    # tokens of gpt-4o-mini = $0.0003015; the budget holds ten.
+    per_request = Decimal("0.0003015")
+    policy = create(stack, amount_usd=str(per_request * 10), scope=pb.SCOPE_USER, target=user)
+    # Slow streams keep all requests in flight together.
+    client = sdk(
+        stack, user=user, headers={"x-fake-completion-tokens": "500", "x-fake-chunk-delay-ms": "30"}
+    )
+
+    def one(_: int) -> bool:
+        try:
+            for _ in chat(client.with_options(max_retries=0), stream=True, max_tokens=500):  # type: ignore[attr-defined]
+                pass
+            return True
+        except openai.RateLimitError:
+            return False
+
+    with ThreadPoolExecutor(100) as pool:
+        admitted = sum(pool.map(one, range(100)))
+    print(f"reservations on: {admitted} of 100 concurrent requests admitted (room for 10)")
+    assert 1 <= admitted <= 11
+    assert billed_cost(stack) == per_request * admitted
+    wait_for_spend(stack, policy.id, per_request * admitted)
