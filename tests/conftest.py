@@ -93,8 +93,9 @@ def start_stack(
     *,
     clock: FakeClock | None = None,
     control_plane: Mapping[str, Any] | None = None,
+    ext_proc: Mapping[str, Any] | None = None,
 ) -> Stack:
-    """The whole stack; ``control_plane`` overrides control plane settings."""
+    """The whole stack; ``control_plane`` / ``ext_proc`` override settings."""
     workdir = tempdir()
     clock = clock or FakeClock()
     provider = FakeProviderServer()
@@ -124,6 +125,7 @@ def start_stack(
                 data_plane_id="test-dp",
                 flush_interval_ms=20,
                 journal_dir=str(workdir / "journal"),
+                **(ext_proc or {}),
             ),
             clock=clock,
         )
