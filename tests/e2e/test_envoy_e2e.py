@@ -440,4 +440,6 @@ def test_without_reservations_overshoot_is_bounded_only_by_what_is_in_flight() -
     finally:
         stop_stack(s)
     print(f"\nreservations off: {admitted} of 100 concurrent requests admitted (room for 10)")
-    assert admitted >= 10  # every request in flight before the first answer got in
+    # Every request in flight before the first answer was charged got in: far
+    # past the one-request bound that reservations give.
+    assert admitted > 11
