@@ -155,6 +155,7 @@ def ingest_rate(kind: str | None) -> float:
         "SPENDGATE_ADMIN_TOKEN": topology.ADMIN,
         "SPENDGATE_DATA_PLANE_TOKEN": topology.DATA_PLANE,
         "SPENDGATE_LOG_LEVEL": "warning",
+        "SPENDGATE_METRICS_LISTEN": "127.0.0.1:0",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "control_plane", "--listen", address, "--database-url", url],

@@ -135,6 +135,8 @@ def start(*, ext_proc_args: list[str] | None = None) -> Topology:
         "SPENDGATE_ADMIN_TOKEN": ADMIN,
         "SPENDGATE_DATA_PLANE_TOKEN": DATA_PLANE,
         "SPENDGATE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
+        # Metrics on (their cost is part of what is measured), on free ports.
+        "SPENDGATE_METRICS_LISTEN": "127.0.0.1:0",
     }
     cp_address = f"127.0.0.1:{free_port()}"
     ep_port = free_port()

@@ -15,10 +15,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML settings file")
     parser.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
     parser.add_argument("--database-url", help="sqlite:///path or postgresql://...")
+    parser.add_argument(
+        "--metrics-listen",
+        help='host:port for Prometheus metrics at /metrics (default 127.0.0.1:9464; "" disables)',
+    )
     args = parser.parse_args(argv)
     return process.run(
         "control plane",
-        lambda: load_settings(file=args.config, listen=args.listen, database_url=args.database_url),
+        lambda: load_settings(
+            file=args.config,
+            listen=args.listen,
+            database_url=args.database_url,
+            metrics_listen=args.metrics_listen,
+        ),
         ControlPlaneServer,
     )
 

@@ -25,6 +25,9 @@ class Settings:
     week_start: str = "monday"
     # How long applied usage batch ids are kept to recognise retries.
     batch_retention_hours: int = 168
+    # A data plane's holds (reservations) on windows lapse this long after its
+    # last report: what a data plane that died held is released then.
+    hold_ttl_s: int = 30
     tls_cert_file: str = ""
     tls_key_file: str = ""
     # ---- webhooks (see control_plane/webhooks/) ----
@@ -53,6 +56,8 @@ class Settings:
     webhook_allow_http: bool = False
     webhook_allow_hosts: str = ""
     webhook_allow_private_ranges: str = ""
+    # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
+    metrics_listen: str = "127.0.0.1:9464"
     log_json: bool = True
     log_level: str = "info"
 
@@ -70,8 +75,11 @@ class Settings:
             raise ConfigError("tls_cert_file and tls_key_file must be set together")
         if self.batch_retention_hours < 1:
             raise ConfigError("batch_retention_hours must be at least 1")
+        if not 5 <= self.hold_ttl_s <= 3600:
+            raise ConfigError("hold_ttl_s must be between 5 and 3600")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)
         self._check_webhooks()
 
     def _check_webhooks(self) -> None:

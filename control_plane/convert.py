@@ -6,10 +6,12 @@ wrong fields at once, each named as in the .proto ("window.count").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from control_plane.errors import InvalidArgument
+from control_plane.store import repo
 from control_plane.store.models import PolicyRow
 from spendgate.domain.policies import (
     Action,
@@ -208,6 +210,7 @@ def window_spend_message(
     spent_nanos: int,
     limit_nanos: int,
     request_count: int,
+    holds: Sequence[repo.Hold] = (),
 ) -> dp.WindowSpend:
     return dp.WindowSpend(
         policy_id=policy_id,
@@ -218,6 +221,15 @@ def window_spend_message(
         limit_nanos=limit_nanos,
         exceeded=spent_nanos >= limit_nanos,
         request_count=request_count,
+        holds=[
+            dp.DataPlaneHold(
+                data_plane_id=h.data_plane_id,
+                held_nanos=h.held_nanos,
+                seq=h.seq,
+                expire_time=timestamp(h.expires_at),
+            )
+            for h in holds
+        ],
     )
 
 

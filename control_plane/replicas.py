@@ -241,6 +241,11 @@ def _spend(s: Session, pending: _Pending, cp: ControlPlane) -> list[dp.WindowSpe
         rows = list(repo.current_spend(s, active_at=int(cp.clock().timestamp())))
     else:
         rows = repo.spend_rows(s, sorted(pending.spend))
+    held = repo.holds_by_window(
+        s,
+        None if pending.all_spend else [(r.policy_id, r.member, r.window_start) for r in rows],
+        int(cp.clock().timestamp()),
+    )
     ids = {r.policy_id for r in rows}
     limits = {
         pid: amount
@@ -257,6 +262,7 @@ def _spend(s: Session, pending: _Pending, cp: ControlPlane) -> list[dp.WindowSpe
             spent_nanos=r.spent_nanos,
             limit_nanos=limits[r.policy_id],
             request_count=r.request_count,
+            holds=held.get((r.policy_id, r.member, r.window_start), ()),
         )
         for r in rows
         if r.policy_id in limits

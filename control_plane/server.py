@@ -20,6 +20,7 @@ from control_plane.api.webhooks import WebhookServicer
 from control_plane.config import Settings
 from control_plane.errors import Unavailable
 from control_plane.hub import StateHub
+from control_plane.metrics import ControlPlaneCollector, registry_for
 from control_plane.pricing import PricingAdmin
 from control_plane.replicas import ReplicaSync
 from control_plane.service import Clock, ControlPlane, utc_now
@@ -29,6 +30,7 @@ from control_plane.webhooks.dispatcher import Dispatcher
 from control_plane.webhooks.sender import Sender
 from control_plane.webhooks.service import WebhookAdmin
 from control_plane.webhooks.ssrf import Resolver, UrlPolicy, system_resolver
+from spendgate.metrics import MetricsServer, start_metrics
 from spendgate.v1 import (
     budget_pb2,
     budget_pb2_grpc,
@@ -68,7 +70,11 @@ class ControlPlaneServer:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_db_engine(url)
         self.cp = ControlPlane(
-            self.engine, StateHub(), clock=clock, default_week_start=settings.week_start_index
+            self.engine,
+            StateHub(),
+            clock=clock,
+            default_week_start=settings.week_start_index,
+            hold_ttl_s=settings.hold_ttl_s,
         )
         self.pricing = PricingAdmin(self.cp)
         # Several replicas may share PostgreSQL: tell each other of changes.
@@ -111,6 +117,22 @@ class ControlPlaneServer:
         )
         self.port = self._bind(settings)
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: MetricsServer | None = None
+        if settings.metrics_listen:
+            collector = ControlPlaneCollector(
+                self.cp.metrics,
+                run=self.cp.run,
+                clock=self.cp.clock,
+                data_planes=lambda: self.cp.hub.subscriber_count,
+            )
+            self.metrics = MetricsServer(
+                registry_for(collector), settings.metrics_listen, before_scrape=collector.refresh
+            )
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (None when metrics_listen is "")."""
+        return self.metrics.port if self.metrics is not None else None
 
     def _bind(self, settings: Settings) -> int:
         if settings.tls_cert_file:
@@ -127,6 +149,8 @@ class ControlPlaneServer:
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
+        if self.metrics is not None:
+            await start_metrics(self.metrics, self.settings.metrics_listen)
         if self.replicas is not None:
             await self.replicas.start()
         await self.server.start()
@@ -141,6 +165,7 @@ class ControlPlaneServer:
             address=self.settings.listen,
             port=self.port,
             database=self.engine.url.render_as_string(hide_password=True),
+            metrics_port=self.metrics_port,
         )
 
     async def _set_health(self, serving: bool) -> None:
@@ -174,6 +199,8 @@ class ControlPlaneServer:
             with contextlib.suppress(Unavailable):
                 await self.cp.forget_old_batches(retention)
             with contextlib.suppress(Unavailable):
+                await self.cp.forget_expired_holds()
+            with contextlib.suppress(Unavailable):
                 await self._forget_old_deliveries()
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
 
@@ -188,6 +215,8 @@ class ControlPlaneServer:
             log.info("forgot old webhook deliveries and events", count=removed)
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.dispatcher.stop(grace)
         for task in self._tasks:
             task.cancel()

@@ -9,6 +9,7 @@ after its transaction commits, never before.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +25,16 @@ from sqlalchemy.orm import Session
 from control_plane import convert
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
+from control_plane.metrics import ControlPlaneMetrics
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
 from control_plane.webhooks.outbox import KnownEvents, OutboxResult, record_crossings
+from spendgate.domain.policies import Action
 from spendgate.domain.pricing import format_usd
 from spendgate.domain.windows import Window, window_for
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
-from spendgate.wire import from_timestamp, timestamp
+from spendgate.wire import timestamp
 
 log = structlog.get_logger("spendgate.control_plane")
 
@@ -63,11 +66,13 @@ class ControlPlane:
         *,
         clock: Clock = utc_now,
         default_week_start: int = 0,
+        hold_ttl_s: int = 30,
     ) -> None:
         self.engine = engine
         self.hub = hub
         self.clock = clock
         self.default_week_start = default_week_start
+        self.hold_ttl_s = hold_ttl_s
         workers = 1 if engine.dialect.name == "sqlite" else 8
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="store")
         # Set after a transaction that wrote webhook deliveries commits; the
@@ -75,6 +80,7 @@ class ControlPlane:
         self.deliveries_ready = asyncio.Event()
         self.known_events = KnownEvents()
         self.on_change: ChangeHook | None = None
+        self.metrics = ControlPlaneMetrics()
 
     def changed(
         self, session: Session, kind: str, keys: Sequence[tuple[str, str, int]] = ()
@@ -95,11 +101,16 @@ class ControlPlane:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 return fn(session)
 
+        started = time.perf_counter_ns()
+        failed = False
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, in_transaction)
         except (OperationalError, InterfaceError) as e:
+            failed = True
             log.error("database unavailable", error=str(e.orig or e).splitlines()[0])
             raise Unavailable("database unavailable") from e
+        finally:
+            self.metrics.store_operation(fn, time.perf_counter_ns() - started, failed=failed)
 
     async def ping(self) -> None:
         await self.run(lambda s: s.execute(select(1)).scalar_one())
@@ -198,9 +209,10 @@ class ControlPlane:
     # ---- spend ------------------------------------------------------------
 
     async def apply_usage(self, req: dp.ReportUsageRequest) -> UsageResult:
-        """Apply a usage batch exactly once (by batch_id), atomically."""
-        if not req.batch_id:
-            raise InvalidArgument.one("batch_id", "is required")
+        """Apply a usage batch exactly once (by batch_id), atomically, and
+        record the data plane's holds it carries (newest report wins)."""
+        if req.increments and not req.batch_id:
+            raise InvalidArgument.one("batch_id", "is required when there are increments")
         if len(req.batch_id) > 80:
             raise InvalidArgument.one("batch_id", "must be at most 80 characters")
         if len(req.increments) > MAX_INCREMENTS_PER_BATCH:
@@ -210,39 +222,39 @@ class ControlPlane:
                 raise InvalidArgument.one(f"increments[{i}]", "counts and cost must be >= 0")
             if not inc.policy_id:
                 raise InvalidArgument.one(f"increments[{i}].policy_id", "is required")
+        _check_holds(req.holds, "holds", req.data_plane_id)
+        _check_unapplied(req.unapplied)
         now = self.clock()
 
         def apply(s: Session) -> tuple[bool, list[dp.WindowSpend], int, OutboxResult]:
-            ids = {inc.policy_id for inc in req.increments}
+            ids = {inc.policy_id for inc in req.increments} | {h.policy_id for h in req.holds}
             rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
+            buckets = _Buckets(rows)
             deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
             unknown = 0
-            policies = {pid: convert.domain_policy(r) for pid, r in rows.items()}
-            windows: dict[tuple[str, int], Window] = {}
             for inc in req.increments:
-                row = rows.get(inc.policy_id)
-                if row is None:
+                found = buckets.key(inc.policy_id, inc.member, inc.window_start.seconds)
+                if found is None:
                     unknown += 1
                     continue
-                policy = policies[row.id]
-                # Re-bucket by the policy as stored now: a data plane with a
-                # stale snapshot never puts spend into a window that no
-                # longer exists.
-                wkey = (row.id, inc.window_start.seconds)
-                w = windows.get(wkey)
-                if w is None:
-                    w = windows[wkey] = window_for(policy.window, from_timestamp(inc.window_start))
-                member = inc.member if policy.is_wildcard else ""
-                key = (row.id, member, int(w.start.timestamp()))
+                key, end = found
                 acc = deltas[key]
-                acc[0] = int(w.end.timestamp())
+                acc[0] = end
                 acc[1] += inc.cost_nanos
                 acc[2] += inc.request_count
                 acc[3] += inc.estimated_count
-            if not repo.claim_batch(s, req.batch_id, req.data_plane_id, now):
-                current = repo.spend_rows(s, deltas.keys())
-                spend = [_spend_message(r, rows[r.policy_id]) for r in current]
-                return True, spend, unknown, OutboxResult()
+            holds = buckets.holds(req.holds, req.unapplied, s)
+            duplicate = bool(req.batch_id) and not repo.claim_batch(
+                s, req.batch_id, req.data_plane_id, now
+            )
+            if duplicate:  # count nothing again; report the current totals
+                for acc in deltas.values():
+                    acc[1:] = [0, 0, 0]
+            # Windows that only holds touch get a row too (adding nothing),
+            # which also locks them in key order like any spend.
+            for key, (_, end) in holds.items():
+                if key not in deltas:
+                    deltas[key][0] = end
             totals = repo.add_spend(
                 s,
                 (
@@ -251,41 +263,146 @@ class ControlPlane:
                 ),
                 now,
             )
-            self.changed(s, "spend", [(t.policy_id, t.member, t.window_start) for t in totals])
+            at = int(now.timestamp())
+            if holds:
+                repo.set_holds(
+                    s,
+                    req.data_plane_id,
+                    req.holds_seq,
+                    ((k, h) for k, (h, _) in holds.items()),
+                    at + self.hold_ttl_s,
+                )
+            keys = [(t.policy_id, t.member, t.window_start) for t in totals]
+            held = repo.holds_by_window(s, keys, at) if keys else {}
+            if not duplicate or holds:
+                self.changed(s, "spend", keys)
             # Crossings are recorded in this transaction: committed together
             # with the spend, or not at all.
-            outbox = record_crossings(
-                s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
+            outbox = (
+                OutboxResult()
+                if duplicate
+                else record_crossings(
+                    s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
+                )
             )
-            return (
-                False,
-                [
-                    convert.window_spend_message(
-                        policy_id=t.policy_id,
-                        member=t.member,
-                        window_start=t.window_start,
-                        window_end=t.window_end,
-                        spent_nanos=t.spent_nanos,
-                        limit_nanos=rows[t.policy_id].amount_nanos,
-                        request_count=t.request_count,
-                    )
-                    for t in totals
-                ],
-                unknown,
-                outbox,
-            )
+            spend = [
+                convert.window_spend_message(
+                    policy_id=t.policy_id,
+                    member=t.member,
+                    window_start=t.window_start,
+                    window_end=t.window_end,
+                    spent_nanos=t.spent_nanos,
+                    limit_nanos=rows[t.policy_id].amount_nanos,
+                    request_count=t.request_count,
+                    holds=held.get((t.policy_id, t.member, t.window_start), ()),
+                )
+                for t in totals
+            ]
+            return duplicate, spend, unknown, outbox
 
         duplicate, spend, unknown, outbox = await self.run(apply)
         self.known_events.add(outbox.seen, now)
-        if outbox.events:
-            log.info("budget events recorded", events=outbox.events, deliveries=outbox.deliveries)
+        self.metrics.usage_applied(
+            duplicate=duplicate,
+            records=len(req.increments),
+            unknown=unknown,
+            events=[e.kind for e in outbox.recorded],
+        )
+        for e in outbox.recorded:  # committed: one line per crossing
+            log.info(
+                "budget event recorded",
+                event_id=e.event_id,
+                event_type=e.kind,
+                policy_id=e.policy_id,
+                member=e.member or None,
+                threshold_percent=e.threshold or None,
+                spent_usd=e.spent_usd,
+                amount_usd=e.amount_usd,
+                deliveries=e.deliveries,
+            )
         if outbox.deliveries:
             self.deliveries_ready.set()
         if unknown:
             log.warning("usage for unknown policies dropped", count=unknown, batch_id=req.batch_id)
-        if not duplicate and spend:
+        if spend and (not duplicate or req.holds):
             self.hub.publish(dp.StateUpdate(spend=spend))
         return UsageResult(duplicate, spend, unknown)
+
+    async def reserve(self, req: dp.ReserveRequest) -> dp.ReserveResponse:
+        """Admit a request near a REJECT budget's line, across data planes.
+
+        Under the locks of the request's window rows: admitted while, for
+        every window, spend + the other data planes' holds + this data plane's
+        holds without this request is below the limit (the request that
+        crosses the line completes, as everywhere in spendgate). Admitted:
+        the data plane's new holds are recorded in the same transaction.
+        """
+        if not req.data_plane_id:
+            raise InvalidArgument.one("data_plane_id", "is required")
+        if not req.holds:
+            raise InvalidArgument.one("holds", "name at least one window")
+        if req.amount_nanos < 0:
+            raise InvalidArgument.one("amount_nanos", "must be >= 0")
+        _check_holds(req.holds, "holds", req.data_plane_id)
+        _check_unapplied(req.unapplied)
+        now = self.clock()
+        at = int(now.timestamp())
+
+        def decide(s: Session) -> tuple[dp.ReserveResponse, list[dp.WindowSpend]]:
+            ids = {h.policy_id for h in req.holds}
+            rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
+            holds = _Buckets(rows).holds(req.holds, req.unapplied, s)
+            totals = repo.add_spend(
+                s, (repo.SpendDelta(*k, end, 0, 0, 0) for k, (_, end) in holds.items()), now
+            )
+            keys = [(t.policy_id, t.member, t.window_start) for t in totals]
+            held = repo.holds_by_window(s, keys, at)
+            resp = dp.ReserveResponse(admitted=True)
+            for t, key in zip(totals, keys, strict=True):
+                mine = holds[key][0]
+                limit = rows[t.policy_id].amount_nanos
+                others = sum(
+                    h.held_nanos for h in held.get(key, ()) if h.data_plane_id != req.data_plane_id
+                )
+                before = t.spent_nanos + others + max(mine - req.amount_nanos, 0)
+                if before >= limit and resp.admitted and _rejects(rows[t.policy_id]):
+                    resp = dp.ReserveResponse(
+                        admitted=False, policy_id=t.policy_id, member=t.member
+                    )
+            if resp.admitted:
+                repo.set_holds(
+                    s,
+                    req.data_plane_id,
+                    req.holds_seq,
+                    ((k, h) for k, (h, _) in holds.items()),
+                    at + self.hold_ttl_s,
+                )
+                self.changed(s, "spend", keys)
+                held = repo.holds_by_window(s, keys, at)
+            messages = [
+                convert.window_spend_message(
+                    policy_id=t.policy_id,
+                    member=t.member,
+                    window_start=t.window_start,
+                    window_end=t.window_end,
+                    spent_nanos=t.spent_nanos,
+                    limit_nanos=rows[t.policy_id].amount_nanos,
+                    request_count=t.request_count,
+                    holds=held.get(key, ()),
+                )
+                for t, key in zip(totals, keys, strict=True)
+            ]
+            resp.spend.extend(messages)
+            return resp, messages
+
+        resp, messages = await self.run(decide)
+        if resp.admitted and messages:
+            self.hub.publish(dp.StateUpdate(spend=messages))
+        return resp
+
+    async def forget_expired_holds(self) -> int:
+        at = int(self.clock().timestamp())
+        return await self.run(lambda s: repo.forget_holds(s, at))
 
     async def list_spend(
         self, policy_id: str, member: str, page_size: int, page_token: str
@@ -370,8 +487,9 @@ class ControlPlane:
         def query(s: Session) -> dp.StateUpdate:
             rows = repo.all_policies(s)
             by_id = {r.id: r for r in rows}
+            held = repo.holds_by_window(s, None, at)
             spend = [
-                _spend_message(r, by_id[r.policy_id])
+                _spend_message(r, by_id[r.policy_id], held)
                 for r in repo.current_spend(s, active_at=at)
                 if r.policy_id in by_id
             ]
@@ -400,7 +518,9 @@ def clamp_page_size(requested: int, *, default: int) -> int:
     return min(requested or default, 1000)
 
 
-def _spend_message(r: WindowSpendRow, p: PolicyRow) -> dp.WindowSpend:
+def _spend_message(
+    r: WindowSpendRow, p: PolicyRow, held: dict[tuple[str, str, int], list[repo.Hold]]
+) -> dp.WindowSpend:
     return convert.window_spend_message(
         policy_id=r.policy_id,
         member=r.member,
@@ -409,7 +529,86 @@ def _spend_message(r: WindowSpendRow, p: PolicyRow) -> dp.WindowSpend:
         spent_nanos=r.spent_nanos,
         limit_nanos=p.amount_nanos,
         request_count=r.request_count,
+        holds=held.get((r.policy_id, r.member, r.window_start), ()),
     )
+
+
+def _rejects(p: PolicyRow) -> bool:
+    return convert.domain_policy(p).action is Action.REJECT
+
+
+def _check_holds(holds: Sequence[dp.WindowHold], field: str, data_plane_id: str) -> None:
+    if holds and not data_plane_id:
+        raise InvalidArgument.one("data_plane_id", "is required with holds")
+    if len(holds) > MAX_INCREMENTS_PER_BATCH:
+        raise InvalidArgument.one(field, f"at most {MAX_INCREMENTS_PER_BATCH}")
+    for i, h in enumerate(holds):
+        if not h.policy_id:
+            raise InvalidArgument.one(f"{field}[{i}].policy_id", "is required")
+        if h.held_nanos < 0:
+            raise InvalidArgument.one(f"{field}[{i}].held_nanos", "must be >= 0")
+
+
+def _check_unapplied(batches: Sequence[dp.UnappliedBatch]) -> None:
+    if len(batches) > 1000:
+        raise InvalidArgument.one("unapplied", "at most 1000 batches")
+    for i, b in enumerate(batches):
+        if not b.batch_id or len(b.batch_id) > 80:
+            raise InvalidArgument.one(f"unapplied[{i}].batch_id", "must be 1 to 80 characters")
+        _check_holds(b.usage, f"unapplied[{i}].usage", "-")
+
+
+class _Buckets:
+    """Window keys as the stored policies define them now: a data plane with
+    a stale snapshot never puts spend (or holds) into a window that no longer
+    exists."""
+
+    def __init__(self, rows: dict[str, PolicyRow]) -> None:
+        self.rows = rows
+        self.policies = {pid: convert.domain_policy(r) for pid, r in rows.items()}
+        self.windows: dict[tuple[str, int], Window] = {}
+
+    def key(
+        self, policy_id: str, member: str, window_start: int
+    ) -> tuple[tuple[str, str, int], int] | None:
+        """((policy, member, window start), window end), or None for an unknown policy."""
+        policy = self.policies.get(policy_id)
+        if policy is None:
+            return None
+        w = self.windows.get((policy_id, window_start))
+        if w is None:
+            w = self.windows[(policy_id, window_start)] = window_for(
+                policy.window, datetime.fromtimestamp(window_start, UTC)
+            )
+        return (policy_id, member if policy.is_wildcard else "", int(w.start.timestamp())), int(
+            w.end.timestamp()
+        )
+
+    def holds(
+        self,
+        holds: Sequence[dp.WindowHold],
+        unapplied: Sequence[dp.UnappliedBatch],
+        session: Session,
+    ) -> dict[tuple[str, str, int], tuple[int, int]]:
+        """key -> (held nanos, window end); holds on unknown policies are
+        dropped, and so is the usage of batches already applied (the data
+        plane counted it as held, not knowing yet)."""
+        out: dict[tuple[str, str, int], tuple[int, int]] = {}
+        for h in holds:
+            found = self.key(h.policy_id, h.member, h.window_start.seconds)
+            if found is not None:
+                key, end = found
+                out[key] = (out.get(key, (0, end))[0] + h.held_nanos, end)
+        applied = repo.applied_batches(session, [b.batch_id for b in unapplied])
+        for b in unapplied:
+            if b.batch_id not in applied:
+                continue
+            for u in b.usage:
+                found = self.key(u.policy_id, u.member, u.window_start.seconds)
+                if found is not None and found[0] in out:
+                    key, end = found
+                    out[key] = (max(out[key][0] - u.held_nanos, 0), end)
+        return out
 
 
 def _spend_entry(r: WindowSpendRow, p: PolicyRow) -> pb.SpendEntry:

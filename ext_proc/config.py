@@ -40,6 +40,14 @@ class Settings:
     # REJECT windows until it ends, bounding concurrent overshoot.
     reservations: bool = True
     reservation_output_tokens: int = 4096
+    # Across data planes: a request whose REJECT window has room for fewer
+    # than this many more requests of its estimated size is admitted by the
+    # control plane (one round trip, against every data plane's holds)
+    # instead of locally. 0 keeps every decision local.
+    arbiter_headroom_requests: int = 100
+    # How long a request waits for that answer; without one in time the
+    # local decision stands (and is counted).
+    arbiter_timeout_ms: int = 250
     # USD per million tokens, for unpriced_models = default (or reject, when
     # the model only appears in the response).
     default_input_price: str = "15"
@@ -50,6 +58,8 @@ class Settings:
     # listen port; relative paths are relative to the working directory.
     # "" disables the journal (unsent usage then lives only in memory).
     journal_dir: str = ".spendgate/ext_proc-{port}"
+    # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
+    metrics_listen: str = "127.0.0.1:9465"
     log_json: bool = True
     log_level: str = "info"
 
@@ -63,6 +73,12 @@ class Settings:
         for name in ("user_header", "workspace_header", "tags_header"):
             if getattr(self, name) != getattr(self, name).lower():
                 raise ConfigError(f"{name} must be lower-case (Envoy lower-cases headers)")
+        if self.arbiter_headroom_requests < 0:
+            raise ConfigError("arbiter_headroom_requests must be >= 0")
+        if not 10 <= self.arbiter_timeout_ms <= 900:
+            raise ConfigError(
+                "arbiter_timeout_ms must be between 10 and 900 (below Envoy's message_timeout)"
+            )
         if self.unpriced_models not in ("default", "free", "reject"):
             raise ConfigError("unpriced_models must be default, free or reject")
         for name in ("default_input_price", "default_output_price"):
@@ -76,6 +92,7 @@ class Settings:
                 ) from None
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)
 
     def journal_path(self, port: int) -> str:
         """The journal directory for the bound listen port ("" = no journal)."""

@@ -10,17 +10,19 @@ and allocation-light.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from time import perf_counter_ns
+from typing import Any, TypeAlias
 
 import orjson
 import structlog
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc import dialects
 from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
-from ext_proc.decide import Rejection, decide
+from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
 from ext_proc.decoding import BodyDecoder
 from ext_proc.meters.base import Meter, estimate_tokens_from_chars
@@ -28,13 +30,16 @@ from ext_proc.pricing import PriceTable
 from ext_proc.reject import rejection_headers, rejection_message
 from ext_proc.shapes import ApiShape, detect
 from ext_proc.state import LocalState
-from ext_proc.stats import Stats
+from ext_proc.stats import BUDGET_EXCEEDED, MODEL_NOT_PRICED, UNPRICED, Stats
 from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
 from spendgate.domain.windows import window_for
+from spendgate.v1.dataplane_pb2 import ReserveResponse
 
 log = structlog.get_logger("spendgate.ext_proc")
+Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveResponse | None]]
+Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
 MAX_TAGS = 32
 _API_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -50,6 +55,9 @@ class Context:
     clock: Callable[[], datetime]
     stats: Stats = dataclasses.field(default_factory=Stats)
     warned_models: set[str] = dataclasses.field(default_factory=set)
+    # Asks the control plane to admit a request near a budget's line (see
+    # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
+    arbiter: Arbiter | None = None
 
 
 def parse_tags(value: str) -> dict[str, str]:
@@ -89,10 +97,16 @@ class RequestProcessor:
         self.stream_requested = False
         self.held: tuple[list[tuple[str, str, int]], int] | None = None
         self.done = False  # charged (or decided there is nothing to charge)
+        # Envoy's x-request-id (also in its access log); only ever read to log.
+        self.request_id = ""
+        self.rejected = False  # answered by ext_proc itself (429 or 403)
 
     # ---- dispatch -------------------------------------------------------------
 
-    def handle(self, req: codec.ProcessingRequest) -> codec.ProcessingResponse:
+    def handle(self, req: codec.ProcessingRequest) -> Reply:
+        """The answer, or (rarely: a request the control plane must admit) an
+        awaitable of it."""
+        started = perf_counter_ns()
         kind = req.WhichOneof("request")
         self.ctx.stats.messages += 1
         try:
@@ -107,16 +121,23 @@ class RequestProcessor:
         except Exception:
             # A bug must never break the client's request: answer "continue".
             self.ctx.stats.internal_errors += 1
-            log.exception("ext_proc error; request continues unchanged", phase=kind)
+            log.exception(
+                "ext_proc error; request continues unchanged",
+                phase=kind,
+                request_id=self.request_id,
+            )
+        finally:
+            self.ctx.stats.observe_message(kind, perf_counter_ns() - started)
         return _CONTINUE[kind or ""]
 
     # ---- request ------------------------------------------------------------
 
-    def on_request_headers(self, req: codec.ProcessingRequest) -> codec.ProcessingResponse:
+    def on_request_headers(self, req: codec.ProcessingRequest) -> Reply:
         s = self.ctx.settings
         h = codec.header_dict(req.request_headers)
         method = h.get(":method", "")
         self.path = h.get(":path", "")
+        self.request_id = h.get("x-request-id", "")
         self.shape = detect(method, self.path)
         if self.shape is not None and self.shape.model_from_path is not None:
             self.path_model = self.shape.model_from_path(self.path)
@@ -150,12 +171,13 @@ class RequestProcessor:
             )
         # Ask for an uncompressed response so it can be metered as it streams.
         remove.append("accept-encoding")
-        if not self.shape.needs_request_body:
-            self._reserve(None)
         mode = codec.METERED if self.shape.needs_request_body else codec.METERED_NO_REQUEST_BODY
-        return codec.request_headers_response(codec.header_mutation(remove=remove), mode)
+        reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
+        if not self.shape.needs_request_body and self._reserve(None):
+            return self._arbitrate(reply)
+        return reply
 
-    def on_request_body(self, body: Any) -> codec.ProcessingResponse:
+    def on_request_body(self, body: Any) -> Reply:
         if not body.end_of_stream:  # only when Envoy streams the request body
             self.body_parts.append(body.body)
             return codec.REQUEST_BODY_CONTINUE
@@ -174,7 +196,8 @@ class RequestProcessor:
             rejected = self._decide()
             if rejected is not None:
                 return rejected
-            self._reserve(None)
+            if self._reserve(None):
+                return self._arbitrate(codec.REQUEST_BODY_CONTINUE)
             return codec.REQUEST_BODY_CONTINUE
         self.stream_requested = parsed.get("stream") is True
         model = parsed.get("model")
@@ -189,12 +212,14 @@ class RequestProcessor:
         if rejected is not None:
             return rejected
         assert self.shape is not None
-        self._reserve(parsed)
+        contested = self._reserve(parsed)
         if not self.shape.prepare_request(parsed):
-            return codec.REQUEST_BODY_CONTINUE
-        new = orjson.dumps(parsed)
-        headers = {"content-length": str(len(new))} if self.content_length_sent else None
-        return codec.request_body_response(new, headers)
+            reply = codec.REQUEST_BODY_CONTINUE
+        else:
+            new = orjson.dumps(parsed)
+            headers = {"content-length": str(len(new))} if self.content_length_sent else None
+            reply = codec.request_body_response(new, headers)
+        return self._arbitrate(reply) if contested else reply
 
     def _decide(self) -> codec.ProcessingResponse | None:
         if not self.matches:
@@ -207,9 +232,12 @@ class RequestProcessor:
         return self._reject(r, now)
 
     def _reject(self, r: Rejection, now: datetime) -> codec.ProcessingResponse:
-        self.ctx.stats.rejected_requests += 1
+        self.rejected = True
+        self.ctx.stats.count_rejection(r.policy.id, BUDGET_EXCEEDED)
         log.info(
             "rejected",
+            reason="budget_exceeded",
+            request_id=self.request_id,
             policy_id=r.policy.id,
             member=r.member if r.member else None,
             reset=r.window.end.isoformat(),
@@ -231,8 +259,14 @@ class RequestProcessor:
         if prices.lookup(self.request_model, self.facts.provider, self.facts.route):
             return None
         self.done = True
-        self.ctx.stats.rejected_requests += 1
-        log.warning("rejected: model has no price", model=self.request_model)
+        self.rejected = True
+        self.ctx.stats.count_rejection("", MODEL_NOT_PRICED)
+        log.warning(
+            "rejected",
+            reason="model_not_priced",
+            request_id=self.request_id,
+            model=self.request_model,
+        )
         reply = self.shape.dialect(
             403,
             "model_not_priced",
@@ -264,6 +298,7 @@ class RequestProcessor:
                 "response is compressed in a way spendgate cannot decode; not metered",
                 encoding=encoding,
                 model=self.request_model,
+                request_id=self.request_id,
             )
             return codec.RESPONSE_HEADERS_CONTINUE
         self.meter = self.shape.new_meter(self.path, h.get("content-type", ""), self.path_model)
@@ -297,26 +332,28 @@ class RequestProcessor:
         content_type = "text/event-stream" if self.stream_requested else "application/json"
         self.meter = self.shape.new_meter(self.path, content_type, self.path_model)
 
-    def _reserve(self, body: dict[str, Any] | None) -> None:
+    def _reserve(self, body: dict[str, Any] | None) -> bool:
         """Hold this request's estimated cost against its REJECT windows until
         it ends, so concurrent requests cannot together overshoot a budget:
-        a request is admitted only while spent + held < limit."""
+        a request is admitted only while spent + held < limit.
+
+        True when a window is near its line (room for fewer than
+        ``arbiter_headroom_requests`` more such requests): then the control
+        plane, which sees every data plane's holds, must admit the request.
+        """
         s = self.ctx.settings
         if not s.reservations:
-            return
+            return False
         now = self.ctx.clock()
-        keys = [
-            (p.id, m, int(window_for(p.window, now).start.timestamp()))
-            for p, m in self.matches
-            if p.action is Action.REJECT
-        ]
-        if not keys:
-            return
+        rejecting = [(p, m) for p, m in self.matches if p.action is Action.REJECT]
+        if not rejecting:
+            return False
+        keys = [(p.id, m, int(window_for(p.window, now).start.timestamp())) for p, m in rejecting]
         price = self.ctx.prices.for_charge(
             self.request_model, self.facts.provider, self.facts.route
         )
         if price is None:
-            return
+            return False
         output = s.reservation_output_tokens
         if body is not None:
             for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
@@ -327,8 +364,42 @@ class RequestProcessor:
         estimate = Usage(
             input_tokens=estimate_tokens_from_chars(self.request_bytes), output_tokens=output
         )
-        self.held = (keys, cost_nanos(estimate, price))
-        self.ctx.state.reserve(*self.held)
+        amount = cost_nanos(estimate, price)
+        self.held = (keys, amount)
+        state = self.ctx.state
+        state.reserve(keys, amount)
+        headroom = amount * s.arbiter_headroom_requests
+        return self.ctx.arbiter is not None and any(
+            p.amount_nanos - state.spent(k) < headroom
+            for (p, _), k in zip(rejecting, keys, strict=True)
+        )
+
+    async def _arbitrate(self, admitted: codec.ProcessingResponse) -> codec.ProcessingResponse:
+        """Let the control plane admit this request (its holds are in place);
+        ``admitted`` is the answer to give Envoy if it does."""
+        assert self.held is not None and self.ctx.arbiter is not None
+        keys, amount = self.held
+        try:
+            answer = await self.ctx.arbiter(keys, amount)
+        except Exception:
+            self.ctx.stats.internal_errors += 1
+            log.exception(
+                "arbitration failed; admitted on the local view", request_id=self.request_id
+            )
+            return admitted
+        if answer is None or answer.admitted:
+            return admitted
+        self._release()
+        self.done = True
+        now = self.ctx.clock()
+        for policy, member in self.matches:
+            if policy.id == answer.policy_id and member == answer.member:
+                window = window_for(policy.window, now)
+                key = (policy.id, member, int(window.start.timestamp()))
+                return self._reject(
+                    Rejection(policy, member, window, self.ctx.state.spent(key)), now
+                )
+        return admitted  # the policy changed meanwhile: nothing to name, admit
 
     def _release(self) -> None:
         if self.held is not None:
@@ -337,13 +408,15 @@ class RequestProcessor:
 
     def close(self) -> None:
         """The stream with Envoy ended. A response cut short is still charged."""
+        if not self.rejected:
+            self.ctx.stats.admitted_requests += 1
         self._release()
         if self.meter is not None and not self.done:
             try:
                 self._finish(aborted=True)
             except Exception:
                 self.ctx.stats.internal_errors += 1
-                log.exception("could not charge an aborted response")
+                log.exception("could not charge an aborted response", request_id=self.request_id)
 
     def _finish(self, *, aborted: bool) -> None:
         assert self.meter is not None
@@ -362,6 +435,7 @@ class RequestProcessor:
                 reason=result.error,
                 model=self.request_model,
                 aborted=aborted,
+                request_id=self.request_id,
             )
             return
         if usage.estimated and usage.input_tokens is None:
@@ -371,6 +445,8 @@ class RequestProcessor:
         model = result.model or self.request_model
         prices = self.ctx.prices
         price = prices.lookup(model, self.facts.provider, self.facts.route)
+        # A bounded metrics label: the price table's name for the model.
+        priced_as = price.model if price is not None else UNPRICED
         if price is None:
             stats.unpriced_responses += 1
             price = prices.for_charge(model, self.facts.provider, self.facts.route)
@@ -391,6 +467,8 @@ class RequestProcessor:
         stats.metered_responses += 1
         stats.cost_nanos += cost
         _count_tokens(stats, usage)
+        api = self.shape.name if self.shape is not None else ""
+        stats.count_metered((self.facts.provider, api, priced_as), usage, cost)
         if self.matches:
             self.ctx.state.charge(self.matches, cost, self.ctx.clock(), estimated=usage.estimated)
 

@@ -13,13 +13,16 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import envoy_codec as codec
+from ext_proc import metrics
 from ext_proc.config import ConfigError, Settings
 from ext_proc.journal import Journal, JournalError
+from ext_proc.metrics import SyncStatus
 from ext_proc.pricing import PriceOverride, PriceTable
 from ext_proc.processor import Context, RequestProcessor
 from ext_proc.state import LocalState
 from ext_proc.sync import ControlPlaneSync
 from spendgate.domain.pricing import PriceBook
+from spendgate.metrics import MetricsServer, start_metrics
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import price_from_message
 
@@ -45,10 +48,15 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[codec.ProcessingResponse]:
         proc = RequestProcessor(self.ctx)
         self.ctx.stats.streams += 1
+        self.ctx.stats.open_streams += 1
         try:
             async for req in request_iterator:
-                yield proc.handle(req)
+                reply = proc.handle(req)
+                if not isinstance(reply, codec.ProcessingResponse):
+                    reply = await reply  # the control plane admits this one
+                yield reply
         finally:
+            self.ctx.stats.open_streams -= 1
             proc.close()
 
 
@@ -63,7 +71,7 @@ class ExtProcServer:
         prices: PriceBook | None = None,
     ) -> None:
         self.settings = settings
-        self.state = LocalState()
+        self.state = LocalState(identity=settings.identity)
         table = PriceTable(
             prices or PriceBook.bundled(),
             unpriced=settings.unpriced_models,
@@ -72,6 +80,8 @@ class ExtProcServer:
         )
         self.ctx = Context(settings=settings, state=self.state, prices=table, clock=clock)
         self.sync = ControlPlaneSync(settings, self.state, clock)
+        if settings.reservations and settings.arbiter_headroom_requests:
+            self.ctx.arbiter = self.sync.reserve
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -82,6 +92,11 @@ class ExtProcServer:
         self.sync.on_connection_change = self._on_sync_change
         self.sync.on_price_overrides = self._on_price_overrides
         self.sync.on_backlog_change = self._on_backlog_change
+        self.sync_status = SyncStatus(backlog=self.sync.backlog)
+        self.metrics: MetricsServer | None = None
+        if settings.metrics_listen:
+            registry = metrics.registry_for(self.ctx.stats, self.state, self.sync_status)
+            self.metrics = MetricsServer(registry, settings.metrics_listen)
         journal_dir = settings.journal_path(self.port)
         if journal_dir:
             try:
@@ -94,7 +109,13 @@ class ExtProcServer:
         else:
             log.warning("usage journal disabled: a crash loses unsent usage")
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port (None when metrics_listen is "")."""
+        return self.metrics.port if self.metrics is not None else None
+
     def _on_backlog_change(self, piling: bool) -> None:
+        self.sync_status.set(backlog=piling)
         status = (
             health_pb2.HealthCheckResponse.NOT_SERVING
             if piling
@@ -115,6 +136,7 @@ class ExtProcServer:
         log.info("price overrides applied", count=len(overrides))
 
     def _on_sync_change(self, up: bool) -> None:
+        self.sync_status.set(connected=up)
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if up
@@ -123,6 +145,8 @@ class ExtProcServer:
         asyncio.get_running_loop().create_task(self.health.set(SYNC_HEALTH_SERVICE, status))
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            await start_metrics(self.metrics, self.settings.metrics_listen)
         await self.server.start()
         # Serving requests never depends on the control plane; the separate
         # SYNC_HEALTH_SERVICE tells whether usage is reaching it.
@@ -141,6 +165,7 @@ class ExtProcServer:
             port=self.port,
             control_plane=self.settings.control_plane,
             prices=len(self.ctx.prices),
+            metrics_port=self.metrics_port,
         )
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -150,4 +175,6 @@ class ExtProcServer:
         await self.sync.stop()
         if self.state.journal is not None:
             self.state.journal.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
         log.info("ext_proc stopped", **self.ctx.stats.as_dict())

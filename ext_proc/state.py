@@ -23,6 +23,7 @@ the durable copy.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -102,12 +103,25 @@ class LocalState:
     # Estimated cost held by admitted requests still running (reservations):
     # counted as spent until the response ends and its real cost replaces it.
     reserved: dict[SpendKey, int] = field(default_factory=dict)
+    # Holds across data planes (see ReserveRequest): the other data planes'
+    # holds per window (id -> (seq, nanos, expires at)) and their sum; the
+    # windows whose holds we report, and the order of our reports.
+    identity: str = ""
+    holds_remote: dict[SpendKey, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
+    held_others: dict[SpendKey, int] = field(default_factory=dict)
+    hold_keys: set[SpendKey] = field(default_factory=set)
+    holds_dirty: bool = False
+    holds_seq: int = 0
 
     # ---- reads (hot path) --------------------------------------------------
 
     def spent(self, key: SpendKey) -> int:
-        """Spend of a window as this data plane sees it, reservations included."""
+        """Spend of a window as this data plane sees it: the control plane's
+        total, the other data planes' holds, and our own holds and unsent usage."""
         total = self.remote[key][0] if key in self.remote else 0
+        others = self.held_others.get(key)
+        if others:
+            total += others
         held = self.reserved.get(key)
         if held:
             total += held
@@ -139,14 +153,67 @@ class LocalState:
         """Hold ``nanos`` against each window until ``release``."""
         for key in keys:
             self.reserved[key] = self.reserved.get(key, 0) + nanos
+            self.hold_keys.add(key)
+        self.holds_dirty = True
 
     def release(self, keys: Iterable[SpendKey], nanos: int) -> None:
+        self.holds_dirty = True
         for key in keys:
             left = self.reserved.get(key, 0) - nanos
             if left > 0:
                 self.reserved[key] = left
             else:
                 self.reserved.pop(key, None)
+
+    # ---- holds reported to the control plane --------------------------------
+
+    def own_hold(self, key: SpendKey, skip: Batch | None = None) -> int:
+        """What we hold against a window: running requests' estimates plus our
+        usage the control plane has not applied (``skip``: a batch it is
+        about to apply with the report)."""
+        total = self.reserved.get(key, 0)
+        inc = self.pending.get(key)
+        if inc is not None:
+            total += inc.cost_nanos
+        for batch in self.in_flight.values():
+            if batch is not skip:
+                b = batch.increments.get(key)
+                if b is not None:
+                    total += b.cost_nanos
+        return total
+
+    def next_seq(self) -> int:
+        self.holds_seq = max(self.holds_seq + 1, time.time_ns())
+        return self.holds_seq
+
+    def hold_report(
+        self, keys: Iterable[SpendKey] | None = None, skip: Batch | None = None
+    ) -> tuple[list[dp.WindowHold], list[dp.UnappliedBatch]]:
+        """Our holds on ``keys`` (default: every window we hold or held), and
+        the unacknowledged batches they include (the control plane leaves out
+        those it has applied). A window reported at zero is dropped from the
+        default set."""
+        holds = []
+        wanted = list(self.hold_keys if keys is None else keys)
+        for key in wanted:
+            held = self.own_hold(key, skip)
+            holds.append(_hold(key, held))
+            if not held and keys is None:
+                self.hold_keys.discard(key)
+        if keys is None:
+            self.holds_dirty = False
+        unapplied = []
+        for batch in self.in_flight.values():
+            if batch is skip:
+                continue
+            usage = [
+                _hold(k, inc.cost_nanos)
+                for k in wanted
+                if (inc := batch.increments.get(k)) is not None and inc.cost_nanos
+            ]
+            if usage:
+                unapplied.append(dp.UnappliedBatch(batch_id=batch.batch_id, usage=usage))
+        return holds, unapplied
 
     def take_batch(self) -> Batch | None:
         """Move pending usage into an in-flight batch and journal it.
@@ -222,6 +289,8 @@ class LocalState:
             self.index = PolicyIndex(policies)
         if update.full_snapshot:
             self.remote = {}
+            self.holds_remote = {}
+            self.held_others = {}
             self.synced = True
         self.merge_spend(update.spend)
         # Pruning walks every known window: do it at most every few seconds.
@@ -234,6 +303,22 @@ class LocalState:
             old = self.remote.get(key)
             if old is None or ws.spent_nanos >= old[0]:
                 self.remote[key] = (ws.spent_nanos, ws.window_end.seconds)
+            if ws.holds or key in self.holds_remote:
+                self._merge_holds(key, ws.holds)
+
+    def _merge_holds(self, key: SpendKey, holds: Iterable[dp.DataPlaneHold]) -> None:
+        """Holds rise and fall, and messages about them arrive by several
+        paths: per data plane, the newest report (highest seq) wins."""
+        known = self.holds_remote.get(key)
+        if known is None:
+            known = self.holds_remote[key] = {}
+        for h in holds:
+            if h.data_plane_id == self.identity:
+                continue
+            old = known.get(h.data_plane_id)
+            if old is None or h.seq >= old[0]:
+                known[h.data_plane_id] = (h.seq, h.held_nanos, h.expire_time.seconds)
+        self.held_others[key] = sum(v[1] for v in known.values())
 
     def prune(self, now: datetime) -> None:
         """Forget control plane totals of windows that have ended."""
@@ -242,3 +327,18 @@ class LocalState:
         ended = [k for k, v in self.remote.items() if v[1] <= t]
         for k in ended:
             del self.remote[k]
+        # Holds of a data plane that stopped reporting lapse at their expiry.
+        for k, known in list(self.holds_remote.items()):
+            if k not in self.remote:
+                del self.holds_remote[k]
+                self.held_others.pop(k, None)
+                continue
+            for dp_id in [d for d, v in known.items() if v[2] <= t]:
+                del known[dp_id]
+            self.held_others[k] = sum(v[1] for v in known.values())
+
+
+def _hold(key: SpendKey, nanos: int) -> dp.WindowHold:
+    return dp.WindowHold(
+        policy_id=key[0], member=key[1], window_start=timestamp(key[2]), held_nanos=nanos
+    )

@@ -1,14 +1,64 @@
-"""Counters ext_proc keeps about what it metered and decided (in-process)."""
+"""Counters ext_proc keeps about what it metered and decided (in-process).
+
+These are plain ints, dicts and fixed-bucket histograms, updated on the
+request path: no locks, no label lookups, no allocation beyond a tuple key.
+ext_proc/metrics.py turns them into Prometheus metrics when scraped. Like
+everything on the request path they belong to the event loop's thread.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+
+from spendgate.domain.usage import Usage
+from spendgate.metrics import Histogram
+
+# Upper bounds (nanoseconds) of the message-processing-time buckets.
+DECISION_BUCKETS_NS = (
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    100_000_000,
+)
+PHASES = (
+    "request_headers",
+    "request_body",
+    "response_headers",
+    "response_body",
+    "request_trailers",
+    "response_trailers",
+)
+# Rejection reasons (the `reason` label).
+BUDGET_EXCEEDED = "budget_exceeded"
+MODEL_NOT_PRICED = "model_not_priced"
+# The `model` label of responses no price was known for.
+UNPRICED = "unpriced"
+
+
+@dataclass(slots=True)
+class MeteredCounts:
+    """What was metered for one (provider, API shape, model)."""
+
+    responses: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nanos: int = 0
 
 
 @dataclass(slots=True)
 class Stats:
     streams: int = 0  # HTTP requests seen (one ext_proc stream each)
+    open_streams: int = 0  # HTTP requests in progress
     messages: int = 0  # ext_proc messages answered
+    admitted_requests: int = 0  # let through to the provider after the decision
     rejected_requests: int = 0
     unmetered_requests: int = 0  # requests of no metered API shape
     unparsed_requests: int = 0  # request bodies that were not JSON objects
@@ -21,6 +71,39 @@ class Stats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nanos: int = 0
+    # (policy id, reason) -> rejected requests; reason "model_not_priced" has
+    # policy id "". Bounded by the policies this process has seen.
+    rejections: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (provider, API shape, model) -> metered; the model is the price table's
+    # name for it or UNPRICED, never the raw name a client sent.
+    metered: dict[tuple[str, str, str], MeteredCounts] = field(default_factory=dict)
+    # Time spent answering one ext_proc message, per phase.
+    latency: dict[str, Histogram] = field(
+        default_factory=lambda: {p: Histogram(DECISION_BUCKETS_NS) for p in PHASES}
+    )
+
+    def count_rejection(self, policy_id: str, reason: str) -> None:
+        self.rejected_requests += 1
+        key = (policy_id, reason)
+        self.rejections[key] = self.rejections.get(key, 0) + 1
+
+    def count_metered(self, key: tuple[str, str, str], usage: Usage, cost_nanos: int) -> None:
+        counts = self.metered.get(key)
+        if counts is None:
+            counts = self.metered[key] = MeteredCounts()
+        counts.responses += 1
+        counts.input_tokens += usage.input_tokens or 0
+        counts.output_tokens += usage.output_tokens or 0
+        counts.cost_nanos += cost_nanos
+
+    def observe_message(self, phase: str | None, nanos: int) -> None:
+        hist = self.latency.get(phase or "")
+        if hist is None:  # a phase added to the protocol later
+            hist = self.latency[phase or "unknown"] = Histogram(DECISION_BUCKETS_NS)
+        hist.observe(nanos)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The plain counters (for the shutdown log line)."""
+        return {
+            f.name: value for f in fields(self) if isinstance(value := getattr(self, f.name), int)
+        }

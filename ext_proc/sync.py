@@ -21,12 +21,16 @@ import grpc
 import structlog
 
 from ext_proc.config import Settings
+from ext_proc.decide import SpendKey
 from ext_proc.state import LocalState
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
 
 log = structlog.get_logger("spendgate.ext_proc")
 REPORT_TIMEOUT_S = 5.0
+# Holds are reported again at least this often (the control plane lets them
+# lapse after hold_ttl_s, 30 s by default, unless refreshed).
+HOLDS_REFRESH_S = 5.0
 
 
 class ControlPlaneSync:
@@ -53,6 +57,8 @@ class ControlPlaneSync:
         self._stub = dataplane_pb2_grpc.DataPlaneServiceStub(self._channel)
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
+        self._holds_reported_at = 0.0
+        self.arbiter_failures = 0
 
     @property
     def address(self) -> str:
@@ -163,19 +169,84 @@ class ControlPlaneSync:
         """Send the pending usage and retry every unacknowledged batch, oldest first."""
         async with self._flush_lock:
             self.state.take_batch()
+            sent = bool(self.state.in_flight)
             delivered = await self._send_in_flight()
             self._set_backlog(not delivered)
+            if not sent and delivered:
+                await self._report_holds()
+
+    async def _report_holds(self) -> None:
+        """Holds alone (no usage to carry them): when they changed, and often
+        enough that the control plane does not let them lapse."""
+        state = self.state
+        if not state.hold_keys:
+            return
+        now = asyncio.get_running_loop().time()
+        if not state.holds_dirty and now - self._holds_reported_at < HOLDS_REFRESH_S:
+            return
+        holds, unapplied = state.hold_report()
+        msg = dp.ReportUsageRequest(
+            data_plane_id=self.settings.identity,
+            holds=holds,
+            holds_seq=state.next_seq(),
+            unapplied=unapplied,
+        )
+        try:
+            resp = await self._stub.ReportUsage(
+                msg, metadata=self._metadata, timeout=REPORT_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            state.holds_dirty = True
+            log.debug("holds not reported; will retry", code=e.code().name)
+            return
+        self._holds_reported_at = now
+        state.merge_spend(resp.spend)
+
+    async def reserve(self, keys: list[SpendKey], amount_nanos: int) -> dp.ReserveResponse | None:
+        """Ask the control plane to admit a request near a budget's line
+        (``keys``: its REJECT windows, already held locally). None when the
+        control plane cannot answer in time: the local decision stands."""
+        if not self.connected.is_set():
+            return None
+        state = self.state
+        holds, unapplied = state.hold_report(keys)
+        msg = dp.ReserveRequest(
+            data_plane_id=self.settings.identity,
+            holds=holds,
+            holds_seq=state.next_seq(),
+            amount_nanos=amount_nanos,
+            unapplied=unapplied,
+        )
+        try:
+            resp: dp.ReserveResponse = await self._stub.Reserve(
+                msg, metadata=self._metadata, timeout=self.settings.arbiter_timeout_ms / 1000
+            )
+        except grpc.aio.AioRpcError as e:
+            self.arbiter_failures += 1
+            if self.arbiter_failures in (1, 10) or self.arbiter_failures % 1000 == 0:
+                log.warning(
+                    "control plane did not arbitrate; admitted on the local view",
+                    code=e.code().name,
+                    failures=self.arbiter_failures,
+                )
+            return None
+        state.merge_spend(resp.spend)
+        return resp
 
     async def _send_in_flight(self) -> bool:
         """False if a batch could not be delivered (the later ones are left unsent)."""
         for batch in list(self.state.in_flight.values()):
             batch.attempts += 1
             batch.sent = True
+            msg = batch.message(self.settings.identity)
+            if self.state.hold_keys:
+                holds, unapplied = self.state.hold_report(skip=batch)
+                msg.holds.extend(holds)
+                msg.unapplied.extend(unapplied)
+                msg.holds_seq = self.state.next_seq()
             try:
                 resp = await self._stub.ReportUsage(
-                    batch.message(self.settings.identity),
-                    metadata=self._metadata,
-                    timeout=REPORT_TIMEOUT_S,
+                    msg, metadata=self._metadata, timeout=REPORT_TIMEOUT_S
                 )
             except grpc.aio.AioRpcError as e:
                 if batch.attempts in (1, 10) or batch.attempts % 100 == 0:
@@ -188,6 +259,8 @@ class ControlPlaneSync:
                     )
                 return False
             self.state.acknowledge(batch, resp)
+            if msg.holds:
+                self._holds_reported_at = asyncio.get_running_loop().time()
             if resp.unknown_policy_increments:
                 log.info(
                     "control plane dropped usage of deleted policies",

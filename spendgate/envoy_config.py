@@ -92,22 +92,44 @@ COMPOSE_HEADER = """\
 # spendgate: Envoy bootstrap for docker-compose.yml — GENERATED from
 # envoy/envoy.yaml by `python -m spendgate.envoy_config` (a test checks it).
 # Same routes and ext_proc filter; addresses are compose service names, and
-# the listener and admin bind every interface inside the container.
+# the listener and admin bind every interface inside the container. The
+# spendgate_ext_proc cluster holds both ext_proc containers: each HTTP request
+# (one ext_proc stream) goes to one of them, round robin, and an ext_proc that
+# fails its gRPC health check gets no new requests.
 # Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.
 """
+# docker-compose.yml services Envoy sends to, with the ports they listen on
+# (tests/deploy/test_compose.py checks them against the compose file).
+COMPOSE_EXT_PROCS = (("ext-proc-1", 50052), ("ext-proc-2", 50052))
+COMPOSE_DEMO_PROVIDER = ("demo-provider", 18080)
+
+
+def _endpoint(host: str, port: int) -> dict[str, Any]:
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
 
 
 def compose_variant(config: dict[str, Any]) -> dict[str, Any]:
     """The local bootstrap adapted to docker-compose's network."""
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "0.0.0.0"
     config["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"
-    services = {EXT_PROC_CLUSTER: ("ext-proc", 50052), "demo_provider": ("demo-provider", 18080)}
+    services = {EXT_PROC_CLUSTER: COMPOSE_EXT_PROCS, "demo_provider": (COMPOSE_DEMO_PROVIDER,)}
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in services:
-            host, port = services[cluster["name"]]
             cluster["type"] = "STRICT_DNS"
-            ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-            ep["address"]["socket_address"] = {"address": host, "port_value": port}
+            cluster["load_assignment"]["endpoints"] = [
+                {"lb_endpoints": [_endpoint(h, p) for h, p in services[cluster["name"]]]}
+            ]
+        if cluster["name"] == EXT_PROC_CLUSTER:
+            # gRPC health "" of each ext_proc; a failing one gets no new streams.
+            cluster["health_checks"] = [
+                {
+                    "timeout": "1s",
+                    "interval": "2s",
+                    "unhealthy_threshold": 2,
+                    "healthy_threshold": 1,
+                    "grpc_health_check": {},
+                }
+            ]
     return config
 
 

@@ -45,5 +45,9 @@ def run(name: str, load: Callable[[], S], make: Callable[[S], Service]) -> int:
         print(f"spendgate {name}: bad configuration: {e}", file=sys.stderr)
         return 2
     logs.configure(json=settings.log_json, level=settings.log_level)  # type: ignore[attr-defined]
-    uvloop.run(serve_until_signalled(lambda: make(settings)))
+    try:
+        uvloop.run(serve_until_signalled(lambda: make(settings)))
+    except ConfigError as e:  # found while starting, e.g. an address in use
+        print(f"spendgate {name}: bad configuration: {e}", file=sys.stderr)
+        return 2
     return 0

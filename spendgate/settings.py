@@ -62,13 +62,11 @@ def load(
             raise ConfigError(f"unknown setting(s) in {section}: {', '.join(sorted(unknown))}")
         raw.update({k: v for k, v in section_values.items() if v is not None})
     for name in names:
-        # SPENDGATE_EXT_PROC_LISTEN beats SPENDGATE_LISTEN, so one environment
-        # can configure both planes.
-        value = env.get(f"SPENDGATE_{section.upper()}_{name.upper()}")
-        if value is None:
-            value = env.get(f"SPENDGATE_{name.upper()}")
-        if value is not None:
-            raw[name] = value
+        for key in env_keys(section, name):
+            value = env.get(key)
+            if value is not None:
+                raw[name] = value
+                break
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = set(raw) - set(names)
     if unknown:
@@ -80,6 +78,43 @@ def load(
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from e
+
+
+def env_keys(section: str, name: str) -> tuple[str, str]:
+    """The environment variables that set ``name``, the one that wins first.
+
+    SPENDGATE_EXT_PROC_LISTEN beats SPENDGATE_LISTEN, so one environment can
+    configure both planes.
+    """
+    return f"SPENDGATE_{section.upper()}_{name.upper()}", f"SPENDGATE_{name.upper()}"
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``"host:port"`` (IPv6 as ``"[::1]:9464"``) -> (host, port); an empty
+    host (``":9464"``) means every interface. ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"must be host:port, not {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"bad IPv6 address in {value!r} (write it as [::1]:9464)")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9464, not {value!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, not {port_text!r}")
+    return host, int(port_text)
+
+
+def check_listen(name: str, value: str, *, allow_empty: bool = False) -> None:
+    """ConfigError naming ``name`` unless ``value`` is host:port (or "" when allowed)."""
+    if allow_empty and value == "":
+        return
+    try:
+        parse_host_port(value)
+    except ValueError as e:
+        hint = ' (or "" to disable)' if allow_empty else ""
+        raise ConfigError(f"{name}: {e}{hint}") from None
 
 
 def _coerce(name: str, default: Any, value: Any) -> Any:

@@ -95,7 +95,10 @@ def start_stack(
     control_plane: Mapping[str, Any] | None = None,
     ext_proc: Mapping[str, Any] | None = None,
 ) -> Stack:
-    """The whole stack; ``control_plane`` / ``ext_proc`` override settings."""
+    """The whole stack; ``control_plane`` / ``ext_proc`` override settings.
+
+    Metrics are off unless asked for (``metrics_listen="127.0.0.1:0"``): the
+    default ports would collide between stacks."""
     workdir = tempdir()
     clock = clock or FakeClock()
     provider = FakeProviderServer()
@@ -110,7 +113,7 @@ def start_stack(
                 admin_token=ADMIN_TOKEN,
                 read_token=READ_TOKEN,
                 data_plane_token=DATA_PLANE_TOKEN,
-                **(control_plane or {}),
+                **{"metrics_listen": "", **(control_plane or {})},
             ),
             clock=clock,
         )
@@ -125,7 +128,7 @@ def start_stack(
                 data_plane_id="test-dp",
                 flush_interval_ms=20,
                 journal_dir=str(workdir / "journal"),
-                **(ext_proc or {}),
+                **{"metrics_listen": "", **(ext_proc or {})},
             ),
             clock=clock,
         )

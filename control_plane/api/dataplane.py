@@ -33,6 +33,12 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
             unknown_policy_increments=result.unknown_policy_increments,
         )
 
+    @unary
+    async def Reserve(
+        self, request: dp.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> dp.ReserveResponse:
+        return await self.cp.reserve(request)
+
     @streaming
     async def WatchState(
         self, request: dp.WatchStateRequest, context: grpc.aio.ServicerContext

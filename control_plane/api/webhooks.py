@@ -138,3 +138,10 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     ) -> wpb.ListDeliveriesResponse:
         deliveries, token = await self.admin.list_deliveries(request)
         return wpb.ListDeliveriesResponse(deliveries=deliveries, next_page_token=token)
+
+    @unary
+    async def ListEvents(
+        self, request: wpb.ListEventsRequest, context: grpc.aio.ServicerContext
+    ) -> wpb.ListEventsResponse:
+        found, token = await self.admin.list_events(request)
+        return wpb.ListEventsResponse(events=found, next_page_token=token)

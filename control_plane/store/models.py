@@ -92,6 +92,22 @@ class WindowSpendRow(Base):
     __table_args__ = (Index("ix_window_spend_window_end", "window_end"),)
 
 
+class WindowHoldRow(Base):
+    """What one data plane holds against one window (see ReserveRequest):
+    admitted requests' estimates plus its usage not yet applied. Replaced by
+    each newer report (``seq``); ignored and pruned after ``expires_at``."""
+
+    __tablename__ = "window_holds"
+
+    policy_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    member: Mapped[str] = mapped_column(String(512), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data_plane_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    held_nanos: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix seconds
+
+
 class AppliedBatchRow(Base):
     """Idempotency ids of usage batches already applied."""
 

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, delete, select, text
+from sqlalchemy import Select, delete, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowSpendRow
+from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowHoldRow, WindowSpendRow
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -94,6 +94,17 @@ def claim_batch(session: Session, batch_id: str, data_plane_id: str, now: dateti
         .returning(AppliedBatchRow.batch_id)
     )
     return session.execute(stmt).first() is not None
+
+
+def applied_batches(session: Session, batch_ids: Sequence[str]) -> set[str]:
+    """Which of ``batch_ids`` have been applied."""
+    if not batch_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(AppliedBatchRow.batch_id).where(AppliedBatchRow.batch_id.in_(batch_ids))
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,3 +256,84 @@ def spend_rows(session: Session, keys: Iterable[tuple[str, str, int]]) -> list[W
         if row is not None:
             out.append(row)
     return out
+
+
+# ---- holds (reservations across data planes) ---------------------------------
+
+WindowKey = tuple[str, str, int]
+
+
+def set_holds(
+    session: Session,
+    data_plane_id: str,
+    seq: int,
+    holds: Iterable[tuple[WindowKey, int]],
+    expires_at: int,
+) -> None:
+    """Replace ``data_plane_id``'s holds on these windows, unless a newer
+    report (higher ``seq``) is already recorded. Rows go in key order, like
+    add_spend, so concurrent transactions lock them in one order."""
+    params = [
+        {
+            "policy_id": k[0],
+            "member": k[1],
+            "window_start": k[2],
+            "data_plane_id": data_plane_id,
+            "held_nanos": held,
+            "seq": seq,
+            "expires_at": expires_at,
+        }
+        for k, held in sorted(holds)
+    ]
+    if not params:
+        return
+    table = WindowHoldRow.__table__
+    ins = dialect_insert(session, WindowHoldRow)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["policy_id", "member", "window_start", "data_plane_id"],
+        set_={
+            "held_nanos": ins.excluded.held_nanos,
+            "seq": ins.excluded.seq,
+            "expires_at": ins.excluded.expires_at,
+        },
+        where=table.c.seq < ins.excluded.seq,
+    )
+    session.execute(stmt, params)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    data_plane_id: str
+    held_nanos: int
+    seq: int
+    expires_at: int
+
+
+def holds_by_window(
+    session: Session, keys: Iterable[WindowKey] | None, now: int
+) -> dict[WindowKey, list[Hold]]:
+    """The unexpired holds of each window (all windows when ``keys`` is None)."""
+    h = WindowHoldRow
+    q = select(h).where(h.expires_at > now)
+    if keys is not None:
+        wanted = list(keys)
+        if not wanted:
+            return {}
+        q = q.where(tuple_(h.policy_id, h.member, h.window_start).in_(wanted))
+    out: dict[WindowKey, list[Hold]] = {}
+    for r in session.scalars(q):
+        out.setdefault((r.policy_id, r.member, r.window_start), []).append(
+            Hold(r.data_plane_id, r.held_nanos, r.seq, r.expires_at)
+        )
+    return out
+
+
+def forget_holds(session: Session, now: int) -> int:
+    """Delete expired holds; how many. (A zero hold is kept until it
+    expires: its ``seq`` keeps an older report from reviving the hold.)"""
+    gone = session.scalars(
+        delete(WindowHoldRow)
+        .where(WindowHoldRow.expires_at <= now)
+        .returning(WindowHoldRow.data_plane_id)
+    ).all()
+    return len(gone)

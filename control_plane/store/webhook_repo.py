@@ -343,6 +343,18 @@ def event_exists(session: Session, event_id: str) -> bool:
     return session.get(WebhookEventRow, event_id) is not None
 
 
+def list_events(
+    session: Session, *, policy_id: str, kinds: Sequence[str], before_id: str, limit: int
+) -> Sequence[WebhookEventRow]:
+    """Events of the given kinds, newest first (ids are time-ordered)."""
+    q = select(WebhookEventRow).where(WebhookEventRow.kind.in_(list(kinds)))
+    if policy_id:
+        q = q.where(WebhookEventRow.policy_id == policy_id)
+    if before_id:
+        q = q.where(WebhookEventRow.id < before_id)
+    return session.scalars(q.order_by(WebhookEventRow.id.desc()).limit(limit)).all()
+
+
 # ---- retention ------------------------------------------------------------------
 
 

@@ -174,6 +174,7 @@ class Dispatcher:
                 0, "not sent: " + backoff.too_old_message(self.retry), None, 0, ""
             )
             outcome = backoff.Outcome(backoff.FAILED, start, backoff.too_old_message(self.retry))
+            self.cp.metrics.webhook_attempt(outcome.state, None)
         else:
             message = Message(
                 c.delivery.id, c.event.kind, orjson.loads(c.event.data), c.event.create_time
@@ -189,6 +190,7 @@ class Dispatcher:
                 retry_after_s=result.retry_after_s,
                 rng=self.rng,
             )
+            self.cp.metrics.webhook_attempt(outcome.state, result.duration_ms)
         error = result.error
         if outcome.gave_up and not error.endswith(outcome.gave_up):
             error = f"{error} ({outcome.gave_up})" if error else outcome.gave_up
@@ -207,19 +209,22 @@ class Dispatcher:
                 finished=finished,
             )
         )
+        # Never the URL (it may carry a token), the secret or the response body.
         fields = {
             "delivery_id": c.delivery.id,
             "webhook_id": c.webhook.id,
+            "event_id": c.event.id,
             "event_type": c.event.kind,
+            "policy_id": c.event.policy_id,
             "attempt": c.number,
             "status_code": result.status_code,
         }
         if outcome.state == backoff.DELIVERED:
             log.info("webhook delivered", **fields)
         elif outcome.state == backoff.FAILED:
-            log.warning("webhook delivery failed", error=error, **fields)
+            log.error("webhook delivery failed; given up", error=error, **fields)
         else:
-            log.info(
+            log.warning(
                 "webhook attempt failed; will retry",
                 error=error,
                 next_attempt=outcome.next_attempt_at.isoformat(),

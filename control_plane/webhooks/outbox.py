@@ -53,11 +53,26 @@ class KnownEvents:
                 self._keys.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """An event this transaction created, for its log line after commit."""
+
+    event_id: str
+    kind: str
+    policy_id: str
+    member: str
+    threshold: int
+    spent_usd: str
+    amount_usd: str
+    deliveries: int
+
+
 @dataclass(slots=True)
 class OutboxResult:
     seen: list[tuple[EventKey, int]] = field(default_factory=list)
     events: int = 0
     deliveries: int = 0
+    recorded: list[Recorded] = field(default_factory=list)
 
 
 def record_crossings(
@@ -98,8 +113,21 @@ def record_crossings(
             if webhooks is None:
                 webhooks = list(webhook_repo.enabled_webhooks(session))
             targets = [w for w in webhooks if c.kind in w.events.split(",")]
-            result.deliveries += webhook_repo.add_deliveries(
+            added = webhook_repo.add_deliveries(
                 session, event_id, (w.id for w in targets), due=now, now=now
+            )
+            result.deliveries += added
+            result.recorded.append(
+                Recorded(
+                    event_id,
+                    c.kind,
+                    policy.id,
+                    total.member,
+                    c.threshold,
+                    data["spent_usd"],
+                    data["amount_usd"],
+                    added,
+                )
             )
             pagerduty |= {w.id for w in targets if w.format == PAGERDUTY and w.resolve_on_reset}
         if pagerduty:

@@ -210,6 +210,21 @@ class WebhookAdmin:
         token = repo.encode_page_token(page[-1].delivery.id) if len(views) > limit else ""
         return [convert.delivery_message(v) for v in page], token
 
+    async def list_events(self, req: wpb.ListEventsRequest) -> tuple[list[wpb.BudgetEvent], str]:
+        limit = clamp_page_size(req.page_size, default=50)
+        before = _after(req.page_token)
+        if req.type and req.type not in events.SUBSCRIBABLE:
+            raise InvalidArgument.one("type", f"must be one of {', '.join(events.SUBSCRIBABLE)}")
+        kinds = (req.type,) if req.type else events.SUBSCRIBABLE
+        rows = await self.cp.run(
+            lambda s: webhook_repo.list_events(
+                s, policy_id=req.policy_id, kinds=kinds, before_id=before, limit=limit + 1
+            )
+        )
+        page = rows[:limit]
+        token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
+        return [convert.event_message(r) for r in page], token
+
 
 def _after(page_token: str) -> str:
     if not page_token:

@@ -14,22 +14,38 @@ TIMEOUT_S = 10.0
 
 
 class CliError(Exception):
-    """A failure to show the user as one line (exit status 1)."""
+    """A failure to show the user as one line (exit status 1). ``retryable``:
+    the control plane could not be reached (trying again may succeed)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class AdminClient:
     def __init__(self, server: str, token: str, *, tls: bool = False) -> None:
         self.server = server
         self.token = token
+        self.tls = tls
+        self._connect()
+
+    def _connect(self) -> None:
         self.channel = (
-            grpc.secure_channel(server, grpc.ssl_channel_credentials())
-            if tls
-            else grpc.insecure_channel(server)
+            grpc.secure_channel(self.server, grpc.ssl_channel_credentials())
+            if self.tls
+            else grpc.insecure_channel(self.server)
         )
         self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
         self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(self.channel)
         self.pricing = pricing_pb2_grpc.PricingServiceStub(self.channel)
         self._stubs = (self.budgets, self.webhooks, self.pricing)
+
+    def reconnect(self) -> None:
+        """A new channel. After the server was unreachable a channel waits out
+        gRPC's reconnect backoff (up to minutes); a long-running view calls
+        this after an error so it sees the server as soon as it is back."""
+        self.channel.close()
+        self._connect()
 
     def call(self, method: str, request: Any) -> Any:
         if not self.token:
@@ -43,7 +59,8 @@ class AdminClient:
                 request, metadata=(("authorization", f"Bearer {self.token}"),), timeout=TIMEOUT_S
             )
         except grpc.RpcError as e:
-            raise CliError(self.describe(e)) from None
+            retryable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise CliError(self.describe(e), retryable=retryable) from None
 
     def describe(self, e: grpc.RpcError) -> str:
         code = e.code()

@@ -10,7 +10,7 @@ from spendgate.cli.credentials import client_server, client_token
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import policies, prices, up, webhooks
+    from spendgate.cli import policies, prices, status, up, webhooks
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_spend.add_argument("--member", help="only this member of a wildcard policy")
     admin_flags(p_spend)
 
+    status.add_parser(sub, admin_flags)
     webhooks.add_parser(sub, admin_flags)
     prices.add_parser(sub, admin_flags)
     return parser
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import policies, prices, webhooks
+        from spendgate.cli import policies, prices, status, webhooks
 
         client = AdminClient(client_server(args.server), client_token(args.token), tls=args.tls)
         try:
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 webhooks.run_webhook(args, client)
             elif args.command == "price":
                 prices.run_price(args, client)
+            elif args.command == "status":
+                status.run_status(args, client)
             else:
                 policies.run_spend(args, client)
         finally:

@@ -123,6 +123,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane-port", type=int, default=50051)
     p.add_argument("--ext-proc-port", type=int, default=50052)
     p.add_argument("--demo-port", type=int, default=18080)
+    p.add_argument("--control-plane-metrics-port", type=int, default=9464)
+    p.add_argument("--ext-proc-metrics-port", type=int, default=9465)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -140,6 +142,8 @@ def run_up(args: argparse.Namespace) -> int:
     cp_addr = f"127.0.0.1:{args.control_plane_port}"
     ep_addr = f"127.0.0.1:{args.ext_proc_port}"
     db_url = args.database_url or f"sqlite:///{state_dir}/spendgate.db"
+    cp_metrics = f"127.0.0.1:{args.control_plane_metrics_port}"
+    ep_metrics = f"127.0.0.1:{args.ext_proc_metrics_port}"
     children: list[Child] = []
     stopping = threading.Event()
 
@@ -151,14 +155,20 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         cp = Child(
             "control-plane",
-            [sys.executable, "-m", "control_plane", "--listen", cp_addr, "--database-url", db_url],
+            [
+                *(sys.executable, "-m", "control_plane", "--listen", cp_addr),
+                *("--database-url", db_url, "--metrics-listen", cp_metrics),
+            ],
             env,
         )
         children.append(cp)
         _wait(cp, lambda: _grpc_serving(cp_addr), f"gRPC health at {cp_addr}")
         ep = Child(
             "ext_proc",
-            [sys.executable, "-m", "ext_proc", "--listen", ep_addr, "--control-plane", cp_addr],
+            [
+                *(sys.executable, "-m", "ext_proc", "--listen", ep_addr),
+                *("--control-plane", cp_addr, "--metrics-listen", ep_metrics),
+            ],
             env,
         )
         children.append(ep)
@@ -189,7 +199,17 @@ def run_up(args: argparse.Namespace) -> int:
         path = envoy_config.write(config, state_dir / "envoy.yaml")
         envoy = Child(
             "envoy",
-            [envoy_binary(), "-c", str(path), "--log-level", "warn", "--use-dynamic-base-id"],
+            [
+                envoy_binary(),
+                "-c",
+                str(path),
+                "--log-level",
+                "warn",
+                "--use-dynamic-base-id",
+                # The access log (stdout) shows up within a second, not ten.
+                "--file-flush-interval-msec",
+                "1000",
+            ],
             env,
         )
         children.append(envoy)
@@ -227,6 +247,8 @@ def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> No
         f"  control plane (gRPC)  127.0.0.1:{args.control_plane_port}",
         f"  ext_proc (gRPC)       127.0.0.1:{args.ext_proc_port}",
         f"  Envoy admin           http://127.0.0.1:{args.envoy_admin_port}",
+        f"  metrics (Prometheus)  http://127.0.0.1:{args.control_plane_metrics_port}/metrics "
+        f"(control plane), http://127.0.0.1:{args.ext_proc_metrics_port}/metrics (ext_proc)",
         f"  database              {db_url}",
         f"  admin token           in {state_dir / 'credentials.json'} "
         "(the spendgate CLI reads it from this folder)",

@@ -342,9 +342,11 @@ class FakeProviderServer(ThreadingHTTPServer):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m spendgate.demo.fake_provider")
     parser.add_argument("--port", type=int, default=18080)
+    # A container needs 0.0.0.0 for Envoy in another container to reach it.
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     args = parser.parse_args(argv)
-    server = FakeProviderServer(port=args.port)
-    print(f"fake provider on http://127.0.0.1:{server.port}", flush=True)
+    server = FakeProviderServer(host=args.host, port=args.port)
+    print(f"fake provider on http://{args.host}:{server.port}", flush=True)
     server.serve_forever()
 
 

@@ -28,14 +28,66 @@ class SpendIncrement(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., estimated_count: _Optional[int] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
-    __slots__ = ("data_plane_id", "batch_id", "increments")
+    __slots__ = ("data_plane_id", "batch_id", "increments", "holds", "holds_seq", "unapplied")
     DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     INCREMENTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_SEQ_FIELD_NUMBER: _ClassVar[int]
+    UNAPPLIED_FIELD_NUMBER: _ClassVar[int]
     data_plane_id: str
     batch_id: str
     increments: _containers.RepeatedCompositeFieldContainer[SpendIncrement]
-    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ...) -> None: ...
+    holds: _containers.RepeatedCompositeFieldContainer[WindowHold]
+    holds_seq: int
+    unapplied: _containers.RepeatedCompositeFieldContainer[UnappliedBatch]
+    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ...) -> None: ...
+
+class UnappliedBatch(_message.Message):
+    __slots__ = ("batch_id", "usage")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    usage: _containers.RepeatedCompositeFieldContainer[WindowHold]
+    def __init__(self, batch_id: _Optional[str] = ..., usage: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ...) -> None: ...
+
+class WindowHold(_message.Message):
+    __slots__ = ("policy_id", "member", "window_start", "held_nanos")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    HELD_NANOS_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    member: str
+    window_start: _timestamp_pb2.Timestamp
+    held_nanos: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., held_nanos: _Optional[int] = ...) -> None: ...
+
+class ReserveRequest(_message.Message):
+    __slots__ = ("data_plane_id", "holds", "holds_seq", "amount_nanos", "unapplied")
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    UNAPPLIED_FIELD_NUMBER: _ClassVar[int]
+    data_plane_id: str
+    holds: _containers.RepeatedCompositeFieldContainer[WindowHold]
+    holds_seq: int
+    amount_nanos: int
+    unapplied: _containers.RepeatedCompositeFieldContainer[UnappliedBatch]
+    def __init__(self, data_plane_id: _Optional[str] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., amount_nanos: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("admitted", "policy_id", "member", "spend")
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SPEND_FIELD_NUMBER: _ClassVar[int]
+    admitted: bool
+    policy_id: str
+    member: str
+    spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
+    def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
     __slots__ = ("duplicate", "spend", "unknown_policy_increments")
@@ -48,7 +100,7 @@ class ReportUsageResponse(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ...) -> None: ...
 
 class WindowSpend(_message.Message):
-    __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count")
+    __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count", "holds")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +109,7 @@ class WindowSpend(_message.Message):
     LIMIT_NANOS_FIELD_NUMBER: _ClassVar[int]
     EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     member: str
     window_start: _timestamp_pb2.Timestamp
@@ -65,7 +118,20 @@ class WindowSpend(_message.Message):
     limit_nanos: int
     exceeded: bool
     request_count: int
-    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_nanos: _Optional[int] = ..., limit_nanos: _Optional[int] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ...) -> None: ...
+    holds: _containers.RepeatedCompositeFieldContainer[DataPlaneHold]
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_nanos: _Optional[int] = ..., limit_nanos: _Optional[int] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., holds: _Optional[_Iterable[_Union[DataPlaneHold, _Mapping]]] = ...) -> None: ...
+
+class DataPlaneHold(_message.Message):
+    __slots__ = ("data_plane_id", "held_nanos", "seq", "expire_time")
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_NANOS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    data_plane_id: str
+    held_nanos: int
+    seq: int
+    expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, data_plane_id: _Optional[str] = ..., held_nanos: _Optional[int] = ..., seq: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class WatchStateRequest(_message.Message):
     __slots__ = ("data_plane_id",)

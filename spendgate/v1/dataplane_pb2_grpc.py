@@ -44,6 +44,11 @@ class DataPlaneServiceStub:
                 request_serializer=spendgate_dot_v1_dot_dataplane__pb2.WatchStateRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_dataplane__pb2.StateUpdate.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/spendgate.v1.DataPlaneService/Reserve',
+                request_serializer=spendgate_dot_v1_dot_dataplane__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_dataplane__pb2.ReserveResponse.FromString,
+                _registered_method=True)
 
 
 class DataPlaneServiceServicer:
@@ -65,6 +70,15 @@ class DataPlaneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Admission near a REJECT budget's line, decided across every data plane:
+        admitted while spend + every data plane's holds (without this request's
+        estimate) is below the limit; the holds are recorded when admitted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataPlaneServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_DataPlaneServiceServicer_to_server(servicer, server):
                     servicer.WatchState,
                     request_deserializer=spendgate_dot_v1_dot_dataplane__pb2.WatchStateRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_dataplane__pb2.StateUpdate.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=spendgate_dot_v1_dot_dataplane__pb2.ReserveRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_dataplane__pb2.ReserveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class DataPlaneService:
             '/spendgate.v1.DataPlaneService/WatchState',
             spendgate_dot_v1_dot_dataplane__pb2.WatchStateRequest.SerializeToString,
             spendgate_dot_v1_dot_dataplane__pb2.StateUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.DataPlaneService/Reserve',
+            spendgate_dot_v1_dot_dataplane__pb2.ReserveRequest.SerializeToString,
+            spendgate_dot_v1_dot_dataplane__pb2.ReserveResponse.FromString,
             options,
             channel_credentials,
             insecure,

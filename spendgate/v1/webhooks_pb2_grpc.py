@@ -70,6 +70,11 @@ class WebhookServiceStub:
                 request_serializer=spendgate_dot_v1_dot_webhooks__pb2.ListDeliveriesRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_webhooks__pb2.ListDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/spendgate.v1.WebhookService/ListEvents',
+                request_serializer=spendgate_dot_v1_dot_webhooks__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_webhooks__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
 
 
 class WebhookServiceServicer:
@@ -123,6 +128,16 @@ class WebhookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """Budget events (thresholds crossed, budgets exceeded), newest first,
+        whether or not any webhook is subscribed to them (window_reset events,
+        PagerDuty's resolve schedule, are not listed). Kept as long as their
+        deliveries, and at least until their window ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WebhookServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +175,11 @@ def add_WebhookServiceServicer_to_server(servicer, server):
                     servicer.ListDeliveries,
                     request_deserializer=spendgate_dot_v1_dot_webhooks__pb2.ListDeliveriesRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_webhooks__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=spendgate_dot_v1_dot_webhooks__pb2.ListEventsRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_webhooks__pb2.ListEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +371,33 @@ class WebhookService:
             '/spendgate.v1.WebhookService/ListDeliveries',
             spendgate_dot_v1_dot_webhooks__pb2.ListDeliveriesRequest.SerializeToString,
             spendgate_dot_v1_dot_webhooks__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.WebhookService/ListEvents',
+            spendgate_dot_v1_dot_webhooks__pb2.ListEventsRequest.SerializeToString,
+            spendgate_dot_v1_dot_webhooks__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,7 @@ def running_api(database_url: str, db_path: Path | None = None) -> Iterator[Api]
         admin_token=ADMIN_TOKEN,
         read_token=READ_TOKEN,
         data_plane_token=DATA_PLANE_TOKEN,
+        metrics_listen="",
     )
     try:
         # grpc.aio objects must be made on the loop that runs them.

@@ -46,6 +46,7 @@ class Env:
             admin_token=ADMIN_TOKEN,
             read_token=READ_TOKEN,
             data_plane_token=DATA_PLANE_TOKEN,
+            metrics_listen="",
         )
         cp = self.loop.call(lambda: ControlPlaneServer(settings, clock=self.clock))
         self.loop.run(cp.start())
@@ -59,6 +60,7 @@ class Env:
             data_plane_id="durable-dp",
             flush_interval_ms=20,
             journal_dir=str(self.journal),
+            metrics_listen="",
         )
         ext = self.loop.call(lambda: ExtProcServer(settings, clock=self.clock))
         self.loop.run(ext.start())

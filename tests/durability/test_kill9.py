@@ -39,6 +39,7 @@ def start_ext_proc(env: Env, port: int, log: Path) -> subprocess.Popen[bytes]:
         "SPENDGATE_DATA_PLANE_TOKEN": DATA_PLANE_TOKEN,
         "SPENDGATE_EXT_PROC_JOURNAL_DIR": str(env.journal),
         "SPENDGATE_EXT_PROC_DATA_PLANE_ID": "kill9-dp",
+        "SPENDGATE_EXT_PROC_METRICS_LISTEN": "",
     }
     with log.open("ab") as out:
         return subprocess.Popen(

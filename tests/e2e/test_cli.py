@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,15 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     cwd = tmp_path_factory.mktemp("up")
     ports = {
         name: free_port()
-        for name in ("port", "envoy-admin-port", "control-plane-port", "ext-proc-port", "demo-port")
+        for name in (
+            "port",
+            "envoy-admin-port",
+            "control-plane-port",
+            "ext-proc-port",
+            "demo-port",
+            "control-plane-metrics-port",
+            "ext-proc-metrics-port",
+        )
     }
     args = [f"--{k}={v}" for k, v in ports.items()]
     proc = subprocess.Popen(
@@ -79,6 +89,21 @@ def test_up_says_where_everything_listens(up: Up) -> None:
         assert needle in text
     creds = up.cwd / ".spendgate" / "credentials.json"
     assert oct(creds.stat().st_mode & 0o777) == "0o600"
+    # `make run` logs for people: console lines, not JSON.
+    [listening] = [line for line in up.output if "control plane listening" in line]
+    assert listening.startswith("control-plane | ") and "[info     ]" in listening
+    assert "{" not in listening
+
+
+def test_up_serves_both_services_metrics(up: Up) -> None:
+    [line] = [line for line in up.output if "metrics (Prometheus)" in line]
+    urls = re.findall(r"http://127\.0\.0\.1:\d+/metrics", line)
+    assert len(urls) == 2
+    for url, name in zip(
+        urls, ("spendgate_database_up", "spendgate_ext_proc_policies"), strict=True
+    ):
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert f"\n{name} ".encode() in r.read()
 
 
 def test_quickstart_policy_then_requests_then_429(up: Up) -> None:
@@ -235,6 +260,13 @@ def test_ctrl_c_stops_everything_cleanly(up: Up) -> None:
     rest, _ = up.proc.communicate(timeout=60)
     assert up.proc.returncode == 0, rest
     assert "stopping spendgate" in rest and "ext_proc stopped" in rest
+    # Envoy's access log (JSON, on its stdout) names spendgate's 429s.
+    access = [
+        json.loads(line.split(" | ", 1)[1])
+        for line in rest.splitlines()
+        if line.startswith("        envoy | {")
+    ]
+    assert {a["details"] for a in access if a["status"] == 429} == {"spendgate_budget_exceeded"}
     for pid in children:
         wait_until(lambda pid=pid: not _alive(int(pid)), message=f"child {pid} exits")
 

@@ -45,6 +45,7 @@ def test_ext_proc_fails_over_to_another_replica(pg_url: str) -> None:
                     data_plane_token=DATA_PLANE_TOKEN,
                     flush_interval_ms=20,
                     journal_dir="",
+                    metrics_listen="",
                 ),
                 clock=clock,
             )

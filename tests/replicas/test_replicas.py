@@ -65,6 +65,7 @@ def replica(database_url: str, clock: FakeClock) -> Iterator[Replica]:
         admin_token=ADMIN_TOKEN,
         read_token=READ_TOKEN,
         data_plane_token=DATA_PLANE_TOKEN,
+        metrics_listen="",
     )
     try:
         server = loop.call(lambda: ControlPlaneServer(settings, clock=clock))

@@ -63,6 +63,7 @@ def settings(database_url: str = "sqlite://", **overrides: Any) -> Settings:
         "admin_token": ADMIN_TOKEN,
         "read_token": READ_TOKEN,
         "data_plane_token": DATA_PLANE_TOKEN,
+        "metrics_listen": "",
         **FAST,
         **overrides,
     }

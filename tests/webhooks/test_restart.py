@@ -76,6 +76,7 @@ def config(tmp_path: Path, db_url: str) -> Iterator[tuple[Path, int]]:
                     "admin_token": ADMIN_TOKEN,
                     "read_token": READ_TOKEN,
                     "data_plane_token": DATA_PLANE_TOKEN,
+                    "metrics_listen": "",
                     "log_json": False,
                     "webhook_allow_http": True,
                     "webhook_allow_private_ranges": "127.0.0.0/8",

@@ -1,0 +1,460 @@
+"""`spendgate status [--watch]`: the view an on-call engineer opens first.
+
+For each policy: its window and the current window's bounds, spend against
+the limit as a bar, what remains, its state and when it resets; for wildcard
+(``*``) policies the members that spent most. Then the latest budget events.
+Policies in trouble come first.
+
+``--watch`` redraws the view every ``--interval`` seconds until Ctrl-C (exit
+0). While the control plane cannot be reached the view says so, keeps the
+last data it had, and tries again next round. ``--json`` prints the same data
+once for scripts. Colour only when stdout is a terminal (and NO_COLOR is unset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from spendgate.cli.client import AdminClient, CliError
+from spendgate.cli.output import echo
+from spendgate.cli.policies import window_text
+from spendgate.domain.policies import Scope
+from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import webhooks_pb2 as wpb
+from spendgate.wire import SCOPES, from_timestamp
+
+OK, ALERTING, EXCEEDED = "OK", "ALERTING", "EXCEEDED"
+_SEVERITY = {EXCEEDED: 0, ALERTING: 1, OK: 2}
+BAR_WIDTH = 10
+_EVENT_TYPES = {
+    "budget_policy.exceeded": "exceeded",
+    "budget_policy.threshold_crossed": "threshold",
+}
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    admin_flags: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    p = sub.add_parser(
+        "status", help="every budget at a glance: spend, state, resets, recent events"
+    )
+    p.add_argument("--watch", action="store_true", help="redraw every --interval until Ctrl-C")
+    p.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between redraws (default 2)"
+    )
+    p.add_argument(
+        "--top", type=int, default=5, help="members shown per wildcard policy (default 5)"
+    )
+    p.add_argument("--events", type=int, default=10, help="recent events shown (default 10)")
+    admin_flags(p)
+
+
+# ---- the data ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """One window's spend: a policy's, or one member's of a wildcard policy."""
+
+    member: str
+    spent_usd: str
+    limit_usd: str
+    remaining_usd: str
+    percent: int  # spent / limit, rounded down (99.99 % is 99, not yet exceeded)
+    state: str
+    window_start: datetime
+    window_end: datetime
+    request_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyStatus:
+    policy: pb.BudgetPolicy
+    wildcard: bool
+    spend: list[Spend]  # highest spend first; empty for a wildcard nobody has spent on
+    window: tuple[datetime, datetime] | None  # the current window (None: not known)
+
+    @property
+    def state(self) -> str:
+        return min((s.state for s in self.spend), key=_SEVERITY.__getitem__, default=OK)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    server: str
+    at: datetime
+    policies: list[PolicyStatus]
+    events: list[wpb.BudgetEvent]
+
+
+def percent_of(spent_usd: str, limit_usd: str) -> int:
+    limit = Decimal(limit_usd)
+    if limit <= 0:
+        return 0
+    return int((Decimal(spent_usd) * 100 / limit).to_integral_value(ROUND_FLOOR))
+
+
+def state_of(percent_floor: int, exceeded: bool, thresholds: Sequence[int]) -> str:
+    """EXCEEDED at or over the limit; ALERTING once an alert threshold below
+    100 % is reached; OK otherwise."""
+    if exceeded:
+        return EXCEEDED
+    if any(t < 100 and percent_floor >= t for t in thresholds):
+        return ALERTING
+    return OK
+
+
+def _spend(e: pb.SpendEntry, thresholds: Sequence[int]) -> Spend:
+    percent = percent_of(e.spent_usd, e.limit_usd)
+    return Spend(
+        member=e.member,
+        spent_usd=e.spent_usd,
+        limit_usd=e.limit_usd,
+        remaining_usd=e.remaining_usd,
+        percent=percent,
+        state=state_of(percent, e.exceeded, thresholds),
+        window_start=from_timestamp(e.window_start),
+        window_end=from_timestamp(e.window_end),
+        request_count=e.request_count,
+    )
+
+
+def _pages(fetch: Callable[[str], Any], field: str) -> Iterator[Any]:
+    token = ""
+    while True:
+        resp = fetch(token)
+        yield from getattr(resp, field)
+        token = resp.next_page_token
+        if not token:
+            return
+
+
+def _is_wildcard(p: pb.BudgetPolicy) -> bool:
+    if SCOPES.get(p.scope) is Scope.TAG:
+        return p.target.partition("=")[2] == "*"
+    return p.target == "*"
+
+
+def fetch(client: AdminClient, *, events: int, now: datetime) -> Snapshot:
+    policies = list(
+        _pages(
+            lambda t: client.call(
+                "ListBudgetPolicies", pb.ListBudgetPoliciesRequest(page_size=1000, page_token=t)
+            ),
+            "policies",
+        )
+    )
+    entries: dict[str, list[pb.SpendEntry]] = {}
+    for e in _pages(
+        lambda t: client.call("ListSpend", pb.ListSpendRequest(page_size=1000, page_token=t)),
+        "entries",
+    ):
+        entries.setdefault(e.policy_id, []).append(e)
+    recent: list[wpb.BudgetEvent] = []
+    if events > 0:
+        resp = client.call("ListEvents", wpb.ListEventsRequest(page_size=events))
+        recent = list(resp.events)
+    result = []
+    for p in policies:
+        spend = sorted(
+            (_spend(e, p.alert_thresholds) for e in entries.get(p.id, [])),
+            key=lambda s: (-Decimal(s.spent_usd), s.member),
+        )
+        window = (spend[0].window_start, spend[0].window_end) if spend else None
+        result.append(PolicyStatus(p, _is_wildcard(p), spend, window))
+    result.sort(key=lambda s: (not s.policy.enabled, _SEVERITY[s.state], s.policy.name))
+    return Snapshot(client.server, now, result, recent)
+
+
+# ---- text -------------------------------------------------------------------------
+
+
+class Style:
+    """ANSI colour when enabled; plain text otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def _wrap(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled else text
+
+    def bold(self, text: str) -> str:
+        return self._wrap("1", text)
+
+    def dim(self, text: str) -> str:
+        return self._wrap("2", text)
+
+    def state(self, state: str, text: str | None = None) -> str:
+        code = {EXCEEDED: "1;31", ALERTING: "1;33", OK: "32"}[state]
+        return self._wrap(code, state if text is None else text)
+
+    def error(self, text: str) -> str:
+        return self._wrap("1;31", text)
+
+
+def bar(percent: int, width: int = BAR_WIDTH) -> str:
+    filled = min(width, max(0, percent) * width // 100)
+    return "[" + "█" * filled + "░" * (width - filled) + "]"
+
+
+def duration(seconds: float) -> str:
+    """4h12m, 2d03h, 12m07s, 45s."""
+    s = max(0, int(seconds))
+    days, rem = divmod(s, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _scope_text(p: pb.BudgetPolicy) -> str:
+    scope = pb.Scope.Name(p.scope).removeprefix("SCOPE_").lower()
+    if not p.target:
+        return scope
+    return f"{scope} {p.target}" if SCOPES.get(p.scope) is Scope.TAG else f"{scope}={p.target}"
+
+
+def _local(t: datetime, zone: str) -> str:
+    try:
+        return t.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M")
+    except (KeyError, ValueError):
+        return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _spend_line(s: Spend, style: Style) -> str:
+    return (
+        f"{style.state(s.state, s.state.ljust(8))}  {bar(s.percent)} {s.percent:>3}%  "
+        f"spent ${s.spent_usd} of ${s.limit_usd}, remaining ${s.remaining_usd}"
+    )
+
+
+def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> list[str]:
+    p = ps.policy
+    zone = p.timezone or "UTC"
+    action = pb.Action.Name(p.action).removeprefix("ACTION_").lower()
+    title = f"{style.bold(p.name)}  {style.dim(p.id)}"
+    if not p.enabled:
+        title += "  (disabled)"
+    lines = [
+        title,
+        f"  scope {_scope_text(p)} · action {action} · window {window_text(p.window)}, {zone}",
+    ]
+    if ps.window is not None:
+        start, end = ps.window
+        lines.append(
+            f"  current window {_local(start, zone)} → {_local(end, zone)}, "
+            f"resets in {duration((end - now).total_seconds())}"
+        )
+    if not ps.wildcard:
+        lines += [f"  {_spend_line(s, style)}" for s in ps.spend]
+        return lines
+    if not ps.spend:
+        lines.append("  no member has spent in the current window")
+        return lines
+    counts = [f"{n} {state}" for state in (EXCEEDED, ALERTING) if (n := _count(ps.spend, state))]
+    shown = ps.spend[: max(top, 0)]
+    members = f"{len(ps.spend)} member{'s' if len(ps.spend) != 1 else ''}"
+    head = ", ".join([members, *counts])
+    lines.append(f"  {head}" + (f"; top {len(shown)} by spend:" if shown else ""))
+    width = max((len(s.member) for s in shown), default=0)
+    lines += [f"    {s.member.ljust(width)}  {_spend_line(s, style)}" for s in shown]
+    return lines
+
+
+def _count(spend: Sequence[Spend], state: str) -> int:
+    return sum(1 for s in spend if s.state == state)
+
+
+def _event_line(e: wpb.BudgetEvent, style: Style) -> str:
+    when = from_timestamp(e.create_time).strftime("%Y-%m-%d %H:%M:%S")
+    if e.type == "budget_policy.threshold_crossed":
+        what = style.state(ALERTING, f"threshold {e.threshold_percent}% crossed")
+        pad = 24 - len(f"threshold {e.threshold_percent}% crossed")
+    else:
+        what = style.state(EXCEEDED, _EVENT_TYPES.get(e.type, e.type))
+        pad = 24 - len(_EVENT_TYPES.get(e.type, e.type))
+    member = f" member {e.member}" if e.member else ""
+    return (
+        f"  {when}  {what}{' ' * max(pad, 1)}{e.policy_name} {style.dim(e.policy_id)}{member}"
+        f"  (spent ${e.spent_usd} of ${e.amount_usd})"
+    )
+
+
+def render(
+    snap: Snapshot | None,
+    *,
+    server: str,
+    now: datetime,
+    top: int,
+    style: Style,
+    error: str = "",
+) -> str:
+    """The whole view as text; ``snap`` None when nothing was ever fetched."""
+    lines = [
+        style.bold("spendgate status")
+        + f"  ·  control plane {server}  ·  {now.strftime('%Y-%m-%d %H:%M:%S')} UTC"
+    ]
+    if error:
+        lines.append(style.error(f"! {error}"))
+        if snap is not None:
+            lines.append(f"  showing data from {snap.at.strftime('%H:%M:%S')} UTC; retrying")
+        else:
+            lines.append("  retrying")
+    if snap is None:
+        return "\n".join(lines)
+    states = [ps.state for ps in snap.policies if ps.policy.enabled]
+    summary = ", ".join(f"{n} {s}" for s in (EXCEEDED, ALERTING, OK) if (n := states.count(s)))
+    count = f"{len(snap.policies)} polic{'ies' if len(snap.policies) != 1 else 'y'}"
+    lines.append(count + (f": {summary}" if summary else ""))
+    for ps in snap.policies:
+        lines.append("")
+        lines += _policy_block(ps, now, top, style)
+    lines += ["", style.bold("Recent events") + " (UTC, newest first)"]
+    if snap.events:
+        lines += [_event_line(e, style) for e in snap.events]
+    else:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+# ---- JSON -------------------------------------------------------------------------
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
+    def spend(s: Spend) -> dict[str, Any]:
+        return {
+            "member": s.member,
+            "spent_usd": s.spent_usd,
+            "limit_usd": s.limit_usd,
+            "remaining_usd": s.remaining_usd,
+            "percent": s.percent,
+            "state": s.state,
+            "window_start": _iso(s.window_start),
+            "window_end": _iso(s.window_end),
+            "resets_in_s": max(0, int((s.window_end - snap.at).total_seconds())),
+            "request_count": s.request_count,
+        }
+
+    policies = []
+    for ps in snap.policies:
+        p = ps.policy
+        shown = ps.spend[: max(top, 0)] if ps.wildcard else ps.spend
+        policies.append(
+            {
+                "id": p.id,
+                "name": p.name,
+                "enabled": p.enabled,
+                "scope": pb.Scope.Name(p.scope).removeprefix("SCOPE_").lower(),
+                "target": p.target,
+                "action": pb.Action.Name(p.action).removeprefix("ACTION_").lower(),
+                "window": f"{window_text(p.window)}, {p.timezone or 'UTC'}",
+                "timezone": p.timezone or "UTC",
+                "alert_thresholds": list(p.alert_thresholds),
+                "state": ps.state,
+                "wildcard": ps.wildcard,
+                "window_start": _iso(ps.window[0]) if ps.window else None,
+                "window_end": _iso(ps.window[1]) if ps.window else None,
+                "member_count": len(ps.spend) if ps.wildcard else None,
+                "spend": [spend(s) for s in shown],
+            }
+        )
+    return {
+        "server": snap.server,
+        "time": _iso(snap.at),
+        "policies": policies,
+        "events": [
+            {
+                "id": e.id,
+                "type": e.type,
+                "time": _iso(from_timestamp(e.create_time)),
+                "policy_id": e.policy_id,
+                "policy_name": e.policy_name,
+                "member": e.member,
+                "threshold_percent": e.threshold_percent or None,
+                "spent_usd": e.spent_usd,
+                "amount_usd": e.amount_usd,
+            }
+            for e in snap.events
+        ],
+    }
+
+
+# ---- the command ------------------------------------------------------------------
+
+
+def _colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def run_status(args: argparse.Namespace, client: AdminClient) -> None:
+    if args.interval <= 0:
+        raise CliError("--interval must be greater than 0")
+    if args.top < 0 or args.events < 0:
+        raise CliError("--top and --events must not be negative")
+    if args.watch:
+        if args.json:
+            raise CliError("--json prints once; use it without --watch")
+        watch(args, client)
+        return
+    now = datetime.now(UTC)
+    snap = fetch(client, events=args.events, now=now)
+    if args.json:
+        echo(json.dumps(as_json(snap, args.top), indent=2))
+    else:
+        echo(render(snap, server=client.server, now=now, top=args.top, style=Style(_colour())))
+
+
+def watch(args: argparse.Namespace, client: AdminClient) -> None:
+    """Redraw until Ctrl-C. On a terminal each frame replaces the last (cursor
+    home, clear to end of line and screen); into a pipe, frames follow each
+    other separated by a blank line."""
+    tty = sys.stdout.isatty()
+    style = Style(_colour())
+    snap: Snapshot | None = None
+    out = sys.stdout
+    if tty:
+        out.write("\x1b[2J")
+    try:
+        while True:
+            started = time.monotonic()
+            now = datetime.now(UTC)
+            error = ""
+            try:
+                snap = fetch(client, events=args.events, now=now)
+            except CliError as e:
+                if not e.retryable:
+                    raise  # a bad token or request does not fix itself
+                error = str(e)
+                client.reconnect()  # a fresh channel: no reconnect backoff carried over
+            text = render(
+                snap, server=client.server, now=now, top=args.top, style=style, error=error
+            )
+            if tty:
+                body = "\n".join(line + "\x1b[K" for line in text.split("\n"))
+                out.write("\x1b[H" + body + "\n\x1b[J")
+            else:
+                out.write(text + "\n\n")
+            out.flush()
+            time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,99 @@
+"""A data plane's view of holds across data planes (ext_proc.state.LocalState):
+the other data planes' holds count as spent, its own never twice, the newest
+report of each wins whatever path it came by, and a silent one's lapse."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from ext_proc.state import Increment, LocalState
+from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.wire import timestamp
+
+USD = 10**9
+DAY_START = int(datetime(2025, 3, 10, tzinfo=UTC).timestamp())
+DAY_END = DAY_START + 86400
+KEY = ("daily", "", DAY_START)
+
+
+def window(*holds: tuple[str, int, int], spent: int = 0, expires: int = DAY_END) -> dp.WindowSpend:
+    return dp.WindowSpend(
+        policy_id=KEY[0],
+        member=KEY[1],
+        window_start=timestamp(DAY_START),
+        window_end=timestamp(DAY_END),
+        spent_nanos=spent,
+        holds=[
+            dp.DataPlaneHold(data_plane_id=d, held_nanos=n, seq=seq, expire_time=timestamp(expires))
+            for d, n, seq in holds
+        ],
+    )
+
+
+def test_other_data_planes_holds_count_and_our_own_report_does_not() -> None:
+    state = LocalState(identity="me")
+    state.reserve([KEY], USD)
+    state.merge_spend([window(("me", USD, 5), ("b", 2 * USD, 7), spent=3 * USD)])
+    # 3 spent + b's 2 held + our own 1 held (counted locally, not from the report)
+    assert state.spent(KEY) == 6 * USD
+
+
+def test_the_newest_report_of_each_data_plane_wins() -> None:
+    state = LocalState(identity="me")
+    state.merge_spend([window(("b", 5 * USD, 10), ("c", USD, 3))])
+    state.merge_spend([window(("b", 9 * USD, 4))])  # older news of b, by another path
+    assert state.spent(KEY) == 6 * USD
+    state.merge_spend([window(("b", 0, 11), ("c", 2 * USD, 4))])
+    assert state.spent(KEY) == 2 * USD
+
+
+def test_a_silent_data_planes_holds_lapse_when_they_expire() -> None:
+    state = LocalState(identity="me")
+    state.merge_spend([window(("b", 5 * USD, 1), expires=DAY_START + 60)])
+    state.merge_spend([window(("c", USD, 1))])
+    assert state.spent(KEY) == 6 * USD
+    state.prune(datetime.fromtimestamp(DAY_START + 61, UTC))
+    assert state.spent(KEY) == USD
+
+
+def test_a_full_snapshot_replaces_what_was_known() -> None:
+    state = LocalState(identity="me")
+    state.merge_spend([window(("b", 5 * USD, 1))])
+    state.apply_update(
+        dp.StateUpdate(full_snapshot=True, spend=[window(("c", USD, 1))]),
+        datetime.fromtimestamp(DAY_START + 5, UTC),
+    )
+    assert state.spent(KEY) == USD
+
+
+def test_our_hold_report_counts_running_requests_and_unapplied_usage() -> None:
+    state = LocalState(identity="me")
+    state.reserve([KEY], 3 * USD)
+    state.pending[KEY] = Increment(cost_nanos=USD, requests=1)
+    sent = state.take_batch()
+    assert sent is not None
+    state.pending[KEY] = Increment(cost_nanos=2 * USD, requests=1)
+    holds, unapplied = state.hold_report()
+    assert [(h.policy_id, h.held_nanos) for h in holds] == [("daily", 6 * USD)]
+    assert [(b.batch_id, [u.held_nanos for u in b.usage]) for b in unapplied] == [
+        (sent.batch_id, [USD])
+    ]
+    # The report that goes with the batch itself leaves the batch out.
+    holds, unapplied = state.hold_report(skip=sent)
+    assert holds[0].held_nanos == 5 * USD and unapplied == []
+
+
+def test_a_window_reported_at_zero_is_no_longer_reported() -> None:
+    state = LocalState(identity="me")
+    state.reserve([KEY], USD)
+    state.release([KEY], USD)
+    assert state.holds_dirty
+    holds, _ = state.hold_report()
+    assert [h.held_nanos for h in holds] == [0] and not state.holds_dirty
+    assert state.hold_report() == ([], [])
+
+
+def test_report_order_is_strictly_increasing() -> None:
+    state = LocalState(identity="me")
+    seqs = [state.next_seq() for _ in range(1000)]
+    assert seqs == sorted(set(seqs))
