@@ -285,19 +285,7 @@ class ControlPlane:
                     s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
                 )
             )
-            spend = [
-                convert.window_spend_message(
-                    policy_id=t.policy_id,
-                    member=t.member,
-                    window_start=t.window_start,
-                    window_end=t.window_end,
-                    spent_nanos=t.spent_nanos,
-                    limit_nanos=rows[t.policy_id].amount_nanos,
-                    request_count=t.request_count,
-                    holds=held.get((t.policy_id, t.member, t.window_start), ()),
-                )
-                for t in totals
-            ]
+            spend = _total_messages(totals, rows, held)
             return duplicate, spend, unknown, outbox
 
         duplicate, spend, unknown, outbox = await self.run(apply)
@@ -379,19 +367,7 @@ class ControlPlane:
                 )
                 self.changed(s, "spend", keys)
                 held = repo.holds_by_window(s, keys, at)
-            messages = [
-                convert.window_spend_message(
-                    policy_id=t.policy_id,
-                    member=t.member,
-                    window_start=t.window_start,
-                    window_end=t.window_end,
-                    spent_nanos=t.spent_nanos,
-                    limit_nanos=rows[t.policy_id].amount_nanos,
-                    request_count=t.request_count,
-                    holds=held.get(key, ()),
-                )
-                for t, key in zip(totals, keys, strict=True)
-            ]
+            messages = _total_messages(totals, rows, held)
             resp.spend.extend(messages)
             return resp, messages
 
@@ -531,6 +507,26 @@ def _spend_message(
         request_count=r.request_count,
         holds=held.get((r.policy_id, r.member, r.window_start), ()),
     )
+
+
+def _total_messages(
+    totals: Sequence[repo.SpendTotal],
+    rows: dict[str, PolicyRow],
+    held: dict[tuple[str, str, int], list[repo.Hold]],
+) -> list[dp.WindowSpend]:
+    return [
+        convert.window_spend_message(
+            policy_id=t.policy_id,
+            member=t.member,
+            window_start=t.window_start,
+            window_end=t.window_end,
+            spent_nanos=t.spent_nanos,
+            limit_nanos=rows[t.policy_id].amount_nanos,
+            request_count=t.request_count,
+            holds=held.get((t.policy_id, t.member, t.window_start), ()),
+        )
+        for t in totals
+    ]
 
 
 def _rejects(p: PolicyRow) -> bool:

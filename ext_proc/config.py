@@ -58,6 +58,10 @@ class Settings:
     # listen port; relative paths are relative to the working directory.
     # "" disables the journal (unsent usage then lives only in memory).
     journal_dir: str = ".spendgate/ext_proc-{port}"
+    # A request arriving before the first policy snapshot waits this long for
+    # it (below Envoy's 1 s message_timeout). With a saved snapshot in
+    # journal_dir (ext_proc/snapshot.py) nothing waits: it is enforced at once.
+    startup_wait_ms: int = 500
     # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
     metrics_listen: str = "127.0.0.1:9465"
     log_json: bool = True
@@ -73,6 +77,10 @@ class Settings:
         for name in ("user_header", "workspace_header", "tags_header"):
             if getattr(self, name) != getattr(self, name).lower():
                 raise ConfigError(f"{name} must be lower-case (Envoy lower-cases headers)")
+        if not 0 <= self.startup_wait_ms <= 900:
+            raise ConfigError(
+                "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)"
+            )
         if self.arbiter_headroom_requests < 0:
             raise ConfigError("arbiter_headroom_requests must be >= 0")
         if not 10 <= self.arbiter_timeout_ms <= 900:

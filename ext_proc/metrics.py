@@ -107,6 +107,15 @@ class ExtProcCollector(Collector):
             "HTTP requests whose ext_proc stream is open.",
             s.open_streams,
         )
+        arbitrations = CounterMetricFamily(
+            "spendgate_ext_proc_arbitrations",
+            "Requests near a budget's line that ext_proc asked the control plane to "
+            "admit, by answer (admitted, rejected, unanswered: the local view decided).",
+            labels=["result"],
+        )
+        for result, n in s.arbitrations.items():
+            arbitrations.add_metric([result], n)
+        yield arbitrations
         yield counter(
             "spendgate_ext_proc_internal_errors",
             "Errors inside ext_proc (the request continued unchanged).",

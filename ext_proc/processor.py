@@ -387,8 +387,11 @@ class RequestProcessor:
                 "arbitration failed; admitted on the local view", request_id=self.request_id
             )
             return admitted
+        outcomes = self.ctx.stats.arbitrations
         if answer is None or answer.admitted:
+            outcomes["admitted" if answer else "unanswered"] += 1
             return admitted
+        outcomes["rejected"] += 1
         self._release()
         self.done = True
         now = self.ctx.clock()

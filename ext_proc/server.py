@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -13,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ext_proc import envoy_codec as codec
-from ext_proc import metrics
+from ext_proc import metrics, snapshot
 from ext_proc.config import ConfigError, Settings
 from ext_proc.journal import Journal, JournalError
 from ext_proc.metrics import SyncStatus
@@ -38,14 +39,32 @@ def utc_now() -> datetime:
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, first_snapshot: asyncio.Event, wait_s: float) -> None:
         self.ctx = ctx
+        # Until policies are known (from the control plane or the saved
+        # snapshot) a request waits up to wait_s for them, once.
+        self.ready = False
+        self.first_snapshot = first_snapshot
+        self.wait_s = wait_s
+
+    async def _wait_for_policies(self) -> None:
+        if not self.first_snapshot.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.first_snapshot.wait(), self.wait_s)
+            if not self.first_snapshot.is_set():
+                log.warning(
+                    "no policy snapshot yet (control plane unreachable, none saved): "
+                    "admitting without policies"
+                )
+        self.ready = True
 
     async def Process(
         self,
         request_iterator: AsyncIterator[codec.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[codec.ProcessingResponse]:
+        if not self.ready:
+            await self._wait_for_policies()
         proc = RequestProcessor(self.ctx)
         self.ctx.stats.streams += 1
         self.ctx.stats.open_streams += 1
@@ -86,7 +105,10 @@ class ExtProcServer:
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
-        ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(self.ctx), self.server)
+        self.processor = ExternalProcessor(
+            self.ctx, self.sync.connected, settings.startup_wait_ms / 1000
+        )
+        ep_grpc.add_ExternalProcessorServicer_to_server(self.processor, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(settings.listen)
         self.sync.on_connection_change = self._on_sync_change
@@ -106,8 +128,26 @@ class ExtProcServer:
                 self.sync.backlog = bool(self.state.in_flight)
             except (JournalError, OSError) as e:
                 raise ConfigError(f"journal_dir {journal_dir!r}: {e}") from e
+            self._restore_snapshot(journal_dir, clock())
         else:
             log.warning("usage journal disabled: a crash loses unsent usage")
+
+    def _restore_snapshot(self, directory: str, now: datetime) -> None:
+        """Start from the control plane's last word, saved on disk: enforced
+        at once, and replaced by the first snapshot that arrives."""
+        saved = snapshot.load(directory)
+        if saved is None:
+            return
+        self.state.apply_update(saved, now)
+        self.state.snapshot_dirty = False
+        if saved.HasField("price_overrides"):
+            self._on_price_overrides(saved.price_overrides)
+        self.processor.ready = True
+        log.info(
+            "started from the saved policy snapshot",
+            policies=len(saved.policies.policies),
+            windows=len(saved.spend),
+        )
 
     @property
     def metrics_port(self) -> int | None:

@@ -112,6 +112,11 @@ class LocalState:
     hold_keys: set[SpendKey] = field(default_factory=set)
     holds_dirty: bool = False
     holds_seq: int = 0
+    # The last policies and price overrides the control plane sent, and
+    # whether anything changed since the state was saved (ext_proc/snapshot.py).
+    policies_msg: dp.PolicySnapshot | None = None
+    prices_msg: dp.PriceOverrides | None = None
+    snapshot_dirty: bool = False
 
     # ---- reads (hot path) --------------------------------------------------
 
@@ -276,8 +281,33 @@ class LocalState:
 
     # ---- control plane state -------------------------------------------------
 
+    def saved_state(self) -> dp.StateUpdate:
+        """What ext_proc/snapshot.py keeps: policies, prices and window totals."""
+        update = dp.StateUpdate(
+            spend=[
+                dp.WindowSpend(
+                    policy_id=k[0],
+                    member=k[1],
+                    window_start=timestamp(k[2]),
+                    window_end=timestamp(v[1]),
+                    spent_nanos=v[0],
+                )
+                for k, v in self.remote.items()
+            ]
+        )
+        if self.policies_msg is not None:
+            update.policies.CopyFrom(self.policies_msg)
+        if self.prices_msg is not None:
+            update.price_overrides.CopyFrom(self.prices_msg)
+        self.snapshot_dirty = False
+        return update
+
     def apply_update(self, update: dp.StateUpdate, now: datetime) -> None:
+        self.snapshot_dirty = True
+        if update.HasField("price_overrides"):
+            self.prices_msg = update.price_overrides
         if update.HasField("policies"):
+            self.policies_msg = update.policies
             policies = []
             for msg in update.policies.policies:
                 try:

@@ -68,6 +68,11 @@ class Stats:
     unpriced_responses: int = 0
     provider_errors: int = 0  # error answers (no usage, no cost)
     internal_errors: int = 0
+    # Requests the control plane was asked to admit (near a budget's line),
+    # by answer: admitted | rejected | unanswered (the local view decided).
+    arbitrations: dict[str, int] = field(
+        default_factory=lambda: {"admitted": 0, "rejected": 0, "unanswered": 0}
+    )
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nanos: int = 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from ext_proc import snapshot
 from ext_proc.config import Settings
 from ext_proc.decide import SpendKey
 from ext_proc.state import LocalState
@@ -31,6 +32,7 @@ REPORT_TIMEOUT_S = 5.0
 # Holds are reported again at least this often (the control plane lets them
 # lapse after hold_ttl_s, 30 s by default, unless refreshed).
 HOLDS_REFRESH_S = 5.0
+SNAPSHOT_INTERVAL_S = 1.0
 
 
 class ControlPlaneSync:
@@ -58,6 +60,7 @@ class ControlPlaneSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
         self._holds_reported_at = 0.0
+        self._saved_at = 0.0
         self.arbiter_failures = 0
 
     @property
@@ -102,6 +105,7 @@ class ControlPlaneSync:
                 await t
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), timeout)
+        self.save_state()
         left = self.state.unsent_count()
         if left:
             journaled = self.state.journal is not None and not self.state.journal_failed
@@ -152,9 +156,24 @@ class ControlPlaneSync:
 
     async def _flush_loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             await self.flush()
+            if loop.time() - self._saved_at >= SNAPSHOT_INTERVAL_S:
+                self._saved_at = loop.time()
+                self.save_state()
+
+    def save_state(self) -> None:
+        """Keep the control plane's last word on disk (ext_proc/snapshot.py)."""
+        state = self.state
+        if state.journal is None or not state.synced or not state.snapshot_dirty:
+            return
+        try:
+            snapshot.save(state.journal.directory, state.saved_state())
+        except OSError as e:
+            state.snapshot_dirty = True
+            log.warning("could not save the policy snapshot", error=str(e))
 
     def _set_backlog(self, piling: bool) -> None:
         if piling != self.backlog:
