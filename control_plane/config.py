@@ -75,8 +75,10 @@ class Settings:
             raise ConfigError("tls_cert_file and tls_key_file must be set together")
         if self.batch_retention_hours < 1:
             raise ConfigError("batch_retention_hours must be at least 1")
-        if not 5 <= self.hold_ttl_s <= 3600:
-            raise ConfigError("hold_ttl_s must be between 5 and 3600")
+        if not 15 <= self.hold_ttl_s <= 3600:
+            raise ConfigError(
+                "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)"
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)

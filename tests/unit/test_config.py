@@ -308,6 +308,27 @@ def test_int_from_env_and_integral_float(tmp_path: Path) -> None:
             id="bad-log-level",
         ),
         pytest.param(
+            "",
+            {**EP_REQUIRED, "SPENDGATE_ARBITER_TIMEOUT_MS": "1000"},
+            {},
+            "arbiter_timeout_ms must be between 10 and 900 (below Envoy's message_timeout)",
+            id="arbiter-timeout-past-envoys",
+        ),
+        pytest.param(
+            "",
+            EP_REQUIRED,
+            {"arbiter_headroom_requests": -1},
+            "arbiter_headroom_requests must be >= 0",
+            id="negative-headroom",
+        ),
+        pytest.param(
+            "",
+            {**EP_REQUIRED, "SPENDGATE_EXT_PROC_STARTUP_WAIT_MS": "950"},
+            {},
+            "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)",
+            id="startup-wait-past-envoys",
+        ),
+        pytest.param(
             "ext_proc: 5\n",
             EP_REQUIRED,
             {},
@@ -381,6 +402,11 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
             "week_start must be one of monday, tuesday, wednesday, thursday, friday, "
             "saturday, sunday",
             id="bad-week-start",
+        ),
+        pytest.param(
+            {**CP_REQUIRED, "SPENDGATE_HOLD_TTL_S": "5"},
+            "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)",
+            id="hold-ttl-below-refresh",
         ),
         pytest.param(
             {**CP_REQUIRED, "SPENDGATE_TLS_CERT_FILE": "/cert.pem"},
