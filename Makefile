@@ -28,7 +28,11 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m spendgate.protogen
 
+# wrk (Debian's package) drives the load; installed here when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 bench: $(STAMP)
+	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk \
+		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench
 
 clean:

@@ -21,6 +21,8 @@ from tests.harness import free_port, wait_until
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+# ext_proc processes behind spendgate's Envoy (each a data plane of its own).
+EXT_PROCS = int(os.environ.get("BENCH_EXT_PROCS", "1"))
 PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -47,11 +49,11 @@ def row(*cells: object) -> str:
 
 def main() -> None:
     seconds = 2.0 if QUICK else SECONDS
-    topo = topology.start()
+    topo = topology.start(ext_procs=EXT_PROCS)
     out: list[str] = []
     try:
         matched = topology.load_policies(topo.cp_address)
-        ep = topo.ext_proc.pid
+        pids = [p.pid for p in topo.ext_procs]
         lua = load.script(topo.workdir)
         chat = "/v1/chat/completions"
         for env in (topo.plain, topo.spendgate):  # warm up both
@@ -64,9 +66,9 @@ def main() -> None:
         for c in (1, 16, 64):
             progress(f"non-streaming, {c} connections")
             plain = load.wrk(topo.plain.base_url + chat, connections=c, seconds=seconds, lua=lua)
-            before = cpu_seconds(ep)
+            before = sum(map(cpu_seconds, pids))
             sg = load.wrk(topo.spendgate.base_url + chat, connections=c, seconds=seconds, lua=lua)
-            cpu_ms = (cpu_seconds(ep) - before) * 1000 / max(sg.requests, 1)
+            cpu_ms = (sum(map(cpu_seconds, pids)) - before) * 1000 / max(sg.requests, 1)
             assert sg.errors == 0 and plain.errors == 0, (sg, plain)
             out.append(
                 row(
@@ -109,7 +111,7 @@ def main() -> None:
         ):
             out.append(row(name, f"{a:.3f}", f"{b:.3f}", f"{b / a:.2f}x", f"+{b - a:.3f} ms"))
         total = 10_000 if QUICK else 100_000
-        rss0 = rss_mb(ep)
+        rss0 = sum(map(rss_mb, pids))
         marks: dict[int, float] = {}
         done = 0
         url = topo.spendgate.base_url + chat
@@ -118,7 +120,7 @@ def main() -> None:
             done += load.wrk(url, connections=16, seconds=3, lua=lua).requests
             for mark in (total // 2, total):
                 if done >= mark and mark not in marks:
-                    marks[mark] = rss_mb(ep)
+                    marks[mark] = sum(map(rss_mb, pids))
         half, full = marks[total // 2], marks[total]
         out.append(
             row(

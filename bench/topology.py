@@ -83,14 +83,14 @@ class Topology:
     plain: EnvoyProcess
     spendgate: EnvoyProcess
     control_plane: subprocess.Popen[bytes]
-    ext_proc: subprocess.Popen[bytes]
+    ext_procs: list[subprocess.Popen[bytes]]
     cp_address: str
     children: list[Any] = field(default_factory=list)
 
     def stop(self) -> None:
         for env in (self.spendgate, self.plain, self.upstream):
             env.stop()
-        for proc in (self.ext_proc, self.control_plane):
+        for proc in (*self.ext_procs, self.control_plane):
             proc.terminate()
             proc.wait(15)
         self.streamer.shutdown()
@@ -118,7 +118,9 @@ def _serving(address: str) -> bool:
     return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def start(*, ext_proc_args: list[str] | None = None) -> Topology:
+def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topology:
+    """The topology with ``ext_procs`` ext_proc processes in one Envoy cluster
+    (each a data plane of its own)."""
     workdir = Path(tempfile.mkdtemp(prefix="spendgate-bench-"))
     upstream_cfg = upstream_config()
     up_port = free_port()
@@ -147,13 +149,19 @@ def start(*, ext_proc_args: list[str] | None = None) -> Topology:
         workdir / "control_plane.log",
     )
     wait_until(lambda: _serving(cp_address), timeout=30, message="control plane")
-    ext_proc = _python(
-        "ext_proc",
-        ["--listen", f"127.0.0.1:{ep_port}", "--control-plane", cp_address, *(ext_proc_args or [])],
-        env,
-        workdir / "ext_proc.log",
-    )
-    wait_until(lambda: _serving(f"127.0.0.1:{ep_port}"), timeout=30, message="ext_proc")
+    ports = [ep_port, *(free_port() for _ in range(ext_procs - 1))]
+    extra = ext_proc_args or []
+    processes = [
+        _python(
+            "ext_proc",
+            ["--listen", f"127.0.0.1:{port}", "--control-plane", cp_address, *extra],
+            env,
+            workdir / f"ext_proc-{port}.log",
+        )
+        for port in ports
+    ]
+    for port in ports:
+        wait_until(lambda p=port: _serving(f"127.0.0.1:{p}"), timeout=30, message="ext_proc")
     base = without_access_logs(
         envoy_config.adapt(
             envoy_config.load(),
@@ -162,10 +170,11 @@ def start(*, ext_proc_args: list[str] | None = None) -> Topology:
             demo_to=("127.0.0.1", streamer.port),
         )
     )
+    envoy_config.set_ext_proc_endpoints(base, [("127.0.0.1", p) for p in ports])
     plain = EnvoyProcess(plain_config(base), workdir)
     spendgate = EnvoyProcess(base, workdir)
     return Topology(
-        workdir, upstream, streamer, plain, spendgate, control_plane, ext_proc, cp_address
+        workdir, upstream, streamer, plain, spendgate, control_plane, processes, cp_address
     )
 
 

@@ -273,7 +273,9 @@ class ControlPlane:
                     at + self.hold_ttl_s,
                 )
             keys = [(t.policy_id, t.member, t.window_start) for t in totals]
-            held = repo.holds_by_window(s, keys, at) if keys else {}
+            # Holds change only with a report of them: only those windows'
+            # holds are sent again (a data plane keeps what it knew of the rest).
+            held = repo.holds_by_window(s, list(holds), at) if holds else {}
             if not duplicate or holds:
                 self.changed(s, "spend", keys)
             # Crossings are recorded in this transaction: committed together

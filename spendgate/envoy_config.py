@@ -108,6 +108,16 @@ def _endpoint(host: str, port: int) -> dict[str, Any]:
     return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
 
 
+def set_ext_proc_endpoints(config: dict[str, Any], addresses: list[tuple[str, int]]) -> None:
+    """Point the ext_proc cluster at several ext_proc processes (Envoy spreads
+    the streams over them)."""
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == EXT_PROC_CLUSTER:
+            cluster["load_assignment"]["endpoints"] = [
+                {"lb_endpoints": [_endpoint(h, p) for h, p in addresses]}
+            ]
+
+
 def compose_variant(config: dict[str, Any]) -> dict[str, Any]:
     """The local bootstrap adapted to docker-compose's network."""
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "0.0.0.0"
