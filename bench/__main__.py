@@ -56,13 +56,14 @@ def main() -> None:
         pids = [p.pid for p in topo.ext_procs]
         lua = load.script(topo.workdir)
         chat = "/v1/chat/completions"
-        for env in (topo.plain, topo.spendgate):  # warm up both
+        for env in (topo.plain, topo.spendgate, topo.floor):  # warm up all
             load.wrk(env.base_url + chat, connections=4, seconds=1 if QUICK else 3, lua=lua)
         out.append(
             f"spendgate vs plain Envoy — 50 policies loaded, {matched} match each "
             f"request; {seconds:.0f}s per run; {os.cpu_count()} CPUs"
         )
         out.append(row("non-streaming chat", "plain", "spendgate", "ratio", "added"))
+        floors: list[tuple[int, load.Result, load.Result]] = []
         for c in (1, 16, 64):
             progress(f"non-streaming, {c} connections")
             plain = load.wrk(topo.plain.base_url + chat, connections=c, seconds=seconds, lua=lua)
@@ -98,6 +99,33 @@ def main() -> None:
                 )
             )
             out.append(row(f"c={c} ext_proc CPU / request", "", f"{cpu_ms:.3f} ms", "", ""))
+            floors.append(
+                (
+                    c,
+                    plain,
+                    load.wrk(topo.floor.base_url + chat, connections=c, seconds=seconds, lua=lua),
+                )
+            )
+        out.append(row("protocol floor (bench/floor.py)", "plain", "floor", "ratio", "added"))
+        for c, plain, fl in floors:
+            out.append(
+                row(
+                    f"c={c} requests/s",
+                    f"{plain.rps:,.0f}",
+                    f"{fl.rps:,.0f}",
+                    f"{fl.rps / plain.rps:.0%}",
+                    "",
+                )
+            )
+            out.append(
+                row(
+                    f"c={c} p50 ms",
+                    f"{plain.p50_ms:.3f}",
+                    f"{fl.p50_ms:.3f}",
+                    f"{fl.p50_ms / plain.p50_ms:.2f}x",
+                    f"+{fl.p50_ms - plain.p50_ms:.3f} ms",
+                )
+            )
         n = 20 if QUICK else 200
         progress("streaming")
         ps = stream.measure(topo.plain.base_url, requests=n)

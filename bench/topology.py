@@ -6,6 +6,8 @@ streamer     the fake provider (Python), for the streaming measurement only
 plain        Envoy routing to the upstream, no ext_proc: the floor
 spendgate    Envoy with the repo's bootstrap (ext_proc filter) + ext_proc +
              control plane, with realistic policies loaded
+floor        the same Envoy bootstrap in front of bench/floor.py, a Python
+             ext_proc that only answers: what the protocol itself costs
 """
 
 from __future__ import annotations
@@ -85,12 +87,14 @@ class Topology:
     control_plane: subprocess.Popen[bytes]
     ext_procs: list[subprocess.Popen[bytes]]
     cp_address: str
+    floor: EnvoyProcess
+    floor_server: subprocess.Popen[bytes]
     children: list[Any] = field(default_factory=list)
 
     def stop(self) -> None:
-        for env in (self.spendgate, self.plain, self.upstream):
+        for env in (self.spendgate, self.plain, self.floor, self.upstream):
             env.stop()
-        for proc in (*self.ext_procs, self.control_plane):
+        for proc in (*self.ext_procs, self.floor_server, self.control_plane):
             proc.terminate()
             proc.wait(15)
         self.streamer.shutdown()
@@ -173,9 +177,31 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
     envoy_config.set_ext_proc_endpoints(base, [("127.0.0.1", p) for p in ports])
     plain = EnvoyProcess(plain_config(base), workdir)
     spendgate = EnvoyProcess(base, workdir)
+    floor_port = free_port()
+    floor_server = _python("bench.floor", [str(floor_port)], env, workdir / "floor.log")
+    wait_until(lambda: _listening(floor_port), timeout=30, message="floor ext_proc")
+    floor_config = copy.deepcopy(base)
+    envoy_config.set_ext_proc_endpoints(floor_config, [("127.0.0.1", floor_port)])
+    floor = EnvoyProcess(floor_config, workdir)
     return Topology(
-        workdir, upstream, streamer, plain, spendgate, control_plane, processes, cp_address
+        workdir,
+        upstream,
+        streamer,
+        plain,
+        spendgate,
+        control_plane,
+        processes,
+        cp_address,
+        floor,
+        floor_server,
     )
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def load_policies(cp_address: str, count: int = 50) -> int:
