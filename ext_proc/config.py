@@ -45,9 +45,9 @@ class Settings:
     # control plane (one round trip, against every data plane's holds)
     # instead of locally. 0 keeps every decision local.
     arbiter_headroom_requests: int = 100
-    # How long a request waits for that answer; without one in time the
-    # local decision stands (and is counted).
-    arbiter_timeout_ms: int = 250
+    # How long a request waits for that answer; without one in time it is
+    # decided again on the local view (and counted).
+    arbiter_timeout_ms: int = 500
     # USD per million tokens, for unpriced_models = default (or reject, when
     # the model only appears in the response).
     default_input_price: str = "15"

@@ -384,12 +384,15 @@ class RequestProcessor:
         except Exception:
             self.ctx.stats.internal_errors += 1
             log.exception(
-                "arbitration failed; admitted on the local view", request_id=self.request_id
+                "arbitration failed; decided on the local view", request_id=self.request_id
             )
-            return admitted
+            answer = None
         outcomes = self.ctx.stats.arbitrations
-        if answer is None or answer.admitted:
-            outcomes["admitted" if answer else "unanswered"] += 1
+        if answer is None:
+            outcomes["unanswered"] += 1
+            return self._decide_again_locally(admitted)
+        if answer.admitted:
+            outcomes["admitted"] += 1
             return admitted
         outcomes["rejected"] += 1
         self._release()
@@ -403,6 +406,23 @@ class RequestProcessor:
                     Rejection(policy, member, window, self.ctx.state.spent(key)), now
                 )
         return admitted  # the policy changed meanwhile: nothing to name, admit
+
+    def _decide_again_locally(self, admitted: codec.ProcessingResponse) -> codec.ProcessingResponse:
+        """No answer from the control plane in time: decide on this data
+        plane's view as it is now, which counts the holds of the requests
+        admitted meanwhile (this request's own estimate left out, so that the
+        request that crosses the line still completes)."""
+        assert self.held is not None
+        keys, amount = self.held
+        own = set(keys)
+        state = self.ctx.state
+        now = self.ctx.clock()
+        r = decide(self.matches, lambda k: state.spent(k) - (amount if k in own else 0), now)
+        if r is None:
+            return admitted
+        self._release()
+        self.done = True
+        return self._reject(r, now)
 
     def _release(self) -> None:
         if self.held is not None:

@@ -1,0 +1,87 @@
+"""The end of an arbitration (ext_proc.processor.RequestProcessor._arbitrate):
+the control plane's answer is followed; without one in time, the request is
+decided again on this data plane's view as it is after the wait."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from ext_proc import envoy_codec as codec
+from ext_proc.config import Settings
+from ext_proc.decide import SpendKey
+from ext_proc.pricing import PriceTable
+from ext_proc.processor import Context, RequestProcessor
+from ext_proc.state import LocalState
+from spendgate.domain.policies import Action, Policy, PolicyIndex, Scope
+from spendgate.domain.pricing import PriceBook
+from spendgate.domain.windows import WindowSpec, WindowUnit, window_for
+from spendgate.v1 import dataplane_pb2 as dp
+
+USD = 10**9
+NOW = datetime(2025, 3, 10, 12, tzinfo=UTC)
+POLICY = Policy("bp_1", "daily", USD, WindowSpec(WindowUnit.DAYS), Action.REJECT, Scope.GLOBAL, "")
+KEY: SpendKey = ("bp_1", "", int(window_for(POLICY.window, NOW).start.timestamp()))
+ADMITTED = codec.REQUEST_BODY_CONTINUE
+
+
+def processor(answer: dp.ReserveResponse | None) -> RequestProcessor:
+    async def arbiter(keys: list[SpendKey], amount: int) -> dp.ReserveResponse | None:
+        return answer
+
+    state = LocalState(index=PolicyIndex([POLICY]))
+    ctx = Context(
+        settings=Settings(data_plane_token="data-plane-token-0123"),
+        state=state,
+        prices=PriceTable(PriceBook.bundled()),
+        clock=lambda: NOW,
+        arbiter=arbiter,
+    )
+    proc = RequestProcessor(ctx)
+    proc.matches = [(POLICY, "")]
+    return proc
+
+
+def hold(proc: RequestProcessor, nanos: int) -> None:
+    """This request's own hold, as _reserve places it."""
+    proc.held = ([KEY], nanos)
+    proc.ctx.state.reserve([KEY], nanos)
+
+
+def status(reply: codec.ProcessingResponse) -> int:
+    return int(reply.immediate_response.status.code) if reply.HasField("immediate_response") else 0
+
+
+def test_the_control_planes_yes_admits() -> None:
+    proc = processor(dp.ReserveResponse(admitted=True))
+    hold(proc, USD // 10)
+    assert asyncio.run(proc._arbitrate(ADMITTED)) is ADMITTED
+    assert proc.ctx.stats.arbitrations["admitted"] == 1
+
+
+def test_the_control_planes_no_rejects_naming_the_policy_and_releases_the_hold() -> None:
+    proc = processor(dp.ReserveResponse(admitted=False, policy_id="bp_1"))
+    hold(proc, USD // 10)
+    reply = asyncio.run(proc._arbitrate(ADMITTED))
+    assert status(reply) == 429 and b"daily" in reply.immediate_response.body
+    assert proc.ctx.state.reserved == {}
+    assert proc.ctx.stats.arbitrations["rejected"] == 1
+
+
+def test_no_answer_and_room_on_the_local_view_admits() -> None:
+    proc = processor(None)
+    proc.ctx.state.reserve([KEY], 8 * USD // 10)  # others admitted meanwhile here
+    hold(proc, USD // 10)
+    assert asyncio.run(proc._arbitrate(ADMITTED)) is ADMITTED  # 0.8 held before it
+    assert proc.ctx.stats.arbitrations["unanswered"] == 1
+
+
+def test_no_answer_and_the_local_view_full_rejects() -> None:
+    """While this request waited, others on this data plane took the room:
+    the local view counts their holds and rejects (no unconditional admit)."""
+    proc = processor(None)
+    proc.ctx.state.reserve([KEY], USD)
+    hold(proc, USD // 10)
+    reply = asyncio.run(proc._arbitrate(ADMITTED))
+    assert status(reply) == 429
+    assert proc.ctx.state.reserved == {KEY: USD}  # only the others' holds remain
