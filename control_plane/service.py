@@ -45,6 +45,7 @@ Clock = Callable[[], datetime]
 # other replicas through it.
 ChangeHook = Callable[[Session, str, Sequence[tuple[str, str, int]]], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
+MAX_RESERVE_ITEMS = 10_000
 
 
 def utc_now() -> datetime:
@@ -319,13 +320,14 @@ class ControlPlane:
         return UsageResult(duplicate, spend, unknown)
 
     async def reserve(self, req: dp.ReserveRequest) -> dp.ReserveResponse:
-        """Admit a request near a REJECT budget's line, across data planes.
+        """Admit requests near a REJECT budget's line, across data planes.
 
-        Under the locks of the request's window rows: admitted while, for
-        every window, spend + the other data planes' holds + this data plane's
-        holds without this request is below the limit (the request that
-        crosses the line completes, as everywhere in spendgate). Admitted:
-        the data plane's new holds are recorded in the same transaction.
+        Under the locks of the requests' window rows, in order: a request is
+        admitted while, for every window, spend + the other data planes'
+        holds + this data plane's holds without the requests of this call
+        not (yet) admitted is below the limit (the request that crosses the
+        line completes, as everywhere in spendgate). The data plane's holds,
+        without the requests refused, are recorded in the same transaction.
         """
         if not req.data_plane_id:
             raise InvalidArgument.one("data_plane_id", "is required")
@@ -335,46 +337,71 @@ class ControlPlane:
             raise InvalidArgument.one("amount_nanos", "must be >= 0")
         _check_holds(req.holds, "holds", req.data_plane_id)
         _check_unapplied(req.unapplied)
+        if len(req.items) > MAX_RESERVE_ITEMS:
+            raise InvalidArgument.one("items", f"at most {MAX_RESERVE_ITEMS}")
+        for i, item in enumerate(req.items):
+            if item.amount_nanos < 0:
+                raise InvalidArgument.one(f"items[{i}].amount_nanos", "must be >= 0")
+            _check_holds(item.windows, f"items[{i}].windows", req.data_plane_id)
+        items = list(req.items) or [
+            dp.ReserveItem(windows=req.holds, amount_nanos=req.amount_nanos)
+        ]
         now = self.clock()
         at = int(now.timestamp())
 
         def decide(s: Session) -> tuple[dp.ReserveResponse, list[dp.WindowSpend]]:
             ids = {h.policy_id for h in req.holds}
             rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
-            holds = _Buckets(rows).holds(req.holds, req.unapplied, s)
+            buckets = _Buckets(rows)
+            holds = buckets.holds(req.holds, req.unapplied, s)
             totals = repo.add_spend(
                 s, (repo.SpendDelta(*k, end, 0, 0, 0) for k, (_, end) in holds.items()), now
             )
             keys = [(t.policy_id, t.member, t.window_start) for t in totals]
+            spent = {k: t.spent_nanos for k, t in zip(keys, totals, strict=True)}
             held = repo.holds_by_window(s, keys, at)
-            resp = dp.ReserveResponse(admitted=True)
-            for t, key in zip(totals, keys, strict=True):
-                mine = holds[key][0]
-                limit = rows[t.policy_id].amount_nanos
-                others = sum(
-                    h.held_nanos for h in held.get(key, ()) if h.data_plane_id != req.data_plane_id
+            others = {
+                k: sum(
+                    h.held_nanos for h in held.get(k, ()) if h.data_plane_id != req.data_plane_id
                 )
-                before = t.spent_nanos + others + max(mine - req.amount_nanos, 0)
-                if before >= limit and resp.admitted and _rejects(rows[t.policy_id]):
-                    resp = dp.ReserveResponse(
-                        admitted=False, policy_id=t.policy_id, member=t.member
-                    )
-            if resp.admitted:
-                repo.set_holds(
-                    s,
-                    req.data_plane_id,
-                    req.holds_seq,
-                    ((k, h) for k, (h, _) in holds.items()),
-                    at + self.hold_ttl_s,
-                )
-                self.changed(s, "spend", keys)
-                held = repo.holds_by_window(s, keys, at)
-            messages = _total_messages(totals, rows, held)
+                for k in keys
+            }
+            windows = [
+                [f[0] for w in item.windows if (f := buckets.key(*_window(w))) and f[0] in spent]
+                for item in items
+            ]
+            # Ours without the requests of this call; each admitted one joins.
+            mine = {k: holds[k][0] for k in keys}
+            for item, item_keys in zip(items, windows, strict=True):
+                for k in item_keys:
+                    mine[k] = max(mine[k] - item.amount_nanos, 0)
+            resp = dp.ReserveResponse()
+            for item, item_keys in zip(items, windows, strict=True):
+                verdict = dp.ReserveVerdict(admitted=True)
+                for k in item_keys:
+                    if _rejects(rows[k[0]]) and (
+                        spent[k] + others[k] + mine[k] >= rows[k[0]].amount_nanos
+                    ):
+                        verdict = dp.ReserveVerdict(admitted=False, policy_id=k[0], member=k[1])
+                        break
+                if verdict.admitted:
+                    for k in item_keys:
+                        mine[k] += item.amount_nanos
+                resp.verdicts.append(verdict)
+            first = resp.verdicts[0]
+            resp.admitted, resp.policy_id, resp.member = (
+                first.admitted,
+                first.policy_id,
+                first.member,
+            )
+            repo.set_holds(s, req.data_plane_id, req.holds_seq, mine.items(), at + self.hold_ttl_s)
+            self.changed(s, "spend", keys)
+            messages = _total_messages(totals, rows, repo.holds_by_window(s, keys, at))
             resp.spend.extend(messages)
             return resp, messages
 
         resp, messages = await self.run(decide)
-        if resp.admitted and messages:
+        if messages:
             self.hub.publish(dp.StateUpdate(spend=messages))
         return resp
 
@@ -529,6 +556,10 @@ def _total_messages(
         )
         for t in totals
     ]
+
+
+def _window(h: dp.WindowHold) -> tuple[str, str, int]:
+    return h.policy_id, h.member, h.window_start.seconds
 
 
 def _rejects(p: PolicyRow) -> bool:

@@ -35,10 +35,10 @@ from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
 from spendgate.domain.windows import window_for
-from spendgate.v1.dataplane_pb2 import ReserveResponse
+from spendgate.v1.dataplane_pb2 import ReserveVerdict
 
 log = structlog.get_logger("spendgate.ext_proc")
-Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveResponse | None]]
+Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
 MAX_TAGS = 32
 _API_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")

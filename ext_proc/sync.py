@@ -26,6 +26,7 @@ from ext_proc.decide import SpendKey
 from ext_proc.state import LocalState
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
+from spendgate.wire import timestamp
 
 log = structlog.get_logger("spendgate.ext_proc")
 REPORT_TIMEOUT_S = 5.0
@@ -61,6 +62,10 @@ class ControlPlaneSync:
         self._flush_lock = asyncio.Lock()
         self._holds_reported_at = 0.0
         self._saved_at = 0.0
+        self._reserve_queue: list[
+            tuple[list[SpendKey], int, asyncio.Future[dp.ReserveVerdict | None]]
+        ] = []
+        self._reserve_task: asyncio.Task[None] | None = None
         self.arbiter_failures = 0
 
     @property
@@ -98,6 +103,8 @@ class ControlPlaneSync:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the loops, then send what is unsent (bounded by ``timeout``)."""
+        if self._reserve_task is not None:
+            self._tasks.append(self._reserve_task)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -221,36 +228,74 @@ class ControlPlaneSync:
         self._holds_reported_at = now
         state.merge_spend(resp.spend)
 
-    async def reserve(self, keys: list[SpendKey], amount_nanos: int) -> dp.ReserveResponse | None:
+    async def reserve(self, keys: list[SpendKey], amount_nanos: int) -> dp.ReserveVerdict | None:
         """Ask the control plane to admit a request near a budget's line
         (``keys``: its REJECT windows, already held locally). None when the
-        control plane cannot answer in time: the local decision stands."""
+        control plane cannot answer in time: the caller decides locally.
+
+        Requests that arrive while a call is out go together in the next one
+        (one transaction for a whole burst, decided in arrival order), so a
+        burst costs a few round trips, not one queued round trip per request.
+        """
         if not self.connected.is_set():
             return None
-        state = self.state
-        holds, unapplied = state.hold_report(keys)
-        msg = dp.ReserveRequest(
-            data_plane_id=self.settings.identity,
-            holds=holds,
-            holds_seq=state.next_seq(),
-            amount_nanos=amount_nanos,
-            unapplied=unapplied,
-        )
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[dp.ReserveVerdict | None] = loop.create_future()
+        self._reserve_queue.append((keys, amount_nanos, answer))
+        if self._reserve_task is None or self._reserve_task.done():
+            self._reserve_task = loop.create_task(self._send_reserves(), name="reserve")
         try:
-            resp: dp.ReserveResponse = await self._stub.Reserve(
-                msg, metadata=self._metadata, timeout=self.settings.arbiter_timeout_ms / 1000
+            return await asyncio.wait_for(
+                asyncio.shield(answer), self.settings.arbiter_timeout_ms / 1000
             )
-        except grpc.aio.AioRpcError as e:
-            self.arbiter_failures += 1
-            if self.arbiter_failures in (1, 10) or self.arbiter_failures % 1000 == 0:
-                log.warning(
-                    "control plane did not arbitrate; admitted on the local view",
-                    code=e.code().name,
-                    failures=self.arbiter_failures,
-                )
+        except TimeoutError:
+            self._arbiter_failed("timeout")
             return None
-        state.merge_spend(resp.spend)
-        return resp
+
+    async def _send_reserves(self) -> None:
+        state = self.state
+        while self._reserve_queue:
+            queued, self._reserve_queue = self._reserve_queue, []
+            keys = list(dict.fromkeys(k for q in queued for k in q[0]))
+            holds, unapplied = state.hold_report(keys)
+            msg = dp.ReserveRequest(
+                data_plane_id=self.settings.identity,
+                holds=holds,
+                holds_seq=state.next_seq(),
+                unapplied=unapplied,
+                items=[
+                    dp.ReserveItem(
+                        windows=[
+                            dp.WindowHold(policy_id=k[0], member=k[1], window_start=timestamp(k[2]))
+                            for k in item_keys
+                        ],
+                        amount_nanos=amount,
+                    )
+                    for item_keys, amount, _ in queued
+                ],
+            )
+            verdicts: list[dp.ReserveVerdict | None] = [None] * len(queued)
+            try:
+                resp: dp.ReserveResponse = await self._stub.Reserve(
+                    msg, metadata=self._metadata, timeout=self.settings.arbiter_timeout_ms / 1000
+                )
+            except grpc.aio.AioRpcError as e:
+                self._arbiter_failed(e.code().name)
+            else:
+                state.merge_spend(resp.spend)
+                verdicts = list(resp.verdicts)
+            for (_, _, answer), verdict in zip(queued, verdicts, strict=True):
+                if not answer.done():
+                    answer.set_result(verdict)
+
+    def _arbiter_failed(self, why: str) -> None:
+        self.arbiter_failures += 1
+        if self.arbiter_failures in (1, 10) or self.arbiter_failures % 1000 == 0:
+            log.warning(
+                "control plane did not arbitrate in time; decided on the local view",
+                reason=why,
+                failures=self.arbiter_failures,
+            )
 
     async def _send_in_flight(self) -> bool:
         """False if a batch could not be delivered (the later ones are left unsent)."""

@@ -64,30 +64,52 @@ class WindowHold(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., held_nanos: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("data_plane_id", "holds", "holds_seq", "amount_nanos", "unapplied")
+    __slots__ = ("data_plane_id", "holds", "holds_seq", "amount_nanos", "unapplied", "items")
     DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     HOLDS_SEQ_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_NANOS_FIELD_NUMBER: _ClassVar[int]
     UNAPPLIED_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     data_plane_id: str
     holds: _containers.RepeatedCompositeFieldContainer[WindowHold]
     holds_seq: int
     amount_nanos: int
     unapplied: _containers.RepeatedCompositeFieldContainer[UnappliedBatch]
-    def __init__(self, data_plane_id: _Optional[str] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., amount_nanos: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ...) -> None: ...
+    items: _containers.RepeatedCompositeFieldContainer[ReserveItem]
+    def __init__(self, data_plane_id: _Optional[str] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., amount_nanos: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[ReserveItem, _Mapping]]] = ...) -> None: ...
+
+class ReserveItem(_message.Message):
+    __slots__ = ("windows", "amount_nanos")
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    windows: _containers.RepeatedCompositeFieldContainer[WindowHold]
+    amount_nanos: int
+    def __init__(self, windows: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., amount_nanos: _Optional[int] = ...) -> None: ...
+
+class ReserveVerdict(_message.Message):
+    __slots__ = ("admitted", "policy_id", "member")
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    admitted: bool
+    policy_id: str
+    member: str
+    def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("admitted", "policy_id", "member", "spend")
+    __slots__ = ("admitted", "policy_id", "member", "spend", "verdicts")
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
     admitted: bool
     policy_id: str
     member: str
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
-    def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[ReserveVerdict]
+    def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[ReserveVerdict, _Mapping]]] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
     __slots__ = ("duplicate", "spend", "unknown_policy_increments")

@@ -140,6 +140,24 @@ async def test_concurrent_reserves_never_admit_past_the_line(cp: ControlPlane) -
     assert sum(results) >= 4  # the first request of every data plane fits
 
 
+async def test_a_burst_in_one_call_is_decided_in_order(cp: ControlPlane) -> None:
+    """A data plane sends the requests that queued up meanwhile in one call:
+    with room for 10 (another data plane holding 3 of it), the first 7 are
+    admitted, and its recorded hold is theirs only."""
+    pid = await daily(cp)
+    assert (await cp.reserve(reserve(pid, "b", 3 * USD // 10, 3 * USD // 10, 1))).admitted
+    item = dp.ReserveItem(windows=[hold(pid, 0)], amount_nanos=USD // 10)
+    resp = await cp.reserve(
+        dp.ReserveRequest(
+            data_plane_id="a", holds=[hold(pid, 20 * USD // 10)], holds_seq=2, items=[item] * 20
+        )
+    )
+    assert [v.admitted for v in resp.verdicts] == [True] * 7 + [False] * 13
+    assert {v.policy_id for v in resp.verdicts if not v.admitted} == {pid}
+    assert resp.admitted  # the first one's verdict
+    assert holds_of(resp.spend) == {"a": 7 * USD // 10, "b": 3 * USD // 10}
+
+
 async def test_spent_usage_and_holds_add_up(cp: ControlPlane) -> None:
     pid = await daily(cp)
     await cp.apply_usage(usage(pid, "b1", 7 * USD // 10, "a"))
@@ -231,6 +249,14 @@ async def test_unknown_policies_are_ignored(cp: ControlPlane) -> None:
                 data_plane_id="a", holds=[hold("p", 1)], unapplied=[dp.UnappliedBatch()]
             ),
             "unapplied[0].batch_id",
+        ),
+        (
+            dp.ReserveRequest(
+                data_plane_id="a",
+                holds=[hold("p", 1)],
+                items=[dp.ReserveItem(windows=[hold("p", 0)], amount_nanos=-5)],
+            ),
+            "items[0].amount_nanos",
         ),
     ],
 )

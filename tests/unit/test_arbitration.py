@@ -25,8 +25,8 @@ KEY: SpendKey = ("bp_1", "", int(window_for(POLICY.window, NOW).start.timestamp(
 ADMITTED = codec.REQUEST_BODY_CONTINUE
 
 
-def processor(answer: dp.ReserveResponse | None) -> RequestProcessor:
-    async def arbiter(keys: list[SpendKey], amount: int) -> dp.ReserveResponse | None:
+def processor(answer: dp.ReserveVerdict | None) -> RequestProcessor:
+    async def arbiter(keys: list[SpendKey], amount: int) -> dp.ReserveVerdict | None:
         return answer
 
     state = LocalState(index=PolicyIndex([POLICY]))
@@ -53,14 +53,14 @@ def status(reply: codec.ProcessingResponse) -> int:
 
 
 def test_the_control_planes_yes_admits() -> None:
-    proc = processor(dp.ReserveResponse(admitted=True))
+    proc = processor(dp.ReserveVerdict(admitted=True))
     hold(proc, USD // 10)
     assert asyncio.run(proc._arbitrate(ADMITTED)) is ADMITTED
     assert proc.ctx.stats.arbitrations["admitted"] == 1
 
 
 def test_the_control_planes_no_rejects_naming_the_policy_and_releases_the_hold() -> None:
-    proc = processor(dp.ReserveResponse(admitted=False, policy_id="bp_1"))
+    proc = processor(dp.ReserveVerdict(admitted=False, policy_id="bp_1"))
     hold(proc, USD // 10)
     reply = asyncio.run(proc._arbitrate(ADMITTED))
     assert status(reply) == 429 and b"daily" in reply.immediate_response.body
