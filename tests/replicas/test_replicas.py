@@ -6,6 +6,7 @@ connection was killed."""
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import threading
 import time
@@ -265,6 +266,12 @@ def test_payloads_stay_under_the_notify_limit() -> None:
     payloads = encode("replica", "spend", keys)
     assert len(payloads) > 1
     assert all(len(p.encode()) <= MAX_PAYLOAD_BYTES for p in payloads)
+    decoded = [json.loads(p) for p in payloads]
+    assert all(d["r"] == "replica" and d["k"] == "spend" for d in decoded)
+    assert [tuple(k) for d in decoded for k in d["w"]] == keys
+    assert encode("replica", "spend", keys[:2]) == [
+        json.dumps({"r": "replica", "k": "spend", "w": keys[:2]}, separators=(",", ":"))
+    ]
     assert encode("replica", "spend", keys * 50) == ['{"r":"replica","k":"spend","w":[]}']
     assert encode("replica", "spend", [("p", "x" * 9000, 0)]) == [
         '{"r":"replica","k":"spend","w":[]}'
