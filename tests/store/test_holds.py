@@ -16,7 +16,6 @@ from sqlalchemy import Engine
 from control_plane.errors import InvalidArgument
 from control_plane.hub import StateHub
 from control_plane.service import ControlPlane
-from control_plane.store.db import create_db_engine, migrate
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp
@@ -30,14 +29,6 @@ DAY_START = datetime(2025, 3, 10, tzinfo=UTC)
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(T0)
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    e = create_db_engine(db_url)
-    migrate(e)
-    yield e
-    e.dispose()
 
 
 @pytest.fixture

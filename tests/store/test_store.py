@@ -50,14 +50,6 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    e = create_db_engine(db_url)
-    migrate(e)
-    yield e
-    e.dispose()
-
-
-@pytest.fixture
 def cp(engine: Engine, clock: FakeClock) -> Iterator[ControlPlane]:
     c = ControlPlane(engine, StateHub(), clock=clock)
     yield c

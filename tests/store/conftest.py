@@ -1,0 +1,19 @@
+"""Fixtures of the store tests (each runs on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine
+
+from control_plane.store.db import create_db_engine, migrate
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """A migrated database of the kind ``db_url`` names."""
+    e = create_db_engine(db_url)
+    migrate(e)
+    yield e
+    e.dispose()
