@@ -1,0 +1,206 @@
+"""Holds across data planes: the control plane as the arbiter near a budget's
+line (DataPlaneService.Reserve), and the pieces usage reports share with it.
+
+A data plane's hold on a window is what it counts as spent there but the
+control plane has not applied: the estimates of its running requests plus its
+unacknowledged usage. Reports carry absolute values ordered by ``holds_seq``;
+rows lapse after ``hold_ttl_s`` (control_plane/store/repo.py, window_holds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from control_plane import convert
+from control_plane.errors import InvalidArgument
+from control_plane.store import repo
+from control_plane.store.models import PolicyRow
+from spendgate.domain.policies import Action
+from spendgate.domain.windows import Window, window_for
+from spendgate.v1 import dataplane_pb2 as dp
+
+MAX_WINDOWS = 50_000
+MAX_RESERVE_ITEMS = 10_000
+WindowKey = tuple[str, str, int]
+Changed = Callable[[Session, str, Sequence[WindowKey]], None]
+
+
+def check_reserve(req: dp.ReserveRequest) -> None:
+    """INVALID_ARGUMENT naming the field, before any transaction."""
+    if not req.data_plane_id:
+        raise InvalidArgument.one("data_plane_id", "is required")
+    if not req.holds:
+        raise InvalidArgument.one("holds", "name at least one window")
+    if req.amount_nanos < 0:
+        raise InvalidArgument.one("amount_nanos", "must be >= 0")
+    check_holds(req.holds, "holds", req.data_plane_id)
+    check_unapplied(req.unapplied)
+    if len(req.items) > MAX_RESERVE_ITEMS:
+        raise InvalidArgument.one("items", f"at most {MAX_RESERVE_ITEMS}")
+    for i, item in enumerate(req.items):
+        if item.amount_nanos < 0:
+            raise InvalidArgument.one(f"items[{i}].amount_nanos", "must be >= 0")
+        check_holds(item.windows, f"items[{i}].windows", req.data_plane_id)
+
+
+def decide(
+    s: Session, req: dp.ReserveRequest, now: datetime, hold_ttl_s: int, changed: Changed
+) -> tuple[dp.ReserveResponse, list[dp.WindowSpend]]:
+    """Admit the call's requests in order, in ``s``'s transaction.
+
+    Under the locks of the requests' window rows: a request is admitted
+    while, for every window, spend + the other data planes' holds + this data
+    plane's holds without the requests of this call not (yet) admitted is
+    below the limit (the request that crosses the line completes, as
+    everywhere in spendgate). The data plane's holds, without the requests
+    refused, are recorded in the same transaction.
+    """
+    at = int(now.timestamp())
+    items = list(req.items) or [dp.ReserveItem(windows=req.holds, amount_nanos=req.amount_nanos)]
+    ids = {h.policy_id for h in req.holds}
+    rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
+    buckets = Buckets(rows)
+    holds = buckets.holds(req.holds, req.unapplied, s)
+    totals = repo.add_spend(
+        s, (repo.SpendDelta(*k, end, 0, 0, 0) for k, (_, end) in holds.items()), now
+    )
+    keys = [(t.policy_id, t.member, t.window_start) for t in totals]
+    spent = {k: t.spent_nanos for k, t in zip(keys, totals, strict=True)}
+    held = repo.holds_by_window(s, keys, at)
+    others = {
+        k: sum(h.held_nanos for h in held.get(k, ()) if h.data_plane_id != req.data_plane_id)
+        for k in keys
+    }
+    windows = [
+        [f[0] for w in item.windows if (f := buckets.key(*window_key(w))) and f[0] in spent]
+        for item in items
+    ]
+    # Ours without the requests of this call; each admitted one joins.
+    mine = {k: holds[k][0] for k in keys}
+    for item, item_keys in zip(items, windows, strict=True):
+        for k in item_keys:
+            mine[k] = max(mine[k] - item.amount_nanos, 0)
+    resp = dp.ReserveResponse()
+    for item, item_keys in zip(items, windows, strict=True):
+        verdict = dp.ReserveVerdict(admitted=True)
+        for k in item_keys:
+            if rejects(rows[k[0]]) and spent[k] + others[k] + mine[k] >= rows[k[0]].amount_nanos:
+                verdict = dp.ReserveVerdict(admitted=False, policy_id=k[0], member=k[1])
+                break
+        if verdict.admitted:
+            for k in item_keys:
+                mine[k] += item.amount_nanos
+        resp.verdicts.append(verdict)
+    first = resp.verdicts[0]
+    resp.admitted, resp.policy_id, resp.member = first.admitted, first.policy_id, first.member
+    repo.set_holds(s, req.data_plane_id, req.holds_seq, mine.items(), at + hold_ttl_s)
+    changed(s, "spend", keys)
+    messages = total_messages(totals, rows, repo.holds_by_window(s, keys, at))
+    resp.spend.extend(messages)
+    return resp, messages
+
+
+def total_messages(
+    totals: Sequence[repo.SpendTotal],
+    rows: dict[str, PolicyRow],
+    held: dict[tuple[str, str, int], list[repo.Hold]],
+) -> list[dp.WindowSpend]:
+    return [
+        convert.window_spend_message(
+            policy_id=t.policy_id,
+            member=t.member,
+            window_start=t.window_start,
+            window_end=t.window_end,
+            spent_nanos=t.spent_nanos,
+            limit_nanos=rows[t.policy_id].amount_nanos,
+            request_count=t.request_count,
+            holds=held.get((t.policy_id, t.member, t.window_start), ()),
+        )
+        for t in totals
+    ]
+
+
+def window_key(h: dp.WindowHold) -> tuple[str, str, int]:
+    return h.policy_id, h.member, h.window_start.seconds
+
+
+def rejects(p: PolicyRow) -> bool:
+    return convert.domain_policy(p).action is Action.REJECT
+
+
+def check_holds(holds: Sequence[dp.WindowHold], field: str, data_plane_id: str) -> None:
+    if holds and not data_plane_id:
+        raise InvalidArgument.one("data_plane_id", "is required with holds")
+    if len(holds) > MAX_WINDOWS:
+        raise InvalidArgument.one(field, f"at most {MAX_WINDOWS}")
+    for i, h in enumerate(holds):
+        if not h.policy_id:
+            raise InvalidArgument.one(f"{field}[{i}].policy_id", "is required")
+        if h.held_nanos < 0:
+            raise InvalidArgument.one(f"{field}[{i}].held_nanos", "must be >= 0")
+
+
+def check_unapplied(batches: Sequence[dp.UnappliedBatch]) -> None:
+    if len(batches) > 1000:
+        raise InvalidArgument.one("unapplied", "at most 1000 batches")
+    for i, b in enumerate(batches):
+        if not b.batch_id or len(b.batch_id) > 80:
+            raise InvalidArgument.one(f"unapplied[{i}].batch_id", "must be 1 to 80 characters")
+        check_holds(b.usage, f"unapplied[{i}].usage", "-")
+
+
+class Buckets:
+    """Window keys as the stored policies define them now: a data plane with
+    a stale snapshot never puts spend (or holds) into a window that no longer
+    exists."""
+
+    def __init__(self, rows: dict[str, PolicyRow]) -> None:
+        self.rows = rows
+        self.policies = {pid: convert.domain_policy(r) for pid, r in rows.items()}
+        self.windows: dict[tuple[str, int], Window] = {}
+
+    def key(
+        self, policy_id: str, member: str, window_start: int
+    ) -> tuple[tuple[str, str, int], int] | None:
+        """((policy, member, window start), window end), or None for an unknown policy."""
+        policy = self.policies.get(policy_id)
+        if policy is None:
+            return None
+        w = self.windows.get((policy_id, window_start))
+        if w is None:
+            w = self.windows[(policy_id, window_start)] = window_for(
+                policy.window, datetime.fromtimestamp(window_start, UTC)
+            )
+        return (policy_id, member if policy.is_wildcard else "", int(w.start.timestamp())), int(
+            w.end.timestamp()
+        )
+
+    def holds(
+        self,
+        holds: Sequence[dp.WindowHold],
+        unapplied: Sequence[dp.UnappliedBatch],
+        session: Session,
+    ) -> dict[tuple[str, str, int], tuple[int, int]]:
+        """key -> (held nanos, window end); holds on unknown policies are
+        dropped, and so is the usage of batches already applied (the data
+        plane counted it as held, not knowing yet)."""
+        out: dict[tuple[str, str, int], tuple[int, int]] = {}
+        for h in holds:
+            found = self.key(h.policy_id, h.member, h.window_start.seconds)
+            if found is not None:
+                key, end = found
+                out[key] = (out.get(key, (0, end))[0] + h.held_nanos, end)
+        applied = repo.applied_batches(session, [b.batch_id for b in unapplied])
+        for b in unapplied:
+            if b.batch_id not in applied:
+                continue
+            for u in b.usage:
+                found = self.key(u.policy_id, u.member, u.window_start.seconds)
+                if found is not None and found[0] in out:
+                    key, end = found
+                    out[key] = (max(out[key][0] - u.held_nanos, 0), end)
+        return out
