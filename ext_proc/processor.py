@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc import dialects
 from ext_proc import envoy_codec as codec
+from ext_proc.caller import api_key_of, parse_tags
 from ext_proc.config import Settings
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
@@ -40,8 +41,6 @@ from spendgate.v1.dataplane_pb2 import ReserveVerdict
 log = structlog.get_logger("spendgate.ext_proc")
 Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
-MAX_TAGS = 32
-_API_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -58,26 +57,6 @@ class Context:
     # Asks the control plane to admit a request near a budget's line (see
     # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
-
-
-def parse_tags(value: str) -> dict[str, str]:
-    """``team=search,env=prod`` -> {"team": "search", "env": "prod"} (bounded)."""
-    tags: dict[str, str] = {}
-    for part in value.split(",")[:MAX_TAGS]:
-        key, sep, val = part.partition("=")
-        if sep and key.strip() and val.strip():
-            tags[key.strip()] = val.strip()
-    return tags
-
-
-def api_key_of(headers: dict[str, str]) -> str:
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    for name in _API_KEY_HEADERS:
-        if name in headers:
-            return headers[name].strip()
-    return ""
 
 
 class RequestProcessor:
@@ -376,7 +355,16 @@ class RequestProcessor:
 
     async def _arbitrate(self, admitted: codec.ProcessingResponse) -> codec.ProcessingResponse:
         """Let the control plane admit this request (its holds are in place);
-        ``admitted`` is the answer to give Envoy if it does."""
+        ``admitted`` is the answer to give Envoy if it does. A bug here never
+        breaks the client's request: it continues, as in ``handle``."""
+        try:
+            return await self._ask_arbiter(admitted)
+        except Exception:
+            self.ctx.stats.internal_errors += 1
+            log.exception("ext_proc error; request continues", request_id=self.request_id)
+            return admitted
+
+    async def _ask_arbiter(self, admitted: codec.ProcessingResponse) -> codec.ProcessingResponse:
         assert self.held is not None and self.ctx.arbiter is not None
         keys, amount = self.held
         try:
