@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
 from spendgate.domain.usage import Usage
 from tests.durability.conftest import Env, create_policy, spend
-from tests.extproc.test_protocol import (
+from tests.extproc.protocol import (
     COMPLETION,
     chat_body,
     chat_headers,
