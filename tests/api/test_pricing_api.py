@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import pricing_pb2 as pp
 from spendgate.v1 import pricing_pb2_grpc
-from tests.api.test_budget_api import ADMIN, DATA, READ, TIMEOUT, Api, running_api
+from tests.api.apiserver import ADMIN, DATA, READ, TIMEOUT, Api, running_api
 
 
 @pytest.fixture
