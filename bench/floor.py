@@ -1,7 +1,8 @@
 """The protocol floor: an ext_proc in Python (grpc.aio on uvloop, like
 spendgate's) that only answers each message, asking Envoy for the same phases
 spendgate asks for on a metered JSON request (request headers, request body,
-response body). Envoy in front of it shows what the ext_proc protocol itself
+response body), and ending the stream at the last body message as spendgate
+does (see ext_proc.server). Envoy in front of it shows what the ext_proc protocol itself
 costs a Python process on this machine, before any of spendgate's work.
 
     python -m bench.floor PORT
@@ -31,7 +32,10 @@ class Floor(ep_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[codec.ProcessingRequest], context: object
     ) -> AsyncIterator[codec.ProcessingResponse]:
         async for req in request_iterator:
-            yield _ANSWERS[req.WhichOneof("request") or "response_headers"]
+            kind = req.WhichOneof("request") or "response_headers"
+            if kind == "response_body" and req.response_body.end_of_stream:
+                return  # as spendgate does: the stream ends instead of a last answer
+            yield _ANSWERS[kind]
 
 
 async def serve(port: int) -> None:

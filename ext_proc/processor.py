@@ -79,6 +79,8 @@ class RequestProcessor:
         # Envoy's x-request-id (also in its access log); only ever read to log.
         self.request_id = ""
         self.rejected = False  # answered by ext_proc itself (429 or 403)
+        # Envoy sends nothing more on this stream once this message is answered.
+        self.last = False
 
     # ---- dispatch -------------------------------------------------------------
 
@@ -88,6 +90,8 @@ class RequestProcessor:
         started = perf_counter_ns()
         kind = req.WhichOneof("request")
         self.ctx.stats.messages += 1
+        if kind == "response_body" and req.response_body.end_of_stream:
+            self.last = True
         try:
             if kind == "request_headers":
                 return self.on_request_headers(req)
@@ -144,6 +148,7 @@ class RequestProcessor:
         remove = [k for k in h if k.startswith("x-spendgate-") or k in own]
         if self.shape is None or req.request_headers.end_of_stream:
             self.done = True
+            self.last = True  # SKIP_REST: Envoy asks nothing more
             self.ctx.stats.unmetered_requests += self.shape is None
             return codec.request_headers_response(
                 codec.header_mutation(remove=remove) if remove else None, codec.SKIP_REST
@@ -211,7 +216,7 @@ class RequestProcessor:
         return self._reject(r, now)
 
     def _reject(self, r: Rejection, now: datetime) -> codec.ProcessingResponse:
-        self.rejected = True
+        self.rejected = self.last = True
         self.ctx.stats.count_rejection(r.policy.id, BUDGET_EXCEEDED)
         log.info(
             "rejected",
@@ -238,7 +243,7 @@ class RequestProcessor:
         if prices.lookup(self.request_model, self.facts.provider, self.facts.route):
             return None
         self.done = True
-        self.rejected = True
+        self.rejected = self.last = True
         self.ctx.stats.count_rejection("", MODEL_NOT_PRICED)
         log.warning(
             "rejected",

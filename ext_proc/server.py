@@ -73,6 +73,17 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 reply = proc.handle(req)
                 if not isinstance(reply, codec.ProcessingResponse):
                     reply = await reply  # the control plane admits this one
+                if proc.last:
+                    # End the call from this side as soon as Envoy needs nothing
+                    # more. Envoy ends a finished stream with a reset, and
+                    # grpc.aio leaks the ops of the batch that then fails (about
+                    # 100 bytes a request, unbounded). Ending it first avoids
+                    # that, and the last body message, which is only ever
+                    # continued unchanged, needs no answer at all: a stream
+                    # closed cleanly tells Envoy to go on without ext_proc.
+                    if reply is not codec.RESPONSE_BODY_CONTINUE:
+                        yield reply
+                    return
                 yield reply
         finally:
             self.ctx.stats.open_streams -= 1

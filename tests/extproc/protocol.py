@@ -231,18 +231,47 @@ class Stream:
 
     def __init__(self, stub: ExternalProcessorStub) -> None:
         self.call = stub.Process()
+        self.ended = False
 
-    async def send(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
+    async def send(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse | Ended:
+        """ext_proc's answer, or ENDED when it ended the call (status OK)
+        instead: Envoy then goes on unchanged, as after a plain continue."""
+        assert not self.ended, "message sent after ext_proc ended the stream"
         await self.call.write(req)
         resp = await asyncio.wait_for(self.call.read(), TIMEOUT)
+        if resp is grpc.aio.EOF:
+            assert await self.call.code() is grpc.StatusCode.OK
+            self.ended = True
+            return ENDED
         assert isinstance(resp, ep.ProcessingResponse)
+        return resp
+
+    async def answer_and_end(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        """The answer to the last message Envoy will send; ext_proc then ends
+        the call itself (status OK)."""
+        resp = await self.send(req)
+        assert isinstance(resp, ep.ProcessingResponse)
+        assert await asyncio.wait_for(self.call.read(), TIMEOUT) is grpc.aio.EOF
+        assert await self.call.code() is grpc.StatusCode.OK
+        self.ended = True
         return resp
 
     async def close(self) -> None:
         """End the stream as Envoy does after the last phase; it must end OK."""
-        await self.call.done_writing()
-        assert await asyncio.wait_for(self.call.read(), TIMEOUT) is grpc.aio.EOF
+        if not self.ended:
+            await self.call.done_writing()
+            assert await asyncio.wait_for(self.call.read(), TIMEOUT) is grpc.aio.EOF
         assert await self.call.code() is grpc.StatusCode.OK
+
+
+class Ended:
+    """ext_proc closed the stream cleanly instead of answering."""
+
+    def __repr__(self) -> str:
+        return "ENDED"
+
+
+ENDED = Ended()
 
 
 @dataclasses.dataclass

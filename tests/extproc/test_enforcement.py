@@ -14,8 +14,8 @@ from spendgate.v1 import budget_pb2 as pb
 from tests.extproc.protocol import (
     COMPLETION,
     CONTINUE_REQUEST_BODY,
-    CONTINUE_RESPONSE_BODY,
     DAY_START,
+    ENDED,
     GLOBAL_KEY,
     MINI,
     SKIP_REST,
@@ -41,7 +41,7 @@ from tests.extproc.protocol import (
 async def test_exceeded_reject_policy_answers_429_at_request_headers(ext: Ext) -> None:
     ext.set_policies(policy("global", amount="10"), spend=[spent("global", 10 * 10**9)])
     s = ext.stream()
-    resp = await s.send(request_headers(headers=chat_headers(x_spendgate_user="alice")))
+    resp = await s.answer_and_end(request_headers(headers=chat_headers(x_spendgate_user="alice")))
     message = (
         "Budget exceeded: policy 'global budget' (global) allows $10.00 per 1 day; "
         "$10.00 spent. Requests are rejected until the window resets at 2025-03-11T00:00:00Z."
@@ -66,7 +66,7 @@ async def test_wildcard_member_rejection_names_the_member_only(ext: Ext) -> None
         spend=[spent("each-user", 5 * 10**9, "alice"), spent("each-user", 10**9, "bob")],
     )
     s = ext.stream()
-    resp = await s.send(request_headers(headers=chat_headers(x_spendgate_user="alice")))
+    resp = await s.answer_and_end(request_headers(headers=chat_headers(x_spendgate_user="alice")))
     message = orjson.loads(resp.immediate_response.body)["error"]["message"]
     assert "for user 'alice'; $5.00 spent" in message
     assert "bob" not in message
@@ -80,7 +80,7 @@ async def test_wildcard_member_rejection_names_the_member_only(ext: Ext) -> None
 async def test_get_is_never_rejected(ext: Ext) -> None:
     ext.set_policies(policy("global"), spend=[spent("global", 11 * 10**9)])
     s = ext.stream()
-    resp = await s.send(request_headers("GET", "/v1/models", end_of_stream=True))
+    resp = await s.answer_and_end(request_headers("GET", "/v1/models", end_of_stream=True))
     assert resp == ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(response=ep.CommonResponse()), mode_override=SKIP_REST
     )
@@ -102,7 +102,7 @@ async def test_the_request_that_crosses_completes_the_next_is_rejected(ext: Ext)
     assert ext.server.state.spent(GLOBAL_KEY) == price(Usage(19, 0, 10, None, 10)) > 8_000
 
     s = ext.stream()
-    resp = await s.send(request_headers(headers=chat_headers(body)))
+    resp = await s.answer_and_end(request_headers(headers=chat_headers(body)))
     assert resp.immediate_response.status.code == 429
     await s.close()
 
@@ -121,7 +121,7 @@ async def test_model_policy_rejects_at_request_body(ext: Ext) -> None:
     # The model is unknown at request headers: admitted there.
     resp = await s.send(request_headers(headers=chat_headers(body)))
     assert resp == headers_removed("accept-encoding")
-    resp = await s.send(request_body(body))
+    resp = await s.answer_and_end(request_body(body))
     assert resp == immediate_429(
         {
             "content-type": "application/json",
@@ -170,7 +170,7 @@ async def test_alert_policy_never_rejects(ext: Ext) -> None:
     assert await s.send(request_body(body)) == CONTINUE_REQUEST_BODY
     assert await s.send(response_headers()) == STREAM_RESPONSE_BODY
     completion = COMPLETION
-    assert await s.send(response_body(completion, end_of_stream=True)) == CONTINUE_RESPONSE_BODY
+    assert await s.send(response_body(completion, end_of_stream=True)) is ENDED
     await s.close()
     cost = price(Usage(19, 0, output_tokens=10, reasoning_tokens=0))
     assert ext.server.state.spent(("alert", "", DAY_START)) == 50 * 10**9 + cost

@@ -22,6 +22,7 @@ from tests.extproc.protocol import (
     CONTINUE_RESPONSE_BODY,
     CONTINUE_RESPONSE_HEADERS,
     DAY_START,
+    ENDED,
     FIXTURES,
     GLOBAL_KEY,
     MINI,
@@ -52,7 +53,7 @@ from tests.extproc.protocol import (
 async def test_get_is_answered_once_and_skips_the_rest(ext: Ext) -> None:
     ext.set_policies(policy("global"))
     s = ext.stream()
-    resp = await s.send(
+    resp = await s.answer_and_end(
         request_headers("GET", "/v1/models", {"x-spendgate-user": "alice"}, end_of_stream=True)
     )
     assert resp == headers_removed("x-spendgate-user", mode=SKIP_REST)
@@ -92,7 +93,7 @@ async def test_custom_identity_headers_are_read_and_removed() -> None:
 
 async def test_unmetered_post_without_spendgate_headers_has_no_mutation(ext: Ext) -> None:
     s = ext.stream()
-    resp = await s.send(request_headers("POST", "/v1/images/generations", chat_headers()))
+    resp = await s.answer_and_end(request_headers("POST", "/v1/images/generations", chat_headers()))
     expected = ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(response=ep.CommonResponse()), mode_override=SKIP_REST
     )
@@ -102,7 +103,7 @@ async def test_unmetered_post_without_spendgate_headers_has_no_mutation(ext: Ext
 
 async def test_metered_post_without_body_skips_the_rest(ext: Ext) -> None:
     s = ext.stream()
-    resp = await s.send(request_headers(headers=chat_headers(), end_of_stream=True))
+    resp = await s.answer_and_end(request_headers(headers=chat_headers(), end_of_stream=True))
     assert resp == ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(response=ep.CommonResponse()), mode_override=SKIP_REST
     )
@@ -136,7 +137,7 @@ async def test_chat_completion_is_metered_and_charged(ext: Ext) -> None:
     parts = [completion[:7], completion[7:300], completion[300:]]
     for part in parts[:-1]:
         assert await s.send(response_body(part)) == CONTINUE_RESPONSE_BODY
-    assert await s.send(response_body(parts[-1], end_of_stream=True)) == CONTINUE_RESPONSE_BODY
+    assert await s.send(response_body(parts[-1], end_of_stream=True)) is ENDED
     await s.close()
 
     cost = price(Usage(19, 0, output_tokens=10, reasoning_tokens=0))
@@ -167,7 +168,7 @@ async def test_empty_last_chunk_ends_the_response(ext: Ext) -> None:
     await s.send(response_headers())
     completion = COMPLETION
     assert await s.send(response_body(completion)) == CONTINUE_RESPONSE_BODY
-    assert await s.send(response_body(b"", end_of_stream=True)) == CONTINUE_RESPONSE_BODY
+    assert await s.send(response_body(b"", end_of_stream=True)) is ENDED
     # Charged at end of body, before the stream closes.
     assert ext.pending() == {GLOBAL_KEY: Increment(price(Usage(19, 0, 10, None, 10)), 1, 0)}
     await s.close()
@@ -253,7 +254,7 @@ async def sse_exchange(ext: Ext) -> None:
     events = (FIXTURES / "chat_stream_usage.sse").read_bytes()
     for part in chunks(events, 97):  # cuts events and JSON at arbitrary points
         assert await s.send(response_body(part)) == CONTINUE_RESPONSE_BODY
-    assert await s.send(response_body(b"", end_of_stream=True)) == CONTINUE_RESPONSE_BODY
+    assert await s.send(response_body(b"", end_of_stream=True)) is ENDED
     await s.close()
 
 

@@ -19,6 +19,7 @@ from tests.extproc.protocol import (
     CONTINUE_RESPONSE_BODY,
     CONTINUE_RESPONSE_HEADERS,
     DAY_START,
+    ENDED,
     GLOBAL_KEY,
     Ext,
     chat_body,
@@ -44,7 +45,7 @@ async def test_garbage_response_body_is_still_answered(ext: Ext) -> None:
     await s.send(response_headers())
     for junk in (b"\x00\xff\xfe garbage", b"<html>", b"}}}}"):
         assert await s.send(response_body(junk)) == CONTINUE_RESPONSE_BODY
-    assert await s.send(response_body(b"", end_of_stream=True)) == CONTINUE_RESPONSE_BODY
+    assert await s.send(response_body(b"", end_of_stream=True)) is ENDED
     await s.close()
     assert ext.pending() == {}
     assert ext.stats_changed() == {"unmetered_responses": 1}
@@ -61,7 +62,7 @@ async def test_internal_error_answers_continue_and_the_stream_goes_on(ext: Ext) 
         response_headers=ep.HttpHeaders(headers=header_map({":status": "two hundred"}))
     )
     assert await s.send(bad) == CONTINUE_RESPONSE_HEADERS
-    assert await s.send(response_body(b"{}", end_of_stream=True)) == CONTINUE_RESPONSE_BODY
+    assert await s.send(response_body(b"{}", end_of_stream=True)) is ENDED
     await s.close()
     # The body is still looked at (it carries no usage).
     assert ext.stats_changed() == {"internal_errors": 1, "unmetered_responses": 1}
@@ -71,8 +72,8 @@ async def test_messages_out_of_order_are_answered(ext: Ext) -> None:
     s = ext.stream()
     # A request body before any headers: no shape known, the handler fails.
     assert await s.send(request_body(chat_body())) == CONTINUE_REQUEST_BODY
-    assert await s.send(response_body(b"x", end_of_stream=True)) == CONTINUE_RESPONSE_BODY
     assert await s.send(response_headers()) == CONTINUE_RESPONSE_HEADERS
+    assert await s.send(response_body(b"x", end_of_stream=True)) is ENDED
     await s.close()
     assert ext.stats_changed() == {"internal_errors": 1}
 
