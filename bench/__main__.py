@@ -130,14 +130,16 @@ def main() -> None:
         progress("streaming")
         ps = stream.measure(topo.plain.base_url, requests=n)
         ss = stream.measure(topo.spendgate.base_url, requests=n)
-        out.append(row("streaming, 100 chunks", "plain", "spendgate", "ratio", "added"))
-        for name, a, b in (
-            ("TTFB p50 ms", ps.ttfb_p50_ms, ss.ttfb_p50_ms),
-            ("TTFB p99 ms", ps.ttfb_p99_ms, ss.ttfb_p99_ms),
-            ("total p50 ms", ps.total_p50_ms, ss.total_p50_ms),
-            ("total p99 ms", ps.total_p99_ms, ss.total_p99_ms),
-        ):
-            out.append(row(name, f"{a:.3f}", f"{b:.3f}", f"{b / a:.2f}x", f"+{b - a:.3f} ms"))
+        fs = stream.measure(topo.floor.base_url, requests=n)
+        for label, other in (("spendgate", ss), ("floor", fs)):
+            out.append(row("streaming, 100 chunks", "plain", label, "ratio", "added"))
+            for name, a, b in (
+                ("TTFB p50 ms", ps.ttfb_p50_ms, other.ttfb_p50_ms),
+                ("TTFB p99 ms", ps.ttfb_p99_ms, other.ttfb_p99_ms),
+                ("total p50 ms", ps.total_p50_ms, other.total_p50_ms),
+                ("total p99 ms", ps.total_p99_ms, other.total_p99_ms),
+            ):
+                out.append(row(name, f"{a:.3f}", f"{b:.3f}", f"{b / a:.2f}x", f"+{b - a:.3f} ms"))
         total = 10_000 if QUICK else 100_000
         rss0 = sum(map(rss_mb, pids))
         marks: dict[int, float] = {}
