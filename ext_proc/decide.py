@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from ext_proc import windows
 from spendgate.domain.policies import Action, Match, Policy
-from spendgate.domain.windows import Window, window_for
+from spendgate.domain.windows import Window
 
 SpendKey = tuple[str, str, int]
 """(policy id, member, window start in Unix seconds)"""
@@ -44,8 +45,8 @@ def decide(
     for policy, member in matches:
         if policy.action is not Action.REJECT:
             continue
-        window = window_for(policy.window, now)
-        key = (policy.id, member, int(window.start.timestamp()))
+        window, start = windows.current(policy.window, now)
+        key = (policy.id, member, start)
         amount = spent(key)
         if amount >= policy.amount_nanos and (worst is None or window.end > worst.window.end):
             worst = Rejection(policy, member, window, amount)

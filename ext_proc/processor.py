@@ -19,7 +19,7 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import dialects
+from ext_proc import dialects, windows
 from ext_proc import envoy_codec as codec
 from ext_proc.caller import api_key_of, parse_tags
 from ext_proc.config import Settings
@@ -35,7 +35,6 @@ from ext_proc.stats import BUDGET_EXCEEDED, MODEL_NOT_PRICED, UNPRICED, Stats
 from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
-from spendgate.domain.windows import window_for
 from spendgate.v1.dataplane_pb2 import ReserveVerdict
 
 log = structlog.get_logger("spendgate.ext_proc")
@@ -332,7 +331,7 @@ class RequestProcessor:
         rejecting = [(p, m) for p, m in self.matches if p.action is Action.REJECT]
         if not rejecting:
             return False
-        keys = [(p.id, m, int(window_for(p.window, now).start.timestamp())) for p, m in rejecting]
+        keys = [(p.id, m, windows.current(p.window, now)[1]) for p, m in rejecting]
         price = self.ctx.prices.for_charge(
             self.request_model, self.facts.provider, self.facts.route
         )
@@ -393,8 +392,8 @@ class RequestProcessor:
         now = self.ctx.clock()
         for policy, member in self.matches:
             if policy.id == answer.policy_id and member == answer.member:
-                window = window_for(policy.window, now)
-                key = (policy.id, member, int(window.start.timestamp()))
+                window, start = windows.current(policy.window, now)
+                key = (policy.id, member, start)
                 return self._reject(
                     Rejection(policy, member, window, self.ctx.state.spent(key)), now
                 )

@@ -31,10 +31,10 @@ from datetime import datetime
 
 import structlog
 
+from ext_proc import windows
 from ext_proc.decide import SpendKey
 from ext_proc.journal import Journal
 from spendgate.domain.policies import Match, PolicyIndex
-from spendgate.domain.windows import window_for
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import policy_from_message, timestamp
 
@@ -146,7 +146,7 @@ class LocalState:
     ) -> None:
         """Add one response's cost to every window it counts against."""
         for policy, member in matches:
-            start = int(window_for(policy.window, now).start.timestamp())
+            start = windows.current(policy.window, now)[1]
             inc = self.pending.get((policy.id, member, start))
             if inc is None:
                 inc = self.pending[(policy.id, member, start)] = Increment()
