@@ -5,6 +5,7 @@ SIGTERM, stop gracefully. Shared by ``python -m control_plane`` and
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Callable
@@ -26,6 +27,11 @@ async def serve_until_signalled(make: Callable[[], Service]) -> None:
     # grpc.aio objects belong to the loop they are created on: build inside it.
     server = make()
     await server.start()
+    # What startup built (modules, price tables, servers) lives as long as the
+    # process: keep it out of the cyclic collector's full passes, which would
+    # otherwise walk all of it (~6 ms for ext_proc) in the middle of requests.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
