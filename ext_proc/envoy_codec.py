@@ -128,3 +128,15 @@ def immediate_response(
             details=details,
         )
     )
+
+
+# "Go on unchanged", by the kind of message it answers ("" for none).
+CONTINUE: dict[str, ep.ProcessingResponse] = {
+    "request_headers": request_headers_response(),
+    "request_body": REQUEST_BODY_CONTINUE,
+    "response_headers": RESPONSE_HEADERS_CONTINUE,
+    "response_body": RESPONSE_BODY_CONTINUE,
+    "request_trailers": REQUEST_TRAILERS_CONTINUE,
+    "response_trailers": RESPONSE_TRAILERS_CONTINUE,
+    "": ep.ProcessingResponse(),
+}

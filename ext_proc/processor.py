@@ -110,7 +110,7 @@ class RequestProcessor:
             )
         finally:
             self.ctx.stats.observe_message(kind, perf_counter_ns() - started)
-        return _CONTINUE[kind or ""]
+        return codec.CONTINUE[kind or ""]
 
     # ---- request ------------------------------------------------------------
 
@@ -491,14 +491,3 @@ class RequestProcessor:
 def _count_tokens(stats: Stats, usage: Usage) -> None:
     stats.input_tokens += usage.input_tokens or 0
     stats.output_tokens += usage.output_tokens or 0
-
-
-_CONTINUE: dict[str, codec.ProcessingResponse] = {
-    "request_headers": codec.request_headers_response(),
-    "request_body": codec.REQUEST_BODY_CONTINUE,
-    "response_headers": codec.RESPONSE_HEADERS_CONTINUE,
-    "response_body": codec.RESPONSE_BODY_CONTINUE,
-    "request_trailers": codec.REQUEST_TRAILERS_CONTINUE,
-    "response_trailers": codec.RESPONSE_TRAILERS_CONTINUE,
-    "": codec.ProcessingResponse(),
-}

@@ -32,8 +32,18 @@ def stack() -> Iterator[Stack]:
     stop_stack(s)
 
 
+@pytest.fixture
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    """Closed after the test: a client left to the garbage collector leaves
+    its keep-alive socket open until some later test happens to collect it."""
+    with openai.OpenAI(
+        base_url=stack.envoy.base_url + "/v1", api_key="sk-test", default_headers=BIG, max_retries=0
+    ) as client:
+        yield client
+
+
 def test_threshold_and_exceeded_events_arrive_in_order_while_traffic_flows(
-    stack: Stack, receiver: Receiver
+    stack: Stack, receiver: Receiver, client: openai.OpenAI
 ) -> None:
     secret = new_secret()
     webhooks = webhooks_pb2_grpc.WebhookServiceStub(grpc_channel(stack.cp.port))
@@ -61,9 +71,6 @@ def test_threshold_and_exceeded_events_arrive_in_order_while_traffic_flows(
         timeout=10,
     )
     wait_until(lambda: policy.id in stack.ext.state.index.policies, message="policy in ext_proc")
-    client = openai.OpenAI(
-        base_url=stack.envoy.base_url + "/v1", api_key="sk-test", default_headers=BIG, max_retries=0
-    )
     for _ in range(4):  # $0.00045 each: 50 % after one, 100 % after two, then beyond
         reply = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
