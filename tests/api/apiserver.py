@@ -91,30 +91,6 @@ def running_api(database_url: str, db_path: Path | None = None) -> Iterator[Api]
         loop.stop()
 
 
-def policy(
-    name: str = "team budget",
-    *,
-    amount: str = "10.00",
-    unit: int = pb.WINDOW_UNIT_HOURS,
-    count: int = 1,
-    timezone: str = "",
-    scope: int = pb.SCOPE_GLOBAL,
-    target: str = "",
-    action: int = pb.ACTION_REJECT,
-    thresholds: tuple[int, ...] = (),
-) -> pb.BudgetPolicy:
-    return pb.BudgetPolicy(
-        name=name,
-        amount_usd=amount,
-        window=pb.BudgetWindow(unit=unit, count=count),
-        timezone=timezone,
-        action=action,
-        scope=scope,
-        target=target,
-        alert_thresholds=thresholds,
-    )
-
-
 def create(api: Api, p: pb.BudgetPolicy) -> pb.BudgetPolicy:
     return api.budgets.CreateBudgetPolicy(
         pb.CreateBudgetPolicyRequest(policy=p), metadata=ADMIN, timeout=TIMEOUT

@@ -25,7 +25,6 @@ from tests.api.apiserver import (
     hour_spend,
     inc,
     list_all,
-    policy,
     report,
     rpc_error,
 )
@@ -33,6 +32,7 @@ from tests.harness import (
     ADMIN_TOKEN,
     bearer,
 )
+from tests.store.builders import policy
 
 # ---- auth, health, reflection ---------------------------------------------------
 

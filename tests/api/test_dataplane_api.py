@@ -27,11 +27,11 @@ from tests.api.apiserver import (
     hour_spend,
     inc,
     list_all,
-    policy,
     report,
     rpc_error,
     running_api,
 )
+from tests.store.builders import policy
 
 # ---- data plane -------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from tests.api.apiserver import (
     bad_fields,
     create,
     list_all,
-    policy,
     rpc_error,
 )
+from tests.store.builders import policy
 
 # ---- validation -------------------------------------------------------------
 
