@@ -39,6 +39,10 @@ PHASES = (
 # Rejection reasons (the `reason` label).
 BUDGET_EXCEEDED = "budget_exceeded"
 MODEL_NOT_PRICED = "model_not_priced"
+# Identity refused: a value that cannot be a member (400), or none for a
+# REJECT "*" policy under missing_identity: reject (403).
+INVALID_IDENTITY = "invalid_identity"
+IDENTITY_REQUIRED = "identity_required"
 # The `model` label of responses no price was known for.
 UNPRICED = "unpriced"
 
