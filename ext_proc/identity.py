@@ -25,7 +25,6 @@ cannot be members are refused (``MemberInvalid``, a 400), never guessed.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from spendgate.domain.policies import WILDCARD, Policy, PolicyIndex, RequestFact
 if TYPE_CHECKING:
     from ext_proc.config import Settings
 
-__all__ = ["ANONYMOUS", "Caller", "IdentityReader", "MemberInvalid", "reader_for"]
+__all__ = ["ANONYMOUS", "Caller", "IdentityReader", "MemberInvalid"]
 
 # The member an unidentified request is charged to with missing_identity: anonymous.
 ANONYMOUS = "anonymous"
@@ -295,12 +294,6 @@ def parse_tags(value: str, field: str = "tags") -> dict[str, str]:
             raise MemberInvalid(field, f"tag key {key!r} is given more than once")
         tags[key] = _member(raw_value, f"{field}, tag {key}")
     return tags
-
-
-@functools.lru_cache(maxsize=8)
-def reader_for(settings: Settings) -> IdentityReader:
-    """The reader for these (frozen, hashable) settings, built once."""
-    return IdentityReader(settings)
 
 
 def check_settings(settings: Any) -> None:

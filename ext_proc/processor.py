@@ -63,6 +63,11 @@ class Context:
     # Asks the control plane to admit a request near a budget's line (see
     # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
+    # Who is the caller, read the way the settings say (built once).
+    callers: identity.IdentityReader = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.callers = identity.IdentityReader(self.settings)
 
 
 class RequestProcessor:
@@ -122,7 +127,6 @@ class RequestProcessor:
     # ---- request ------------------------------------------------------------
 
     def on_request_headers(self, req: codec.ProcessingRequest) -> Reply:
-        s = self.ctx.settings
         h = codec.header_dict(req.request_headers)
         method = h.get(":method", "")
         self.path = h.get(":path", "")
@@ -133,7 +137,7 @@ class RequestProcessor:
         self.content_length_sent = "content-length" in h
         key = api_key_of(h)
         route = codec.attribute(req, "xds.route_name")
-        reader = identity.reader_for(s)
+        reader = self.ctx.callers
         try:
             caller = reader.read(
                 req, h, codec.repeated_headers(req.request_headers, reader.header_names)

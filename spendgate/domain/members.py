@@ -71,6 +71,13 @@ def canonical(value: str, field: str) -> str:
 
     Raises MemberInvalid naming ``field`` for a value that cannot be one.
     """
+    if value.isascii() and value.isprintable():
+        # The common case, on every request: NFKC leaves printable ASCII
+        # alone, case folding is lower(), and one script (or none) is used.
+        value = value.strip().lower()
+        if len(value) > MAX_MEMBER_BYTES:
+            raise MemberInvalid(field, f"is longer than {MAX_MEMBER_BYTES} bytes (UTF-8)")
+        return value
     value = unicodedata.normalize("NFKC", value).strip()
     for ch in value:
         category = unicodedata.category(ch)
