@@ -12,14 +12,18 @@ from __future__ import annotations
 import ssl
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
 
+from spendgate import envoy_config
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
+from tests.deploy.files import envoy_validate
 from tests.e2e.identity_setup import (
     JWT_HEADER,
     CertificateAuthority,
@@ -503,3 +507,48 @@ def test_no_or_foreign_client_certificate_never_reaches_ext_proc(
             post(client)
     assert stack.ext.ctx.stats.messages == before
     assert stack.provider.log.requests == []
+
+
+# ---- the README's jwt_authn filter -------------------------------------------
+
+
+def test_readme_jwt_filter_is_accepted_by_envoy(tmp_path: Path) -> None:
+    """The filter "Who is the caller?" shows, put before ext_proc in the
+    shipped bootstrap with a cluster for the JWKS host, passes validation."""
+    readme = (envoy_config.ROOT / "README.md").read_text()
+    section = readme.split("## Who is the caller?", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (jwt_filter,) = yaml.safe_load(snippet)
+    provider = jwt_filter["typed_config"]["providers"]["corp"]
+    assert provider["payload_in_metadata"] == "jwt_payload"  # ext_proc's jwt_payload_key
+    config = envoy_config.load()
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = hcm["typed_config"]["http_filters"]
+    assert filters[0]["name"] == "envoy.filters.http.ext_proc"
+    filters.insert(0, jwt_filter)
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "idp",
+            "type": "LOGICAL_DNS",
+            "load_assignment": {
+                "cluster_name": "idp",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "idp.example.com",
+                                            "port_value": 443,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
+    envoy_validate(envoy_config.write(config, tmp_path / "envoy-jwt.yaml"))
