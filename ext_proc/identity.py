@@ -57,6 +57,8 @@ class Caller:
     workspace: str = ""
     service: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
+    # Identity headers were present but came from an untrusted source (ignored).
+    untrusted_headers: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +222,8 @@ class IdentityReader:
                 tags[key] = value
         if len(tags) > MAX_TAGS:
             raise MemberInvalid("tags", f"more than {MAX_TAGS} tags ({len(tags)})")
-        return Caller(values["user"], values["workspace"], values["service"], tags)
+        untrusted = not trusted and any(name in headers for name in self.header_names)
+        return Caller(values["user"], values["workspace"], values["service"], tags, untrusted)
 
     def _header(self, headers: Mapping[str, str], repeated: frozenset[str], name: str) -> str:
         if name not in headers:

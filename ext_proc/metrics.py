@@ -95,6 +95,12 @@ class ExtProcCollector(Collector):
             list(s.rejections.items()),
         )
         yield counter(
+            "spendgate_ext_proc_identity_headers_untrusted",
+            "Requests whose identity headers came from a source not in "
+            "trusted_header_sources (ignored and removed).",
+            s.untrusted_identity_headers,
+        )
+        yield counter(
             "spendgate_ext_proc_requests_unmetered",
             "HTTP requests of no metered API shape (passed through, not charged).",
             s.unmetered_requests,

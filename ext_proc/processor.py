@@ -63,6 +63,8 @@ class Context:
     # Asks the control plane to admit a request near a budget's line (see
     # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
+    # Set once the first ignored identity header has been logged.
+    warned_untrusted: bool = False
     # Who is the caller, read the way the settings say (built once).
     callers: identity.IdentityReader = dataclasses.field(init=False)
 
@@ -144,6 +146,8 @@ class RequestProcessor:
             )
         except identity.MemberInvalid as e:
             return self._refuse_identity(400, INVALID_IDENTITY, "", f"{e}.")
+        if caller.untrusted_headers:
+            self._note_untrusted(req)
         self.facts = RequestFacts(
             route=route,
             user=caller.user,
@@ -263,6 +267,20 @@ class RequestProcessor:
             reply.body,
             "spendgate_budget_exceeded",
         )
+
+    def _note_untrusted(self, req: codec.ProcessingRequest) -> None:
+        """Count identity headers that were ignored; warn the first time (a
+        trusted hop missing from trusted_header_sources shows up here)."""
+        self.ctx.stats.untrusted_identity_headers += 1
+        if not self.ctx.warned_untrusted:
+            self.ctx.warned_untrusted = True
+            log.warning(
+                "identity headers from an untrusted source are ignored (logged once); "
+                "list the source in trusted_header_sources if it is a trusted hop",
+                source=codec.attribute(req, identity.SOURCE_ATTRIBUTE),
+                peer=codec.attribute(req, identity.PEER_ATTRIBUTE) or None,
+                request_id=self.request_id,
+            )
 
     def _refuse_identity(
         self, status: int, reason: str, policy_id: str, message: str

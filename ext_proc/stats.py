@@ -66,6 +66,8 @@ class Stats:
     rejected_requests: int = 0
     unmetered_requests: int = 0  # requests of no metered API shape
     unparsed_requests: int = 0  # request bodies that were not JSON objects
+    # requests whose identity headers came from an untrusted source (ignored)
+    untrusted_identity_headers: int = 0
     metered_responses: int = 0
     estimated_responses: int = 0
     unmetered_responses: int = 0  # metered shape, but no usage could be read

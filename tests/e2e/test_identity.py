@@ -288,6 +288,7 @@ def test_headers_from_an_untrusted_source_are_stripped_and_ignored(
     untrusted_stack: Stack,
 ) -> None:
     stack = untrusted_stack
+    ignored_before = stack.ext.ctx.stats.untrusted_identity_headers
     blocked = create(stack, scope=pb.SCOPE_USER, target="mallory", amount_usd="0.000001")
     create(stack, scope=pb.SCOPE_WORKSPACE, target="*", action=pb.ACTION_ALERT)
     try:
@@ -300,6 +301,7 @@ def test_headers_from_an_untrusted_source_are_stripped_and_ignored(
         assert r.status_code == 200  # not even a 400: the values were never read
         (seen,) = provider_saw(stack)
         assert "x-spendgate-user" not in seen
+        assert stack.ext.ctx.stats.untrusted_identity_headers == ignored_before + 1
         # Under a REJECT budget per user, an unidentified request is refused.
         create(stack, scope=pb.SCOPE_USER, target="*", name="each-user")
         r = post(stack.envoy.base_url, {"x-spendgate-user": "mallory"})
