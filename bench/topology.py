@@ -143,6 +143,8 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
         "SPENDGATE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
         # Metrics on (their cost is part of what is measured), on free ports.
         "SPENDGATE_METRICS_LISTEN": "127.0.0.1:0",
+        # wrk sends the identity headers from loopback: trust them there.
+        "SPENDGATE_EXT_PROC_TRUSTED_HEADER_SOURCES": "127.0.0.1/32",
     }
     cp_address = f"127.0.0.1:{free_port()}"
     ep_port = free_port()

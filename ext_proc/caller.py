@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-MAX_TAGS = 32
 _API_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
-
-
-def parse_tags(value: str) -> dict[str, str]:
-    """``team=search,env=prod`` -> {"team": "search", "env": "prod"} (bounded)."""
-    tags: dict[str, str] = {}
-    for part in value.split(",")[:MAX_TAGS]:
-        key, sep, val = part.partition("=")
-        if sep and key.strip() and val.strip():
-            tags[key.strip()] = val.strip()
-    return tags
 
 
 def api_key_of(headers: dict[str, str]) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from ext_proc import identity
 from spendgate import settings
 from spendgate.settings import ConfigError
 
@@ -26,10 +27,32 @@ class Settings:
     control_plane_ca_file: str = ""
     # Identifies this data plane in the control plane's records.
     data_plane_id: str = ""
-    # Request headers that identify the caller (removed before the provider).
+    # Who is the caller (ext_proc/identity.py, README "Who is the caller?").
+    # Identity headers (removed before the provider, always) count only from
+    # trusted_header_sources: comma-separated CIDRs matched against the
+    # direct peer's address and/or mTLS peer principals (spiffe://...).
+    # "" (the default) = identity headers are ignored from everyone.
+    trusted_header_sources: str = ""
     user_header: str = "x-spendgate-user"
     workspace_header: str = "x-spendgate-workspace"
     tags_header: str = "x-spendgate-tags"
+    service_header: str = "x-spendgate-service"
+    # JWT claims verified by Envoy's jwt_authn (payload_in_metadata), found
+    # in dynamic metadata namespace / key; "" claim = that field not from JWTs.
+    jwt_metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    jwt_payload_key: str = "jwt_payload"
+    user_claim: str = ""
+    workspace_claim: str = ""
+    service_claim: str = ""
+    # Claims that become tags: "team,env" or "team=org_team" (tag key=claim).
+    tags_claims: str = ""
+    # The mTLS peer's SPIFFE id (connection.uri_san_peer_certificate) names
+    # the SERVICE when nothing above does.
+    service_from_peer: bool = True
+    # A request naming no member for a REJECT "*" policy of scope USER,
+    # WORKSPACE, SERVICE or TAG: reject (403) | anonymous (charged to the
+    # member "anonymous").
+    missing_identity: str = "reject"
     # How often unsent usage is sent to the control plane.
     flush_interval_ms: int = 100
     # What to charge for a model with no price: default | free | reject
@@ -74,9 +97,15 @@ class Settings:
             raise ConfigError("control_plane needs at least one host:port")
         if not 10 <= self.flush_interval_ms <= 60_000:
             raise ConfigError("flush_interval_ms must be between 10 and 60000")
-        for name in ("user_header", "workspace_header", "tags_header"):
+        for name in ("user_header", "workspace_header", "tags_header", "service_header"):
             if getattr(self, name) != getattr(self, name).lower():
                 raise ConfigError(f"{name} must be lower-case (Envoy lower-cases headers)")
+        if self.missing_identity not in ("reject", "anonymous"):
+            raise ConfigError("missing_identity must be reject or anonymous")
+        try:
+            identity.check_settings(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not 0 <= self.startup_wait_ms <= 900:
             raise ConfigError(
                 "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)"

@@ -29,6 +29,18 @@ def header_dict(headers: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def repeated_headers(headers: ep.HttpHeaders, names: Iterable[str]) -> frozenset[str]:
+    """Which of ``names`` the request carries more than once. Envoy sends
+    each occurrence of a header as its own entry; header_dict joins them."""
+    wanted = set(names)
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for h in headers.headers.headers:
+        if h.key in wanted:
+            (repeated if h.key in seen else seen).add(h.key)
+    return frozenset(repeated)
+
+
 def attribute(req: ep.ProcessingRequest, name: str) -> str:
     """A string attribute Envoy attached (e.g. ``xds.route_name``), or ""."""
     attrs = req.attributes.get(ATTRIBUTES_KEY)

@@ -87,10 +87,18 @@ class ExtProcCollector(Collector):
             CounterMetricFamily(
                 "spendgate_ext_proc_requests_rejected",
                 "HTTP requests ext_proc answered itself: 429 budget_exceeded (policy_id names "
-                "the exceeded policy) or 403 model_not_priced (policy_id empty).",
+                "the exceeded policy), 403 model_not_priced (policy_id empty), 400 "
+                "invalid_identity (policy_id empty) or 403 identity_required (the * policy "
+                "the request names no member for).",
                 labels=["policy_id", "reason"],
             ),
             list(s.rejections.items()),
+        )
+        yield counter(
+            "spendgate_ext_proc_identity_headers_untrusted",
+            "Requests whose identity headers came from a source not in "
+            "trusted_header_sources (ignored and removed).",
+            s.untrusted_identity_headers,
         )
         yield counter(
             "spendgate_ext_proc_requests_unmetered",

@@ -19,9 +19,9 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import dialects, windows
+from ext_proc import dialects, identity, windows
 from ext_proc import envoy_codec as codec
-from ext_proc.caller import api_key_of, parse_tags
+from ext_proc.caller import api_key_of
 from ext_proc.config import Settings
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
@@ -31,7 +31,14 @@ from ext_proc.pricing import PriceTable
 from ext_proc.reject import rejection_headers, rejection_message
 from ext_proc.shapes import ApiShape, detect
 from ext_proc.state import LocalState
-from ext_proc.stats import BUDGET_EXCEEDED, MODEL_NOT_PRICED, UNPRICED, Stats
+from ext_proc.stats import (
+    BUDGET_EXCEEDED,
+    IDENTITY_REQUIRED,
+    INVALID_IDENTITY,
+    MODEL_NOT_PRICED,
+    UNPRICED,
+    Stats,
+)
 from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
@@ -56,6 +63,13 @@ class Context:
     # Asks the control plane to admit a request near a budget's line (see
     # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
+    # Set once the first ignored identity header has been logged.
+    warned_untrusted: bool = False
+    # Who is the caller, read the way the settings say (built once).
+    callers: identity.IdentityReader = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.callers = identity.IdentityReader(self.settings)
 
 
 class RequestProcessor:
@@ -115,7 +129,6 @@ class RequestProcessor:
     # ---- request ------------------------------------------------------------
 
     def on_request_headers(self, req: codec.ProcessingRequest) -> Reply:
-        s = self.ctx.settings
         h = codec.header_dict(req.request_headers)
         method = h.get(":method", "")
         self.path = h.get(":path", "")
@@ -126,24 +139,45 @@ class RequestProcessor:
         self.content_length_sent = "content-length" in h
         key = api_key_of(h)
         route = codec.attribute(req, "xds.route_name")
+        reader = self.ctx.callers
+        try:
+            caller = reader.read(
+                req, h, codec.repeated_headers(req.request_headers, reader.header_names)
+            )
+        except identity.MemberInvalid as e:
+            return self._refuse_identity(400, INVALID_IDENTITY, "", f"{e}.")
+        if caller.untrusted_headers:
+            self._note_untrusted(req)
         self.facts = RequestFacts(
             route=route,
-            user=h.get(s.user_header, ""),
+            user=caller.user,
             api_key_hash=hash_api_key(key) if key else "",
-            workspace=h.get(s.workspace_header, ""),
+            workspace=caller.workspace,
             provider=self.shape.provider if self.shape else "",
             model=self.path_model.lower() if self.path_model else "",
-            tags=parse_tags(h[s.tags_header]) if s.tags_header in h else {},
+            tags=caller.tags,
+            service=caller.service,
         )
+        index = self.ctx.state.index
+        self.facts, unidentified = reader.settle_missing(self.facts, index)
         if self.path_model:
             self.request_model = self.path_model
-        self.matches = self.ctx.state.index.matches(self.facts)
+        self.matches = index.matches(self.facts)
         if method not in _BODYLESS_METHODS:
+            if unidentified:
+                policy, lacking = unidentified[0]
+                return self._refuse_identity(
+                    403,
+                    IDENTITY_REQUIRED,
+                    policy.id,
+                    f"spendgate budget '{policy.name}' applies to each {lacking}, and this "
+                    f"request names no {lacking}; it was refused (missing_identity: reject).",
+                )
             rejected = self._decide() or self._check_priced()
             if rejected is not None:
                 return rejected
         # The identity headers never reach the provider, whatever they are named.
-        own = (s.user_header, s.workspace_header, s.tags_header)
+        own = reader.header_names
         remove = [k for k in h if k.startswith("x-spendgate-") or k in own]
         if self.shape is None or req.request_headers.end_of_stream:
             self.done = True
@@ -233,6 +267,40 @@ class RequestProcessor:
             reply.body,
             "spendgate_budget_exceeded",
         )
+
+    def _note_untrusted(self, req: codec.ProcessingRequest) -> None:
+        """Count identity headers that were ignored; warn the first time (a
+        trusted hop missing from trusted_header_sources shows up here)."""
+        self.ctx.stats.untrusted_identity_headers += 1
+        if not self.ctx.warned_untrusted:
+            self.ctx.warned_untrusted = True
+            log.warning(
+                "identity headers from an untrusted source are ignored (logged once); "
+                "list the source in trusted_header_sources if it is a trusted hop",
+                source=codec.attribute(req, identity.SOURCE_ATTRIBUTE),
+                peer=codec.attribute(req, identity.PEER_ATTRIBUTE) or None,
+                request_id=self.request_id,
+            )
+
+    def _refuse_identity(
+        self, status: int, reason: str, policy_id: str, message: str
+    ) -> codec.ProcessingResponse:
+        """Answer a request whose caller is invalid (400) or missing (403)
+        in the client's dialect; the provider is never called."""
+        self.done = True
+        self.rejected = self.last = True
+        self.ctx.stats.count_rejection(policy_id, reason)
+        log.info(
+            "rejected",
+            reason=reason,
+            request_id=self.request_id,
+            policy_id=policy_id or None,
+            detail=message,
+        )
+        dialect = self.shape.dialect if self.shape else dialects.openai
+        reply = dialect(status, reason, message)
+        headers = {**reply.headers, "x-spendgate-error": reason}
+        return codec.immediate_response(reply.status, headers, reply.body, f"spendgate_{reason}")
 
     def _check_priced(self) -> codec.ProcessingResponse | None:
         """With ``unpriced_models: reject``, refuse a model spendgate cannot price."""

@@ -39,6 +39,10 @@ PHASES = (
 # Rejection reasons (the `reason` label).
 BUDGET_EXCEEDED = "budget_exceeded"
 MODEL_NOT_PRICED = "model_not_priced"
+# Identity refused: a value that cannot be a member (400), or none for a
+# REJECT "*" policy under missing_identity: reject (403).
+INVALID_IDENTITY = "invalid_identity"
+IDENTITY_REQUIRED = "identity_required"
 # The `model` label of responses no price was known for.
 UNPRICED = "unpriced"
 
@@ -62,6 +66,8 @@ class Stats:
     rejected_requests: int = 0
     unmetered_requests: int = 0  # requests of no metered API shape
     unparsed_requests: int = 0  # request bodies that were not JSON objects
+    # requests whose identity headers came from an untrusted source (ignored)
+    untrusted_identity_headers: int = 0
     metered_responses: int = 0
     estimated_responses: int = 0
     unmetered_responses: int = 0  # metered shape, but no usage could be read

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +94,10 @@ def start_stack(
     clock: FakeClock | None = None,
     control_plane: Mapping[str, Any] | None = None,
     ext_proc: Mapping[str, Any] | None = None,
+    envoy: Callable[[dict[str, Any]], None] | None = None,
 ) -> Stack:
-    """The whole stack; ``control_plane`` / ``ext_proc`` override settings.
+    """The whole stack; ``control_plane`` / ``ext_proc`` override settings,
+    ``envoy`` edits the Envoy bootstrap in memory (e.g. adds jwt_authn).
 
     Metrics are off unless asked for (``metrics_listen="127.0.0.1:0"``): the
     default ports would collide between stacks."""
@@ -128,7 +130,12 @@ def start_stack(
                 data_plane_id="test-dp",
                 flush_interval_ms=20,
                 journal_dir=str(workdir / "journal"),
-                **{"metrics_listen": "", **(ext_proc or {})},
+                # Tests name callers in identity headers, sent from loopback.
+                **{
+                    "metrics_listen": "",
+                    "trusted_header_sources": "127.0.0.1/32",
+                    **(ext_proc or {}),
+                },
             ),
             clock=clock,
         )
@@ -140,9 +147,11 @@ def start_stack(
         providers_to=("127.0.0.1", provider.port),
         demo_to=("127.0.0.1", provider.port),
     )
-    envoy = EnvoyProcess(config, workdir)
+    if envoy is not None:
+        envoy(config)
+    envoy_proc = EnvoyProcess(config, workdir)
     budgets = budget_pb2_grpc.BudgetServiceStub(grpc_channel(cp_port))
-    return Stack(clock, provider, cp, ext, envoy, loop, budgets, workdir)
+    return Stack(clock, provider, cp, ext, envoy_proc, loop, budgets, workdir)
 
 
 def stop_stack(stack: Stack) -> None:

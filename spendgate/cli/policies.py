@@ -73,7 +73,17 @@ def add_policy_fields(p: argparse.ArgumentParser, *, create: bool) -> None:
     p.add_argument("--action", choices=["alert", "reject"], required=create)
     p.add_argument(
         "--scope",
-        choices=["global", "workspace", "endpoint", "user", "api_key", "model", "provider", "tag"],
+        choices=[
+            "global",
+            "workspace",
+            "endpoint",
+            "user",
+            "api_key",
+            "model",
+            "provider",
+            "tag",
+            "service",
+        ],
         default="global" if create else None,
     )
     p.add_argument("--target", help="member name, '*' for each member, key=value for tags")

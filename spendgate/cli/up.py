@@ -23,7 +23,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate import envoy_config
+from spendgate import envoy_config, settings
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import load_or_create_tokens
 
@@ -139,6 +139,13 @@ def run_up(args: argparse.Namespace) -> int:
         "SPENDGATE_LOG_JSON": os.environ.get("SPENDGATE_LOG_JSON", "false"),
         "PYTHONUNBUFFERED": "1",
     }
+    if args.demo and not any(
+        k in os.environ for k in settings.env_keys("ext_proc", "trusted_header_sources")
+    ):
+        # The demo names callers in x-spendgate-* headers sent from this
+        # machine; without --demo identity headers count only where the
+        # operator says (README "Who is the caller?").
+        env["SPENDGATE_EXT_PROC_TRUSTED_HEADER_SOURCES"] = "127.0.0.1/32,::1/128"
     cp_addr = f"127.0.0.1:{args.control_plane_port}"
     ep_addr = f"127.0.0.1:{args.ext_proc_port}"
     db_url = args.database_url or f"sqlite:///{state_dir}/spendgate.db"

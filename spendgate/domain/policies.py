@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from spendgate.domain.members import MemberInvalid, canonical
 from spendgate.domain.windows import WindowSpec
 
 MAX_NAME_LENGTH = 200
@@ -29,6 +30,13 @@ class Scope(enum.Enum):
     MODEL = "MODEL"
     PROVIDER = "PROVIDER"
     TAG = "TAG"
+    # The calling workload: the mTLS peer's SPIFFE id or a JWT claim.
+    SERVICE = "SERVICE"
+
+
+# Scopes whose members name the caller: canonicalised (spendgate.domain.members)
+# on both sides, and subject to missing_identity when a request has none.
+IDENTITY_SCOPES = frozenset({Scope.USER, Scope.WORKSPACE, Scope.SERVICE, Scope.TAG})
 
 
 class Action(enum.Enum):
@@ -83,7 +91,9 @@ def normalize_target(scope: Scope, target: str) -> str:
     """Validate ``target`` for ``scope`` and return its stored form.
 
     Raises PolicyInvalid naming ``target``. API keys are hashed here, so a raw
-    key never reaches storage; model and provider names are case-insensitive.
+    key never reaches storage; model and provider names are case-insensitive;
+    users, workspaces, services and tags take their canonical member form
+    (spendgate.domain.members), the form ext_proc gives request values.
     """
     target = target.strip()
 
@@ -106,10 +116,37 @@ def normalize_target(scope: Scope, target: str) -> str:
         key, sep, value = target.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise bad("must be 'key=value' or 'key=*' for scope TAG")
-        return f"{key.strip()}={value.strip()}"
+        try:
+            key = canonical(key, "tag key")
+            value = value.strip() if value.strip() == WILDCARD else canonical(value, "tag value")
+        except MemberInvalid as e:
+            raise bad(str(e)) from None
+        return f"{key}={value}"
     if scope in (Scope.MODEL, Scope.PROVIDER):
         return target.lower()
+    if scope in IDENTITY_SCOPES and target != WILDCARD:
+        try:
+            return canonical(target, scope.value.lower())
+        except MemberInvalid as e:
+            raise bad(str(e)) from None
     return target
+
+
+def _match_target(scope: Scope, target: str) -> str:
+    """The form a stored target is matched in: canonical for identity scopes
+    (rows written before canonical members existed, e.g. ``Alice``, still
+    bind), as stored when it cannot be canonicalised (it then matches nothing
+    a request can carry)."""
+    if scope not in IDENTITY_SCOPES or target == WILDCARD:
+        return target
+    try:
+        if scope is Scope.TAG:
+            key, _, value = target.partition("=")
+            value = value if value == WILDCARD else canonical(value, "tag value")
+            return f"{canonical(key, 'tag key')}={value}"
+        return canonical(target, scope.value)
+    except MemberInvalid:
+        return target
 
 
 def validate_policy(
@@ -137,7 +174,9 @@ def validate_policy(
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
-    """What ext_proc knows about a request, normalised (model/provider lower-case)."""
+    """What ext_proc knows about a request, normalised (model/provider
+    lower-case; user, workspace, service and tag keys and values canonical
+    members, see spendgate.domain.members)."""
 
     route: str = ""
     user: str = ""
@@ -146,6 +185,7 @@ class RequestFacts:
     provider: str = ""
     model: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
+    service: str = ""
 
 
 Match = tuple[Policy, str]
@@ -170,19 +210,37 @@ class PolicyIndex:
             if not p.enabled:
                 continue
             self.policies[p.id] = p
+            target = _match_target(p.scope, p.target)
             if p.scope is Scope.GLOBAL:
                 self._global.append(p)
             elif p.scope is Scope.TAG:
-                key, _, value = p.target.partition("=")
+                key, _, value = target.partition("=")
                 if value == WILDCARD:
                     self._tag_wildcard.setdefault(key, []).append(p)
                 else:
                     self._tag_exact.setdefault((key, value), []).append(p)
-            elif p.target == WILDCARD:
+            elif target == WILDCARD:
                 self._wildcard.setdefault(p.scope, []).append(p)
             else:
-                self._exact.setdefault((p.scope, p.target), []).append(p)
+                self._exact.setdefault((p.scope, target), []).append(p)
         self.needs_model = any(p.scope is Scope.MODEL for p in self.policies.values())
+        # REJECT policies with one budget per caller: a request that names no
+        # such caller is subject to missing_identity (see unidentified).
+        self._rejecting_wildcards = [
+            (p.scope, p)
+            for scope in (Scope.USER, Scope.WORKSPACE, Scope.SERVICE)
+            for p in self._wildcard.get(scope, ())
+            if p.action is Action.REJECT
+        ]
+        self._rejecting_tag_wildcards = [
+            (key, p)
+            for key, ps in self._tag_wildcard.items()
+            for p in ps
+            if p.action is Action.REJECT
+        ]
+        # Tag keys with a budget per value (any action): an anonymous request
+        # is charged to the member "anonymous" of each.
+        self.wildcard_tag_keys = frozenset(self._tag_wildcard)
 
     def __len__(self) -> int:
         return len(self.policies)
@@ -197,6 +255,7 @@ class PolicyIndex:
             (Scope.API_KEY, facts.api_key_hash),
             (Scope.MODEL, facts.model),
             (Scope.PROVIDER, facts.provider),
+            (Scope.SERVICE, facts.service),
         ):
             if not value:
                 continue
@@ -213,4 +272,19 @@ class PolicyIndex:
             wild = self._tag_wildcard.get(key)
             if wild:
                 out.extend((p, value) for p in wild)
+        return out
+
+    def unidentified(self, facts: RequestFacts) -> list[tuple[Policy, str]]:
+        """REJECT ``*`` policies of an identity scope that the request names
+        no member for, each with the field it lacks (``user``, ``workspace``,
+        ``service`` or ``tag <key>``). Such a request would escape them."""
+        out: list[tuple[Policy, str]] = []
+        values = {Scope.USER: facts.user, Scope.WORKSPACE: facts.workspace}
+        values[Scope.SERVICE] = facts.service
+        for scope, p in self._rejecting_wildcards:
+            if not values[scope]:
+                out.append((p, scope.value.lower()))
+        for key, p in self._rejecting_tag_wildcards:
+            if key not in facts.tags:
+                out.append((p, f"tag {key}"))
         return out

@@ -23,6 +23,7 @@ class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCOPE_MODEL: _ClassVar[Scope]
     SCOPE_PROVIDER: _ClassVar[Scope]
     SCOPE_TAG: _ClassVar[Scope]
+    SCOPE_SERVICE: _ClassVar[Scope]
 
 class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +59,7 @@ SCOPE_API_KEY: Scope
 SCOPE_MODEL: Scope
 SCOPE_PROVIDER: Scope
 SCOPE_TAG: Scope
+SCOPE_SERVICE: Scope
 ACTION_UNSPECIFIED: Action
 ACTION_ALERT: Action
 ACTION_REJECT: Action

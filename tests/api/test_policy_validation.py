@@ -19,6 +19,7 @@ from tests.api.apiserver import (
     create,
     list_all,
     rpc_error,
+    running_api,
 )
 from tests.store.builders import policy
 
@@ -232,3 +233,35 @@ def test_api_key_is_only_ever_stored_hashed(api: Api, capfd: pytest.CaptureFixtu
     out, err = capfd.readouterr()
     assert "policy created" in out + err
     assert raw not in out + err and raw2 not in out + err
+
+
+# ---- identity scopes: SERVICE, canonical targets (both databases) ----------
+
+
+def test_identity_targets_are_stored_canonical_on_both_databases(db_url: str) -> None:
+    with running_api(db_url) as api:
+        service = create(
+            api,
+            policy("checkout", scope=pb.SCOPE_SERVICE, target="spiffe://Corp/ns/Shop/sa/checkout"),
+        )
+        user = create(api, policy("alice", scope=pb.SCOPE_USER, target="\uff21lice"))
+        tag = create(api, policy("team", scope=pb.SCOPE_TAG, target="Team=Red"))
+        assert (service.scope, service.target) == (
+            pb.SCOPE_SERVICE,
+            "spiffe://corp/ns/shop/sa/checkout",
+        )
+        assert user.target == "alice" and tag.target == "team=red"
+        stored = api.budgets.GetBudgetPolicy(
+            pb.GetBudgetPolicyRequest(id=service.id), metadata=ADMIN, timeout=TIMEOUT
+        )
+        assert stored == service
+        err = rpc_error(
+            api.budgets.CreateBudgetPolicy,
+            pb.CreateBudgetPolicyRequest(
+                policy=policy("look-alike", scope=pb.SCOPE_USER, target="\u0430lice")
+            ),
+            metadata=ADMIN,
+        )
+        assert bad_fields(err) == ["target"]
+        assert "mixes letters of scripts" in (err.details() or "")
+        assert len(list_all(api)) == 3

@@ -387,6 +387,7 @@ EXPRESSED = {
     "message_timeout": "messageTimeout",
     "allow_mode_override": "processingMode.allowModeOverride",
     "request_attributes": "processingMode.request.attributes",
+    "metadata_options": "metadata.accessibleNamespaces",
     "processing_mode": "processingMode.request / .response",
     "grpc_service.envoy_grpc": "backendRefs",
 }
@@ -414,6 +415,9 @@ def envoy_semantics(config: dict[str, Any]) -> dict[str, Any]:
         "message_timeout": seconds(config.get("message_timeout", "0.2s")),
         "allow_mode_override": bool(config.get("allow_mode_override", False)),
         "request_attributes": list(config.get("request_attributes", [])),
+        "forwarded_metadata": list(
+            config.get("metadata_options", {}).get("forwarding_namespaces", {}).get("untyped", [])
+        ),
         "processing_mode": {
             "request_header_mode": header("request_header_mode", "SEND"),
             "response_header_mode": header("response_header_mode", "SEND"),
@@ -436,6 +440,9 @@ def gateway_semantics(ext_proc: dict[str, Any]) -> dict[str, Any]:
         "message_timeout": seconds(ext_proc.get("messageTimeout", "200ms")),
         "allow_mode_override": bool(mode.get("allowModeOverride", False)),
         "request_attributes": list((request or {}).get("attributes", [])),
+        "forwarded_metadata": list(
+            (ext_proc.get("metadata") or {}).get("accessibleNamespaces", [])
+        ),
         "processing_mode": {
             "request_header_mode": "SEND" if request is not None else "SKIP",
             "response_header_mode": "SEND" if response is not None else "SKIP",

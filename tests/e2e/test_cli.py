@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -248,6 +249,39 @@ def test_price_override_from_the_cli(up: Up) -> None:
     bad = up.cli("price", "set", "gpt-4o-mini", "--input", "-1", "--output", "2")
     assert bad.returncode == 1 and "override.price.input" in bad.stderr
     assert up.cli("price", "delete", override_id).stdout.strip() == f"deleted {override_id}"
+
+
+def test_demo_trusts_identity_headers_from_this_machine(up: Up) -> None:
+    def create(*args: str) -> dict[str, str]:
+        created = up.cli("policy", "create", "--action", "reject", "--json", *args)
+        assert created.returncode == 0, created.stderr
+        return dict(json.loads(created.stdout))
+
+    per_user = create(
+        "--name", "per-user", "--amount", "0.00001", "--scope", "user", "--target", "*"
+    )
+    service = create(
+        "--name", "svc", "--amount", "5", "--scope", "service", "--target", "spiffe://Demo/checkout"
+    )
+    assert (service["scope"], service["target"]) == ("SCOPE_SERVICE", "spiffe://demo/checkout")
+    url = f"http://127.0.0.1:{up.port}/demo/v1/chat/completions"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        # `up --demo` trusts x-spendgate-* from 127.0.0.1: the header names the
+        # user, and its case does not make a second one.
+        assert httpx.post(url, json=body, headers={"x-spendgate-user": "dana"}).status_code == 200
+        wait_until(
+            lambda: (
+                httpx.post(url, json=body, headers={"x-spendgate-user": "Dana"}).status_code == 429
+            ),
+            message="dana's budget refuses",
+        )
+        anonymous = httpx.post(url, json=body)
+        assert anonymous.status_code == 403
+        assert anonymous.headers["x-spendgate-error"] == "identity_required"
+    finally:
+        for p in (per_user, service):
+            up.cli("policy", "delete", p["id"])
 
 
 def test_ctrl_c_stops_everything_cleanly(up: Up) -> None:

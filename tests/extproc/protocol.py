@@ -67,6 +67,8 @@ def request_headers(
     *,
     route: str = ROUTE,
     end_of_stream: bool = False,
+    source: str = "127.0.0.1:40000",
+    attributes: dict[str, str] | None = None,
 ) -> ep.ProcessingRequest:
     all_headers = {
         ":authority": "api.openai.com",
@@ -76,7 +78,9 @@ def request_headers(
         **(headers or {}),
     }
     attrs = struct_pb2.Struct()
-    attrs.update({"xds.route_name": route})
+    # Envoy's request_attributes (envoy/envoy.yaml): the route, and the direct
+    # peer's address (identity headers count only from trusted sources).
+    attrs.update({"xds.route_name": route, "source.address": source, **(attributes or {})})
     return ep.ProcessingRequest(
         request_headers=ep.HttpHeaders(
             headers=header_map(all_headers), end_of_stream=end_of_stream
@@ -322,6 +326,8 @@ async def running(**settings: Any) -> AsyncIterator[Ext]:
                 "flush_interval_ms": 60_000,  # keep usage in `pending` for the assertions
                 "journal_dir": "",  # nothing to keep between tests
                 "metrics_listen": "",
+                # Requests come from 127.0.0.1 (request_headers' source).
+                "trusted_header_sources": "127.0.0.1/32",
                 **settings,
             }
         ),

@@ -337,7 +337,12 @@ def start_two_pairs(
     that kind, e.g. ``{"reservations": False}``.
     """
     workdir = workdir or tempdir()
-    ep_settings = {"flush_interval_ms": 100, **(ext_proc_args or {})}
+    ep_settings = {
+        "flush_interval_ms": 100,
+        # The traffic names users and workspaces in headers, from loopback.
+        "trusted_header_sources": "127.0.0.1/32",
+        **(ext_proc_args or {}),
+    }
     engine = create_db_engine(database_url)
     try:
         migrate(engine)

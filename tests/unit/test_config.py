@@ -302,6 +302,35 @@ def test_int_from_env_and_integral_float(tmp_path: Path) -> None:
         ),
         pytest.param(
             "",
+            {**EP_REQUIRED, "SPENDGATE_EXT_PROC_MISSING_IDENTITY": "allow"},
+            {},
+            "missing_identity must be reject or anonymous",
+            id="bad-missing-identity",
+        ),
+        pytest.param(
+            "",
+            EP_REQUIRED,
+            {"trusted_header_sources": "10.0.0.0/8, localhost"},
+            "trusted_header_sources: 'localhost' is neither a CIDR (10.0.0.0/8, 127.0.0.1/32) "
+            "nor a peer principal (spiffe://trust-domain/path)",
+            id="trusted-source-not-cidr",
+        ),
+        pytest.param(
+            "",
+            EP_REQUIRED,
+            {"tags_claims": "team,=org"},
+            "tags_claims: '=org' must be 'claim' or 'tag_key=claim'",
+            id="tag-claim-without-key",
+        ),
+        pytest.param(
+            "",
+            {**EP_REQUIRED, "SPENDGATE_SERVICE_HEADER": "X-Service"},
+            {},
+            "service_header must be lower-case (Envoy lower-cases headers)",
+            id="upper-case-service-header",
+        ),
+        pytest.param(
+            "",
             {**EP_REQUIRED, "SPENDGATE_LOG_LEVEL": "loud"},
             {},
             "log_level must be debug, info, warning or error",

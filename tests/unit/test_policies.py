@@ -46,7 +46,16 @@ def test_hash_api_key_is_sha256_hex_with_prefix() -> None:
         pytest.param(Scope.WORKSPACE, "research", "research", id="workspace-name"),
         pytest.param(Scope.WORKSPACE, "*", "*", id="workspace-star"),
         pytest.param(Scope.ENDPOINT, " openai_route ", "openai_route", id="endpoint-stripped"),
-        pytest.param(Scope.USER, "Alice", "Alice", id="user-case-kept"),
+        pytest.param(Scope.USER, "Alice", "alice", id="user-caseless"),
+        pytest.param(Scope.USER, "\uff21lice", "alice", id="user-fullwidth-folded"),
+        pytest.param(Scope.WORKSPACE, " Research ", "research", id="workspace-caseless"),
+        pytest.param(
+            Scope.SERVICE,
+            "spiffe://Corp.example/ns/app/sa/Checkout",
+            "spiffe://corp.example/ns/app/sa/checkout",
+            id="service-spiffe",
+        ),
+        pytest.param(Scope.SERVICE, "*", "*", id="service-star"),
         pytest.param(Scope.USER, "*", "*", id="user-star"),
         pytest.param(Scope.API_KEY, RAW_KEY, KEY_HASH, id="api-key-raw-hashed"),
         pytest.param(Scope.API_KEY, f"  {RAW_KEY}  ", KEY_HASH, id="api-key-raw-stripped"),
@@ -66,7 +75,8 @@ def test_hash_api_key_is_sha256_hex_with_prefix() -> None:
         pytest.param(Scope.TAG, "team=search", "team=search", id="tag-exact"),
         pytest.param(Scope.TAG, " team = search ", "team=search", id="tag-padded"),
         pytest.param(Scope.TAG, "team=*", "team=*", id="tag-wildcard"),
-        pytest.param(Scope.TAG, "Team=Search", "Team=Search", id="tag-case-kept"),
+        pytest.param(Scope.TAG, "Team=Search", "team=search", id="tag-caseless"),
+        pytest.param(Scope.TAG, "Team=*", "team=*", id="tag-wildcard-key-caseless"),
         pytest.param(Scope.TAG, "k=a=b", "k=a=b", id="tag-value-with-equals"),
     ],
 )
@@ -134,10 +144,28 @@ def test_normalize_target(scope: Scope, target: str, expected: str) -> None:
         ),
         pytest.param(Scope.TAG, "*", "must be 'key=value' or 'key=*' for scope TAG", id="tag-star"),
         pytest.param(
-            Scope.USER,
+            Scope.ENDPOINT,
             "u" * (MAX_TARGET_LENGTH + 1),
             f"must be at most {MAX_TARGET_LENGTH} characters",
             id="too-long",
+        ),
+        pytest.param(
+            Scope.USER,
+            "u" * 257,
+            "user: is longer than 256 bytes (UTF-8)",
+            id="user-over-member-bound",
+        ),
+        pytest.param(
+            Scope.USER,
+            "\u0430lice",
+            "user: mixes letters of scripts that are not written together (CYRILLIC, LATIN)",
+            id="user-cyrillic-look-alike",
+        ),
+        pytest.param(
+            Scope.TAG,
+            "team=red\u200b",
+            "tag value: contains an invisible format character (U+200B), which is not allowed",
+            id="tag-zero-width",
         ),
     ],
 )
@@ -149,7 +177,8 @@ def test_normalize_target_rejects(scope: Scope, target: str, description: str) -
 
 
 def test_normalize_target_accepts_max_length() -> None:
-    assert normalize_target(Scope.USER, "u" * MAX_TARGET_LENGTH) == "u" * MAX_TARGET_LENGTH
+    assert normalize_target(Scope.ENDPOINT, "u" * MAX_TARGET_LENGTH) == "u" * MAX_TARGET_LENGTH
+    assert normalize_target(Scope.USER, "u" * 256) == "u" * 256
 
 
 # ---- validate_policy ----
@@ -226,8 +255,15 @@ def test_validate_policy(
 # ---- Policy ----
 
 
-def policy(pid: str, scope: Scope, target: str = "", *, enabled: bool = True) -> Policy:
-    return Policy(pid, pid, 10**9, DAY, Action.REJECT, scope, target, enabled=enabled)
+def policy(
+    pid: str,
+    scope: Scope,
+    target: str = "",
+    *,
+    enabled: bool = True,
+    action: Action = Action.REJECT,
+) -> Policy:
+    return Policy(pid, pid, 10**9, DAY, action, scope, target, enabled=enabled)
 
 
 @pytest.mark.parametrize(
@@ -254,6 +290,7 @@ ALL_FACTS = RequestFacts(
     provider="openai",
     model="gpt-4o-mini",
     tags={"team": "search", "env": "prod"},
+    service="spiffe://corp/checkout",
 )
 
 
@@ -270,6 +307,9 @@ def matched(index: PolicyIndex, facts: RequestFacts) -> list[tuple[str, str]]:
         pytest.param(Scope.API_KEY, KEY_HASH, KEY_HASH, id="api-key"),
         pytest.param(Scope.MODEL, "gpt-4o-mini", "gpt-4o-mini", id="model"),
         pytest.param(Scope.PROVIDER, "openai", "openai", id="provider"),
+        pytest.param(
+            Scope.SERVICE, "spiffe://corp/checkout", "spiffe://corp/checkout", id="service"
+        ),
     ],
 )
 def test_matches_scope_exact_and_wildcard(scope: Scope, exact_target: str, member: str) -> None:
@@ -387,3 +427,40 @@ def test_same_value_in_different_scopes_does_not_cross_match() -> None:
     # A user named like a workspace must not match the workspace policy.
     index = PolicyIndex([policy("ws", Scope.WORKSPACE, "research")])
     assert matched(index, RequestFacts(user="research")) == []
+
+
+def test_targets_stored_before_canonical_members_still_bind() -> None:
+    # Rows written by an older release keep their spelling; the index
+    # matches them in canonical form, as ext_proc gives request values.
+    index = PolicyIndex(
+        [
+            policy("user", Scope.USER, "Alice"),
+            policy("tag", Scope.TAG, "Team=Search"),
+            policy("each", Scope.TAG, "Env=*"),
+            policy("broken", Scope.USER, "bad\u200bname"),  # never canonical: matches nothing
+        ]
+    )
+    assert matched(index, ALL_FACTS) == [("user", ""), ("tag", ""), ("each", "prod")]
+
+
+def test_unidentified_lists_rejecting_wildcards_the_request_escapes() -> None:
+    index = PolicyIndex(
+        [
+            policy("user-each", Scope.USER, "*", action=Action.REJECT),
+            policy("user-alert", Scope.USER, "*", action=Action.ALERT),
+            policy("ws-each", Scope.WORKSPACE, "*", action=Action.REJECT),
+            policy("svc-each", Scope.SERVICE, "*", action=Action.REJECT),
+            policy("team-each", Scope.TAG, "team=*", action=Action.REJECT),
+            policy("key-each", Scope.API_KEY, "*", action=Action.REJECT),
+            policy("alice", Scope.USER, "alice", action=Action.REJECT),
+        ]
+    )
+    missing = [(p.id, lacking) for p, lacking in index.unidentified(RequestFacts())]
+    assert missing == [
+        ("user-each", "user"),
+        ("ws-each", "workspace"),
+        ("svc-each", "service"),
+        ("team-each", "tag team"),
+    ]
+    assert index.unidentified(ALL_FACTS) == []
+    assert index.wildcard_tag_keys == frozenset({"team"})
