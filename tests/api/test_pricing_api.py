@@ -172,9 +172,7 @@ def test_a_price_above_the_bound_is_refused_naming_field_and_bound(db_url: str, 
     usage batch that priced with it (issue 12)."""
     with running_api(db_url) as api:
         with pytest.raises(grpc.RpcError) as e:
-            stub(api).SetPriceOverride(
-                override(**{field: "1e30"}), metadata=ADMIN, timeout=TIMEOUT
-            )
+            stub(api).SetPriceOverride(override(**{field: "1e30"}), metadata=ADMIN, timeout=TIMEOUT)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert violations(e.value) == [f"override.price.{field}"]
         assert "at most 100000 USD per million tokens" in e.value.details()  # type: ignore[attr-defined]
