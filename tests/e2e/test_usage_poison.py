@@ -19,13 +19,14 @@ from decimal import Decimal
 import openai
 import pytest
 
+from spendgate.cli.main import main
 from spendgate.domain.pricing import MAX_COST_NANOS, NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import webhooks_pb2 as wpb
 from spendgate.v1 import webhooks_pb2_grpc
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness import grpc_channel, wait_until
+from tests.harness import READ_TOKEN, grpc_channel, wait_until
 
 pytestmark = pytest.mark.e2e
 PRICES = PriceBook.bundled()
@@ -76,7 +77,17 @@ def billed(stack: Stack, model: str, usage: Usage) -> Decimal:
     return Decimal(cost_nanos(usage, price)) / NANOS_PER_USD
 
 
-def test_absurd_token_counts_are_charged_saturated_and_usage_keeps_flowing(stack: Stack) -> None:
+def status_lines(stack: Stack, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    server = f"127.0.0.1:{stack.cp.port}"
+    assert main(["status", "--server", server, "--token", READ_TOKEN]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Log lines of the in-process services share stdout: the view starts here.
+    return lines[next(i for i, line in enumerate(lines) if line.startswith("spendgate status")) :]
+
+
+def test_absurd_token_counts_are_charged_saturated_and_usage_keeps_flowing(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
     users = create(
         stack,
         name="each user",
@@ -120,8 +131,17 @@ def test_absurd_token_counts_are_charged_saturated_and_usage_keeps_flowing(stack
     assert sum(e.type == "usage.anomaly" for e in every.events) == 2
     assert stack.ext.ctx.stats.anomalies == {"cost_above_maximum": 1, "cost_saturated": 1}
 
+    # spendgate status says so at the top, before the policies.
+    lines = status_lines(stack, capsys)
+    assert lines[1] == "! usage anomalies (latest 2)"
+    assert "output tokens), charged $9223372036.854775807; cost saturated" in lines[3]
+    assert "(99999999999999999 output tokens)" in lines[3]
+    assert lines[4] == "1 policy: 1 EXCEEDED"
 
-def test_a_five_megabyte_model_name_is_quarantined_and_later_usage_flows(stack: Stack) -> None:
+
+def test_a_five_megabyte_model_name_is_quarantined_and_later_usage_flows(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = create(
         stack,
         name="each model",
@@ -156,3 +176,8 @@ def test_a_five_megabyte_model_name_is_quarantined_and_later_usage_flows(stack: 
     assert stack.ext.state.quarantine.counts["too_large"] == 1
     assert stack.ext.sync.backlog is False
     assert stack.ext.state.unsent_count() == 0
+
+    lines = status_lines(stack, capsys)
+    assert lines[1].startswith("! 1 usage record quarantined (their cost is in no window")
+    assert f"too_large        ${record.cost_usd} policy {models.id} member " in lines[2]
+    assert f"({len(huge)} bytes)" in lines[2]
