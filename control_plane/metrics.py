@@ -65,7 +65,10 @@ class ControlPlaneMetrics:
         self.batches = {"applied": 0, "duplicate": 0}
         self.records = 0  # increments (one per policy window) in applied batches
         self.unknown_records = 0
-        self.events = {events.EXCEEDED: 0, events.THRESHOLD_CROSSED: 0}
+        self.events = {events.EXCEEDED: 0, events.THRESHOLD_CROSSED: 0, events.ANOMALY: 0}
+        # Usage records quarantined (by this control plane, or reported by a
+        # data plane that could not send them), by reason.
+        self.quarantined: dict[str, int] = {}
         self.attempts = dict.fromkeys(ATTEMPT_OUTCOMES.values(), 0)
         self.attempt_latency = Histogram(WEBHOOK_BUCKETS_NS)
         self.store_latency: dict[str, Histogram] = {}
@@ -93,6 +96,10 @@ class ControlPlaneMetrics:
             self.unknown_records += unknown
         for kind in events:
             self.events[kind] = self.events.get(kind, 0) + 1
+
+    def usage_quarantined(self, reasons: Iterable[str]) -> None:
+        for reason in reasons:
+            self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
 
     def webhook_attempt(self, state: str, duration_ms: int | None) -> None:
         """``state``: the delivery's state after the attempt; ``duration_ms``
@@ -275,6 +282,14 @@ class ControlPlaneCollector(Collector):
             "spendgate_usage_unknown_policy_records",
             "Usage records dropped because their policy no longer exists.",
             m.unknown_records,
+        )
+        yield labelled(
+            CounterMetricFamily(
+                "spendgate_usage_quarantined_records",
+                "Usage records quarantined instead of applied (they are in no window), by reason.",
+                labels=["reason"],
+            ),
+            [((k,), n) for k, n in sorted(m.quarantined.items())],
         )
         yield labelled(
             CounterMetricFamily(

@@ -18,7 +18,7 @@ from control_plane.service import ControlPlane, clamp_page_size
 from control_plane.store import repo
 from control_plane.store.models import PriceOverrideRow
 from spendgate.domain.policies import FieldViolation
-from spendgate.domain.pricing import ModelPrice, PriceBook
+from spendgate.domain.pricing import MAX_PRICE_PER_MTOK, ModelPrice, PriceBook
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import pricing_pb2 as pp
 from spendgate.wire import PRICE_FIELDS, price_from_message, price_message, timestamp
@@ -57,6 +57,17 @@ def _validated(o: pp.PriceOverride) -> tuple[str, str, str, ModelPrice]:
         if not text:
             field, text = "price.input", str(e)
         violations.append(FieldViolation(f"override.{field}", text))
+    if price is not None:
+        for name in PRICE_FIELDS:
+            value = getattr(price, name)
+            if value is not None and value > MAX_PRICE_PER_MTOK:
+                violations.append(
+                    FieldViolation(
+                        f"override.price.{name}",
+                        f"must be at most {MAX_PRICE_PER_MTOK} USD per million tokens, "
+                        f"got {getattr(o.price, name)!r}",
+                    )
+                )
     if violations:
         raise InvalidArgument(violations)
     assert price is not None

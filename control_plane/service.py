@@ -19,17 +19,23 @@ from typing import TypeVar
 
 import structlog
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control_plane import convert, holds
+from control_plane import anomalies, convert, holds, quarantine
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
-from control_plane.webhooks.outbox import KnownEvents, OutboxResult, record_crossings
-from spendgate.domain.pricing import format_usd
+from control_plane.webhooks.events import ANOMALY
+from control_plane.webhooks.outbox import (
+    KnownEvents,
+    OutboxResult,
+    record_anomalies,
+    record_crossings,
+)
+from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.domain.windows import window_for
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
@@ -55,6 +61,7 @@ class UsageResult:
     duplicate: bool
     spend: list[dp.WindowSpend]
     unknown_policy_increments: int
+    quarantined_increments: int = 0
 
 
 class ControlPlane:
@@ -216,22 +223,30 @@ class ControlPlane:
             raise InvalidArgument.one("batch_id", "must be at most 80 characters")
         if len(req.increments) > MAX_INCREMENTS_PER_BATCH:
             raise InvalidArgument.one("increments", f"at most {MAX_INCREMENTS_PER_BATCH} per batch")
-        for i, inc in enumerate(req.increments):
-            if inc.cost_nanos < 0 or inc.request_count < 0 or inc.estimated_count < 0:
-                raise InvalidArgument.one(f"increments[{i}]", "counts and cost must be >= 0")
-            if not inc.policy_id:
-                raise InvalidArgument.one(f"increments[{i}].policy_id", "is required")
         holds.check_holds(req.holds, "holds", req.data_plane_id)
         holds.check_unapplied(req.unapplied)
+        anomalies.check(req)
+        # Increments that cannot be stored are quarantined, not refused with
+        # the batch: one bad record must not block the ones behind it.
+        good: list[dp.SpendIncrement] = []
+        refused: list[tuple[dp.SpendIncrement, str, str]] = []
+        for inc in req.increments:
+            problem = quarantine.check_increment(inc)
+            if problem is None:
+                good.append(inc)
+            else:
+                refused.append((inc, *problem))
+        # Holds on windows that cannot exist (their usage is quarantined) are dropped.
+        hold_list = [h for h in req.holds if quarantine.storable(h.policy_id, h.member) is None]
         now = self.clock()
 
         def apply(s: Session) -> tuple[bool, list[dp.WindowSpend], int, OutboxResult]:
-            ids = {inc.policy_id for inc in req.increments} | {h.policy_id for h in req.holds}
+            ids = {inc.policy_id for inc in good} | {h.policy_id for h in hold_list}
             rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
             buckets = holds.Buckets(rows)
             deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
             unknown = 0
-            for inc in req.increments:
+            for inc in good:
                 found = buckets.key(inc.policy_id, inc.member, inc.window_start.seconds)
                 if found is None:
                     unknown += 1
@@ -239,16 +254,34 @@ class ControlPlane:
                 key, end = found
                 acc = deltas[key]
                 acc[0] = end
-                acc[1] += inc.cost_nanos
+                acc[1] = saturating_add(acc[1], inc.cost_nanos)
                 acc[2] += inc.request_count
                 acc[3] += inc.estimated_count
-            held_now = buckets.holds(req.holds, req.unapplied, s)
+            held_now = buckets.holds(hold_list, req.unapplied, s)
             duplicate = bool(req.batch_id) and not repo.claim_batch(
                 s, req.batch_id, req.data_plane_id, now
             )
             if duplicate:  # count nothing again; report the current totals
                 for acc in deltas.values():
                     acc[1:] = [0, 0, 0]
+            else:
+                s.add_all(
+                    quarantine.from_increment(
+                        inc,
+                        reason,
+                        detail,
+                        data_plane_id=req.data_plane_id,
+                        batch_id=req.batch_id,
+                        now=now,
+                    )
+                    for inc, reason, detail in refused
+                )
+                s.add_all(
+                    quarantine.from_report(
+                        r, data_plane_id=req.data_plane_id, batch_id=req.batch_id, now=now
+                    )
+                    for r in req.quarantined
+                )
             # Windows that only holds touch get a row too (adding nothing),
             # which also locks them in key order like any spend.
             for key, (_, end) in held_now.items():
@@ -268,7 +301,7 @@ class ControlPlane:
                     s,
                     req.data_plane_id,
                     req.holds_seq,
-                    ((k, h) for k, (h, _) in held_now.items()),
+                    ((k, min(h, MAX_COST_NANOS)) for k, (h, _) in held_now.items()),
                     at + self.hold_ttl_s,
                 )
             keys = [(t.policy_id, t.member, t.window_start) for t in totals]
@@ -286,17 +319,42 @@ class ControlPlane:
                     s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
                 )
             )
+            if not duplicate and req.anomalies:
+                record_anomalies(s, req.data_plane_id, req.anomalies, now, outbox)
             spend = holds.total_messages(totals, rows, held)
             return duplicate, spend, unknown, outbox
 
-        duplicate, spend, unknown, outbox = await self.run(apply)
+        try:
+            duplicate, spend, unknown, outbox = await self.run(apply)
+        except DataError as refused_by_db:
+            # A value the database refuses (and no check above caught) would
+            # fail this batch on every retry: refuse it as invalid, so the data
+            # plane isolates the record and quarantines it.
+            why = str(refused_by_db.orig or refused_by_db).splitlines()[0]
+            raise InvalidArgument.one(
+                "increments", f"the database refused a value: {why}"
+            ) from refused_by_db
         self.known_events.add(outbox.seen, now)
         self.metrics.usage_applied(
             duplicate=duplicate,
             records=len(req.increments),
             unknown=unknown,
-            events=[e.kind for e in outbox.recorded],
+            events=[e.kind for e in outbox.recorded] + [ANOMALY] * len(outbox.anomalies),
         )
+        if not duplicate:
+            self._log_quarantined(req, refused)
+        for a in outbox.anomalies:  # committed: one error line per anomaly
+            log.error(
+                "usage anomaly recorded",
+                event_id=a.event_id,
+                data_plane_id=req.data_plane_id,
+                reason=a.reason,
+                model=a.model,
+                request_id=a.request_id,
+                charged_usd=a.charged_usd,
+                reported_cost_usd=a.reported_cost_usd,
+                deliveries=a.deliveries,
+            )
         for e in outbox.recorded:  # committed: one line per crossing
             log.info(
                 "budget event recorded",
@@ -315,7 +373,59 @@ class ControlPlane:
             log.warning("usage for unknown policies dropped", count=unknown, batch_id=req.batch_id)
         if spend and (not duplicate or req.holds):
             self.hub.publish(dp.StateUpdate(spend=spend))
-        return UsageResult(duplicate, spend, unknown)
+        return UsageResult(duplicate, spend, unknown, len(refused))
+
+    def _log_quarantined(
+        self,
+        req: dp.ReportUsageRequest,
+        refused: Sequence[tuple[dp.SpendIncrement, str, str]],
+    ) -> None:
+        """One error line per quarantined record (committed), and the metric."""
+        reasons = [reason for _, reason, _ in refused]
+        for inc, reason, detail in refused:
+            log.error(
+                "usage record quarantined: the control plane cannot apply it",
+                reason=reason,
+                detail=detail,
+                policy_id=inc.policy_id[:64],
+                member_chars=len(inc.member),
+                cost_nanos=inc.cost_nanos,
+                batch_id=req.batch_id,
+                data_plane_id=req.data_plane_id,
+            )
+        for r in req.quarantined:
+            reasons.append(r.reason if r.reason in quarantine.REASONS else "refused")
+            log.error(
+                "usage record quarantined by a data plane",
+                reason=r.reason,
+                detail=r.detail[:200],
+                policy_id=r.policy_id[:64],
+                member_bytes=r.member_bytes,
+                cost_nanos=r.cost_nanos,
+                batch_id=r.batch_id[:80],
+                data_plane_id=req.data_plane_id,
+            )
+        self.metrics.usage_quarantined(reasons)
+
+    async def list_quarantined(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[pb.QuarantinedUsage], str, int]:
+        limit = clamp_page_size(page_size, default=50)
+        before = ""
+        if page_token:
+            parts = repo.decode_page_token(page_token, 1)
+            if parts is None:
+                raise InvalidArgument.one("page_token", "is not a token this API returned")
+            before = parts[0]
+
+        def query(s: Session) -> tuple[list[pb.QuarantinedUsage], bool, int]:
+            rows = quarantine.page(s, before_id=before, limit=limit + 1)
+            return [quarantine.message(r) for r in rows], len(rows) > limit, quarantine.count(s)
+
+        records, more, total = await self.run(query)
+        records = records[:limit]
+        token = repo.encode_page_token(records[-1].id) if more and records else ""
+        return records, token, total
 
     async def reserve(self, req: dp.ReserveRequest) -> dp.ReserveResponse:
         """Admit requests near a REJECT budget's line, across data planes
@@ -407,6 +517,10 @@ class ControlPlane:
         removed = await self.run(lambda s: repo.forget_batches(s, cutoff))
         if removed:
             log.info("forgot old usage batch ids", count=removed)
+        old = self.clock() - quarantine.RETENTION
+        forgotten = await self.run(lambda s: quarantine.forget(s, before=old))
+        if forgotten:
+            log.info("forgot old quarantined usage records", count=forgotten)
         return removed
 
     # ---- data-plane state ------------------------------------------------

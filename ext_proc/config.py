@@ -11,6 +11,7 @@ from typing import Any
 
 from ext_proc import identity
 from spendgate import settings
+from spendgate.domain.pricing import NANOS_PER_USD
 from spendgate.settings import ConfigError
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -85,6 +86,13 @@ class Settings:
     # it (below Envoy's 1 s message_timeout). With a saved snapshot in
     # journal_dir (ext_proc/snapshot.py) nothing waits: it is enforced at once.
     startup_wait_ms: int = 500
+    # A response costing more than this (USD) is charged and reported as a
+    # usage.anomaly event: no real answer costs that much.
+    max_cost_per_response_usd: str = "1000"
+    # Largest usage message sent to the control plane (gRPC's default limit
+    # is 4 MiB); batches are split to fit, and a record larger alone is
+    # quarantined (ext_proc/quarantine.py).
+    usage_message_max_bytes: int = 1024 * 1024
     # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
     metrics_listen: str = "127.0.0.1:9465"
     log_json: bool = True
@@ -127,9 +135,27 @@ class Settings:
                     f"{name} must be a non-negative decimal (USD per million "
                     f"tokens), not {getattr(self, name)!r}"
                 ) from None
+        try:
+            max_cost = Decimal(self.max_cost_per_response_usd)
+            if not max_cost.is_finite() or max_cost <= 0:
+                raise ValueError
+        except (InvalidOperation, ValueError):
+            raise ConfigError(
+                "max_cost_per_response_usd must be a positive decimal (USD), "
+                f"not {self.max_cost_per_response_usd!r}"
+            ) from None
+        if not 64 * 1024 <= self.usage_message_max_bytes <= 4 * 1024 * 1024 - 64 * 1024:
+            raise ConfigError(
+                "usage_message_max_bytes must be between 65536 and 4128768 "
+                "(below gRPC's default 4 MiB limit)"
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)
+
+    @property
+    def max_cost_per_response_nanos(self) -> int:
+        return int(Decimal(self.max_cost_per_response_usd) * NANOS_PER_USD)
 
     def journal_path(self, port: int) -> str:
         """The journal directory for the bound listen port ("" = no journal)."""

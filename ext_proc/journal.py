@@ -23,7 +23,11 @@ File format (``usage.v1.journal``): a sequence of records, nothing else::
                      increments (data_plane_id empty). Several B records may
                      carry the same batch_id; their increments add up. A batch
                      is only extended this way before it is first sent.
-    kind 'A' (0x41): body = the acknowledged batch_id, UTF-8.
+    kind 'A' (0x41): body = the acknowledged batch_id, UTF-8. A batch that
+                     was split (too large, or refused) is acknowledged
+                     in the same write that adds its pieces (new ids derived
+                     from its own); a quarantined one after the record went
+                     to the quarantine file (ext_proc/quarantine.py).
 
 Reading stops at the first record that is incomplete, longer than
 ``MAX_RECORD``, fails its CRC or does not parse; that is a torn write from a
@@ -202,6 +206,22 @@ class Journal:
         record = encode_ack(batch_id)
         _write_all(self._fd, record)
         self.size += len(record)
+
+    def replace(self, batch_id: str, pieces: Iterable[dp.ReportUsageRequest]) -> None:
+        """Replace a batch by ``pieces`` (a split): the pieces and the batch's
+        ack in one durable write. A torn write leaves the batch unacknowledged
+        (and possibly some pieces): replayed, it is split again into the same
+        piece ids and the pieces already present are not written twice."""
+        msgs = list(pieces)
+        data = b"".join(encode_batch(m) for m in msgs) + encode_ack(batch_id)
+        _write_all(self._fd, data)
+        _datasync(self._fd)
+        self.size += len(data)
+        self._unacked.update(m.batch_id for m in msgs)
+        self._unacked.discard(batch_id)
+        if not self._unacked:
+            os.ftruncate(self._fd, 0)
+            self.size = 0
 
     def needs_compaction(self) -> bool:
         return self.size > self.compact_bytes

@@ -232,6 +232,24 @@ class ExtProcCollector(Collector):
         ]
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
+        quarantined = CounterMetricFamily(
+            "spendgate_ext_proc_quarantined_records",
+            "Usage records set aside because they cannot be encoded, sent or applied "
+            "(too_large, unencodable, refused); the usage behind them keeps flowing.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(state.quarantine.counts.items()):
+            quarantined.add_metric([reason], n)
+        yield quarantined
+        anomalies = CounterMetricFamily(
+            "spendgate_ext_proc_usage_anomalies",
+            "Responses charged whose cost was above max_cost_per_response_usd "
+            "(cost_above_maximum) or beyond the largest representable cost (cost_saturated).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.stats.anomalies.items()):
+            anomalies.add_metric([reason], n)
+        yield anomalies
 
 
 def registry_for(stats: Stats, state: LocalState, sync: SyncStatus) -> CollectorRegistry:

@@ -19,7 +19,7 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import dialects, identity, windows
+from ext_proc import anomalies, dialects, identity, windows
 from ext_proc import envoy_codec as codec
 from ext_proc.caller import api_key_of
 from ext_proc.config import Settings
@@ -544,7 +544,25 @@ class RequestProcessor:
                         else f"default ${price.input}/${price.output} per million tokens"
                     ),
                 )
-        cost = cost_nanos(usage, price) if price is not None else 0
+        cost = (
+            anomalies.charge(
+                usage,
+                price,
+                max_nanos=self.ctx.settings.max_cost_per_response_nanos,
+                state=self.ctx.state,
+                counts=stats.anomalies,
+                response=anomalies.Response(
+                    model,
+                    self.facts.provider,
+                    self.facts.route,
+                    self.request_id,
+                    tuple(p.id for p, _ in self.matches),
+                ),
+                now=self.ctx.clock(),
+            )
+            if price is not None
+            else 0
+        )
         if usage.estimated:
             stats.estimated_responses += 1
         stats.metered_responses += 1

@@ -20,6 +20,7 @@ from ext_proc.journal import Journal, JournalError
 from ext_proc.metrics import SyncStatus
 from ext_proc.pricing import PriceOverride, PriceTable
 from ext_proc.processor import Context, RequestProcessor
+from ext_proc.quarantine import Quarantine
 from ext_proc.state import LocalState
 from ext_proc.sync import ControlPlaneSync
 from spendgate.domain.pricing import PriceBook
@@ -101,7 +102,9 @@ class ExtProcServer:
         prices: PriceBook | None = None,
     ) -> None:
         self.settings = settings
-        self.state = LocalState(identity=settings.identity)
+        self.state = LocalState(
+            identity=settings.identity, max_batch_bytes=settings.usage_message_max_bytes // 2
+        )
         table = PriceTable(
             prices or PriceBook.bundled(),
             unpriced=settings.unpriced_models,
@@ -134,6 +137,7 @@ class ExtProcServer:
         if journal_dir:
             try:
                 self.state.journal = Journal(journal_dir)
+                self.state.quarantine = Quarantine(journal_dir)
                 # Replay before the first flush: those batches keep their ids.
                 self.state.restore(self.state.journal.open())
                 self.sync.backlog = bool(self.state.in_flight)

@@ -23,18 +23,21 @@ the durable copy.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
 from ext_proc import windows
 from ext_proc.decide import SpendKey
 from ext_proc.journal import Journal
+from ext_proc.quarantine import MAX_MEMBER_CHARS, Quarantine, record
 from spendgate.domain.policies import Match, PolicyIndex
+from spendgate.domain.pricing import MAX_COST_NANOS, saturating_add
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import policy_from_message, timestamp
 
@@ -48,6 +51,27 @@ class Increment:
     requests: int = 0
     estimated: int = 0
 
+    def add(self, other: Increment) -> None:
+        self.cost_nanos = saturating_add(self.cost_nanos, other.cost_nanos)
+        self.requests += other.requests
+        self.estimated += other.estimated
+
+
+# Most records one usage batch carries (the control plane takes 50,000).
+MAX_BATCH_RECORDS = 10_000
+# Upper bound of an anomaly's or a quarantine report's encoded size (their
+# strings are truncated when they are made).
+REPORT_BYTES = 4096
+
+
+def record_size(key: SpendKey) -> int | None:
+    """Upper bound of one SpendIncrement's encoded size inside a
+    ReportUsageRequest; None when the key cannot be encoded at all."""
+    try:
+        return len(key[0].encode()) + len(key[1].encode()) + 64
+    except UnicodeEncodeError:
+        return None
+
 
 @dataclass(slots=True)
 class Batch:
@@ -57,19 +81,37 @@ class Batch:
     # Set once the batch may have reached the control plane (a send was
     # attempted, or it was replayed from the journal): its content is final.
     sent: bool = False
+    # Carried with the batch (and journaled with it): usage anomalies and
+    # reports of records this data plane quarantined.
+    anomalies: list[dp.UsageAnomaly] = field(default_factory=list)
+    quarantined: list[dp.QuarantinedRecord] = field(default_factory=list)
+    # Upper bound of the encoded size of what the batch carries.
+    size: int = 0
+    # The control plane refused a message of this batch with holds: send it without.
+    without_holds: bool = False
 
     @staticmethod
     def from_message(msg: dp.ReportUsageRequest) -> Batch:
-        increments: dict[SpendKey, Increment] = {}
+        batch = Batch(
+            batch_id=msg.batch_id,
+            increments={},
+            sent=True,
+            anomalies=list(msg.anomalies),
+            quarantined=list(msg.quarantined),
+        )
+        batch.size = REPORT_BYTES * (len(batch.anomalies) + len(batch.quarantined))
         for i in msg.increments:
             key = (i.policy_id, i.member, i.window_start.seconds)
-            inc = increments.get(key)
-            if inc is None:
-                inc = increments[key] = Increment()
-            inc.cost_nanos += i.cost_nanos
-            inc.requests += i.request_count
-            inc.estimated += i.estimated_count
-        return Batch(batch_id=msg.batch_id, increments=increments, sent=True)
+            batch.add(key, Increment(i.cost_nanos, i.request_count, i.estimated_count))
+        return batch
+
+    def add(self, key: SpendKey, inc: Increment, size: int | None = None) -> None:
+        into = self.increments.get(key)
+        if into is None:
+            self.increments[key] = Increment(inc.cost_nanos, inc.requests, inc.estimated)
+            self.size += size if size is not None else (record_size(key) or 0)
+        else:
+            into.add(inc)
 
     def message(self, data_plane_id: str) -> dp.ReportUsageRequest:
         return dp.ReportUsageRequest(
@@ -80,13 +122,24 @@ class Batch:
                     policy_id=k[0],
                     member=k[1],
                     window_start=timestamp(k[2]),
-                    cost_nanos=i.cost_nanos,
+                    cost_nanos=min(i.cost_nanos, MAX_COST_NANOS),
                     request_count=i.requests,
                     estimated_count=i.estimated,
                 )
                 for k, i in self.increments.items()
             ],
+            anomalies=self.anomalies,
+            quarantined=self.quarantined,
         )
+
+
+def piece_id(parent: str, kind: str, n: int) -> str:
+    """The id of piece ``n`` of a split batch: derived from the parent's, so a
+    batch split again after a restart gives the same pieces the same ids."""
+    candidate = f"{parent}.{kind}{n}"
+    if len(candidate) <= 80:
+        return candidate
+    return hashlib.sha256(candidate.encode()).hexdigest()[:40]
 
 
 @dataclass(slots=True)
@@ -117,6 +170,12 @@ class LocalState:
     policies_msg: dp.PolicySnapshot | None = None
     prices_msg: dp.PriceOverrides | None = None
     snapshot_dirty: bool = False
+    # Records that cannot be sent go here (ext_proc/quarantine.py); usage
+    # anomalies wait here for the next batch. A batch's records take at most
+    # max_batch_bytes (half of usage_message_max_bytes: holds ride along).
+    quarantine: Quarantine = field(default_factory=Quarantine)
+    anomalies: list[dp.UsageAnomaly] = field(default_factory=list)
+    max_batch_bytes: int = 512 * 1024
 
     # ---- reads (hot path) --------------------------------------------------
 
@@ -150,7 +209,7 @@ class LocalState:
             inc = self.pending.get((policy.id, member, start))
             if inc is None:
                 inc = self.pending[(policy.id, member, start)] = Increment()
-            inc.cost_nanos += cost_nanos
+            inc.cost_nanos = saturating_add(inc.cost_nanos, cost_nanos)
             inc.requests += 1
             inc.estimated += int(estimated)
 
@@ -199,7 +258,11 @@ class LocalState:
         those it has applied). A window reported at zero is dropped from the
         default set."""
         holds = []
-        wanted = list(self.hold_keys if keys is None else keys)
+        # A window whose member the control plane cannot store has no holds
+        # there (its usage is quarantined): not reported.
+        wanted = [
+            k for k in (self.hold_keys if keys is None else keys) if len(k[1]) <= MAX_MEMBER_CHARS
+        ]
         for key in wanted:
             held = self.own_hold(key, skip)
             holds.append(_hold(key, held))
@@ -221,30 +284,164 @@ class LocalState:
         return holds, unapplied
 
     def take_batch(self) -> Batch | None:
-        """Move pending usage into an in-flight batch and journal it.
+        """Move pending usage (and anomalies, quarantine reports) into
+        in-flight batches and journal them.
 
-        The usage joins the newest in-flight batch if that one was never sent,
-        else a new batch with a fresh id.
+        The usage joins the newest in-flight batch if that one was never sent
+        and has room (``max_batch_bytes``, ``MAX_BATCH_RECORDS``), else new
+        batches with fresh ids. A record that cannot be encoded, or is alone
+        larger than a batch may be, is quarantined instead: it is never
+        journaled as usage, so it can never block a batch.
         """
-        if not self.pending:
+        if self.pending:
+            self._quarantine_unsendable()
+        reports = self.quarantine.take_reports()
+        if not self.pending and not self.anomalies and not reports:
             return None
         delta, self.pending = self.pending, {}
+        anomalies, self.anomalies = self.anomalies, []
+        limit = self.max_batch_bytes
         newest = next(reversed(self.in_flight.values()), None)
-        if newest is not None and not newest.sent:
-            batch = newest
-            for key, inc in delta.items():
-                into = batch.increments.get(key)
-                if into is None:
-                    batch.increments[key] = inc
-                else:
-                    into.cost_nanos += inc.cost_nanos
-                    into.requests += inc.requests
-                    into.estimated += inc.estimated
+        target = newest if newest is not None and not newest.sent else None
+        parts: dict[str, Batch] = {}  # what each batch gains: journaled below
+
+        def room_for(size: int) -> Batch:
+            nonlocal target
+            if target is None or (
+                target.size + size > limit or len(target.increments) >= MAX_BATCH_RECORDS
+            ):
+                target = Batch(batch_id=uuid.uuid4().hex, increments={})
+                self.in_flight[target.batch_id] = target
+            part = parts.get(target.batch_id)
+            if part is None:
+                part = parts[target.batch_id] = Batch(target.batch_id, {})
+            return part
+
+        for key, inc in delta.items():
+            size = record_size(key) or 0
+            if target is not None and key in target.increments:
+                part = parts.setdefault(target.batch_id, Batch(target.batch_id, {}))
+            else:
+                part = room_for(size)
+            assert target is not None
+            target.add(key, inc, size)
+            part.add(key, inc, size)
+        for a in anomalies:
+            part = room_for(REPORT_BYTES)
+            assert target is not None
+            target.anomalies.append(a)
+            target.size += REPORT_BYTES
+            part.anomalies.append(a)
+        for r in reports:
+            part = room_for(REPORT_BYTES)
+            assert target is not None
+            target.quarantined.append(r)
+            target.size += REPORT_BYTES
+            part.quarantined.append(r)
+        messages = [part.message("") for part in parts.values()]
+
+        def append(j: Journal) -> None:
+            for m in messages:
+                j.append(m)
+
+        self._journal(append)
+        return target
+
+    def _quarantine_unsendable(self) -> None:
+        """Take out of ``pending`` the records no message can carry."""
+        now = datetime.fromtimestamp(time.time(), UTC)
+        bad = []
+        for key, inc in list(self.pending.items()):
+            size = record_size(key)
+            if size is not None and size <= self.max_batch_bytes:
+                continue
+            del self.pending[key]
+            reason, detail = (
+                ("unencodable", "the member or policy id is not valid Unicode")
+                if size is None
+                else (
+                    "too_large",
+                    f"one record of {size} bytes; a usage batch carries at most "
+                    f"{self.max_batch_bytes} bytes of records",
+                )
+            )
+            bad.append(
+                record(
+                    key,
+                    min(inc.cost_nanos, MAX_COST_NANOS),
+                    inc.requests,
+                    reason=reason,
+                    detail=detail,
+                    batch_id="",
+                    now=now,
+                )
+            )
+        self.quarantine.add(bad)
+
+    def split(self, batch: Batch, kind: str) -> list[Batch]:
+        """Replace an unsent-for-good ``batch`` by pieces (``kind`` "s": each
+        fitting ``max_batch_bytes``; "h": two halves), journaled with the
+        batch's acknowledgement in one write. Piece ids derive from the
+        batch's (``piece_id``), and a piece already known (replayed from the
+        journal after a crash mid-split) is not made twice.
+        """
+        keys = list(batch.increments)
+        groups: list[list[SpendKey]] = []
+        if kind == "h":
+            half = max(len(keys) // 2, 1)
+            groups = [keys[:half], keys[half:]]
         else:
-            batch = Batch(batch_id=uuid.uuid4().hex, increments=delta)
-            self.in_flight[batch.batch_id] = batch
-        self._journal(lambda j: j.append(Batch(batch.batch_id, delta).message("")))
-        return batch
+            size = REPORT_BYTES * (len(batch.anomalies) + len(batch.quarantined))
+            groups = [[]]
+            for key in keys:
+                n = record_size(key) or 0
+                if groups[-1] and (
+                    size + n > self.max_batch_bytes or len(groups[-1]) >= MAX_BATCH_RECORDS
+                ):
+                    groups.append([])
+                    size = 0
+                groups[-1].append(key)
+                size += n
+        pieces: list[Batch] = []
+        for n, group in enumerate(g for g in groups if g or not pieces):
+            piece = Batch(piece_id(batch.batch_id, kind, n), {}, sent=True)
+            for key in group:
+                piece.add(key, batch.increments[key])
+            if n == 0:  # anomalies and reports go with the first piece
+                piece.anomalies = list(batch.anomalies)
+                piece.quarantined = list(batch.quarantined)
+                piece.size += REPORT_BYTES * (len(piece.anomalies) + len(piece.quarantined))
+            piece.without_holds = batch.without_holds
+            pieces.append(piece)
+        fresh = [p for p in pieces if p.batch_id not in self.in_flight]
+        items = list(self.in_flight.items())
+        at = next(i for i, (bid, _) in enumerate(items) if bid == batch.batch_id)
+        self.in_flight = dict(items[:at] + [(p.batch_id, p) for p in fresh] + items[at + 1 :])
+        self._journal(lambda j: j.replace(batch.batch_id, [p.message("") for p in fresh]))
+        return fresh
+
+    def quarantine_batch(self, batch: Batch, reason: str, detail: str) -> None:
+        """Set aside a batch the control plane will never take (one record,
+        or none): its record is quarantined, its anomalies and reports go
+        with the next batch."""
+        now = datetime.fromtimestamp(time.time(), UTC)
+        self.quarantine.add(
+            record(
+                key,
+                min(inc.cost_nanos, MAX_COST_NANOS),
+                inc.requests,
+                reason=reason,
+                detail=detail,
+                batch_id=batch.batch_id,
+                now=now,
+            )
+            for key, inc in batch.increments.items()
+        )
+        self.in_flight.pop(batch.batch_id, None)
+        self.anomalies[:0] = batch.anomalies
+        self.quarantine.pending[:0] = batch.quarantined
+        self.take_batch()  # the reports are journaled before the batch is dropped
+        self._journal(lambda j: j.acknowledge(batch.batch_id))
 
     def restore(self, messages: Iterable[dp.ReportUsageRequest]) -> None:
         """Add batches replayed from the journal, before any new usage is taken."""
@@ -370,5 +567,8 @@ class LocalState:
 
 def _hold(key: SpendKey, nanos: int) -> dp.WindowHold:
     return dp.WindowHold(
-        policy_id=key[0], member=key[1], window_start=timestamp(key[2]), held_nanos=nanos
+        policy_id=key[0],
+        member=key[1],
+        window_start=timestamp(key[2]),
+        held_nanos=min(nanos, MAX_COST_NANOS),
     )

@@ -55,6 +55,11 @@ class MeteredCounts:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nanos: int = 0
+    # Responses charged whose cost was implausible, by reason
+    # (ext_proc/anomalies.py: cost_above_maximum, cost_saturated).
+    anomalies: dict[str, int] = field(
+        default_factory=lambda: {"cost_above_maximum": 0, "cost_saturated": 0}
+    )
 
 
 @dataclass(slots=True)
@@ -82,6 +87,11 @@ class Stats:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nanos: int = 0
+    # Responses charged whose cost was implausible, by reason
+    # (ext_proc/anomalies.py: cost_above_maximum, cost_saturated).
+    anomalies: dict[str, int] = field(
+        default_factory=lambda: {"cost_above_maximum": 0, "cost_saturated": 0}
+    )
     # (policy id, reason) -> rejected requests; reason "model_not_priced" has
     # policy id "". Bounded by the policies this process has seen.
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)

@@ -23,7 +23,8 @@ import structlog
 from ext_proc import snapshot
 from ext_proc.config import Settings
 from ext_proc.decide import SpendKey
-from ext_proc.state import LocalState
+from ext_proc.state import Batch, LocalState
+from spendgate.domain.pricing import MAX_COST_NANOS
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
 from spendgate.wire import timestamp
@@ -34,6 +35,18 @@ REPORT_TIMEOUT_S = 5.0
 # lapse after hold_ttl_s, 30 s by default, unless refreshed).
 HOLDS_REFRESH_S = 5.0
 SNAPSHOT_INTERVAL_S = 1.0
+# A batch whose sending raised (not a gRPC error) this many times is set aside.
+POISON_ATTEMPTS = 3
+
+
+def permanent(e: grpc.aio.AioRpcError) -> bool:
+    """Errors no retry can fix: the control plane refused the values, or the
+    message is larger than one side allows. Anything else (unreachable,
+    deadline, database down, auth) is retried with the same batch id."""
+    code = e.code()
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in (e.details() or "")
 
 
 class ControlPlaneSync:
@@ -192,9 +205,17 @@ class ControlPlaneSync:
             self.on_backlog_change(piling)
 
     async def flush(self) -> None:
-        """Send the pending usage and retry every unacknowledged batch, oldest first."""
+        """Send the pending usage and retry every unacknowledged batch, oldest first.
+
+        Usage is journaled (take_batch) before anything is encoded for the
+        wire, and nothing one batch holds can stop the loop: a bug in here is
+        logged, the batch stays journaled, and the next flush tries again.
+        """
         async with self._flush_lock:
-            self.state.take_batch()
+            try:
+                self.state.take_batch()
+            except Exception:
+                log.exception("could not move usage into a batch; it stays pending")
             sent = bool(self.state.in_flight)
             delivered = await self._send_in_flight()
             self._set_backlog(not delivered)
@@ -269,7 +290,7 @@ class ControlPlaneSync:
                             dp.WindowHold(policy_id=k[0], member=k[1], window_start=timestamp(k[2]))
                             for k in item_keys
                         ],
-                        amount_nanos=amount,
+                        amount_nanos=min(amount, MAX_COST_NANOS),
                     )
                     for item_keys, amount, _ in queued
                 ],
@@ -298,36 +319,103 @@ class ControlPlaneSync:
             )
 
     async def _send_in_flight(self) -> bool:
-        """False if a batch could not be delivered (the later ones are left unsent)."""
-        for batch in list(self.state.in_flight.values()):
-            batch.attempts += 1
-            batch.sent = True
-            msg = batch.message(self.settings.identity)
-            if self.state.hold_keys:
-                holds, unapplied = self.state.hold_report(skip=batch)
-                msg.holds.extend(holds)
-                msg.unapplied.extend(unapplied)
-                msg.holds_seq = self.state.next_seq()
+        """False if a batch could not be delivered for now (the later ones are
+        left unsent, in order). A batch the control plane can never take does
+        not block the others: it is split, or its one record quarantined."""
+        tried: set[str] = set()
+        while True:
+            batch = next(
+                (b for b in self.state.in_flight.values() if b.batch_id not in tried), None
+            )
+            if batch is None:
+                return True
+            tried.add(batch.batch_id)
             try:
-                resp = await self._stub.ReportUsage(
-                    msg, metadata=self._metadata, timeout=REPORT_TIMEOUT_S
-                )
-            except grpc.aio.AioRpcError as e:
-                if batch.attempts in (1, 10) or batch.attempts % 100 == 0:
-                    log.warning(
-                        "usage batch not delivered; will retry",
+                if not await self._send_batch(batch):
+                    return False
+            except Exception as e:
+                # A bug must not kill the flush loop: the batch stays
+                # journaled; one that fails like this every time is poison.
+                log.exception("usage batch could not be sent", batch_id=batch.batch_id)
+                if batch.attempts >= POISON_ATTEMPTS:
+                    self._set_aside(batch, "unencodable", f"{type(e).__name__}: {e}")
+                    continue
+                return False
+
+    async def _send_batch(self, batch: Batch) -> bool:
+        """True once ``batch`` is acknowledged, split or quarantined; False
+        when it must be retried later (the control plane is unreachable)."""
+        batch.attempts += 1
+        batch.sent = True
+        limit = self.settings.usage_message_max_bytes
+        msg = batch.message(self.settings.identity)
+        if msg.ByteSize() > limit:
+            self._set_aside(batch, "too_large", f"{msg.ByteSize()} bytes, over {limit}")
+            return True
+        if self.state.hold_keys and not batch.without_holds:
+            holds, unapplied = self.state.hold_report(skip=batch)
+            msg.holds.extend(holds)
+            msg.unapplied.extend(unapplied)
+            msg.holds_seq = self.state.next_seq()
+            if msg.ByteSize() > limit:  # this time without them
+                self.state.holds_dirty = True
+                del msg.holds[:]
+                del msg.unapplied[:]
+        try:
+            resp = await self._stub.ReportUsage(
+                msg, metadata=self._metadata, timeout=REPORT_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            if permanent(e):
+                if msg.holds or msg.unapplied:
+                    # The holds may be what was refused: try again without.
+                    log.error(
+                        "control plane refused a usage batch with holds; sending it without",
                         batch_id=batch.batch_id,
-                        attempts=batch.attempts,
                         code=e.code().name,
                         detail=e.details(),
                     )
-                return False
-            self.state.acknowledge(batch, resp)
-            if msg.holds:
-                self._holds_reported_at = asyncio.get_running_loop().time()
-            if resp.unknown_policy_increments:
-                log.info(
-                    "control plane dropped usage of deleted policies",
-                    count=resp.unknown_policy_increments,
+                    batch.without_holds = True
+                    return await self._send_batch(batch)
+                self._set_aside(batch, "refused", f"{e.code().name}: {e.details()}")
+                return True
+            if batch.attempts in (1, 10) or batch.attempts % 100 == 0:
+                log.warning(
+                    "usage batch not delivered; will retry",
+                    batch_id=batch.batch_id,
+                    attempts=batch.attempts,
+                    code=e.code().name,
+                    detail=e.details(),
                 )
+            return False
+        self.state.acknowledge(batch, resp)
+        if msg.holds:
+            self._holds_reported_at = asyncio.get_running_loop().time()
+        if resp.unknown_policy_increments:
+            log.info(
+                "control plane dropped usage of deleted policies",
+                count=resp.unknown_policy_increments,
+            )
+        if resp.quarantined_increments:
+            log.error(
+                "control plane quarantined usage records it cannot apply",
+                count=resp.quarantined_increments,
+                batch_id=batch.batch_id,
+            )
         return True
+
+    def _set_aside(self, batch: Batch, reason: str, detail: str) -> None:
+        """A batch the control plane will never take: split in pieces that
+        fit (too large) or in halves (refused), until one record is left,
+        which is quarantined."""
+        if len(batch.increments) > 1:
+            pieces = self.state.split(batch, "s" if reason == "too_large" else "h")
+            log.warning(
+                "usage batch split",
+                batch_id=batch.batch_id,
+                reason=reason,
+                detail=detail,
+                pieces=[p.batch_id for p in pieces],
+            )
+            return
+        self.state.quarantine_batch(batch, reason, detail)

@@ -115,3 +115,14 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             request.policy_id, request.member, request.page_size, request.page_token
         )
         return pb.ListSpendResponse(entries=entries, next_page_token=token)
+
+    @unary
+    async def ListQuarantinedUsage(
+        self, request: pb.ListQuarantinedUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListQuarantinedUsageResponse:
+        records, token, total = await self.cp.list_quarantined(
+            request.page_size, request.page_token
+        )
+        return pb.ListQuarantinedUsageResponse(
+            records=records, next_page_token=token, total_size=total
+        )

@@ -31,6 +31,7 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
             duplicate=result.duplicate,
             spend=result.spend,
             unknown_policy_increments=result.unknown_policy_increments,
+            quarantined_increments=result.quarantined_increments,
         )
 
     @unary

@@ -237,3 +237,26 @@ class PriceOverrideRow(Base):
     updated_by: Mapped[str] = mapped_column(String(200))
 
     __table_args__ = (UniqueConstraint("model", "provider", "route"),)
+
+
+class QuarantinedUsageRow(Base):
+    """A usage record that could not be encoded, sent (data plane) or applied
+    (control plane): kept with its reason instead of blocking the records
+    behind it. Its cost is in no window."""
+
+    __tablename__ = "quarantined_usage"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "qu_" + ulid
+    reason: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text)
+    data_plane_id: Mapped[str] = mapped_column(String(200))
+    batch_id: Mapped[str] = mapped_column(String(80))
+    policy_id: Mapped[str] = mapped_column(String(64))
+    member: Mapped[str] = mapped_column(String(256))  # truncated; see member_sha256
+    member_bytes: Mapped[int] = mapped_column(BigInteger)
+    member_sha256: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    request_count: Mapped[int] = mapped_column(BigInteger)
+    quarantine_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

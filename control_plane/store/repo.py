@@ -11,11 +11,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, delete, select, text, tuple_
+from sqlalchemy import Select, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowHoldRow, WindowSpendRow
+from spendgate.domain.pricing import MAX_COST_NANOS
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -138,7 +139,8 @@ _PG_UPSERT = text("""
                 CAST(:e AS bigint[])) WITH ORDINALITY AS t(p, m, ws, we, c, r, e, n)
     ORDER BY n
     ON CONFLICT (policy_id, member, window_start) DO UPDATE SET
-        spent_nanos = w.spent_nanos + excluded.spent_nanos,
+        spent_nanos = LEAST(w.spent_nanos, 9223372036854775807 - excluded.spent_nanos)
+                      + excluded.spent_nanos,
         request_count = w.request_count + excluded.request_count,
         estimated_count = w.estimated_count + excluded.estimated_count,
         updated_at = excluded.updated_at
@@ -170,7 +172,8 @@ def _upsert_postgres(
 
 
 def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> list[SpendTotal]:
-    """Atomically add each delta to its window row (``spent = spent + x``).
+    """Atomically add each delta to its window row (``spent = spent + x``,
+    saturating at ``MAX_COST_NANOS``; a delta is at most that much).
 
     One upsert statement executed for all rows: SQLAlchemy sends them as
     multi-row INSERT ... ON CONFLICT DO UPDATE ... RETURNING batches
@@ -201,7 +204,9 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
     stmt = ins.on_conflict_do_update(
         index_elements=["policy_id", "member", "window_start"],
         set_={
-            "spent_nanos": table.c.spent_nanos + ins.excluded.spent_nanos,
+            # Saturates at the int64 maximum (MAX_COST_NANOS) without overflowing.
+            "spent_nanos": func.min(table.c.spent_nanos, MAX_COST_NANOS - ins.excluded.spent_nanos)
+            + ins.excluded.spent_nanos,
             "request_count": table.c.request_count + ins.excluded.request_count,
             "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
             "updated_at": ins.excluded.updated_at,

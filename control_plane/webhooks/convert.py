@@ -139,7 +139,7 @@ def webhook_values(
         description=msg.description,
         url=url,
         format=fmt,
-        events=tuple(k for k in events.SUBSCRIBABLE if k in chosen) or events.SUBSCRIBABLE,
+        events=tuple(k for k in events.SUBSCRIBABLE if k in chosen) or events.DEFAULT_EVENTS,
         secret=secret,
         routing_key=routing_key,
         severity=severity,
@@ -206,6 +206,28 @@ def webhook_message(row: WebhookRow) -> wpb.Webhook:
 
 def event_message(e: WebhookEventRow) -> wpb.BudgetEvent:
     d = orjson.loads(e.data)
+    if e.kind == events.ANOMALY:
+        return wpb.BudgetEvent(
+            id=e.id,
+            type=e.kind,
+            window_start=timestamp(e.window_end),
+            window_end=timestamp(e.window_end),
+            create_time=timestamp(e.create_time),
+            anomaly=wpb.UsageAnomalyEvent(
+                reason=d.get("reason", ""),
+                data_plane_id=d.get("data_plane_id", ""),
+                model=d.get("model", ""),
+                provider=d.get("provider", ""),
+                route=d.get("route", ""),
+                request_id=d.get("request_id", ""),
+                charged_usd=d.get("charged_usd", ""),
+                reported_cost_usd=d.get("reported_cost_usd", ""),
+                input_tokens=d.get("input_tokens", ""),
+                output_tokens=d.get("output_tokens", ""),
+                max_cost_usd=d.get("max_cost_usd", ""),
+                policy_ids=d.get("policy_ids", []),
+            ),
+        )
     return wpb.BudgetEvent(
         id=e.id,
         type=e.kind,

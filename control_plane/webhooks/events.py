@@ -21,8 +21,16 @@ THRESHOLD_CROSSED = "budget_policy.threshold_crossed"
 # Not subscribable: scheduled at the end of a window that had a crossing, so
 # PagerDuty webhooks can resolve their incident.
 WINDOW_RESET = "budget_policy.window_reset"
-SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED)
+# A response whose cost was above a data plane's max_cost_per_response_usd,
+# or beyond the largest representable cost (charged saturated).
+ANOMALY = "usage.anomaly"
+SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY)
+# What a webhook created without a list of events receives.
+DEFAULT_EVENTS = (EXCEEDED, THRESHOLD_CROSSED)
 TEST = "webhook.test"
+# Anomaly events have no policy or window: the event key's member is the
+# anomaly's id (unique per data plane report), its window the moment it occurred.
+MAX_ANOMALY_ID = 80
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -100,3 +108,42 @@ def event_data(
     if kind == THRESHOLD_CROSSED:
         data["threshold_percent"] = threshold
     return data
+
+
+def anomaly_data(
+    *,
+    event_id: str,
+    data_plane_id: str,
+    anomaly_id: str,
+    reason: str,
+    occurred: int,
+    model: str,
+    provider: str,
+    route: str,
+    request_id: str,
+    charged_nanos: int,
+    reported_cost_usd: str,
+    input_tokens: str,
+    output_tokens: str,
+    max_cost_usd: str,
+    policy_ids: list[str],
+) -> dict[str, Any]:
+    """The ``data`` of a usage.anomaly event's payload, as stored with the event."""
+    return {
+        "event_id": event_id,
+        "type": ANOMALY,
+        "anomaly_id": anomaly_id,
+        "reason": reason,
+        "occurred_at": iso(occurred),
+        "data_plane_id": data_plane_id,
+        "model": model,
+        "provider": provider,
+        "route": route,
+        "request_id": request_id,
+        "charged_usd": usd(charged_nanos),
+        "reported_cost_usd": reported_cost_usd,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "max_cost_usd": max_cost_usd,
+        "policy_ids": policy_ids,
+    }

@@ -138,6 +138,9 @@ def slack_message(message: Message) -> dict[str, Any]:
     if message.kind == events.TEST:
         text = f":wave: spendgate test message for webhook {_esc(d['webhook_name'])}"
         return {"text": text, "blocks": [_section(text)]}
+    if message.kind == events.ANOMALY:
+        text = f":rotating_light: {_esc(anomaly_summary(d))}"
+        return {"text": text, "blocks": [_section(text)]}
     emoji, title = _headline(message)
     spend = f"${d['spent_usd']} of ${d['amount_usd']} ({d['percent_used']}%)"
     text = f"{emoji} {_esc(title)} — {_esc(_who(d))} spent {spend}"
@@ -172,6 +175,20 @@ def slack_message(message: Message) -> dict[str, Any]:
             },
         ],
     }
+
+
+def anomaly_summary(d: dict[str, Any]) -> str:
+    """One line about a usage.anomaly event (Slack, PagerDuty)."""
+    why = (
+        "beyond the largest representable cost"
+        if d["reason"] == "cost_saturated"
+        else f"above the maximum of ${d['max_cost_usd']} per response"
+    )
+    return (
+        f"Usage anomaly: one {d['model'][:100]} response reported ${d['reported_cost_usd']}, "
+        f"{why}; charged ${d['charged_usd']} (data plane {d['data_plane_id'][:100]}, "
+        f"request {d['request_id'][:100]})"
+    )
 
 
 def _section(text: str) -> dict[str, Any]:
@@ -212,6 +229,21 @@ def pagerduty_event(message: Message, routing_key: str, severity: str) -> dict[s
         }
     if message.kind == events.WINDOW_RESET:
         return pagerduty_resolve(routing_key, dedup_key(d))
+    if message.kind == events.ANOMALY:
+        return {
+            "routing_key": routing_key,
+            "event_action": "trigger",
+            "dedup_key": f"spendgate/anomaly/{d['anomaly_id']}"[:255],
+            "client": "spendgate",
+            "payload": {
+                "summary": anomaly_summary(d)[:1024],
+                "source": "spendgate",
+                "severity": severity,
+                "timestamp": events.iso(message.created),
+                "class": message.kind,
+                "custom_details": d,
+            },
+        }
     _, title = _headline(message)
     who = "" if d["scope"] == "global" else f" ({_who(d)})"
     summary = (

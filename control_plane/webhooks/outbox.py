@@ -23,6 +23,7 @@ from control_plane.store.webhook_repo import EventKey
 from control_plane.webhooks import events
 from control_plane.webhooks.formats import PAGERDUTY
 from spendgate.domain.policies import Policy
+from spendgate.v1 import dataplane_pb2 as dp
 
 MAX_KNOWN = 200_000
 
@@ -67,12 +68,80 @@ class Recorded:
     deliveries: int
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedAnomaly:
+    """A usage.anomaly event this transaction created, for its log line."""
+
+    event_id: str
+    reason: str
+    model: str
+    request_id: str
+    charged_usd: str
+    reported_cost_usd: str
+    deliveries: int
+
+
 @dataclass(slots=True)
 class OutboxResult:
     seen: list[tuple[EventKey, int]] = field(default_factory=list)
     events: int = 0
     deliveries: int = 0
     recorded: list[Recorded] = field(default_factory=list)
+    anomalies: list[RecordedAnomaly] = field(default_factory=list)
+
+
+def record_anomalies(
+    session: Session,
+    data_plane_id: str,
+    anomalies: Iterable[dp.UsageAnomaly],
+    now: datetime,
+    result: OutboxResult,
+) -> None:
+    """A usage.anomaly event per anomaly a data plane reported (keyed by its
+    id, so a batch applied once creates each once), and its deliveries."""
+    webhooks: list[WebhookRow] | None = None
+    for a in anomalies:
+        occurred = a.occur_time.seconds or int(now.timestamp())
+        key = EventKey("", a.id, 0, events.ANOMALY, 0)
+        event_id = webhook_repo.new_id("evt_")
+        data = events.anomaly_data(
+            event_id=event_id,
+            data_plane_id=data_plane_id[:200],
+            anomaly_id=a.id,
+            reason=a.reason[:40],
+            occurred=occurred,
+            model=a.model[:256],
+            provider=a.provider[:64],
+            route=a.route[:256],
+            request_id=a.request_id[:128],
+            charged_nanos=max(a.charged_nanos, 0),
+            reported_cost_usd=a.reported_cost_usd[:64],
+            input_tokens=a.input_tokens[:64],
+            output_tokens=a.output_tokens[:64],
+            max_cost_usd=a.max_cost_usd[:64],
+            policy_ids=[p[:40] for p in a.policy_ids[:100]],
+        )
+        if not webhook_repo.insert_event(
+            session, key, event_id=event_id, window_end=occurred, data=data, now=now
+        ):
+            continue
+        result.events += 1
+        if webhooks is None:
+            webhooks = list(webhook_repo.enabled_webhooks(session))
+        targets = [w.id for w in webhooks if events.ANOMALY in w.events.split(",")]
+        added = webhook_repo.add_deliveries(session, event_id, targets, due=now, now=now)
+        result.deliveries += added
+        result.anomalies.append(
+            RecordedAnomaly(
+                event_id,
+                data["reason"],
+                data["model"],
+                data["request_id"],
+                data["charged_usd"],
+                data["reported_cost_usd"],
+                added,
+            )
+        )
 
 
 def record_crossings(

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
@@ -40,6 +40,7 @@ _EVENT_TYPES = {
     "budget_policy.exceeded": "exceeded",
     "budget_policy.threshold_crossed": "threshold",
 }
+ANOMALY = "usage.anomaly"
 
 
 def add_parser(
@@ -96,6 +97,15 @@ class Snapshot:
     at: datetime
     policies: list[PolicyStatus]
     events: list[wpb.BudgetEvent]
+    # Shown at the top when there are any: usage records quarantined (their
+    # cost is in no window) and the latest usage anomalies.
+    quarantined: list[pb.QuarantinedUsage] = field(default_factory=list)
+    quarantined_total: int = 0
+    anomalies: list[wpb.BudgetEvent] = field(default_factory=list)
+
+
+# How many quarantined records and anomalies the top of the view lists.
+ATTENTION_ROWS = 5
 
 
 def percent_of(spent_usd: str, limit_usd: str) -> int:
@@ -174,7 +184,21 @@ def fetch(client: AdminClient, *, events: int, now: datetime) -> Snapshot:
         window = (spend[0].window_start, spend[0].window_end) if spend else None
         result.append(PolicyStatus(p, _is_wildcard(p), spend, window))
     result.sort(key=lambda s: (not s.policy.enabled, _SEVERITY[s.state], s.policy.name))
-    return Snapshot(client.server, now, result, recent)
+    quarantined = client.call(
+        "ListQuarantinedUsage", pb.ListQuarantinedUsageRequest(page_size=ATTENTION_ROWS)
+    )
+    anomalies = client.call(
+        "ListEvents", wpb.ListEventsRequest(type=ANOMALY, page_size=ATTENTION_ROWS)
+    )
+    return Snapshot(
+        client.server,
+        now,
+        result,
+        recent,
+        list(quarantined.records),
+        quarantined.total_size,
+        list(anomalies.events),
+    )
 
 
 # ---- text -------------------------------------------------------------------------
@@ -281,8 +305,52 @@ def _count(spend: Sequence[Spend], state: str) -> int:
     return sum(1 for s in spend if s.state == state)
 
 
+def _anomaly_text(e: wpb.BudgetEvent) -> str:
+    a = e.anomaly
+    return (
+        f"model {_clip(a.model)} reported ${a.reported_cost_usd} "
+        f"({a.output_tokens} output tokens), charged ${a.charged_usd}; "
+        f"{a.reason.replace('_', ' ')}, request {_clip(a.request_id)}"
+    )
+
+
+def _clip(text: str, n: int = 40) -> str:
+    """Printable and short: control characters escaped, long values cut."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: n + 1])
+    return safe if len(text) <= n else safe[:n] + "…"
+
+
+def _attention(snap: Snapshot, style: Style) -> list[str]:
+    """What needs a human before anything else: usage that counts nowhere,
+    and responses no real provider answer should cost."""
+    lines: list[str] = []
+    if snap.quarantined_total:
+        lines.append(
+            style.error(
+                f"! {snap.quarantined_total} usage record"
+                f"{'s' if snap.quarantined_total != 1 else ''} quarantined"
+            )
+            + " (their cost is in no window; `spendgate status --json` lists them)"
+        )
+        for q in snap.quarantined:
+            when = from_timestamp(q.quarantine_time).strftime("%Y-%m-%d %H:%M:%S")
+            member = f" member {_clip(q.member)} ({q.member_bytes} bytes)" if q.member_bytes else ""
+            lines.append(
+                f"  {when}  {q.reason:<16} ${q.cost_usd} policy {q.policy_id}{member}"
+                f"  {style.dim(_clip(q.detail, 80))}"
+            )
+    if snap.anomalies:
+        lines.append(style.error(f"! usage anomalies (latest {len(snap.anomalies)})"))
+        for e in snap.anomalies:
+            when = from_timestamp(e.create_time).strftime("%Y-%m-%d %H:%M:%S")
+            lines.append(f"  {when}  {_anomaly_text(e)}")
+    return lines
+
+
 def _event_line(e: wpb.BudgetEvent, style: Style) -> str:
     when = from_timestamp(e.create_time).strftime("%Y-%m-%d %H:%M:%S")
+    if e.type == ANOMALY:
+        return f"  {when}  {style.state(EXCEEDED, 'usage anomaly')}{' ' * 11}{_anomaly_text(e)}"
     if e.type == "budget_policy.threshold_crossed":
         what = style.state(ALERTING, f"threshold {e.threshold_percent}% crossed")
         pad = 24 - len(f"threshold {e.threshold_percent}% crossed")
@@ -318,6 +386,7 @@ def render(
             lines.append("  retrying")
     if snap is None:
         return "\n".join(lines)
+    lines += _attention(snap, style)
     states = [ps.state for ps in snap.policies if ps.policy.enabled]
     summary = ", ".join(f"{n} {s}" for s in (EXCEEDED, ALERTING, OK) if (n := states.count(s)))
     count = f"{len(snap.policies)} polic{'ies' if len(snap.policies) != 1 else 'y'}"
@@ -395,6 +464,39 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
                 "amount_usd": e.amount_usd,
             }
             for e in snap.events
+        ],
+        "quarantined_total": snap.quarantined_total,
+        "quarantined": [
+            {
+                "id": q.id,
+                "reason": q.reason,
+                "detail": q.detail,
+                "time": _iso(from_timestamp(q.quarantine_time)),
+                "data_plane_id": q.data_plane_id,
+                "batch_id": q.batch_id,
+                "policy_id": q.policy_id,
+                "member": q.member,
+                "member_bytes": q.member_bytes,
+                "member_sha256": q.member_sha256,
+                "cost_usd": q.cost_usd,
+                "request_count": q.request_count,
+            }
+            for q in snap.quarantined
+        ],
+        "anomalies": [
+            {
+                "id": e.id,
+                "time": _iso(from_timestamp(e.create_time)),
+                "reason": e.anomaly.reason,
+                "model": e.anomaly.model,
+                "request_id": e.anomaly.request_id,
+                "data_plane_id": e.anomaly.data_plane_id,
+                "charged_usd": e.anomaly.charged_usd,
+                "reported_cost_usd": e.anomaly.reported_cost_usd,
+                "input_tokens": e.anomaly.input_tokens,
+                "output_tokens": e.anomaly.output_tokens,
+            }
+            for e in snap.anomalies
         ],
     }
 

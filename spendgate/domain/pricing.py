@@ -30,6 +30,14 @@ _NANOS_PER_MTOK_UNIT = Decimal(NANOS_PER_USD // TOKENS_PER_PRICE_UNIT)
 # Plenty for token counts up to 10**15 times prices with many decimals.
 _CONTEXT = Context(prec=60)
 
+# The largest cost spendgate represents: the int64 nano-dollar maximum
+# (about $9.22 billion). A single response, a window's spend and every sum of
+# costs saturate here instead of overflowing the wire (int64 fields) or the
+# database (BIGINT); reaching it is a usage anomaly.
+MAX_COST_NANOS = 2**63 - 1
+# The highest price an operator may set, in USD per million tokens.
+MAX_PRICE_PER_MTOK = Decimal(100_000)
+
 _PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 _REQUIRED_PRICE_FIELDS = frozenset({"input", "output"})
 
@@ -229,8 +237,18 @@ class PriceBook:
 _BUNDLED: PriceBook | None = None
 
 
+def saturating_add(a: int, b: int) -> int:
+    """``a + b`` capped at :data:`MAX_COST_NANOS`."""
+    return min(a + b, MAX_COST_NANOS)
+
+
 def cost_nanos(usage: Usage, price: ModelPrice) -> int:
-    """Cost of ``usage`` at ``price``, in integer nano-USD.
+    """:func:`exact_cost_nanos` saturated at :data:`MAX_COST_NANOS`."""
+    return min(exact_cost_nanos(usage, price), MAX_COST_NANOS)
+
+
+def exact_cost_nanos(usage: Usage, price: ModelPrice) -> int:
+    """Cost of ``usage`` at ``price``, in integer nano-USD, unbounded.
 
     Counts not reported (``None``) count as 0; negative counts are treated as 0.
     Input tokens not read from or written to a cache are priced at ``input``;
@@ -264,7 +282,12 @@ def cost_nanos(usage: Usage, price: ModelPrice) -> int:
             + cw1h * cw1h_rate
             + out * price.output
         )
-        nanos = (per_million * _NANOS_PER_MTOK_UNIT).quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
+        value = per_million * _NANOS_PER_MTOK_UNIT
+        if value >= MAX_COST_NANOS:
+            # Beyond any representable cost (and possibly beyond the context's
+            # precision for quantize): sub-nano rounding no longer matters.
+            return int(value)
+        nanos = value.quantize(Decimal(1), rounding=ROUND_HALF_EVEN)
     return int(nanos)
 
 

@@ -217,3 +217,51 @@ class ListSpendResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[SpendEntry]
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[SpendEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class QuarantinedUsage(_message.Message):
+    __slots__ = ("id", "reason", "detail", "data_plane_id", "batch_id", "policy_id", "member", "member_bytes", "member_sha256", "window_start", "cost_usd", "request_count", "quarantine_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    detail: str
+    data_plane_id: str
+    batch_id: str
+    policy_id: str
+    member: str
+    member_bytes: int
+    member_sha256: str
+    window_start: _timestamp_pb2.Timestamp
+    cost_usd: str
+    request_count: int
+    quarantine_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., member_bytes: _Optional[int] = ..., member_sha256: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., request_count: _Optional[int] = ..., quarantine_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListQuarantinedUsageRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListQuarantinedUsageResponse(_message.Message):
+    __slots__ = ("records", "next_page_token", "total_size")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[QuarantinedUsage]
+    next_page_token: str
+    total_size: int
+    def __init__(self, records: _Optional[_Iterable[_Union[QuarantinedUsage, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...

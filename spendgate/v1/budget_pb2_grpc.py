@@ -65,6 +65,11 @@ class BudgetServiceStub:
                 request_serializer=spendgate_dot_v1_dot_budget__pb2.ListSpendRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_budget__pb2.ListSpendResponse.FromString,
                 _registered_method=True)
+        self.ListQuarantinedUsage = channel.unary_unary(
+                '/spendgate.v1.BudgetService/ListQuarantinedUsage',
+                request_serializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -110,6 +115,15 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQuarantinedUsage(self, request, context):
+        """Usage records that could not be encoded, sent or applied (quarantined
+        instead of blocking the usage behind them), newest first, with the
+        total count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +156,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.ListSpend,
                     request_deserializer=spendgate_dot_v1_dot_budget__pb2.ListSpendRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_budget__pb2.ListSpendResponse.SerializeToString,
+            ),
+            'ListQuarantinedUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuarantinedUsage,
+                    request_deserializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +325,33 @@ class BudgetService:
             '/spendgate.v1.BudgetService/ListSpend',
             spendgate_dot_v1_dot_budget__pb2.ListSpendRequest.SerializeToString,
             spendgate_dot_v1_dot_budget__pb2.ListSpendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuarantinedUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.BudgetService/ListQuarantinedUsage',
+            spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageRequest.SerializeToString,
+            spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,20 +28,82 @@ class SpendIncrement(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., estimated_count: _Optional[int] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
-    __slots__ = ("data_plane_id", "batch_id", "increments", "holds", "holds_seq", "unapplied")
+    __slots__ = ("data_plane_id", "batch_id", "increments", "holds", "holds_seq", "unapplied", "anomalies", "quarantined")
     DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     INCREMENTS_FIELD_NUMBER: _ClassVar[int]
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     HOLDS_SEQ_FIELD_NUMBER: _ClassVar[int]
     UNAPPLIED_FIELD_NUMBER: _ClassVar[int]
+    ANOMALIES_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     data_plane_id: str
     batch_id: str
     increments: _containers.RepeatedCompositeFieldContainer[SpendIncrement]
     holds: _containers.RepeatedCompositeFieldContainer[WindowHold]
     holds_seq: int
     unapplied: _containers.RepeatedCompositeFieldContainer[UnappliedBatch]
-    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ...) -> None: ...
+    anomalies: _containers.RepeatedCompositeFieldContainer[UsageAnomaly]
+    quarantined: _containers.RepeatedCompositeFieldContainer[QuarantinedRecord]
+    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ..., anomalies: _Optional[_Iterable[_Union[UsageAnomaly, _Mapping]]] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedRecord, _Mapping]]] = ...) -> None: ...
+
+class UsageAnomaly(_message.Message):
+    __slots__ = ("id", "reason", "occur_time", "model", "provider", "route", "request_id", "charged_nanos", "reported_cost_usd", "input_tokens", "output_tokens", "max_cost_usd", "policy_ids")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OCCUR_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    occur_time: _timestamp_pb2.Timestamp
+    model: str
+    provider: str
+    route: str
+    request_id: str
+    charged_nanos: int
+    reported_cost_usd: str
+    input_tokens: str
+    output_tokens: str
+    max_cost_usd: str
+    policy_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., request_id: _Optional[str] = ..., charged_nanos: _Optional[int] = ..., reported_cost_usd: _Optional[str] = ..., input_tokens: _Optional[str] = ..., output_tokens: _Optional[str] = ..., max_cost_usd: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class QuarantinedRecord(_message.Message):
+    __slots__ = ("reason", "detail", "policy_id", "member", "member_bytes", "member_sha256", "window_start", "cost_nanos", "request_count", "batch_id", "quarantine_time", "data_plane_id")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    COST_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    detail: str
+    policy_id: str
+    member: str
+    member_bytes: int
+    member_sha256: str
+    window_start: _timestamp_pb2.Timestamp
+    cost_nanos: int
+    request_count: int
+    batch_id: str
+    quarantine_time: _timestamp_pb2.Timestamp
+    data_plane_id: str
+    def __init__(self, reason: _Optional[str] = ..., detail: _Optional[str] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., member_bytes: _Optional[int] = ..., member_sha256: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., batch_id: _Optional[str] = ..., quarantine_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., data_plane_id: _Optional[str] = ...) -> None: ...
 
 class UnappliedBatch(_message.Message):
     __slots__ = ("batch_id", "usage")
@@ -112,14 +174,16 @@ class ReserveResponse(_message.Message):
     def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[ReserveVerdict, _Mapping]]] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
-    __slots__ = ("duplicate", "spend", "unknown_policy_increments")
+    __slots__ = ("duplicate", "spend", "unknown_policy_increments", "quarantined_increments")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_POLICY_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     unknown_policy_increments: int
-    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ...) -> None: ...
+    quarantined_increments: int
+    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ..., quarantined_increments: _Optional[int] = ...) -> None: ...
 
 class WindowSpend(_message.Message):
     __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count", "holds")

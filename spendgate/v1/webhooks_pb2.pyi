@@ -153,7 +153,7 @@ class TestWebhookResponse(_message.Message):
     def __init__(self, delivered: _Optional[bool] = ..., status_code: _Optional[int] = ..., error: _Optional[str] = ..., response_excerpt: _Optional[str] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class BudgetEvent(_message.Message):
-    __slots__ = ("id", "type", "policy_id", "policy_name", "scope", "target", "member", "action", "threshold_percent", "amount_usd", "spent_usd", "window_start", "window_end", "create_time")
+    __slots__ = ("id", "type", "policy_id", "policy_name", "scope", "target", "member", "action", "threshold_percent", "amount_usd", "spent_usd", "window_start", "window_end", "create_time", "anomaly")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class BudgetEvent(_message.Message):
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ANOMALY_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: str
     policy_id: str
@@ -182,7 +183,36 @@ class BudgetEvent(_message.Message):
     window_start: _timestamp_pb2.Timestamp
     window_end: _timestamp_pb2.Timestamp
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[_budget_pb2.Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[_budget_pb2.Action, str]] = ..., threshold_percent: _Optional[int] = ..., amount_usd: _Optional[str] = ..., spent_usd: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    anomaly: UsageAnomalyEvent
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[_budget_pb2.Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[_budget_pb2.Action, str]] = ..., threshold_percent: _Optional[int] = ..., amount_usd: _Optional[str] = ..., spent_usd: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., anomaly: _Optional[_Union[UsageAnomalyEvent, _Mapping]] = ...) -> None: ...
+
+class UsageAnomalyEvent(_message.Message):
+    __slots__ = ("reason", "data_plane_id", "model", "provider", "route", "request_id", "charged_usd", "reported_cost_usd", "input_tokens", "output_tokens", "max_cost_usd", "policy_ids")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_USD_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    POLICY_IDS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    data_plane_id: str
+    model: str
+    provider: str
+    route: str
+    request_id: str
+    charged_usd: str
+    reported_cost_usd: str
+    input_tokens: str
+    output_tokens: str
+    max_cost_usd: str
+    policy_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reason: _Optional[str] = ..., data_plane_id: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., request_id: _Optional[str] = ..., charged_usd: _Optional[str] = ..., reported_cost_usd: _Optional[str] = ..., input_tokens: _Optional[str] = ..., output_tokens: _Optional[str] = ..., max_cost_usd: _Optional[str] = ..., policy_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeliveryAttempt(_message.Message):
     __slots__ = ("number", "start_time", "duration_ms", "status_code", "error", "response_excerpt")

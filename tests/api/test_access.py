@@ -131,4 +131,5 @@ def test_health_and_reflection_need_no_token(api: Api) -> None:
         "UpdateBudgetPolicy",
         "DeleteBudgetPolicy",
         "ListSpend",
+        "ListQuarantinedUsage",
     }

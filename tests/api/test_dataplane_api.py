@@ -46,12 +46,15 @@ def test_report_usage_and_watch_state(api: Api) -> None:
     )
     unknown = report(api, "b-unknown", inc("bp_gone", 1))
     assert unknown == dp.ReportUsageResponse(unknown_policy_increments=1)
+    # A bad record is quarantined, not a reason to refuse the batch.
+    neg = report(api, "b-neg", inc(p.id, -1), dp_id="dp-1")
+    assert neg.quarantined_increments == 1
     err = rpc_error(
         api.dataplane.ReportUsage,
-        dp.ReportUsageRequest(batch_id="b-neg", increments=[inc(p.id, -1)]),
+        dp.ReportUsageRequest(batch_id="x" * 81, increments=[inc(p.id, 1)]),
         metadata=DATA,
     )
-    assert bad_fields(err) == ["increments[0]"]
+    assert bad_fields(err) == ["batch_id"]
 
     watch = Watch(api)
     try:

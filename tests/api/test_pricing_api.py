@@ -164,3 +164,20 @@ def test_pages_join_up(api: Api) -> None:
         if not token:
             break
     assert got == list(everything) and len(got) >= 145
+
+
+@pytest.mark.parametrize("field", ["input", "output", "cached_input"])
+def test_a_price_above_the_bound_is_refused_naming_field_and_bound(db_url: str, field: str) -> None:
+    """$1e30 per million tokens used to be accepted and then overflowed every
+    usage batch that priced with it (issue 12)."""
+    with running_api(db_url) as api:
+        with pytest.raises(grpc.RpcError) as e:
+            stub(api).SetPriceOverride(override(**{field: "1e30"}), metadata=ADMIN, timeout=TIMEOUT)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert violations(e.value) == [f"override.price.{field}"]
+        assert "at most 100000 USD per million tokens" in e.value.details()  # type: ignore[attr-defined]
+        # The bound itself is a valid price.
+        ok = stub(api).SetPriceOverride(
+            override(**{field: "100000"}), metadata=ADMIN, timeout=TIMEOUT
+        )
+        assert getattr(ok.price, field) == "100000"

@@ -58,6 +58,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             "webhook_delivery_attempts",
             "price_overrides",
             "window_holds",
+            "quarantined_usage",
         }
         assert insp.get_pk_constraint("window_spend")["constrained_columns"] == [
             "policy_id",
@@ -68,7 +69,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             ctx = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
-            assert ctx.get_current_revision() == "0004"
+            assert ctx.get_current_revision() == "0006"
             assert compare_metadata(ctx, Base.metadata) == []
     finally:
         engine.dispose()

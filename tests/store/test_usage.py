@@ -83,10 +83,6 @@ async def test_apply_usage_rejects_bad_batches_without_writing(
 ) -> None:
     p = await cp.create_policy(policy(), "a")
     cases = [
-        (batch("b", inc(p.id, -1)), ["increments[0]"]),
-        (batch("b", inc(p.id, 1), inc(p.id, 1, requests=-1)), ["increments[1]"]),
-        (batch("b", inc(p.id, 1, estimated=-2)), ["increments[0]"]),
-        (batch("b", inc("", 1)), ["increments[0].policy_id"]),
         (batch("", inc(p.id, 1)), ["batch_id"]),
         (batch("x" * 81, inc(p.id, 1)), ["batch_id"]),
     ]
