@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 MAX_TAGS = 32
-_API_KEY_HEADERS = ("x-api-key", "api-key", "x-goog-api-key")
 
 
 def parse_tags(value: str) -> dict[str, str]:
@@ -14,13 +13,3 @@ def parse_tags(value: str) -> dict[str, str]:
         if sep and key.strip() and val.strip():
             tags[key.strip()] = val.strip()
     return tags
-
-
-def api_key_of(headers: dict[str, str]) -> str:
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    for name in _API_KEY_HEADERS:
-        if name in headers:
-            return headers[name].strip()
-    return ""

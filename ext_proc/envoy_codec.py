@@ -29,6 +29,15 @@ def header_dict(headers: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def repeated_names(headers: ep.HttpHeaders) -> frozenset[str]:
+    """Header names that occur more than once (``header_dict`` joins their values)."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for h in headers.headers.headers:
+        (repeated if h.key in seen else seen).add(h.key)
+    return frozenset(repeated)
+
+
 def attribute(req: ep.ProcessingRequest, name: str) -> str:
     """A string attribute Envoy attached (e.g. ``xds.route_name``), or ""."""
     attrs = req.attributes.get(ATTRIBUTES_KEY)

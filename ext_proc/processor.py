@@ -19,9 +19,9 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import dialects, windows
+from ext_proc import api_keys, dialects, windows
 from ext_proc import envoy_codec as codec
-from ext_proc.caller import api_key_of, parse_tags
+from ext_proc.caller import parse_tags
 from ext_proc.config import Settings
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
@@ -124,12 +124,14 @@ class RequestProcessor:
         if self.shape is not None and self.shape.model_from_path is not None:
             self.path_model = self.shape.model_from_path(self.path)
         self.content_length_sent = "content-length" in h
-        key = api_key_of(h)
         route = codec.attribute(req, "xds.route_name")
+        creds = api_keys.read(route, h, codec.repeated_names(req.request_headers), self.path)
+        if creds.error:
+            return self._refuse(creds.error, route)
         self.facts = RequestFacts(
             route=route,
             user=h.get(s.user_header, ""),
-            api_key_hash=hash_api_key(key) if key else "",
+            api_key_hash=hash_api_key(creds.key) if creds.key else "",
             workspace=h.get(s.workspace_header, ""),
             provider=self.shape.provider if self.shape else "",
             model=self.path_model.lower() if self.path_model else "",
@@ -232,6 +234,17 @@ class RequestProcessor:
             {**reply.headers, **rejection_headers(r, now)},
             reply.body,
             "spendgate_budget_exceeded",
+        )
+
+    def _refuse(self, error: str, route: str) -> codec.ProcessingResponse:
+        """400: which API key the provider would bill is ambiguous (api_keys.py)."""
+        self.done = self.rejected = self.last = True
+        self.ctx.stats.count_rejection("", api_keys.REJECT_REASON)
+        log.info("rejected", reason=api_keys.REJECT_REASON, error=error, request_id=self.request_id)
+        dialect = self.shape.dialect if self.shape else dialects.for_route(route)
+        reply = api_keys.refusal(error, dialect)
+        return codec.immediate_response(
+            reply.status, reply.headers, reply.body, f"spendgate_{api_keys.REJECT_REASON}"
         )
 
     def _check_priced(self) -> codec.ProcessingResponse | None:
