@@ -7,7 +7,7 @@ to show spendgate one key while the provider uses another:
   route          key read from                        note
   openai         Authorization: Bearer <key>          also OpenAI-compatible servers
   azure-openai   api-key, or Authorization: Bearer    Entra ID tokens ride in Bearer
-  anthropic      x-api-key, or Authorization: Bearer  the SDK sends Bearer since 2.x
+  anthropic      x-api-key, or Authorization: Bearer  the 2.x SDK sends Bearer
   gemini         x-goog-api-key, or ?key=, or Bearer  ?key= is percent-decoded
   bedrock        Authorization: AWS4-HMAC-SHA256      the SigV4 access key id
                  Credential=<AKID>/..., or Bearer     (or a Bedrock API key)
