@@ -80,6 +80,10 @@ def spent(stack: Stack, policy_id: str) -> Decimal:
     return Decimal(resp.entries[0].spent_usd) if resp.entries else Decimal(0)
 
 
+def wait_for_spend(stack: Stack, policy_id: str, want: Decimal) -> None:
+    wait_until(lambda: spent(stack, policy_id) == want, message=f"spend {want} on {policy_id}")
+
+
 def billed(stack: Stack) -> Decimal:
     total = 0
     for b in stack.provider.log.billed:
@@ -226,6 +230,45 @@ def test_each_sdk_reaches_its_own_provider(
     assert (method, sent_host) == ("POST", host)
     assert sent_path == (path + key if path.endswith("?key=") else path)
     assert len(stack.provider.log.billed) == 1
+
+
+def test_route_budgets_are_charged_to_the_route_the_sdk_reached(stack: Stack) -> None:
+    """ENDPOINT policies name routes: each SDK's spend lands on its own."""
+    calls = {
+        "openai": openai_chat,
+        "anthropic": anthropic_messages,
+        "gemini": gemini_generate,
+        "bedrock": bedrock_converse,
+        "azure-openai": azure_chat,
+    }
+    policies = {}
+    for route in calls:
+        policies[route] = stack.budgets.CreateBudgetPolicy(
+            pb.CreateBudgetPolicyRequest(
+                policy=pb.BudgetPolicy(
+                    name=f"route-{route}",
+                    amount_usd="1000",
+                    action=pb.ACTION_ALERT,
+                    scope=pb.SCOPE_ENDPOINT,
+                    target=route,
+                    window=pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1),
+                )
+            ),
+            metadata=stack.admin,
+        )
+    wait_until(
+        lambda: all(p.id in stack.ext.state.index.policies for p in policies.values()),
+        message="policies synced",
+    )
+    for route, call in calls.items():
+        stack.provider.log.clear()
+        before = {r: spent(stack, p.id) for r, p in policies.items()}
+        call(stack, f"k-{route}")
+        cost = billed(stack)
+        assert cost > 0
+        wait_for_spend(stack, policies[route].id, before[route] + cost)
+        after = {r: spent(stack, p.id) for r, p in policies.items()}
+        assert after == {**before, route: before[route] + cost}
 
 
 def anthropic_raw(stack: Stack, method: str, path: str, headers: dict[str, str]) -> None:
