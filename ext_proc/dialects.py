@@ -79,3 +79,12 @@ def aws(status: int, code: str, message: str) -> ErrorReply:
     return ErrorReply(
         status, {**JSON, "x-amzn-errortype": kind}, orjson.dumps({"message": message})
     )
+
+
+_BY_ROUTE: dict[str, Dialect] = {"anthropic": anthropic, "gemini": google, "bedrock": aws}
+
+
+def for_route(route: str) -> Dialect:
+    """The error shape of the provider behind one of envoy/envoy.yaml's routes
+    (OpenAI's for any other route: Azure OpenAI and OpenAI-compatible servers)."""
+    return _BY_ROUTE.get(route, openai)

@@ -29,15 +29,13 @@ def header_dict(headers: ep.HttpHeaders) -> dict[str, str]:
     return out
 
 
-def repeated_headers(headers: ep.HttpHeaders, names: Iterable[str]) -> frozenset[str]:
-    """Which of ``names`` the request carries more than once. Envoy sends
-    each occurrence of a header as its own entry; header_dict joins them."""
-    wanted = set(names)
+def repeated_names(headers: ep.HttpHeaders) -> frozenset[str]:
+    """Header names that occur more than once. Envoy sends each occurrence as
+    its own entry; ``header_dict`` joins their values with commas."""
     seen: set[str] = set()
     repeated: set[str] = set()
     for h in headers.headers.headers:
-        if h.key in wanted:
-            (repeated if h.key in seen else seen).add(h.key)
+        (repeated if h.key in seen else seen).add(h.key)
     return frozenset(repeated)
 
 

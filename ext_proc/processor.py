@@ -19,9 +19,8 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import anomalies, dialects, identity, windows
+from ext_proc import anomalies, api_keys, dialects, identity, windows
 from ext_proc import envoy_codec as codec
-from ext_proc.caller import api_key_of
 from ext_proc.config import Settings
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
@@ -137,13 +136,14 @@ class RequestProcessor:
         if self.shape is not None and self.shape.model_from_path is not None:
             self.path_model = self.shape.model_from_path(self.path)
         self.content_length_sent = "content-length" in h
-        key = api_key_of(h)
         route = codec.attribute(req, "xds.route_name")
+        repeated = codec.repeated_names(req.request_headers)
+        creds = api_keys.read(route, h, repeated, self.path)
+        if creds.error:
+            return self._refuse(creds.error, route)
         reader = self.ctx.callers
         try:
-            caller = reader.read(
-                req, h, codec.repeated_headers(req.request_headers, reader.header_names)
-            )
+            caller = reader.read(req, h, repeated)
         except identity.MemberInvalid as e:
             return self._refuse_identity(400, INVALID_IDENTITY, "", f"{e}.")
         if caller.untrusted_headers:
@@ -151,7 +151,7 @@ class RequestProcessor:
         self.facts = RequestFacts(
             route=route,
             user=caller.user,
-            api_key_hash=hash_api_key(key) if key else "",
+            api_key_hash=hash_api_key(creds.key) if creds.key else "",
             workspace=caller.workspace,
             provider=self.shape.provider if self.shape else "",
             model=self.path_model.lower() if self.path_model else "",
@@ -301,6 +301,17 @@ class RequestProcessor:
         reply = dialect(status, reason, message)
         headers = {**reply.headers, "x-spendgate-error": reason}
         return codec.immediate_response(reply.status, headers, reply.body, f"spendgate_{reason}")
+
+    def _refuse(self, error: str, route: str) -> codec.ProcessingResponse:
+        """400: which API key the provider would bill is ambiguous (api_keys.py)."""
+        self.done = self.rejected = self.last = True
+        self.ctx.stats.count_rejection("", api_keys.REJECT_REASON)
+        log.info("rejected", reason=api_keys.REJECT_REASON, error=error, request_id=self.request_id)
+        dialect = self.shape.dialect if self.shape else dialects.for_route(route)
+        reply = api_keys.refusal(error, dialect)
+        return codec.immediate_response(
+            reply.status, reply.headers, reply.body, f"spendgate_{api_keys.REJECT_REASON}"
+        )
 
     def _check_priced(self) -> codec.ProcessingResponse | None:
         """With ``unpriced_models: reject``, refuse a model spendgate cannot price."""

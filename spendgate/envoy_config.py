@@ -23,26 +23,30 @@ def load(path: Path = LOCAL_BOOTSTRAP) -> dict[str, Any]:
     return data
 
 
-def _static(name: str, host: str, port: int) -> dict[str, Any]:
+def _static(name: str, host: str, port: int, hostname: str = "") -> dict[str, Any]:
+    endpoint: dict[str, Any] = {
+        "address": {"socket_address": {"address": host, "port_value": port}}
+    }
+    if hostname:
+        # What `auto_host_rewrite` writes into Host, as it would for the real cluster.
+        endpoint["hostname"] = hostname
     return {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "2s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": host, "port_value": port}}
-                            }
-                        }
-                    ]
-                }
-            ],
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
         },
     }
+
+
+def _dns_name(cluster: dict[str, Any]) -> str:
+    """The host name a LOGICAL_DNS / STRICT_DNS cluster resolves, else ""."""
+    if cluster.get("type") not in ("LOGICAL_DNS", "STRICT_DNS"):
+        return ""
+    ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    return str(ep["address"]["socket_address"]["address"])
 
 
 def adapt(
@@ -57,7 +61,8 @@ def adapt(
     """Return ``config`` with the given addresses replaced.
 
     providers_to: send every provider cluster (not ext_proc) to this plain-HTTP
-    address instead, e.g. a local fake provider.
+    address instead, e.g. a local fake provider; routes that rewrite Host from
+    the cluster (`auto_host_rewrite`) still send the provider's host name.
     """
     if listen_port is not None:
         config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = (
@@ -78,12 +83,23 @@ def adapt(
         elif name == "demo_provider" and demo_to is not None:
             clusters[i] = _static(name, *demo_to)
         elif providers_to is not None:
-            clusters[i] = _static(name, *providers_to)
+            clusters[i] = _static(name, *providers_to, hostname=_dns_name(cluster))
     return config
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes what an anchor in envoy/envoy.yaml shares out in full at each use."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump(config: dict[str, Any]) -> str:
+    return yaml.dump(config, Dumper=_Dumper, sort_keys=False)
+
+
 def write(config: dict[str, Any], path: Path) -> Path:
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(dump(config))
     return path
 
 
@@ -144,7 +160,7 @@ def compose_variant(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def compose_text() -> str:
-    return COMPOSE_HEADER + yaml.safe_dump(compose_variant(load()), sort_keys=False)
+    return COMPOSE_HEADER + dump(compose_variant(load()))
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> No
         "",
         "spendgate is up:",
         f"  LLM traffic (Envoy)   http://127.0.0.1:{args.port}  "
-        "(/v1/... → OpenAI, /v1/messages → Anthropic, /v1beta/... → Gemini)",
+        "(OpenAI at /v1, Anthropic, Gemini, Bedrock, Azure OpenAI: by path and key)",
     ]
     if args.demo:
         lines.append(

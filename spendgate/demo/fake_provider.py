@@ -138,7 +138,23 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length", 0) or 0)
         return self.rfile.read(length) if length else b""
 
+    def _log_request(self, raw: bytes) -> None:
+        """Every request, GET included: path, headers (Host is what the route
+        rewrote it to) and the start of the body."""
+        with self.server.log.lock:
+            self.server.log.requests.append(
+                {
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": dict(self.headers),
+                    "body_bytes": len(raw),
+                    "body": raw[:4096],
+                }
+            )
+            self.server.log.trim()
+
     def do_GET(self) -> None:
+        self._log_request(b"")
         if self.path.endswith("/models"):
             self._send_json(
                 200,
@@ -157,16 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         raw = self._read_body()
         path, _, query = self.path.partition("?")
-        with self.server.log.lock:
-            self.server.log.requests.append(
-                {
-                    "path": self.path,
-                    "headers": dict(self.headers),
-                    "body_bytes": len(raw),
-                    "body": raw[:4096],
-                }
-            )
-            self.server.log.trim()
+        self._log_request(raw)
         api, model_in_path = self._api(path)
         if api is None:
             self._send_json(

@@ -288,7 +288,7 @@ def test_non_json_request_body_passes_through_and_ext_proc_keeps_serving(stack: 
     r = httpx.post(
         stack.envoy.base_url + "/v1/chat/completions",
         content=b"{not json",
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", "authorization": "Bearer sk-test"},
     )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -329,7 +329,7 @@ def test_client_abort_mid_stream_is_still_charged(stack: Stack) -> None:
         "POST",
         stack.envoy.base_url + "/v1/chat/completions",
         json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
-        headers={"x-fake-gate": gate},
+        headers={"x-fake-gate": gate, "authorization": "Bearer sk-test"},
     ) as r:
         for line in r.iter_lines():
             if "word0" in line:

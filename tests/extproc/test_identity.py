@@ -53,7 +53,7 @@ def read(
     if claims is not None:
         with_jwt(req, claims)
     h = codec.header_dict(req.request_headers)
-    return reader.read(req, h, codec.repeated_headers(req.request_headers, reader.header_names))
+    return reader.read(req, h, codec.repeated_names(req.request_headers))
 
 
 # ---- sources and precedence ------------------------------------------------

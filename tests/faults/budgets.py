@@ -65,6 +65,7 @@ def probe(base_url: str, user: str) -> int:
             "/v1/chat/completions",
             json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "probe"}]},
             headers={
+                "authorization": "Bearer sk-fault-test",
                 "x-spendgate-user": user,
                 "x-fake-status": "400",
                 "x-fake-prompt-tokens": "1",

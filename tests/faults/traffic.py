@@ -117,6 +117,7 @@ class Client:
         seq = next(self.counter)
         prompt, completion = tokens(seq)
         headers = {
+            "authorization": "Bearer sk-fault-test",
             "x-spendgate-user": user,
             "x-spendgate-workspace": self.workspace,
             "x-fake-prompt-tokens": str(prompt),
