@@ -101,7 +101,8 @@ class ExtProcServer:
         prices: PriceBook | None = None,
     ) -> None:
         self.settings = settings
-        self.state = LocalState(identity=settings.identity)
+        # Other data planes' holds expire by the same clock the requests see.
+        self.state = LocalState(identity=settings.identity, clock=lambda: clock().timestamp())
         table = PriceTable(
             prices or PriceBook.bundled(),
             unpriced=settings.unpriced_models,

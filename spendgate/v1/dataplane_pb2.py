@@ -27,7 +27,7 @@ from spendgate.v1 import budget_pb2 as spendgate_dot_v1_dot_budget__pb2
 from spendgate.v1 import pricing_pb2 as spendgate_dot_v1_dot_pricing__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/dataplane.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\x1a\x1aspendgate/v1/pricing.proto\"\xa9\x01\n\x0eSpendIncrement\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65stimated_count\x18\x06 \x01(\x03\"\xdc\x01\n\x12ReportUsageRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x30\n\nincrements\x18\x03 \x03(\x0b\x32\x1c.spendgate.v1.SpendIncrement\x12\'\n\x05holds\x18\x04 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x05 \x01(\x03\x12/\n\tunapplied\x18\x06 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\"K\n\x0eUnappliedBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\'\n\x05usage\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\"u\n\nWindowHold\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nheld_nanos\x18\x04 \x01(\x03\"\xd4\x01\n\x0eReserveRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\'\n\x05holds\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_nanos\x18\x04 \x01(\x03\x12/\n\tunapplied\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\x12(\n\x05items\x18\x06 \x03(\x0b\x32\x19.spendgate.v1.ReserveItem\"N\n\x0bReserveItem\x12)\n\x07windows\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x14\n\x0c\x61mount_nanos\x18\x02 \x01(\x03\"E\n\x0eReserveVerdict\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\"\xa0\x01\n\x0fReserveResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12(\n\x05spend\x18\x04 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12.\n\x08verdicts\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.ReserveVerdict\"u\n\x13ReportUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12!\n\x19unknown_policy_increments\x18\x03 \x01(\x05\"\x91\x02\n\x0bWindowSpend\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x05 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x06 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x07 \x01(\x08\x12\x15\n\rrequest_count\x18\x08 \x01(\x03\x12*\n\x05holds\x18\t \x03(\x0b\x32\x1b.spendgate.v1.DataPlaneHold\"x\n\rDataPlaneHold\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x12\n\nheld_nanos\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x11WatchStateRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\">\n\x0ePolicySnapshot\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"@\n\x0ePriceOverrides\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"\xe6\x01\n\x0bStateUpdate\x12.\n\x08policies\x18\x01 \x01(\x0b\x32\x1c.spendgate.v1.PolicySnapshot\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12\x15\n\rfull_snapshot\x18\x03 \x01(\x08\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0fprice_overrides\x18\x05 \x01(\x0b\x32\x1c.spendgate.v1.PriceOverrides2\xfa\x01\n\x10\x44\x61taPlaneService\x12R\n\x0bReportUsage\x12 .spendgate.v1.ReportUsageRequest\x1a!.spendgate.v1.ReportUsageResponse\x12J\n\nWatchState\x12\x1f.spendgate.v1.WatchStateRequest\x1a\x19.spendgate.v1.StateUpdate0\x01\x12\x46\n\x07Reserve\x12\x1c.spendgate.v1.ReserveRequest\x1a\x1d.spendgate.v1.ReserveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/dataplane.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\x1a\x1aspendgate/v1/pricing.proto\"\xa9\x01\n\x0eSpendIncrement\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65stimated_count\x18\x06 \x01(\x03\"\xdc\x01\n\x12ReportUsageRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x30\n\nincrements\x18\x03 \x03(\x0b\x32\x1c.spendgate.v1.SpendIncrement\x12\'\n\x05holds\x18\x04 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x05 \x01(\x03\x12/\n\tunapplied\x18\x06 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\"K\n\x0eUnappliedBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\'\n\x05usage\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\"\x87\x01\n\nWindowHold\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nheld_nanos\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\"\xd4\x01\n\x0eReserveRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\'\n\x05holds\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_nanos\x18\x04 \x01(\x03\x12/\n\tunapplied\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\x12(\n\x05items\x18\x06 \x03(\x0b\x32\x19.spendgate.v1.ReserveItem\"N\n\x0bReserveItem\x12)\n\x07windows\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x14\n\x0c\x61mount_nanos\x18\x02 \x01(\x03\"E\n\x0eReserveVerdict\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\"\xa0\x01\n\x0fReserveResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12(\n\x05spend\x18\x04 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12.\n\x08verdicts\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.ReserveVerdict\"u\n\x13ReportUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12!\n\x19unknown_policy_increments\x18\x03 \x01(\x05\"\x91\x02\n\x0bWindowSpend\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x05 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x06 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x07 \x01(\x08\x12\x15\n\rrequest_count\x18\x08 \x01(\x03\x12*\n\x05holds\x18\t \x03(\x0b\x32\x1b.spendgate.v1.DataPlaneHold\"\x8a\x01\n\rDataPlaneHold\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x12\n\nheld_nanos\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x05 \x01(\x03\"*\n\x11WatchStateRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\">\n\x0ePolicySnapshot\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"@\n\x0ePriceOverrides\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"\xe6\x01\n\x0bStateUpdate\x12.\n\x08policies\x18\x01 \x01(\x0b\x32\x1c.spendgate.v1.PolicySnapshot\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12\x15\n\rfull_snapshot\x18\x03 \x01(\x08\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0fprice_overrides\x18\x05 \x01(\x0b\x32\x1c.spendgate.v1.PriceOverrides2\xfa\x01\n\x10\x44\x61taPlaneService\x12R\n\x0bReportUsage\x12 .spendgate.v1.ReportUsageRequest\x1a!.spendgate.v1.ReportUsageResponse\x12J\n\nWatchState\x12\x1f.spendgate.v1.WatchStateRequest\x1a\x19.spendgate.v1.StateUpdate0\x01\x12\x46\n\x07Reserve\x12\x1c.spendgate.v1.ReserveRequest\x1a\x1d.spendgate.v1.ReserveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,30 +40,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTUSAGEREQUEST']._serialized_end=527
   _globals['_UNAPPLIEDBATCH']._serialized_start=529
   _globals['_UNAPPLIEDBATCH']._serialized_end=604
-  _globals['_WINDOWHOLD']._serialized_start=606
-  _globals['_WINDOWHOLD']._serialized_end=723
-  _globals['_RESERVEREQUEST']._serialized_start=726
-  _globals['_RESERVEREQUEST']._serialized_end=938
-  _globals['_RESERVEITEM']._serialized_start=940
-  _globals['_RESERVEITEM']._serialized_end=1018
-  _globals['_RESERVEVERDICT']._serialized_start=1020
-  _globals['_RESERVEVERDICT']._serialized_end=1089
-  _globals['_RESERVERESPONSE']._serialized_start=1092
-  _globals['_RESERVERESPONSE']._serialized_end=1252
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=1254
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=1371
-  _globals['_WINDOWSPEND']._serialized_start=1374
-  _globals['_WINDOWSPEND']._serialized_end=1647
-  _globals['_DATAPLANEHOLD']._serialized_start=1649
-  _globals['_DATAPLANEHOLD']._serialized_end=1769
-  _globals['_WATCHSTATEREQUEST']._serialized_start=1771
-  _globals['_WATCHSTATEREQUEST']._serialized_end=1813
-  _globals['_POLICYSNAPSHOT']._serialized_start=1815
-  _globals['_POLICYSNAPSHOT']._serialized_end=1877
-  _globals['_PRICEOVERRIDES']._serialized_start=1879
-  _globals['_PRICEOVERRIDES']._serialized_end=1943
-  _globals['_STATEUPDATE']._serialized_start=1946
-  _globals['_STATEUPDATE']._serialized_end=2176
-  _globals['_DATAPLANESERVICE']._serialized_start=2179
-  _globals['_DATAPLANESERVICE']._serialized_end=2429
+  _globals['_WINDOWHOLD']._serialized_start=607
+  _globals['_WINDOWHOLD']._serialized_end=742
+  _globals['_RESERVEREQUEST']._serialized_start=745
+  _globals['_RESERVEREQUEST']._serialized_end=957
+  _globals['_RESERVEITEM']._serialized_start=959
+  _globals['_RESERVEITEM']._serialized_end=1037
+  _globals['_RESERVEVERDICT']._serialized_start=1039
+  _globals['_RESERVEVERDICT']._serialized_end=1108
+  _globals['_RESERVERESPONSE']._serialized_start=1111
+  _globals['_RESERVERESPONSE']._serialized_end=1271
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=1273
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=1390
+  _globals['_WINDOWSPEND']._serialized_start=1393
+  _globals['_WINDOWSPEND']._serialized_end=1666
+  _globals['_DATAPLANEHOLD']._serialized_start=1669
+  _globals['_DATAPLANEHOLD']._serialized_end=1807
+  _globals['_WATCHSTATEREQUEST']._serialized_start=1809
+  _globals['_WATCHSTATEREQUEST']._serialized_end=1851
+  _globals['_POLICYSNAPSHOT']._serialized_start=1853
+  _globals['_POLICYSNAPSHOT']._serialized_end=1915
+  _globals['_PRICEOVERRIDES']._serialized_start=1917
+  _globals['_PRICEOVERRIDES']._serialized_end=1981
+  _globals['_STATEUPDATE']._serialized_start=1984
+  _globals['_STATEUPDATE']._serialized_end=2214
+  _globals['_DATAPLANESERVICE']._serialized_start=2217
+  _globals['_DATAPLANESERVICE']._serialized_end=2467
 # @@protoc_insertion_point(module_scope)
