@@ -234,6 +234,8 @@ class RequestProcessor:
         if held:
             r = dataclasses.replace(r, held_nanos=min(held, r.spent_nanos), held_requests=requests)
         self.ctx.stats.count_rejection(r.policy.id, BUDGET_EXCEEDED)
+        # Where running requests hold part of it, the line says how much.
+        in_flight = {"held_nanos": r.held_nanos, "held_requests": r.held_requests} if held else {}
         log.info(
             "rejected",
             reason="budget_exceeded",
@@ -241,9 +243,7 @@ class RequestProcessor:
             policy_id=r.policy.id,
             member=r.member if r.member else None,
             reset=r.window.end.isoformat(),
-            spent_nanos=r.spent_nanos - r.held_nanos,
-            held_nanos=r.held_nanos,
-            held_requests=r.held_requests,
+            **in_flight,
         )
         dialect = self.shape.dialect if self.shape else dialects.openai
         reply = dialect(429, "budget_exceeded", rejection_message(r))
