@@ -182,7 +182,12 @@ class LocalState:
     def held_elsewhere(self) -> int:
         """The other data planes' unexpired holds, summed over windows (metrics)."""
         now = self.clock()
-        return sum(self._count_others(k, now) for k in list(self.holds_remote))
+        return sum(
+            h.nanos
+            for known in self.holds_remote.values()
+            for h in known.values()
+            if h.expires > now
+        )
 
     # ---- local usage ---------------------------------------------------------
 

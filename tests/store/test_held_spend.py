@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import Engine
 
+from control_plane.errors import InvalidArgument
 from control_plane.hub import StateHub
 from control_plane.metrics import read_metrics
 from control_plane.service import ControlPlane
@@ -98,3 +99,12 @@ async def test_each_window_is_decided_with_the_requests_own_hold_on_it(cp: Contr
     e_small, e_large = await spend_entry(cp, small), await spend_entry(cp, large)
     assert (e_small.held_usd, e_small.held_requests) == ("1.00", 1)
     assert (e_large.held_usd, e_large.held_requests) == ("50.00", 1)
+
+
+async def test_a_negative_request_count_is_refused_naming_the_field(cp: ControlPlane) -> None:
+    pid = await daily(cp)
+    with pytest.raises(InvalidArgument) as exc:
+        await cp.apply_usage(
+            dp.ReportUsageRequest(data_plane_id="a", holds=holds(pid, 5, -1), holds_seq=1)
+        )
+    assert [v.field for v in exc.value.violations] == ["holds[0].requests"]

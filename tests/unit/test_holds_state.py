@@ -81,7 +81,9 @@ def test_a_silent_data_planes_holds_stop_counting_at_expiry_without_any_update()
     assert state.held(KEY) == (7 * USD, 0)
     clock.now = DAY_START + 29.9
     assert state.spent(KEY) == 8 * USD
+    assert state.held_elsewhere() == 7 * USD
     clock.now = DAY_START + 30
+    assert state.held_elsewhere() == 2 * USD  # a metrics read sees the expiry too
     assert state.spent(KEY) == 3 * USD  # no update, no prune: the expiry alone
     assert state.held(KEY) == (2 * USD, 0)
     clock.now = DAY_START + 60
