@@ -227,6 +227,7 @@ def window_spend_message(
                 held_nanos=h.held_nanos,
                 seq=h.seq,
                 expire_time=timestamp(h.expires_at),
+                requests=h.requests,
             )
             for h in holds
         ],

@@ -60,7 +60,17 @@ def decide(
     refused, are recorded in the same transaction.
     """
     at = int(now.timestamp())
-    items = list(req.items) or [dp.ReserveItem(windows=req.holds, amount_nanos=req.amount_nanos)]
+    items = list(req.items) or [
+        # One request: its windows are those of the holds (whose held_nanos
+        # are the data plane's whole holds, not this request's part).
+        dp.ReserveItem(
+            windows=[
+                dp.WindowHold(policy_id=h.policy_id, member=h.member, window_start=h.window_start)
+                for h in req.holds
+            ],
+            amount_nanos=req.amount_nanos,
+        )
+    ]
     ids = {h.policy_id for h in req.holds}
     rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
     buckets = Buckets(rows)
@@ -75,29 +85,38 @@ def decide(
         k: sum(h.held_nanos for h in held.get(k, ()) if h.data_plane_id != req.data_plane_id)
         for k in keys
     }
+    # Each request's windows, with what it holds on each (its estimate,
+    # capped per window at the policy's amount by the data plane).
     windows = [
-        [f[0] for w in item.windows if (f := buckets.key(*window_key(w))) and f[0] in spent]
+        [
+            (f[0], w.held_nanos or item.amount_nanos)
+            for w in item.windows
+            if (f := buckets.key(*window_key(w))) and f[0] in spent
+        ]
         for item in items
     ]
     # Ours without the requests of this call; each admitted one joins.
     mine = {k: holds[k][0] for k in keys}
-    for item, item_keys in zip(items, windows, strict=True):
-        for k in item_keys:
-            mine[k] = max(mine[k] - item.amount_nanos, 0)
+    count = buckets.requests(req.holds)
+    for item_windows in windows:
+        for k, amount in item_windows:
+            mine[k] = max(mine[k] - amount, 0)
+            count[k] = max(count.get(k, 0) - 1, 0)
     resp = dp.ReserveResponse()
-    for item, item_keys in zip(items, windows, strict=True):
+    for item_windows in windows:
         verdict = dp.ReserveVerdict(admitted=True)
-        for k in item_keys:
+        for k, _ in item_windows:
             if rejects(rows[k[0]]) and spent[k] + others[k] + mine[k] >= rows[k[0]].amount_nanos:
                 verdict = dp.ReserveVerdict(admitted=False, policy_id=k[0], member=k[1])
                 break
         if verdict.admitted:
-            for k in item_keys:
-                mine[k] += item.amount_nanos
+            for k, amount in item_windows:
+                mine[k] += amount
+                count[k] = count.get(k, 0) + 1
         resp.verdicts.append(verdict)
     first = resp.verdicts[0]
     resp.admitted, resp.policy_id, resp.member = first.admitted, first.policy_id, first.member
-    repo.set_holds(s, req.data_plane_id, req.holds_seq, mine.items(), at + hold_ttl_s)
+    repo.set_holds(s, req.data_plane_id, req.holds_seq, mine.items(), at + hold_ttl_s, count)
     changed(s, "spend", keys)
     messages = total_messages(totals, rows, repo.holds_by_window(s, keys, at))
     resp.spend.extend(messages)
@@ -142,6 +161,8 @@ def check_holds(holds: Sequence[dp.WindowHold], field: str, data_plane_id: str) 
             raise InvalidArgument.one(f"{field}[{i}].policy_id", "is required")
         if h.held_nanos < 0:
             raise InvalidArgument.one(f"{field}[{i}].held_nanos", "must be >= 0")
+        if h.requests < 0:
+            raise InvalidArgument.one(f"{field}[{i}].requests", "must be >= 0")
 
 
 def check_unapplied(batches: Sequence[dp.UnappliedBatch]) -> None:
@@ -178,6 +199,15 @@ class Buckets:
         return (policy_id, member if policy.is_wildcard else "", int(w.start.timestamp())), int(
             w.end.timestamp()
         )
+
+    def requests(self, holds: Sequence[dp.WindowHold]) -> dict[tuple[str, str, int], int]:
+        """key -> running requests the reported holds include."""
+        out: dict[tuple[str, str, int], int] = {}
+        for h in holds:
+            found = self.key(h.policy_id, h.member, h.window_start.seconds)
+            if found is not None and h.requests > 0:
+                out[found[0]] = out.get(found[0], 0) + h.requests
+        return out
 
     def holds(
         self,

@@ -124,6 +124,8 @@ class PolicyWindow:
     requests: int  # all members'
     members_exceeded: int
     window_end: int
+    held_nanos: int = 0  # running requests' holds, all members, unexpired
+    held_requests: int = 0
 
 
 @dataclass(slots=True)
@@ -135,15 +137,21 @@ class StoreReading:
 
 def read_metrics(session: Session, now: datetime) -> StoreReading:
     """Every policy's current window and the deliveries per state."""
+    at = int(now.timestamp())
     windows = {
-        (w.policy_id, w.window_start): w
-        for w in summary.window_summaries(session, active_at=int(now.timestamp()))
+        (w.policy_id, w.window_start): w for w in summary.window_summaries(session, active_at=at)
     }
+    held: dict[tuple[str, int], list[int]] = {}
+    for (policy_id, _, start), holds in repo.holds_by_window(session, None, at).items():
+        acc = held.setdefault((policy_id, start), [0, 0])
+        acc[0] += sum(h.held_nanos for h in holds)
+        acc[1] += sum(h.requests for h in holds)
     out = []
     for row in repo.all_policies(session):
         policy = convert.domain_policy(row)
         window = window_for(policy.window, now)
         w = windows.get((row.id, int(window.start.timestamp())))
+        held_nanos, held_requests = held.get((row.id, int(window.start.timestamp())), (0, 0))
         out.append(
             PolicyWindow(
                 policy_id=row.id,
@@ -156,6 +164,8 @@ def read_metrics(session: Session, now: datetime) -> StoreReading:
                 requests=w.request_count if w else 0,
                 members_exceeded=w.members_exceeded if w else 0,
                 window_end=int(window.end.timestamp()),
+                held_nanos=held_nanos,
+                held_requests=held_requests,
             )
         )
     return StoreReading(out, summary.delivery_counts(session), database_up=True)
@@ -224,6 +234,18 @@ class ControlPlaneCollector(Collector):
                 "spendgate_policy_spend_usd",
                 "USD spent in the policy's current window (wildcard: the largest member's).",
                 lambda p: p.spent_nanos / NANOS,
+            ),
+            (
+                "spendgate_policy_held_usd",
+                "USD held in the policy's current window by requests still running, on "
+                "every data plane (all members; not in spendgate_policy_spend_usd).",
+                lambda p: p.held_nanos / NANOS,
+            ),
+            (
+                "spendgate_policy_held_requests",
+                "Requests still running whose estimates are held in the policy's current "
+                "window (all members).",
+                lambda p: p.held_requests,
             ),
             (
                 "spendgate_policy_limit_usd",

@@ -303,6 +303,7 @@ class ControlPlane:
                     req.holds_seq,
                     ((k, min(h, MAX_COST_NANOS)) for k, (h, _) in held_now.items()),
                     at + self.hold_ttl_s,
+                    buckets.requests(req.holds),
                 )
             keys = [(t.policy_id, t.member, t.window_start) for t in totals]
             # Holds change only with a report of them: only those windows'
@@ -467,6 +468,8 @@ class ControlPlane:
             else:
                 policies = {r.id: r for r in repo.all_policies(s)}
             rows = repo.current_spend(s, active_at=at, policy_id=policy_id, member=member)
+            # Unexpired holds only: a dead data plane's lapse on their own.
+            held = repo.holds_by_window(s, None, at)
             entries: dict[tuple[str, str], pb.SpendEntry] = {}
             # Start of each policy's current window: after a policy's window is
             # changed, rows of its old windows may still contain `now`.
@@ -480,7 +483,9 @@ class ControlPlane:
                     and r.window_start == starts[r.policy_id]
                     and (r.policy_id, r.member) > after
                 ):
-                    entries[(r.policy_id, r.member)] = _spend_entry(r, policies[r.policy_id])
+                    entries[(r.policy_id, r.member)] = _spend_entry(
+                        r, policies[r.policy_id], held.get((r.policy_id, r.member, r.window_start))
+                    )
             # A policy with nothing spent yet still has a current window: show it.
             for p in policies.values():
                 key = (p.id, "")
@@ -578,8 +583,13 @@ def _spend_message(
     )
 
 
-def _spend_entry(r: WindowSpendRow, p: PolicyRow) -> pb.SpendEntry:
+def _spend_entry(
+    r: WindowSpendRow, p: PolicyRow, holds: Sequence[repo.Hold] | None = None
+) -> pb.SpendEntry:
+    """``remaining_usd`` is the limit less what is spent; ``held_usd`` (what
+    running requests hold, across data planes) is apart from both."""
     remaining = max(p.amount_nanos - r.spent_nanos, 0)
+    held = sum(h.held_nanos for h in holds or ())
     return pb.SpendEntry(
         policy_id=p.id,
         policy_name=p.name,
@@ -594,6 +604,8 @@ def _spend_entry(r: WindowSpendRow, p: PolicyRow) -> pb.SpendEntry:
         remaining_usd=format_usd(remaining).removeprefix("$"),
         exceeded=r.spent_nanos >= p.amount_nanos,
         request_count=r.request_count,
+        held_usd=format_usd(held).removeprefix("$"),
+        held_requests=sum(h.requests for h in holds or ()),
     )
 
 

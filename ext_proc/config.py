@@ -60,10 +60,14 @@ class Settings:
     # (see ext_proc/pricing.py).
     unpriced_models: str = "default"
     # Reservations: an admitted request holds its estimated cost (input from
-    # the request size, output from max_tokens or the value below) against its
-    # REJECT windows until it ends, bounding concurrent overshoot.
+    # the request size; output the reservation_percentile of what the model
+    # produced on the route recently, reservation_output_tokens until a few
+    # answers were seen, never above the request's max_tokens) against its
+    # REJECT windows until it ends, bounding concurrent overshoot
+    # (ext_proc/estimate.py).
     reservations: bool = True
     reservation_output_tokens: int = 4096
+    reservation_percentile: int = 95
     # Across data planes: a request whose REJECT window has room for fewer
     # than this many more requests of its estimated size is admitted by the
     # control plane (one round trip, against every data plane's holds)
@@ -118,6 +122,10 @@ class Settings:
             raise ConfigError(
                 "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)"
             )
+        if self.reservation_output_tokens < 0:
+            raise ConfigError("reservation_output_tokens must be >= 0")
+        if not 50 <= self.reservation_percentile <= 100:
+            raise ConfigError("reservation_percentile must be between 50 and 100")
         if self.arbiter_headroom_requests < 0:
             raise ConfigError("arbiter_headroom_requests must be >= 0")
         if not 10 <= self.arbiter_timeout_ms <= 900:

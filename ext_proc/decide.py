@@ -25,7 +25,11 @@ class Rejection:
     policy: Policy
     member: str
     window: Window
-    spent_nanos: int
+    spent_nanos: int  # counted against the limit: spend and holds
+    # The part of spent_nanos that requests still running hold (their
+    # estimates, here and on other data planes), and how many they are.
+    held_nanos: int = 0
+    held_requests: int = 0
 
 
 def decide(

@@ -223,6 +223,17 @@ class ExtProcCollector(Collector):
                 "USD held by reservations of requests in flight (summed over windows).",
                 sum(state.reserved.values()) / NANOS,
             ),
+            (
+                "spendgate_ext_proc_reserved_requests",
+                "Requests in flight holding a reservation.",
+                state.holding_requests,
+            ),
+            (
+                "spendgate_ext_proc_held_elsewhere_usd",
+                "USD other data planes hold (running requests, unapplied usage) on the "
+                "windows this one knows, unexpired (summed over windows).",
+                state.held_elsewhere() / NANOS,
+            ),
             ("spendgate_ext_proc_policies", "Budget policies in the snapshot.", len(state.index)),
             (
                 "spendgate_ext_proc_journal_failing",

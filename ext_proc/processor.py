@@ -25,6 +25,7 @@ from ext_proc.config import Settings
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
 from ext_proc.decoding import BodyDecoder
+from ext_proc.estimate import OutputEstimator, max_tokens_of, per_window
 from ext_proc.meters.base import Meter, estimate_tokens_from_chars
 from ext_proc.pricing import PriceTable
 from ext_proc.reject import rejection_headers, rejection_message
@@ -44,7 +45,9 @@ from spendgate.domain.usage import Usage
 from spendgate.v1.dataplane_pb2 import ReserveVerdict
 
 log = structlog.get_logger("spendgate.ext_proc")
-Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveVerdict | None]]
+# A request's holds: what it holds on each of its REJECT windows.
+Holds: TypeAlias = "list[tuple[SpendKey, int]]"
+Arbiter = Callable[[Holds], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -66,9 +69,15 @@ class Context:
     warned_untrusted: bool = False
     # Who is the caller, read the way the settings say (built once).
     callers: identity.IdentityReader = dataclasses.field(init=False)
+    # Recent output tokens per (model, route): what a reservation assumes.
+    estimator: OutputEstimator | None = None
 
     def __post_init__(self) -> None:
         self.callers = identity.IdentityReader(self.settings)
+        if self.estimator is None:
+            self.estimator = OutputEstimator(
+                self.settings.reservation_output_tokens, self.settings.reservation_percentile
+            )
 
 
 class RequestProcessor:
@@ -86,7 +95,7 @@ class RequestProcessor:
         self.path_model: str | None = None
         self.decoder: BodyDecoder | None = None
         self.stream_requested = False
-        self.held: tuple[list[tuple[str, str, int]], int] | None = None
+        self.held: Holds | None = None
         self.done = False  # charged (or decided there is nothing to charge)
         # Envoy's x-request-id (also in its access log); only ever read to log.
         self.request_id = ""
@@ -250,7 +259,15 @@ class RequestProcessor:
 
     def _reject(self, r: Rejection, now: datetime) -> codec.ProcessingResponse:
         self.rejected = self.last = True
+        # Tell spent from held: what running requests hold may be most of it.
+        held, requests = self.ctx.state.held(
+            (r.policy.id, r.member, int(r.window.start.timestamp()))
+        )
+        if held:
+            r = dataclasses.replace(r, held_nanos=min(held, r.spent_nanos), held_requests=requests)
         self.ctx.stats.count_rejection(r.policy.id, BUDGET_EXCEEDED)
+        # Where running requests hold part of it, the line says how much.
+        in_flight = {"held_nanos": r.held_nanos, "held_requests": r.held_requests} if held else {}
         log.info(
             "rejected",
             reason="budget_exceeded",
@@ -258,6 +275,7 @@ class RequestProcessor:
             policy_id=r.policy.id,
             member=r.member if r.member else None,
             reset=r.window.end.isoformat(),
+            **in_flight,
         )
         dialect = self.shape.dialect if self.shape else dialects.openai
         reply = dialect(429, "budget_exceeded", rejection_message(r))
@@ -416,24 +434,27 @@ class RequestProcessor:
         )
         if price is None:
             return False
-        output = s.reservation_output_tokens
-        if body is not None:
-            for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-                value = body.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    output = value
-                    break
+        # The plausible cost: output as this model produced on this route
+        # recently (ext_proc/estimate.py), never more than the request's
+        # own max_tokens; held on each window up to its policy's amount.
+        assert self.ctx.estimator is not None
+        output = self.ctx.estimator.estimate(
+            (price.model, self.facts.route), max_tokens_of(body) if body is not None else None
+        )
         estimate = Usage(
             input_tokens=estimate_tokens_from_chars(self.request_bytes), output_tokens=output
         )
         amount = cost_nanos(estimate, price)
-        self.held = (keys, amount)
+        holds = list(
+            zip(keys, per_window(amount, (p.amount_nanos for p, _ in rejecting)), strict=True)
+        )
+        self.held = holds
         state = self.ctx.state
-        state.reserve(keys, amount)
-        headroom = amount * s.arbiter_headroom_requests
+        state.reserve(holds)
+        n = s.arbiter_headroom_requests
         return self.ctx.arbiter is not None and any(
-            p.amount_nanos - state.spent(k) < headroom
-            for (p, _), k in zip(rejecting, keys, strict=True)
+            p.amount_nanos - state.spent(k) < held * n
+            for (p, _), (k, held) in zip(rejecting, holds, strict=True)
         )
 
     async def _arbitrate(self, admitted: codec.ProcessingResponse) -> codec.ProcessingResponse:
@@ -449,9 +470,8 @@ class RequestProcessor:
 
     async def _ask_arbiter(self, admitted: codec.ProcessingResponse) -> codec.ProcessingResponse:
         assert self.held is not None and self.ctx.arbiter is not None
-        keys, amount = self.held
         try:
-            answer = await self.ctx.arbiter(keys, amount)
+            answer = await self.ctx.arbiter(self.held)
         except Exception:
             self.ctx.stats.internal_errors += 1
             log.exception(
@@ -484,11 +504,10 @@ class RequestProcessor:
         admitted meanwhile (this request's own estimate left out, so that the
         request that crosses the line still completes)."""
         assert self.held is not None
-        keys, amount = self.held
-        own = set(keys)
+        own = dict(self.held)
         state = self.ctx.state
         now = self.ctx.clock()
-        r = decide(self.matches, lambda k: state.spent(k) - (amount if k in own else 0), now)
+        r = decide(self.matches, lambda k: state.spent(k) - own.get(k, 0), now)
         if r is None:
             return admitted
         self._release()
@@ -497,7 +516,7 @@ class RequestProcessor:
 
     def _release(self) -> None:
         if self.held is not None:
-            self.ctx.state.release(*self.held)
+            self.ctx.state.release(self.held)
             self.held = None
 
     def close(self) -> None:
@@ -574,6 +593,11 @@ class RequestProcessor:
             if price is not None
             else 0
         )
+        if price is not None and not usage.estimated and usage.output_tokens is not None:
+            # What later reservations of this model and route assume; a cut
+            # stream's estimate would teach it too little.
+            assert self.ctx.estimator is not None
+            self.ctx.estimator.record((price.model, self.facts.route), usage.output_tokens)
         if usage.estimated:
             stats.estimated_responses += 1
         stats.metered_responses += 1

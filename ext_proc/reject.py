@@ -1,7 +1,9 @@
 """The 429: what a rejected client receives, in its own SDK's dialect.
 
 The message names the policy, its limit, its window and when the window
-resets; it shows nothing about other members of a wildcard policy.
+resets, and tells what is spent from what requests still running hold
+("$0.0000083 spent; $0.0024 more held by 3 requests in flight"); it shows
+nothing about other members of a wildcard policy.
 """
 
 from __future__ import annotations
@@ -29,10 +31,26 @@ def rejection_message(r: Rejection) -> str:
         who = f" for tag {p.target.partition('=')[0]}={r.member}"
     elif r.member and p.scope is not Scope.API_KEY:
         who = f" for {p.scope.value.lower().replace('_', ' ')} '{r.member}'"
-    return (
+    head = (
         f"Budget exceeded: policy '{p.name}' ({p.id}) allows {format_usd(p.amount_nanos)} "
-        f"per {describe(p.window)}{who}; {format_usd(r.spent_nanos)} spent. "
-        f"Requests are rejected until the window resets at {reset}."
+        f"per {describe(p.window)}{who}; "
+    )
+    if not r.held_nanos:
+        return (
+            f"{head}{format_usd(r.spent_nanos)} spent. "
+            f"Requests are rejected until the window resets at {reset}."
+        )
+    spent = r.spent_nanos - r.held_nanos
+    n = r.held_requests
+    by = f" by {n} request{'s' if n != 1 else ''} in flight" if n else " in flight"
+    until = (
+        f"until the window resets at {reset}."
+        if spent >= p.amount_nanos
+        else f"until those end within the budget, or the window resets at {reset}."
+    )
+    return (
+        f"{head}{format_usd(spent)} spent; {format_usd(r.held_nanos)} more held{by}. "
+        f"Requests are rejected {until}"
     )
 
 

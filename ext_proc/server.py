@@ -102,8 +102,11 @@ class ExtProcServer:
         prices: PriceBook | None = None,
     ) -> None:
         self.settings = settings
+        # Other data planes' holds expire by the same clock the requests see.
         self.state = LocalState(
-            identity=settings.identity, max_batch_bytes=settings.usage_message_max_bytes // 2
+            identity=settings.identity,
+            max_batch_bytes=settings.usage_message_max_bytes // 2,
+            clock=lambda: clock().timestamp(),
         )
         table = PriceTable(
             prices or PriceBook.bundled(),

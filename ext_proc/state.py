@@ -154,14 +154,19 @@ class LocalState:
     journal: Journal | None = None
     journal_failed: bool = False
     # Estimated cost held by admitted requests still running (reservations):
-    # counted as spent until the response ends and its real cost replaces it.
+    # counted as spent until the response ends and its real cost replaces it;
+    # and how many requests hold it.
     reserved: dict[SpendKey, int] = field(default_factory=dict)
+    reserved_requests: dict[SpendKey, int] = field(default_factory=dict)
+    holding_requests: int = 0  # requests with a reservation, whatever their windows
     # Holds across data planes (see ReserveRequest): the other data planes'
-    # holds per window (id -> (seq, nanos, expires at)) and their sum; the
-    # windows whose holds we report, and the order of our reports.
+    # holds per window (id -> RemoteHold), their sum, and when the first of
+    # them expires; the windows whose holds we report, and the order of our
+    # reports.
     identity: str = ""
-    holds_remote: dict[SpendKey, dict[str, tuple[int, int, int]]] = field(default_factory=dict)
+    holds_remote: dict[SpendKey, dict[str, RemoteHold]] = field(default_factory=dict)
     held_others: dict[SpendKey, int] = field(default_factory=dict)
+    held_others_until: dict[SpendKey, int] = field(default_factory=dict)
     hold_keys: set[SpendKey] = field(default_factory=set)
     holds_dirty: bool = False
     holds_seq: int = 0
@@ -176,6 +181,10 @@ class LocalState:
     quarantine: Quarantine = field(default_factory=Quarantine)
     anomalies: list[dp.UsageAnomaly] = field(default_factory=list)
     max_batch_bytes: int = 512 * 1024
+    # Unix seconds now. Holds of other data planes stop counting at their
+    # expiry by this clock, whether or not any update arrives (a dead data
+    # plane sends none).
+    clock: Callable[[], float] = time.time
 
     # ---- reads (hot path) --------------------------------------------------
 
@@ -185,6 +194,8 @@ class LocalState:
         total = self.remote[key][0] if key in self.remote else 0
         others = self.held_others.get(key)
         if others:
+            if self.held_others_until[key] <= self.clock():
+                others = self._count_others(key, self.clock())
             total += others
         held = self.reserved.get(key)
         if held:
@@ -197,8 +208,6 @@ class LocalState:
             if b is not None:
                 total += b.cost_nanos
         return total
-
-    # ---- local usage ---------------------------------------------------------
 
     def charge(
         self, matches: Iterable[Match], cost_nanos: int, now: datetime, *, estimated: bool
@@ -213,21 +222,56 @@ class LocalState:
             inc.requests += 1
             inc.estimated += int(estimated)
 
-    def reserve(self, keys: Iterable[SpendKey], nanos: int) -> None:
-        """Hold ``nanos`` against each window until ``release``."""
-        for key in keys:
+    def held(self, key: SpendKey) -> tuple[int, int]:
+        """(nanos, requests) of ``spent(key)`` that running requests hold
+        here and on the other data planes (theirs includes, for a moment,
+        usage the control plane has not applied yet)."""
+        nanos = self.reserved.get(key, 0)
+        requests = self.reserved_requests.get(key, 0)
+        if self.held_others.get(key):
+            now = self.clock()
+            if self.held_others_until[key] <= now:
+                self._count_others(key, now)
+            for h in self.holds_remote.get(key, {}).values():
+                if h.expires > now:
+                    nanos += h.nanos
+                    requests += h.requests
+        return nanos, requests
+
+    def held_elsewhere(self) -> int:
+        """The other data planes' unexpired holds, summed over windows (metrics)."""
+        now = self.clock()
+        return sum(
+            h.nanos
+            for known in self.holds_remote.values()
+            for h in known.values()
+            if h.expires > now
+        )
+
+    # ---- local usage ---------------------------------------------------------
+
+    def reserve(self, holds: Iterable[tuple[SpendKey, int]]) -> None:
+        """Hold one request's estimate on each window (key, nanos) until ``release``."""
+        for key, nanos in holds:
             self.reserved[key] = self.reserved.get(key, 0) + nanos
+            self.reserved_requests[key] = self.reserved_requests.get(key, 0) + 1
             self.hold_keys.add(key)
+        self.holding_requests += 1
         self.holds_dirty = True
 
-    def release(self, keys: Iterable[SpendKey], nanos: int) -> None:
+    def release(self, holds: Iterable[tuple[SpendKey, int]]) -> None:
+        """Undo one ``reserve`` with the same holds."""
         self.holds_dirty = True
-        for key in keys:
+        self.holding_requests = max(self.holding_requests - 1, 0)
+        for key, nanos in holds:
             left = self.reserved.get(key, 0) - nanos
-            if left > 0:
-                self.reserved[key] = left
+            count = self.reserved_requests.get(key, 0) - 1
+            if left > 0 or count > 0:
+                self.reserved[key] = max(left, 0)
+                self.reserved_requests[key] = max(count, 0)
             else:
                 self.reserved.pop(key, None)
+                self.reserved_requests.pop(key, None)
 
     # ---- holds reported to the control plane --------------------------------
 
@@ -265,7 +309,7 @@ class LocalState:
         ]
         for key in wanted:
             held = self.own_hold(key, skip)
-            holds.append(_hold(key, held))
+            holds.append(_hold(key, held, self.reserved_requests.get(key, 0)))
             if not held and keys is None:
                 self.hold_keys.discard(key)
         if keys is None:
@@ -518,6 +562,7 @@ class LocalState:
             self.remote = {}
             self.holds_remote = {}
             self.held_others = {}
+            self.held_others_until = {}
             self.synced = True
         self.merge_spend(update.spend)
         # Pruning walks every known window: do it at most every few seconds.
@@ -543,9 +588,22 @@ class LocalState:
             if h.data_plane_id == self.identity:
                 continue
             old = known.get(h.data_plane_id)
-            if old is None or h.seq >= old[0]:
-                known[h.data_plane_id] = (h.seq, h.held_nanos, h.expire_time.seconds)
-        self.held_others[key] = sum(v[1] for v in known.values())
+            if old is None or h.seq >= old.seq:
+                known[h.data_plane_id] = RemoteHold(
+                    h.seq, h.held_nanos, h.expire_time.seconds, h.requests
+                )
+        self._count_others(key, self.clock())
+
+    def _count_others(self, key: SpendKey, now: float) -> int:
+        """Sum the other data planes' unexpired holds on ``key``, forget the
+        expired ones, and note when the next one expires."""
+        known = self.holds_remote.get(key, {})
+        for dp_id in [d for d, h in known.items() if h.expires <= now]:
+            del known[dp_id]
+        total = sum(h.nanos for h in known.values())
+        self.held_others[key] = total
+        self.held_others_until[key] = min((h.expires for h in known.values()), default=0)
+        return total
 
     def prune(self, now: datetime) -> None:
         """Forget control plane totals of windows that have ended."""
@@ -554,21 +612,32 @@ class LocalState:
         ended = [k for k, v in self.remote.items() if v[1] <= t]
         for k in ended:
             del self.remote[k]
-        # Holds of a data plane that stopped reporting lapse at their expiry.
-        for k, known in list(self.holds_remote.items()):
+        # Holds of a data plane that stopped reporting lapse at their expiry
+        # (spent() and held() already stop counting them then).
+        for k in list(self.holds_remote):
             if k not in self.remote:
                 del self.holds_remote[k]
                 self.held_others.pop(k, None)
-                continue
-            for dp_id in [d for d, v in known.items() if v[2] <= t]:
-                del known[dp_id]
-            self.held_others[k] = sum(v[1] for v in known.values())
+                self.held_others_until.pop(k, None)
+            else:
+                self._count_others(k, t)
 
 
-def _hold(key: SpendKey, nanos: int) -> dp.WindowHold:
+@dataclass(frozen=True, slots=True)
+class RemoteHold:
+    """Another data plane's hold on a window, from its newest report."""
+
+    seq: int
+    nanos: int
+    expires: int  # Unix seconds
+    requests: int  # running requests the hold includes
+
+
+def _hold(key: SpendKey, nanos: int, requests: int = 0) -> dp.WindowHold:
     return dp.WindowHold(
         policy_id=key[0],
         member=key[1],
         window_start=timestamp(key[2]),
         held_nanos=min(nanos, MAX_COST_NANOS),
+        requests=requests,
     )

@@ -76,7 +76,7 @@ class ControlPlaneSync:
         self._holds_reported_at = 0.0
         self._saved_at = 0.0
         self._reserve_queue: list[
-            tuple[list[SpendKey], int, asyncio.Future[dp.ReserveVerdict | None]]
+            tuple[list[tuple[SpendKey, int]], asyncio.Future[dp.ReserveVerdict | None]]
         ] = []
         self._reserve_task: asyncio.Task[None] | None = None
         self.arbiter_failures = 0
@@ -249,10 +249,11 @@ class ControlPlaneSync:
         self._holds_reported_at = now
         state.merge_spend(resp.spend)
 
-    async def reserve(self, keys: list[SpendKey], amount_nanos: int) -> dp.ReserveVerdict | None:
+    async def reserve(self, holds: list[tuple[SpendKey, int]]) -> dp.ReserveVerdict | None:
         """Ask the control plane to admit a request near a budget's line
-        (``keys``: its REJECT windows, already held locally). None when the
-        control plane cannot answer in time: the caller decides locally.
+        (``holds``: its REJECT windows and what it holds on each, already
+        held locally). None when the control plane cannot answer in time:
+        the caller decides locally.
 
         Requests that arrive while a call is out go together in the next one
         (one transaction for a whole burst, decided in arrival order), so a
@@ -262,7 +263,7 @@ class ControlPlaneSync:
             return None
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[dp.ReserveVerdict | None] = loop.create_future()
-        self._reserve_queue.append((keys, amount_nanos, answer))
+        self._reserve_queue.append((holds, answer))
         if self._reserve_task is None or self._reserve_task.done():
             self._reserve_task = loop.create_task(self._send_reserves(), name="reserve")
         try:
@@ -277,7 +278,7 @@ class ControlPlaneSync:
         state = self.state
         while self._reserve_queue:
             queued, self._reserve_queue = self._reserve_queue, []
-            keys = list(dict.fromkeys(k for q in queued for k in q[0]))
+            keys = list(dict.fromkeys(k for q in queued for k, _ in q[0]))
             holds, unapplied = state.hold_report(keys)
             msg = dp.ReserveRequest(
                 data_plane_id=self.settings.identity,
@@ -287,12 +288,20 @@ class ControlPlaneSync:
                 items=[
                     dp.ReserveItem(
                         windows=[
-                            dp.WindowHold(policy_id=k[0], member=k[1], window_start=timestamp(k[2]))
-                            for k in item_keys
+                            dp.WindowHold(
+                                policy_id=k[0],
+                                member=k[1],
+                                window_start=timestamp(k[2]),
+                                held_nanos=min(held, MAX_COST_NANOS),
+                            )
+                            for k, held in item_holds
                         ],
-                        amount_nanos=min(amount, MAX_COST_NANOS),
+                        # For a control plane that reads no per-window amount.
+                        amount_nanos=min(
+                            max((held for _, held in item_holds), default=0), MAX_COST_NANOS
+                        ),
                     )
-                    for item_keys, amount, _ in queued
+                    for item_holds, _ in queued
                 ],
             )
             verdicts: list[dp.ReserveVerdict | None] = [None] * len(queued)
@@ -305,7 +314,7 @@ class ControlPlaneSync:
             else:
                 state.merge_spend(resp.spend)
                 verdicts = list(resp.verdicts)
-            for (_, _, answer), verdict in zip(queued, verdicts, strict=True):
+            for (_, answer), verdict in zip(queued, verdicts, strict=True):
                 if not answer.done():
                     answer.set_result(verdict)
 

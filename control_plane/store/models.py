@@ -106,6 +106,8 @@ class WindowHoldRow(Base):
     held_nanos: Mapped[int] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix seconds
+    # Running requests whose estimates held_nanos includes (migration 0009).
+    requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class AppliedBatchRow(Base):

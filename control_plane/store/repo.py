@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -274,10 +274,13 @@ def set_holds(
     seq: int,
     holds: Iterable[tuple[WindowKey, int]],
     expires_at: int,
+    requests: Mapping[WindowKey, int] | None = None,
 ) -> None:
     """Replace ``data_plane_id``'s holds on these windows, unless a newer
     report (higher ``seq``) is already recorded. Rows go in key order, like
-    add_spend, so concurrent transactions lock them in one order."""
+    add_spend, so concurrent transactions lock them in one order.
+    ``requests``: how many running requests each hold includes (default 0)."""
+    counts = requests or {}
     params = [
         {
             "policy_id": k[0],
@@ -287,6 +290,7 @@ def set_holds(
             "held_nanos": held,
             "seq": seq,
             "expires_at": expires_at,
+            "requests": counts.get(k, 0),
         }
         for k, held in sorted(holds)
     ]
@@ -300,6 +304,7 @@ def set_holds(
             "held_nanos": ins.excluded.held_nanos,
             "seq": ins.excluded.seq,
             "expires_at": ins.excluded.expires_at,
+            "requests": ins.excluded.requests,
         },
         where=table.c.seq < ins.excluded.seq,
     )
@@ -312,6 +317,7 @@ class Hold:
     held_nanos: int
     seq: int
     expires_at: int
+    requests: int = 0
 
 
 def holds_by_window(
@@ -328,7 +334,7 @@ def holds_by_window(
     out: dict[WindowKey, list[Hold]] = {}
     for r in session.scalars(q):
         out.setdefault((r.policy_id, r.member, r.window_start), []).append(
-            Hold(r.data_plane_id, r.held_nanos, r.seq, r.expires_at)
+            Hold(r.data_plane_id, r.held_nanos, r.seq, r.expires_at, r.requests)
         )
     return out
 

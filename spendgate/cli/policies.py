@@ -237,13 +237,16 @@ def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
     now = datetime.now(UTC)
     echo(
         table(
-            ["policy", "name", "member", "spent", "limit", "used", "state", "resets in"],
+            ["policy", "name", "member", "spent", "held", "limit", "used", "state", "resets in"],
             [
                 [
                     e.policy_id,
                     e.policy_name,
                     e.member or "-",
                     f"${e.spent_usd}",
+                    # what requests still running hold, not part of "spent"
+                    f"${e.held_usd or '0.00'}"
+                    + (f" ({e.held_requests} running)" if e.held_requests else ""),
                     f"${e.limit_usd}",
                     f"{_percent(e):.0f}%",
                     ("EXCEEDED" if e.exceeded else "ok")

@@ -77,6 +77,10 @@ class Spend:
     window_start: datetime
     window_end: datetime
     request_count: int
+    # Not in spent_usd: what requests still running hold (on every data
+    # plane), and how many they are.
+    held_usd: str = "0.00"
+    held_requests: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,8 @@ def _spend(e: pb.SpendEntry, thresholds: Sequence[int]) -> Spend:
         window_start=from_timestamp(e.window_start),
         window_end=from_timestamp(e.window_end),
         request_count=e.request_count,
+        held_usd=e.held_usd or "0.00",
+        held_requests=e.held_requests,
     )
 
 
@@ -261,11 +267,19 @@ def _local(t: datetime, zone: str) -> str:
         return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _spend_line(s: Spend, style: Style) -> str:
-    return (
+def _spend_line(s: Spend, style: Style, rejects: bool = False) -> str:
+    line = (
         f"{style.state(s.state, s.state.ljust(8))}  {bar(s.percent)} {s.percent:>3}%  "
         f"spent ${s.spent_usd} of ${s.limit_usd}, remaining ${s.remaining_usd}"
     )
+    held = Decimal(s.held_usd)
+    if held > 0 or s.held_requests:
+        n = s.held_requests
+        line += f"; ${s.held_usd} more held by {n} request{'s' if n != 1 else ''} in flight"
+        if rejects and s.state != EXCEEDED and Decimal(s.spent_usd) + held >= Decimal(s.limit_usd):
+            # Admission counts holds: new requests wait for those to end.
+            line += style.state(EXCEEDED, " (new requests rejected while they run)")
+    return line
 
 
 def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> list[str]:
@@ -285,8 +299,9 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
             f"  current window {_local(start, zone)} → {_local(end, zone)}, "
             f"resets in {duration((end - now).total_seconds())}"
         )
+    rejects = p.action == pb.ACTION_REJECT
     if not ps.wildcard:
-        lines += [f"  {_spend_line(s, style)}" for s in ps.spend]
+        lines += [f"  {_spend_line(s, style, rejects)}" for s in ps.spend]
         return lines
     if not ps.spend:
         lines.append("  no member has spent in the current window")
@@ -297,7 +312,7 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
     head = ", ".join([members, *counts])
     lines.append(f"  {head}" + (f"; top {len(shown)} by spend:" if shown else ""))
     width = max((len(s.member) for s in shown), default=0)
-    lines += [f"    {s.member.ljust(width)}  {_spend_line(s, style)}" for s in shown]
+    lines += [f"    {s.member.ljust(width)}  {_spend_line(s, style, rejects)}" for s in shown]
     return lines
 
 
@@ -422,6 +437,8 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
             "window_end": _iso(s.window_end),
             "resets_in_s": max(0, int((s.window_end - snap.at).total_seconds())),
             "request_count": s.request_count,
+            "held_usd": s.held_usd,
+            "held_requests": s.held_requests,
         }
 
     policies = []

@@ -114,16 +114,18 @@ class UnappliedBatch(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., usage: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ...) -> None: ...
 
 class WindowHold(_message.Message):
-    __slots__ = ("policy_id", "member", "window_start", "held_nanos")
+    __slots__ = ("policy_id", "member", "window_start", "held_nanos", "requests")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     HELD_NANOS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     member: str
     window_start: _timestamp_pb2.Timestamp
     held_nanos: int
-    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., held_nanos: _Optional[int] = ...) -> None: ...
+    requests: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., held_nanos: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("data_plane_id", "holds", "holds_seq", "amount_nanos", "unapplied", "items")
@@ -208,16 +210,18 @@ class WindowSpend(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_nanos: _Optional[int] = ..., limit_nanos: _Optional[int] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., holds: _Optional[_Iterable[_Union[DataPlaneHold, _Mapping]]] = ...) -> None: ...
 
 class DataPlaneHold(_message.Message):
-    __slots__ = ("data_plane_id", "held_nanos", "seq", "expire_time")
+    __slots__ = ("data_plane_id", "held_nanos", "seq", "expire_time", "requests")
     DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
     HELD_NANOS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     data_plane_id: str
     held_nanos: int
     seq: int
     expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, data_plane_id: _Optional[str] = ..., held_nanos: _Optional[int] = ..., seq: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    requests: int
+    def __init__(self, data_plane_id: _Optional[str] = ..., held_nanos: _Optional[int] = ..., seq: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class WatchStateRequest(_message.Message):
     __slots__ = ("data_plane_id",)

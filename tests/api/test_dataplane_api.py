@@ -118,6 +118,7 @@ def test_list_spend_over_the_api_follows_the_clock(api: Api) -> None:
             remaining_usd=left,
             exceeded=spent != "0.00" and left == "0.00",
             request_count=n,
+            held_usd="0.00",
         )
 
     assert entries() == sorted(

@@ -119,6 +119,7 @@ def entry(
         remaining_usd=remaining,
         exceeded=exceeded,
         request_count=requests,
+        held_usd="0.00",
     )
 
 

@@ -26,7 +26,7 @@ ADMITTED = codec.REQUEST_BODY_CONTINUE
 
 
 def processor(answer: dp.ReserveVerdict | None) -> RequestProcessor:
-    async def arbiter(keys: list[SpendKey], amount: int) -> dp.ReserveVerdict | None:
+    async def arbiter(holds: list[tuple[SpendKey, int]]) -> dp.ReserveVerdict | None:
         return answer
 
     state = LocalState(index=PolicyIndex([POLICY]))
@@ -44,8 +44,8 @@ def processor(answer: dp.ReserveVerdict | None) -> RequestProcessor:
 
 def hold(proc: RequestProcessor, nanos: int) -> None:
     """This request's own hold, as _reserve places it."""
-    proc.held = ([KEY], nanos)
-    proc.ctx.state.reserve([KEY], nanos)
+    proc.held = [(KEY, nanos)]
+    proc.ctx.state.reserve(proc.held)
 
 
 def status(reply: codec.ProcessingResponse) -> int:
@@ -70,7 +70,7 @@ def test_the_control_planes_no_rejects_naming_the_policy_and_releases_the_hold()
 
 def test_no_answer_and_room_on_the_local_view_admits() -> None:
     proc = processor(None)
-    proc.ctx.state.reserve([KEY], 8 * USD // 10)  # others admitted meanwhile here
+    proc.ctx.state.reserve([(KEY, 8 * USD // 10)])  # others admitted meanwhile here
     hold(proc, USD // 10)
     assert asyncio.run(proc._arbitrate(ADMITTED)) is ADMITTED  # 0.8 held before it
     assert proc.ctx.stats.arbitrations["unanswered"] == 1
@@ -80,7 +80,7 @@ def test_no_answer_and_the_local_view_full_rejects() -> None:
     """While this request waited, others on this data plane took the room:
     the local view counts their holds and rejects (no unconditional admit)."""
     proc = processor(None)
-    proc.ctx.state.reserve([KEY], USD)
+    proc.ctx.state.reserve([(KEY, USD)])
     hold(proc, USD // 10)
     reply = asyncio.run(proc._arbitrate(ADMITTED))
     assert status(reply) == 429

@@ -352,6 +352,20 @@ def test_int_from_env_and_integral_float(tmp_path: Path) -> None:
         ),
         pytest.param(
             "",
+            {**EP_REQUIRED, "SPENDGATE_EXT_PROC_RESERVATION_PERCENTILE": "101"},
+            {},
+            "reservation_percentile must be between 50 and 100",
+            id="percentile-above-100",
+        ),
+        pytest.param(
+            "",
+            EP_REQUIRED,
+            {"reservation_output_tokens": -1},
+            "reservation_output_tokens must be >= 0",
+            id="negative-reservation-output-tokens",
+        ),
+        pytest.param(
+            "",
             {**EP_REQUIRED, "SPENDGATE_EXT_PROC_STARTUP_WAIT_MS": "950"},
             {},
             "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)",

@@ -16,6 +16,20 @@ DAY_END = DAY_START + 86400
 KEY = ("daily", "", DAY_START)
 
 
+class Clock:
+    """Unix seconds the test moves by hand."""
+
+    def __init__(self, now: float = DAY_START + 5) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_state(clock: Clock | None = None) -> LocalState:
+    return LocalState(identity="me", clock=clock or Clock())
+
+
 def window(*holds: tuple[str, int, int], spent: int = 0, expires: int = DAY_END) -> dp.WindowSpend:
     return dp.WindowSpend(
         policy_id=KEY[0],
@@ -31,15 +45,15 @@ def window(*holds: tuple[str, int, int], spent: int = 0, expires: int = DAY_END)
 
 
 def test_other_data_planes_holds_count_and_our_own_report_does_not() -> None:
-    state = LocalState(identity="me")
-    state.reserve([KEY], USD)
+    state = new_state()
+    state.reserve([(KEY, USD)])
     state.merge_spend([window(("me", USD, 5), ("b", 2 * USD, 7), spent=3 * USD)])
     # 3 spent + b's 2 held + our own 1 held (counted locally, not from the report)
     assert state.spent(KEY) == 6 * USD
 
 
 def test_the_newest_report_of_each_data_plane_wins() -> None:
-    state = LocalState(identity="me")
+    state = new_state()
     state.merge_spend([window(("b", 5 * USD, 10), ("c", USD, 3))])
     state.merge_spend([window(("b", 9 * USD, 4))])  # older news of b, by another path
     assert state.spent(KEY) == 6 * USD
@@ -48,7 +62,7 @@ def test_the_newest_report_of_each_data_plane_wins() -> None:
 
 
 def test_a_silent_data_planes_holds_lapse_when_they_expire() -> None:
-    state = LocalState(identity="me")
+    state = new_state()
     state.merge_spend([window(("b", 5 * USD, 1), expires=DAY_START + 60)])
     state.merge_spend([window(("c", USD, 1))])
     assert state.spent(KEY) == 6 * USD
@@ -56,8 +70,58 @@ def test_a_silent_data_planes_holds_lapse_when_they_expire() -> None:
     assert state.spent(KEY) == USD
 
 
+def test_a_silent_data_planes_holds_stop_counting_at_expiry_without_any_update() -> None:
+    """A dead data plane sends nothing more, and nothing else may arrive:
+    counting itself looks at the expiry, by the injected clock."""
+    clock = Clock()
+    state = new_state(clock)
+    state.merge_spend([window(("dead", 5 * USD, 1), spent=USD, expires=DAY_START + 30)])
+    state.merge_spend([window(("alive", 2 * USD, 1), spent=USD, expires=DAY_START + 60)])
+    assert state.spent(KEY) == 8 * USD
+    assert state.held(KEY) == (7 * USD, 0)
+    clock.now = DAY_START + 29.9
+    assert state.spent(KEY) == 8 * USD
+    assert state.held_elsewhere() == 7 * USD
+    clock.now = DAY_START + 30
+    assert state.held_elsewhere() == 2 * USD  # a metrics read sees the expiry too
+    assert state.spent(KEY) == 3 * USD  # no update, no prune: the expiry alone
+    assert state.held(KEY) == (2 * USD, 0)
+    clock.now = DAY_START + 60
+    assert state.spent(KEY) == USD and state.held(KEY) == (0, 0)
+    assert state.holds_remote[KEY] == {}
+
+
+def test_a_refreshed_hold_keeps_counting_past_its_first_expiry() -> None:
+    clock = Clock()
+    state = new_state(clock)
+    state.merge_spend([window(("b", 2 * USD, 1), expires=DAY_START + 30)])
+    clock.now = DAY_START + 25
+    state.merge_spend([window(("b", 2 * USD, 2), expires=DAY_START + 55)])  # refreshed
+    clock.now = DAY_START + 40
+    assert state.spent(KEY) == 2 * USD
+    clock.now = DAY_START + 55
+    assert state.spent(KEY) == 0
+
+
+def test_held_tells_running_requests_here_and_elsewhere_from_spend() -> None:
+    state = new_state()
+    state.pending[KEY] = Increment(cost_nanos=USD, requests=1)  # spent, not yet sent
+    state.reserve([(KEY, 3 * USD)])
+    state.reserve([(KEY, 2 * USD), (("other", "", DAY_START), USD)])
+    msg = window(("b", 4 * USD, 1), spent=10 * USD)
+    msg.holds[0].requests = 2
+    state.merge_spend([msg])
+    assert state.spent(KEY) == 20 * USD
+    assert state.held(KEY) == (9 * USD, 4)
+    assert state.holding_requests == 2
+    holds, _ = state.hold_report([KEY])
+    assert [(h.held_nanos, h.requests) for h in holds] == [(6 * USD, 2)]
+    state.release([(KEY, 3 * USD)])
+    assert state.held(KEY) == (6 * USD, 3) and state.holding_requests == 1
+
+
 def test_a_full_snapshot_replaces_what_was_known() -> None:
-    state = LocalState(identity="me")
+    state = new_state()
     state.merge_spend([window(("b", 5 * USD, 1))])
     state.apply_update(
         dp.StateUpdate(full_snapshot=True, spend=[window(("c", USD, 1))]),
@@ -67,8 +131,8 @@ def test_a_full_snapshot_replaces_what_was_known() -> None:
 
 
 def test_our_hold_report_counts_running_requests_and_unapplied_usage() -> None:
-    state = LocalState(identity="me")
-    state.reserve([KEY], 3 * USD)
+    state = new_state()
+    state.reserve([(KEY, 3 * USD)])
     state.pending[KEY] = Increment(cost_nanos=USD, requests=1)
     sent = state.take_batch()
     assert sent is not None
@@ -84,9 +148,9 @@ def test_our_hold_report_counts_running_requests_and_unapplied_usage() -> None:
 
 
 def test_a_window_reported_at_zero_is_no_longer_reported() -> None:
-    state = LocalState(identity="me")
-    state.reserve([KEY], USD)
-    state.release([KEY], USD)
+    state = new_state()
+    state.reserve([(KEY, USD)])
+    state.release([(KEY, USD)])
     assert state.holds_dirty
     holds, _ = state.hold_report()
     assert [h.held_nanos for h in holds] == [0] and not state.holds_dirty
@@ -94,6 +158,6 @@ def test_a_window_reported_at_zero_is_no_longer_reported() -> None:
 
 
 def test_report_order_is_strictly_increasing() -> None:
-    state = LocalState(identity="me")
+    state = new_state()
     seqs = [state.next_seq() for _ in range(1000)]
     assert seqs == sorted(set(seqs))

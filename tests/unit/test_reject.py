@@ -167,3 +167,39 @@ def test_reset_header_is_utc_for_local_windows() -> None:
     headers = rejection_headers(r, NOW)
     assert headers["x-spendgate-reset"] == "2025-03-10T15:00:00Z"
     assert headers["retry-after"] == str(int(timedelta(hours=2, minutes=30).total_seconds()))
+
+
+def held(spent: int, held_nanos: int, requests: int, amount: int = 10 * USD) -> Rejection:
+    r = rejection(amount=amount, spent=spent + held_nanos)
+    return Rejection(r.policy, r.member, r.window, r.spent_nanos, held_nanos, requests)
+
+
+@pytest.mark.parametrize(
+    ("r", "expected"),
+    [
+        pytest.param(
+            held(8_300, 2_400_000, 3, amount=2_000_000),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $0.002 per 1 day; "
+            "$0.0000083 spent; $0.0024 more held by 3 requests in flight. Requests are "
+            "rejected until those end within the budget, or the window resets at "
+            "2025-03-11T00:00:00Z.",
+            id="held-by-running-requests",
+        ),
+        pytest.param(
+            held(10 * USD, USD, 1),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
+            "$10.00 spent; $1.00 more held by 1 request in flight. Requests are rejected "
+            "until the window resets at 2025-03-11T00:00:00Z.",
+            id="spent-and-held",
+        ),
+        pytest.param(
+            held(USD, 9 * USD, 0),
+            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
+            "$1.00 spent; $9.00 more held in flight. Requests are rejected until those "
+            "end within the budget, or the window resets at 2025-03-11T00:00:00Z.",
+            id="held-by-usage-not-yet-applied",
+        ),
+    ],
+)
+def test_the_message_tells_spent_from_held(r: Rejection, expected: str) -> None:
+    assert rejection_message(r) == expected
