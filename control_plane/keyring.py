@@ -179,7 +179,7 @@ def load(key_file: str, key_text: str) -> Keyring | None:
     """The keyring the settings name (None when neither is set).
 
     ConfigError names the setting: an unreadable or empty file, a key that is
-    not base64 of 32 bytes. A key file others may read is logged as a warning.
+    not base64 of 32 bytes. A key file everyone may read is logged as a warning.
     """
     if key_file and key_text:
         raise ConfigError("set secrets_key_file or secrets_key, not both")
@@ -194,9 +194,11 @@ def load(key_file: str, key_text: str) -> Keyring | None:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
         raise ConfigError(f"{where}: cannot be read ({reason})") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group bits are how Kubernetes (fsGroup) lets a non-root process read a
+    # mounted Secret; readable by everyone is a mistake.
+    if mode & stat.S_IRWXO:
         log.warning(
-            "secrets key file is readable by other users; make it mode 0600 (or 0400)",
+            "secrets key file is readable by every user; make it mode 0600 (or 0400)",
             path=key_file,
             mode=oct(stat.S_IMODE(mode)),
         )

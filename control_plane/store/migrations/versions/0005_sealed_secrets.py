@@ -61,6 +61,11 @@ def upgrade() -> None:
             if not is_encrypted(value):
                 values[column] = sealed.seal(keyring, column, row.id, value)
         bind.execute(sa.update(webhooks).where(webhooks.c.id == row.id).values(**values))
+    # The default only filled existing rows; the application always sets it.
+    with op.batch_alter_table("webhooks", schema=None) as batch_op:
+        batch_op.alter_column(
+            "url_masked", existing_type=sa.Text(), existing_nullable=False, server_default=None
+        )
 
 
 def downgrade() -> None:
