@@ -183,6 +183,8 @@ class ControlPlaneServer:
             port=self.port,
             database=self.engine.url.render_as_string(hide_password=True),
             metrics_port=self.metrics_port,
+            # Not secret; tells whether replicas encrypt with the same key.
+            secrets_key_id=self.keyring.current_id if self.keyring is not None else None,
         )
 
     async def _set_health(self, serving: bool) -> None:

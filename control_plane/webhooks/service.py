@@ -113,9 +113,11 @@ class WebhookAdmin:
             if expected_etag and expected_etag != convert.etag(row):
                 raise EtagMismatch(webhook_id, "webhook")
             merged = merge(convert.webhook_message(row))
-            url_kept = merged.url == row.url_masked
+            # The masked form sent back means "unchanged"; a URL with nothing
+            # masked is its own full form (and needs no decryption).
+            url_kept = merged.url == row.url_masked and convert.MASK in row.url_masked
             if url_kept:
-                merged.url = self._kept(row, "url")  # the masked form sent back: unchanged
+                merged.url = self._kept(row, "url")
             values = convert.webhook_values(
                 merged,
                 url_policy=self.url_policy,

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from alembic import command
+from google.protobuf.field_mask_pb2 import FieldMask
 from sqlalchemy import text
 from standardwebhooks import Webhook as StandardWebhook
 
@@ -322,4 +323,26 @@ def test_a_secret_under_an_unknown_key_fails_its_delivery_with_the_reason(
         assert f"cannot read url of webhook {hook.id}" in captured.out
         assert "2 stored value(s) could not be read" in captured.err
         assert status(api) == (ID_A, {ID_B: 2})
+        # An update that keeps the unreadable values is refused with the reason;
+        # one that sets them again stores them under this control plane's key.
+        with pytest.raises(grpc.RpcError) as e:
+            api.webhooks.UpdateWebhook(
+                wpb.UpdateWebhookRequest(
+                    webhook=wpb.Webhook(id=hook.id, name="renamed"),
+                    update_mask=FieldMask(paths=["name"]),
+                ),
+                metadata=ADMIN,
+                timeout=10,
+            )
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"the stored secret of webhook {hook.id} cannot be read" in (e.value.details() or "")
+        api.webhooks.UpdateWebhook(
+            wpb.UpdateWebhookRequest(
+                webhook=wpb.Webhook(id=hook.id, url=receiver.url, secret=new_secret()),
+                update_mask=FieldMask(paths=["url", "secret"]),
+            ),
+            metadata=ADMIN,
+            timeout=10,
+        )
+        assert status(api) == (ID_A, {ID_A: 2})
     assert receiver.received() == []
