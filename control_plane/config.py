@@ -82,7 +82,7 @@ class Settings:
         if self.secrets_key_file and self.secrets_key:
             raise ConfigError("set secrets_key_file or secrets_key, not both")
         if self.secrets_key:
-            keyring.parse_keys(self.secrets_key.split(","), "secrets_key")
+            keyring.parse_keys(self.secrets_key.split(","), "secrets_key", file=False)
         if self.batch_retention_hours < 1:
             raise ConfigError("batch_retention_hours must be at least 1")
         if not 15 <= self.hold_ttl_s <= 3600:

@@ -80,14 +80,16 @@ def parse_key(text: str, where: str) -> bytes:
     return raw
 
 
-def parse_keys(lines: list[str], where: str) -> list[bytes]:
-    """Keys from ``lines`` (blank and ``#`` lines skipped), the current first."""
+def parse_keys(lines: list[str], where: str, *, file: bool = True) -> list[bytes]:
+    """Keys from ``lines`` (blank and ``#`` lines skipped), the current first;
+    errors name the key's position (and its line in a ``file``)."""
     keys: list[bytes] = []
     for n, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        keys.append(parse_key(text, f"{where} (key {len(keys) + 1}, line {n})"))
+        position = f"key {len(keys) + 1}, line {n}" if file else f"key {len(keys) + 1}"
+        keys.append(parse_key(text, f"{where} ({position})"))
     if not keys:
         raise ConfigError(f"{where}: holds no key")
     ids = [key_id(k) for k in keys]
@@ -184,7 +186,7 @@ def load(key_file: str, key_text: str) -> Keyring | None:
     if key_file and key_text:
         raise ConfigError("set secrets_key_file or secrets_key, not both")
     if key_text:
-        return Keyring(tuple(parse_keys(key_text.split(","), "secrets_key")))
+        return Keyring(tuple(parse_keys(key_text.split(","), "secrets_key", file=False)))
     if not key_file:
         return None
     where = f"secrets_key_file {key_file}"

@@ -71,11 +71,11 @@ class ControlPlaneServer:
     ) -> None:
         """``resolver`` resolves webhook hosts (tests replace DNS with it)."""
         self.settings = settings
+        # Read once here: a missing, short or malformed key stops start-up.
+        self.keyring = keyring.load(settings.secrets_key_file, settings.secrets_key)
         url = settings.database_url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # Read once here: a missing, short or malformed key stops start-up.
-        self.keyring = keyring.load(settings.secrets_key_file, settings.secrets_key)
         self.engine = create_db_engine(url)
         self.cp = ControlPlane(
             self.engine,

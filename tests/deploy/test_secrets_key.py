@@ -53,4 +53,4 @@ def test_compose_control_planes_share_one_valid_key() -> None:
     }
     (key,) = keys
     assert key is not None
-    parse_keys(key.split(","), "docker-compose.yml")
+    parse_keys(key.split(","), "docker-compose.yml", file=False)
