@@ -108,6 +108,40 @@ def test_up_serves_both_services_metrics(up: Up) -> None:
             assert f"\n{name} ".encode() in r.read()
 
 
+def test_up_stores_webhook_secrets_encrypted_with_its_key_file(up: Up) -> None:
+    state = up.cwd / ".spendgate"
+    key_file, db = state / "secrets.key", state / "spendgate.db"
+    for f in (key_file, db, db.with_name("spendgate.db-wal"), db.with_name("spendgate.db-shm")):
+        assert oct(f.stat().st_mode & 0o777) == "0o600", f
+    created = up.cli(
+        "webhook",
+        "create",
+        "--name",
+        "ops",
+        "--url",
+        "https://93.184.216.34/hook?token=qu3ryT0ken",
+        "--generate-secret",
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["secret"]
+    with sqlite3.connect(db) as conn:
+        ((url, stored),) = conn.execute("SELECT url, secret FROM webhooks").fetchall()
+    ring = load_keyring(str(key_file), "")
+    assert ring is not None
+    for value in (url, stored):
+        assert value.startswith(f"enc:v1:{ring.current_id}:")
+        assert "qu3ryT0ken" not in value and secret.removeprefix("whsec_") not in value
+    status = up.cli("secrets", "status")
+    assert status.returncode == 0, status.stderr
+    assert f"current key: {ring.current_id}" in status.stdout
+    rotated = up.cli("secrets", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert f"re-encrypted 0 stored value(s) under key {ring.current_id}; 2 already were" in (
+        rotated.stdout
+    )
+
+
 def test_quickstart_policy_then_requests_then_429(up: Up) -> None:
     created = up.cli(
         "policy",
@@ -250,40 +284,6 @@ def test_price_override_from_the_cli(up: Up) -> None:
     bad = up.cli("price", "set", "gpt-4o-mini", "--input", "-1", "--output", "2")
     assert bad.returncode == 1 and "override.price.input" in bad.stderr
     assert up.cli("price", "delete", override_id).stdout.strip() == f"deleted {override_id}"
-
-
-def test_up_stores_webhook_secrets_encrypted_with_its_key_file(up: Up) -> None:
-    state = up.cwd / ".spendgate"
-    key_file, db = state / "secrets.key", state / "spendgate.db"
-    for f in (key_file, db, db.with_name("spendgate.db-wal"), db.with_name("spendgate.db-shm")):
-        assert oct(f.stat().st_mode & 0o777) == "0o600", f
-    created = up.cli(
-        "webhook",
-        "create",
-        "--name",
-        "ops",
-        "--url",
-        "https://93.184.216.34/hook?token=qu3ryT0ken",
-        "--generate-secret",
-        "--json",
-    )
-    assert created.returncode == 0, created.stderr
-    secret = json.loads(created.stdout)["secret"]
-    with sqlite3.connect(db) as conn:
-        ((url, stored),) = conn.execute("SELECT url, secret FROM webhooks").fetchall()
-    ring = load_keyring(str(key_file), "")
-    assert ring is not None
-    for value in (url, stored):
-        assert value.startswith(f"enc:v1:{ring.current_id}:")
-        assert "qu3ryT0ken" not in value and secret.removeprefix("whsec_") not in value
-    status = up.cli("secrets", "status")
-    assert status.returncode == 0, status.stderr
-    assert f"current key: {ring.current_id}" in status.stdout
-    rotated = up.cli("secrets", "rotate")
-    assert rotated.returncode == 0, rotated.stderr
-    assert f"re-encrypted 0 stored value(s) under key {ring.current_id}; 2 already were" in (
-        rotated.stdout
-    )
 
 
 def test_ctrl_c_stops_everything_cleanly(up: Up) -> None:
