@@ -33,6 +33,7 @@ from control_plane.keyring import (
 from control_plane.service import ControlPlane
 from control_plane.store.models import WebhookRow
 from control_plane.webhooks import sealed
+from control_plane.webhooks.convert import masked_url
 
 log = structlog.get_logger("spendgate.control_plane")
 BATCH = 200
@@ -85,6 +86,8 @@ def rotate_batch(
                 result.unreadable.append(Unreadable(row.id, column, str(e)))
                 continue
             setattr(row, column, sealed.seal(keyring, column, row.id, plain))
+            if column == "url":  # a clear URL may come from an earlier release's replica
+                row.url_masked = masked_url(plain)
             result.rotated += 1
     return (rows[-1].id if rows else None), result
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -131,7 +132,9 @@ class WebhookRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
     url: Mapped[str] = mapped_column(Text)
-    url_masked: Mapped[str] = mapped_column(Text, default="")
+    # A server default: a replica of an earlier release (during an upgrade)
+    # inserts rows without it.
+    url_masked: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     format: Mapped[str] = mapped_column(String(16))  # generic | slack | pagerduty
     events: Mapped[str] = mapped_column(String(200))  # "budget_policy.exceeded,..."
     secret: Mapped[str] = mapped_column(Text, default="")

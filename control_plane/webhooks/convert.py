@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import orjson
 
 from control_plane.errors import InvalidArgument
-from control_plane.keyring import Keyring, SecretUnreadable
+from control_plane.keyring import Keyring, SecretUnreadable, is_encrypted
 from control_plane.store.models import DeliveryAttemptRow, WebhookEventRow, WebhookRow
 from control_plane.store.webhook_repo import DeliveryView
 from control_plane.webhooks import events, sealed
@@ -195,12 +195,20 @@ def masked_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
+def shown_url(row: WebhookRow) -> str:
+    """The URL as the API shows it. A row an earlier release's replica wrote
+    during an upgrade has no ``url_masked`` and its URL in clear."""
+    if row.url_masked or is_encrypted(row.url):
+        return row.url_masked
+    return masked_url(row.url)
+
+
 def webhook_message(row: WebhookRow) -> wpb.Webhook:
     return wpb.Webhook(
         id=row.id,
         name=row.name,
         description=row.description,
-        url=row.url_masked,
+        url=shown_url(row),
         format=FORMATS_PB[row.format],  # type: ignore[arg-type]
         events=row.events.split(","),
         has_secret=bool(row.secret),

@@ -115,7 +115,8 @@ class WebhookAdmin:
             merged = merge(convert.webhook_message(row))
             # The masked form sent back means "unchanged"; a URL with nothing
             # masked is its own full form (and needs no decryption).
-            url_kept = merged.url == row.url_masked and convert.MASK in row.url_masked
+            shown = convert.shown_url(row)
+            url_kept = merged.url == shown and convert.MASK in shown
             if url_kept:
                 merged.url = self._kept(row, "url")
             values = convert.webhook_values(

@@ -211,6 +211,39 @@ async def test_migration_0005_encrypts_what_an_earlier_release_stored(
     assert by_path["/hook?pd=1"].json()["routing_key"] == ROUTING_KEY
 
 
+def test_rows_an_earlier_release_writes_during_an_upgrade_are_read_then_rotated(
+    db_url: str, clock: FakeClock, receiver: Receiver
+) -> None:
+    secret = new_secret()
+    with running_api(db_url, clock) as api:
+        # A replica still on the previous release inserts as it always did.
+        engine = create_db_engine(db_url)
+        try:
+            with engine.begin() as conn:
+                _insert_clear_webhook(
+                    conn, "wh_from_old_replica", url=f"{receiver.url}?token=t0k3n", secret=secret
+                )
+        finally:
+            engine.dispose()
+        got = api.webhooks.GetWebhook(
+            wpb.GetWebhookRequest(id="wh_from_old_replica"), metadata=ADMIN, timeout=10
+        )
+        assert (got.url, got.has_secret) == (f"{receiver.url}?token=****", True)
+        assert status(api) == (ID_A, {"clear": 2})
+        policy = api.policy("1")
+        api.report(policy.id, 2 * USD)
+        (sent,) = receiver.wait_for(1)
+        StandardWebhook(secret).verify(sent.body, sent.headers)
+        rotated = secrets_stub(api).RotateSecrets(
+            spb.RotateSecretsRequest(), metadata=ADMIN, timeout=10
+        )
+        assert (rotated.rotated, rotated.unchanged) == (2, 0)
+        assert status(api) == (ID_A, {ID_A: 2})
+    (row,) = raw_webhooks(db_url)
+    assert row["url"].startswith(f"enc:v1:{ID_A}:") and row["secret"].startswith("enc:v1:")
+    assert row["url_masked"] == f"{receiver.url}?token=****"
+
+
 def test_without_a_key_nothing_secret_is_stored_and_stored_secrets_stop_start_up(
     db_url: str, clock: FakeClock, receiver: Receiver
 ) -> None:

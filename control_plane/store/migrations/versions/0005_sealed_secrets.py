@@ -53,7 +53,9 @@ def upgrade() -> None:
                 type_=sa.Text(),
                 existing_nullable=False,
             )
-        batch_op.add_column(sa.Column("url_masked", sa.Text(), nullable=False, server_default=""))
+        batch_op.add_column(
+            sa.Column("url_masked", sa.Text(), nullable=False, server_default=sa.text("''"))
+        )
     for row in rows:
         values = {"url_masked": masked_url(row.url)}
         for column in sealed.COLUMNS:
@@ -61,11 +63,6 @@ def upgrade() -> None:
             if not is_encrypted(value):
                 values[column] = sealed.seal(keyring, column, row.id, value)
         bind.execute(sa.update(webhooks).where(webhooks.c.id == row.id).values(**values))
-    # The default only filled existing rows; the application always sets it.
-    with op.batch_alter_table("webhooks", schema=None) as batch_op:
-        batch_op.alter_column(
-            "url_masked", existing_type=sa.Text(), existing_nullable=False, server_default=None
-        )
 
 
 def downgrade() -> None:
