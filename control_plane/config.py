@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from control_plane import keyring
 from spendgate import settings
 from spendgate.settings import ConfigError
 
@@ -30,6 +31,11 @@ class Settings:
     hold_ttl_s: int = 30
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Keys that encrypt stored secrets (control_plane/keyring.py): a file with
+    # one base64 key per line, or the keys themselves (comma-separated); the
+    # first is current. Read at start; a bad key stops start-up.
+    secrets_key_file: str = ""
+    secrets_key: str = field(default="", repr=False)
     # ---- webhooks (see control_plane/webhooks/) ----
     # Timeouts of one delivery attempt, in seconds.
     webhook_connect_timeout_s: float = 5.0
@@ -73,6 +79,10 @@ class Settings:
             raise ConfigError(f"week_start must be one of {', '.join(WEEKDAYS)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file must be set together")
+        if self.secrets_key_file and self.secrets_key:
+            raise ConfigError("set secrets_key_file or secrets_key, not both")
+        if self.secrets_key:
+            keyring.parse_keys(self.secrets_key.split(","), "secrets_key", file=False)
         if self.batch_retention_hours < 1:
             raise ConfigError("batch_retention_hours must be at least 1")
         if not 15 <= self.hold_ttl_s <= 3600:

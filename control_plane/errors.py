@@ -5,6 +5,7 @@ codes, in one place; nothing else needs to know about gRPC.
      ├── NotFound          unknown id                     -> NOT_FOUND
      ├── InvalidArgument   field violations               -> INVALID_ARGUMENT (+ BadRequest)
      ├── EtagMismatch      stale read-modify-write        -> ABORTED
+     ├── FailedPrecondition the server cannot do it as set up -> FAILED_PRECONDITION
      └── Unavailable       database unreachable           -> UNAVAILABLE
 """
 
@@ -39,6 +40,11 @@ class EtagMismatch(ControlPlaneError):
         super().__init__(
             f"{kind} {id!r} was changed by someone else (etag mismatch); read it again"
         )
+
+
+class FailedPrecondition(ControlPlaneError):
+    """The request is valid, but this server's configuration or stored state
+    does not allow it (e.g. no key to encrypt a secret with)."""
 
 
 class Unavailable(ControlPlaneError):

@@ -5,7 +5,8 @@ The control plane does the same at every start (control_plane/store/db.py
 ``migrate``), so this is optional: it lets an upgrade run the migrations once,
 as its own step (a Kubernetes Job, a deploy pipeline), before new replicas
 start. It reads the same settings as the server (``--config``, environment,
-``--database-url``).
+``--database-url``), the secrets key included: migration 0005 encrypts the
+webhook secrets an earlier release stored in clear.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine
 
+from control_plane import keyring
 from control_plane.config import ConfigError, load_settings
+from control_plane.keyring import SecretsKeyRequired
 from control_plane.store.db import create_db_engine, migrate
 
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(file=args.config, database_url=args.database_url)
+        keys = keyring.load(settings.secrets_key_file, settings.secrets_key)
     except ConfigError as e:
         print(f"spendgate migrate: bad configuration: {e}", file=sys.stderr)
         return 2
@@ -48,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     where = engine.url.render_as_string(hide_password=True)
     try:
         before = current_revision(engine)
-        migrate(engine)
+        migrate(engine, keys)
         after = current_revision(engine)
     except CommandError as e:
         # E.g. the database is at a revision of a newer release.
         print(f"spendgate migrate: {where}: {e}", file=sys.stderr)
         return 1
+    except SecretsKeyRequired as e:
+        print(f"spendgate migrate: bad configuration: {e}", file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
     if before == after:

@@ -12,10 +12,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control_plane import keyring
 from control_plane.api.auth import ADMIN, DATA_PLANE, READ, AuthInterceptor, RequestIdInterceptor
 from control_plane.api.budgets import BudgetServicer
 from control_plane.api.dataplane import DataPlaneServicer
 from control_plane.api.pricing import PricingServicer
+from control_plane.api.secrets import SecretsServicer
 from control_plane.api.webhooks import WebhookServicer
 from control_plane.config import Settings
 from control_plane.errors import Unavailable
@@ -23,6 +25,7 @@ from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneCollector, registry_for
 from control_plane.pricing import PricingAdmin
 from control_plane.replicas import ReplicaSync
+from control_plane.secrets_admin import SecretsAdmin, check_stored_secrets
 from control_plane.service import Clock, ControlPlane, utc_now
 from control_plane.store import webhook_repo
 from control_plane.store.db import create_db_engine, migrate
@@ -38,6 +41,8 @@ from spendgate.v1 import (
     dataplane_pb2_grpc,
     pricing_pb2,
     pricing_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
     webhooks_pb2,
     webhooks_pb2_grpc,
 )
@@ -48,6 +53,7 @@ SERVICE_NAMES = (
     dataplane_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name,
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name,
+    secrets_pb2.DESCRIPTOR.services_by_name["SecretsService"].full_name,
 )
 HEALTH_INTERVAL_S = 5.0
 MAINTENANCE_INTERVAL_S = 3600.0
@@ -65,6 +71,8 @@ class ControlPlaneServer:
     ) -> None:
         """``resolver`` resolves webhook hosts (tests replace DNS with it)."""
         self.settings = settings
+        # Read once here: a missing, short or malformed key stops start-up.
+        self.keyring = keyring.load(settings.secrets_key_file, settings.secrets_key)
         url = settings.database_url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +116,17 @@ class ControlPlaneServer:
             resolver=resolver,
         )
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(
-            WebhookServicer(WebhookAdmin(self.cp, url_policy, self.sender), self.auth), self.server
+            WebhookServicer(
+                WebhookAdmin(self.cp, url_policy, self.sender, self.keyring), self.auth
+            ),
+            self.server,
         )
-        self.dispatcher = Dispatcher(self.cp, self.sender, settings, clock=clock)
+        secrets_pb2_grpc.add_SecretsServiceServicer_to_server(
+            SecretsServicer(SecretsAdmin(self.cp, self.keyring)), self.server
+        )
+        self.dispatcher = Dispatcher(
+            self.cp, self.sender, settings, clock=clock, keyring=self.keyring
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -148,7 +164,8 @@ class ControlPlaneServer:
         return self.server.add_insecure_port(settings.listen)
 
     async def start(self) -> None:
-        await asyncio.to_thread(migrate, self.engine)
+        await asyncio.to_thread(migrate, self.engine, self.keyring)
+        await check_stored_secrets(self.cp, self.keyring)
         if self.metrics is not None:
             await start_metrics(self.metrics, self.settings.metrics_listen)
         if self.replicas is not None:
@@ -166,6 +183,8 @@ class ControlPlaneServer:
             port=self.port,
             database=self.engine.url.render_as_string(hide_password=True),
             metrics_port=self.metrics_port,
+            # Not secret; tells whether replicas encrypt with the same key.
+            secrets_key_id=self.keyring.current_id if self.keyring is not None else None,
         )
 
     async def _set_health(self, serving: bool) -> None:

@@ -154,6 +154,7 @@ class Journal:
         self.compact_bytes = compact_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(self._lock_fd, 0o600)  # also a file an earlier release made wider
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -168,6 +169,7 @@ class Journal:
         data = self.path.read_bytes() if self.path.exists() else b""
         found = scan(data)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(self._fd, 0o600)  # usage is private: also a file an earlier release made
         if found.problem is not None:
             log.error(
                 "usage journal has a damaged tail; ignoring it",
@@ -233,6 +235,7 @@ class Journal:
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # a leftover .tmp keeps its mode through O_TRUNC
             _write_all(fd, b"".join(records))
             os.fsync(fd)
         finally:

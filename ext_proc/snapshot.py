@@ -28,6 +28,7 @@ def save(directory: str | Path, update: dp.StateUpdate) -> None:
     data = update.SerializeToString()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # a leftover .tmp keeps its mode through O_TRUNC
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -24,6 +24,7 @@ from tests.harness import (
     ADMIN_TOKEN,
     DATA_PLANE_TOKEN,
     READ_TOKEN,
+    SECRETS_KEY,
     EnvoyProcess,
     FakeClock,
     LoopThread,
@@ -115,7 +116,7 @@ def start_stack(
                 admin_token=ADMIN_TOKEN,
                 read_token=READ_TOKEN,
                 data_plane_token=DATA_PLANE_TOKEN,
-                **{"metrics_listen": "", **(control_plane or {})},
+                **{"metrics_listen": "", "secrets_key": SECRETS_KEY, **(control_plane or {})},
             ),
             clock=clock,
         )

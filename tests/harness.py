@@ -27,6 +27,8 @@ T = TypeVar("T")
 ADMIN_TOKEN = "test-admin-token-0123456789"
 READ_TOKEN = "test-read-token-0123456789"
 DATA_PLANE_TOKEN = "test-data-plane-token-0123"
+# The control plane's secrets key in tests (base64 of 32 bytes; tests only).
+SECRETS_KEY = "c3BlbmRnYXRlLXRlc3Qta2V5LTAxMjM0NTY3ODlhYmM="
 
 
 def free_port() -> int:

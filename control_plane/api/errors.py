@@ -19,6 +19,7 @@ from grpc_status import rpc_status
 from control_plane.errors import (
     ControlPlaneError,
     EtagMismatch,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -47,6 +48,7 @@ def to_status(e: ControlPlaneError) -> grpc.Status:
     code = {
         NotFound: code_pb2.NOT_FOUND,
         EtagMismatch: code_pb2.ABORTED,
+        FailedPrecondition: code_pb2.FAILED_PRECONDITION,
         Unavailable: code_pb2.UNAVAILABLE,
     }.get(type(e), code_pb2.INTERNAL)
     return rpc_status.to_status(status_pb2.Status(code=code, message=str(e)))

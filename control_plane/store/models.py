@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -121,19 +122,25 @@ class AppliedBatchRow(Base):
 
 
 class WebhookRow(Base):
-    """A receiver of budget events. ``secret`` and ``routing_key`` are kept
-    only because signing and PagerDuty need them; no API returns them."""
+    """A receiver of budget events. ``url``, ``secret`` and ``routing_key``
+    are stored encrypted (control_plane/keyring.py, context
+    ``webhooks.<column>:<id>``) and decrypted only to send; no API returns
+    them. ``url_masked`` is the URL as the API shows it (credential-like
+    parts masked), so reading a webhook never needs a key."""
 
     __tablename__ = "webhooks"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
-    url: Mapped[str] = mapped_column(String(2048))
+    url: Mapped[str] = mapped_column(Text)
+    # A server default: a replica of an earlier release (during an upgrade)
+    # inserts rows without it.
+    url_masked: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
     format: Mapped[str] = mapped_column(String(16))  # generic | slack | pagerduty
     events: Mapped[str] = mapped_column(String(200))  # "budget_policy.exceeded,..."
-    secret: Mapped[str] = mapped_column(String(200), default="")
-    routing_key: Mapped[str] = mapped_column(String(200), default="")
+    secret: Mapped[str] = mapped_column(Text, default="")
+    routing_key: Mapped[str] = mapped_column(Text, default="")
     severity: Mapped[str] = mapped_column(String(16))  # critical | error | warning | info
     resolve_on_reset: Mapped[bool] = mapped_column(Boolean)
     enabled: Mapped[bool] = mapped_column(Boolean)

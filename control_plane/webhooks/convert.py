@@ -14,9 +14,10 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import orjson
 
 from control_plane.errors import InvalidArgument
+from control_plane.keyring import Keyring, SecretUnreadable, is_encrypted
 from control_plane.store.models import DeliveryAttemptRow, WebhookEventRow, WebhookRow
 from control_plane.store.webhook_repo import DeliveryView
-from control_plane.webhooks import events
+from control_plane.webhooks import events, sealed
 from control_plane.webhooks.formats import (
     GENERIC,
     PAGERDUTY,
@@ -148,14 +149,16 @@ def webhook_values(
     )
 
 
-def apply_values(row: WebhookRow, v: WebhookValues) -> None:
+def apply_values(row: WebhookRow, v: WebhookValues, keyring: Keyring | None) -> None:
+    """Write ``v`` into ``row`` (whose id is set), sealing the secret columns."""
     row.name = v.name
     row.description = v.description
-    row.url = v.url
+    row.url = sealed.seal(keyring, "url", row.id, v.url)
+    row.url_masked = masked_url(v.url)
     row.format = v.format
     row.events = ",".join(v.events)
-    row.secret = v.secret
-    row.routing_key = v.routing_key
+    row.secret = sealed.seal(keyring, "secret", row.id, v.secret)
+    row.routing_key = sealed.seal(keyring, "routing_key", row.id, v.routing_key)
     row.severity = v.severity
     row.resolve_on_reset = v.resolve_on_reset
     row.enabled = v.enabled
@@ -165,8 +168,17 @@ def etag(row: WebhookRow) -> str:
     return f"v{row.version}"
 
 
-def receiver(row: WebhookRow) -> Receiver:
-    return Receiver(row.format, row.url, row.secret, row.routing_key, row.severity)
+def receiver(row: WebhookRow, keyring: Keyring | None) -> Receiver:
+    """What sending needs, secrets opened; SecretUnreadable names the column."""
+    opened = {}
+    for column in sealed.COLUMNS:
+        try:
+            opened[column] = sealed.unseal(keyring, column, row.id, getattr(row, column))
+        except SecretUnreadable as e:
+            raise SecretUnreadable(f"webhook {column} {e}") from None
+    return Receiver(
+        row.format, opened["url"], opened["secret"], opened["routing_key"], row.severity
+    )
 
 
 def masked_url(url: str) -> str:
@@ -183,12 +195,20 @@ def masked_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
+def shown_url(row: WebhookRow) -> str:
+    """The URL as the API shows it. A row an earlier release's replica wrote
+    during an upgrade has no ``url_masked`` and its URL in clear."""
+    if row.url_masked or is_encrypted(row.url):
+        return row.url_masked
+    return masked_url(row.url)
+
+
 def webhook_message(row: WebhookRow) -> wpb.Webhook:
     return wpb.Webhook(
         id=row.id,
         name=row.name,
         description=row.description,
-        url=masked_url(row.url),
+        url=shown_url(row),
         format=FORMATS_PB[row.format],  # type: ignore[arg-type]
         events=row.events.split(","),
         has_secret=bool(row.secret),

@@ -27,6 +27,7 @@ import structlog
 
 from control_plane.config import Settings
 from control_plane.errors import Unavailable
+from control_plane.keyring import Keyring, SecretUnreadable
 from control_plane.service import Clock, ControlPlane
 from control_plane.store import webhook_repo
 from control_plane.store.webhook_repo import AttemptRecord, Claimed
@@ -47,9 +48,12 @@ class Dispatcher:
         settings: Settings,
         *,
         clock: Clock,
+        keyring: Keyring | None,
         rng: random.Random | None = None,
     ) -> None:
+        """``keyring`` opens the webhooks' stored secrets to send."""
         self.cp = cp
+        self.keyring = keyring
         self.sender = sender
         self.clock = clock
         self.retry = RetryPolicy.from_settings(settings)
@@ -179,8 +183,16 @@ class Dispatcher:
             message = Message(
                 c.delivery.id, c.event.kind, orjson.loads(c.event.data), c.event.create_time
             )
-            out = render(receiver(c.webhook), message, start)
-            result = await self.sender.send(out, start)
+            try:
+                out = render(receiver(c.webhook, self.keyring), message, start)
+            except SecretUnreadable as e:
+                # Not sent; retried like any failed attempt, so a replica that
+                # has the key (or this one, once configured) can still send it.
+                result = AttemptResult(0, f"not sent: {e}", None, 0, "")
+                sent = False
+            else:
+                result = await self.sender.send(out, start)
+                sent = True
             outcome = backoff.after_attempt(
                 self.retry,
                 delivered=result.delivered,
@@ -190,7 +202,7 @@ class Dispatcher:
                 retry_after_s=result.retry_after_s,
                 rng=self.rng,
             )
-            self.cp.metrics.webhook_attempt(outcome.state, result.duration_ms)
+            self.cp.metrics.webhook_attempt(outcome.state, result.duration_ms if sent else None)
         error = result.error
         if outcome.gave_up and not error.endswith(outcome.gave_up):
             error = f"{error} ({outcome.gave_up})" if error else outcome.gave_up

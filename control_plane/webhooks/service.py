@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.orm import Session
 
-from control_plane.errors import EtagMismatch, InvalidArgument, NotFound
+from control_plane.errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound
+from control_plane.keyring import Keyring, SecretUnreadable
 from control_plane.service import ControlPlane, clamp_page_size
 from control_plane.store import repo, webhook_repo
 from control_plane.store.models import WebhookRow
-from control_plane.webhooks import convert, events
+from control_plane.webhooks import convert, events, sealed
 from control_plane.webhooks.formats import PAGERDUTY, Message, render, render_test_resolve
 from control_plane.webhooks.sender import Sender
 from control_plane.webhooks.ssrf import ResolveFailed, UrlBlocked, UrlPolicy
@@ -35,10 +36,15 @@ class Secrets:
 
 
 class WebhookAdmin:
-    def __init__(self, cp: ControlPlane, url_policy: UrlPolicy, sender: Sender) -> None:
+    def __init__(
+        self, cp: ControlPlane, url_policy: UrlPolicy, sender: Sender, keyring: Keyring | None
+    ) -> None:
+        """``keyring`` seals the secret columns (None: no key configured, so
+        no webhook can be written)."""
         self.cp = cp
         self.url_policy = url_policy
         self.sender = sender
+        self.keyring = keyring
 
     async def _check_resolved(self, url: str) -> None:
         try:
@@ -64,7 +70,7 @@ class WebhookAdmin:
                 updated_by=author,
                 version=1,
             )
-            convert.apply_values(row, values)
+            convert.apply_values(row, values, self.keyring)
             s.add(row)
             return row
 
@@ -107,17 +113,23 @@ class WebhookAdmin:
             if expected_etag and expected_etag != convert.etag(row):
                 raise EtagMismatch(webhook_id, "webhook")
             merged = merge(convert.webhook_message(row))
-            if merged.url == convert.masked_url(row.url):
-                merged.url = row.url  # the masked form sent back: unchanged
+            # The masked form sent back means "unchanged"; a URL with nothing
+            # masked is its own full form (and needs no decryption).
+            shown = convert.shown_url(row)
+            url_kept = merged.url == shown and convert.MASK in shown
+            if url_kept:
+                merged.url = self._kept(row, "url")
             values = convert.webhook_values(
                 merged,
                 url_policy=self.url_policy,
-                secret=row.secret if secrets.secret is None else secrets.secret,
-                routing_key=row.routing_key if secrets.routing_key is None else secrets.routing_key,
+                secret=self._kept(row, "secret") if secrets.secret is None else secrets.secret,
+                routing_key=self._kept(row, "routing_key")
+                if secrets.routing_key is None
+                else secrets.routing_key,
             )
-            if values.url != row.url and values.url not in checked:
+            if not url_kept and values.url not in checked:
                 return values.url  # resolve outside the transaction, then again
-            convert.apply_values(row, values)
+            convert.apply_values(row, values, self.keyring)
             row.update_time = now
             row.updated_by = author
             row.version += 1
@@ -131,6 +143,16 @@ class WebhookAdmin:
             checked.add(result)
         log.info("webhook updated", webhook_id=webhook_id, author=author, version=result.version)
         return convert.webhook_message(result)
+
+    def _kept(self, row: WebhookRow, column: str) -> str:
+        """A stored secret an update keeps (opened to validate and re-seal it)."""
+        try:
+            return sealed.unseal(self.keyring, column, row.id, getattr(row, column))
+        except SecretUnreadable as e:
+            raise FailedPrecondition(
+                f"the stored {column} of webhook {row.id} cannot be read ({e}); "
+                f"set {column} in this update, or configure the key"
+            ) from None
 
     async def delete_webhook(self, webhook_id: str, expected_etag: str, author: str) -> None:
         def delete(s: Session) -> None:
@@ -160,7 +182,10 @@ class WebhookAdmin:
             },
             now,
         )
-        receiver = convert.receiver(row)
+        try:
+            receiver = convert.receiver(row, self.keyring)
+        except SecretUnreadable as e:
+            raise FailedPrecondition(f"webhook {row.id} cannot be sent: {e}") from None
         out = render(receiver, message, now)
         result = await self.sender.send(out, now)
         if row.format == PAGERDUTY and result.delivered:

@@ -2,11 +2,13 @@
 
 Order: command-line flags, then SPENDGATE_SERVER / SPENDGATE_TOKEN (or
 SPENDGATE_ADMIN_TOKEN), then the credentials file `spendgate up` writes in
-its state directory (``.spendgate/credentials.json``, mode 0600).
+its state directory (``.spendgate/credentials.json``, mode 0600). `spendgate
+up` keeps the control plane's secrets key there too (``secrets.key``, 0600).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -55,6 +57,33 @@ def load_or_create_tokens(state_dir: Path) -> Tokens:
             f,
         )
     return tokens
+
+
+KEY_SETTINGS_ENV = (
+    "SPENDGATE_CONTROL_PLANE_SECRETS_KEY_FILE",
+    "SPENDGATE_CONTROL_PLANE_SECRETS_KEY",
+    "SPENDGATE_SECRETS_KEY_FILE",
+    "SPENDGATE_SECRETS_KEY",
+)
+
+
+def secrets_key_path(state_dir: Path = DEFAULT_STATE_DIR) -> Path:
+    return state_dir / "secrets.key"
+
+
+def secrets_key_env(state_dir: Path) -> dict[str, str]:
+    """The control plane's secrets key setting for `spendgate up`: none when
+    the environment sets one, else the state dir's key file, made (0600, one
+    new key) on first use like the tokens."""
+    if any(os.environ.get(name) for name in KEY_SETTINGS_ENV):
+        return {}
+    from control_plane.keyring import write_new_key_file
+
+    path = secrets_key_path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        write_new_key_file(path)
+    return {"SPENDGATE_CONTROL_PLANE_SECRETS_KEY_FILE": str(path)}
 
 
 def client_token(flag: str | None, state_dir: Path = DEFAULT_STATE_DIR) -> str:

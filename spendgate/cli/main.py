@@ -10,7 +10,7 @@ from spendgate.cli.credentials import client_server, client_token
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import policies, prices, status, up, webhooks
+    from spendgate.cli import policies, prices, secrets, status, up, webhooks
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_parser(sub, admin_flags)
     webhooks.add_parser(sub, admin_flags)
     prices.add_parser(sub, admin_flags)
+    secrets.add_parser(sub, admin_flags)
     return parser
 
 
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import policies, prices, status, webhooks
+        from spendgate.cli import policies, prices, secrets, status, webhooks
 
+        if secrets.run_offline(args):
+            return 0
         client = AdminClient(client_server(args.server), client_token(args.token), tls=args.tls)
         try:
             if args.command == "policy":
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 webhooks.run_webhook(args, client)
             elif args.command == "price":
                 prices.run_price(args, client)
+            elif args.command == "secrets":
+                secrets.run_secrets(args, client)
             elif args.command == "status":
                 status.run_status(args, client)
             else:

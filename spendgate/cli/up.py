@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spendgate import envoy_config, settings
 from spendgate.cli.client import CliError
-from spendgate.cli.credentials import load_or_create_tokens
+from spendgate.cli.credentials import load_or_create_tokens, secrets_key_env
 
 STOP_TIMEOUT_S = 10.0
 
@@ -136,6 +136,7 @@ def run_up(args: argparse.Namespace) -> int:
         "SPENDGATE_ADMIN_TOKEN": tokens.admin,
         "SPENDGATE_READ_TOKEN": tokens.read,
         "SPENDGATE_DATA_PLANE_TOKEN": tokens.data_plane,
+        **secrets_key_env(state_dir),
         "SPENDGATE_LOG_JSON": os.environ.get("SPENDGATE_LOG_JSON", "false"),
         "PYTHONUNBUFFERED": "1",
     }

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from control_plane.keyring import load as load_keyring
 from tests.harness import env_without_spendgate, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -105,6 +107,40 @@ def test_up_serves_both_services_metrics(up: Up) -> None:
     ):
         with urllib.request.urlopen(url, timeout=10) as r:
             assert f"\n{name} ".encode() in r.read()
+
+
+def test_up_stores_webhook_secrets_encrypted_with_its_key_file(up: Up) -> None:
+    state = up.cwd / ".spendgate"
+    key_file, db = state / "secrets.key", state / "spendgate.db"
+    for f in (key_file, db, db.with_name("spendgate.db-wal"), db.with_name("spendgate.db-shm")):
+        assert oct(f.stat().st_mode & 0o777) == "0o600", f
+    created = up.cli(
+        "webhook",
+        "create",
+        "--name",
+        "ops",
+        "--url",
+        "https://93.184.216.34/hook?token=qu3ryT0ken",
+        "--generate-secret",
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    secret = json.loads(created.stdout)["secret"]
+    with sqlite3.connect(db) as conn:
+        ((url, stored),) = conn.execute("SELECT url, secret FROM webhooks").fetchall()
+    ring = load_keyring(str(key_file), "")
+    assert ring is not None
+    for value in (url, stored):
+        assert value.startswith(f"enc:v1:{ring.current_id}:")
+        assert "qu3ryT0ken" not in value and secret.removeprefix("whsec_") not in value
+    status = up.cli("secrets", "status")
+    assert status.returncode == 0, status.stderr
+    assert f"current key: {ring.current_id}" in status.stdout
+    rotated = up.cli("secrets", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    assert f"re-encrypted 0 stored value(s) under key {ring.current_id}; 2 already were" in (
+        rotated.stdout
+    )
 
 
 def test_quickstart_policy_then_requests_then_429(up: Up) -> None:

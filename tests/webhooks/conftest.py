@@ -17,8 +17,10 @@ import grpc
 import pytest
 from sqlalchemy import Engine
 
+from control_plane import keyring
 from control_plane.config import Settings
 from control_plane.hub import StateHub
+from control_plane.keyring import Keyring
 from control_plane.server import ControlPlaneServer
 from control_plane.service import ControlPlane
 from control_plane.store.db import create_db_engine, migrate
@@ -36,6 +38,7 @@ from tests.harness import (
     ADMIN_TOKEN,
     DATA_PLANE_TOKEN,
     READ_TOKEN,
+    SECRETS_KEY,
     FakeClock,
     LoopThread,
     bearer,
@@ -64,6 +67,7 @@ def settings(database_url: str = "sqlite://", **overrides: Any) -> Settings:
         "read_token": READ_TOKEN,
         "data_plane_token": DATA_PLANE_TOKEN,
         "metrics_listen": "",
+        "secrets_key": SECRETS_KEY,
         **FAST,
         **overrides,
     }
@@ -90,6 +94,7 @@ class Rig:
     engine: Engine
     settings: Settings
     batches: Iterator[int]
+    keyring: Keyring | None
 
     async def policy(
         self,
@@ -159,8 +164,9 @@ async def make_rig(
     database_url: str, clock: FakeClock, resolver: Resolver = system_resolver, **overrides: Any
 ) -> AsyncIterator[Rig]:
     s = settings(database_url, **overrides)
+    keys = keyring.load(s.secrets_key_file, s.secrets_key)
     engine = create_db_engine(database_url)
-    migrate(engine)
+    migrate(engine, keys)
     cp = ControlPlane(engine, StateHub(), clock=clock)
     policy = UrlPolicy.from_settings(s)
     sender = Sender(
@@ -169,17 +175,18 @@ async def make_rig(
         read_timeout_s=s.webhook_read_timeout_s,
         resolver=resolver,
     )
-    dispatcher = Dispatcher(cp, sender, s, clock=clock, rng=random.Random(7))
+    dispatcher = Dispatcher(cp, sender, s, clock=clock, keyring=keys, rng=random.Random(7))
     try:
         yield Rig(
             cp,
-            WebhookAdmin(cp, policy, sender),
+            WebhookAdmin(cp, policy, sender, keys),
             dispatcher,
             sender,
             clock,
             engine,
             s,
             itertools.count(),
+            keys,
         )
     finally:
         await dispatcher.stop(0)

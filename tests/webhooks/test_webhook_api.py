@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook as StandardWebhook
 
 from control_plane.store.models import WebhookRow
+from control_plane.webhooks import convert, formats
 from control_plane.webhooks.signing import new_secret
 from spendgate.v1 import webhooks_pb2 as wpb
 from tests.harness import ADMIN_TOKEN, READ_TOKEN, bearer, wait_until
@@ -57,11 +58,12 @@ def create(api: Api, **fields: Any) -> wpb.Webhook:
     return call(api.webhooks.CreateWebhook, wpb.CreateWebhookRequest(webhook=wpb.Webhook(**fields)))
 
 
-def stored(api: Api, webhook_id: str) -> WebhookRow:
+def stored(api: Api, webhook_id: str) -> formats.Receiver:
+    """The webhook as the store keeps it, its secrets opened with the server's key."""
     with Session(api.server.engine) as s:
         row = s.scalar(select(WebhookRow).where(WebhookRow.id == webhook_id))
         assert row is not None
-        return row
+        return convert.receiver(row, api.server.keyring)
 
 
 def test_create_get_list_and_secrets_are_write_only(
