@@ -35,6 +35,11 @@ class Settings:
     # What to charge for a model with no price: default | free | reject
     # (see ext_proc/pricing.py).
     unpriced_models: str = "default"
+    # A request on a provider route of no metered API shape (images, audio,
+    # batches, ...): count (admission-checked like any request, counted in a
+    # metric and logged once per path) | reject (403 in the provider's error
+    # shape, naming the path).
+    unmetered_requests: str = "count"
     # Reservations: an admitted request holds its estimated cost (input from
     # the request size, output from max_tokens or the value below) against its
     # REJECT windows until it ends, bounding concurrent overshoot.
@@ -89,6 +94,10 @@ class Settings:
             )
         if self.unpriced_models not in ("default", "free", "reject"):
             raise ConfigError("unpriced_models must be default, free or reject")
+        if self.unmetered_requests not in ("count", "reject"):
+            raise ConfigError(
+                f"unmetered_requests must be count or reject, not {self.unmetered_requests!r}"
+            )
         for name in ("default_input_price", "default_output_price"):
             try:
                 if Decimal(getattr(self, name)) < 0:

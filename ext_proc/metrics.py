@@ -92,10 +92,16 @@ class ExtProcCollector(Collector):
             ),
             list(s.rejections.items()),
         )
-        yield counter(
-            "spendgate_ext_proc_requests_unmetered",
-            "HTTP requests of no metered API shape (passed through, not charged).",
-            s.unmetered_requests,
+        yield labelled(
+            CounterMetricFamily(
+                "spendgate_ext_proc_requests_unmetered",
+                "HTTP requests of no metered API shape let through to the provider "
+                "(admission-checked, not charged), by Envoy route and method; those "
+                "refused (unmetered_requests: reject) count as rejected, reason "
+                "unmetered_request.",
+                labels=["route", "method"],
+            ),
+            list(s.unmetered.items()),
         )
         yield counter(
             "spendgate_ext_proc_requests_unparsed",

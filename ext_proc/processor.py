@@ -19,19 +19,26 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import dialects, windows
 from ext_proc import envoy_codec as codec
+from ext_proc import windows
 from ext_proc.caller import api_key_of, parse_tags
 from ext_proc.config import Settings
+from ext_proc.coverage import UnmeteredPaths, method_label, path_template
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
 from ext_proc.decoding import BodyDecoder
 from ext_proc.meters.base import Meter, estimate_tokens_from_chars
 from ext_proc.pricing import PriceTable
 from ext_proc.reject import rejection_headers, rejection_message
-from ext_proc.shapes import ApiShape, detect
+from ext_proc.shapes import (
+    NEVER_BILLABLE_METHODS,
+    ApiShape,
+    detect,
+    dialect_for_path,
+    stream_flag,
+)
 from ext_proc.state import LocalState
-from ext_proc.stats import BUDGET_EXCEEDED, MODEL_NOT_PRICED, UNPRICED, Stats
+from ext_proc.stats import BUDGET_EXCEEDED, MODEL_NOT_PRICED, UNMETERED_REQUEST, UNPRICED, Stats
 from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
@@ -40,7 +47,8 @@ from spendgate.v1.dataplane_pb2 import ReserveVerdict
 log = structlog.get_logger("spendgate.ext_proc")
 Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_CONTENT_LENGTH = 1 << 40  # a larger content-length is not believed
+_CUT = ("stream aborted", "response aborted")  # meter errors of a response cut short
 
 
 @dataclasses.dataclass(slots=True)
@@ -53,6 +61,8 @@ class Context:
     clock: Callable[[], datetime]
     stats: Stats = dataclasses.field(default_factory=Stats)
     warned_models: set[str] = dataclasses.field(default_factory=set)
+    # Paths of unmetered requests already logged (bounded).
+    unmetered_paths: UnmeteredPaths = dataclasses.field(default_factory=UnmeteredPaths)
     # Asks the control plane to admit a request near a budget's line (see
     # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
@@ -138,27 +148,112 @@ class RequestProcessor:
         if self.path_model:
             self.request_model = self.path_model
         self.matches = self.ctx.state.index.matches(self.facts)
-        if method not in _BODYLESS_METHODS:
-            rejected = self._decide() or self._check_priced()
+        billable = method not in NEVER_BILLABLE_METHODS
+        if billable:
+            rejected = self._refuse_unmetered(method) or self._decide() or self._check_priced()
             if rejected is not None:
                 return rejected
         # The identity headers never reach the provider, whatever they are named.
         own = (s.user_header, s.workspace_header, s.tags_header)
         remove = [k for k in h if k.startswith("x-spendgate-") or k in own]
-        if self.shape is None or req.request_headers.end_of_stream:
+        if self.shape is None:
             self.done = True
             self.last = True  # SKIP_REST: Envoy asks nothing more
-            self.ctx.stats.unmetered_requests += self.shape is None
+            if billable:
+                self._count_unmetered(method)
             return codec.request_headers_response(
                 codec.header_mutation(remove=remove) if remove else None, codec.SKIP_REST
             )
         # Ask for an uncompressed response so it can be metered as it streams.
         remove.append("accept-encoding")
-        mode = codec.METERED if self.shape.needs_request_body else codec.METERED_NO_REQUEST_BODY
+        return self._meter_request(h, req.request_headers.end_of_stream, remove)
+
+    def _meter_request(self, h: dict[str, str], bodyless: bool, remove: list[str]) -> Reply:
+        """The answer to the headers of a request of a metered shape.
+
+        Shapes that name the model in the path (Gemini, Bedrock) want their
+        body only for its size: the input a cut stream is charged when the
+        provider never reported it, and the size of the request's hold. The
+        ``content-length`` header gives that size, so the body is not
+        buffered: buffering would cost a round trip to ext_proc before the
+        request leaves Envoy, on every request, and the official SDKs send
+        ``content-length`` with their JSON bodies. A chunked request has
+        none; its body is then read for its size.
+
+        A request with no body at all is admission-checked (done already) and
+        its answer metered like any other: the provider most likely refuses
+        it, at no cost, but whatever it bills is charged.
+        """
+        assert self.shape is not None
+        shape = self.shape
+        read_body = not bodyless and (shape.needs_request_body or not self._size_from(h))
+        if bodyless and shape.needs_request_body:
+            self.ctx.stats.unparsed_requests += 1
+        mode = codec.metered_mode(
+            request_body=read_body, response_headers=shape.needs_response_headers
+        )
         reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
-        if not self.shape.needs_request_body and self._reserve(None):
+        if not read_body and self._reserve(None):
             return self._arbitrate(reply)
         return reply
+
+    def _size_from(self, h: dict[str, str]) -> bool:
+        """Take the request body's size from ``content-length``; False when
+        there is no plausible one."""
+        value = h.get("content-length", "").strip()
+        if not (value.isascii() and value.isdigit()) or int(value) > _MAX_CONTENT_LENGTH:
+            return False
+        self.request_bytes = int(value)
+        return True
+
+    def _refuse_unmetered(self, method: str) -> codec.ProcessingResponse | None:
+        """With ``unmetered_requests: reject``, refuse a request of no metered
+        shape: 403 in the dialect its path suggests, naming the path."""
+        if self.shape is not None or self.ctx.settings.unmetered_requests != "reject":
+            return None
+        self.done = True
+        self.rejected = self.last = True
+        self.ctx.stats.count_rejection("", UNMETERED_REQUEST)
+        path = self.path.split("?", 1)[0][:256]
+        log.info(
+            "rejected",
+            reason=UNMETERED_REQUEST,
+            request_id=self.request_id,
+            route=self.facts.route,
+            method=method_label(method),
+            path=path_template(self.path),
+        )
+        reply = dialect_for_path(self.path)(
+            403,
+            UNMETERED_REQUEST,
+            f"spendgate cannot meter {method_label(method)} {path}, and this gateway refuses "
+            "requests it cannot charge to a budget (unmetered_requests: reject).",
+        )
+        headers = {**reply.headers, "x-spendgate-error": UNMETERED_REQUEST}
+        return codec.immediate_response(
+            reply.status, headers, reply.body, "spendgate_unmetered_request"
+        )
+
+    def _count_unmetered(self, method: str) -> None:
+        """Count a request of no metered shape let through; log its path once."""
+        route, label = self.facts.route, method_label(method)
+        self.ctx.stats.count_unmetered(route, label)
+        paths = self.ctx.unmetered_paths
+        template = path_template(self.path)
+        if paths.first_time(route, label, template):
+            log.warning(
+                "request of no metered API admitted, not charged (logged once per path)",
+                route=route,
+                method=label,
+                path=template,
+                request_id=self.request_id,
+            )
+        elif paths.full and not paths.full_reported:
+            paths.full_reported = True
+            log.warning(
+                "too many distinct unmetered paths; new ones are counted, no longer logged",
+                limit=paths.limit,
+            )
 
     def on_request_body(self, body: Any) -> Reply:
         if not body.end_of_stream:  # only when Envoy streams the request body
@@ -167,22 +262,27 @@ class RequestProcessor:
         data = b"".join((*self.body_parts, body.body)) if self.body_parts else body.body
         self.body_parts = []
         self.request_bytes = len(data)
-        try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            # The provider will answer 400; an error costs nothing. Metering
-            # still runs on the response in case it does not.
-            self.ctx.stats.unparsed_requests += 1
-            log.debug("request body is not a JSON object; passed through unchanged")
+        parsed = None
+        if self.shape is None or self.shape.needs_request_body:
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                # The provider will answer 400; an error costs nothing.
+                # Metering still runs on the response in case it does not.
+                self.ctx.stats.unparsed_requests += 1
+                log.debug("request body is not a JSON object; passed through unchanged")
+        if not isinstance(parsed, dict):  # (or read only for its size)
             rejected = self._decide()
             if rejected is not None:
                 return rejected
             if self._reserve(None):
                 return self._arbitrate(codec.REQUEST_BODY_CONTINUE)
             return codec.REQUEST_BODY_CONTINUE
-        self.stream_requested = parsed.get("stream") is True
+        # The meters tell a stream from a JSON body by the response itself;
+        # the flag is for preparing the request (and a hint to the meter).
+        self.stream_requested = stream_flag(parsed.get("stream"))
         model = parsed.get("model")
         if isinstance(model, str) and model:
             self.request_model = model
@@ -225,7 +325,7 @@ class RequestProcessor:
             member=r.member if r.member else None,
             reset=r.window.end.isoformat(),
         )
-        dialect = self.shape.dialect if self.shape else dialects.openai
+        dialect = self.shape.dialect if self.shape else dialect_for_path(self.path)
         reply = dialect(429, "budget_exceeded", rejection_message(r))
         return codec.immediate_response(
             reply.status,
@@ -284,7 +384,7 @@ class RequestProcessor:
                 request_id=self.request_id,
             )
             return codec.RESPONSE_HEADERS_CONTINUE
-        self.meter = self.shape.new_meter(self.path, h.get("content-type", ""), self.path_model)
+        self.meter = self.shape.new_meter(self.path, h.get("content-type", ""), self.path_model, h)
         if headers.end_of_stream:
             self._finish(aborted=False)
             return codec.RESPONSE_HEADERS_CONTINUE
@@ -313,7 +413,7 @@ class RequestProcessor:
         elif len(first) > 1 and first[0] == 0x78 and (first[0] * 256 + first[1]) % 31 == 0:
             self.decoder = BodyDecoder("deflate")
         content_type = "text/event-stream" if self.stream_requested else "application/json"
-        self.meter = self.shape.new_meter(self.path, content_type, self.path_model)
+        self.meter = self.shape.new_meter(self.path, content_type, self.path_model, {})
 
     def _reserve(self, body: dict[str, Any] | None) -> bool:
         """Hold this request's estimated cost against its REJECT windows until
@@ -443,6 +543,10 @@ class RequestProcessor:
         if usage is None and result.error == "provider error":
             stats.provider_errors += 1  # an error answer carries no usage and costs nothing
             return
+        if usage is None and result.error in _CUT and self.request_bytes:
+            # Cut before any usage or text: the provider read the prompt all
+            # the same. Charge its estimated input (completed below).
+            usage = Usage(output_tokens=0, estimated=True)
         if usage is None:
             stats.unmetered_responses += 1
             log.warning(
