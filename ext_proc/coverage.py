@@ -25,8 +25,13 @@ def path_template(path: str) -> str:
     """``path`` without its query, id-like segments replaced by ``{id}``, and
     cut to ``MAX_PATH_CHARS``: a bounded name for log lines."""
     path = path.split("?", 1)[0].split("#", 1)[0]
-    segments = ["{id}" if _ID.match(s) else s for s in path.split("/")]
-    return "/".join(segments)[:MAX_PATH_CHARS]
+    return "/".join(map(_segment, path.split("/")))[:MAX_PATH_CHARS]
+
+
+def _segment(segment: str) -> str:
+    # "gemini-2.5-flash:countTokens": the name is an id, the method is not.
+    name, colon, method = segment.partition(":")
+    return ("{id}" if _ID.match(name) else name) + colon + method
 
 
 def method_label(method: str) -> str:

@@ -36,10 +36,10 @@ deltas and content blocks, Nova ``text``, Llama ``generation``, Mistral
 ``outputs[].text`` and ``choices[]`` message / delta content, Cohere
 ``text`` / ``generations[].text``.
 
-A stream ends with its invocation metrics (or the family's end marker:
-``message_stop``, ``messageStop``, a ``stop_reason`` / ``finish_reason``,
-``is_finished``). Errors: "provider error" (an exception message, an
-Anthropic ``error``, or an AWS error body ``{"message": ...}``) wins;
+A stream has ended when its last chunk, the one with the invocation metrics,
+was seen (every family's end marker comes before or with it). Errors:
+"provider error" (an exception message, an Anthropic ``error``, or an AWS
+error body ``{"message": ...}``) wins;
 otherwise "no usage in response" / "no usage in stream", "stream aborted"
 when the stream was cut before its end, "invalid event stream" when its
 framing broke first; "invalid json" (or "response aborted"), "body too
@@ -177,8 +177,6 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
             merge_counts(self._counts, usage)
             if isinstance(usage, dict) and count(usage.get("output_tokens")) is not None:
                 self._claude_final = True
-        elif kind == "message_stop":
-            self._ended = True
         elif kind == "error":
             self._provider_error = True
 
@@ -191,8 +189,6 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
         inner = delta.get("delta") if isinstance(delta, dict) else None
         if isinstance(inner, dict):
             self._chars += text_chars((inner.get("text"),))
-        if "messageStop" in obj:
-            self._ended = True
         metadata = obj.get("metadata")
         usage = metadata.get("usage") if isinstance(metadata, dict) else obj.get("usage")
         if isinstance(usage, dict):
@@ -209,18 +205,15 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
         generated = count(obj.get("generation_token_count"))
         if generated is not None:
             self._output = generated  # cumulative in a stream
-        if isinstance(obj.get("stop_reason"), str):
-            self._ended = True
-        # A stream's counts are final once it ends; a body's at once.
+        # A stream's counts are final with its last chunk; a body's at once.
+        last = isinstance(obj.get("stop_reason"), str)
         known = self._input is not None and self._output is not None
-        if known and (self._ended or not self._streaming):
+        if known and (last or not self._streaming):
             self._report = Usage(input_tokens=self._input, output_tokens=self._output)
 
     def _mistral(self, obj: dict[str, Any]) -> None:
         for item in _list(obj.get("outputs")):
             self._chars += text_chars((item.get("text"),))
-            if isinstance(item.get("stop_reason"), str):
-                self._ended = True
         for choice in _list(obj.get("choices")):
             texts: list[object] = [choice.get("text")]
             for key in ("message", "delta"):
@@ -228,16 +221,12 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
                 if isinstance(part, dict):
                     texts += [part.get("content"), part.get("reasoning_content")]
             self._chars += text_chars(texts)
-            if isinstance(choice.get("finish_reason") or choice.get("stop_reason"), str):
-                self._ended = True
 
     def _cohere(self, obj: dict[str, Any]) -> None:
         if obj.get("event_type") in (None, "text-generation"):
             self._chars += text_chars((obj.get("text"),))
         for generation in _list(obj.get("generations")):
             self._chars += text_chars((generation.get("text"),))
-        if obj.get("is_finished") is True:
-            self._ended = True
         meta = obj.get("meta")
         billed = meta.get("billed_units") if isinstance(meta, dict) else None
         if isinstance(billed, dict):
