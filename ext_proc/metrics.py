@@ -87,7 +87,8 @@ class ExtProcCollector(Collector):
             CounterMetricFamily(
                 "spendgate_ext_proc_requests_rejected",
                 "HTTP requests ext_proc answered itself: 429 budget_exceeded (policy_id names "
-                "the exceeded policy) or 403 model_not_priced (policy_id empty).",
+                "the exceeded policy), 403 model_not_priced or unmetered_request (policy_id "
+                "empty).",
                 labels=["policy_id", "reason"],
             ),
             list(s.rejections.items()),
