@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog.testing
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from tests.extproc.protocol import (
@@ -141,3 +142,22 @@ async def test_reject_leaves_metered_shapes_alone() -> None:
         assert resp == headers_removed("accept-encoding")
         await s.close()
         assert ext.stats.rejections == {}
+
+
+async def test_one_log_line_per_path(ext: Ext) -> None:
+    paths = [
+        "/v1/batches/batch_6a1f0c3e9b2d4e5f",
+        "/v1/batches/batch_0b9e8d7c6a5f4e3d",
+        "/v1/files",
+    ]
+    with structlog.testing.capture_logs() as logs:
+        for path in paths:
+            s = ext.stream()
+            await s.answer_and_end(request_headers("POST", path, chat_headers()))
+            await s.close()
+    lines = [e for e in logs if e["event"].startswith("request of no metered API")]
+    assert [(e["route"], e["method"], e["path"]) for e in lines] == [
+        (ROUTE, "POST", "/v1/batches/{id}"),
+        (ROUTE, "POST", "/v1/files"),
+    ]
+    assert all(e["log_level"] == "warning" for e in lines)
