@@ -85,6 +85,9 @@ class RequestProcessor:
         self.stream_requested = False
         self.held: tuple[list[tuple[str, str, int]], int] | None = None
         self.done = False  # charged (or decided there is nothing to charge)
+        # The request went on to the provider (unless refused since): its
+        # prompt is charged even if no answer ever comes back.
+        self.forwarded = False
         # Envoy's x-request-id (also in its access log); only ever read to log.
         self.request_id = ""
         self.rejected = False  # answered by ext_proc itself (429 or 403)
@@ -193,6 +196,7 @@ class RequestProcessor:
             request_body=read_body, response_headers=shape.needs_response_headers
         )
         reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
+        self.forwarded = not read_body
         if not read_body and self._reserve(None):
             return self._arbitrate(reply)
         return reply
@@ -262,6 +266,7 @@ class RequestProcessor:
         data = b"".join((*self.body_parts, body.body)) if self.body_parts else body.body
         self.body_parts = []
         self.request_bytes = len(data)
+        self.forwarded = True
         parsed = None
         if self.shape is None or self.shape.needs_request_body:
             try:
@@ -526,6 +531,13 @@ class RequestProcessor:
         if not self.rejected:
             self.ctx.stats.admitted_requests += 1
         self._release()
+        unanswered = self.meter is None and self.forwarded and self.shape is not None
+        if unanswered and not self.done and not self.rejected:
+            # No answer came back (the client gave up first, a timeout, the
+            # connection broke): a retry storm of timed-out requests is billed
+            # by the provider all the same. Meter an empty, cut response: its
+            # input is charged, estimated from the request's size.
+            self._start_meter(b"")
         if self.meter is not None and not self.done:
             try:
                 self._finish(aborted=True)

@@ -410,8 +410,43 @@ async def test_request_body_in_chunks_is_joined(ext: Ext) -> None:
     for part in parts[:-1]:
         assert await s.send(request_body(part, end_of_stream=False)) == CONTINUE_REQUEST_BODY
     assert await s.send(request_body(parts[-1])) == CONTINUE_REQUEST_BODY
+    await s.send(response_headers())
+    assert await s.send(response_body(COMPLETION, end_of_stream=True)) is ENDED
     await s.close()
-    assert ext.stats_changed() == {}
+    assert ext.stats_changed() == {
+        "metered_responses": 1,
+        "input_tokens": 19,
+        "output_tokens": 10,
+        "cost_nanos": price(Usage(19, 0, 10, None, 10)),
+    }
+
+
+async def test_request_never_answered_is_charged_its_input(ext: Ext) -> None:
+    """The client gave up (a timeout) or the connection broke before any
+    answer: the provider read the prompt all the same."""
+    ext.set_policies(policy("global"))
+    body = chat_body()
+    s = ext.stream()
+    await s.send(request_headers(headers=chat_headers(body)))
+    assert await s.send(request_body(body)) == CONTINUE_REQUEST_BODY
+    await s.close()
+    usage = Usage(estimate_tokens_from_chars(len(body)), output_tokens=0, estimated=True)
+    assert ext.pending() == {GLOBAL_KEY: Increment(price(usage), 1, 1)}
+    assert ext.stats_changed() == {
+        "metered_responses": 1,
+        "estimated_responses": 1,
+        "input_tokens": usage.input_tokens,
+        "cost_nanos": price(usage),
+    }
+
+
+async def test_request_refused_before_it_left_is_not_charged(ext: Ext) -> None:
+    ext.set_policies(policy("global"), spend=[spent("global", 11 * 10**9)])
+    s = ext.stream()
+    resp = await s.answer_and_end(request_headers(headers=chat_headers(chat_body())))
+    assert resp.immediate_response.status.code == 429
+    await s.close()
+    assert ext.pending() == {}
 
 
 @pytest.mark.parametrize("status", [500, 429, 400, 302, 100])
