@@ -25,6 +25,7 @@ Per-request knobs (request headers; Envoy passes them through):
   x-fake-status             answer this HTTP status with the API's error body
   x-fake-chunks             content chunks when streaming (default 5)
   x-fake-chunk-delay-ms     pause between streamed events
+  x-fake-delay-ms           pause before answering at all
   x-fake-cut-after          stream this many events after the first, then drop
                             the connection
   x-fake-gate               name of a gate: each streamed event after the first
@@ -178,6 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
                 404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
             )
             return
+        delay = self._int("x-fake-delay-ms", 0)
+        if delay > 0:
+            time.sleep(min(delay, 60_000) / 1000)
         status = self._int("x-fake-status", 200)
         if status != 200:
             self._send_json(status, fake_apis.error_body(api, status))

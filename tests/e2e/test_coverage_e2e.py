@@ -276,3 +276,27 @@ def test_cut_gemini_stream_is_charged_the_input_it_carried(stack: Stack, by: str
     assert price is not None
     expected = Decimal(cost_nanos(usage, price)) / NANOS_PER_USD
     wait_until(lambda: spent(stack, p.id) == expected, message=f"spend {expected}")
+
+
+def test_request_the_client_gave_up_on_is_charged_its_input(stack: Stack) -> None:
+    """A client timeout before any answer: the provider bills the work all the
+    same (a retry storm of timeouts is not free), so the prompt is charged."""
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    p = user_policy(stack, user, amount="1000", action=pb.ACTION_ALERT)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 400}]})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            stack.envoy.base_url + "/v1/chat/completions",
+            content=body,
+            headers={
+                "x-spendgate-user": user,
+                "content-type": "application/json",
+                "x-fake-delay-ms": "3000",
+            },
+            timeout=httpx.Timeout(5, read=0.5),
+        )
+    usage = Usage(input_tokens=-(-len(body) // 4), output_tokens=0, estimated=True)
+    price = PRICES.lookup("gpt-4o", "openai")
+    assert price is not None
+    expected = Decimal(cost_nanos(usage, price)) / NANOS_PER_USD
+    wait_until(lambda: spent(stack, p.id) == expected, message=f"spend {expected}")
