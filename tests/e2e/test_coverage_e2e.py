@@ -31,6 +31,14 @@ from tests.harness import wait_until
 pytestmark = pytest.mark.e2e
 PRICES = PriceBook.bundled()
 MESSAGES = [{"role": "user", "content": "hello"}]
+# Raw HTTP requests carry the credentials each provider's SDK would send (a
+# request speaking no provider's API is not routed anywhere).
+OPENAI_AUTH = {"authorization": "Bearer sk-test"}
+BEDROCK_AUTH = {
+    "authorization": "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261204/us-east-1/bedrock/"
+    "aws4_request, SignedHeaders=host;x-amz-date, Signature=" + "0" * 64
+}
+GEMINI_AUTH = {"x-goog-api-key": "gm-test"}
 
 
 @pytest.fixture(autouse=True)
@@ -137,10 +145,13 @@ def test_get_is_admission_checked_head_is_not(stack: Stack) -> None:
     headers = spent_budget(stack)
     with pytest.raises(openai.RateLimitError):
         openai_client(stack, headers).models.list()
+    headers = {**headers, **OPENAI_AUTH}
+    # HEAD and OPTIONS never cost anything: not budgeted, they reach the
+    # provider (whose HTTP server answers them 501 Not Implemented).
     r = httpx.head(stack.envoy.base_url + "/v1/models", headers=headers)
-    assert r.status_code != 429  # HEAD never costs anything: not budgeted
+    assert r.status_code == 501
     r = httpx.options(stack.envoy.base_url + "/v1/chat/completions", headers=headers)
-    assert r.status_code != 429
+    assert r.status_code == 501
 
 
 # ---- requests of no metered shape: reject ------------------------------------------
@@ -189,7 +200,7 @@ def test_stream_flag_a_lenient_provider_streams_for_is_metered(stack: Stack, fla
     r = httpx.post(
         stack.envoy.base_url + "/v1/chat/completions",
         json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": flag},
-        headers={"x-spendgate-user": user, "x-fake-completion-tokens": "300"},
+        headers={"x-spendgate-user": user, "x-fake-completion-tokens": "300", **OPENAI_AUTH},
     )
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.text.rstrip().endswith("data: [DONE]")
@@ -200,10 +211,11 @@ def test_stream_flag_a_lenient_provider_streams_for_is_metered(stack: Stack, fla
 
 def test_empty_body_is_admission_checked(stack: Stack) -> None:
     headers = spent_budget(stack)
-    r = httpx.post(stack.envoy.base_url + "/v1/chat/completions", headers=headers)
+    url = stack.envoy.base_url + "/v1/chat/completions"
+    r = httpx.post(url, headers={**headers, **OPENAI_AUTH})
     assert r.status_code == 429
     before = stack.ext.ctx.stats.unparsed_requests
-    r = httpx.post(stack.envoy.base_url + "/v1/chat/completions")  # no budget: provider says 400
+    r = httpx.post(url, headers=OPENAI_AUTH)  # no budget: the provider says 400
     assert r.status_code == 400
     assert stack.ext.ctx.stats.unparsed_requests == before + 1
 
@@ -251,7 +263,7 @@ def test_cut_bedrock_stream_is_charged_the_input_it_carried(stack: Stack, by: st
         {"messages": [{"role": "user", "content": [{"text": "how much " * 200}]}]}
     ).encode()
     path = f"/model/{CONVERSE}/converse-stream"
-    cut_stream(stack, path, body, {"x-spendgate-user": user}, by, events=2)
+    cut_stream(stack, path, body, {"x-spendgate-user": user, **BEDROCK_AUTH}, by, events=2)
     usage = Usage(input_tokens=-(-len(body) // 4), output_tokens=2, estimated=True)  # "word0 "
     price = PRICES.lookup(CONVERSE, "bedrock")
     assert price is not None
@@ -269,7 +281,7 @@ def test_cut_gemini_stream_is_charged_the_input_it_carried(stack: Stack, by: str
     p = user_policy(stack, user, amount="1000", action=pb.ACTION_ALERT)
     body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "how much"}]}]}).encode()
     path = f"/v1beta/models/{FLASH}:streamGenerateContent?alt=sse"
-    headers = {"x-spendgate-user": user, "x-fake-prompt-tokens": "1200"}
+    headers = {"x-spendgate-user": user, "x-fake-prompt-tokens": "1200", **GEMINI_AUTH}
     cut_stream(stack, path, body, headers, by, events=1)
     usage = Usage(input_tokens=1200, output_tokens=2, estimated=True)
     price = PRICES.lookup(FLASH, "google")
@@ -292,6 +304,7 @@ def test_request_the_client_gave_up_on_is_charged_its_input(stack: Stack) -> Non
                 "x-spendgate-user": user,
                 "content-type": "application/json",
                 "x-fake-delay-ms": "3000",
+                **OPENAI_AUTH,
             },
             timeout=httpx.Timeout(5, read=0.5),
         )
