@@ -34,7 +34,7 @@ from ext_proc.shapes import (
     NEVER_BILLABLE_METHODS,
     ApiShape,
     detect,
-    dialect_for_path,
+    dialect_for,
     stream_flag,
 )
 from ext_proc.state import LocalState
@@ -227,7 +227,7 @@ class RequestProcessor:
             method=method_label(method),
             path=path_template(self.path),
         )
-        reply = dialect_for_path(self.path)(
+        reply = dialect_for(self.facts.route, self.path)(
             403,
             UNMETERED_REQUEST,
             f"spendgate cannot meter {method_label(method)} {path}, and this gateway refuses "
@@ -330,7 +330,7 @@ class RequestProcessor:
             member=r.member if r.member else None,
             reset=r.window.end.isoformat(),
         )
-        dialect = self.shape.dialect if self.shape else dialect_for_path(self.path)
+        dialect = self.shape.dialect if self.shape else dialect_for(self.facts.route, self.path)
         reply = dialect(429, "budget_exceeded", rejection_message(r))
         return codec.immediate_response(
             reply.status,

@@ -197,6 +197,23 @@ def detect(method: str, path: str) -> ApiShape | None:
     return None
 
 
+# envoy/envoy.yaml's routes whose name says which provider's clients use them.
+_ROUTE_DIALECTS = {
+    "anthropic": dialects.anthropic,
+    "gemini": dialects.google,
+    "bedrock": dialects.aws,
+    "openai": dialects.openai,
+    "azure-openai": dialects.openai,
+}
+
+
+def dialect_for(route: str, path: str) -> dialects.Dialect:
+    """The error dialect of a request of no metered shape: its route's
+    provider when the route names one (Anthropic's ``/v1/files`` looks like
+    OpenAI's), else guessed from the path (``dialect_for_path``)."""
+    return _ROUTE_DIALECTS.get(route) or dialect_for_path(path)
+
+
 def dialect_for_path(path: str) -> dialects.Dialect:
     """The error dialect of a request of no metered shape, from its path:
     AWS under ``/model/``, Google for ``/v1beta/`` and ``models/…:method``

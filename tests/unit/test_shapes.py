@@ -9,7 +9,13 @@ import pytest
 
 from ext_proc import dialects, shapes
 from ext_proc.coverage import UnmeteredPaths, method_label, path_template
-from ext_proc.shapes import NEVER_BILLABLE_METHODS, detect, dialect_for_path, stream_flag
+from ext_proc.shapes import (
+    NEVER_BILLABLE_METHODS,
+    detect,
+    dialect_for,
+    dialect_for_path,
+    stream_flag,
+)
 
 
 @pytest.mark.parametrize(
@@ -89,6 +95,23 @@ def test_never_billable_methods_are_the_documented_ones() -> None:
 )
 def test_dialect_for_path(path: str, dialect: dialects.Dialect) -> None:
     assert dialect_for_path(path) is dialect
+    assert dialect_for("demo", path) is dialect  # a route that names no provider
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "dialect"),
+    [
+        ("anthropic", "/v1/files", dialects.anthropic),
+        ("anthropic", "/v1/models", dialects.anthropic),
+        ("gemini", "/v1/files", dialects.google),
+        ("bedrock", "/async-invoke", dialects.aws),
+        ("openai", "/v1/messages/batches", dialects.openai),
+        ("azure-openai", "/openai/deployments/d/images/generations", dialects.openai),
+        ("", "/v1/messages/batches", dialects.anthropic),
+    ],
+)
+def test_dialect_for_route(route: str, path: str, dialect: dialects.Dialect) -> None:
+    assert dialect_for(route, path) is dialect
 
 
 @pytest.mark.parametrize(
