@@ -25,7 +25,9 @@ Usage, first found wins:
 3. the ``x-amzn-bedrock-input-token-count`` / ``-output-token-count`` (and
    ``-cache-read-`` / ``-cache-write-input-token-count``) response headers,
    which Bedrock sets on every InvokeModel answer (Mistral's and Cohere's
-   bodies carry no usage).
+   bodies carry no usage; an embedding's output count is 0 when absent).
+   Amazon Titan bodies (``inputTextTokenCount``, ``results[].tokenCount``,
+   embeddings) are read too.
 
 Bedrock's input counts exclude cache reads and writes, which are added back.
 Without a complete report (a stream cut short) the result carries the input
@@ -70,15 +72,22 @@ _ANTHROPIC_TEXT = ("text", "thinking", "partial_json")
 
 def header_usage(headers: Mapping[str, str]) -> Usage | None:
     """Usage from Bedrock's ``x-amzn-bedrock-*-token-count`` response headers;
-    None unless both the input and the output count are there. A value that is
-    not a plain non-negative integer is "not reported"."""
+    None without an input count (the output count is None when absent, as for
+    embeddings). A value that is not a plain non-negative integer is "not
+    reported"."""
 
     def number(name: str) -> int | None:
         value = headers.get(_HEADER.format(name), "").strip()
         return int(value) if value.isdigit() and value.isascii() and len(value) <= 12 else None
 
-    return _bedrock_counts(
-        number("input"), number("output"), number("cache-read-input"), number("cache-write-input")
+    inp, read, write = number("input"), number("cache-read-input"), number("cache-write-input")
+    if inp is None:
+        return None
+    return Usage(
+        input_tokens=add_counts(inp, read, write),
+        cached_input_tokens=read,
+        cache_write_tokens=write,
+        output_tokens=number("output"),
     )
 
 
@@ -153,6 +162,7 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
         self._llama(obj)
         self._mistral(obj)
         self._cohere(obj)
+        self._titan(obj)
 
     # -- the families ----------------------------------------------------
 
@@ -234,6 +244,19 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
                 _complete(count(billed.get("input_tokens")), count(billed.get("output_tokens")))
             )
 
+    def _titan(self, obj: dict[str, Any]) -> None:
+        results = _list(obj.get("results"))
+        self._chars += text_chars([obj.get("outputText"), *(r.get("outputText") for r in results)])
+        inp = count(obj.get("inputTextTokenCount"))
+        if inp is None:
+            return
+        self._input = inp
+        if "embedding" in obj or "embeddingsByType" in obj:  # nothing generated
+            self._report = Usage(input_tokens=inp, output_tokens=0)
+        elif results and not self._streaming:
+            out = add_counts(*(count(r.get("tokenCount")) for r in results))
+            self._report = Usage(input_tokens=inp, output_tokens=out) if out is not None else None
+
     def _set_report(self, usage: Usage | None) -> None:
         if usage is not None and usage.output_tokens is not None:
             if usage.input_tokens is not None:
@@ -256,14 +279,20 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
         claude = None
         if self._claude_final:
             claude = normalise_counts(self._counts, self._counts.get("output_tokens"))
-        for usage in (claude, self._report, self._metrics, self._headers):
-            if usage is not None and usage.input_tokens is not None:
+        headers = self._headers
+        if headers is not None and headers.output_tokens is None and not self._chars:
+            headers = replace(headers, output_tokens=0)  # nothing generated (embeddings)
+        for usage in (claude, self._report, self._metrics, headers):
+            complete = usage is not None and usage.output_tokens is not None
+            if complete and usage is not None and usage.input_tokens is not None:
                 return MeterResult(model, usage, True, error)
         # No complete report: the input seen, and the output estimated from
         # the text (at least the output count seen).
         partial = normalise_counts(self._counts, None) if self._counts else None
         if partial is None or partial.input_tokens is None:
             partial = Usage(input_tokens=self._input)
+        if partial.input_tokens is None and headers is not None:
+            partial = replace(headers, output_tokens=None)
         reported = max(self._counts.get("output_tokens", 0), self._output or 0)
         output = max(estimate_tokens_from_chars(self._chars), reported)
         if partial.input_tokens is None and not output:

@@ -147,7 +147,7 @@ def test_exception_is_what_botocore_raises() -> None:
             Usage(15, output_tokens=0),
             id="padded-and-zero",
         ),
-        pytest.param({"x-amzn-bedrock-input-token-count": "15"}, None, id="no-output"),
+        pytest.param({"x-amzn-bedrock-input-token-count": "15"}, Usage(15), id="no-output-count"),
         pytest.param({"x-amzn-bedrock-output-token-count": "9"}, None, id="no-input"),
         pytest.param(
             {"x-amzn-bedrock-input-token-count": "-1", "x-amzn-bedrock-output-token-count": "9"},
@@ -188,6 +188,13 @@ def test_header_usage(headers: dict[str, str], expected: Usage | None) -> None:
         ),
         # The family's own report wins: it splits cache writes the headers do not.
         pytest.param("invoke_claude.json", MISTRAL_HEADERS, exact(CLAUDE), id="body-wins"),
+        # Without an output count, generated text is estimated...
+        pytest.param(
+            "invoke_mistral.json",
+            {"x-amzn-bedrock-input-token-count": "15"},
+            estimated(Usage(15, output_tokens=8, estimated=True), "no usage in response"),
+            id="no-output-count-with-text",
+        ),
     ],
 )
 def test_body_with_usage_headers(name: str, headers: dict[str, str], expected: MeterResult) -> None:
@@ -237,6 +244,24 @@ def test_body_with_usage_headers(name: str, headers: dict[str, str], expected: M
             {"amazon-bedrock-invocationMetrics": {"inputTokenCount": 5, "outputTokenCount": 2}},
             exact(Usage(5, output_tokens=2)),
             id="invocation-metrics",
+        ),
+        pytest.param(
+            {"embedding": [0.1, 0.2], "inputTextTokenCount": 5},
+            exact(Usage(5, output_tokens=0)),
+            id="titan-embedding",
+        ),
+        pytest.param(
+            {
+                "inputTextTokenCount": 6,
+                "results": [{"tokenCount": 3, "outputText": "abc", "completionReason": "FINISH"}],
+            },
+            exact(Usage(6, output_tokens=3)),
+            id="titan-text",
+        ),
+        pytest.param(
+            {"inputTextTokenCount": 6, "results": [{"outputText": "abcdefgh"}]},
+            estimated(Usage(6, output_tokens=2, estimated=True), "no usage in response"),
+            id="titan-text-without-count",
         ),
         pytest.param({"message": "Malformed input request"}, failed("provider error"), id="error"),
         pytest.param({"type": "error", "error": {}}, failed("provider error"), id="claude-error"),
@@ -363,3 +388,11 @@ def test_shape_reads_usage_headers() -> None:
     m = BEDROCK_INVOKE.new_meter("/model/m/invoke", "application/json", "m", MISTRAL_HEADERS)
     m.feed(orjson.dumps(BODIES["invoke_mistral.json"]))
     assert m.finish() == MeterResult("m", Usage(15, output_tokens=9), True, None)
+
+
+def test_embedding_without_output_header_is_charged_its_input() -> None:
+    """... but an answer that generated nothing (an embedding) has no output."""
+    body = {"embeddings": [[0.25, -0.5]], "id": "e1", "response_type": "embeddings_floats"}
+    headers = {"x-amzn-bedrock-input-token-count": "4"}
+    result = meter(orjson.dumps(body), streaming=False, headers=headers)
+    assert result == exact(Usage(4, output_tokens=0))
