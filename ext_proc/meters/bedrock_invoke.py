@@ -255,7 +255,8 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
             self._report = Usage(input_tokens=inp, output_tokens=0)
         elif results and not self._streaming:
             out = add_counts(*(count(r.get("tokenCount")) for r in results))
-            self._report = Usage(input_tokens=inp, output_tokens=out) if out is not None else None
+            if out is not None:
+                self._report = Usage(input_tokens=inp, output_tokens=out)
 
     def _set_report(self, usage: Usage | None) -> None:
         if usage is not None and usage.output_tokens is not None:
@@ -283,8 +284,7 @@ class BedrockInvokeMeter(BodyMeter[EventStreamDecoder]):
         if headers is not None and headers.output_tokens is None and not self._chars:
             headers = replace(headers, output_tokens=0)  # nothing generated (embeddings)
         for usage in (claude, self._report, self._metrics, headers):
-            complete = usage is not None and usage.output_tokens is not None
-            if complete and usage is not None and usage.input_tokens is not None:
+            if usage and usage.input_tokens is not None and usage.output_tokens is not None:
                 return MeterResult(model, usage, True, error)
         # No complete report: the input seen, and the output estimated from
         # the text (at least the output count seen).
