@@ -238,6 +238,19 @@ def openai_completions(stack: Stack, h: dict[str, str]) -> None:
     assert r.usage is not None and r.usage.completion_tokens == 300
 
 
+def azure_openai_completions(stack: Stack, h: dict[str, str]) -> None:
+    # /openai/deployments/{deployment}/completions?api-version=...
+    client = openai.AzureOpenAI(
+        azure_endpoint=stack.envoy.base_url,
+        api_key="az-key",
+        api_version="2024-10-21",
+        default_headers=h,
+        max_retries=0,
+    )
+    r = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="cost?")
+    assert r.usage is not None and r.usage.prompt_tokens == 1200
+
+
 def openai_completions_stream(stack: Stack, h: dict[str, str]) -> None:
     chunks = list(
         openai_client(stack, h).completions.create(
@@ -329,6 +342,7 @@ CALLS: list[Callable[[Stack, dict[str, str]], None]] = [
     bedrock_converse_stream,
     openai_completions,
     openai_completions_stream,
+    azure_openai_completions,
     bedrock_invoke_claude,
     bedrock_invoke_claude_stream,
     bedrock_invoke_llama,
