@@ -59,6 +59,11 @@ class Settings:
     # What to charge for a model with no price: default | free | reject
     # (see ext_proc/pricing.py).
     unpriced_models: str = "default"
+    # A request on a provider route of no metered API shape (images, audio,
+    # batches, ...): count (admission-checked like any request, counted in a
+    # metric and logged once per path) | reject (403 in the provider's error
+    # shape, naming the path).
+    unmetered_requests: str = "count"
     # Reservations: an admitted request holds its estimated cost (input from
     # the request size; output the reservation_percentile of what the model
     # produced on the route recently, reservation_output_tokens until a few
@@ -134,6 +139,10 @@ class Settings:
             )
         if self.unpriced_models not in ("default", "free", "reject"):
             raise ConfigError("unpriced_models must be default, free or reject")
+        if self.unmetered_requests not in ("count", "reject"):
+            raise ConfigError(
+                f"unmetered_requests must be count or reject, not {self.unmetered_requests!r}"
+            )
         for name in ("default_input_price", "default_output_price"):
             try:
                 if Decimal(getattr(self, name)) < 0:

@@ -123,6 +123,29 @@ METERED_NO_REQUEST_BODY = Mode(
     response_header_mode=Mode.SKIP,
     response_body_mode=Mode.STREAMED,
 )
+# ... and shapes whose usage may be in the response headers (Bedrock
+# InvokeModel) ask for them.
+METERED_WITH_RESPONSE_HEADERS = Mode(
+    request_body_mode=Mode.BUFFERED,
+    response_header_mode=Mode.SEND,
+    response_body_mode=Mode.STREAMED,
+)
+METERED_NO_REQUEST_BODY_WITH_RESPONSE_HEADERS = Mode(
+    request_body_mode=Mode.NONE,
+    response_header_mode=Mode.SEND,
+    response_body_mode=Mode.STREAMED,
+)
+
+
+def metered_mode(*, request_body: bool, response_headers: bool) -> pm.ProcessingMode:
+    """The phases a metered request asks Envoy for."""
+    if response_headers:
+        if request_body:
+            return METERED_WITH_RESPONSE_HEADERS
+        return METERED_NO_REQUEST_BODY_WITH_RESPONSE_HEADERS
+    return METERED if request_body else METERED_NO_REQUEST_BODY
+
+
 STREAM_RESPONSE_BODY = Mode(response_body_mode=Mode.STREAMED)
 NO_RESPONSE_BODY = Mode(response_body_mode=Mode.NONE)
 

@@ -87,9 +87,9 @@ class ExtProcCollector(Collector):
             CounterMetricFamily(
                 "spendgate_ext_proc_requests_rejected",
                 "HTTP requests ext_proc answered itself: 429 budget_exceeded (policy_id names "
-                "the exceeded policy), 403 model_not_priced (policy_id empty), 400 "
-                "invalid_identity (policy_id empty) or 403 identity_required (the * policy "
-                "the request names no member for).",
+                "the exceeded policy), 403 model_not_priced or unmetered_request (policy_id "
+                "empty), 400 invalid_identity or ambiguous_api_key (policy_id empty) or 403 "
+                "identity_required (the * policy the request names no member for).",
                 labels=["policy_id", "reason"],
             ),
             list(s.rejections.items()),
@@ -100,10 +100,16 @@ class ExtProcCollector(Collector):
             "trusted_header_sources (ignored and removed).",
             s.untrusted_identity_headers,
         )
-        yield counter(
-            "spendgate_ext_proc_requests_unmetered",
-            "HTTP requests of no metered API shape (passed through, not charged).",
-            s.unmetered_requests,
+        yield labelled(
+            CounterMetricFamily(
+                "spendgate_ext_proc_requests_unmetered",
+                "HTTP requests of no metered API shape let through to the provider "
+                "(admission-checked, not charged), by Envoy route and method; those "
+                "refused (unmetered_requests: reject) count as rejected, reason "
+                "unmetered_request.",
+                labels=["route", "method"],
+            ),
+            list(s.unmetered.items()),
         )
         yield counter(
             "spendgate_ext_proc_requests_unparsed",

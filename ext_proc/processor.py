@@ -22,6 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from ext_proc import anomalies, api_keys, dialects, identity, windows
 from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
+from ext_proc.coverage import UnmeteredPaths, method_label, path_template
 from ext_proc.decide import Rejection, SpendKey, decide
 from ext_proc.decoding import SUPPORTED as DECODABLE
 from ext_proc.decoding import BodyDecoder
@@ -29,13 +30,20 @@ from ext_proc.estimate import OutputEstimator, max_tokens_of, per_window
 from ext_proc.meters.base import Meter, estimate_tokens_from_chars
 from ext_proc.pricing import PriceTable
 from ext_proc.reject import rejection_headers, rejection_message
-from ext_proc.shapes import ApiShape, detect
+from ext_proc.shapes import (
+    NEVER_BILLABLE_METHODS,
+    ApiShape,
+    detect,
+    dialect_for,
+    stream_flag,
+)
 from ext_proc.state import LocalState
 from ext_proc.stats import (
     BUDGET_EXCEEDED,
     IDENTITY_REQUIRED,
     INVALID_IDENTITY,
     MODEL_NOT_PRICED,
+    UNMETERED_REQUEST,
     UNPRICED,
     Stats,
 )
@@ -49,7 +57,8 @@ log = structlog.get_logger("spendgate.ext_proc")
 Holds: TypeAlias = "list[tuple[SpendKey, int]]"
 Arbiter = Callable[[Holds], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_MAX_CONTENT_LENGTH = 1 << 40  # a larger content-length is not believed
+_CUT = ("stream aborted", "response aborted")  # meter errors of a response cut short
 
 
 @dataclasses.dataclass(slots=True)
@@ -62,6 +71,8 @@ class Context:
     clock: Callable[[], datetime]
     stats: Stats = dataclasses.field(default_factory=Stats)
     warned_models: set[str] = dataclasses.field(default_factory=set)
+    # Paths of unmetered requests already logged (bounded).
+    unmetered_paths: UnmeteredPaths = dataclasses.field(default_factory=UnmeteredPaths)
     # Asks the control plane to admit a request near a budget's line (see
     # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
@@ -97,6 +108,9 @@ class RequestProcessor:
         self.stream_requested = False
         self.held: Holds | None = None
         self.done = False  # charged (or decided there is nothing to charge)
+        # The request went on to the provider (unless refused since): its
+        # prompt is charged even if no answer ever comes back.
+        self.forwarded = False
         # Envoy's x-request-id (also in its access log); only ever read to log.
         self.request_id = ""
         self.rejected = False  # answered by ext_proc itself (429 or 403)
@@ -172,7 +186,8 @@ class RequestProcessor:
         if self.path_model:
             self.request_model = self.path_model
         self.matches = index.matches(self.facts)
-        if method not in _BODYLESS_METHODS:
+        billable = method not in NEVER_BILLABLE_METHODS
+        if billable:
             if unidentified:
                 policy, lacking = unidentified[0]
                 return self._refuse_identity(
@@ -182,26 +197,111 @@ class RequestProcessor:
                     f"spendgate budget '{policy.name}' applies to each {lacking}, and this "
                     f"request names no {lacking}; it was refused (missing_identity: reject).",
                 )
-            rejected = self._decide() or self._check_priced()
+            rejected = self._refuse_unmetered(method) or self._decide() or self._check_priced()
             if rejected is not None:
                 return rejected
         # The identity headers never reach the provider, whatever they are named.
         own = reader.header_names
         remove = [k for k in h if k.startswith("x-spendgate-") or k in own]
-        if self.shape is None or req.request_headers.end_of_stream:
+        if self.shape is None:
             self.done = True
             self.last = True  # SKIP_REST: Envoy asks nothing more
-            self.ctx.stats.unmetered_requests += self.shape is None
+            if billable:
+                self._count_unmetered(method)
             return codec.request_headers_response(
                 codec.header_mutation(remove=remove) if remove else None, codec.SKIP_REST
             )
         # Ask for an uncompressed response so it can be metered as it streams.
         remove.append("accept-encoding")
-        mode = codec.METERED if self.shape.needs_request_body else codec.METERED_NO_REQUEST_BODY
+        return self._meter_request(h, req.request_headers.end_of_stream, remove)
+
+    def _meter_request(self, h: dict[str, str], bodyless: bool, remove: list[str]) -> Reply:
+        """The answer to the headers of a request of a metered shape.
+
+        Shapes that name the model in the path (Gemini, Bedrock) want their
+        body only for its size: the input a cut stream is charged when the
+        provider never reported it, and the size of the request's hold. The
+        ``content-length`` header gives that size, so the body is not
+        buffered: buffering would cost a round trip to ext_proc before the
+        request leaves Envoy, on every request, and the official SDKs send
+        ``content-length`` with their JSON bodies. A chunked request has
+        none; its body is then read for its size.
+
+        A request with no body at all is admission-checked (done already) and
+        its answer metered like any other: the provider most likely refuses
+        it, at no cost, but whatever it bills is charged.
+        """
+        assert self.shape is not None
+        shape = self.shape
+        read_body = not bodyless and (shape.needs_request_body or not self._size_from(h))
+        if bodyless and shape.needs_request_body:
+            self.ctx.stats.unparsed_requests += 1
+        mode = codec.metered_mode(
+            request_body=read_body, response_headers=shape.needs_response_headers
+        )
         reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
-        if not self.shape.needs_request_body and self._reserve(None):
+        self.forwarded = not read_body
+        if not read_body and self._reserve(None):
             return self._arbitrate(reply)
         return reply
+
+    def _size_from(self, h: dict[str, str]) -> bool:
+        """Take the request body's size from ``content-length``; False when
+        there is no plausible one."""
+        value = h.get("content-length", "").strip()
+        if not (value.isascii() and value.isdigit()) or int(value) > _MAX_CONTENT_LENGTH:
+            return False
+        self.request_bytes = int(value)
+        return True
+
+    def _refuse_unmetered(self, method: str) -> codec.ProcessingResponse | None:
+        """With ``unmetered_requests: reject``, refuse a request of no metered
+        shape: 403 in the dialect its path suggests, naming the path."""
+        if self.shape is not None or self.ctx.settings.unmetered_requests != "reject":
+            return None
+        self.done = True
+        self.rejected = self.last = True
+        self.ctx.stats.count_rejection("", UNMETERED_REQUEST)
+        path = self.path.split("?", 1)[0][:256]
+        log.info(
+            "rejected",
+            reason=UNMETERED_REQUEST,
+            request_id=self.request_id,
+            route=self.facts.route,
+            method=method_label(method),
+            path=path_template(self.path),
+        )
+        reply = dialect_for(self.facts.route, self.path)(
+            403,
+            UNMETERED_REQUEST,
+            f"spendgate cannot meter {method_label(method)} {path}, and this gateway refuses "
+            "requests it cannot charge to a budget (unmetered_requests: reject).",
+        )
+        headers = {**reply.headers, "x-spendgate-error": UNMETERED_REQUEST}
+        return codec.immediate_response(
+            reply.status, headers, reply.body, "spendgate_unmetered_request"
+        )
+
+    def _count_unmetered(self, method: str) -> None:
+        """Count a request of no metered shape let through; log its path once."""
+        route, label = self.facts.route, method_label(method)
+        self.ctx.stats.count_unmetered(route, label)
+        paths = self.ctx.unmetered_paths
+        template = path_template(self.path)
+        if paths.first_time(route, label, template):
+            log.warning(
+                "request of no metered API admitted, not charged (logged once per path)",
+                route=route,
+                method=label,
+                path=template,
+                request_id=self.request_id,
+            )
+        elif paths.full and not paths.full_reported:
+            paths.full_reported = True
+            log.warning(
+                "too many distinct unmetered paths; new ones are counted, no longer logged",
+                limit=paths.limit,
+            )
 
     def on_request_body(self, body: Any) -> Reply:
         if not body.end_of_stream:  # only when Envoy streams the request body
@@ -210,22 +310,28 @@ class RequestProcessor:
         data = b"".join((*self.body_parts, body.body)) if self.body_parts else body.body
         self.body_parts = []
         self.request_bytes = len(data)
-        try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            # The provider will answer 400; an error costs nothing. Metering
-            # still runs on the response in case it does not.
-            self.ctx.stats.unparsed_requests += 1
-            log.debug("request body is not a JSON object; passed through unchanged")
+        self.forwarded = True
+        parsed = None
+        if self.shape is None or self.shape.needs_request_body:
+            try:
+                parsed = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                # The provider will answer 400; an error costs nothing.
+                # Metering still runs on the response in case it does not.
+                self.ctx.stats.unparsed_requests += 1
+                log.debug("request body is not a JSON object; passed through unchanged")
+        if not isinstance(parsed, dict):  # (or read only for its size)
             rejected = self._decide()
             if rejected is not None:
                 return rejected
             if self._reserve(None):
                 return self._arbitrate(codec.REQUEST_BODY_CONTINUE)
             return codec.REQUEST_BODY_CONTINUE
-        self.stream_requested = parsed.get("stream") is True
+        # The meters tell a stream from a JSON body by the response itself;
+        # the flag is for preparing the request (and a hint to the meter).
+        self.stream_requested = stream_flag(parsed.get("stream"))
         model = parsed.get("model")
         if isinstance(model, str) and model:
             self.request_model = model
@@ -277,7 +383,7 @@ class RequestProcessor:
             reset=r.window.end.isoformat(),
             **in_flight,
         )
-        dialect = self.shape.dialect if self.shape else dialects.openai
+        dialect = self.shape.dialect if self.shape else dialect_for(self.facts.route, self.path)
         reply = dialect(429, "budget_exceeded", rejection_message(r))
         return codec.immediate_response(
             reply.status,
@@ -381,7 +487,7 @@ class RequestProcessor:
                 request_id=self.request_id,
             )
             return codec.RESPONSE_HEADERS_CONTINUE
-        self.meter = self.shape.new_meter(self.path, h.get("content-type", ""), self.path_model)
+        self.meter = self.shape.new_meter(self.path, h.get("content-type", ""), self.path_model, h)
         if headers.end_of_stream:
             self._finish(aborted=False)
             return codec.RESPONSE_HEADERS_CONTINUE
@@ -410,7 +516,7 @@ class RequestProcessor:
         elif len(first) > 1 and first[0] == 0x78 and (first[0] * 256 + first[1]) % 31 == 0:
             self.decoder = BodyDecoder("deflate")
         content_type = "text/event-stream" if self.stream_requested else "application/json"
-        self.meter = self.shape.new_meter(self.path, content_type, self.path_model)
+        self.meter = self.shape.new_meter(self.path, content_type, self.path_model, {})
 
     def _reserve(self, body: dict[str, Any] | None) -> bool:
         """Hold this request's estimated cost against its REJECT windows until
@@ -524,6 +630,13 @@ class RequestProcessor:
         if not self.rejected:
             self.ctx.stats.admitted_requests += 1
         self._release()
+        unanswered = self.meter is None and self.forwarded and self.shape is not None
+        if unanswered and not self.done and not self.rejected:
+            # No answer came back (the client gave up first, a timeout, the
+            # connection broke): a retry storm of timed-out requests is billed
+            # by the provider all the same. Meter an empty, cut response: its
+            # input is charged, estimated from the request's size.
+            self._start_meter(b"")
         if self.meter is not None and not self.done:
             try:
                 self._finish(aborted=True)
@@ -541,6 +654,10 @@ class RequestProcessor:
         if usage is None and result.error == "provider error":
             stats.provider_errors += 1  # an error answer carries no usage and costs nothing
             return
+        if usage is None and result.error in _CUT and self.request_bytes:
+            # Cut before any usage or text: the provider read the prompt all
+            # the same. Charge its estimated input (completed below).
+            usage = Usage(output_tokens=0, estimated=True)
         if usage is None:
             stats.unmetered_responses += 1
             log.warning(

@@ -43,6 +43,7 @@ MODEL_NOT_PRICED = "model_not_priced"
 # REJECT "*" policy under missing_identity: reject (403).
 INVALID_IDENTITY = "invalid_identity"
 IDENTITY_REQUIRED = "identity_required"
+UNMETERED_REQUEST = "unmetered_request"
 # The `model` label of responses no price was known for.
 UNPRICED = "unpriced"
 
@@ -69,7 +70,7 @@ class Stats:
     messages: int = 0  # ext_proc messages answered
     admitted_requests: int = 0  # let through to the provider after the decision
     rejected_requests: int = 0
-    unmetered_requests: int = 0  # requests of no metered API shape
+    unmetered_requests: int = 0  # requests of no metered API shape (passed on or refused)
     unparsed_requests: int = 0  # request bodies that were not JSON objects
     # requests whose identity headers came from an untrusted source (ignored)
     untrusted_identity_headers: int = 0
@@ -95,6 +96,9 @@ class Stats:
     # (policy id, reason) -> rejected requests; reason "model_not_priced" has
     # policy id "". Bounded by the policies this process has seen.
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (route, method) -> requests of no metered API shape let through; the
+    # route names come from Envoy's config, methods are bounded (coverage.py).
+    unmetered: dict[tuple[str, str], int] = field(default_factory=dict)
     # (provider, API shape, model) -> metered; the model is the price table's
     # name for it or UNPRICED, never the raw name a client sent.
     metered: dict[tuple[str, str, str], MeteredCounts] = field(default_factory=dict)
@@ -107,6 +111,11 @@ class Stats:
         self.rejected_requests += 1
         key = (policy_id, reason)
         self.rejections[key] = self.rejections.get(key, 0) + 1
+
+    def count_unmetered(self, route: str, method: str) -> None:
+        self.unmetered_requests += 1
+        key = (route, method)
+        self.unmetered[key] = self.unmetered.get(key, 0) + 1
 
     def count_metered(self, key: tuple[str, str, str], usage: Usage, cost_nanos: int) -> None:
         counts = self.metered.get(key)

@@ -95,17 +95,7 @@ class AnthropicMessagesMeter(BodyMeter[SSEDecoder]):
             self._provider_error = True
 
     def _merge(self, usage: object) -> None:
-        """Keep the latest reported value of each usage field."""
-        if not isinstance(usage, dict):
-            return
-        fields: list[tuple[str, object]] = [(key, usage.get(key)) for key in _USAGE_KEYS]
-        creation = usage.get("cache_creation")
-        if isinstance(creation, dict):
-            fields += [(key, creation.get(key)) for key in _CACHE_CREATION_KEYS]
-        for key, value in fields:
-            valid = count(value)
-            if valid is not None:
-                self._counts[key] = valid
+        merge_counts(self._counts, usage)
 
     def _outcome(self, missing: str) -> MeterResult:
         error = "provider error" if self._provider_error else None
@@ -117,6 +107,30 @@ class AnthropicMessagesMeter(BodyMeter[SSEDecoder]):
             tokens = max(estimate_tokens_from_chars(self._chars), output or 0)
             estimate = _normalise(self._counts, tokens, estimated=True)
         return MeterResult(self._model, estimate, False, error or missing)
+
+
+def merge_counts(counts: dict[str, int], usage: object) -> None:
+    """Keep in ``counts`` the latest reported value of each field of an
+    Anthropic ``usage`` object (also what Bedrock's InvokeModel returns for
+    Claude)."""
+    if not isinstance(usage, dict):
+        return
+    fields: list[tuple[str, object]] = [(key, usage.get(key)) for key in _USAGE_KEYS]
+    creation = usage.get("cache_creation")
+    if isinstance(creation, dict):
+        fields += [(key, creation.get(key)) for key in _CACHE_CREATION_KEYS]
+    for key, value in fields:
+        valid = count(value)
+        if valid is not None:
+            counts[key] = valid
+
+
+def normalise_counts(
+    counts: dict[str, int], output: int | None, *, estimated: bool = False
+) -> Usage:
+    """The Usage of counts kept by ``merge_counts`` (cache reads and writes
+    added back into the input), with ``output`` output tokens."""
+    return _normalise(counts, output, estimated=estimated)
 
 
 def _normalise(counts: dict[str, int], output: int | None, *, estimated: bool = False) -> Usage:

@@ -90,7 +90,10 @@ class BodyMeter(Generic[D]):
         self._max_body_bytes = max_body_bytes
         self._max_event_bytes = min(max_body_bytes, MAX_EVENT_BYTES)
         self._streaming = streaming  # metered as a stream (not found to be a JSON body)
-        self._sniffed = not streaming  # a stream's first non-blank byte was seen
+        # The first non-blank byte decides between a JSON body and a stream,
+        # whatever the request asked for (see _sniff).
+        self._sniffed = not streaming and decoder is None
+        self._new_decoder = decoder
         self._decoder: D | None = None
         if streaming and decoder is not None:
             self._decoder = decoder(self._max_event_bytes)
@@ -149,15 +152,27 @@ class BodyMeter(Generic[D]):
         raise NotImplementedError
 
     def _sniff(self, chunk: bytes) -> bytes:
-        """Look at a stream's first chunks until a non-blank byte: a ``{`` makes
-        it a JSON body. Returns what of the chunk to feed on."""
+        """Look at the body's first chunks until a non-blank byte: a ``{`` makes
+        it a JSON body, the start of an event stream (``_stream_start``) a
+        stream, whatever the request said it wanted (a provider may take
+        ``"stream": "true"`` as true, or answer a stream request with a JSON
+        error). Returns what of the chunk to feed on."""
         head = chunk.lstrip()
         if head:
             self._sniffed = True
-            if head[0] == 0x7B:  # '{': a JSON body, not an event stream
+            if self._streaming and head[0] == 0x7B:  # '{': a JSON body, not a stream
                 self._streaming = False
                 self._decoder = None
+            elif not self._streaming and self._new_decoder and self._stream_start(head):
+                self._streaming = True
+                self._decoder = self._new_decoder(self._max_event_bytes)
         return chunk
+
+    def _stream_start(self, head: bytes) -> bool:
+        """Whether a body starting with ``head`` (a non-blank byte first) is an
+        event stream. Server-sent events start with a field (``data:``,
+        ``event:``) or a comment (``:``); a JSON body never does."""
+        return head[0] in b"de:"
 
     def _finish_stream(self, aborted: bool) -> MeterResult:
         cut = aborted and not self._ended

@@ -60,9 +60,12 @@ class OpenAIChatMeter(BodyMeter[SSEDecoder]):
         if isinstance(choices, list):
             for choice in choices:
                 if isinstance(choice, dict):
-                    message = choice.get(message_key)
-                    if isinstance(message, dict):
-                        self._chars += _generated_chars(message)
+                    self._chars += self._choice_chars(choice, message_key)
+
+    def _choice_chars(self, choice: dict[str, Any], message_key: str) -> int:
+        """Characters of generated text in one choice."""
+        message = choice.get(message_key)
+        return _generated_chars(message) if isinstance(message, dict) else 0
 
 
 def _parse_usage(usage: dict[str, Any]) -> Usage | None:

@@ -15,7 +15,7 @@ import struct
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from spendgate.domain.usage import Usage
@@ -28,6 +28,7 @@ class Reply:
     content_type: str
     body: bytes = b""
     events: tuple[bytes, ...] = ()
+    headers: dict[str, str] = field(default_factory=dict)  # more response headers
 
 
 def _words(n: int) -> list[str]:
@@ -46,6 +47,20 @@ def _json(payload: Any) -> Reply:
 
 def _n(u: int | None) -> int:
     return u or 0
+
+
+_TRUE = {"1", "on", "t", "true", "y", "yes"}
+
+
+def streams(value: Any) -> bool:
+    """Whether ``stream`` asks for a stream, read leniently, as servers that
+    validate requests with pydantic (vLLM, LiteLLM) read it: ``true``, ``1``
+    and strings such as "true" or "yes" all do."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value == 1
+    return isinstance(value, str) and value.strip().lower() in _TRUE
 
 
 def uncached_input(u: Usage) -> int:
@@ -77,7 +92,7 @@ def _openai_usage(u: Usage) -> dict[str, Any]:
 def openai_chat(body: dict[str, Any], model: str, u: Usage, chunks: int) -> Reply:
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    if body.get("stream") is not True:
+    if not streams(body.get("stream")):
         return _json(
             {
                 "id": cid,
@@ -131,6 +146,34 @@ def openai_chat(body: dict[str, Any], model: str, u: Usage, chunks: int) -> Repl
                 }
             )
         )
+    events.append(sse("[DONE]"))
+    return Reply("text/event-stream", events=tuple(events))
+
+
+def openai_completions(body: dict[str, Any], model: str, u: Usage, chunks: int) -> Reply:
+    """The legacy completions API (``/v1/completions``)."""
+    cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    words = _words(chunks)
+
+    def completion(text: str, finish: str | None) -> dict[str, Any]:
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+        }
+
+    if not streams(body.get("stream")):
+        return _json({**completion("".join(words), "length"), "usage": _openai_usage(u)})
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    extra = {"usage": None} if include_usage else {}
+    events = [sse({**completion(w, None), **extra}) for w in words]
+    events.append(sse({**completion("", "length"), **extra}))
+    if include_usage:
+        events.append(sse({**completion("", None), "choices": [], "usage": _openai_usage(u)}))
     events.append(sse("[DONE]"))
     return Reply("text/event-stream", events=tuple(events))
 
@@ -404,6 +447,163 @@ def bedrock_converse(
     return Reply("application/vnd.amazon.eventstream", events=tuple(events))
 
 
+def _invoke_chunk(obj: dict[str, Any]) -> bytes:
+    """One ``chunk`` event of InvokeModelWithResponseStream: base64 JSON bytes."""
+    payload = {"bytes": base64.b64encode(json.dumps(obj).encode()).decode(), "p": "abcdef"}
+    return eventstream_message(
+        {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"},
+        json.dumps(payload).encode(),
+    )
+
+
+def bedrock_invoke(
+    body: dict[str, Any], model: str, u: Usage, chunks: int, *, stream: bool
+) -> Reply:
+    """InvokeModel / InvokeModelWithResponseStream, in the body format of the
+    model's family (Claude, Nova, Llama, Mistral, Cohere: by model id). Usage
+    goes where Bedrock puts it: the family's own fields, the
+    ``x-amzn-bedrock-*-token-count`` headers of every InvokeModel answer, and
+    the invocation metrics of a stream's last chunk."""
+    family = next(
+        (f for f in ("anthropic", "nova", "llama", "mistral", "cohere") if f in model), "llama"
+    )
+    words = _words(chunks)
+    text = "".join(words)
+    counts = {
+        "input": uncached_input(u),
+        "output": _n(u.output_tokens),
+        "cache-read-input": _n(u.cached_input_tokens),
+        "cache-write-input": _n(u.cache_write_tokens) + _n(u.cache_write_1h_tokens),
+    }
+    metrics = {
+        "amazon-bedrock-invocationMetrics": {
+            "inputTokenCount": counts["input"],
+            "outputTokenCount": counts["output"],
+            "invocationLatency": 120,
+            "firstByteLatency": 40,
+            "cacheReadInputTokenCount": counts["cache-read-input"],
+            "cacheWriteInputTokenCount": counts["cache-write-input"],
+        }
+    }
+    if not stream:
+        headers = {f"x-amzn-bedrock-{k}-token-count": str(v) for k, v in counts.items()}
+        return Reply("application/json", _invoke_body(family, body, model, u, text), (), headers)
+    objects = _invoke_stream(family, model, u, words)
+    objects[-1] = {**objects[-1], **metrics}
+    return Reply(
+        "application/vnd.amazon.eventstream", events=tuple(_invoke_chunk(o) for o in objects)
+    )
+
+
+def _invoke_body(family: str, body: dict[str, Any], model: str, u: Usage, text: str) -> bytes:
+    if family == "anthropic":
+        reply = anthropic_messages({}, model, u, 0)
+        message = json.loads(reply.body)
+        message["content"] = [{"type": "text", "text": text}]
+        return json.dumps(message).encode()
+    if family == "nova":
+        payload: dict[str, Any] = {
+            "output": {"message": {"content": [{"text": text}], "role": "assistant"}},
+            "stopReason": "end_turn",
+            "usage": {
+                "inputTokens": uncached_input(u),
+                "outputTokens": _n(u.output_tokens),
+                "totalTokens": _n(u.input_tokens) + _n(u.output_tokens),
+                "cacheReadInputTokenCount": _n(u.cached_input_tokens),
+                "cacheWriteInputTokenCount": _n(u.cache_write_tokens),
+            },
+        }
+    elif family == "llama":
+        payload = {
+            "generation": text,
+            "prompt_token_count": _n(u.input_tokens),
+            "generation_token_count": _n(u.output_tokens),
+            "stop_reason": "stop",
+        }
+    elif family == "mistral":
+        payload = {"outputs": [{"text": text, "stop_reason": "stop"}]}
+    else:
+        payload = {
+            "response_id": uuid.uuid4().hex,
+            "text": text,
+            "generation_id": uuid.uuid4().hex,
+            "chat_history": [],
+            "finish_reason": "COMPLETE",
+        }
+    return json.dumps(payload).encode()
+
+
+def _invoke_stream(family: str, model: str, u: Usage, words: list[str]) -> list[dict[str, Any]]:
+    """The decoded chunks of a stream (the last one gets the invocation metrics)."""
+    if family == "anthropic":
+        start = json.loads(anthropic_messages({}, model, u, 0).body)
+        start.update(content=[], stop_reason=None, usage=_anthropic_usage(u, 1))
+        return [
+            {"type": "message_start", "message": start},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+            *(
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": w},
+                }
+                for w in words
+            ),
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": _n(u.output_tokens)},
+            },
+            {"type": "message_stop"},
+        ]
+    if family == "nova":
+        return [
+            {"messageStart": {"role": "assistant"}},
+            *({"contentBlockDelta": {"delta": {"text": w}, "contentBlockIndex": 0}} for w in words),
+            {"contentBlockStop": {"contentBlockIndex": 0}},
+            {"messageStop": {"stopReason": "end_turn"}},
+            {
+                "metadata": {
+                    "usage": {
+                        "inputTokens": uncached_input(u),
+                        "outputTokens": _n(u.output_tokens),
+                        "cacheReadInputTokenCount": _n(u.cached_input_tokens),
+                        "cacheWriteInputTokenCount": _n(u.cache_write_tokens),
+                    }
+                }
+            },
+        ]
+    out: list[dict[str, Any]]
+    if family == "llama":
+        out = [
+            {
+                "generation": w,
+                "prompt_token_count": _n(u.input_tokens) if i == 0 else None,
+                "generation_token_count": i + 1,
+                "stop_reason": None,
+            }
+            for i, w in enumerate(words)
+        ]
+        out.append(
+            {
+                "generation": "",
+                "prompt_token_count": None,
+                "generation_token_count": _n(u.output_tokens),
+                "stop_reason": "stop",
+            }
+        )
+        return out
+    if family == "mistral":
+        out = [{"outputs": [{"text": w, "stop_reason": None}]} for w in words]
+        return [*out, {"outputs": [{"text": "", "stop_reason": "stop"}]}]
+    return [
+        {"is_finished": False, "event_type": "stream-start"},
+        *({"is_finished": False, "event_type": "text-generation", "text": w} for w in words),
+        {"is_finished": True, "event_type": "stream-end", "finish_reason": "COMPLETE"},
+    ]
+
+
 # ---- errors, in each API's dialect ------------------------------------------------------
 
 
@@ -413,6 +613,6 @@ def error_body(api: str, status: int) -> dict[str, Any]:
         return {"type": "error", "error": {"type": "api_error", "message": message}}
     if api == "gemini":
         return {"error": {"code": status, "message": message, "status": "INTERNAL"}}
-    if api == "bedrock":
+    if api.startswith("bedrock"):
         return {"message": message}
     return {"error": {"message": message, "type": "server_error", "code": None}}

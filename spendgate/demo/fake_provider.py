@@ -5,11 +5,15 @@ the end-to-end tests put it behind a real Envoy and call it with the official
 SDKs. It records every usage it reported, so a test can compare spendgate's
 spend with what the provider billed.
 
-APIs (by path): OpenAI ``.../chat/completions``, ``/v1/responses``,
-``/v1/embeddings``; Anthropic ``/v1/messages``; Gemini
-``/v1beta/models/{model}:generateContent`` / ``:streamGenerateContent``
-(``?alt=sse`` or the JSON-array form); Bedrock ``/model/{id}/converse`` and
-``/model/{id}/converse-stream`` (AWS event stream).
+APIs (by path): OpenAI ``.../chat/completions``, ``.../completions``
+(legacy), ``/v1/responses``, ``/v1/embeddings``, ``/v1/images/generations``
+(an API spendgate does not meter; nothing billed); Anthropic
+``/v1/messages``; Gemini ``/v1beta/models/{model}:generateContent`` /
+``:streamGenerateContent`` (``?alt=sse`` or the JSON-array form); Bedrock
+``/model/{id}/converse``, ``/converse-stream``, ``/invoke`` and
+``/invoke-with-response-stream`` (AWS event stream; InvokeModel bodies in the
+model family's format: Claude, Nova, Llama, Mistral, Cohere). ``stream`` is
+read leniently, as vLLM reads it (``"true"`` and ``1`` stream).
 
 Per-request knobs (request headers; Envoy passes them through):
   x-fake-prompt-tokens      all input tokens, cached and cache writes included
@@ -21,6 +25,7 @@ Per-request knobs (request headers; Envoy passes them through):
   x-fake-status             answer this HTTP status with the API's error body
   x-fake-chunks             content chunks when streaming (default 5)
   x-fake-chunk-delay-ms     pause between streamed events
+  x-fake-delay-ms           pause before answering at all
   x-fake-cut-after          stream this many events after the first, then drop
                             the connection
   x-fake-gate               name of a gate: each streamed event after the first
@@ -46,6 +51,7 @@ from spendgate.domain.usage import Usage
 
 _GEMINI = re.compile(r"^/v1(?:beta)?/models/([^/:]+):(generateContent|streamGenerateContent)$")
 _BEDROCK = re.compile(r"^/model/([^/]+)/(converse|converse-stream)$")
+_BEDROCK_INVOKE = re.compile(r"^/model/([^/]+)/(invoke|invoke-with-response-stream)$")
 
 
 @dataclass
@@ -180,6 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
                 404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
             )
             return
+        delay = self._int("x-fake-delay-ms", 0)
+        if delay > 0:
+            time.sleep(min(delay, 60_000) / 1000)
         status = self._int("x-fake-status", 200)
         if status != 200:
             self._send_json(status, fake_apis.error_body(api, status))
@@ -204,6 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
                 ),
             )
             return
+        if api == "openai_images":  # not metered by spendgate, and not billed here
+            self._send_json(
+                200, {"created": int(time.time()), "data": [{"url": "https://images.invalid/1"}]}
+            )
+            return
         model = model_in_path or str(body.get("model") or "gpt-4o-mini")
         usage = Usage(
             input_tokens=self._int("x-fake-prompt-tokens", 8 + _words_in(body)),
@@ -222,17 +236,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("content-type", reply.content_type)
             self.send_header("content-length", str(len(reply.body)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(reply.body)
             return
-        # An OpenAI chat stream reports usage only when asked to.
-        reports_usage = api != "openai_chat" or b'"usage": {' in reply.events[-2]
+        # An OpenAI (chat or legacy) completion stream reports usage only when asked to.
+        asked = api not in ("openai_chat", "openai_completions")
+        reports_usage = asked or b'"usage": {' in reply.events[-2]
         if self._stream(reply) and reports_usage:
             self._record(billed)
 
     def _api(self, path: str) -> tuple[str | None, str | None]:
         if path.endswith("/chat/completions"):
             return "openai_chat", None
+        if path.endswith("/completions"):
+            return "openai_completions", None
+        if path.endswith("/v1/images/generations"):
+            return "openai_images", None
         if path.endswith("/v1/responses"):
             return "openai_responses", None
         if path.endswith("/v1/embeddings"):
@@ -243,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
             return "gemini", m.group(1)
         if m := _BEDROCK.match(path):
             return "bedrock", unquote(m.group(1))
+        if m := _BEDROCK_INVOKE.match(path):
+            return "bedrock_invoke", unquote(m.group(1))
         return None, None
 
     def _render(
@@ -257,6 +280,11 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> fake_apis.Reply:
         if api == "openai_chat":
             return fake_apis.openai_chat(body, model, usage, chunks)
+        if api == "openai_completions":
+            return fake_apis.openai_completions(body, model, usage, chunks)
+        if api == "bedrock_invoke":
+            stream = path.endswith("/invoke-with-response-stream")
+            return fake_apis.bedrock_invoke(body, model, usage, chunks, stream=stream)
         if api == "openai_responses":
             return fake_apis.openai_responses(body, model, usage, chunks)
         if api == "openai_embeddings":

@@ -4,6 +4,7 @@ provider billed, and a spent budget must raise each SDK's own throttling error."
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -28,11 +29,13 @@ pytestmark = pytest.mark.e2e
 PRICES = PriceBook.bundled()
 PROVIDER_OF_API = {
     "openai_chat": "openai",
+    "openai_completions": "openai",
     "openai_responses": "openai",
     "openai_embeddings": "openai",
     "anthropic": "anthropic",
     "gemini": "google",
     "bedrock": "bedrock",
+    "bedrock_invoke": "bedrock",
 }
 KNOBS = {
     "x-fake-prompt-tokens": "1200",
@@ -228,6 +231,102 @@ def bedrock_converse_stream(stack: Stack, h: dict[str, str]) -> None:
     assert "metadata" in events[-1]
 
 
+def openai_completions(stack: Stack, h: dict[str, str]) -> None:
+    r = openai_client(stack, h).completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="how much does this cost"
+    )
+    assert r.usage is not None and r.usage.completion_tokens == 300
+
+
+def azure_openai_completions(stack: Stack, h: dict[str, str]) -> None:
+    # /openai/deployments/{deployment}/completions?api-version=...
+    client = openai.AzureOpenAI(
+        azure_endpoint=stack.envoy.base_url,
+        api_key="az-key",
+        api_version="2024-10-21",
+        default_headers=h,
+        max_retries=0,
+    )
+    r = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="cost?")
+    assert r.usage is not None and r.usage.prompt_tokens == 1200
+
+
+def openai_completions_stream(stack: Stack, h: dict[str, str]) -> None:
+    chunks = list(
+        openai_client(stack, h).completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="how much does this cost", stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices).startswith("word0")
+
+
+# Families whose InvokeModel bodies report no cache use are billed none here.
+NO_CACHE = {"x-fake-cached-tokens": "0"}
+CLAUDE_BODY = {
+    "anthropic_version": "bedrock-2023-05-31",
+    "max_tokens": 500,
+    "messages": [{"role": "user", "content": "how much does this cost"}],
+}
+
+
+def invoke(stack: Stack, h: dict[str, str], model: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = bedrock_client(stack, h).invoke_model(
+        modelId=model, body=json.dumps(body), contentType="application/json"
+    )
+    return dict(json.loads(r["body"].read()))
+
+
+def invoke_stream(
+    stack: Stack, h: dict[str, str], model: str, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    r = bedrock_client(stack, h).invoke_model_with_response_stream(
+        modelId=model, body=json.dumps(body)
+    )
+    return [json.loads(e["chunk"]["bytes"]) for e in r["body"]]
+
+
+def bedrock_invoke_claude(stack: Stack, h: dict[str, str]) -> None:
+    m = invoke(stack, {**h, **ANTHROPIC_KNOBS}, BEDROCK_MODEL, CLAUDE_BODY)
+    assert m["usage"]["cache_read_input_tokens"] == 1000
+
+
+def bedrock_invoke_claude_stream(stack: Stack, h: dict[str, str]) -> None:
+    chunks = invoke_stream(stack, {**h, **ANTHROPIC_KNOBS}, BEDROCK_MODEL, CLAUDE_BODY)
+    assert chunks[-1]["type"] == "message_stop"
+    assert chunks[-1]["amazon-bedrock-invocationMetrics"]["outputTokenCount"] == 400
+
+
+def bedrock_invoke_llama(stack: Stack, h: dict[str, str]) -> None:
+    body = {"prompt": "how much does this cost", "max_gen_len": 512}
+    r = invoke(stack, {**h, **NO_CACHE}, "meta.llama3-3-70b-instruct-v1:0", body)
+    assert r["generation_token_count"] == 300
+
+
+def bedrock_invoke_llama_stream(stack: Stack, h: dict[str, str]) -> None:
+    body = {"prompt": "how much does this cost", "max_gen_len": 512}
+    chunks = invoke_stream(stack, {**h, **NO_CACHE}, "us.meta.llama3-3-70b-instruct-v1:0", body)
+    assert chunks[-1]["stop_reason"] == "stop"
+
+
+def bedrock_invoke_nova_stream(stack: Stack, h: dict[str, str]) -> None:
+    body = {"messages": [{"role": "user", "content": [{"text": "how much does this cost"}]}]}
+    chunks = invoke_stream(stack, h, "amazon.nova-lite-v1:0", body)
+    assert chunks[-1]["metadata"]["usage"]["outputTokens"] == 300
+
+
+def bedrock_invoke_mistral(stack: Stack, h: dict[str, str]) -> None:
+    """Mistral's body has no usage: it is read from the response headers."""
+    body = {"prompt": "<s>[INST] how much does this cost [/INST]", "max_tokens": 400}
+    r = invoke(stack, {**h, **NO_CACHE}, "mistral.mistral-7b-instruct-v0:2", body)
+    assert r["outputs"][0]["stop_reason"] == "stop"
+
+
+def bedrock_invoke_cohere_stream(stack: Stack, h: dict[str, str]) -> None:
+    body = {"message": "how much does this cost"}
+    chunks = invoke_stream(stack, {**h, **NO_CACHE}, "cohere.command-r-v1:0", body)
+    assert chunks[-1]["is_finished"] is True
+
+
 CALLS: list[Callable[[Stack, dict[str, str]], None]] = [
     openai_chat,
     openai_chat_stream,
@@ -241,6 +340,16 @@ CALLS: list[Callable[[Stack, dict[str, str]], None]] = [
     gemini_stream,
     bedrock_converse,
     bedrock_converse_stream,
+    openai_completions,
+    openai_completions_stream,
+    azure_openai_completions,
+    bedrock_invoke_claude,
+    bedrock_invoke_claude_stream,
+    bedrock_invoke_llama,
+    bedrock_invoke_llama_stream,
+    bedrock_invoke_nova_stream,
+    bedrock_invoke_mistral,
+    bedrock_invoke_cohere_stream,
 ]
 
 
@@ -301,6 +410,9 @@ def expect_bedrock(fn: Callable[[], None]) -> str:
         pytest.param(gemini_stream, expect_gemini, id="gemini-stream"),
         pytest.param(bedrock_converse, expect_bedrock, id="bedrock"),
         pytest.param(bedrock_converse_stream, expect_bedrock, id="bedrock-stream"),
+        pytest.param(openai_completions, expect_openai, id="openai-completions"),
+        pytest.param(bedrock_invoke_claude, expect_bedrock, id="bedrock-invoke"),
+        pytest.param(bedrock_invoke_llama_stream, expect_bedrock, id="bedrock-invoke-stream"),
     ],
 )
 def test_each_sdk_gets_its_own_throttling_error(

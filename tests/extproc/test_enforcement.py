@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import orjson
+import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc.state import Increment
@@ -77,14 +78,35 @@ async def test_wildcard_member_rejection_names_the_member_only(ext: Ext) -> None
     await s.close()
 
 
-async def test_get_is_never_rejected(ext: Ext) -> None:
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS"])
+async def test_only_never_billable_methods_skip_admission(ext: Ext, method: str) -> None:
     ext.set_policies(policy("global"), spend=[spent("global", 11 * 10**9)])
     s = ext.stream()
-    resp = await s.answer_and_end(request_headers("GET", "/v1/models", end_of_stream=True))
+    resp = await s.answer_and_end(request_headers(method, "/v1/models", end_of_stream=True))
     assert resp == ep.ProcessingResponse(
         request_headers=ep.HeadersResponse(response=ep.CommonResponse()), mode_override=SKIP_REST
     )
     await s.close()
+    assert ext.stats_changed() == {}  # neither rejected nor counted as unmetered
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/realtime?model=gpt-4o-realtime-preview"),
+        ("DELETE", "/v1/files/file-abc123"),
+        ("PUT", "/v1/chat/completions"),
+    ],
+)
+async def test_every_other_method_is_admission_checked(ext: Ext, method: str, path: str) -> None:
+    ext.set_policies(policy("global"), spend=[spent("global", 11 * 10**9)])
+    s = ext.stream()
+    resp = await s.answer_and_end(request_headers(method, path, end_of_stream=True))
+    assert resp.immediate_response.status.code == 429
+    assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "budget_exceeded"
+    await s.close()
+    assert ext.stats_changed() == {"rejected_requests": 1}
 
 
 async def test_the_request_that_crosses_completes_the_next_is_rejected(ext: Ext) -> None:

@@ -251,12 +251,12 @@ async def test_refusals_come_in_the_clients_dialect(ext: Ext) -> None:
     }
 
 
-async def test_bodyless_methods_are_not_refused_for_missing_identity() -> None:
+async def test_never_billable_methods_are_not_refused_for_missing_identity() -> None:
     async with running() as ext:
         ext.set_policies(policy("each-user", pb.SCOPE_USER, "*"))
         s = ext.stream()
         reply = await s.answer_and_end(
-            request_headers("GET", "/v1/models", chat_headers(), end_of_stream=True)
+            request_headers("HEAD", "/v1/models", chat_headers(), end_of_stream=True)
         )
         assert reply.WhichOneof("response") == "request_headers"
         s = ext.stream()

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from ext_proc import envoy_codec as codec
 from ext_proc.meters.base import estimate_tokens_from_chars
 from ext_proc.state import Increment
 from spendgate.domain.policies import hash_api_key
@@ -44,6 +45,7 @@ from tests.extproc.protocol import (
     response_headers,
     running,
     set_header,
+    spent,
     wait_for,
 )
 
@@ -101,14 +103,30 @@ async def test_unmetered_post_without_spendgate_headers_has_no_mutation(ext: Ext
     await s.close()
 
 
-async def test_metered_post_without_body_skips_the_rest(ext: Ext) -> None:
+async def test_metered_post_without_body_is_checked_counted_and_metered(ext: Ext) -> None:
+    ext.set_policies(policy("global"))
+    s = ext.stream()
+    resp = await s.send(request_headers(headers=chat_headers(), end_of_stream=True))
+    assert resp == headers_removed("accept-encoding", mode=codec.METERED_NO_REQUEST_BODY)
+    # A provider that answers anyway is charged what it reports.
+    assert await s.send(response_body(COMPLETION, end_of_stream=True)) is ENDED
+    await s.close()
+    assert ext.pending() == {GLOBAL_KEY: Increment(price(Usage(19, 0, 10, None, 10)), 1, 0)}
+    assert ext.stats_changed() == {
+        "unparsed_requests": 1,
+        "metered_responses": 1,
+        "input_tokens": 19,
+        "output_tokens": 10,
+        "cost_nanos": price(Usage(19, 0, 10, None, 10)),
+    }
+
+
+async def test_metered_post_without_body_is_rejected_by_a_spent_budget(ext: Ext) -> None:
+    ext.set_policies(policy("global"), spend=[spent("global", 11 * 10**9)])
     s = ext.stream()
     resp = await s.answer_and_end(request_headers(headers=chat_headers(), end_of_stream=True))
-    assert resp == ep.ProcessingResponse(
-        request_headers=ep.HeadersResponse(response=ep.CommonResponse()), mode_override=SKIP_REST
-    )
+    assert resp.immediate_response.status.code == 429
     await s.close()
-    assert ext.stats_changed() == {}
 
 
 # ---- metering ----
@@ -186,6 +204,12 @@ async def test_empty_last_chunk_ends_the_response(ext: Ext) -> None:
             id="include-usage-false",
         ),
         pytest.param({"stream": True, "stream_options": None}, True, id="stream-options-null"),
+        # What pydantic-validated servers (vLLM, LiteLLM) stream for.
+        pytest.param({"stream": "true"}, True, id="stream-string-true"),
+        pytest.param({"stream": " TRUE "}, True, id="stream-string-upper"),
+        pytest.param({"stream": 1}, True, id="stream-one"),
+        pytest.param({"stream": 1.0}, True, id="stream-one-float"),
+        pytest.param({"stream": "yes"}, True, id="stream-yes"),
     ],
 )
 async def test_streaming_request_asks_for_usage(
@@ -219,7 +243,11 @@ async def test_streaming_request_asks_for_usage(
     [
         pytest.param({"stream": True, "stream_options": {"include_usage": True}}, id="already"),
         pytest.param({"stream": False}, id="not-streaming"),
-        pytest.param({"stream": "yes"}, id="stream-not-bool"),
+        pytest.param({"stream": "no"}, id="stream-string-false"),
+        pytest.param({"stream": 0}, id="stream-zero"),
+        pytest.param({"stream": 2}, id="stream-two"),
+        pytest.param({"stream": None}, id="stream-null"),
+        pytest.param({"stream": ["true"]}, id="stream-list"),
     ],
 )
 async def test_request_body_left_alone(ext: Ext, extra: dict[str, Any]) -> None:
@@ -382,8 +410,43 @@ async def test_request_body_in_chunks_is_joined(ext: Ext) -> None:
     for part in parts[:-1]:
         assert await s.send(request_body(part, end_of_stream=False)) == CONTINUE_REQUEST_BODY
     assert await s.send(request_body(parts[-1])) == CONTINUE_REQUEST_BODY
+    await s.send(response_headers())
+    assert await s.send(response_body(COMPLETION, end_of_stream=True)) is ENDED
     await s.close()
-    assert ext.stats_changed() == {}
+    assert ext.stats_changed() == {
+        "metered_responses": 1,
+        "input_tokens": 19,
+        "output_tokens": 10,
+        "cost_nanos": price(Usage(19, 0, 10, None, 10)),
+    }
+
+
+async def test_request_never_answered_is_charged_its_input(ext: Ext) -> None:
+    """The client gave up (a timeout) or the connection broke before any
+    answer: the provider read the prompt all the same."""
+    ext.set_policies(policy("global"))
+    body = chat_body()
+    s = ext.stream()
+    await s.send(request_headers(headers=chat_headers(body)))
+    assert await s.send(request_body(body)) == CONTINUE_REQUEST_BODY
+    await s.close()
+    usage = Usage(estimate_tokens_from_chars(len(body)), output_tokens=0, estimated=True)
+    assert ext.pending() == {GLOBAL_KEY: Increment(price(usage), 1, 1)}
+    assert ext.stats_changed() == {
+        "metered_responses": 1,
+        "estimated_responses": 1,
+        "input_tokens": usage.input_tokens,
+        "cost_nanos": price(usage),
+    }
+
+
+async def test_request_refused_before_it_left_is_not_charged(ext: Ext) -> None:
+    ext.set_policies(policy("global"), spend=[spent("global", 11 * 10**9)])
+    s = ext.stream()
+    resp = await s.answer_and_end(request_headers(headers=chat_headers(chat_body())))
+    assert resp.immediate_response.status.code == 429
+    await s.close()
+    assert ext.pending() == {}
 
 
 @pytest.mark.parametrize("status", [500, 429, 400, 302, 100])

@@ -125,6 +125,7 @@ def test_defaults_only() -> None:
     assert load_cp(env=CP_REQUIRED) == CP_DEFAULTS
     assert EP_DEFAULTS.listen == "127.0.0.1:50052"
     assert EP_DEFAULTS.flush_interval_ms == 100
+    assert EP_DEFAULTS.unmetered_requests == "count"
     assert CP_DEFAULTS.listen == "127.0.0.1:50051"
     assert CP_DEFAULTS.week_start_index == 0
 
@@ -370,6 +371,13 @@ def test_int_from_env_and_integral_float(tmp_path: Path) -> None:
             {},
             "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)",
             id="startup-wait-past-envoys",
+        ),
+        pytest.param(
+            "ext_proc:\n  unmetered_requests: ignore\n",
+            EP_REQUIRED,
+            {},
+            "unmetered_requests must be count or reject, not 'ignore'",
+            id="bad-unmetered-requests",
         ),
         pytest.param(
             "ext_proc: 5\n",

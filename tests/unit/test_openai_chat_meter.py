@@ -39,7 +39,7 @@ FIXTURE_RESULTS = {
 }
 
 
-STREAMS = sorted(p.name for p in (FIXTURES / "openai").glob("*.sse"))
+STREAMS = sorted(p.name for p in (FIXTURES / "openai").glob("chat_*.sse"))
 GARBAGE = [b"data: ", b"\n\n", b"\r", b"[DONE]", b"{", b"}", b'"usage":', b"\xef\xbb"]
 CASES = MeterCases(OpenAIChatMeter, FIXTURES / "openai", FIXTURE_RESULTS, STREAMS, GARBAGE)
 fixture, meter = CASES.fixture, CASES.meter
