@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ from ext_proc import snapshot
 from ext_proc.config import Settings
 from ext_proc.decide import SpendKey
 from ext_proc.state import LocalState
+from ext_proc.statestream import Received, StateStream, StreamBroken, StreamStats
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
 from spendgate.wire import timestamp
@@ -34,6 +36,9 @@ REPORT_TIMEOUT_S = 5.0
 # lapse after hold_ttl_s, 30 s by default, unless refreshed).
 HOLDS_REFRESH_S = 5.0
 SNAPSHOT_INTERVAL_S = 1.0
+SNAPSHOT_SHARE = 0.05
+# A state stream that keeps failing is warned about again this often.
+WATCH_WARN_EVERY_S = 60.0
 
 
 class ControlPlaneSync:
@@ -62,11 +67,15 @@ class ControlPlaneSync:
         self._flush_lock = asyncio.Lock()
         self._holds_reported_at = 0.0
         self._saved_at = 0.0
+        self._save_every = SNAPSHOT_INTERVAL_S
         self._reserve_queue: list[
             tuple[list[SpendKey], int, asyncio.Future[dp.ReserveVerdict | None]]
         ] = []
         self._reserve_task: asyncio.Task[None] | None = None
         self.arbiter_failures = 0
+        self.stream_stats = StreamStats()
+        self._watch_failing = 0  # failures since the state stream was last in sync
+        self._watch_warned_at = 0.0
 
     @property
     def address(self) -> str:
@@ -139,27 +148,67 @@ class ControlPlaneSync:
     async def _watch(self) -> None:
         backoff = 0.1
         while True:
+            stream = StateStream(self.state, self.clock)
+            call = self._stub.WatchState(
+                dp.WatchStateRequest(data_plane_id=self.settings.identity, incremental=True),
+                metadata=self._metadata,
+            )
             try:
-                call = self._stub.WatchState(
-                    dp.WatchStateRequest(data_plane_id=self.settings.identity),
-                    metadata=self._metadata,
-                )
                 async for update in call:
-                    self.state.apply_update(update, self.clock())
-                    if update.HasField("price_overrides"):
-                        self.on_price_overrides(update.price_overrides)
-                    if update.full_snapshot:
-                        self._set_connected(True)
+                    prices = self.state.overrides.version
+                    if stream.receive(update) is Received.SYNCED:
+                        self._synced(stream)
                         backoff = 0.1
+                    if self.state.overrides.version != prices:
+                        self.on_price_overrides(self.state.overrides.message())
+                self._watch_failed("stream", "the control plane ended the state stream")
             except grpc.aio.AioRpcError as e:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("control plane refused our token", detail=e.details())
-                else:
-                    log.debug("state stream ended", code=e.code().name)
+                self._watch_failed("stream", f"{e.code().name}: {e.details()}")
+            except StreamBroken as e:
+                call.cancel()
+                self._watch_failed(e.reason, str(e))
             self._set_connected(False)
             await self._next_address()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
+
+    def _synced(self, stream: StateStream) -> None:
+        self.stream_stats.resyncs += 1
+        if self._watch_failing:
+            log.info(
+                "state stream in sync again", address=self.address, failures=self._watch_failing
+            )
+            self._watch_failing = 0
+        log.info(
+            "state resynced from the control plane",
+            address=self.address,
+            pages=stream.pages,
+            policies=len(self.state.index),
+            windows=len(self.state.remote),
+        )
+        self._set_connected(True)
+
+    def _watch_failed(self, reason: str, detail: str) -> None:
+        """A state stream that fails or cannot be applied is a warning at once
+        (enforcement goes on from a view that is no longer kept up to date),
+        then again at most every WATCH_WARN_EVERY_S while it keeps failing."""
+        self.stream_stats.failed(reason)
+        self._watch_failing += 1
+        now = asyncio.get_running_loop().time()
+        if self._watch_failing == 1 or now - self._watch_warned_at >= WATCH_WARN_EVERY_S:
+            self._watch_warned_at = now
+            log.warning(
+                "state stream from the control plane failed; enforcing from the last view and"
+                " resyncing",
+                address=self.address,
+                reason=reason,
+                detail=detail,
+                failures=self._watch_failing,
+            )
+        else:
+            log.debug("state stream failed again", reason=reason, detail=detail)
 
     async def _flush_loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
@@ -167,7 +216,7 @@ class ControlPlaneSync:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
-            if loop.time() - self._saved_at >= SNAPSHOT_INTERVAL_S:
+            if loop.time() - self._saved_at >= self._save_every:
                 self._saved_at = loop.time()
                 self.save_state()
 
@@ -176,11 +225,16 @@ class ControlPlaneSync:
         state = self.state
         if state.journal is None or not state.synced or not state.snapshot_dirty:
             return
+        started = time.perf_counter()
         try:
             snapshot.save(state.journal.directory, state.saved_state())
         except OSError as e:
             state.snapshot_dirty = True
             log.warning("could not save the policy snapshot", error=str(e))
+        # A large state (many policies, members) takes a while to write: keep
+        # saving it from costing more than about SNAPSHOT_SHARE of the loop.
+        took = time.perf_counter() - started
+        self._save_every = max(SNAPSHOT_INTERVAL_S, took / SNAPSHOT_SHARE)
 
     def _set_backlog(self, piling: bool) -> None:
         if piling != self.backlog:
