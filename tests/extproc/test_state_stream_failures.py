@@ -6,7 +6,7 @@ DataPlaneService that misbehaves in one chosen way."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,9 @@ class Env:
 
         def make_server() -> grpc.aio.Server:
             server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
-            dataplane_pb2_grpc.add_DataPlaneServiceServicer_to_server(self.fake, server)
+            dataplane_pb2_grpc.add_DataPlaneServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                self.fake, server
+            )
             server.add_insecure_port(f"127.0.0.1:{port}")
             return server
 
@@ -111,12 +113,12 @@ class Env:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
     with structlog.testing.capture_logs() as captured:
         yield captured
 
 
-def warnings_of(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def warnings_of(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [
         e
         for e in list(logs)
@@ -125,7 +127,7 @@ def warnings_of(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_a_restarted_ext_proc_that_cannot_sync_warns_at_once_and_says_so(
-    tmp_path: Path, logs: list[dict[str, Any]]
+    tmp_path: Path, logs: list[MutableMapping[str, Any]]
 ) -> None:
     journal = tmp_path / "journal"
     journal.mkdir()
@@ -150,7 +152,7 @@ def test_a_restarted_ext_proc_that_cannot_sync_warns_at_once_and_says_so(
 
 
 def test_a_missed_change_is_a_warning_and_a_resync(
-    tmp_path: Path, logs: list[dict[str, Any]]
+    tmp_path: Path, logs: list[MutableMapping[str, Any]]
 ) -> None:
     env = Env("gap", tmp_path / "journal")
     try:
