@@ -3,8 +3,10 @@
 Both arrive as increments (set / deleted, by id) on top of a full set from a
 resync, possibly out of order across paths: a policy's version and an
 override's update_time decide which of two messages is newer, and a deleted
-id stays deleted (ids are never reused). Whole sets (from control planes and
-saved snapshots of earlier releases) replace everything.
+id stays deleted (ids are never reused). Deleted ids are remembered until
+the resync after the next one: a change published late, after a resync that
+no longer saw the policy, cannot bring it back. Whole sets (from control
+planes and saved snapshots of earlier releases) replace everything.
 
 Single-threaded, like ext_proc/state.py.
 """
@@ -25,13 +27,31 @@ log = structlog.get_logger("spendgate.ext_proc")
 
 
 @dataclass(slots=True)
+class Tombstones:
+    """Deleted ids of this resync generation and the one before."""
+
+    now: set[str] = field(default_factory=set)
+    before: set[str] = field(default_factory=set)
+
+    def __contains__(self, item: str) -> bool:
+        return item in self.now or item in self.before
+
+    def add(self, item: str) -> None:
+        self.now.add(item)
+
+    def next_generation(self) -> None:
+        self.before, self.now = self.now, set()
+
+
+@dataclass(slots=True)
 class PolicySet:
     msgs: dict[str, dp.VersionedPolicy] = field(default_factory=dict)
     valid: dict[str, Policy] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
+    deleted: Tombstones = field(default_factory=Tombstones)
 
     def replace(self, policies: Iterable[dp.VersionedPolicy]) -> PolicyIndex:
-        self.msgs, self.valid, self.deleted = {}, {}, set()
+        self.msgs, self.valid = {}, {}
+        self.deleted.next_generation()
         for p in policies:
             self._put(p)
         return self.index()
@@ -62,13 +82,13 @@ class PolicySet:
 @dataclass(slots=True)
 class OverrideSet:
     msgs: dict[str, pp.PriceOverride] = field(default_factory=dict)
-    deleted: set[str] = field(default_factory=set)
+    deleted: Tombstones = field(default_factory=Tombstones)
     # Counts changes, so a caller can tell that prices must be re-applied.
     version: int = 0
 
     def replace(self, overrides: Iterable[pp.PriceOverride]) -> None:
+        self.deleted.next_generation()
         self.msgs = {o.id: o for o in overrides}
-        self.deleted = set()
         self.version += 1
 
     def change(self, changes: dp.PriceOverrideChanges) -> None:

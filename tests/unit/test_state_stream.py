@@ -135,12 +135,17 @@ def test_versions_and_deletions_win_over_arrival_order() -> None:
     s.receive(change(5, policy_changes=dp.PolicyChanges(upserts=[pol("a", 5)])))
     assert "a" not in state.index.policies  # a deleted id stays deleted
 
+    # A resync that no longer lists it, then a late change: still deleted.
+    s.receive(page(0, pol("b"), last=True, seq=10))
+    s.receive(change(11, policy_changes=dp.PolicyChanges(upserts=[pol("a", 6)])))
+    assert list(state.index.policies) == ["b"]
+
     o1 = pp.PriceOverride(id="po_1", model="gpt-4o", update_time=timestamp(20))
     old = pp.PriceOverride(id="po_1", model="old", update_time=timestamp(10))
-    s.receive(change(6, price_changes=dp.PriceOverrideChanges(upserts=[o1])))
-    s.receive(change(7, price_changes=dp.PriceOverrideChanges(upserts=[old])))
+    s.receive(change(12, price_changes=dp.PriceOverrideChanges(upserts=[o1])))
+    s.receive(change(13, price_changes=dp.PriceOverrideChanges(upserts=[old])))
     assert [o.model for o in state.overrides.message().overrides] == ["gpt-4o"]
-    s.receive(change(8, price_changes=dp.PriceOverrideChanges(deleted_ids=["po_1"])))
+    s.receive(change(14, price_changes=dp.PriceOverrideChanges(deleted_ids=["po_1"])))
     assert list(state.overrides.message().overrides) == []
 
 
