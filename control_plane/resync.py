@@ -88,7 +88,7 @@ def _resync_windows(
 ) -> tuple[list[dp.WindowSpend], repo.WindowKey | None]:
     """One chunk of open windows with their holds, and the key to continue
     after (None when this was the last chunk)."""
-    rows = repo.open_windows_page(s, active_at=at, after=after, limit=ROWS_PER_READ)
+    rows = repo.open_window_values(s, active_at=at, after=after, limit=ROWS_PER_READ)
     keys = [(r.policy_id, r.member, r.window_start) for r in rows]
     held = repo.holds_by_window(s, keys, at) if keys else {}
     out = [

@@ -346,6 +346,31 @@ def open_windows_page(
     return session.scalars(q.order_by(w.policy_id, w.member, w.window_start).limit(limit)).all()
 
 
+@dataclass(frozen=True, slots=True)
+class OpenWindow:
+    policy_id: str
+    member: str
+    window_start: int
+    window_end: int
+    spent_nanos: int
+    request_count: int
+
+
+def open_window_values(
+    session: Session, *, active_at: int, after: WindowKey | None, limit: int
+) -> list[OpenWindow]:
+    """As open_windows_page, as plain values (no ORM objects: a resync reads
+    every open window)."""
+    w = WindowSpendRow
+    q = select(
+        w.policy_id, w.member, w.window_start, w.window_end, w.spent_nanos, w.request_count
+    ).where(w.window_start <= active_at, w.window_end > active_at)
+    if after is not None:
+        q = q.where(tuple_(w.policy_id, w.member, w.window_start) > after)
+    q = q.order_by(w.policy_id, w.member, w.window_start).limit(limit)
+    return [OpenWindow(*r) for r in session.execute(q)]
+
+
 def spend_rows(session: Session, keys: Iterable[tuple[str, str, int]]) -> list[WindowSpendRow]:
     out = []
     for key in keys:
