@@ -65,8 +65,10 @@ class StateStream:
         self._next_seq: int | None = None  # None until the first resync completes
         self._whole_sets = False  # a control plane of an earlier release
         self.pages = 0  # pages of the last completed resync
+        self.received = 0  # messages received on this stream
 
     def receive(self, update: dp.StateUpdate) -> Received:
+        self.received += 1
         if update.HasField("resync"):
             return self._page(update)
         if update.full_snapshot:

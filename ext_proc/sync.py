@@ -37,6 +37,13 @@ REPORT_TIMEOUT_S = 5.0
 HOLDS_REFRESH_S = 5.0
 SNAPSHOT_INTERVAL_S = 1.0
 SNAPSHOT_SHARE = 0.05
+BACKOFF_MAX_S = 5.0
+# A stream in sync this long before it failed starts the backoff over.
+STABLE_S = 30.0
+# After this many failures in a row of streams that had begun (a resync read
+# for nothing each time), the wait between tries grows up to a minute.
+COSTLY_FAILURES = 3
+BACKOFF_MAX_COSTLY_S = 60.0
 # A state stream that keeps failing is warned about again this often.
 WATCH_WARN_EVERY_S = 60.0
 
@@ -146,9 +153,12 @@ class ControlPlaneSync:
             self.on_connection_change(up)
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = 0.1
+        costly = 0  # failures in a row after the control plane began to send
         while True:
             stream = StateStream(self.state, self.clock)
+            synced_at: float | None = None
             call = self._stub.WatchState(
                 dp.WatchStateRequest(data_plane_id=self.settings.identity, incremental=True),
                 metadata=self._metadata,
@@ -158,7 +168,7 @@ class ControlPlaneSync:
                     prices = self.state.overrides.version
                     if stream.receive(update) is Received.SYNCED:
                         self._synced(stream)
-                        backoff = 0.1
+                        synced_at = loop.time()
                     if self.state.overrides.version != prices:
                         self.on_price_overrides(self.state.overrides.message())
                 self._watch_failed("stream", "the control plane ended the state stream")
@@ -170,9 +180,17 @@ class ControlPlaneSync:
                 call.cancel()
                 self._watch_failed(e.reason, str(e))
             self._set_connected(False)
+            if synced_at is not None and loop.time() - synced_at >= STABLE_S:
+                backoff, costly = 0.1, 0  # it had been working: start over
+            # A stream that failed after the control plane began sending made
+            # it read state for us (a resync reads everything): when that keeps
+            # happening, retry less often, so one broken data plane cannot keep
+            # a control plane busy. Failing to connect costs it nothing.
+            costly = costly + 1 if stream.received else 0
             await self._next_address()
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            cap = BACKOFF_MAX_S if costly < COSTLY_FAILURES else BACKOFF_MAX_COSTLY_S
+            backoff = min(backoff * 2, cap)
 
     def _synced(self, stream: StateStream) -> None:
         self.stream_stats.resyncs += 1
