@@ -64,6 +64,7 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
         """A paged resync, then changes; another resync whenever the hub asks."""
         while True:
             seq = sub.begin_resync()
+            self.cp.metrics.resyncs += 1
             if sub.resyncs > 1:
                 log.warning("resyncing a data plane on its stream", data_plane_id=data_plane_id)
             async for page in resync.pages(self.cp, self.pricing, seq, self.cp.hub.page_bytes):

@@ -121,6 +121,7 @@ def test_a_paged_resync_then_numbered_increments(api: Api) -> None:
         api.loop.call(api.server.cp.hub.request_resync)
         again = read_resync(watch)
         assert again[-1].seq == last
+        assert api.server.cp.metrics.resyncs == 2  # spendgate_data_plane_resyncs_total
         assert {m.spent_nanos for p in again for m in p.spend} == {10 + 5 * USD}
         create(api, policy("after the resync"))
         assert watch.next().seq == last + 1
