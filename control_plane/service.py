@@ -380,7 +380,9 @@ class ControlPlane:
     # ---- data-plane state ------------------------------------------------
 
     async def snapshot(self) -> dp.StateUpdate:
-        """Every policy and the spend of every window open now."""
+        """Every policy and the spend of every window open now, in one message:
+        streams of data planes of earlier releases only (control_plane/resync.py
+        pages it for the others)."""
         at = int(self.clock().timestamp())
 
         def query(s: Session) -> dp.StateUpdate:

@@ -1,7 +1,9 @@
 """The only module that talks to the control plane.
 
 Two loops: ``watch`` keeps a WatchState stream open (reconnecting with
-backoff) and applies what arrives to the LocalState; ``flush`` sends unsent
+backoff) and applies what arrives to the LocalState (a paged resync, then
+numbered changes: ext_proc/statestream.py; a failure is a warning at once
+and a new stream); ``flush`` sends unsent
 usage every ``flush_interval_ms`` as ReportUsage batches. A batch keeps its id
 until acknowledged, so a retry after a lost answer never counts twice. While
 the control plane is unreachable, decisions continue from the last snapshot
