@@ -64,6 +64,8 @@ class ControlPlaneMetrics:
     def __init__(self) -> None:
         self.batches = {"applied": 0, "duplicate": 0}
         self.records = 0  # increments (one per policy window) in applied batches
+        # Full resyncs sent to data planes (paged; first ones and later ones).
+        self.resyncs = 0
         self.unknown_records = 0
         self.events = {events.EXCEEDED: 0, events.THRESHOLD_CROSSED: 0, events.ANOMALY: 0}
         # Usage records quarantined (by this control plane, or reported by a
@@ -212,6 +214,13 @@ class ControlPlaneCollector(Collector):
             "spendgate_data_planes_connected",
             "Data planes (ext_proc) with a state stream open to this control plane.",
             self.data_planes(),
+        )
+        yield counter(
+            "spendgate_data_plane_resyncs",
+            "Full resyncs (every policy, price override and open window, in pages) sent "
+            "to data planes: one per new stream, more when one fell behind or replica "
+            "notifications were lost.",
+            self.metrics.resyncs,
         )
         yield gauge(
             "spendgate_database_up",

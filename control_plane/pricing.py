@@ -1,13 +1,14 @@
 """Prices: the bundled catalog and the operator's overrides (PricingService).
 
 One transaction per use case, like control_plane.service; every change is
-pushed to all data planes as a complete set of overrides, so the next request
-anywhere is charged at the new price.
+pushed to all data planes (the override set or deleted, as an increment), so
+the next request anywhere is charged at the new price.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Iterable
 
 import structlog
 from sqlalchemy import select
@@ -38,6 +39,13 @@ def override_message(row: PriceOverrideRow) -> pp.PriceOverride:
         update_time=timestamp(row.update_time),
         updated_by=row.updated_by,
     )
+
+
+def dataplane_override(row: PriceOverrideRow) -> pp.PriceOverride:
+    """An override as data planes need it (the note is for people)."""
+    msg = override_message(row)
+    msg.ClearField("note")
+    return msg
 
 
 def _validated(o: pp.PriceOverride) -> tuple[str, str, str, ModelPrice]:
@@ -84,10 +92,15 @@ class PricingAdmin:
         return [override_message(r) for r in rows]
 
     async def overrides_update(self) -> dp.StateUpdate:
-        """The state-stream message that carries every override."""
+        """The message that carries every override (streams of data planes of
+        earlier releases, which replace the whole set)."""
         return dp.StateUpdate(
             price_overrides=dp.PriceOverrides(overrides=await self.list_overrides())
         )
+
+    async def dataplane_overrides(self) -> list[pp.PriceOverride]:
+        rows = await self.cp.run(_all_overrides)
+        return [dataplane_override(r) for r in rows]
 
     async def set_override(self, o: pp.PriceOverride, author: str) -> pp.PriceOverride:
         model, provider, route, price = _validated(o)
@@ -114,7 +127,7 @@ class PricingAdmin:
             row.note = o.note
             row.update_time = now
             row.updated_by = author
-            self.cp.changed(s, "prices")
+            self.cp.changed(s, "prices", [row.id])
             return row
 
         row = await self.cp.run(upsert)
@@ -128,7 +141,7 @@ class PricingAdmin:
             output=row.output,
             author=author,
         )
-        self.cp.hub.publish(await self.overrides_update())
+        self.publish_changes(upserts=[row])
         return override_message(row)
 
     async def delete_override(self, override_id: str, author: str) -> None:
@@ -137,11 +150,30 @@ class PricingAdmin:
             if row is None:
                 raise NotFound("price override", override_id)
             s.delete(row)
-            self.cp.changed(s, "prices")
+            self.cp.changed(s, "prices", [override_id])
 
         await self.cp.run(delete)
         log.info("price override deleted", override_id=override_id, author=author)
-        self.cp.hub.publish(await self.overrides_update())
+        self.publish_changes(deleted=[override_id])
+
+    def publish_changes(
+        self, upserts: Iterable[PriceOverrideRow] = (), deleted: Iterable[str] = ()
+    ) -> None:
+        self.cp.hub.publish(
+            dp.StateUpdate(
+                price_changes=dp.PriceOverrideChanges(
+                    upserts=[dataplane_override(r) for r in upserts], deleted_ids=list(deleted)
+                )
+            )
+        )
+
+    async def publish_overrides(self, ids: Collection[str]) -> None:
+        """Push the current state of these overrides (set, or deleted)."""
+        rows = await self.cp.run(
+            lambda s: list(s.scalars(select(PriceOverrideRow).where(PriceOverrideRow.id.in_(ids))))
+        )
+        found = {r.id for r in rows}
+        self.publish_changes(rows, [i for i in ids if i not in found])
 
     async def list_prices(
         self, provider: str, model_contains: str, page_size: int, page_token: str

@@ -8,16 +8,17 @@ LISTENs on one dedicated autocommit connection, ignores its own notifications
 (its hub already published them), reads the current state of what changed and
 publishes it to its own hub:
 
-- ``policies``: the full policy snapshot;
-- ``prices``: the full set of price overrides;
+- ``policies`` / ``prices``: the policies or overrides named in the payload
+  as they are now (or deleted); no ids means "resync every data plane";
 - ``spend``: the window rows named in the payload, with their totals (absolute,
   so arrival order does not matter); no keys means "every window open now".
 
-Payloads stay under PostgreSQL's 8000-byte NOTIFY limit: spend keys are split
-over several notifications, and a very large batch sends one keyless "spend".
-Notifications that arrive together are coalesced. The listener reconnects with
-backoff when its connection drops, and after reconnecting publishes a full
-resync (policies, prices, open windows) to cover whatever was missed meanwhile.
+Payloads stay under PostgreSQL's 8000-byte NOTIFY limit: keys and ids are
+split over several notifications, and a very large change sends one keyless
+notification. Notifications that arrive together are coalesced. The listener
+reconnects with backoff when its connection drops, and after reconnecting
+resyncs every data plane stream (control_plane/resync.py) to cover whatever
+was missed meanwhile.
 """
 
 from __future__ import annotations
@@ -59,23 +60,24 @@ def libpq_url(engine: Engine) -> str:
     return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def encode(replica: str, kind: str, keys: Sequence[SpendKey] = ()) -> list[str]:
+def encode(replica: str, kind: str, keys: Sequence[SpendKey] | Sequence[str] = ()) -> list[str]:
     """Payloads for one change; each below MAX_PAYLOAD_BYTES.
 
     Each key is encoded once and the chunks are joined (a batch of thousands
-    of windows costs linear time, not a re-encoding per key).
+    of windows costs linear time, not a re-encoding per key). Spend keys go
+    in "w", policy and override ids in "i".
     """
     everything = json.dumps({"r": replica, "k": kind}, separators=(",", ":"))
-    if kind != "spend" or not keys:
+    if not keys:
         return [everything]
-    head = everything[:-1] + ',"w":['
+    head = everything[:-1] + (',"w":[' if kind == "spend" else ',"i":[')
     tail = "]}"
     fixed = len(head) + len(tail)  # ensure_ascii: characters are bytes
     payloads: list[str] = []
     chunk: list[str] = []
     size = fixed
     for key in keys:
-        item = json.dumps(list(key), separators=(",", ":"))
+        item = json.dumps(key if isinstance(key, str) else list(key), separators=(",", ":"))
         if fixed + len(item) > MAX_PAYLOAD_BYTES:
             return [head + tail]  # a key too long to name: everyone re-reads open windows
         if size + len(item) + bool(chunk) > MAX_PAYLOAD_BYTES:
@@ -94,13 +96,20 @@ class _Pending:
     """Changes announced by other replicas, not yet published here."""
 
     def __init__(self) -> None:
-        self.policies = False
-        self.prices = False
+        self.resync = False  # every data plane stream resyncs
+        self.policies: set[str] = set()
+        self.prices: set[str] = set()
         self.all_spend = False
         self.spend: set[SpendKey] = set()
 
     def __bool__(self) -> bool:
-        return self.policies or self.prices or self.all_spend or bool(self.spend)
+        return (
+            self.resync
+            or bool(self.policies)
+            or bool(self.prices)
+            or self.all_spend
+            or bool(self.spend)
+        )
 
 
 class ReplicaSync:
@@ -121,7 +130,9 @@ class ReplicaSync:
 
     # ---- notifier ----------------------------------------------------------
 
-    def notify(self, session: Session, kind: str, keys: Sequence[SpendKey] = ()) -> None:
+    def notify(
+        self, session: Session, kind: str, keys: Sequence[SpendKey] | Sequence[str] = ()
+    ) -> None:
         # One statement, however many payloads (all delivered at commit).
         session.execute(
             text("SELECT pg_notify(:c, p) FROM unnest(CAST(:ps AS text[])) AS p"),
@@ -165,8 +176,7 @@ class ReplicaSync:
                     if not first:
                         # Notifications sent while we were away are lost: resync.
                         self.reconnects += 1
-                        self._pending.policies = self._pending.prices = True
-                        self._pending.all_spend = True
+                        self._pending.resync = True
                         self._wake.set()
                     first = False
                     backoff = BACKOFF_MIN_S
@@ -192,10 +202,12 @@ class ReplicaSync:
             if msg.get("r") == self.replica_id:
                 return
             kind = msg.get("k")
-            if kind == "policies":
-                self._pending.policies = True
-            elif kind == "prices":
-                self._pending.prices = True
+            if kind in ("policies", "prices"):
+                # Replicas of earlier releases name no ids: resync then.
+                ids = [str(i) for i in msg.get("i") or []]
+                if not ids:
+                    self._pending.resync = True
+                (self._pending.policies if kind == "policies" else self._pending.prices).update(ids)
             elif kind == "spend":
                 keys = msg.get("w") or []
                 if not keys:
@@ -230,16 +242,21 @@ class ReplicaSync:
 
     def _merge_back(self, old: _Pending) -> None:
         p = self._pending
+        p.resync |= old.resync
         p.policies |= old.policies
         p.prices |= old.prices
         p.all_spend |= old.all_spend
         p.spend |= old.spend
 
     async def _publish(self, pending: _Pending) -> None:
+        if pending.resync:
+            # Every stream rereads everything, changes above included.
+            self.cp.hub.request_resync()
+            return
         if pending.policies:
-            await self.cp.publish_policies()
+            await self.cp.publish_policies(sorted(pending.policies))
         if pending.prices:
-            self.cp.hub.publish(await self.pricing.overrides_update())
+            await self.pricing.publish_overrides(sorted(pending.prices))
         if pending.all_spend or pending.spend:
             spend = await self.cp.run(lambda s: _spend(s, pending, self.cp))
             if spend:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control_plane import anomalies, convert, holds, quarantine
+from control_plane import anomalies, convert, holds, quarantine, spend_list, statepush
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
@@ -36,7 +36,6 @@ from control_plane.webhooks.outbox import (
     record_crossings,
 )
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
-from spendgate.domain.windows import window_for
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp
@@ -45,11 +44,16 @@ log = structlog.get_logger("spendgate.control_plane")
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
-# Called inside a use case's transaction with what changed ("policies",
-# "prices" or "spend" with window keys); control_plane.replicas tells the
-# other replicas through it.
-ChangeHook = Callable[[Session, str, Sequence[tuple[str, str, int]]], None]
+# Called inside a use case's transaction with what changed ("policies" or
+# "prices" with their ids, or "spend" with window keys);
+# control_plane.replicas tells the other replicas through it.
+ChangeKeys = Sequence[tuple[str, str, int]] | Sequence[str]
+ChangeHook = Callable[[Session, str, ChangeKeys], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
+# A list page stops short of page_size at about this many bytes (at least one
+# item per page), far below the 4 MB a gRPC client accepts by default:
+# descriptions are free text of any length.
+LIST_PAGE_BYTES = 1 << 20
 
 
 def utc_now() -> datetime:
@@ -88,9 +92,7 @@ class ControlPlane:
         self.on_change: ChangeHook | None = None
         self.metrics = ControlPlaneMetrics()
 
-    def changed(
-        self, session: Session, kind: str, keys: Sequence[tuple[str, str, int]] = ()
-    ) -> None:
+    def changed(self, session: Session, kind: str, keys: ChangeKeys = ()) -> None:
         """Record, in ``session``'s transaction, that data-plane state changed."""
         if self.on_change is not None:
             self.on_change(session, kind, keys)
@@ -138,12 +140,12 @@ class ControlPlane:
             )
             convert.apply_values(row, values)
             s.add(row)
-            self.changed(s, "policies")
+            self.changed(s, "policies", [row.id])
             return row
 
         row = await self.run(create)
         log.info("policy created", policy_id=row.id, name=row.name, author=author)
-        await self.publish_policies()
+        self.publish_policy_changes(upserts=[row])
         return convert.policy_message(row)
 
     async def get_policy(self, policy_id: str) -> pb.BudgetPolicy:
@@ -162,9 +164,12 @@ class ControlPlane:
             if parts is None:
                 raise InvalidArgument.one("page_token", "is not a token this server returned")
             after = parts[0]
-        rows = await self.run(lambda s: repo.list_policies(s, after_id=after, limit=limit + 1))
-        page = rows[:limit]
-        token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
+        page, more = await self.run(
+            lambda s: repo.list_policies_sized(
+                s, after_id=after, limit=limit, max_bytes=LIST_PAGE_BYTES
+            )
+        )
+        token = repo.encode_page_token(page[-1].id) if more else ""
         return [convert.policy_message(r) for r in page], token
 
     async def update_policy(
@@ -190,12 +195,12 @@ class ControlPlane:
             row.update_time = now
             row.updated_by = author
             row.version += 1
-            self.changed(s, "policies")
+            self.changed(s, "policies", [row.id])
             return row
 
         row = await self.run(update)
         log.info("policy updated", policy_id=row.id, author=author, version=row.version)
-        await self.publish_policies()
+        self.publish_policy_changes(upserts=[row])
         return convert.policy_message(row)
 
     async def delete_policy(self, policy_id: str, expected_etag: str, author: str) -> None:
@@ -206,11 +211,11 @@ class ControlPlane:
             if expected_etag and expected_etag != convert.etag(row):
                 raise EtagMismatch(policy_id)
             repo.delete_policy(s, row)
-            self.changed(s, "policies")
+            self.changed(s, "policies", [policy_id])
 
         await self.run(delete)
         log.info("policy deleted", policy_id=policy_id, author=author)
-        await self.publish_policies()
+        self.publish_policy_changes(deleted=[policy_id])
 
     # ---- spend ------------------------------------------------------------
 
@@ -457,55 +462,23 @@ class ControlPlane:
                 raise InvalidArgument.one("page_token", "is not a token this server returned")
             after = (parts[0], parts[1])
         now = self.clock()
-        at = int(now.timestamp())
 
         def query(s: Session) -> list[pb.SpendEntry]:
-            if policy_id:
-                one = repo.get_policy(s, policy_id)
-                if one is None:
-                    raise NotFound("policy", policy_id)
-                policies = {one.id: one}
-            else:
-                policies = {r.id: r for r in repo.all_policies(s)}
-            rows = repo.current_spend(s, active_at=at, policy_id=policy_id, member=member)
+            if policy_id and not repo.policies_by_id(s, [policy_id], description=False):
+                raise NotFound("policy", policy_id)
+            rows = spend_list.page(
+                s, policy_id=policy_id, member=member, after=after, limit=limit + 1, now=now
+            )
             # Unexpired holds only: a dead data plane's lapse on their own.
-            held = repo.holds_by_window(s, None, at)
-            entries: dict[tuple[str, str], pb.SpendEntry] = {}
-            # Start of each policy's current window: after a policy's window is
-            # changed, rows of its old windows may still contain `now`.
-            starts = {
-                p.id: int(window_for(convert.window_spec(p), now).start.timestamp())
-                for p in policies.values()
-            }
-            for r in rows:
-                if (
-                    r.policy_id in policies
-                    and r.window_start == starts[r.policy_id]
-                    and (r.policy_id, r.member) > after
-                ):
-                    entries[(r.policy_id, r.member)] = _spend_entry(
-                        r, policies[r.policy_id], held.get((r.policy_id, r.member, r.window_start))
-                    )
-            # A policy with nothing spent yet still has a current window: show it.
-            for p in policies.values():
-                key = (p.id, "")
-                policy = convert.domain_policy(p)
-                if policy.is_wildcard or member or key <= after or key in entries:
-                    continue
-                w = window_for(policy.window, now)
-                entries[key] = _spend_entry(
-                    WindowSpendRow(
-                        policy_id=p.id,
-                        member="",
-                        window_start=int(w.start.timestamp()),
-                        window_end=int(w.end.timestamp()),
-                        spent_nanos=0,
-                        request_count=0,
-                        estimated_count=0,
-                    ),
-                    p,
-                )
-            return [entries[k] for k in sorted(entries)][: limit + 1]
+            held = repo.holds_by_window(
+                s,
+                [(r.policy_id, r.member, r.window_start) for r, _ in rows],
+                int(now.timestamp()),
+            )
+            return [
+                _spend_entry(r, p, held.get((r.policy_id, r.member, r.window_start)))
+                for r, p in rows
+            ]
 
         page = await self.run(query)
         token = ""
@@ -531,7 +504,9 @@ class ControlPlane:
     # ---- data-plane state ------------------------------------------------
 
     async def snapshot(self) -> dp.StateUpdate:
-        """Every policy and the spend of every window open now."""
+        """Every policy and the spend of every window open now, in one message:
+        streams of data planes of earlier releases only (control_plane/resync.py
+        pages it for the others)."""
         at = int(self.clock().timestamp())
 
         def query(s: Session) -> dp.StateUpdate:
@@ -553,13 +528,29 @@ class ControlPlane:
         update.server_time.FromDatetime(self.clock())
         return update
 
-    async def publish_policies(self) -> None:
+    async def policy_snapshot(self) -> dp.PolicySnapshot:
+        """Every policy in one message (streams of data planes of earlier
+        releases only: it grows with the policy set)."""
         rows = await self.run(repo.all_policies)
+        return dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows])
+
+    def publish_policy_changes(
+        self, upserts: Iterable[PolicyRow] = (), deleted: Iterable[str] = ()
+    ) -> None:
         self.hub.publish(
             dp.StateUpdate(
-                policies=dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows])
+                policy_changes=dp.PolicyChanges(
+                    upserts=[statepush.dataplane_policy(r) for r in upserts],
+                    deleted_ids=list(deleted),
+                )
             )
         )
+
+    async def publish_policies(self, ids: Collection[str]) -> None:
+        """Push the current state of these policies (as they are, or deleted)."""
+        rows = await self.run(lambda s: repo.policies_by_id(s, ids))
+        found = {r.id for r in rows}
+        self.publish_policy_changes(rows, [i for i in ids if i not in found])
 
 
 def clamp_page_size(requested: int, *, default: int) -> int:

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ext_proc.state import LocalState
+from ext_proc.statestream import StreamStats
 from ext_proc.stats import Stats
 from spendgate.metrics import NANOS, counter, gauge, histogram_family, labelled
 
@@ -60,10 +61,17 @@ class SyncStatus:
 
 
 class ExtProcCollector(Collector):
-    def __init__(self, stats: Stats, state: LocalState, sync: SyncStatus) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        state: LocalState,
+        sync: SyncStatus,
+        stream: StreamStats | None = None,
+    ) -> None:
         self.stats = stats
         self.state = state
         self.sync = sync
+        self.stream = stream or StreamStats()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._requests()
@@ -75,6 +83,25 @@ class ExtProcCollector(Collector):
             [((phase,), h) for phase, h in self.stats.latency.items()],
         )
         yield from self._sync()
+        yield from self._state_stream()
+
+    def _state_stream(self) -> Iterator[Metric]:
+        yield counter(
+            "spendgate_ext_proc_state_resyncs",
+            "Full resyncs of policies, prices and window spend from the control plane "
+            "that took effect.",
+            self.stream.resyncs,
+        )
+        yield labelled(
+            CounterMetricFamily(
+                "spendgate_ext_proc_state_stream_failures",
+                "Times the state stream from the control plane failed, by reason: stream "
+                "(gRPC error or end), gap (a change was missed), protocol, apply (an update "
+                "could not be applied). Each is followed by a resync.",
+                labels=["reason"],
+            ),
+            [((reason,), n) for reason, n in sorted(self.stream.failures.items())],
+        )
 
     def _requests(self) -> Iterator[Metric]:
         s = self.stats
@@ -269,9 +296,11 @@ class ExtProcCollector(Collector):
         yield anomalies
 
 
-def registry_for(stats: Stats, state: LocalState, sync: SyncStatus) -> CollectorRegistry:
+def registry_for(
+    stats: Stats, state: LocalState, sync: SyncStatus, stream: StreamStats | None = None
+) -> CollectorRegistry:
     """A registry of its own with ext_proc's metrics and the process_* ones."""
     registry = CollectorRegistry()
-    registry.register(ExtProcCollector(stats, state, sync))
+    registry.register(ExtProcCollector(stats, state, sync, stream))
     ProcessCollector(registry=registry)
     return registry

@@ -134,7 +134,9 @@ class ExtProcServer:
         self.sync_status = SyncStatus(backlog=self.sync.backlog)
         self.metrics: MetricsServer | None = None
         if settings.metrics_listen:
-            registry = metrics.registry_for(self.ctx.stats, self.state, self.sync_status)
+            registry = metrics.registry_for(
+                self.ctx.stats, self.state, self.sync_status, self.sync.stream_stats
+            )
             self.metrics = MetricsServer(registry, settings.metrics_listen)
         journal_dir = settings.journal_path(self.port)
         if journal_dir:
@@ -156,15 +158,17 @@ class ExtProcServer:
         saved = snapshot.load(directory)
         if saved is None:
             return
+        # Saved by this release (increments on an empty state) or an earlier
+        # one (whole sets): apply_update reads both.
         self.state.apply_update(saved, now)
         self.state.snapshot_dirty = False
-        if saved.HasField("price_overrides"):
-            self._on_price_overrides(saved.price_overrides)
+        if self.state.overrides.msgs:
+            self._on_price_overrides(self.state.overrides.message())
         self.processor.ready = True
         log.info(
-            "started from the saved policy snapshot",
-            policies=len(saved.policies.policies),
-            windows=len(saved.spend),
+            "started from the saved policy snapshot; resyncing with the control plane",
+            policies=len(self.state.index),
+            windows=len(self.state.remote),
         )
 
     @property

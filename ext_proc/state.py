@@ -36,10 +36,12 @@ from ext_proc import windows
 from ext_proc.decide import SpendKey
 from ext_proc.journal import Journal
 from ext_proc.quarantine import MAX_MEMBER_CHARS, Quarantine, record
+from ext_proc.view import OverrideSet, PolicySet
 from spendgate.domain.policies import Match, PolicyIndex
 from spendgate.domain.pricing import MAX_COST_NANOS, saturating_add
 from spendgate.v1 import dataplane_pb2 as dp
-from spendgate.wire import policy_from_message, timestamp
+from spendgate.v1 import pricing_pb2 as pp
+from spendgate.wire import timestamp
 
 log = structlog.get_logger("spendgate.ext_proc")
 PRUNE_INTERVAL_S = 10.0
@@ -170,10 +172,10 @@ class LocalState:
     hold_keys: set[SpendKey] = field(default_factory=set)
     holds_dirty: bool = False
     holds_seq: int = 0
-    # The last policies and price overrides the control plane sent, and
-    # whether anything changed since the state was saved (ext_proc/snapshot.py).
-    policies_msg: dp.PolicySnapshot | None = None
-    prices_msg: dp.PriceOverrides | None = None
+    # The policies and price overrides the control plane sent (ext_proc/view.py),
+    # and whether anything changed since the state was saved (ext_proc/snapshot.py).
+    policy_set: PolicySet = field(default_factory=PolicySet)
+    overrides: OverrideSet = field(default_factory=OverrideSet)
     snapshot_dirty: bool = False
     # Records that cannot be sent go here (ext_proc/quarantine.py); usage
     # anomalies wait here for the next batch. A batch's records take at most
@@ -523,7 +525,8 @@ class LocalState:
     # ---- control plane state -------------------------------------------------
 
     def saved_state(self) -> dp.StateUpdate:
-        """What ext_proc/snapshot.py keeps: policies, prices and window totals."""
+        """What ext_proc/snapshot.py keeps: policies, prices and window totals
+        (as increments on an empty state; apply_update reads it back)."""
         update = dp.StateUpdate(
             spend=[
                 dp.WindowSpend(
@@ -534,30 +537,28 @@ class LocalState:
                     spent_nanos=v[0],
                 )
                 for k, v in self.remote.items()
-            ]
+            ],
+            policy_changes=dp.PolicyChanges(upserts=self.policy_set.msgs.values()),
+            price_changes=dp.PriceOverrideChanges(upserts=self.overrides.msgs.values()),
         )
-        if self.policies_msg is not None:
-            update.policies.CopyFrom(self.policies_msg)
-        if self.prices_msg is not None:
-            update.price_overrides.CopyFrom(self.prices_msg)
         self.snapshot_dirty = False
         return update
 
     def apply_update(self, update: dp.StateUpdate, now: datetime) -> None:
+        """Apply a change (or, from an earlier release's control plane or
+        saved snapshot, a whole set: ``policies``, ``price_overrides``,
+        ``full_snapshot``)."""
         self.snapshot_dirty = True
         if update.HasField("price_overrides"):
-            self.prices_msg = update.price_overrides
+            self.overrides.replace(update.price_overrides.overrides)
+        if update.HasField("price_changes"):
+            self.overrides.change(update.price_changes)
         if update.HasField("policies"):
-            self.policies_msg = update.policies
-            policies = []
-            for msg in update.policies.policies:
-                try:
-                    policies.append(policy_from_message(msg))
-                except (KeyError, ValueError) as e:
-                    log.error(
-                        "ignoring policy the control plane sent", policy_id=msg.id, error=str(e)
-                    )
-            self.index = PolicyIndex(policies)
+            self.index = self.policy_set.replace(
+                dp.VersionedPolicy(policy=p) for p in update.policies.policies
+            )
+        if update.HasField("policy_changes"):
+            self.index = self.policy_set.change(update.policy_changes)
         if update.full_snapshot:
             self.remote = {}
             self.holds_remote = {}
@@ -568,6 +569,26 @@ class LocalState:
         # Pruning walks every known window: do it at most every few seconds.
         if update.full_snapshot or now.timestamp() - self.last_prune >= PRUNE_INTERVAL_S:
             self.prune(now)
+
+    def replace_view(
+        self,
+        policies: Iterable[dp.VersionedPolicy],
+        overrides: Iterable[pp.PriceOverride],
+        spend: Iterable[dp.WindowSpend],
+        now: datetime,
+    ) -> None:
+        """A completed resync: everything the control plane knows replaces
+        what this data plane knew, in one step (our own unsent usage and
+        holds stay)."""
+        self.index = self.policy_set.replace(policies)
+        self.overrides.replace(overrides)
+        self.remote = {}
+        self.holds_remote = {}
+        self.held_others = {}
+        self.merge_spend(spend)
+        self.synced = True
+        self.snapshot_dirty = True
+        self.prune(now)
 
     def merge_spend(self, spend: Iterable[dp.WindowSpend]) -> None:
         for ws in spend:

@@ -1,7 +1,9 @@
 """The only module that talks to the control plane.
 
 Two loops: ``watch`` keeps a WatchState stream open (reconnecting with
-backoff) and applies what arrives to the LocalState; ``flush`` sends unsent
+backoff) and applies what arrives to the LocalState (a paged resync, then
+numbered changes: ext_proc/statestream.py; a failure is a warning at once
+and a new stream); ``flush`` sends unsent
 usage every ``flush_interval_ms`` as ReportUsage batches. A batch keeps its id
 until acknowledged, so a retry after a lost answer never counts twice. While
 the control plane is unreachable, decisions continue from the last snapshot
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +27,7 @@ from ext_proc import snapshot
 from ext_proc.config import Settings
 from ext_proc.decide import SpendKey
 from ext_proc.state import Batch, LocalState
+from ext_proc.statestream import Received, StateStream, StreamBroken, StreamStats
 from spendgate.domain.pricing import MAX_COST_NANOS
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
@@ -35,6 +39,17 @@ REPORT_TIMEOUT_S = 5.0
 # lapse after hold_ttl_s, 30 s by default, unless refreshed).
 HOLDS_REFRESH_S = 5.0
 SNAPSHOT_INTERVAL_S = 1.0
+SNAPSHOT_SHARE = 0.05
+BACKOFF_MAX_S = 5.0
+# A stream in sync this long before it failed starts the backoff over.
+STABLE_S = 30.0
+# After this many failures in a row of streams that had begun (a resync read
+# for nothing each time), the wait between tries grows up to a minute.
+COSTLY_FAILURES = 3
+BACKOFF_MAX_COSTLY_S = 60.0
+# A state stream that keeps failing is warned about again this often.
+WATCH_WARN_EVERY_S = 60.0
+
 # A batch whose sending raised (not a gRPC error) this many times is set aside.
 POISON_ATTEMPTS = 3
 
@@ -75,11 +90,15 @@ class ControlPlaneSync:
         self._flush_lock = asyncio.Lock()
         self._holds_reported_at = 0.0
         self._saved_at = 0.0
+        self._save_every = SNAPSHOT_INTERVAL_S
         self._reserve_queue: list[
             tuple[list[tuple[SpendKey, int]], asyncio.Future[dp.ReserveVerdict | None]]
         ] = []
         self._reserve_task: asyncio.Task[None] | None = None
         self.arbiter_failures = 0
+        self.stream_stats = StreamStats()
+        self._watch_failing = 0  # failures since the state stream was last in sync
+        self._watch_warned_at = 0.0
 
     @property
     def address(self) -> str:
@@ -150,29 +169,80 @@ class ControlPlaneSync:
             self.on_connection_change(up)
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = 0.1
+        costly = 0  # failures in a row after the control plane began to send
         while True:
+            stream = StateStream(self.state, self.clock)
+            synced_at: float | None = None
+            call = self._stub.WatchState(
+                dp.WatchStateRequest(data_plane_id=self.settings.identity, incremental=True),
+                metadata=self._metadata,
+            )
             try:
-                call = self._stub.WatchState(
-                    dp.WatchStateRequest(data_plane_id=self.settings.identity),
-                    metadata=self._metadata,
-                )
                 async for update in call:
-                    self.state.apply_update(update, self.clock())
-                    if update.HasField("price_overrides"):
-                        self.on_price_overrides(update.price_overrides)
-                    if update.full_snapshot:
-                        self._set_connected(True)
-                        backoff = 0.1
+                    prices = self.state.overrides.version
+                    if stream.receive(update) is Received.SYNCED:
+                        self._synced(stream)
+                        synced_at = loop.time()
+                    if self.state.overrides.version != prices:
+                        self.on_price_overrides(self.state.overrides.message())
+                self._watch_failed("stream", "the control plane ended the state stream")
             except grpc.aio.AioRpcError as e:
                 if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     log.error("control plane refused our token", detail=e.details())
-                else:
-                    log.debug("state stream ended", code=e.code().name)
+                self._watch_failed("stream", f"{e.code().name}: {e.details()}")
+            except StreamBroken as e:
+                call.cancel()
+                self._watch_failed(e.reason, str(e))
             self._set_connected(False)
+            if synced_at is not None and loop.time() - synced_at >= STABLE_S:
+                backoff, costly = 0.1, 0  # it had been working: start over
+            # A stream that failed after the control plane began sending made
+            # it read state for us (a resync reads everything): when that keeps
+            # happening, retry less often, so one broken data plane cannot keep
+            # a control plane busy. Failing to connect costs it nothing.
+            costly = costly + 1 if stream.received else 0
             await self._next_address()
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            cap = BACKOFF_MAX_S if costly < COSTLY_FAILURES else BACKOFF_MAX_COSTLY_S
+            backoff = min(backoff * 2, cap)
+
+    def _synced(self, stream: StateStream) -> None:
+        self.stream_stats.resyncs += 1
+        if self._watch_failing:
+            log.info(
+                "state stream in sync again", address=self.address, failures=self._watch_failing
+            )
+            self._watch_failing = 0
+        log.info(
+            "state resynced from the control plane",
+            address=self.address,
+            pages=stream.pages,
+            policies=len(self.state.index),
+            windows=len(self.state.remote),
+        )
+        self._set_connected(True)
+
+    def _watch_failed(self, reason: str, detail: str) -> None:
+        """A state stream that fails or cannot be applied is a warning at once
+        (enforcement goes on from a view that is no longer kept up to date),
+        then again at most every WATCH_WARN_EVERY_S while it keeps failing."""
+        self.stream_stats.failed(reason)
+        self._watch_failing += 1
+        now = asyncio.get_running_loop().time()
+        if self._watch_failing == 1 or now - self._watch_warned_at >= WATCH_WARN_EVERY_S:
+            self._watch_warned_at = now
+            log.warning(
+                "state stream from the control plane failed; enforcing from the last view and"
+                " resyncing",
+                address=self.address,
+                reason=reason,
+                detail=detail,
+                failures=self._watch_failing,
+            )
+        else:
+            log.debug("state stream failed again", reason=reason, detail=detail)
 
     async def _flush_loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
@@ -180,7 +250,7 @@ class ControlPlaneSync:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
-            if loop.time() - self._saved_at >= SNAPSHOT_INTERVAL_S:
+            if loop.time() - self._saved_at >= self._save_every:
                 self._saved_at = loop.time()
                 self.save_state()
 
@@ -189,11 +259,16 @@ class ControlPlaneSync:
         state = self.state
         if state.journal is None or not state.synced or not state.snapshot_dirty:
             return
+        started = time.perf_counter()
         try:
             snapshot.save(state.journal.directory, state.saved_state())
         except OSError as e:
             state.snapshot_dirty = True
             log.warning("could not save the policy snapshot", error=str(e))
+        # A large state (many policies, members) takes a while to write: keep
+        # saving it from costing more than about SNAPSHOT_SHARE of the loop.
+        took = time.perf_counter() - started
+        self._save_every = max(SNAPSHOT_INTERVAL_S, took / SNAPSHOT_SHARE)
 
     def _set_backlog(self, piling: bool) -> None:
         if piling != self.backlog:

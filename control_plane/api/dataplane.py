@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from control_plane import resync
 from control_plane.api.errors import streaming, unary
-from control_plane.hub import SubscriberTooSlow
+from control_plane.hub import RESYNC, Subscription
 from control_plane.pricing import PricingAdmin
 from control_plane.service import ControlPlane
 from spendgate.v1 import dataplane_pb2 as dp
@@ -44,19 +45,58 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
     async def WatchState(
         self, request: dp.WatchStateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dp.StateUpdate]:
-        # Subscribe before reading the snapshot so no change falls between.
+        # Subscribe before reading any state so no change falls between.
         async with self.cp.hub.subscribe() as sub:
-            snapshot = await self.cp.snapshot()
-            snapshot.MergeFrom(await self.pricing.overrides_update())
-            yield snapshot
-            log.info("data plane connected", data_plane_id=request.data_plane_id)
+            log.info(
+                "data plane connected",
+                data_plane_id=request.data_plane_id,
+                incremental=request.incremental,
+            )
             try:
-                while True:
-                    yield await sub.next()
-            except SubscriberTooSlow:
-                log.warning(
-                    "data plane too slow; ending its stream so it resyncs",
-                    data_plane_id=request.data_plane_id,
-                )
+                stream = self._incremental if request.incremental else self._whole_sets
+                async for update in stream(sub, request.data_plane_id):
+                    yield update
             finally:
                 log.info("data plane disconnected", data_plane_id=request.data_plane_id)
+
+    async def _incremental(
+        self, sub: Subscription, data_plane_id: str
+    ) -> AsyncIterator[dp.StateUpdate]:
+        """A paged resync, then changes; another resync whenever the hub asks."""
+        while True:
+            seq = sub.begin_resync()
+            self.cp.metrics.resyncs += 1
+            if sub.resyncs > 1:
+                log.warning("resyncing a data plane on its stream", data_plane_id=data_plane_id)
+            async for page in resync.pages(self.cp, self.pricing, seq, self.cp.hub.page_bytes):
+                yield page
+            while (update := await sub.next()) is not RESYNC:
+                assert isinstance(update, dp.StateUpdate)
+                yield update
+
+    async def _whole_sets(
+        self, sub: Subscription, data_plane_id: str
+    ) -> AsyncIterator[dp.StateUpdate]:
+        """The stream data planes of earlier releases understand: one full
+        snapshot, the whole policy set or override set on any change of it.
+        It grows with the state (a very large one exceeds gRPC's limit)."""
+        yield await self._snapshot()
+        while True:
+            update = await sub.next()
+            if update is RESYNC:
+                sub.begin_resync()
+                yield await self._snapshot()
+                continue
+            assert isinstance(update, dp.StateUpdate)
+            whole = dp.StateUpdate(spend=update.spend)
+            if update.HasField("policy_changes"):
+                whole.policies.CopyFrom(await self.cp.policy_snapshot())
+            if update.HasField("price_changes"):
+                whole.MergeFrom(await self.pricing.overrides_update())
+            if whole.ByteSize():
+                yield whole
+
+    async def _snapshot(self) -> dp.StateUpdate:
+        snapshot = await self.cp.snapshot()
+        snapshot.MergeFrom(await self.pricing.overrides_update())
+        return snapshot

@@ -11,14 +11,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Select, delete, func, select, text, tuple_
+from sqlalchemy import LargeBinary, Select, cast, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm.attributes import set_committed_value
 
 from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowHoldRow, WindowSpendRow
 from spendgate.domain.pricing import MAX_COST_NANOS
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+WindowKey = tuple[str, str, int]  # policy_id, member, window_start
 
 
 def new_policy_id() -> str:
@@ -52,6 +54,78 @@ def get_policy(session: Session, policy_id: str) -> PolicyRow | None:
 def list_policies(session: Session, *, after_id: str, limit: int) -> Sequence[PolicyRow]:
     q = select(PolicyRow).where(PolicyRow.id > after_id).order_by(PolicyRow.id).limit(limit)
     return session.scalars(q).all()
+
+
+# What a listed policy may take besides its description: every other field is
+# bounded (name 200, target 512 characters, ...); generous on purpose.
+POLICY_FIXED_BYTES = 4096
+
+
+def list_policies_sized(
+    session: Session, *, after_id: str, limit: int, max_bytes: int
+) -> tuple[Sequence[PolicyRow], bool]:
+    """Up to ``limit`` policies after ``after_id`` whose messages together stay
+    under about ``max_bytes`` (always at least one), and whether more follow.
+
+    Sizes are read first (ids and description bytes), so policies with huge
+    descriptions are never loaded beyond what the page takes.
+    """
+    d = PolicyRow.description
+    nbytes = (
+        func.octet_length(d)
+        if session.get_bind().dialect.name == "postgresql"
+        else func.length(cast(d, LargeBinary))
+    )
+    sizes = session.execute(
+        select(PolicyRow.id, nbytes)
+        .where(PolicyRow.id > after_id)
+        .order_by(PolicyRow.id)
+        .limit(limit + 1)
+    ).all()
+    ids: list[str] = []
+    total = 0
+    for policy_id, n in sizes[:limit]:
+        total += (n or 0) + POLICY_FIXED_BYTES
+        if ids and total > max_bytes:
+            break
+        ids.append(policy_id)
+    rows = session.scalars(
+        select(PolicyRow).where(PolicyRow.id.in_(ids)).order_by(PolicyRow.id)
+    ).all()
+    return rows, len(sizes) > len(ids)
+
+
+def policies_without_description(
+    session: Session, *, after_id: str, limit: int
+) -> Sequence[PolicyRow]:
+    """Up to ``limit`` policies after ``after_id`` in id order, their
+    descriptions not loaded (read as ""): what data planes are sent."""
+    rows = session.scalars(
+        select(PolicyRow)
+        .options(defer(PolicyRow.description))
+        .where(PolicyRow.id > after_id)
+        .order_by(PolicyRow.id)
+        .limit(limit)
+    ).all()
+    for r in rows:
+        set_committed_value(r, "description", "")
+    return rows
+
+
+def policies_by_id(
+    session: Session, ids: Iterable[str], *, description: bool = True
+) -> Sequence[PolicyRow]:
+    """The policies of ``ids`` that exist (``description=False``: read as "")."""
+    wanted = list(ids)
+    if not wanted:
+        return []
+    q = select(PolicyRow).where(PolicyRow.id.in_(wanted))
+    if description:
+        return session.scalars(q).all()
+    rows = session.scalars(q.options(defer(PolicyRow.description))).all()
+    for r in rows:
+        set_committed_value(r, "description", "")
+    return rows
 
 
 def all_policies(session: Session) -> Sequence[PolicyRow]:
@@ -254,6 +328,54 @@ def current_spend(
     ).all()
 
 
+def open_windows_page(
+    session: Session,
+    *,
+    active_at: int,
+    after: WindowKey | None,
+    limit: int,
+    policy_id: str = "",
+    member: str = "",
+) -> Sequence[WindowSpendRow]:
+    """Up to ``limit`` rows of windows containing ``active_at``, in key order
+    after the key ``after`` (keyset paging on the primary key), optionally
+    of one policy and / or member."""
+    w = WindowSpendRow
+    q = spend_rows_query(active_at=active_at)
+    if policy_id:
+        q = q.where(w.policy_id == policy_id)
+    if member:
+        q = q.where(w.member == member)
+    if after is not None:
+        q = q.where(tuple_(w.policy_id, w.member, w.window_start) > after)
+    return session.scalars(q.order_by(w.policy_id, w.member, w.window_start).limit(limit)).all()
+
+
+@dataclass(frozen=True, slots=True)
+class OpenWindow:
+    policy_id: str
+    member: str
+    window_start: int
+    window_end: int
+    spent_nanos: int
+    request_count: int
+
+
+def open_window_values(
+    session: Session, *, active_at: int, after: WindowKey | None, limit: int
+) -> list[OpenWindow]:
+    """As open_windows_page, as plain values (no ORM objects: a resync reads
+    every open window)."""
+    w = WindowSpendRow
+    q = select(
+        w.policy_id, w.member, w.window_start, w.window_end, w.spent_nanos, w.request_count
+    ).where(w.window_start <= active_at, w.window_end > active_at)
+    if after is not None:
+        q = q.where(tuple_(w.policy_id, w.member, w.window_start) > after)
+    q = q.order_by(w.policy_id, w.member, w.window_start).limit(limit)
+    return [OpenWindow(*r) for r in session.execute(q)]
+
+
 def spend_rows(session: Session, keys: Iterable[tuple[str, str, int]]) -> list[WindowSpendRow]:
     out = []
     for key in keys:
@@ -264,8 +386,6 @@ def spend_rows(session: Session, keys: Iterable[tuple[str, str, int]]) -> list[W
 
 
 # ---- holds (reservations across data planes) ---------------------------------
-
-WindowKey = tuple[str, str, int]
 
 
 def set_holds(

@@ -224,10 +224,12 @@ class DataPlaneHold(_message.Message):
     def __init__(self, data_plane_id: _Optional[str] = ..., held_nanos: _Optional[int] = ..., seq: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class WatchStateRequest(_message.Message):
-    __slots__ = ("data_plane_id",)
+    __slots__ = ("data_plane_id", "incremental")
     DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_FIELD_NUMBER: _ClassVar[int]
     data_plane_id: str
-    def __init__(self, data_plane_id: _Optional[str] = ...) -> None: ...
+    incremental: bool
+    def __init__(self, data_plane_id: _Optional[str] = ..., incremental: _Optional[bool] = ...) -> None: ...
 
 class PolicySnapshot(_message.Message):
     __slots__ = ("policies",)
@@ -242,15 +244,55 @@ class PriceOverrides(_message.Message):
     def __init__(self, overrides: _Optional[_Iterable[_Union[_pricing_pb2.PriceOverride, _Mapping]]] = ...) -> None: ...
 
 class StateUpdate(_message.Message):
-    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides")
+    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides", "seq", "resync", "policy_changes", "price_changes")
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     PRICE_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
+    POLICY_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    PRICE_CHANGES_FIELD_NUMBER: _ClassVar[int]
     policies: PolicySnapshot
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     full_snapshot: bool
     server_time: _timestamp_pb2.Timestamp
     price_overrides: PriceOverrides
-    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ...) -> None: ...
+    seq: int
+    resync: ResyncPage
+    policy_changes: PolicyChanges
+    price_changes: PriceOverrideChanges
+    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ..., seq: _Optional[int] = ..., resync: _Optional[_Union[ResyncPage, _Mapping]] = ..., policy_changes: _Optional[_Union[PolicyChanges, _Mapping]] = ..., price_changes: _Optional[_Union[PriceOverrideChanges, _Mapping]] = ...) -> None: ...
+
+class ResyncPage(_message.Message):
+    __slots__ = ("page", "last")
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    page: int
+    last: bool
+    def __init__(self, page: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class VersionedPolicy(_message.Message):
+    __slots__ = ("policy", "version")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    policy: _budget_pb2.BudgetPolicy
+    version: int
+    def __init__(self, policy: _Optional[_Union[_budget_pb2.BudgetPolicy, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PolicyChanges(_message.Message):
+    __slots__ = ("upserts", "deleted_ids")
+    UPSERTS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_IDS_FIELD_NUMBER: _ClassVar[int]
+    upserts: _containers.RepeatedCompositeFieldContainer[VersionedPolicy]
+    deleted_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, upserts: _Optional[_Iterable[_Union[VersionedPolicy, _Mapping]]] = ..., deleted_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PriceOverrideChanges(_message.Message):
+    __slots__ = ("upserts", "deleted_ids")
+    UPSERTS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_IDS_FIELD_NUMBER: _ClassVar[int]
+    upserts: _containers.RepeatedCompositeFieldContainer[_pricing_pb2.PriceOverride]
+    deleted_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, upserts: _Optional[_Iterable[_Union[_pricing_pb2.PriceOverride, _Mapping]]] = ..., deleted_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -63,8 +63,13 @@ class DataPlaneServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchState(self, request, context):
-        """First message: a full snapshot. Then every change to policies and every
-        change to window spend made by any data plane.
+        """With WatchStateRequest.incremental: first a full resync in pages (see
+        ResyncPage), then every change as an increment (policy_changes,
+        price_changes, spend), each message far below gRPC's 4 MB limit; the
+        control plane may send another resync on the same stream at any time.
+        Without it (data planes of earlier releases): first a full snapshot in
+        one message, then every change to policies (the whole set) and to
+        window spend.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

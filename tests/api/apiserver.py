@@ -164,9 +164,12 @@ def hour_spend(policy_id: str, spent: int, limit: int, requests: int) -> dp.Wind
 class Watch:
     """A WatchState stream read on a thread, so the test can wait with a timeout."""
 
-    def __init__(self, api: Api, metadata: tuple[tuple[str, str]] = DATA) -> None:
+    def __init__(
+        self, api: Api, metadata: tuple[tuple[str, str]] = DATA, *, incremental: bool = False
+    ) -> None:
         self.call = api.dataplane.WatchState(
-            dp.WatchStateRequest(data_plane_id="dp-watch"), metadata=metadata
+            dp.WatchStateRequest(data_plane_id="dp-watch", incremental=incremental),
+            metadata=metadata,
         )
         self.updates: queue.Queue[dp.StateUpdate | grpc.RpcError] = queue.Queue()
         self.thread = threading.Thread(target=self._read, daemon=True)

@@ -64,8 +64,12 @@ async def test_apply_usage_totals_and_idempotency(cp: ControlPlane, engine: Engi
         while not sub.queue.empty():
             hub_updates.append(await sub.next())
 
-    # Each applied batch was published once; the duplicate was not.
-    assert hub_updates == [dp.StateUpdate(spend=r1.spend), dp.StateUpdate(spend=r2.spend)]
+    # Each applied batch was published once, numbered after the policy's
+    # creation (seq 1); the duplicate was not.
+    assert hub_updates == [
+        dp.StateUpdate(spend=r1.spend, seq=2),
+        dp.StateUpdate(spend=r2.spend, seq=3),
+    ]
     assert spend_rows(engine) == [(p.id, "", ts(HOUR_START), ts(HOUR_END), 3_750_000_000, 5)]
     with Session(engine) as s:
         assert s.scalar(select(func.count()).select_from(AppliedBatchRow)) == 2

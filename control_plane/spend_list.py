@@ -1,0 +1,104 @@
+"""ListSpend's pages, read by key from the store (policy id, member).
+
+A page costs a few indexed range reads, whatever the number of policies or
+members: the entries after the page token are the current-window rows after
+it, merged with a zero entry for each non-wildcard policy that has no row
+yet (its current window exists all the same). Descriptions are never loaded.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from control_plane import convert
+from control_plane.store import repo
+from control_plane.store.models import PolicyRow, WindowSpendRow
+from spendgate.domain.windows import window_for
+
+CHUNK = 1000
+_AFTER_ANY_START = 2**62  # sorts after every window start of a key
+
+
+def page(
+    s: Session,
+    *,
+    policy_id: str,
+    member: str,
+    after: tuple[str, str],
+    limit: int,
+    now: datetime,
+) -> list[tuple[WindowSpendRow, PolicyRow]]:
+    """Up to ``limit`` (row, policy) pairs with (policy id, member) after
+    ``after``, in that order; a policy with nothing spent yet comes with a
+    zero row."""
+    at = int(now.timestamp())
+    policies: dict[str, PolicyRow] = {}
+    starts: dict[str, int] = {}
+
+    def start_of(p: PolicyRow) -> int:
+        if p.id not in starts:
+            starts[p.id] = int(window_for(convert.window_spec(p), now).start.timestamp())
+        return starts[p.id]
+
+    def spent() -> Iterator[tuple[tuple[str, str], int, WindowSpendRow, PolicyRow]]:
+        key: repo.WindowKey = (after[0], after[1], _AFTER_ANY_START)
+        while True:
+            rows = repo.open_windows_page(
+                s, active_at=at, after=key, limit=CHUNK, policy_id=policy_id, member=member
+            )
+            missing = {r.policy_id for r in rows} - policies.keys()
+            policies.update({p.id: p for p in repo.policies_by_id(s, missing, description=False)})
+            for r in rows:
+                p = policies.get(r.policy_id)
+                # After a policy's window is changed, rows of its old windows
+                # may still contain `now`: only the current window counts.
+                if p is not None and r.window_start == start_of(p):
+                    yield (r.policy_id, r.member), 0, r, p
+            if len(rows) < CHUNK:
+                return
+            key = (rows[-1].policy_id, rows[-1].member, rows[-1].window_start)
+
+    def unspent() -> Iterator[tuple[tuple[str, str], int, WindowSpendRow, PolicyRow]]:
+        if member:
+            return
+        last = after[0]
+        while True:
+            if policy_id:
+                rows = [p for p in repo.policies_by_id(s, [policy_id], description=False)]
+                rows = [p for p in rows if p.id > last]
+            else:
+                rows = list(repo.policies_without_description(s, after_id=last, limit=CHUNK))
+            for p in rows:
+                policies.setdefault(p.id, p)
+                if convert.domain_policy(p).is_wildcard:
+                    continue
+                w = window_for(convert.window_spec(p), now)
+                zero = WindowSpendRow(
+                    policy_id=p.id,
+                    member="",
+                    window_start=int(w.start.timestamp()),
+                    window_end=int(w.end.timestamp()),
+                    spent_nanos=0,
+                    request_count=0,
+                    estimated_count=0,
+                )
+                yield (p.id, ""), 1, zero, p
+            if policy_id or len(rows) < CHUNK:
+                return
+            last = rows[-1].id
+
+    out: list[tuple[WindowSpendRow, PolicyRow]] = []
+    previous: tuple[str, str] | None = None
+    # Sorted by key, a spent row (0) before the zero entry (1) of the same key.
+    for key, _, row, p in heapq.merge(spent(), unspent(), key=lambda e: (e[0], e[1])):
+        if key == previous:
+            continue
+        previous = key
+        out.append((row, p))
+        if len(out) >= limit:
+            break
+    return out
