@@ -147,6 +147,9 @@ class LocalState:
     index: PolicyIndex = field(default_factory=lambda: PolicyIndex(()))
     # control plane totals: key -> (spent nanos, window end in Unix seconds)
     remote: dict[SpendKey, tuple[int, int]] = field(default_factory=dict)
+    # key -> the adjustment_seq of its remote total, for windows that had
+    # spend adjustments (an adjusted total may be lower than an earlier one).
+    remote_seq: dict[SpendKey, int] = field(default_factory=dict)
     pending: dict[SpendKey, Increment] = field(default_factory=dict)
     in_flight: dict[str, Batch] = field(default_factory=dict)
     synced: bool = False  # a snapshot has arrived at least once
@@ -488,6 +491,7 @@ class LocalState:
                     window_start=timestamp(k[2]),
                     window_end=timestamp(v[1]),
                     spent_nanos=v[0],
+                    adjustment_seq=self.remote_seq.get(k, 0),
                 )
                 for k, v in self.remote.items()
             ]
@@ -516,6 +520,7 @@ class LocalState:
             self.index = PolicyIndex(policies)
         if update.full_snapshot:
             self.remote = {}
+            self.remote_seq = {}
             self.holds_remote = {}
             self.held_others = {}
             self.synced = True
@@ -528,8 +533,14 @@ class LocalState:
         for ws in spend:
             key = (ws.policy_id, ws.member, ws.window_start.seconds)
             old = self.remote.get(key)
-            if old is None or ws.spent_nanos >= old[0]:
+            # Totals arrive by several paths and out of order: within one
+            # adjustment_seq the larger is the newer; a higher seq (a spend
+            # adjustment, which may lower the total) supersedes any total.
+            seq, known = ws.adjustment_seq, self.remote_seq.get(key, 0)
+            if seq > known or (seq == known and (old is None or ws.spent_nanos >= old[0])):
                 self.remote[key] = (ws.spent_nanos, ws.window_end.seconds)
+                if seq:
+                    self.remote_seq[key] = seq
             if ws.holds or key in self.holds_remote:
                 self._merge_holds(key, ws.holds)
 
@@ -554,6 +565,7 @@ class LocalState:
         ended = [k for k, v in self.remote.items() if v[1] <= t]
         for k in ended:
             del self.remote[k]
+            self.remote_seq.pop(k, None)
         # Holds of a data plane that stopped reporting lapse at their expiry.
         for k, known in list(self.holds_remote.items()):
             if k not in self.remote:

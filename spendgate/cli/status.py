@@ -77,6 +77,10 @@ class Spend:
     window_start: datetime
     window_end: datetime
     request_count: int
+    # Spend adjustments made in this window: their net (signed USD, already
+    # in spent_usd; "" when none) and how many.
+    adjusted_usd: str = ""
+    adjustment_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,8 @@ def _spend(e: pb.SpendEntry, thresholds: Sequence[int]) -> Spend:
         window_start=from_timestamp(e.window_start),
         window_end=from_timestamp(e.window_end),
         request_count=e.request_count,
+        adjusted_usd=e.adjusted_usd if e.adjustment_count else "",
+        adjustment_count=e.adjustment_count,
     )
 
 
@@ -264,8 +270,18 @@ def _local(t: datetime, zone: str) -> str:
 def _spend_line(s: Spend, style: Style) -> str:
     return (
         f"{style.state(s.state, s.state.ljust(8))}  {bar(s.percent)} {s.percent:>3}%  "
-        f"spent ${s.spent_usd} of ${s.limit_usd}, remaining ${s.remaining_usd}"
+        f"spent ${s.spent_usd} of ${s.limit_usd}, remaining ${s.remaining_usd}" + _adjusted_text(s)
     )
+
+
+def _adjusted_text(s: Spend) -> str:
+    """ ", adjusted -$12.50 (1 adjustment)" when the window's spend was corrected."""
+    if not s.adjustment_count:
+        return ""
+    a = s.adjusted_usd
+    net = f"-${a[1:]}" if a.startswith("-") else f"+${a}"
+    n = s.adjustment_count
+    return f", adjusted {net} ({n} adjustment{'s' if n != 1 else ''})"
 
 
 def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> list[str]:
@@ -422,6 +438,8 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
             "window_end": _iso(s.window_end),
             "resets_in_s": max(0, int((s.window_end - snap.at).total_seconds())),
             "request_count": s.request_count,
+            "adjusted_usd": s.adjusted_usd or None,
+            "adjustment_count": s.adjustment_count,
         }
 
     policies = []
