@@ -54,6 +54,7 @@ _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 FIELD = "adjustment"
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _ID = re.compile(r"sa_[0-9a-z]{26}")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,80}")
 
 
 def new_id() -> str:
@@ -84,11 +85,14 @@ class Wanted:
     member: str
     amount_nanos: int
     reason: str
+    request_id: str = ""
 
 
-def check(msg: pb.SpendAdjustment) -> Wanted:
+def check(msg: pb.SpendAdjustment, request_id: str = "") -> Wanted:
     """Every violation of the fields that need no database, at once."""
     violations = []
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        violations.append(("request_id", "must be 1 to 80 of A-Z a-z 0-9 . _ : - (e.g. a UUID)"))
     if not msg.policy_id:
         violations.append((f"{FIELD}.policy_id", "is required"))
     elif len(msg.policy_id) > MAX_POLICY_ID:
@@ -125,7 +129,7 @@ def check(msg: pb.SpendAdjustment) -> Wanted:
         violations.append((f"{FIELD}.reason", reason_problem))
     if violations:
         raise InvalidArgument([FieldViolation(f, d) for f, d in violations])
-    return Wanted(msg.policy_id, msg.member, amount, msg.reason.strip())
+    return Wanted(msg.policy_id, msg.member, amount, msg.reason.strip(), request_id)
 
 
 def _reason_problem(reason: str) -> str | None:
@@ -182,9 +186,38 @@ def member_of(policy: Policy, member: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
+    """``total`` is None for a retry answered with the adjustment already made."""
+
     row: SpendAdjustmentRow
-    policy: PolicyRow
-    total: repo.SpendTotal
+    policy: PolicyRow | None
+    total: repo.SpendTotal | None
+
+
+def replayed(s: Session, wanted: Wanted) -> Applied | None:
+    """The adjustment made earlier with ``wanted.request_id``, if any; refused
+    when that request id was used for different fields."""
+    if not wanted.request_id:
+        return None
+    row = s.scalars(
+        select(SpendAdjustmentRow).where(SpendAdjustmentRow.request_id == wanted.request_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    policy = s.get(PolicyRow, row.policy_id)
+    try:
+        member = member_of(convert.domain_policy(policy), wanted.member) if policy else None
+    except InvalidArgument:
+        member = None
+    if (row.policy_id, row.member, row.amount_nanos, row.reason) != (
+        wanted.policy_id,
+        member,
+        wanted.amount_nanos,
+        wanted.reason,
+    ):
+        raise InvalidArgument.one(
+            "request_id", f"was used for another adjustment ({row.id}); use a new one"
+        )
+    return Applied(row, None, None)
 
 
 def apply(s: Session, wanted: Wanted, now: datetime, author: str) -> Applied:
@@ -192,8 +225,12 @@ def apply(s: Session, wanted: Wanted, now: datetime, author: str) -> Applied:
 
     The window row is created if missing and locked (``FOR UPDATE`` on
     PostgreSQL; SQLite has one writer), so concurrent usage is added before
-    or after, never lost.
+    or after, never lost. A retry of a request id already used returns
+    that adjustment and changes nothing.
     """
+    earlier = replayed(s, wanted)
+    if earlier is not None:
+        return earlier
     policy_row = s.get(PolicyRow, wanted.policy_id)
     if policy_row is None:
         raise NotFound("policy", wanted.policy_id)
@@ -259,6 +296,7 @@ def apply(s: Session, wanted: Wanted, now: datetime, author: str) -> Applied:
         reason=wanted.reason,
         created_by=author[:200],
         create_time=now,
+        request_id=wanted.request_id or None,
     )
     s.add(record)
     s.flush()
@@ -289,6 +327,7 @@ def message(r: SpendAdjustmentRow) -> pb.SpendAdjustment:
         spent_after_usd=usd(r.spent_after_nanos),
         created_by=r.created_by,
         create_time=timestamp(r.create_time),
+        request_id=r.request_id or "",
     )
 
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import structlog
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from control_plane import adjustments, anomalies, convert, holds, quarantine
@@ -429,29 +429,42 @@ class ControlPlane:
 
     # ---- spend adjustments ----------------------------------------------
 
-    async def create_adjustment(self, msg: pb.SpendAdjustment, author: str) -> pb.SpendAdjustment:
+    async def create_adjustment(
+        self, msg: pb.SpendAdjustment, author: str, request_id: str = ""
+    ) -> pb.SpendAdjustment:
         """Record a correction and apply it to the policy's current window in
         one transaction (control_plane/adjustments.py), with the events the
-        new total reaches; then push the window to every data plane."""
-        wanted = adjustments.check(msg)
+        new total reaches; then push the window to every data plane. A retry
+        with the same ``request_id`` returns the adjustment already made."""
+        wanted = adjustments.check(msg, request_id)
         now = self.clock()
 
         def create(
             s: Session,
         ) -> tuple[adjustments.Applied, OutboxResult, list[dp.WindowSpend]]:
             applied = adjustments.apply(s, wanted, now, author)
-            t = applied.total
+            t, policy = applied.total, applied.policy
+            if t is None or policy is None:  # a retry: nothing changes
+                return applied, OutboxResult(), []
             keys = [(t.policy_id, t.member, t.window_start)]
             self.changed(s, "spend", keys)
-            outbox = record_crossings(s, [(applied.policy, t)], now, self.known_events)
+            outbox = record_crossings(s, [(policy, t)], now, self.known_events)
             held = repo.holds_by_window(s, keys, int(now.timestamp()))
-            spend = holds.total_messages([t], {applied.policy.id: applied.policy}, held)
+            spend = holds.total_messages([t], {policy.id: policy}, held)
             return applied, outbox, spend
 
-        applied, outbox, spend = await self.run(create)
+        try:
+            applied, outbox, spend = await self.run(create)
+        except IntegrityError:
+            # The same request id committed by a concurrent call in between:
+            # answer with that one (or refuse different fields).
+            applied, outbox, spend = await self.run(create)
+        r = applied.row
+        if applied.total is None:
+            log.info("spend adjustment retried", adjustment_id=r.id, request_id=request_id)
+            return adjustments.message(r)
         self.known_events.add(outbox.seen, now)
         self.metrics.spend_adjusted(wanted.amount_nanos, [e.kind for e in outbox.recorded])
-        r = applied.row
         log.info(
             "spend adjusted",
             adjustment_id=r.id,

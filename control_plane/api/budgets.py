@@ -133,7 +133,9 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     ) -> pb.SpendAdjustment:
         if not request.HasField("adjustment"):
             raise InvalidArgument.one("adjustment", "is required")
-        return await self.cp.create_adjustment(request.adjustment, self.auth.author(context))
+        return await self.cp.create_adjustment(
+            request.adjustment, self.auth.author(context), request.request_id
+        )
 
     @unary
     async def ListSpendAdjustments(

@@ -286,5 +286,7 @@ class SpendAdjustmentRow(Base):
     reason: Mapped[str] = mapped_column(String(500))
     created_by: Mapped[str] = mapped_column(String(200))
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The client's idempotency key (CreateSpendAdjustmentRequest.request_id).
+    request_id: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
 
     __table_args__ = (Index("ix_spend_adjustments_policy_member", "policy_id", "member", "id"),)

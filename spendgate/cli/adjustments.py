@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+import uuid
 from collections.abc import Callable
 
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import as_json, echo, table
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.wire import from_timestamp
+
+ATTEMPTS = 3  # of CreateSpendAdjustment, when the control plane did not answer
 
 
 def add_parsers(
@@ -50,17 +54,26 @@ def run(args: argparse.Namespace, client: AdminClient) -> None:
 
 
 def _adjust(args: argparse.Namespace, client: AdminClient) -> None:
-    a: pb.SpendAdjustment = client.call(
-        "CreateSpendAdjustment",
-        pb.CreateSpendAdjustmentRequest(
-            adjustment=pb.SpendAdjustment(
-                policy_id=args.policy_id,
-                member=args.member,
-                amount_usd=args.amount,
-                reason=args.reason,
-            )
+    request = pb.CreateSpendAdjustmentRequest(
+        adjustment=pb.SpendAdjustment(
+            policy_id=args.policy_id,
+            member=args.member,
+            amount_usd=args.amount,
+            reason=args.reason,
         ),
+        # A retry after a lost answer must not apply the correction twice:
+        # the control plane answers a known request id with the first result.
+        request_id=str(uuid.uuid4()),
     )
+    for attempt in range(ATTEMPTS):
+        try:
+            a: pb.SpendAdjustment = client.call("CreateSpendAdjustment", request)
+            break
+        except CliError as e:
+            if not e.retryable or attempt == ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+            client.reconnect()
     if args.json:
         echo(json.dumps(as_json(a), indent=2))
         return

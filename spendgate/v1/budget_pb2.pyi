@@ -271,7 +271,7 @@ class ListQuarantinedUsageResponse(_message.Message):
     def __init__(self, records: _Optional[_Iterable[_Union[QuarantinedUsage, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class SpendAdjustment(_message.Message):
-    __slots__ = ("id", "policy_id", "member", "amount_usd", "reason", "window_start", "window_end", "spent_before_usd", "spent_after_usd", "created_by", "create_time", "policy_name")
+    __slots__ = ("id", "policy_id", "member", "amount_usd", "reason", "window_start", "window_end", "spent_before_usd", "spent_after_usd", "created_by", "create_time", "policy_name", "request_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class SpendAdjustment(_message.Message):
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     policy_id: str
     member: str
@@ -296,13 +297,16 @@ class SpendAdjustment(_message.Message):
     created_by: str
     create_time: _timestamp_pb2.Timestamp
     policy_name: str
-    def __init__(self, id: _Optional[str] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., amount_usd: _Optional[str] = ..., reason: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_before_usd: _Optional[str] = ..., spent_after_usd: _Optional[str] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, id: _Optional[str] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., amount_usd: _Optional[str] = ..., reason: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_before_usd: _Optional[str] = ..., spent_after_usd: _Optional[str] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateSpendAdjustmentRequest(_message.Message):
-    __slots__ = ("adjustment",)
+    __slots__ = ("adjustment", "request_id")
     ADJUSTMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     adjustment: SpendAdjustment
-    def __init__(self, adjustment: _Optional[_Union[SpendAdjustment, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, adjustment: _Optional[_Union[SpendAdjustment, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListSpendAdjustmentsRequest(_message.Message):
     __slots__ = ("policy_id", "member", "page_size", "page_token")

@@ -345,3 +345,56 @@ def test_concurrent_adjustments_and_usage_sum_exactly(engine: Engine) -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_a_retried_request_id_applies_once(cp: ControlPlane, engine: Engine) -> None:
+    users = await cp.create_policy(
+        policy(name="per user", amount="5", scope=pb.SCOPE_USER, target="*"), "a"
+    )
+    first = await cp.create_adjustment(adj(users.id, "2", member="Alice"), "admin", "req-1")
+    assert first.request_id == "req-1"
+    again = await cp.create_adjustment(adj(users.id, "2", member="alice"), "admin", "req-1")
+    assert again == first
+    assert spend_rows(engine)[0][4] == 2 * USD
+    assert cp.metrics.adjustments["increase"] == 1
+    for different in (
+        adj(users.id, "3", member="alice"),
+        adj(users.id, "2", member="bob"),
+        adj(users.id, "2", "another reason", member="alice"),
+    ):
+        with pytest.raises(InvalidArgument, match=first.id) as e:
+            await cp.create_adjustment(different, "admin", "req-1")
+        assert fields(e.value) == ["request_id"]
+    for bad in ("x" * 81, "has space", "new\nline"):
+        with pytest.raises(InvalidArgument) as e:
+            await cp.create_adjustment(adj(users.id, "2", member="alice"), "admin", bad)
+        assert fields(e.value) == ["request_id"]
+    assert spend_rows(engine)[0][4] == 2 * USD
+
+
+def test_concurrent_retries_of_one_request_id_apply_once(engine: Engine) -> None:
+    clock = FakeClock(T0)
+    cps = [ControlPlane(engine, StateHub(), clock=clock) for _ in range(2)]
+    try:
+        pid = asyncio.run(cps[0].create_policy(policy(amount="10"), "a")).id
+        barrier = threading.Barrier(2)
+        made: list[str] = []
+        errors: list[BaseException] = []
+
+        def worker(cp: ControlPlane) -> None:
+            try:
+                barrier.wait(10)
+                made.append(asyncio.run(cp.create_adjustment(adj(pid, "1"), "admin", "same")).id)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(c,)) for c in cps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and len(made) == 2 and made[0] == made[1]
+        assert spend_rows(engine)[0][4] == USD
+    finally:
+        for c in cps:
+            c.close()

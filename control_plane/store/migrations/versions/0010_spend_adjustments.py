@@ -28,7 +28,9 @@ def upgrade() -> None:
         sa.Column("reason", sa.String(length=500), nullable=False),
         sa.Column("created_by", sa.String(length=200), nullable=False),
         sa.Column("create_time", sa.DateTime(), nullable=False),
+        sa.Column("request_id", sa.String(length=80), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_spend_adjustments")),
+        sa.UniqueConstraint("request_id", name=op.f("uq_spend_adjustments_request_id")),
     )
     with op.batch_alter_table("spend_adjustments", schema=None) as batch_op:
         batch_op.create_index(
