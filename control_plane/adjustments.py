@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ MAX_AMOUNT_TEXT = 64
 MAX_MEMBER_INPUT = 512  # before canonicalisation (API keys are hashed)
 MAX_POLICY_ID = 40
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_id_lock = threading.Lock()
+_last_id = 0
 FIELD = "adjustment"
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _ID = re.compile(r"sa_[0-9a-z]{26}")
@@ -58,8 +61,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,80}")
 
 
 def new_id() -> str:
-    """Time-ordered id ("sa_" + 26 base32 characters), so newest first is by id."""
+    """Time-ordered id ("sa_" + 26 base32 characters), so newest first is by
+    id; strictly increasing within a process, also within one millisecond."""
+    global _last_id
     n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    with _id_lock:
+        n = max(n, _last_id + 1)
+        _last_id = n
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[n & 31])
