@@ -211,6 +211,7 @@ def window_spend_message(
     limit_nanos: int,
     request_count: int,
     holds: Sequence[repo.Hold] = (),
+    adjustment_seq: int = 0,
 ) -> dp.WindowSpend:
     return dp.WindowSpend(
         policy_id=policy_id,
@@ -221,6 +222,7 @@ def window_spend_message(
         limit_nanos=limit_nanos,
         exceeded=spent_nanos >= limit_nanos,
         request_count=request_count,
+        adjustment_seq=adjustment_seq,
         holds=[
             dp.DataPlaneHold(
                 data_plane_id=h.data_plane_id,

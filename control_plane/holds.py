@@ -138,6 +138,7 @@ def total_messages(
             limit_nanos=rows[t.policy_id].amount_nanos,
             request_count=t.request_count,
             holds=held.get((t.policy_id, t.member, t.window_start), ()),
+            adjustment_seq=t.adjustment_seq,
         )
         for t in totals
     ]

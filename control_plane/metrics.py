@@ -71,6 +71,8 @@ class ControlPlaneMetrics:
         # Usage records quarantined (by this control plane, or reported by a
         # data plane that could not send them), by reason.
         self.quarantined: dict[str, int] = {}
+        # Spend adjustments recorded, by direction (increase | decrease).
+        self.adjustments = {"increase": 0, "decrease": 0}
         self.attempts = dict.fromkeys(ATTEMPT_OUTCOMES.values(), 0)
         self.attempt_latency = Histogram(WEBHOOK_BUCKETS_NS)
         self.store_latency: dict[str, Histogram] = {}
@@ -96,6 +98,13 @@ class ControlPlaneMetrics:
         if not duplicate:
             self.records += records
             self.unknown_records += unknown
+        for kind in events:
+            self.events[kind] = self.events.get(kind, 0) + 1
+
+    def spend_adjusted(self, amount_nanos: int, events: Iterable[str]) -> None:
+        """A spend adjustment committed; ``events``: the kinds of the budget
+        events its transaction recorded."""
+        self.adjustments["increase" if amount_nanos > 0 else "decrease"] += 1
         for kind in events:
             self.events[kind] = self.events.get(kind, 0) + 1
 
@@ -321,6 +330,14 @@ class ControlPlaneCollector(Collector):
                 labels=["reason"],
             ),
             [((k,), n) for k, n in sorted(m.quarantined.items())],
+        )
+        yield labelled(
+            CounterMetricFamily(
+                "spendgate_spend_adjustments",
+                "Spend adjustments recorded by administrators, by direction (increase, decrease).",
+                labels=["direction"],
+            ),
+            [((k,), n) for k, n in m.adjustments.items()],
         )
         yield labelled(
             CounterMetricFamily(

@@ -290,6 +290,7 @@ def _spend(s: Session, pending: _Pending, cp: ControlPlane) -> list[dp.WindowSpe
             limit_nanos=limits[r.policy_id],
             request_count=r.request_count,
             holds=held.get((r.policy_id, r.member, r.window_start), ()),
+            adjustment_seq=r.adjustment_count,
         )
         for r in rows
         if r.policy_id in limits

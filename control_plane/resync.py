@@ -101,6 +101,7 @@ def _resync_windows(
             limit_nanos=limits[r.policy_id],
             request_count=r.request_count,
             holds=held.get(k, ()),
+            adjustment_seq=r.adjustment_count,
         )
         for r, k in zip(rows, keys, strict=True)
         # A policy created after its chunk was read comes as an increment,

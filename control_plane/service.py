@@ -19,10 +19,10 @@ from typing import TypeVar
 
 import structlog
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control_plane import anomalies, convert, holds, quarantine, spend_list, statepush
+from control_plane import adjustments, anomalies, convert, holds, quarantine, spend_list, statepush
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
@@ -433,6 +433,104 @@ class ControlPlane:
         token = repo.encode_page_token(records[-1].id) if more and records else ""
         return records, token, total
 
+    # ---- spend adjustments ----------------------------------------------
+
+    async def create_adjustment(
+        self, msg: pb.SpendAdjustment, author: str, request_id: str = ""
+    ) -> pb.SpendAdjustment:
+        """Record a correction and apply it to the policy's current window in
+        one transaction (control_plane/adjustments.py), with the events the
+        new total reaches; then push the window to every data plane. A retry
+        with the same ``request_id`` returns the adjustment already made."""
+        wanted = adjustments.check(msg, request_id)
+        now = self.clock()
+
+        def create(
+            s: Session,
+        ) -> tuple[adjustments.Applied, OutboxResult, list[dp.WindowSpend]]:
+            applied = adjustments.apply(s, wanted, now, author)
+            t, policy = applied.total, applied.policy
+            if t is None or policy is None:  # a retry: nothing changes
+                return applied, OutboxResult(), []
+            keys = [(t.policy_id, t.member, t.window_start)]
+            self.changed(s, "spend", keys)
+            outbox = record_crossings(s, [(policy, t)], now, self.known_events)
+            held = repo.holds_by_window(s, keys, int(now.timestamp()))
+            spend = holds.total_messages([t], {policy.id: policy}, held)
+            return applied, outbox, spend
+
+        try:
+            applied, outbox, spend = await self.run(create)
+        except IntegrityError:
+            # The same request id committed by a concurrent call in between:
+            # answer with that one (or refuse different fields).
+            applied, outbox, spend = await self.run(create)
+        r = applied.row
+        if applied.total is None:
+            log.info("spend adjustment retried", adjustment_id=r.id, request_id=request_id)
+            return adjustments.message(r)
+        self.known_events.add(outbox.seen, now)
+        self.metrics.spend_adjusted(wanted.amount_nanos, [e.kind for e in outbox.recorded])
+        log.info(
+            "spend adjusted",
+            adjustment_id=r.id,
+            policy_id=r.policy_id,
+            member=r.member[:256] or None,
+            amount_usd=adjustments.usd(r.amount_nanos),
+            spent_before_usd=adjustments.usd(r.spent_before_nanos),
+            spent_after_usd=adjustments.usd(r.spent_after_nanos),
+            reason=r.reason,
+            author=r.created_by,
+        )
+        for e in outbox.recorded:  # committed: one line per crossing
+            log.info(
+                "budget event recorded",
+                event_id=e.event_id,
+                event_type=e.kind,
+                policy_id=e.policy_id,
+                member=e.member or None,
+                threshold_percent=e.threshold or None,
+                spent_usd=e.spent_usd,
+                amount_usd=e.amount_usd,
+                deliveries=e.deliveries,
+                adjustment_id=r.id,
+            )
+        if outbox.deliveries:
+            self.deliveries_ready.set()
+        self.hub.publish(dp.StateUpdate(spend=spend))
+        return adjustments.message(r)
+
+    async def list_adjustments(
+        self, policy_id: str, member: str, page_size: int, page_token: str
+    ) -> tuple[list[pb.SpendAdjustment], str]:
+        """Newest first. ``member`` is matched as stored (canonical), after
+        canonicalising it for ``policy_id``'s scope when that policy exists."""
+        limit = clamp_page_size(page_size, default=50)
+        before = ""
+        if page_token:
+            parts = repo.decode_page_token(page_token, 1)
+            if parts is None or not adjustments.is_id(parts[0]):
+                raise InvalidArgument.one("page_token", "is not a token this server returned")
+            before = parts[0]
+
+        def query(s: Session) -> list[pb.SpendAdjustment]:
+            wanted = member
+            if member and policy_id:
+                row = repo.get_policy(s, policy_id)
+                if row is not None and convert.domain_policy(row).is_wildcard:
+                    try:
+                        wanted = adjustments.member_of(convert.domain_policy(row), member)
+                    except InvalidArgument as e:
+                        raise InvalidArgument.one("member", e.violations[0].description) from None
+            rows = adjustments.page(
+                s, policy_id=policy_id, member=wanted, before_id=before, limit=limit + 1
+            )
+            return [adjustments.message(r) for r in rows]
+
+        page = await self.run(query)
+        token = repo.encode_page_token(page[limit - 1].id) if len(page) > limit else ""
+        return page[:limit], token
+
     async def reserve(self, req: dp.ReserveRequest) -> dp.ReserveResponse:
         """Admit requests near a REJECT budget's line, across data planes
         (control_plane/holds.py decides, in one transaction)."""
@@ -571,6 +669,7 @@ def _spend_message(
         limit_nanos=p.amount_nanos,
         request_count=r.request_count,
         holds=held.get((r.policy_id, r.member, r.window_start), ()),
+        adjustment_seq=r.adjustment_count,
     )
 
 
@@ -597,6 +696,8 @@ def _spend_entry(
         request_count=r.request_count,
         held_usd=format_usd(held).removeprefix("$"),
         held_requests=sum(h.requests for h in holds or ()),
+        adjusted_usd=adjustments.usd(r.adjusted_nanos) if r.adjustment_count else "",
+        adjustment_count=r.adjustment_count or 0,
     )
 
 

@@ -85,6 +85,8 @@ def page(
                     spent_nanos=0,
                     request_count=0,
                     estimated_count=0,
+                    adjusted_nanos=0,
+                    adjustment_count=0,
                 )
                 yield (p.id, ""), 1, zero, p
             if policy_id or len(rows) < CHUNK:

@@ -149,6 +149,9 @@ class LocalState:
     index: PolicyIndex = field(default_factory=lambda: PolicyIndex(()))
     # control plane totals: key -> (spent nanos, window end in Unix seconds)
     remote: dict[SpendKey, tuple[int, int]] = field(default_factory=dict)
+    # key -> the adjustment_seq of its remote total, for windows that had
+    # spend adjustments (an adjusted total may be lower than an earlier one).
+    remote_seq: dict[SpendKey, int] = field(default_factory=dict)
     pending: dict[SpendKey, Increment] = field(default_factory=dict)
     in_flight: dict[str, Batch] = field(default_factory=dict)
     synced: bool = False  # a snapshot has arrived at least once
@@ -535,6 +538,7 @@ class LocalState:
                     window_start=timestamp(k[2]),
                     window_end=timestamp(v[1]),
                     spent_nanos=v[0],
+                    adjustment_seq=self.remote_seq.get(k, 0),
                 )
                 for k, v in self.remote.items()
             ],
@@ -561,6 +565,7 @@ class LocalState:
             self.index = self.policy_set.change(update.policy_changes)
         if update.full_snapshot:
             self.remote = {}
+            self.remote_seq = {}
             self.holds_remote = {}
             self.held_others = {}
             self.held_others_until = {}
@@ -583,8 +588,10 @@ class LocalState:
         self.index = self.policy_set.replace(policies)
         self.overrides.replace(overrides)
         self.remote = {}
+        self.remote_seq = {}
         self.holds_remote = {}
         self.held_others = {}
+        self.held_others_until = {}
         self.merge_spend(spend)
         self.synced = True
         self.snapshot_dirty = True
@@ -594,8 +601,14 @@ class LocalState:
         for ws in spend:
             key = (ws.policy_id, ws.member, ws.window_start.seconds)
             old = self.remote.get(key)
-            if old is None or ws.spent_nanos >= old[0]:
+            # Totals arrive by several paths and out of order: within one
+            # adjustment_seq the larger is the newer; a higher seq (a spend
+            # adjustment, which may lower the total) supersedes any total.
+            seq, known = ws.adjustment_seq, self.remote_seq.get(key, 0)
+            if seq > known or (seq == known and (old is None or ws.spent_nanos >= old[0])):
                 self.remote[key] = (ws.spent_nanos, ws.window_end.seconds)
+                if seq:
+                    self.remote_seq[key] = seq
             if ws.holds or key in self.holds_remote:
                 self._merge_holds(key, ws.holds)
 
@@ -633,6 +646,7 @@ class LocalState:
         ended = [k for k, v in self.remote.items() if v[1] <= t]
         for k in ended:
             del self.remote[k]
+            self.remote_seq.pop(k, None)
         # Holds of a data plane that stopped reporting lapse at their expiry
         # (spent() and held() already stop counting them then).
         for k in list(self.holds_remote):

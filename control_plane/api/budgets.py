@@ -126,3 +126,26 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         return pb.ListQuarantinedUsageResponse(
             records=records, next_page_token=token, total_size=total
         )
+
+    @unary
+    async def CreateSpendAdjustment(
+        self, request: pb.CreateSpendAdjustmentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SpendAdjustment:
+        if not request.HasField("adjustment"):
+            raise InvalidArgument.one("adjustment", "is required")
+        return await self.cp.create_adjustment(
+            request.adjustment, self.auth.author(context), request.request_id
+        )
+
+    @unary
+    async def ListSpendAdjustments(
+        self, request: pb.ListSpendAdjustmentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSpendAdjustmentsResponse:
+        if len(request.policy_id) > 40:
+            raise InvalidArgument.one("policy_id", "is at most 40 characters")
+        if len(request.member) > 512:
+            raise InvalidArgument.one("member", "is at most 512 characters")
+        found, token = await self.cp.list_adjustments(
+            request.policy_id, request.member, request.page_size, request.page_token
+        )
+        return pb.ListSpendAdjustmentsResponse(adjustments=found, next_page_token=token)

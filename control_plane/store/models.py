@@ -89,6 +89,11 @@ class WindowSpendRow(Base):
     request_count: Mapped[int] = mapped_column(BigInteger)
     estimated_count: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Spend adjustments (SpendAdjustmentRow) made in this window: their net,
+    # already in spent_nanos, and how many (the order data planes tell a
+    # lowered total from a stale one by: WindowSpend.adjustment_seq).
+    adjusted_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    adjustment_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_window_spend_window_end", "window_end"),)
 
@@ -269,3 +274,28 @@ class QuarantinedUsageRow(Base):
     request_count: Mapped[int] = mapped_column(BigInteger)
     quarantine_time: Mapped[datetime] = mapped_column(UTCDateTime)
     create_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class SpendAdjustmentRow(Base):
+    """An administrator's correction of one window's spend (signed), applied
+    in the transaction that wrote it. Never changed or deleted: the audit
+    trail outlives the window and the policy."""
+
+    __tablename__ = "spend_adjustments"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "sa_" + ulid
+    policy_id: Mapped[str] = mapped_column(String(40))
+    policy_name: Mapped[str] = mapped_column(String(200))
+    member: Mapped[str] = mapped_column(String(512))
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    window_end: Mapped[int] = mapped_column(BigInteger)
+    amount_nanos: Mapped[int] = mapped_column(BigInteger)
+    spent_before_nanos: Mapped[int] = mapped_column(BigInteger)
+    spent_after_nanos: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(500))
+    created_by: Mapped[str] = mapped_column(String(200))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The client's idempotency key (CreateSpendAdjustmentRequest.request_id).
+    request_id: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
+
+    __table_args__ = (Index("ix_spend_adjustments_policy_member", "policy_id", "member", "id"),)

@@ -202,6 +202,7 @@ class SpendTotal:
     spent_nanos: int
     request_count: int
     previous_nanos: int  # spend before this apply, for crossing detection
+    adjustment_seq: int = 0  # the window's adjustment_count (WindowSpend.adjustment_seq)
 
 
 _PG_UPSERT = text("""
@@ -218,13 +219,13 @@ _PG_UPSERT = text("""
         request_count = w.request_count + excluded.request_count,
         estimated_count = w.estimated_count + excluded.estimated_count,
         updated_at = excluded.updated_at
-    RETURNING policy_id, member, window_start, spent_nanos, request_count
+    RETURNING policy_id, member, window_start, spent_nanos, request_count, adjustment_count
 """)
 
 
 def _upsert_postgres(
     session: Session, ordered: list[SpendDelta], now: datetime
-) -> list[tuple[int, int]]:
+) -> list[tuple[int, int, int]]:
     """PostgreSQL: the whole batch as seven arrays in one statement (unnest),
     far cheaper to send and parse than one VALUES row per window."""
     rows = session.execute(
@@ -241,7 +242,7 @@ def _upsert_postgres(
         },
     ).all()
     # RETURNING order is not promised: match rows back by key.
-    after = {(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}
+    after = {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in rows}
     return [after[(d.policy_id, d.member, d.window_start)] for d in ordered]
 
 
@@ -270,8 +271,9 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
                 spent,
                 count,
                 spent - d.cost_nanos,
+                adjustments,
             )
-            for d, (spent, count) in zip(ordered, after, strict=True)
+            for d, (spent, count, adjustments) in zip(ordered, after, strict=True)
         ]
     table = WindowSpendRow.__table__
     ins = dialect_insert(session, WindowSpendRow)
@@ -285,7 +287,12 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
             "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
             "updated_at": ins.excluded.updated_at,
         },
-    ).returning(table.c.spent_nanos, table.c.request_count, sort_by_parameter_order=True)
+    ).returning(
+        table.c.spent_nanos,
+        table.c.request_count,
+        table.c.adjustment_count,
+        sort_by_parameter_order=True,
+    )
     params = [
         {
             "policy_id": d.policy_id,
@@ -302,9 +309,16 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
     returned = session.execute(stmt, params).all()
     return [
         SpendTotal(
-            d.policy_id, d.member, d.window_start, d.window_end, spent, count, spent - d.cost_nanos
+            d.policy_id,
+            d.member,
+            d.window_start,
+            d.window_end,
+            spent,
+            count,
+            spent - d.cost_nanos,
+            adjustments,
         )
-        for d, (spent, count) in zip(ordered, returned, strict=True)
+        for d, (spent, count, adjustments) in zip(ordered, returned, strict=True)
     ]
 
 
@@ -359,6 +373,7 @@ class OpenWindow:
     window_end: int
     spent_nanos: int
     request_count: int
+    adjustment_count: int  # WindowSpend.adjustment_seq
 
 
 def open_window_values(
@@ -368,7 +383,13 @@ def open_window_values(
     every open window)."""
     w = WindowSpendRow
     q = select(
-        w.policy_id, w.member, w.window_start, w.window_end, w.spent_nanos, w.request_count
+        w.policy_id,
+        w.member,
+        w.window_start,
+        w.window_end,
+        w.spent_nanos,
+        w.request_count,
+        w.adjustment_count,
     ).where(w.window_start <= active_at, w.window_end > active_at)
     if after is not None:
         q = q.where(tuple_(w.policy_id, w.member, w.window_start) > after)

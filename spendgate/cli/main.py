@@ -10,7 +10,7 @@ from spendgate.cli.credentials import client_server, client_token
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import policies, prices, secrets, status, up, webhooks
+    from spendgate.cli import adjustments, policies, prices, secrets, status, up, webhooks
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_spend.add_argument("--policy", help="only this policy id")
     p_spend.add_argument("--member", help="only this member of a wildcard policy")
     admin_flags(p_spend)
+    adjustments.add_parsers(p_spend, admin_flags)
 
     status.add_parser(sub, admin_flags)
     webhooks.add_parser(sub, admin_flags)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import policies, prices, secrets, status, webhooks
+        from spendgate.cli import adjustments, policies, prices, secrets, status, webhooks
 
         if secrets.run_offline(args):
             return 0
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 secrets.run_secrets(args, client)
             elif args.command == "status":
                 status.run_status(args, client)
+            elif getattr(args, "spend_command", None):
+                adjustments.run(args, client)
             else:
                 policies.run_spend(args, client)
         finally:

@@ -237,7 +237,18 @@ def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
     now = datetime.now(UTC)
     echo(
         table(
-            ["policy", "name", "member", "spent", "held", "limit", "used", "state", "resets in"],
+            [
+                "policy",
+                "name",
+                "member",
+                "spent",
+                "held",
+                "limit",
+                "used",
+                "state",
+                "resets in",
+                "adjusted",
+            ],
             [
                 [
                     e.policy_id,
@@ -252,6 +263,7 @@ def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
                     ("EXCEEDED" if e.exceeded else "ok")
                     + (" (rejecting)" if e.exceeded and e.action == pb.ACTION_REJECT else ""),
                     _reset_in(e.window_end.ToDatetime(UTC), now),
+                    _adjusted(e),
                 ]
                 for e in entries
             ],
@@ -264,3 +276,12 @@ def _percent(e: pb.SpendEntry) -> float:
 
     limit = Decimal(e.limit_usd)
     return float(Decimal(e.spent_usd) / limit * 100) if limit else 0.0
+
+
+def _adjusted(e: pb.SpendEntry) -> str:
+    """The net of the window's spend adjustments (in "spent"), or "-"."""
+    if not e.adjustment_count:
+        return "-"
+    amount = e.adjusted_usd
+    net = f"-${amount[1:]}" if amount.startswith("-") else f"+${amount}"
+    return f"{net} ({e.adjustment_count})"

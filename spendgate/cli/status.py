@@ -81,6 +81,10 @@ class Spend:
     # plane), and how many they are.
     held_usd: str = "0.00"
     held_requests: int = 0
+    # Spend adjustments made in this window: their net (signed USD, already
+    # in spent_usd; "" when none) and how many.
+    adjusted_usd: str = ""
+    adjustment_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,8 @@ def _spend(e: pb.SpendEntry, thresholds: Sequence[int]) -> Spend:
         request_count=e.request_count,
         held_usd=e.held_usd or "0.00",
         held_requests=e.held_requests,
+        adjusted_usd=e.adjusted_usd if e.adjustment_count else "",
+        adjustment_count=e.adjustment_count,
     )
 
 
@@ -270,7 +276,7 @@ def _local(t: datetime, zone: str) -> str:
 def _spend_line(s: Spend, style: Style, rejects: bool = False) -> str:
     line = (
         f"{style.state(s.state, s.state.ljust(8))}  {bar(s.percent)} {s.percent:>3}%  "
-        f"spent ${s.spent_usd} of ${s.limit_usd}, remaining ${s.remaining_usd}"
+        f"spent ${s.spent_usd} of ${s.limit_usd}, remaining ${s.remaining_usd}" + _adjusted_text(s)
     )
     held = Decimal(s.held_usd)
     if held > 0 or s.held_requests:
@@ -280,6 +286,16 @@ def _spend_line(s: Spend, style: Style, rejects: bool = False) -> str:
             # Admission counts holds: new requests wait for those to end.
             line += style.state(EXCEEDED, " (new requests rejected while they run)")
     return line
+
+
+def _adjusted_text(s: Spend) -> str:
+    """ ", adjusted -$12.50 (1 adjustment)" when the window's spend was corrected."""
+    if not s.adjustment_count:
+        return ""
+    a = s.adjusted_usd
+    net = f"-${a[1:]}" if a.startswith("-") else f"+${a}"
+    n = s.adjustment_count
+    return f", adjusted {net} ({n} adjustment{'s' if n != 1 else ''})"
 
 
 def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> list[str]:
@@ -439,6 +455,8 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
             "request_count": s.request_count,
             "held_usd": s.held_usd,
             "held_requests": s.held_requests,
+            "adjusted_usd": s.adjusted_usd or None,
+            "adjustment_count": s.adjustment_count,
         }
 
     policies = []

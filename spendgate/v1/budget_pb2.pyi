@@ -181,7 +181,7 @@ class ListSpendRequest(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SpendEntry(_message.Message):
-    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests")
+    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class SpendEntry(_message.Message):
     REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
     HELD_USD_FIELD_NUMBER: _ClassVar[int]
     HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTED_USD_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     policy_name: str
     scope: Scope
@@ -212,7 +214,9 @@ class SpendEntry(_message.Message):
     request_count: int
     held_usd: str
     held_requests: int
-    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ...) -> None: ...
+    adjusted_usd: str
+    adjustment_count: int
+    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")
@@ -269,3 +273,61 @@ class ListQuarantinedUsageResponse(_message.Message):
     next_page_token: str
     total_size: int
     def __init__(self, records: _Optional[_Iterable[_Union[QuarantinedUsage, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class SpendAdjustment(_message.Message):
+    __slots__ = ("id", "policy_id", "member", "amount_usd", "reason", "window_start", "window_end", "spent_before_usd", "spent_after_usd", "created_by", "create_time", "policy_name", "request_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_USD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    SPENT_BEFORE_USD_FIELD_NUMBER: _ClassVar[int]
+    SPENT_AFTER_USD_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    policy_id: str
+    member: str
+    amount_usd: str
+    reason: str
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    spent_before_usd: str
+    spent_after_usd: str
+    created_by: str
+    create_time: _timestamp_pb2.Timestamp
+    policy_name: str
+    request_id: str
+    def __init__(self, id: _Optional[str] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., amount_usd: _Optional[str] = ..., reason: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_before_usd: _Optional[str] = ..., spent_after_usd: _Optional[str] = ..., created_by: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateSpendAdjustmentRequest(_message.Message):
+    __slots__ = ("adjustment", "request_id")
+    ADJUSTMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    adjustment: SpendAdjustment
+    request_id: str
+    def __init__(self, adjustment: _Optional[_Union[SpendAdjustment, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ListSpendAdjustmentsRequest(_message.Message):
+    __slots__ = ("policy_id", "member", "page_size", "page_token")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    member: str
+    page_size: int
+    page_token: str
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSpendAdjustmentsResponse(_message.Message):
+    __slots__ = ("adjustments", "next_page_token")
+    ADJUSTMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    adjustments: _containers.RepeatedCompositeFieldContainer[SpendAdjustment]
+    next_page_token: str
+    def __init__(self, adjustments: _Optional[_Iterable[_Union[SpendAdjustment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -70,6 +70,16 @@ class BudgetServiceStub:
                 request_serializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageRequest.SerializeToString,
                 response_deserializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageResponse.FromString,
                 _registered_method=True)
+        self.CreateSpendAdjustment = channel.unary_unary(
+                '/spendgate.v1.BudgetService/CreateSpendAdjustment',
+                request_serializer=spendgate_dot_v1_dot_budget__pb2.CreateSpendAdjustmentRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_budget__pb2.SpendAdjustment.FromString,
+                _registered_method=True)
+        self.ListSpendAdjustments = channel.unary_unary(
+                '/spendgate.v1.BudgetService/ListSpendAdjustments',
+                request_serializer=spendgate_dot_v1_dot_budget__pb2.ListSpendAdjustmentsRequest.SerializeToString,
+                response_deserializer=spendgate_dot_v1_dot_budget__pb2.ListSpendAdjustmentsResponse.FromString,
+                _registered_method=True)
 
 
 class BudgetServiceServicer:
@@ -124,6 +134,26 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSpendAdjustment(self, request, context):
+        """Corrects the spend of a policy (and member of a wildcard policy) in its
+        current window by a signed amount, kept as an audited record. Applied in
+        the transaction that records it, pushed to every data plane like usage,
+        and raising the events usage would. A window's spend never becomes
+        negative (INVALID_ARGUMENT on amount_usd) nor exceeds the int64
+        nano-dollar maximum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSpendAdjustments(self, request, context):
+        """Adjustments, newest first; filtered by policy and member when given
+        (also of deleted policies: the records outlive them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BudgetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +191,16 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.ListQuarantinedUsage,
                     request_deserializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageRequest.FromString,
                     response_serializer=spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageResponse.SerializeToString,
+            ),
+            'CreateSpendAdjustment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSpendAdjustment,
+                    request_deserializer=spendgate_dot_v1_dot_budget__pb2.CreateSpendAdjustmentRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_budget__pb2.SpendAdjustment.SerializeToString,
+            ),
+            'ListSpendAdjustments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSpendAdjustments,
+                    request_deserializer=spendgate_dot_v1_dot_budget__pb2.ListSpendAdjustmentsRequest.FromString,
+                    response_serializer=spendgate_dot_v1_dot_budget__pb2.ListSpendAdjustmentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +392,60 @@ class BudgetService:
             '/spendgate.v1.BudgetService/ListQuarantinedUsage',
             spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageRequest.SerializeToString,
             spendgate_dot_v1_dot_budget__pb2.ListQuarantinedUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSpendAdjustment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.BudgetService/CreateSpendAdjustment',
+            spendgate_dot_v1_dot_budget__pb2.CreateSpendAdjustmentRequest.SerializeToString,
+            spendgate_dot_v1_dot_budget__pb2.SpendAdjustment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSpendAdjustments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spendgate.v1.BudgetService/ListSpendAdjustments',
+            spendgate_dot_v1_dot_budget__pb2.ListSpendAdjustmentsRequest.SerializeToString,
+            spendgate_dot_v1_dot_budget__pb2.ListSpendAdjustmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

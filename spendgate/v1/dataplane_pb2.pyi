@@ -188,7 +188,7 @@ class ReportUsageResponse(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ..., quarantined_increments: _Optional[int] = ...) -> None: ...
 
 class WindowSpend(_message.Message):
-    __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count", "holds")
+    __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count", "holds", "adjustment_seq")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class WindowSpend(_message.Message):
     EXCEEDED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
     HOLDS_FIELD_NUMBER: _ClassVar[int]
+    ADJUSTMENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     member: str
     window_start: _timestamp_pb2.Timestamp
@@ -207,7 +208,8 @@ class WindowSpend(_message.Message):
     exceeded: bool
     request_count: int
     holds: _containers.RepeatedCompositeFieldContainer[DataPlaneHold]
-    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_nanos: _Optional[int] = ..., limit_nanos: _Optional[int] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., holds: _Optional[_Iterable[_Union[DataPlaneHold, _Mapping]]] = ...) -> None: ...
+    adjustment_seq: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_nanos: _Optional[int] = ..., limit_nanos: _Optional[int] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., holds: _Optional[_Iterable[_Union[DataPlaneHold, _Mapping]]] = ..., adjustment_seq: _Optional[int] = ...) -> None: ...
 
 class DataPlaneHold(_message.Message):
     __slots__ = ("data_plane_id", "held_nanos", "seq", "expire_time", "requests")

@@ -132,4 +132,6 @@ def test_health_and_reflection_need_no_token(api: Api) -> None:
         "DeleteBudgetPolicy",
         "ListSpend",
         "ListQuarantinedUsage",
+        "CreateSpendAdjustment",
+        "ListSpendAdjustments",
     }

@@ -59,6 +59,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             "price_overrides",
             "window_holds",
             "quarantined_usage",
+            "spend_adjustments",
         }
         assert insp.get_pk_constraint("window_spend")["constrained_columns"] == [
             "policy_id",
@@ -69,7 +70,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             ctx = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
-            assert ctx.get_current_revision() == "0009"
+            assert ctx.get_current_revision() == "0010"
             assert compare_metadata(ctx, Base.metadata) == []
     finally:
         engine.dispose()
