@@ -20,7 +20,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from ext_proc.state import LocalState
 from ext_proc.stats import Stats
-from spendgate.metrics import NANOS, counter, gauge, histogram_family, labelled
+from spendgate.metrics import NANOS, counter, gauge, histogram_family, labelled, task_failures
+from spendgate.supervise import Supervisor
 
 
 @dataclass(slots=True)
@@ -60,10 +61,17 @@ class SyncStatus:
 
 
 class ExtProcCollector(Collector):
-    def __init__(self, stats: Stats, state: LocalState, sync: SyncStatus) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        state: LocalState,
+        sync: SyncStatus,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self.stats = stats
         self.state = state
         self.sync = sync
+        self.supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
         yield from self._requests()
@@ -75,6 +83,8 @@ class ExtProcCollector(Collector):
             [((phase,), h) for phase, h in self.stats.latency.items()],
         )
         yield from self._sync()
+        if self.supervisor is not None:
+            yield task_failures(self.supervisor.failures)
 
     def _requests(self) -> Iterator[Metric]:
         s = self.stats
@@ -226,9 +236,11 @@ class ExtProcCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
 
-def registry_for(stats: Stats, state: LocalState, sync: SyncStatus) -> CollectorRegistry:
+def registry_for(
+    stats: Stats, state: LocalState, sync: SyncStatus, supervisor: Supervisor | None = None
+) -> CollectorRegistry:
     """A registry of its own with ext_proc's metrics and the process_* ones."""
     registry = CollectorRegistry()
-    registry.register(ExtProcCollector(stats, state, sync))
+    registry.register(ExtProcCollector(stats, state, sync, supervisor))
     ProcessCollector(registry=registry)
     return registry
