@@ -30,6 +30,7 @@ from control_plane.webhooks.dispatcher import DELIVERY_TASK, DISPATCHER_TASK, Di
 from control_plane.webhooks.sender import Sender
 from control_plane.webhooks.service import WebhookAdmin
 from control_plane.webhooks.ssrf import Resolver, UrlPolicy, system_resolver
+from spendgate import keepalive
 from spendgate.health_board import HealthBoard
 from spendgate.metrics import MetricsServer, start_metrics
 from spendgate.supervise import Supervisor
@@ -120,7 +121,11 @@ class ControlPlaneServer:
                 *((REPLICATION_HEALTH,) if self.replicas is not None else ()),
             ),
         )
-        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor(), self.auth])
+        self.server = grpc.aio.server(
+            interceptors=[RequestIdInterceptor(), self.auth],
+            # Data planes ping their idle state streams: accept it (no GOAWAY).
+            options=keepalive.server_options(),
+        )
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(
             BudgetServicer(self.cp, self.auth), self.server
         )

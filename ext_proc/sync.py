@@ -24,6 +24,7 @@ from ext_proc import snapshot
 from ext_proc.config import Settings
 from ext_proc.decide import SpendKey
 from ext_proc.state import LocalState
+from spendgate import keepalive
 from spendgate.supervise import Supervisor
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
@@ -87,7 +88,7 @@ class ControlPlaneSync:
 
     def _open_channel(self, address: str) -> grpc.aio.Channel:
         s = self.settings
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        options = keepalive.client_options()  # what the control plane accepts
         if s.control_plane_tls:
             ca = Path(s.control_plane_ca_file).read_bytes() if s.control_plane_ca_file else None
             return grpc.aio.secure_channel(
