@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,7 @@ class Fault:
         self.original = getattr(owner, attr)
         self.left = times
         self.raised = 0
+        self.first_raised_at: float | None = None  # time.monotonic()
         self.calls_after = 0
         self.exc = exc or InjectedFault(f"injected fault in {attr}")
         self._lock = threading.Lock()
@@ -61,6 +63,8 @@ class Fault:
             if self.left > 0:
                 self.left -= 1
                 self.raised += 1
+                if self.first_raised_at is None:
+                    self.first_raised_at = time.monotonic()
                 raise self.exc
             self.calls_after += 1
 
@@ -82,6 +86,7 @@ class HealthWatch:
             health_pb2.HealthCheckRequest(service=service)
         )
         self.seen: list[int] = []
+        self.seen_at: list[float] = []  # time.monotonic() of each
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         wait_until(lambda: self.seen, message=f"first health status of {service!r}")
@@ -90,6 +95,7 @@ class HealthWatch:
     def _read(self) -> None:
         try:
             for resp in self.call:
+                self.seen_at.append(time.monotonic())
                 self.seen.append(resp.status)
         except grpc.RpcError:
             pass
@@ -104,6 +110,17 @@ class HealthWatch:
             return SERVING in later[later.index(NOT_SERVING) :]
 
         wait_until(recovered, timeout=timeout, message=f"NOT_SERVING then SERVING: {self.seen}")
+
+    def recovered_at(self) -> float | None:
+        """When SERVING followed the first NOT_SERVING after the watch began."""
+        later = self.seen[self.start :]
+        if NOT_SERVING not in later:
+            return None
+        broken = self.start + later.index(NOT_SERVING)
+        for i in range(broken, len(self.seen)):
+            if self.seen[i] == SERVING:
+                return self.seen_at[i]
+        return None
 
     def close(self) -> None:
         self.call.cancel()
