@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 import openai
+import psycopg
 import pytest
 
 from ext_proc import snapshot
@@ -39,14 +40,25 @@ PRICES = PriceBook.bundled()
 BIG = {"x-fake-prompt-tokens": "1000", "x-fake-completion-tokens": "500"}  # $0.00045
 
 
-@pytest.fixture(scope="module")
-def sv() -> Iterator[Stack]:
-    stack = start_stack(ext_proc=METRICS, control_plane=METRICS)
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def sv(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    database_url = None  # SQLite in the stack's own folder
+    name = ""
+    if request.param == "postgresql":
+        server = request.getfixturevalue("pg_server")
+        name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        database_url = server.rsplit("/", 1)[0] + f"/{name}"
+    stack = start_stack(database_url, ext_proc=METRICS, control_plane=METRICS)
     # Broken for at least half a second per failure: long enough for a
     # health Watch stream to report it on a busy machine.
     stack.ext.supervisor.min_backoff_s = 0.5
     yield stack
     stop_stack(stack)
+    if name:
+        with psycopg.connect(request.getfixturevalue("pg_server"), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def create(sv: Stack, **fields: object) -> pb.BudgetPolicy:
