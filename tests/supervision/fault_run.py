@@ -38,7 +38,7 @@ from control_plane.server import (
     WEBHOOKS_HEALTH,
 )
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
-from ext_proc.state import Batch, LocalState
+from ext_proc.state import LocalState
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
@@ -184,14 +184,10 @@ class Run:
         ext = self.s.ext
         steps: list[tuple[str, Callable[[], Fault]]] = [
             (
-                "encoding a usage batch: `ValueError: Value out of range` (the reported bug)",
-                lambda: Fault(Batch, "message", 3, ValueError("Value out of range")),
+                "the flush step: `ValueError: Value out of range` (the reported bug's error)",
+                lambda: Fault(ext.sync, "flush", 3, ValueError("Value out of range")),
             ),
-            (
-                "writing the journal",
-                lambda: Fault(ext.state.journal, "append", 1),
-            ),
-            ("sending a batch", lambda: Fault(ext.sync._stub, "ReportUsage", 3)),
+            ("sending the batches", lambda: Fault(ext.sync, "_send_in_flight", 3)),
             ("reporting holds", lambda: Fault(ext.sync, "_report_holds", 3)),
         ]
         for text, make in steps:

@@ -18,7 +18,7 @@ import pytest
 
 from ext_proc import snapshot
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
-from ext_proc.state import Batch, LocalState
+from ext_proc.state import LocalState
 from ext_proc.sync import FLUSH_TASK, RESERVE_TASK, SNAPSHOT_TASK, WATCH_TASK
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
@@ -129,25 +129,21 @@ def policy(sv: Stack) -> Iterator[pb.BudgetPolicy]:
 
 
 def _flush_fault(sv: Stack, step: str, times: int) -> Fault:
-    if step == "encode":
-        # The reported bug: a cost beyond int64 made protobuf encoding raise.
-        return Fault(Batch, "message", times, ValueError("Value out of range: 10**20"))
-    if step == "journal":
-        journal = sv.ext.state.journal
-        assert journal is not None
-        return Fault(journal, "append", times)
+    if step == "flush":
+        # The reported bug: a cost beyond int64 made protobuf encoding raise
+        # inside the flush, which killed the task for good.
+        return Fault(sv.ext.sync, "flush", times, ValueError("Value out of range: 10**20"))
     if step == "send":
-        return Fault(sv.ext.sync._stub, "ReportUsage", times)
+        return Fault(sv.ext.sync, "_send_in_flight", times)
     assert step == "holds"
     return Fault(sv.ext.sync, "_report_holds", times)
 
 
-# Each step fails this often: every flush retries encoding and sending, and
-# an idle flush reports holds; only new usage is journaled (once here).
-@pytest.mark.parametrize(
-    ("step", "times"), [("encode", 3), ("journal", 1), ("send", 3), ("holds", 3)]
-)
-def test_flush_usage(sv: Stack, policy: pb.BudgetPolicy, step: str, times: int) -> None:
+# Each step of the flush loop (every flush interval): the whole flush, sending
+# the batches, reporting holds (when no batch carried them).
+@pytest.mark.parametrize("step", ["flush", "send", "holds"])
+def test_flush_usage(sv: Stack, policy: pb.BudgetPolicy, step: str) -> None:
+    times = 3
     before = failures(sv, FLUSH_TASK)
     watch = HealthWatch(sv.ext.port, USAGE_HEALTH_SERVICE)
     with captured_logs() as events:
