@@ -79,6 +79,7 @@ class ControlPlaneSync:
             tuple[list[SpendKey], int, asyncio.Future[dp.ReserveVerdict | None]]
         ] = []
         self._reserve_task: asyncio.Task[None] | None = None
+        self._watch_call: grpc.aio.UnaryStreamCall | None = None
         self.arbiter_failures = 0
 
     @property
@@ -137,7 +138,10 @@ class ControlPlaneSync:
             await self._watch()
         except Exception:
             # What arrives is not applied: this data plane is not in sync
-            # until a restarted stream delivers a snapshot it can apply.
+            # until a restarted stream delivers a snapshot it can apply. The
+            # broken stream is closed (the restart opens a new one).
+            if self._watch_call is not None:
+                self._watch_call.cancel()
             self._set_connected(False)
             raise
 
@@ -198,6 +202,7 @@ class ControlPlaneSync:
                     dp.WatchStateRequest(data_plane_id=self.settings.identity),
                     metadata=self._metadata,
                 )
+                self._watch_call = call
                 async for update in call:
                     self.state.apply_update(update, self.clock())
                     if update.HasField("price_overrides"):

@@ -184,6 +184,8 @@ def test_watch_state(sv: Stack) -> None:
         assert wait_spend_equals_billed(sv, p) == Decimal("0.0009")
     finally:
         delete(sv, p)
+    # The broken streams were closed: the control plane serves one, not three.
+    wait_until(lambda: sv.cp.cp.hub.subscriber_count == 1, message="one state stream")
     assert_failure_logged(events, WATCH_TASK, 2, "state stream")
     assert failures(sv, WATCH_TASK) == before + 2
     assert check(sv.ext.port, SYNC_HEALTH_SERVICE) == SERVING
