@@ -33,7 +33,15 @@ from control_plane.errors import Unavailable
 from control_plane.store import repo, summary
 from control_plane.webhooks import events
 from spendgate.domain.windows import window_for
-from spendgate.metrics import NANOS, Histogram, counter, gauge, histogram_family, labelled
+from spendgate.metrics import (
+    NANOS,
+    Histogram,
+    counter,
+    gauge,
+    histogram_family,
+    labelled,
+    task_failures,
+)
 
 STORE_BUCKETS_NS = tuple(
     int(ms * 1_000_000) for ms in (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
@@ -192,12 +200,15 @@ class ControlPlaneCollector(Collector):
         run: Callable[[Callable[[Session], StoreReading]], Any],
         clock: Callable[[], datetime],
         data_planes: Callable[[], int],
+        task_failures: Callable[[], dict[str, int]] = dict,
     ) -> None:
-        """``run`` runs a function in a store transaction (ControlPlane.run)."""
+        """``run`` runs a function in a store transaction (ControlPlane.run);
+        ``task_failures``: the supervised tasks' failure counts."""
         self.metrics = metrics
         self.run = run
         self.clock = clock
         self.data_planes = data_planes
+        self.task_failures = task_failures
         self.reading = StoreReading()
 
     async def refresh(self) -> None:
@@ -236,6 +247,7 @@ class ControlPlaneCollector(Collector):
             "1 when the database answered this scrape's query.",
             int(r.database_up),
         )
+        yield task_failures(self.task_failures())
 
     def _policies(self) -> Iterator[Metric]:
         policies = self.reading.policies

@@ -41,6 +41,7 @@ from control_plane.pricing import PricingAdmin
 from control_plane.service import ControlPlane
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow
+from spendgate.supervise import Supervisor
 from spendgate.v1 import dataplane_pb2 as dp
 
 log = structlog.get_logger("spendgate.control_plane")
@@ -51,6 +52,9 @@ MAX_SPEND_CHUNKS = 32  # beyond this, one keyless "spend": re-read open windows
 HEARTBEAT_S = 10.0  # an idle listener checks its connection this often
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 5.0
+# Supervised task names (spendgate/supervise.py).
+LISTEN_TASK = "replica-listen"
+PUBLISH_TASK = "replica-publish"
 
 SpendKey = tuple[str, str, int]  # policy_id, member, window_start
 
@@ -116,8 +120,11 @@ class ReplicaSync:
     """Notifier (``notify``, called in a use-case transaction) and listener
     (``start`` / ``stop``) of one control plane replica."""
 
-    def __init__(self, cp: ControlPlane, pricing: PricingAdmin) -> None:
+    def __init__(
+        self, cp: ControlPlane, pricing: PricingAdmin, supervisor: Supervisor | None = None
+    ) -> None:
         self.cp = cp
+        self.supervisor = supervisor or Supervisor(log)
         self.pricing = pricing
         self.replica_id = uuid.uuid4().hex[:16]
         self.url = libpq_url(cp.engine)
@@ -145,8 +152,17 @@ class ReplicaSync:
         """Start listening; returns once LISTEN is in place (or, if the database
         is not reachable within ``ready_timeout``, keeps trying in the background)."""
         self._tasks = [
-            asyncio.create_task(self._listen(), name="replica-listen"),
-            asyncio.create_task(self._publish_loop(), name="replica-publish"),
+            self.supervisor.spawn(
+                LISTEN_TASK,
+                self._listen,
+                doing="listening for other replicas' changes (LISTEN/NOTIFY)",
+                settle_s=HEARTBEAT_S + 1.0,
+            ),
+            self.supervisor.spawn(
+                PUBLISH_TASK,
+                self._supervised_publish,
+                doing="publishing other replicas' changes to this replica's data planes",
+            ),
         ]
         try:
             await asyncio.wait_for(self._listening.wait(), ready_timeout)
@@ -163,7 +179,7 @@ class ReplicaSync:
 
     async def _listen(self) -> None:
         backoff = BACKOFF_MIN_S
-        first = True
+        first = not self._listening.is_set()  # a restarted listener resyncs too
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -184,9 +200,7 @@ class ReplicaSync:
                         async for n in conn.notifies(timeout=HEARTBEAT_S):
                             self._received(n.payload)
                         await asyncio.wait_for(conn.execute("SELECT 1"), HEARTBEAT_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # connection lost or refused: try again
+            except (psycopg.Error, OSError, TimeoutError) as e:  # connection lost or refused
                 self.backend_pid = None
                 log.warning(
                     "replica listener disconnected; reconnecting",
@@ -221,6 +235,11 @@ class ReplicaSync:
             return
         self._wake.set()
 
+    async def _supervised_publish(self) -> None:
+        if self._pending:
+            self._wake.set()  # work a failed run merged back
+        await self._publish_loop()
+
     async def _publish_loop(self) -> None:
         while True:
             await self._wake.wait()
@@ -230,13 +249,12 @@ class ReplicaSync:
                 continue
             try:
                 await self._publish(pending)
-            except asyncio.CancelledError:
-                raise
             except Exception as e:
-                # Database gone for now (or a bug): keep the work, try again shortly.
-                if not isinstance(e, Unavailable):
-                    log.exception("publishing another replica's change failed")
+                # Keep the work. Database gone for now: try again shortly; any
+                # other failure goes to the supervisor (logged, counted, restarted).
                 self._merge_back(pending)
+                if not isinstance(e, Unavailable):
+                    raise
                 await asyncio.sleep(BACKOFF_MAX_S / 5)
                 self._wake.set()
 

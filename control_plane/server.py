@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control_plane import keyring
@@ -24,16 +24,19 @@ from control_plane.errors import Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneCollector, registry_for
 from control_plane.pricing import PricingAdmin
-from control_plane.replicas import ReplicaSync
+from control_plane.replicas import LISTEN_TASK, PUBLISH_TASK, ReplicaSync
 from control_plane.secrets_admin import SecretsAdmin, check_stored_secrets
 from control_plane.service import Clock, ControlPlane, utc_now
 from control_plane.store import webhook_repo
 from control_plane.store.db import create_db_engine, migrate
-from control_plane.webhooks.dispatcher import Dispatcher
+from control_plane.webhooks.dispatcher import DELIVERY_TASK, DISPATCHER_TASK, Dispatcher
 from control_plane.webhooks.sender import Sender
 from control_plane.webhooks.service import WebhookAdmin
 from control_plane.webhooks.ssrf import Resolver, UrlPolicy, system_resolver
+from spendgate import keepalive
+from spendgate.health_board import HealthBoard
 from spendgate.metrics import MetricsServer, start_metrics
+from spendgate.supervise import Supervisor
 from spendgate.v1 import (
     budget_pb2,
     budget_pb2_grpc,
@@ -57,6 +60,24 @@ SERVICE_NAMES = (
 )
 HEALTH_INTERVAL_S = 5.0
 MAINTENANCE_INTERVAL_S = 3600.0
+# "" and every API service follow the database. The background work has
+# health services of its own: NOT_SERVING while its supervised task is
+# broken (failed, not yet recovered), never taking the API out of rotation.
+DATABASE_SERVICES = ("", *SERVICE_NAMES)
+WEBHOOKS_HEALTH = "spendgate.Webhooks"
+REPLICATION_HEALTH = "spendgate.Replication"
+MAINTENANCE_HEALTH = "spendgate.Maintenance"
+WATCH_DATABASE_TASK = "watch-database"
+MAINTENANCE_TASK = "maintenance"
+HEALTH_PUBLISHER_TASK = "health"
+TASK_HEALTH: dict[str, tuple[str, ...]] = {
+    WATCH_DATABASE_TASK: DATABASE_SERVICES,
+    MAINTENANCE_TASK: (MAINTENANCE_HEALTH,),
+    DISPATCHER_TASK: (WEBHOOKS_HEALTH,),
+    DELIVERY_TASK: (WEBHOOKS_HEALTH,),
+    LISTEN_TASK: (REPLICATION_HEALTH,),
+    PUBLISH_TASK: (REPLICATION_HEALTH,),
+}
 
 
 class ControlPlaneServer:
@@ -85,10 +106,11 @@ class ControlPlaneServer:
             hold_ttl_s=settings.hold_ttl_s,
         )
         self.pricing = PricingAdmin(self.cp)
+        self.supervisor = Supervisor(log, on_change=self._on_task_change)
         # Several replicas may share PostgreSQL: tell each other of changes.
         self.replicas: ReplicaSync | None = None
         if self.engine.dialect.name == "postgresql":
-            self.replicas = ReplicaSync(self.cp, self.pricing)
+            self.replicas = ReplicaSync(self.cp, self.pricing, self.supervisor)
             self.cp.on_change = self.replicas.notify
         self.auth = AuthInterceptor(
             {
@@ -98,7 +120,20 @@ class ControlPlaneServer:
             }
         )
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[RequestIdInterceptor(), self.auth])
+        self.board = HealthBoard(
+            self.health,
+            (
+                *DATABASE_SERVICES,
+                WEBHOOKS_HEALTH,
+                MAINTENANCE_HEALTH,
+                *((REPLICATION_HEALTH,) if self.replicas is not None else ()),
+            ),
+        )
+        self.server = grpc.aio.server(
+            interceptors=[RequestIdInterceptor(), self.auth],
+            # Data planes ping their idle state streams: accept it (no GOAWAY).
+            options=keepalive.server_options(),
+        )
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(
             BudgetServicer(self.cp, self.auth), self.server
         )
@@ -125,7 +160,12 @@ class ControlPlaneServer:
             SecretsServicer(SecretsAdmin(self.cp, self.keyring)), self.server
         )
         self.dispatcher = Dispatcher(
-            self.cp, self.sender, settings, clock=clock, keyring=self.keyring
+            self.cp,
+            self.sender,
+            settings,
+            clock=clock,
+            keyring=self.keyring,
+            supervisor=self.supervisor,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -140,6 +180,7 @@ class ControlPlaneServer:
                 run=self.cp.run,
                 clock=self.cp.clock,
                 data_planes=lambda: self.cp.hub.subscriber_count,
+                task_failures=lambda: self.supervisor.failures,
             )
             self.metrics = MetricsServer(
                 registry_for(collector), settings.metrics_listen, before_scrape=collector.refresh
@@ -172,10 +213,27 @@ class ControlPlaneServer:
             await self.replicas.start()
         await self.server.start()
         await self._set_health(True)
+        await self.board.publish()
+        spawn = self.supervisor.spawn
         self._tasks = [
-            asyncio.create_task(self._watch_database()),
-            asyncio.create_task(self._maintenance()),
-            asyncio.create_task(self.dispatcher.run()),
+            spawn(HEALTH_PUBLISHER_TASK, self.board.run, doing="publishing health statuses"),
+            spawn(
+                WATCH_DATABASE_TASK,
+                self._supervised_watch_database,
+                doing="checking that the database answers",
+                settle_s=HEALTH_INTERVAL_S + 1.0,
+            ),
+            spawn(
+                MAINTENANCE_TASK,
+                self._maintenance,
+                doing="forgetting old usage batch ids, expired holds and old webhook deliveries",
+                settle_s=5.0,
+            ),
+            spawn(
+                DISPATCHER_TASK,
+                self.dispatcher.run,
+                doing="claiming due webhook deliveries and starting their sends",
+            ),
         ]
         log.info(
             "control plane listening",
@@ -188,13 +246,20 @@ class ControlPlaneServer:
         )
 
     async def _set_health(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+        self.board.report("database unreachable", not serving, DATABASE_SERVICES)
+
+    def _on_task_change(self, task: str, broken: bool) -> None:
+        self.board.report(f"task {task} failed", broken, TASK_HEALTH.get(task, ()))
+
+    async def _supervised_watch_database(self) -> None:
+        try:
+            await self._watch_database()
+        except Exception:
+            # The restarted loop assumes the database answers and reports only
+            # changes: align the board with that. Its broken task keeps health
+            # NOT_SERVING until it has checked again.
+            await self._set_health(True)
+            raise
 
     async def _watch_database(self) -> None:
         """Health follows the database: NOT_SERVING while it is unreachable."""
@@ -245,6 +310,7 @@ class ControlPlaneServer:
         await self.server.stop(grace)
         if self.replicas is not None:
             await self.replicas.stop()
+        await self.supervisor.stop()
         await self.sender.aclose()
         self.cp.close()
         log.info("control plane stopped")

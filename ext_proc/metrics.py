@@ -21,7 +21,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ext_proc.state import LocalState
 from ext_proc.statestream import StreamStats
 from ext_proc.stats import Stats
-from spendgate.metrics import NANOS, counter, gauge, histogram_family, labelled
+from spendgate.metrics import NANOS, counter, gauge, histogram_family, labelled, task_failures
+from spendgate.supervise import Supervisor
 
 
 @dataclass(slots=True)
@@ -67,11 +68,13 @@ class ExtProcCollector(Collector):
         state: LocalState,
         sync: SyncStatus,
         stream: StreamStats | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.stats = stats
         self.state = state
         self.sync = sync
         self.stream = stream or StreamStats()
+        self.supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
         yield from self._requests()
@@ -83,6 +86,8 @@ class ExtProcCollector(Collector):
             [((phase,), h) for phase, h in self.stats.latency.items()],
         )
         yield from self._sync()
+        if self.supervisor is not None:
+            yield task_failures(self.supervisor.failures)
         yield from self._state_stream()
 
     def _state_stream(self) -> Iterator[Metric]:
@@ -297,10 +302,14 @@ class ExtProcCollector(Collector):
 
 
 def registry_for(
-    stats: Stats, state: LocalState, sync: SyncStatus, stream: StreamStats | None = None
+    stats: Stats,
+    state: LocalState,
+    sync: SyncStatus,
+    stream: StreamStats | None = None,
+    supervisor: Supervisor | None = None,
 ) -> CollectorRegistry:
     """A registry of its own with ext_proc's metrics and the process_* ones."""
     registry = CollectorRegistry()
-    registry.register(ExtProcCollector(stats, state, sync, stream))
+    registry.register(ExtProcCollector(stats, state, sync, stream, supervisor))
     ProcessCollector(registry=registry)
     return registry

@@ -11,7 +11,7 @@ from decimal import Decimal
 import grpc
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from ext_proc import envoy_codec as codec
 from ext_proc import metrics, snapshot
@@ -22,9 +22,11 @@ from ext_proc.pricing import PriceOverride, PriceTable
 from ext_proc.processor import Context, RequestProcessor
 from ext_proc.quarantine import Quarantine
 from ext_proc.state import LocalState
-from ext_proc.sync import ControlPlaneSync
+from ext_proc.sync import FLUSH_TASK, RESERVE_TASK, SNAPSHOT_TASK, WATCH_TASK, ControlPlaneSync
 from spendgate.domain.pricing import PriceBook
+from spendgate.health_board import HealthBoard
 from spendgate.metrics import MetricsServer, start_metrics
+from spendgate.supervise import Supervisor
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import price_from_message
 
@@ -33,6 +35,15 @@ SYNC_HEALTH_SERVICE = "spendgate.ControlPlaneSync"
 # NOT_SERVING while usage is piling up (a batch could not be delivered);
 # SERVING once every batch is acknowledged.
 USAGE_HEALTH_SERVICE = "spendgate.UsageDelivery"
+# The health service each supervised task's failure turns NOT_SERVING until
+# it recovers (the health publisher itself has none to report to).
+HEALTH_PUBLISHER_TASK = "health"
+TASK_HEALTH = {
+    FLUSH_TASK: USAGE_HEALTH_SERVICE,
+    WATCH_TASK: SYNC_HEALTH_SERVICE,
+    SNAPSHOT_TASK: SYNC_HEALTH_SERVICE,
+    RESERVE_TASK: SYNC_HEALTH_SERVICE,
+}
 
 
 def utc_now() -> datetime:
@@ -115,10 +126,15 @@ class ExtProcServer:
             default_output=Decimal(settings.default_output_price),
         )
         self.ctx = Context(settings=settings, state=self.state, prices=table, clock=clock)
-        self.sync = ControlPlaneSync(settings, self.state, clock)
+        self.supervisor = Supervisor(log, on_change=self._on_task_change)
+        self.sync = ControlPlaneSync(settings, self.state, clock, self.supervisor)
         if settings.reservations and settings.arbiter_headroom_requests:
             self.ctx.arbiter = self.sync.reserve
         self.health = health.aio.HealthServicer()
+        # "" is always SERVING while ext_proc runs: serving requests never
+        # depends on the control plane.
+        self.board = HealthBoard(self.health, ("", SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE))
+        self.board.report("disconnected", True, (SYNC_HEALTH_SERVICE,))
         self.server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
@@ -135,7 +151,11 @@ class ExtProcServer:
         self.metrics: MetricsServer | None = None
         if settings.metrics_listen:
             registry = metrics.registry_for(
-                self.ctx.stats, self.state, self.sync_status, self.sync.stream_stats
+                self.ctx.stats,
+                self.state,
+                self.sync_status,
+                self.sync.stream_stats,
+                self.supervisor,
             )
             self.metrics = MetricsServer(registry, settings.metrics_listen)
         journal_dir = settings.journal_path(self.port)
@@ -178,12 +198,12 @@ class ExtProcServer:
 
     def _on_backlog_change(self, piling: bool) -> None:
         self.sync_status.set(backlog=piling)
-        status = (
-            health_pb2.HealthCheckResponse.NOT_SERVING
-            if piling
-            else health_pb2.HealthCheckResponse.SERVING
-        )
-        asyncio.get_running_loop().create_task(self.health.set(USAGE_HEALTH_SERVICE, status))
+        self.board.report("backlog", piling, (USAGE_HEALTH_SERVICE,))
+
+    def _on_task_change(self, task: str, broken: bool) -> None:
+        service = TASK_HEALTH.get(task)
+        if service is not None:
+            self.board.report(f"task {task} failed", broken, (service,))
 
     def _on_price_overrides(self, msg: dp.PriceOverrides) -> None:
         overrides = []
@@ -199,26 +219,16 @@ class ExtProcServer:
 
     def _on_sync_change(self, up: bool) -> None:
         self.sync_status.set(connected=up)
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if up
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        asyncio.get_running_loop().create_task(self.health.set(SYNC_HEALTH_SERVICE, status))
+        self.board.report("disconnected", not up, (SYNC_HEALTH_SERVICE,))
 
     async def start(self) -> None:
         if self.metrics is not None:
             await start_metrics(self.metrics, self.settings.metrics_listen)
         await self.server.start()
-        # Serving requests never depends on the control plane; the separate
-        # SYNC_HEALTH_SERVICE tells whether usage is reaching it.
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SYNC_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(
-            USAGE_HEALTH_SERVICE,
-            health_pb2.HealthCheckResponse.NOT_SERVING
-            if self.state.in_flight
-            else health_pb2.HealthCheckResponse.SERVING,
+        self.board.report("backlog", bool(self.state.in_flight), (USAGE_HEALTH_SERVICE,))
+        await self.board.publish()
+        self.supervisor.spawn(
+            HEALTH_PUBLISHER_TASK, self.board.run, doing="publishing health statuses"
         )
         self.sync.start()
         log.info(
@@ -235,6 +245,7 @@ class ExtProcServer:
         # Finish in-flight HTTP requests first so their usage is charged, then flush.
         await self.server.stop(grace)
         await self.sync.stop()
+        await self.supervisor.stop()
         if self.state.journal is not None:
             self.state.journal.close()
         if self.metrics is not None:

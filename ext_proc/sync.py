@@ -28,7 +28,9 @@ from ext_proc.config import Settings
 from ext_proc.decide import SpendKey
 from ext_proc.state import Batch, LocalState
 from ext_proc.statestream import Received, StateStream, StreamBroken, StreamStats
+from spendgate import keepalive
 from spendgate.domain.pricing import MAX_COST_NANOS
+from spendgate.supervise import Supervisor
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc
 from spendgate.wire import timestamp
@@ -64,11 +66,25 @@ def permanent(e: grpc.aio.AioRpcError) -> bool:
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in (e.details() or "")
 
 
+# Names of the supervised tasks (spendgate/supervise.py): the `task` label of
+# spendgate_task_failures_total and of the "task failed" error line.
+WATCH_TASK = "watch-state"
+FLUSH_TASK = "flush-usage"
+SNAPSHOT_TASK = "save-snapshot"
+RESERVE_TASK = "reserve"
+
+
 class ControlPlaneSync:
     def __init__(
-        self, settings: Settings, state: LocalState, clock: Callable[[], datetime]
+        self,
+        settings: Settings,
+        state: LocalState,
+        clock: Callable[[], datetime],
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        # Runs every task below: a failure is logged, counted and restarted.
+        self.supervisor = supervisor or Supervisor(log)
         self.state = state
         self.clock = clock
         self.connected = asyncio.Event()
@@ -89,12 +105,12 @@ class ControlPlaneSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_lock = asyncio.Lock()
         self._holds_reported_at = 0.0
-        self._saved_at = 0.0
         self._save_every = SNAPSHOT_INTERVAL_S
         self._reserve_queue: list[
             tuple[list[tuple[SpendKey, int]], asyncio.Future[dp.ReserveVerdict | None]]
         ] = []
         self._reserve_task: asyncio.Task[None] | None = None
+        self._watch_call: grpc.aio.UnaryStreamCall | None = None
         self.arbiter_failures = 0
         self.stream_stats = StreamStats()
         self._watch_failing = 0  # failures since the state stream was last in sync
@@ -107,7 +123,7 @@ class ControlPlaneSync:
 
     def _open_channel(self, address: str) -> grpc.aio.Channel:
         s = self.settings
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        options = keepalive.client_options()  # what the control plane accepts
         if s.control_plane_tls:
             ca = Path(s.control_plane_ca_file).read_bytes() if s.control_plane_ca_file else None
             return grpc.aio.secure_channel(
@@ -128,10 +144,47 @@ class ControlPlaneSync:
         await old.close(grace=1.0)
 
     def start(self) -> None:
+        interval = self.settings.flush_interval_ms / 1000
+        spawn = self.supervisor.spawn
         self._tasks = [
-            asyncio.create_task(self._watch(), name="watch-state"),
-            asyncio.create_task(self._flush_loop(), name="flush-usage"),
+            spawn(
+                WATCH_TASK,
+                self._supervised_watch,
+                doing="receiving and applying the control plane's state stream",
+            ),
+            spawn(
+                FLUSH_TASK,
+                self._supervised_flush,
+                doing="journaling usage, sending it to the control plane, reporting holds",
+                # Recovered once a few flushes in a row have not failed.
+                settle_s=1.0 + 3 * interval,
+            ),
+            spawn(
+                SNAPSHOT_TASK,
+                self._snapshot_loop,
+                doing="saving the policy snapshot to disk",
+                settle_s=1.0 + 2 * SNAPSHOT_INTERVAL_S,
+            ),
         ]
+
+    async def _supervised_watch(self) -> None:
+        try:
+            await self._watch()
+        except Exception:
+            # What arrives is not applied: this data plane is not in sync
+            # until a restarted stream delivers a snapshot it can apply. The
+            # broken stream is closed (the restart opens a new one).
+            if self._watch_call is not None:
+                self._watch_call.cancel()
+            self._set_connected(False)
+            raise
+
+    async def _supervised_flush(self) -> None:
+        try:
+            await self._flush_loop()
+        except Exception:
+            self._set_backlog(True)  # usage is not flowing
+            raise
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the loops, then send what is unsent (bounded by ``timeout``)."""
@@ -142,9 +195,16 @@ class ControlPlaneSync:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self.flush(), timeout)
-        self.save_state()
+        except TimeoutError:
+            pass
+        except Exception:
+            log.exception("the last flush failed")
+        try:
+            self.save_state()
+        except Exception:
+            log.exception("the last policy snapshot could not be saved")
         left = self.state.unsent_count()
         if left:
             journaled = self.state.journal is not None and not self.state.journal_failed
@@ -180,6 +240,7 @@ class ControlPlaneSync:
                 metadata=self._metadata,
             )
             try:
+                self._watch_call = call
                 async for update in call:
                     prices = self.state.overrides.version
                     if stream.receive(update) is Received.SYNCED:
@@ -246,13 +307,15 @@ class ControlPlaneSync:
 
     async def _flush_loop(self) -> None:
         interval = self.settings.flush_interval_ms / 1000
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             await self.flush()
-            if loop.time() - self._saved_at >= self._save_every:
-                self._saved_at = loop.time()
-                self.save_state()
+
+    async def _snapshot_loop(self) -> None:
+        # A task of its own: a snapshot that cannot be saved never stops usage.
+        while True:
+            await asyncio.sleep(self._save_every)
+            self.save_state()
 
     def save_state(self) -> None:
         """Keep the control plane's last word on disk (ext_proc/snapshot.py)."""
@@ -340,7 +403,11 @@ class ControlPlaneSync:
         answer: asyncio.Future[dp.ReserveVerdict | None] = loop.create_future()
         self._reserve_queue.append((holds, answer))
         if self._reserve_task is None or self._reserve_task.done():
-            self._reserve_task = loop.create_task(self._send_reserves(), name="reserve")
+            self._reserve_task = self.supervisor.spawn(
+                RESERVE_TASK,
+                self._send_reserves,
+                doing="asking the control plane to admit requests near a budget's line",
+            )
         try:
             return await asyncio.wait_for(
                 asyncio.shield(answer), self.settings.arbiter_timeout_ms / 1000

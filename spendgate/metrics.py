@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 import structlog
@@ -91,6 +91,20 @@ def labelled(family: F, samples: Iterable[tuple[Sequence[str], float]]) -> F:
     for values, value in samples:
         family.add_metric(list(values), value)
     return family
+
+
+def task_failures(failures: Mapping[str, int]) -> CounterMetricFamily:
+    """``spendgate_task_failures_total{task}`` from a Supervisor's counts
+    (spendgate/supervise.py); every task started so far, failed or not."""
+    return labelled(
+        CounterMetricFamily(
+            "spendgate_task_failures",
+            "Failures of supervised background tasks, by task (each was logged at error "
+            "level and restarted).",
+            labels=["task"],
+        ),
+        [((name,), n) for name, n in sorted(failures.items())],
+    )
 
 
 async def start_metrics(server: MetricsServer, listen: str) -> None:

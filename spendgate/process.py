@@ -1,5 +1,5 @@
-"""How a spendgate service process runs: build, start, wait for SIGINT or
-SIGTERM, stop gracefully. Shared by ``python -m control_plane`` and
+"""How a spendgate service process runs: build, start, wait for SIGINT,
+SIGTERM or SIGHUP (its terminal closed), stop gracefully. Shared by ``python -m control_plane`` and
 ``python -m ext_proc``."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ async def serve_until_signalled(make: Callable[[], Service]) -> None:
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop()

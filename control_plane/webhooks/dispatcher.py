@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -36,8 +37,12 @@ from control_plane.webhooks.backoff import RetryPolicy
 from control_plane.webhooks.convert import receiver
 from control_plane.webhooks.formats import Message, render
 from control_plane.webhooks.sender import AttemptResult, Sender
+from spendgate.supervise import Supervisor
 
 log = structlog.get_logger("spendgate.webhooks")
+# Supervised task names (spendgate/supervise.py).
+DISPATCHER_TASK = "webhook-dispatcher"
+DELIVERY_TASK = "webhook-delivery"
 
 
 class Dispatcher:
@@ -50,10 +55,12 @@ class Dispatcher:
         clock: Clock,
         keyring: Keyring | None,
         rng: random.Random | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         """``keyring`` opens the webhooks' stored secrets to send."""
         self.cp = cp
         self.keyring = keyring
+        self.supervisor = supervisor or Supervisor(log)
         self.sender = sender
         self.clock = clock
         self.retry = RetryPolicy.from_settings(settings)
@@ -130,7 +137,14 @@ class Dispatcher:
             )
         )
         for c in claimed:
-            task = asyncio.create_task(self._deliver(c), name=f"webhook-{c.delivery.id}")
+            # A send that crashes is logged and counted by the supervisor, not
+            # retried in place: its lease runs out and it is claimed again.
+            task = self.supervisor.spawn(
+                DELIVERY_TASK,
+                functools.partial(self._deliver, c),
+                doing=f"sending webhook delivery {c.delivery.id} and recording the attempt",
+                restart=False,
+            )
             self._busy[c.webhook.id] = task
             task.add_done_callback(self._done)
         return len(claimed)
@@ -163,12 +177,9 @@ class Dispatcher:
         return c.delivery.create_time
 
     async def _deliver(self, c: Claimed) -> None:
-        try:
+        # Database gone: the lease runs out and the delivery is retried.
+        with contextlib.suppress(Unavailable):
             await self._attempt(c)
-        except Unavailable:
-            pass  # the lease runs out and the delivery is retried
-        except Exception:
-            log.exception("webhook delivery crashed", delivery_id=c.delivery.id)
 
     async def _attempt(self, c: Claimed) -> None:
         start = self.clock()

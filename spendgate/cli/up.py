@@ -2,13 +2,20 @@
 
 Each runs as its own process (as in production), started in dependency order
 and only once the one before is healthy; their output is interleaved with a
-name prefix. Ctrl-C (or SIGTERM) stops them in reverse order, so ext_proc
-flushes its last usage to a control plane that is still up.
+name prefix. Every port is checked before anything starts: one in use stops
+`up` at once, naming the process that holds it. Ctrl-C, SIGTERM or SIGHUP
+(the terminal closed) stops the children in reverse order, so ext_proc
+flushes its last usage to a control plane that is still up. If `up` itself
+dies, even by SIGKILL, the kernel sends each child SIGTERM (Linux
+PR_SET_PDEATHSIG), so no child outlives it holding a port.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -23,11 +30,29 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate import envoy_config, settings
+from spendgate import envoy_config, ports, settings
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import load_or_create_tokens, secrets_key_env
 
 STOP_TIMEOUT_S = 10.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class Stopping(Exception):
+    """A stop signal arrived while the children were starting."""
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux).
+    If the parent died already (before this ran), stop now."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def envoy_binary() -> str:
@@ -44,21 +69,29 @@ def envoy_binary() -> str:
 class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name = name
+        parent = os.getpid()
         self.proc = subprocess.Popen(
             argv,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
+            preexec_fn=lambda: _die_with_parent(parent),
         )
         assert self.proc.stdout is not None
         self._pump = threading.Thread(target=self._copy, args=(self.proc.stdout,), daemon=True)
         self._pump.start()
 
     def _copy(self, stream: IO[bytes]) -> None:
+        writable = True
         for line in iter(stream.readline, b""):
-            sys.stdout.write(f"{self.name:>13} | {line.decode(errors='replace')}")
-            sys.stdout.flush()
+            if not writable:
+                continue  # keep draining, or the child blocks on a full pipe
+            try:
+                sys.stdout.write(f"{self.name:>13} | {line.decode(errors='replace')}")
+                sys.stdout.flush()
+            except (OSError, ValueError):  # the terminal is gone (SIGHUP)
+                writable = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -75,9 +108,13 @@ class Child:
         self._pump.join(2)
 
 
-def _wait(child: Child, ready: object, what: str, timeout: float = 30.0) -> None:
+def _wait(
+    child: Child, ready: object, what: str, stopping: threading.Event, timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stopping.is_set():
+            raise Stopping
         if not child.alive():
             raise CliError(
                 f"{child.name} exited during start-up (exit status "
@@ -127,7 +164,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ext-proc-metrics-port", type=int, default=9465)
 
 
+def _ports(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """Every port `up` gives a child, with the option that sets it."""
+    wanted = [
+        (args.control_plane_port, "--control-plane-port"),
+        (args.control_plane_metrics_port, "--control-plane-metrics-port"),
+        (args.ext_proc_port, "--ext-proc-port"),
+        (args.ext_proc_metrics_port, "--ext-proc-metrics-port"),
+        (args.port, "--port"),
+        (args.envoy_admin_port, "--envoy-admin-port"),
+    ]
+    if args.demo:
+        wanted.append((args.demo_port, "--demo-port"))
+    return wanted
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """CliError naming the first port that is taken (twice, or by a process)."""
+    seen: dict[int, str] = {}
+    for port, option in _ports(args):
+        if port in seen:
+            raise CliError(f"{option} and {seen[port]} are both {port}")
+        seen[port] = option
+        if ports.in_use(port):
+            raise CliError(f"{ports.describe(port)}; stop it or choose another {option}")
+
+
 def run_up(args: argparse.Namespace) -> int:
+    check_ports(args)
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     tokens = load_or_create_tokens(state_dir)
@@ -158,8 +222,8 @@ def run_up(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: object) -> None:
         stopping.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
         cp = Child(
             "control-plane",
@@ -170,7 +234,7 @@ def run_up(args: argparse.Namespace) -> int:
             env,
         )
         children.append(cp)
-        _wait(cp, lambda: _grpc_serving(cp_addr), f"gRPC health at {cp_addr}")
+        _wait(cp, lambda: _grpc_serving(cp_addr), f"gRPC health at {cp_addr}", stopping)
         ep = Child(
             "ext_proc",
             [
@@ -180,7 +244,7 @@ def run_up(args: argparse.Namespace) -> int:
             env,
         )
         children.append(ep)
-        _wait(ep, lambda: _grpc_serving(ep_addr), f"gRPC health at {ep_addr}")
+        _wait(ep, lambda: _grpc_serving(ep_addr), f"gRPC health at {ep_addr}", stopping)
         demo_to = None
         if args.demo:
             demo = Child(
@@ -196,7 +260,12 @@ def run_up(args: argparse.Namespace) -> int:
             )
             children.append(demo)
             demo_to = ("127.0.0.1", args.demo_port)
-            _wait(demo, lambda: _http_ok(f"http://127.0.0.1:{args.demo_port}/v1/models"), "HTTP")
+            _wait(
+                demo,
+                lambda: _http_ok(f"http://127.0.0.1:{args.demo_port}/v1/models"),
+                "HTTP",
+                stopping,
+            )
         config = envoy_config.adapt(
             envoy_config.load(),
             listen_port=args.port,
@@ -222,7 +291,7 @@ def run_up(args: argparse.Namespace) -> int:
         )
         children.append(envoy)
         admin = f"http://127.0.0.1:{args.envoy_admin_port}"
-        _wait(envoy, lambda: _http_ok(f"{admin}/ready"), f"{admin}/ready")
+        _wait(envoy, lambda: _http_ok(f"{admin}/ready"), f"{admin}/ready", stopping)
         _print_summary(args, state_dir, db_url)
         while not stopping.is_set():
             for child in children:
@@ -232,11 +301,20 @@ def run_up(args: argparse.Namespace) -> int:
                         f"{child.proc.returncode}); stopping the others"
                     )
             stopping.wait(0.5)
-        print("\nstopping spendgate ...", flush=True)
+        _say("\nstopping spendgate ...")
+        return 0
+    except Stopping:
+        _say("\nstopping spendgate ...")
         return 0
     finally:
         for child in reversed(children):
             child.stop()
+
+
+def _say(text: str) -> None:
+    # After SIGHUP the terminal may be gone: stopping the children matters more.
+    with contextlib.suppress(OSError, ValueError):
+        print(text, flush=True)
 
 
 def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> None:

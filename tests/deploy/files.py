@@ -53,6 +53,9 @@ def spendgate_up_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     monkeypatch.setattr(up, "Child", FakeChild)
     monkeypatch.setattr(up, "_wait", lambda *args, **kwargs: None)
     monkeypatch.setattr(up.signal, "signal", lambda *args: None)
+    # Nothing is bound here: whatever else holds the default ports on this
+    # machine (another stack, a test) must not change the commands.
+    monkeypatch.setattr(up.ports, "in_use", lambda *args, **kwargs: False)
     parser = argparse.ArgumentParser()
     up.add_arguments(parser)
     with pytest.raises(_Started):
