@@ -33,7 +33,15 @@ from control_plane.errors import Unavailable
 from control_plane.store import repo, summary
 from control_plane.webhooks import events
 from spendgate.domain.windows import window_for
-from spendgate.metrics import NANOS, Histogram, counter, gauge, histogram_family, labelled
+from spendgate.metrics import (
+    NANOS,
+    Histogram,
+    counter,
+    gauge,
+    histogram_family,
+    label_values,
+    labelled,
+)
 
 STORE_BUCKETS_NS = tuple(
     int(ms * 1_000_000) for ms in (0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
@@ -217,7 +225,8 @@ class ControlPlaneCollector(Collector):
             labels=["policy_id", "name", "scope", "action", "enabled"],
         )
         for p in policies:
-            info.add_metric([p.policy_id, p.name, p.scope, p.action, str(p.enabled).lower()], 1)
+            labels = [p.policy_id, p.name, p.scope, p.action, str(p.enabled).lower()]
+            info.add_metric(label_values(labels), 1)
         yield info
         per_policy: list[tuple[str, str, Callable[[PolicyWindow], float]]] = [
             (

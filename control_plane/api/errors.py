@@ -23,33 +23,68 @@ from control_plane.errors import (
     NotFound,
     Unavailable,
 )
+from spendgate.domain.limits import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ID_CHARS,
+    MAX_VIOLATION_CHARS,
+    MAX_VIOLATIONS,
+)
+from spendgate.visible import clip
 
 log = structlog.get_logger("spendgate.control_plane")
 R = TypeVar("R")
 
 
+def check_id(field: str, value: str, *, required: bool = True) -> None:
+    """Refuse a missing (when ``required``) or over-long id in a request."""
+    if not value:
+        if required:
+            raise InvalidArgument.one(field, "is required")
+        return
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument.one(
+            field, f"must be at most {MAX_ID_CHARS} characters (got {len(value)})"
+        )
+
+
 def to_status(e: ControlPlaneError) -> grpc.Status:
+    """The status for ``e``, bounded: a request full of bad values (3,000
+    thresholds, a 1 MB id) still gets an answer that fits gRPC's trailers
+    (at most the first MAX_VIOLATIONS violations, each clipped, and a
+    clipped message), never RESOURCE_EXHAUSTED from the transport."""
     if isinstance(e, InvalidArgument):
+        shown = [
+            (clip(v.field, MAX_VIOLATION_CHARS), clip(v.description, MAX_VIOLATION_CHARS))
+            for v in e.violations[:MAX_VIOLATIONS]
+        ]
+        more = len(e.violations) - len(shown)
+        message = "; ".join(f"{f}: {d}" for f, d in shown)
+        if more:
+            message += f"; and {more} more"
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
-                    for v in e.violations
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in shown
                 ]
             )
         )
         return rpc_status.to_status(
-            status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(e), details=[detail])
+            status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT,
+                message=clip(message, MAX_ERROR_MESSAGE_CHARS),
+                details=[detail],
+            )
         )
     code = {
         NotFound: code_pb2.NOT_FOUND,
         EtagMismatch: code_pb2.ABORTED,
         Unavailable: code_pb2.UNAVAILABLE,
     }.get(type(e), code_pb2.INTERNAL)
-    return rpc_status.to_status(status_pb2.Status(code=code, message=str(e)))
+    return rpc_status.to_status(
+        status_pb2.Status(code=code, message=clip(str(e), MAX_ERROR_MESSAGE_CHARS))
+    )
 
 
 def unary(

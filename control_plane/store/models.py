@@ -260,3 +260,14 @@ class QuarantinedUsageRow(Base):
     request_count: Mapped[int] = mapped_column(BigInteger)
     quarantine_time: Mapped[datetime] = mapped_column(UTCDateTime)
     create_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ServerKeyRow(Base):
+    """A key the control plane replicas of one database share, created by the
+    first that needs it (e.g. ``page_token``: signs page tokens)."""
+
+    __tablename__ = "server_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))  # hex
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)
