@@ -57,10 +57,14 @@ def to_status(e: ControlPlaneError) -> grpc.Status:
             (clip(v.field, MAX_VIOLATION_CHARS), clip(v.description, MAX_VIOLATION_CHARS))
             for v in e.violations[:MAX_VIOLATIONS]
         ]
-        more = len(e.violations) - len(shown)
-        message = "; ".join(f"{f}: {d}" for f, d in shown)
-        if more:
-            message += f"; and {more} more"
+        parts: list[str] = []
+        for f, d in shown:
+            if parts and sum(map(len, parts)) + len(f) + len(d) > MAX_ERROR_MESSAGE_CHARS - 40:
+                break
+            parts.append(f"{f}: {d}")
+        message = "; ".join(parts)
+        if len(parts) < len(e.violations):
+            message += f"; and {len(e.violations) - len(parts)} more"
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
