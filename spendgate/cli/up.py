@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spendgate import envoy_config, settings
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import load_or_create_tokens
+from spendgate.visible import visible
 
 STOP_TIMEOUT_S = 10.0
 
@@ -57,7 +58,9 @@ class Child:
 
     def _copy(self, stream: IO[bytes]) -> None:
         for line in iter(stream.readline, b""):
-            sys.stdout.write(f"{self.name:>13} | {line.decode(errors='replace')}")
+            # Escaped: a child's line may quote what a client sent.
+            text = visible(line.decode(errors="replace").rstrip("\n"))
+            sys.stdout.write(f"{self.name:>13} | {text}\n")
             sys.stdout.flush()
 
     def alive(self) -> bool:

@@ -4,7 +4,7 @@
 Pure. The constants here are the ones the checks use (or re-exports of the
 modules that own them); ``LIMITS`` describes each for people, and the
 README's "Limits" table is generated from it (``python -m
-spendgate.domain.limits``; tests/unit/test_limits.py compares the two).
+spendgate.domain.limits``; tests/unit/test_limits_table.py compares the two).
 
 Admin API values that break a bound are refused with INVALID_ARGUMENT and a
 ``google.rpc.BadRequest`` field violation naming the field and the bound;

@@ -252,3 +252,51 @@ def test_page_tokens_are_signed_and_checked(db_url: str) -> None:
         rest = _list_policies(api, token, size=10)
         assert [p.id for p in rest.policies] == ids[2:]
         assert rest.next_page_token == ""
+
+
+def test_webhook_and_price_fields_refuse_control_characters_and_long_values(api: Api) -> None:
+    webhooks = webhooks_pb2_grpc.WebhookServiceStub(api.channel)
+    hook = wpb.Webhook(
+        name="ops\x1b[2J",
+        description="d" * 2001,
+        url="https://hooks.example.com/a\x00b",
+        format=wpb.WEBHOOK_FORMAT_GENERIC,
+    )
+    e = rpc_error(webhooks.CreateWebhook, wpb.CreateWebhookRequest(webhook=hook), metadata=ADMIN)
+    assert violations(e) == [
+        ("name", "must not contain control characters (found \\x1b)"),
+        ("description", "must be at most 2000 characters (got 2001)"),
+        ("url", "must not contain control characters"),
+    ]
+    pricing = pricing_pb2_grpc.PricingServiceStub(api.channel)
+    for override, expected in (
+        (
+            pp.PriceOverride(model="gpt\x07", price=pp.Price(input="1", output="1")),
+            [("override.model", "must not contain control characters (found \\x07)")],
+        ),
+        (
+            pp.PriceOverride(model="m" * 257, price=pp.Price(input="1", output="1")),
+            [("override.model", "must be at most 256 bytes (UTF-8)")],
+        ),
+        (
+            pp.PriceOverride(
+                model="gpt-4o", note="n\x1b" + "n" * 10, price=pp.Price(input="1", output="1")
+            ),
+            [("override.note", "must not contain control characters (found \\x1b)")],
+        ),
+        (
+            pp.PriceOverride(model="gpt-4o", price=pp.Price(input="1e30", output="1")),
+            [
+                (
+                    "override.price.input",
+                    "must be at most 100000 USD per million tokens, got '1e30'",
+                )
+            ],
+        ),
+    ):
+        e = rpc_error(
+            pricing.SetPriceOverride,
+            pp.SetPriceOverrideRequest(override=override),
+            metadata=ADMIN,
+        )
+        assert violations(e) == expected
