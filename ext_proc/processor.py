@@ -49,6 +49,7 @@ from spendgate.v1.dataplane_pb2 import ReserveVerdict
 log = structlog.get_logger("spendgate.ext_proc")
 Arbiter = Callable[[list[SpendKey], int], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
+MAX_WARNED_MODELS = 1000
 _BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -571,8 +572,11 @@ class RequestProcessor:
         if price is None:
             stats.unpriced_responses += 1
             price = prices.for_charge(model, self.facts.provider, self.facts.route)
-            if model not in self.ctx.warned_models:
-                self.ctx.warned_models.add(model)
+            # Once per model, for the first MAX_WARNED_MODELS distinct names: a
+            # client inventing names must not grow this set (or the log) for good.
+            warned = self.ctx.warned_models
+            if model not in warned and len(warned) < MAX_WARNED_MODELS:
+                warned.add(model)
                 log.warning(
                     "no price for model; set one with the pricing API",
                     model=model,
