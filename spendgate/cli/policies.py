@@ -52,7 +52,9 @@ def parse_window(text: str) -> pb.BudgetWindow:
             "e.g. 1d, 12h, 15m, 2w, 1mo, day, month"
         )
     digits = m.group(1).lstrip("0") or ("0" if m.group(1) else "1")
-    if len(digits) > len(str(MAX_WINDOW_COUNT)) or not 1 <= int(digits) <= MAX_WINDOW_COUNT:
+    # A count that cannot even be sent is refused here; the server checks the
+    # rest (1..MAX_WINDOW_COUNT), together with every other field.
+    if len(digits) > 10 or int(digits) >= 2**31:
         raise CliError(
             f"--window {visible(text, 40)!r}: the count must be 1 to {MAX_WINDOW_COUNT}, "
             "e.g. 3mo for a quarter"
@@ -72,7 +74,7 @@ def _thresholds(text: str) -> list[int]:
         raise CliError(
             f"--thresholds {visible(text, 40)!r}: use percentages like 50,80,100"
         ) from None
-    if any(not 1 <= t <= MAX_THRESHOLD_PERCENT for t in values):
+    if any(not -(2**31) <= t < 2**31 for t in values):  # cannot be sent; the server checks the rest
         raise CliError(f"--thresholds: each must be 1 to {MAX_THRESHOLD_PERCENT} (percent)")
     return values
 
