@@ -7,7 +7,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from control_plane.api.auth import AuthInterceptor
-from control_plane.api.errors import check_id, unary
+from control_plane.api.errors import check_id, check_text, unary
 from control_plane.errors import InvalidArgument
 from control_plane.service import ControlPlane
 from spendgate.domain.limits import MAX_MEMBER_FILTER_CHARS
@@ -114,6 +114,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             raise InvalidArgument.one(
                 "member", f"must be at most {MAX_MEMBER_FILTER_CHARS} characters"
             )
+        check_text("member", request.member)
         entries, token = await self.cp.list_spend(
             request.policy_id, request.member, request.page_size, request.page_token
         )

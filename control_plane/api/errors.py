@@ -29,14 +29,15 @@ from spendgate.domain.limits import (
     MAX_VIOLATION_CHARS,
     MAX_VIOLATIONS,
 )
-from spendgate.visible import clip
+from spendgate.visible import clip, first_unsafe, visible
 
 log = structlog.get_logger("spendgate.control_plane")
 R = TypeVar("R")
 
 
 def check_id(field: str, value: str, *, required: bool = True) -> None:
-    """Refuse a missing (when ``required``) or over-long id in a request."""
+    """Refuse a missing (when ``required``), over-long or control-character
+    id in a request."""
     if not value:
         if required:
             raise InvalidArgument.one(field, "is required")
@@ -44,6 +45,16 @@ def check_id(field: str, value: str, *, required: bool = True) -> None:
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument.one(
             field, f"must be at most {MAX_ID_CHARS} characters (got {len(value)})"
+        )
+    check_text(field, value)
+
+
+def check_text(field: str, value: str) -> None:
+    """Refuse control characters in a request value used in a query (an id,
+    a filter): PostgreSQL refuses NUL in text, and none is in a stored value."""
+    if (ch := first_unsafe(value)) is not None:
+        raise InvalidArgument.one(
+            field, f"must not contain control characters (found {visible(ch)})"
         )
 
 

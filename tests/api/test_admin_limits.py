@@ -300,3 +300,19 @@ def test_webhook_and_price_fields_refuse_control_characters_and_long_values(api:
             metadata=ADMIN,
         )
         assert violations(e) == expected
+
+
+def test_control_characters_in_ids_and_filters_are_field_errors(db_url: str) -> None:
+    """PostgreSQL refuses NUL in text: it used to surface as an unknown error."""
+    with running_api(db_url) as api:
+        webhooks = webhooks_pb2_grpc.WebhookServiceStub(api.channel)
+        for method, request, field in (
+            (api.budgets.GetBudgetPolicy, pb.GetBudgetPolicyRequest(id="bp_\x00"), "id"),
+            (api.budgets.ListSpend, pb.ListSpendRequest(member="al\x00ice"), "member"),
+            (webhooks.GetWebhook, wpb.GetWebhookRequest(id="wh_\x00"), "id"),
+            (webhooks.ListEvents, wpb.ListEventsRequest(policy_id="\x1b[2J"), "policy_id"),
+        ):
+            e = rpc_error(method, request, metadata=ADMIN)
+            [(found, description)] = violations(e)
+            assert found == field
+            assert description.startswith("must not contain control characters (found \\x")
