@@ -13,10 +13,9 @@ import re
 
 # C0 and C1 controls, DEL, the invisible format characters that reorder or
 # hide text (bidi overrides, zero-width), line and paragraph separators.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]")
-_UNSAFE_BUT_NEWLINE = re.compile(
-    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]"
-)
+_OTHERS = "\x0b-\x1f\x7f-\x9f\u00ad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_UNSAFE = re.compile(f"[\x00-\x0a{_OTHERS}]")
+_UNSAFE_BUT_NEWLINE = re.compile(f"[\x00-\x09{_OTHERS}]")
 
 
 def _escape(m: re.Match[str]) -> str:
