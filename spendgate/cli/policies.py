@@ -48,7 +48,7 @@ def parse_window(text: str) -> pb.BudgetWindow:
     m = re.fullmatch(r"\s*(\d*)\s*([a-z]+)\s*", text.lower())
     if not m or m.group(2) not in _UNITS:
         raise CliError(
-            f"--window {visible(text, 40)!r}: use a count and a unit, "
+            f"--window '{visible(text, 40)}': use a count and a unit, "
             "e.g. 1d, 12h, 15m, 2w, 1mo, day, month"
         )
     digits = m.group(1).lstrip("0") or ("0" if m.group(1) else "1")
@@ -56,7 +56,7 @@ def parse_window(text: str) -> pb.BudgetWindow:
     # rest (1..MAX_WINDOW_COUNT), together with every other field.
     if len(digits) > 10 or int(digits) >= 2**31:
         raise CliError(
-            f"--window {visible(text, 40)!r}: the count must be 1 to {MAX_WINDOW_COUNT}, "
+            f"--window '{visible(text, 40)}': the count must be 1 to {MAX_WINDOW_COUNT}, "
             "e.g. 3mo for a quarter"
         )
     return pb.BudgetWindow(unit=_UNITS[m.group(2)], count=int(digits))
@@ -72,7 +72,7 @@ def _thresholds(text: str) -> list[int]:
         values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise CliError(
-            f"--thresholds {visible(text, 40)!r}: use percentages like 50,80,100"
+            f"--thresholds '{visible(text, 40)}': use percentages like 50,80,100"
         ) from None
     if any(not -(2**31) <= t < 2**31 for t in values):  # cannot be sent; the server checks the rest
         raise CliError(f"--thresholds: each must be 1 to {MAX_THRESHOLD_PERCENT} (percent)")

@@ -122,10 +122,17 @@ def test_cli_and_metric_labels_escape_control_characters(
 
     # An error quoting a value escapes it too.
     code, _, err = _cli(
+        capsys, "policy", "update", "bp_1", "--window", "\x1b[2Jd", "--server", server
+    )
+    assert code == 1 and not RAW.search(err)
+    assert err.startswith("spendgate: --window '\\x1b[2Jd': use a count and a unit")
+    code, _, err = _cli(
         capsys, "policy", "get", "bp_\x1b[2J", "--server", server, "--token", ADMIN_TOKEN
     )
     assert code == 1 and not RAW.search(err)
-    assert "bp_\\x1b[2J" in err
+    assert err == (
+        "spendgate: invalid request: id: must not contain control characters (found \\x1b)\n"
+    )
 
     # Prometheus: the policy name label is escaped; the exposition stays parseable.
     text = httpx.get(f"http://127.0.0.1:{stack.cp.metrics_port}/metrics").text
