@@ -24,7 +24,9 @@ from control_plane.errors import (
     Unavailable,
 )
 from spendgate.domain.limits import (
+    MAX_ERROR_DETAILS_BYTES,
     MAX_ERROR_MESSAGE_CHARS,
+    MAX_FIELD_CHARS,
     MAX_ID_CHARS,
     MAX_VIOLATION_CHARS,
     MAX_VIOLATIONS,
@@ -32,6 +34,7 @@ from spendgate.domain.limits import (
 from spendgate.visible import clip, first_unsafe, visible
 
 log = structlog.get_logger("spendgate.control_plane")
+
 R = TypeVar("R")
 
 
@@ -58,22 +61,39 @@ def check_text(field: str, value: str) -> None:
         )
 
 
+def _utf8_clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 (with a marker)."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode(errors="ignore") + "…"
+
+
 def to_status(e: ControlPlaneError) -> grpc.Status:
     """The status for ``e``, bounded: a request full of bad values (3,000
     thresholds, a 1 MB id) still gets an answer that fits gRPC's trailers
-    (at most the first MAX_VIOLATIONS violations, each clipped, and a
-    clipped message), never RESOURCE_EXHAUSTED from the transport."""
+    (8 KiB by default), never RESOURCE_EXHAUSTED from the transport. The
+    details carry the first violations (at most MAX_VIOLATIONS, each
+    clipped, MAX_ERROR_DETAILS_BYTES in all); the message names them as far as
+    MAX_ERROR_MESSAGE_CHARS (bytes) go and says how many more there are."""
     if isinstance(e, InvalidArgument):
-        shown = [
-            (clip(v.field, MAX_VIOLATION_CHARS), clip(v.description, MAX_VIOLATION_CHARS))
-            for v in e.violations[:MAX_VIOLATIONS]
-        ]
-        parts: list[str] = []
-        for f, d in shown:
-            if parts and sum(map(len, parts)) + len(f) + len(d) > MAX_ERROR_MESSAGE_CHARS - 40:
+        shown: list[tuple[str, str]] = []
+        used = 0
+        for v in e.violations[:MAX_VIOLATIONS]:
+            f, d = clip(v.field, MAX_FIELD_CHARS), clip(v.description, MAX_VIOLATION_CHARS)
+            size = len(f.encode()) + len(d.encode())
+            if shown and used + size > MAX_ERROR_DETAILS_BYTES:
                 break
-            parts.append(f"{f}: {d}")
-        message = "; ".join(parts)
+            shown.append((f, d))
+            used += size
+        parts: list[str] = []
+        budget = MAX_ERROR_MESSAGE_CHARS - 30  # room for "; and N more"
+        for f, d in shown:
+            part = f"{f}: {d}"
+            if parts and len("; ".join([*parts, part]).encode()) > budget:
+                break
+            parts.append(part)
+        message = _utf8_clip("; ".join(parts), budget)
         if len(parts) < len(e.violations):
             message += f"; and {len(e.violations) - len(parts)} more"
         detail = any_pb2.Any()
@@ -86,20 +106,15 @@ def to_status(e: ControlPlaneError) -> grpc.Status:
             )
         )
         return rpc_status.to_status(
-            status_pb2.Status(
-                code=code_pb2.INVALID_ARGUMENT,
-                message=clip(message, MAX_ERROR_MESSAGE_CHARS),
-                details=[detail],
-            )
+            status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
         )
     code = {
         NotFound: code_pb2.NOT_FOUND,
         EtagMismatch: code_pb2.ABORTED,
         Unavailable: code_pb2.UNAVAILABLE,
     }.get(type(e), code_pb2.INTERNAL)
-    return rpc_status.to_status(
-        status_pb2.Status(code=code, message=clip(str(e), MAX_ERROR_MESSAGE_CHARS))
-    )
+    message = _utf8_clip(clip(str(e), MAX_ERROR_MESSAGE_CHARS), MAX_ERROR_MESSAGE_CHARS)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message))
 
 
 def unary(

@@ -34,9 +34,12 @@ MAX_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN_CHARS = 512
 MAX_NOTE_CHARS = 500
 MAX_URL_CHARS = 2048
-# What an error answer carries at most, so it always fits gRPC's trailers.
-MAX_ERROR_MESSAGE_CHARS = 1024
-MAX_VIOLATIONS = 20
+# What an error answer carries at most, so it always fits gRPC's trailers
+# (8 KiB by default; the message is percent-encoded, the details base64).
+MAX_ERROR_MESSAGE_CHARS = 512  # UTF-8 bytes, in fact
+MAX_ERROR_DETAILS_BYTES = 3000  # field names and descriptions, UTF-8
+MAX_VIOLATIONS = 10
+MAX_FIELD_CHARS = 80
 MAX_VIOLATION_CHARS = 200
 
 # ---- data path ------------------------------------------------------------
@@ -88,7 +91,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("prices (input, output, cached, ...)", f"0 to {_usd(MAX_PRICE_PER_MTOK)} per million tokens", "PricingService", f"{_ADMIN} `override.<price>`"),
     Limit("webhook `url`", f"at most {MAX_URL_CHARS} characters, http(s), no private addresses", "WebhookService", f"{_ADMIN} `url`"),
     Limit("webhook `routing_key` / `secret`", "1 to 200 of `A-Za-z0-9_-.:` / 24 to 64 bytes", "WebhookService", f"{_ADMIN} `routing_key` / `secret`"),
-    Limit("error answers", f"message at most {MAX_ERROR_MESSAGE_CHARS} characters, the first {MAX_VIOLATIONS} field violations of at most {MAX_VIOLATION_CHARS} characters each", "control plane (api/errors.py)", "so an error always fits gRPC's trailers"),
+    Limit("error answers", f"message at most {MAX_ERROR_MESSAGE_CHARS} bytes; the first {MAX_VIOLATIONS} field violations at most (field at most {MAX_FIELD_CHARS}, description at most {MAX_VIOLATION_CHARS} characters; {MAX_ERROR_DETAILS_BYTES:,} bytes in all)", "control plane (api/errors.py)", "so an error always fits gRPC's 8 KiB of trailers"),
     # Data path
     Limit("model name (body `model`, or the path for Gemini and Bedrock)", f"at most {MAX_MODEL_BYTES} bytes (UTF-8)", "ext_proc", "400 in the provider's error shape, `x-spendgate-error: invalid_model`"),
     Limit("request path", f"at most {MAX_PATH_BYTES:,} bytes", "ext_proc", "400 in the provider's error shape, `x-spendgate-error: invalid_path`"),

@@ -8,10 +8,12 @@ import json
 import logging
 from pathlib import Path
 
+import grpc
 import pytest
 import structlog
 
-from control_plane.errors import InvalidArgument
+from control_plane.api.errors import to_status
+from control_plane.errors import InvalidArgument, NotFound
 from control_plane.page_tokens import PageTokens
 from spendgate import logs
 from spendgate.domain import limits
@@ -125,3 +127,26 @@ def test_log_values_are_escaped_and_clipped() -> None:
         structlog.reset_defaults()
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def _wire_bytes(status: grpc.Status) -> int:
+    """What the status costs in HTTP/2 trailers: grpc-message percent-encoded
+    (worst case 3 bytes per UTF-8 byte), -bin values base64-encoded."""
+    total = len("grpc-status") + 2 + len("grpc-message") + 3 * len(status.details.encode())
+    for key, value in status.trailing_metadata:
+        size = len(value) if isinstance(value, bytes) else len(value.encode())
+        total += len(key) + (4 * -(-size // 3) if key.endswith("-bin") else size)
+    return total
+
+
+@pytest.mark.parametrize("count", [1, 20, 3000])
+def test_an_error_answer_always_fits_grpcs_default_trailer_limit(count: int) -> None:
+    """8 KiB is gRPC's default limit on received metadata: an answer over it
+    reaches the client as RESOURCE_EXHAUSTED instead of the field errors."""
+    worst = FieldViolation("\u00e9" * 100_000, "\x1b\u6771" * 100_000)
+    status = to_status(InvalidArgument([worst] * count))
+    assert _wire_bytes(status) < 8 * 1024
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status.details.endswith(" more") == (count > 1)
+    huge_id = to_status(NotFound("policy", "x" * 1_000_000))
+    assert _wire_bytes(huge_id) < 8 * 1024
