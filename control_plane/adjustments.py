@@ -33,6 +33,7 @@ from control_plane import convert
 from control_plane.errors import InvalidArgument, NotFound
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, SpendAdjustmentRow, WindowSpendRow
+from spendgate.domain import limits
 from spendgate.domain.members import MemberInvalid, canonical
 from spendgate.domain.policies import (
     IDENTITY_SCOPES,
@@ -47,9 +48,9 @@ from spendgate.domain.windows import window_for
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.wire import timestamp
 
-MAX_REASON_CHARS = 500
-MAX_AMOUNT_TEXT = 64
-MAX_MEMBER_INPUT = 512  # before canonicalisation (API keys are hashed)
+MAX_REASON_CHARS = limits.MAX_REASON_CHARS
+MAX_AMOUNT_TEXT = limits.MAX_AMOUNT_TEXT_CHARS
+MAX_MEMBER_INPUT = limits.MAX_MEMBER_INPUT_CHARS
 MAX_POLICY_ID = 40
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _id_lock = threading.Lock()
@@ -57,7 +58,7 @@ _last_id = 0
 FIELD = "adjustment"
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _ID = re.compile(r"sa_[0-9a-z]{26}")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,80}")
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{limits.MAX_REQUEST_ID_CHARS}}}")
 
 
 def new_id() -> str:

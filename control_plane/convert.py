@@ -13,6 +13,7 @@ from typing import Any
 from control_plane.errors import InvalidArgument
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow
+from spendgate.domain import limits
 from spendgate.domain.policies import (
     Action,
     FieldViolation,
@@ -59,6 +60,8 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
     amount: int | None = None
     if not msg.amount_usd:
         violations.append(FieldViolation("amount_usd", 'is required (US dollars, e.g. "25.00")'))
+    elif len(msg.amount_usd) > 64:  # no amount is that long; keep the answer short
+        violations.append(FieldViolation("amount_usd", "is not a decimal dollar amount"))
     else:
         try:
             amount = parse_usd(msg.amount_usd)
@@ -67,17 +70,40 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
                 FieldViolation("amount_usd", f"{msg.amount_usd!r} is not a decimal dollar amount")
             )
     violations += validate_policy(
-        name=msg.name, amount_nanos=amount, alert_thresholds=msg.alert_thresholds
+        name=msg.name,
+        amount_nanos=amount,
+        alert_thresholds=msg.alert_thresholds,
+        description=msg.description,
     )
     unit = UNITS.get(msg.window.unit)
     if unit is None:
         violations.append(
             FieldViolation("window.unit", "is required: MINUTES, HOURS, DAYS, WEEKS or MONTHS")
         )
-    week_start = default_week_start if msg.window.week_start == 0 else msg.window.week_start - 1
+    window_errors: list[FieldViolation] = []
+    # The wire enum is 1 (Monday) .. 7 (Sunday), 0 meaning the server's default.
+    week_start = default_week_start
+    if not 0 <= msg.window.week_start <= 7:
+        window_errors.append(
+            FieldViolation(
+                "window.week_start",
+                "must be 0 (the server's week_start) or 1 (MONDAY) .. 7 (SUNDAY), "
+                f"got {msg.window.week_start}",
+            )
+        )
+    elif msg.window.week_start:
+        week_start = msg.window.week_start - 1
     window: WindowSpec | None = None
     timezone = msg.timezone or "UTC"
-    window_errors: list[FieldViolation] = []
+    if len(timezone) > limits.MAX_TIMEZONE_CHARS:
+        window_errors.append(
+            FieldViolation(
+                "timezone",
+                f"must be an IANA name of at most {limits.MAX_TIMEZONE_CHARS} characters "
+                f"(got {len(timezone)})",
+            )
+        )
+        timezone = "UTC"
     # Check the zone and the count/week start separately so both are reported.
     checks: tuple[dict[str, Any], ...] = (
         {"timezone": timezone},
@@ -92,7 +118,7 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
             )
             window_errors.append(FieldViolation(name, e.message))
     if window_errors:
-        violations += window_errors
+        violations += [v for i, v in enumerate(window_errors) if v not in window_errors[:i]]
     else:
         window = WindowSpec(
             unit=unit or WindowUnit.DAYS,

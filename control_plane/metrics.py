@@ -39,6 +39,7 @@ from spendgate.metrics import (
     counter,
     gauge,
     histogram_family,
+    label_values,
     labelled,
     task_failures,
 )
@@ -257,7 +258,8 @@ class ControlPlaneCollector(Collector):
             labels=["policy_id", "name", "scope", "action", "enabled"],
         )
         for p in policies:
-            info.add_metric([p.policy_id, p.name, p.scope, p.action, str(p.enabled).lower()], 1)
+            labels = [p.policy_id, p.name, p.scope, p.action, str(p.enabled).lower()]
+            info.add_metric(label_values(labels), 1)
         yield info
         per_policy: list[tuple[str, str, Callable[[PolicyWindow], float]]] = [
             (

@@ -16,16 +16,16 @@ from sqlalchemy.orm import Session
 
 from control_plane.errors import InvalidArgument, NotFound
 from control_plane.service import ControlPlane, clamp_page_size
-from control_plane.store import repo
 from control_plane.store.models import PriceOverrideRow
-from spendgate.domain.policies import FieldViolation
+from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_NAME_CHARS, MAX_NOTE_CHARS
+from spendgate.domain.policies import FieldViolation, text_violations
 from spendgate.domain.pricing import MAX_PRICE_PER_MTOK, ModelPrice, PriceBook
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import pricing_pb2 as pp
 from spendgate.wire import PRICE_FIELDS, price_from_message, price_message, timestamp
 
 log = structlog.get_logger("spendgate.control_plane")
-MAX_NOTE = 500
+MAX_NOTE = MAX_NOTE_CHARS
 
 
 def override_message(row: PriceOverrideRow) -> pp.PriceOverride:
@@ -53,10 +53,15 @@ def _validated(o: pp.PriceOverride) -> tuple[str, str, str, ModelPrice]:
     model = o.model.strip().lower()
     if not model:
         violations.append(FieldViolation("override.model", "is required"))
-    if len(model) > 200:
-        violations.append(FieldViolation("override.model", "must be at most 200 characters"))
-    if len(o.note) > MAX_NOTE:
-        violations.append(FieldViolation("override.note", f"at most {MAX_NOTE} characters"))
+    elif len(model.encode()) > MAX_MODEL_BYTES:
+        violations.append(
+            FieldViolation("override.model", f"must be at most {MAX_MODEL_BYTES} bytes (UTF-8)")
+        )
+    else:
+        violations += text_violations("override.model", model, MAX_MODEL_BYTES)
+    violations += text_violations("override.provider", o.provider, MAX_NAME_CHARS)
+    violations += text_violations("override.route", o.route, MAX_NAME_CHARS)
+    violations += text_violations("override.note", o.note, MAX_NOTE, multiline=True)
     price: ModelPrice | None = None
     try:
         price = price_from_message(model, o.provider.strip().lower(), o.price)
@@ -179,12 +184,14 @@ class PricingAdmin:
         self, provider: str, model_contains: str, page_size: int, page_token: str
     ) -> tuple[list[pp.ModelPrice], str]:
         limit = clamp_page_size(page_size, default=200)
+        for field, value in (("provider", provider), ("model_contains", model_contains)):
+            if len(value) > MAX_MODEL_BYTES:
+                raise InvalidArgument.one(field, f"must be at most {MAX_MODEL_BYTES} characters")
+        tokens = await self.cp.page_tokens()
         offset = 0
         if page_token:
-            parts = repo.decode_page_token(page_token, 1)
-            if parts is None or not parts[0].isdigit():
-                raise InvalidArgument.one("page_token", "is not a token this server returned")
-            offset = int(parts[0])
+            (at,) = tokens.decode("prices", page_token, 1)
+            offset = int(at) if at.isdigit() else 0
         rows = await self.cp.run(_all_overrides)
         entries = self._effective(rows)
         provider = provider.strip().lower()
@@ -195,7 +202,8 @@ class PricingAdmin:
             if (not provider or e.provider in (provider, "")) and (not needle or needle in e.model)
         ]
         page = entries[offset : offset + limit]
-        token = repo.encode_page_token(str(offset + limit)) if offset + limit < len(entries) else ""
+        more = offset + limit < len(entries)
+        token = tokens.encode("prices", str(offset + limit)) if more else ""
         return page, token
 
     def _effective(self, rows: list[PriceOverrideRow]) -> list[pp.ModelPrice]:

@@ -26,6 +26,7 @@ from control_plane import adjustments, anomalies, convert, holds, quarantine, sp
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.page_tokens import PageTokens, load_key
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
 from control_plane.webhooks.events import ANOMALY
@@ -35,6 +36,7 @@ from control_plane.webhooks.outbox import (
     record_anomalies,
     record_crossings,
 )
+from spendgate.domain.limits import MAX_PAGE_SIZE
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
@@ -91,6 +93,7 @@ class ControlPlane:
         self.known_events = KnownEvents()
         self.on_change: ChangeHook | None = None
         self.metrics = ControlPlaneMetrics()
+        self._page_tokens: PageTokens | None = None
 
     def changed(self, session: Session, kind: str, keys: ChangeKeys = ()) -> None:
         """Record, in ``session``'s transaction, that data-plane state changed."""
@@ -101,9 +104,17 @@ class ControlPlane:
         self._pool.shutdown(wait=True)
         self.engine.dispose()
 
-    async def run(self, fn: Callable[[Session], T]) -> T:
+    async def run(
+        self, fn: Callable[[Session], T], on_commit: Callable[[T], None] | None = None
+    ) -> T:
         """``fn(session)`` in one transaction on the store's thread pool;
-        Unavailable when the database cannot be reached."""
+        Unavailable when the database cannot be reached.
+
+        ``on_commit(result)`` runs on the event loop once the transaction has
+        committed, also when the caller was cancelled meanwhile (a deadline
+        that expired while the thread committed): what counts committed work
+        (metrics, log lines) then still agrees with the database.
+        """
 
         def in_transaction() -> T:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
@@ -112,13 +123,32 @@ class ControlPlane:
         started = time.perf_counter_ns()
         failed = False
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, in_transaction)
+            future = asyncio.get_running_loop().run_in_executor(self._pool, in_transaction)
+            if on_commit is None:
+                return await future
+            try:
+                result = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                future.add_done_callback(
+                    lambda f: None if f.cancelled() or f.exception() else on_commit(f.result())
+                )
+                raise
+            on_commit(result)
+            return result
         except (OperationalError, InterfaceError) as e:
             failed = True
             log.error("database unavailable", error=str(e.orig or e).splitlines()[0])
             raise Unavailable("database unavailable") from e
         finally:
             self.metrics.store_operation(fn, time.perf_counter_ns() - started, failed=failed)
+
+    async def page_tokens(self) -> PageTokens:
+        """Signs and checks page tokens (the key is read, or created, once)."""
+        if self._page_tokens is None:
+            now = self.clock()
+            key = await self.run(lambda s: load_key(s, now))
+            self._page_tokens = PageTokens(key)
+        return self._page_tokens
 
     async def ping(self) -> None:
         await self.run(lambda s: s.execute(select(1)).scalar_one())
@@ -158,18 +188,14 @@ class ControlPlane:
         self, page_size: int, page_token: str
     ) -> tuple[list[pb.BudgetPolicy], str]:
         limit = clamp_page_size(page_size, default=50)
-        after = ""
-        if page_token:
-            parts = repo.decode_page_token(page_token, 1)
-            if parts is None:
-                raise InvalidArgument.one("page_token", "is not a token this server returned")
-            after = parts[0]
+        tokens = await self.page_tokens()
+        after = tokens.decode("policies", page_token, 1)[0] if page_token else ""
         page, more = await self.run(
             lambda s: repo.list_policies_sized(
                 s, after_id=after, limit=limit, max_bytes=LIST_PAGE_BYTES
             )
         )
-        token = repo.encode_page_token(page[-1].id) if more else ""
+        token = tokens.encode("policies", page[-1].id) if more else ""
         return [convert.policy_message(r) for r in page], token
 
     async def update_policy(
@@ -330,8 +356,55 @@ class ControlPlane:
             spend = holds.total_messages(totals, rows, held)
             return duplicate, spend, unknown, outbox
 
+        def committed(result: tuple[bool, list[dp.WindowSpend], int, OutboxResult]) -> None:
+            # Runs once the transaction committed, even if the caller's
+            # deadline expired meanwhile: counters and log lines say what the
+            # database holds.
+            duplicate, spend, unknown, outbox = result
+            self.known_events.add(outbox.seen, now)
+            self.metrics.usage_applied(
+                duplicate=duplicate,
+                records=len(req.increments),
+                unknown=unknown,
+                events=[e.kind for e in outbox.recorded] + [ANOMALY] * len(outbox.anomalies),
+            )
+            if not duplicate:
+                self._log_quarantined(req, refused)
+            for a in outbox.anomalies:  # committed: one error line per anomaly
+                log.error(
+                    "usage anomaly recorded",
+                    event_id=a.event_id,
+                    data_plane_id=req.data_plane_id,
+                    reason=a.reason,
+                    model=a.model,
+                    request_id=a.request_id,
+                    charged_usd=a.charged_usd,
+                    reported_cost_usd=a.reported_cost_usd,
+                    deliveries=a.deliveries,
+                )
+            for e in outbox.recorded:  # committed: one line per crossing
+                log.info(
+                    "budget event recorded",
+                    event_id=e.event_id,
+                    event_type=e.kind,
+                    policy_id=e.policy_id,
+                    member=e.member or None,
+                    threshold_percent=e.threshold or None,
+                    spent_usd=e.spent_usd,
+                    amount_usd=e.amount_usd,
+                    deliveries=e.deliveries,
+                )
+            if outbox.deliveries:
+                self.deliveries_ready.set()
+            if unknown:
+                log.warning(
+                    "usage for unknown policies dropped", count=unknown, batch_id=req.batch_id
+                )
+            if spend and (not duplicate or req.holds):
+                self.hub.publish(dp.StateUpdate(spend=spend))
+
         try:
-            duplicate, spend, unknown, outbox = await self.run(apply)
+            duplicate, spend, unknown, _ = await self.run(apply, committed)
         except DataError as refused_by_db:
             # A value the database refuses (and no check above caught) would
             # fail this batch on every retry: refuse it as invalid, so the data
@@ -340,45 +413,6 @@ class ControlPlane:
             raise InvalidArgument.one(
                 "increments", f"the database refused a value: {why}"
             ) from refused_by_db
-        self.known_events.add(outbox.seen, now)
-        self.metrics.usage_applied(
-            duplicate=duplicate,
-            records=len(req.increments),
-            unknown=unknown,
-            events=[e.kind for e in outbox.recorded] + [ANOMALY] * len(outbox.anomalies),
-        )
-        if not duplicate:
-            self._log_quarantined(req, refused)
-        for a in outbox.anomalies:  # committed: one error line per anomaly
-            log.error(
-                "usage anomaly recorded",
-                event_id=a.event_id,
-                data_plane_id=req.data_plane_id,
-                reason=a.reason,
-                model=a.model,
-                request_id=a.request_id,
-                charged_usd=a.charged_usd,
-                reported_cost_usd=a.reported_cost_usd,
-                deliveries=a.deliveries,
-            )
-        for e in outbox.recorded:  # committed: one line per crossing
-            log.info(
-                "budget event recorded",
-                event_id=e.event_id,
-                event_type=e.kind,
-                policy_id=e.policy_id,
-                member=e.member or None,
-                threshold_percent=e.threshold or None,
-                spent_usd=e.spent_usd,
-                amount_usd=e.amount_usd,
-                deliveries=e.deliveries,
-            )
-        if outbox.deliveries:
-            self.deliveries_ready.set()
-        if unknown:
-            log.warning("usage for unknown policies dropped", count=unknown, batch_id=req.batch_id)
-        if spend and (not duplicate or req.holds):
-            self.hub.publish(dp.StateUpdate(spend=spend))
         return UsageResult(duplicate, spend, unknown, len(refused))
 
     def _log_quarantined(
@@ -417,12 +451,8 @@ class ControlPlane:
         self, page_size: int, page_token: str
     ) -> tuple[list[pb.QuarantinedUsage], str, int]:
         limit = clamp_page_size(page_size, default=50)
-        before = ""
-        if page_token:
-            parts = repo.decode_page_token(page_token, 1)
-            if parts is None:
-                raise InvalidArgument.one("page_token", "is not a token this API returned")
-            before = parts[0]
+        tokens = await self.page_tokens()
+        before = tokens.decode("quarantined", page_token, 1)[0] if page_token else ""
 
         def query(s: Session) -> tuple[list[pb.QuarantinedUsage], bool, int]:
             rows = quarantine.page(s, before_id=before, limit=limit + 1)
@@ -430,7 +460,7 @@ class ControlPlane:
 
         records, more, total = await self.run(query)
         records = records[:limit]
-        token = repo.encode_page_token(records[-1].id) if more and records else ""
+        token = tokens.encode("quarantined", records[-1].id) if more and records else ""
         return records, token, total
 
     # ---- spend adjustments ----------------------------------------------
@@ -506,12 +536,10 @@ class ControlPlane:
         """Newest first. ``member`` is matched as stored (canonical), after
         canonicalising it for ``policy_id``'s scope when that policy exists."""
         limit = clamp_page_size(page_size, default=50)
-        before = ""
-        if page_token:
-            parts = repo.decode_page_token(page_token, 1)
-            if parts is None or not adjustments.is_id(parts[0]):
-                raise InvalidArgument.one("page_token", "is not a token this server returned")
-            before = parts[0]
+        tokens = await self.page_tokens()
+        before = tokens.decode("adjustments", page_token, 1)[0] if page_token else ""
+        if before and not adjustments.is_id(before):
+            raise InvalidArgument.one("page_token", "is not a token this server returned")
 
         def query(s: Session) -> list[pb.SpendAdjustment]:
             wanted = member
@@ -528,7 +556,7 @@ class ControlPlane:
             return [adjustments.message(r) for r in rows]
 
         page = await self.run(query)
-        token = repo.encode_page_token(page[limit - 1].id) if len(page) > limit else ""
+        token = tokens.encode("adjustments", page[limit - 1].id) if len(page) > limit else ""
         return page[:limit], token
 
     async def reserve(self, req: dp.ReserveRequest) -> dp.ReserveResponse:
@@ -553,11 +581,10 @@ class ControlPlane:
         self, policy_id: str, member: str, page_size: int, page_token: str
     ) -> tuple[list[pb.SpendEntry], str]:
         limit = clamp_page_size(page_size, default=100)
+        tokens = await self.page_tokens()
         after: tuple[str, str] = ("", "")
         if page_token:
-            parts = repo.decode_page_token(page_token, 2)
-            if parts is None:
-                raise InvalidArgument.one("page_token", "is not a token this server returned")
+            parts = tokens.decode("spend", page_token, 2)
             after = (parts[0], parts[1])
         now = self.clock()
 
@@ -582,7 +609,7 @@ class ControlPlane:
         token = ""
         if len(page) > limit:
             page = page[:limit]
-            token = repo.encode_page_token(page[-1].policy_id, page[-1].member)
+            token = tokens.encode("spend", page[-1].policy_id, page[-1].member)
         return page, token
 
     async def forget_old_batches(self, retention: timedelta) -> int:
@@ -652,9 +679,14 @@ class ControlPlane:
 
 
 def clamp_page_size(requested: int, *, default: int) -> int:
+    """The page size to serve: ``default`` for 0, at most MAX_PAGE_SIZE."""
     if requested < 0:
-        raise InvalidArgument.one("page_size", "must not be negative")
-    return min(requested or default, 1000)
+        raise InvalidArgument.one(
+            "page_size",
+            f"must be 0 (the default, {default}) or a positive number of items "
+            f"(at most {MAX_PAGE_SIZE} are returned), got {requested}",
+        )
+    return min(requested or default, MAX_PAGE_SIZE)
 
 
 def _spend_message(

@@ -42,11 +42,14 @@ from ext_proc.stats import (
     BUDGET_EXCEEDED,
     IDENTITY_REQUIRED,
     INVALID_IDENTITY,
+    INVALID_MODEL,
+    INVALID_PATH,
     MODEL_NOT_PRICED,
     UNMETERED_REQUEST,
     UNPRICED,
     Stats,
 )
+from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_PATH_BYTES
 from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
@@ -59,6 +62,7 @@ Arbiter = Callable[[Holds], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
 _MAX_CONTENT_LENGTH = 1 << 40  # a larger content-length is not believed
 _CUT = ("stream aborted", "response aborted")  # meter errors of a response cut short
+MAX_WARNED_MODELS = 1000
 
 
 @dataclasses.dataclass(slots=True)
@@ -156,8 +160,14 @@ class RequestProcessor:
         self.path = h.get(":path", "")
         self.request_id = h.get("x-request-id", "")
         self.shape = detect(method, self.path)
+        if len(self.path) > MAX_PATH_BYTES:  # headers are ASCII: characters are bytes
+            return self._refuse_identity(
+                400, INVALID_PATH, "", f"The request path is longer than {MAX_PATH_BYTES} bytes."
+            )
         if self.shape is not None and self.shape.model_from_path is not None:
             self.path_model = self.shape.model_from_path(self.path)
+            if self.path_model and (refused := self._refuse_model(self.path_model)):
+                return refused
         self.content_length_sent = "content-length" in h
         route = codec.attribute(req, "xds.route_name")
         repeated = codec.repeated_names(req.request_headers)
@@ -333,6 +343,8 @@ class RequestProcessor:
         # the flag is for preparing the request (and a hint to the meter).
         self.stream_requested = stream_flag(parsed.get("stream"))
         model = parsed.get("model")
+        if isinstance(model, str) and (refused := self._refuse_model(model)):
+            return refused
         if isinstance(model, str) and model:
             self.request_model = model
             self.facts = dataclasses.replace(self.facts, model=model.lower())
@@ -390,6 +402,20 @@ class RequestProcessor:
             {**reply.headers, **rejection_headers(r, now)},
             reply.body,
             "spendgate_budget_exceeded",
+        )
+
+    def _refuse_model(self, model: str) -> codec.ProcessingResponse | None:
+        """400 for a model name over MAX_MODEL_BYTES: it would become a
+        member, a log value and a usage record of any size."""
+        size = len(model.encode(errors="replace"))
+        if size <= MAX_MODEL_BYTES:
+            return None
+        return self._refuse_identity(
+            400,
+            INVALID_MODEL,
+            "",
+            f"The model name is {size} bytes long; spendgate accepts at most "
+            f"{MAX_MODEL_BYTES} bytes (UTF-8).",
         )
 
     def _note_untrusted(self, req: codec.ProcessingRequest) -> None:
@@ -673,6 +699,8 @@ class RequestProcessor:
                 usage, input_tokens=estimate_tokens_from_chars(self.request_bytes)
             )
         model = result.model or self.request_model
+        if len(model.encode(errors="replace")) > MAX_MODEL_BYTES:  # bounded like a request
+            model = self.request_model
         prices = self.ctx.prices
         price = prices.lookup(model, self.facts.provider, self.facts.route)
         # A bounded metrics label: the price table's name for the model.
@@ -680,8 +708,11 @@ class RequestProcessor:
         if price is None:
             stats.unpriced_responses += 1
             price = prices.for_charge(model, self.facts.provider, self.facts.route)
-            if model not in self.ctx.warned_models:
-                self.ctx.warned_models.add(model)
+            # Once per model, for the first MAX_WARNED_MODELS distinct names: a
+            # client inventing names must not grow this set (or the log) for good.
+            warned = self.ctx.warned_models
+            if model not in warned and len(warned) < MAX_WARNED_MODELS:
+                warned.add(model)
                 log.warning(
                     "no price for model; set one with the pricing API",
                     model=model,

@@ -44,6 +44,9 @@ MODEL_NOT_PRICED = "model_not_priced"
 INVALID_IDENTITY = "invalid_identity"
 IDENTITY_REQUIRED = "identity_required"
 UNMETERED_REQUEST = "unmetered_request"
+# A request value over its bound (spendgate.domain.limits): 400.
+INVALID_MODEL = "invalid_model"
+INVALID_PATH = "invalid_path"
 # The `model` label of responses no price was known for.
 UNPRICED = "unpriced"
 

@@ -6,6 +6,11 @@ children, which then write readable console lines. Libraries that log through
 the standard ``logging`` module (asyncio, grpc, alembic, httpx) come out in the
 same format, so a JSON log stays JSON line by line.
 
+Every string value is made safe on the way out (``bounded``): control
+characters escaped visibly (``\x1b``), so a client-chosen model name cannot
+forge a log line or drive a terminal, and values clipped at
+MAX_LOG_VALUE_CHARS with a marker, so a 5 MB value costs a line, not 5 MB.
+
 What is never logged: API keys, bearer tokens, webhook secrets and routing
 keys, Authorization headers, webhook URLs (Slack's carry a token).
 """
@@ -17,10 +22,23 @@ import sys
 from typing import TextIO
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from spendgate.domain.limits import MAX_LOG_VALUE_CHARS
+from spendgate.visible import visible
 
 # The standard library's loggers stay at WARNING whatever log_level says:
 # httpx logs every request's URL at INFO, and a webhook URL may carry a token.
 STDLIB_LEVEL = logging.WARNING
+
+
+def bounded(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """structlog processor: string values escaped and clipped (a traceback,
+    ``exception``, keeps its lines and its length)."""
+    for key, value in event.items():
+        if isinstance(value, str) and key != "exception":
+            event[key] = visible(value, MAX_LOG_VALUE_CHARS)
+    return event
 
 
 def configure(*, json: bool, level: str = "info", stream: TextIO | None = None) -> None:
@@ -41,7 +59,7 @@ def configure(*, json: bool, level: str = "info", stream: TextIO | None = None) 
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, bounded, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
@@ -55,6 +73,7 @@ def configure(*, json: bool, level: str = "info", stream: TextIO | None = None) 
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                bounded,
                 renderer,
             ],
         )

@@ -27,7 +27,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
+from spendgate.domain.limits import MAX_LABEL_CHARS
 from spendgate.settings import ConfigError, parse_host_port
+from spendgate.visible import visible
 
 log = structlog.get_logger("spendgate.metrics")
 NANOS = 1e9  # nanoseconds per second, nano-dollars per USD
@@ -65,13 +67,19 @@ class Histogram:
         return out
 
 
+def label_values(values: Iterable[str]) -> list[str]:
+    """Label values safe to expose: control characters escaped (the text
+    format escapes only backslash, quote and newline), clipped."""
+    return [visible(v, MAX_LABEL_CHARS) for v in values]
+
+
 def histogram_family(
     name: str, doc: str, labels: list[str], histograms: Iterable[tuple[Sequence[str], Histogram]]
 ) -> HistogramMetricFamily:
     """One family from (label values, histogram of nanoseconds) pairs."""
     family = HistogramMetricFamily(name, doc, labels=labels)
     for values, h in histograms:
-        family.add_metric(list(values), h.buckets(), h.sum / NANOS)
+        family.add_metric(label_values(values), h.buckets(), h.sum / NANOS)
     return family
 
 
@@ -89,7 +97,7 @@ F = TypeVar("F", CounterMetricFamily, GaugeMetricFamily)
 def labelled(family: F, samples: Iterable[tuple[Sequence[str], float]]) -> F:
     """``family`` with one sample per (label values, value) pair."""
     for values, value in samples:
-        family.add_metric(list(values), value)
+        family.add_metric(label_values(values), value)
     return family
 
 

@@ -7,9 +7,10 @@ from google.protobuf import empty_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from control_plane.api.auth import AuthInterceptor
-from control_plane.api.errors import unary
+from control_plane.api.errors import check_id, check_text, unary
 from control_plane.errors import InvalidArgument
 from control_plane.service import ControlPlane
+from spendgate.domain.limits import MAX_MEMBER_FILTER_CHARS
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import budget_pb2_grpc
 
@@ -76,8 +77,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def GetBudgetPolicy(
         self, request: pb.GetBudgetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.BudgetPolicy:
-        if not request.id:
-            raise InvalidArgument.one("id", "is required")
+        check_id("id", request.id)
         return await self.cp.get_policy(request.id)
 
     @unary
@@ -91,8 +91,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def UpdateBudgetPolicy(
         self, request: pb.UpdateBudgetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.BudgetPolicy:
-        if not request.policy.id:
-            raise InvalidArgument.one("policy.id", "is required")
+        check_id("policy.id", request.policy.id)
         merge = mask_merger(request.policy, request.update_mask)
         return await self.cp.update_policy(
             request.policy.id, merge, request.policy.etag, self.auth.author(context)
@@ -102,8 +101,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def DeleteBudgetPolicy(
         self, request: pb.DeleteBudgetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        if not request.id:
-            raise InvalidArgument.one("id", "is required")
+        check_id("id", request.id)
         await self.cp.delete_policy(request.id, request.etag, self.auth.author(context))
         return empty_pb2.Empty()
 
@@ -111,6 +109,12 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def ListSpend(
         self, request: pb.ListSpendRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSpendResponse:
+        check_id("policy_id", request.policy_id, required=False)
+        if len(request.member) > MAX_MEMBER_FILTER_CHARS:
+            raise InvalidArgument.one(
+                "member", f"must be at most {MAX_MEMBER_FILTER_CHARS} characters"
+            )
+        check_text("member", request.member)
         entries, token = await self.cp.list_spend(
             request.policy_id, request.member, request.page_size, request.page_token
         )

@@ -6,7 +6,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from control_plane.api.auth import AuthInterceptor
-from control_plane.api.errors import unary
+from control_plane.api.errors import check_id, unary
 from control_plane.errors import InvalidArgument
 from control_plane.pricing import PricingAdmin
 from spendgate.v1 import pricing_pb2 as pp
@@ -45,7 +45,6 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
     async def DeletePriceOverride(
         self, request: pp.DeletePriceOverrideRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        if not request.id:
-            raise InvalidArgument.one("id", "is required")
+        check_id("id", request.id)
         await self.admin.delete_override(request.id, self.auth.author(context))
         return empty_pb2.Empty()

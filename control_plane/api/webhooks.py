@@ -7,7 +7,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from control_plane.api.auth import AuthInterceptor
-from control_plane.api.errors import unary
+from control_plane.api.errors import check_id, unary
 from control_plane.errors import InvalidArgument
 from control_plane.webhooks.service import Secrets, WebhookAdmin
 from spendgate.v1 import webhooks_pb2 as wpb
@@ -89,8 +89,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     async def GetWebhook(
         self, request: wpb.GetWebhookRequest, context: grpc.aio.ServicerContext
     ) -> wpb.Webhook:
-        if not request.id:
-            raise InvalidArgument.one("id", "is required")
+        check_id("id", request.id)
         return await self.admin.get_webhook(request.id)
 
     @unary
@@ -104,8 +103,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     async def UpdateWebhook(
         self, request: wpb.UpdateWebhookRequest, context: grpc.aio.ServicerContext
     ) -> wpb.Webhook:
-        if not request.webhook.id:
-            raise InvalidArgument.one("webhook.id", "is required")
+        check_id("webhook.id", request.webhook.id)
         merge = WebhookMerge(request.webhook, request.update_mask)
         return await self.admin.update_webhook(
             request.webhook.id,
@@ -119,8 +117,7 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     async def DeleteWebhook(
         self, request: wpb.DeleteWebhookRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        if not request.id:
-            raise InvalidArgument.one("id", "is required")
+        check_id("id", request.id)
         await self.admin.delete_webhook(request.id, request.etag, self.auth.author(context))
         return empty_pb2.Empty()
 
@@ -128,14 +125,15 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     async def TestWebhook(
         self, request: wpb.TestWebhookRequest, context: grpc.aio.ServicerContext
     ) -> wpb.TestWebhookResponse:
-        if not request.id:
-            raise InvalidArgument.one("id", "is required")
+        check_id("id", request.id)
         return await self.admin.test_webhook(request.id)
 
     @unary
     async def ListDeliveries(
         self, request: wpb.ListDeliveriesRequest, context: grpc.aio.ServicerContext
     ) -> wpb.ListDeliveriesResponse:
+        check_id("webhook_id", request.webhook_id, required=False)
+        check_id("event_id", request.event_id, required=False)
         deliveries, token = await self.admin.list_deliveries(request)
         return wpb.ListDeliveriesResponse(deliveries=deliveries, next_page_token=token)
 
@@ -143,5 +141,6 @@ class WebhookServicer(webhooks_pb2_grpc.WebhookServiceServicer):
     async def ListEvents(
         self, request: wpb.ListEventsRequest, context: grpc.aio.ServicerContext
     ) -> wpb.ListEventsResponse:
+        check_id("policy_id", request.policy_id, required=False)
         found, token = await self.admin.list_events(request)
         return wpb.ListEventsResponse(events=found, next_page_token=token)

@@ -299,3 +299,14 @@ class SpendAdjustmentRow(Base):
     request_id: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
 
     __table_args__ = (Index("ix_spend_adjustments_policy_member", "policy_id", "member", "id"),)
+
+
+class ServerKeyRow(Base):
+    """A key the control plane replicas of one database share, created by the
+    first that needs it (e.g. ``page_token``: signs page tokens)."""
+
+    __tablename__ = "server_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))  # hex
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -4,7 +4,6 @@ public function of control_plane.service wraps one transaction around them.
 
 from __future__ import annotations
 
-import base64
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,19 +31,6 @@ def new_policy_id() -> str:
         chars.append(_CROCKFORD[n & 31])
         n >>= 5
     return "bp_" + "".join(reversed(chars))
-
-
-def encode_page_token(*parts: str) -> str:
-    return base64.urlsafe_b64encode("\x1f".join(parts).encode()).decode()
-
-
-def decode_page_token(token: str, nparts: int) -> list[str] | None:
-    """The parts of a token made by encode_page_token, or None if it is not one."""
-    try:
-        parts = base64.urlsafe_b64decode(token.encode()).decode().split("\x1f")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return parts if len(parts) == nparts else None
 
 
 def get_policy(session: Session, policy_id: str) -> PolicyRow | None:

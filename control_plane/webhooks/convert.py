@@ -28,8 +28,10 @@ from control_plane.webhooks.formats import (
 )
 from control_plane.webhooks.signing import SecretInvalid, secret_key
 from control_plane.webhooks.ssrf import UrlBlocked, UrlPolicy
-from spendgate.domain.policies import Action, FieldViolation, Scope
+from spendgate.domain import limits
+from spendgate.domain.policies import Action, FieldViolation, Scope, text_violations
 from spendgate.v1 import webhooks_pb2 as wpb
+from spendgate.visible import first_unsafe
 from spendgate.wire import ACTIONS_PB, SCOPES_PB, timestamp
 
 FORMATS: dict[int, str] = {
@@ -51,7 +53,12 @@ STATES_PB = {
     "failed": wpb.DELIVERY_STATE_FAILED,
 }
 STATES = {v: k for k, v in STATES_PB.items()}
-MAX_NAME, MAX_DESCRIPTION, MAX_URL, MAX_KEY = 200, 2000, 2048, 200
+MAX_NAME, MAX_DESCRIPTION, MAX_URL, MAX_KEY = (
+    limits.MAX_NAME_CHARS,
+    limits.MAX_DESCRIPTION_CHARS,
+    limits.MAX_URL_CHARS,
+    200,
+)
 _ROUTING_KEY = re.compile(r"^[A-Za-z0-9_\-.:]{1,200}$")
 MASK = "****"
 assert set(SEVERITY.values()) == set(SEVERITIES)
@@ -80,14 +87,8 @@ def webhook_values(
     (from the message, or kept from the stored webhook on update)."""
     violations: list[FieldViolation] = []
     name = msg.name.strip()
-    if not name:
-        violations.append(FieldViolation("name", "is required"))
-    elif len(name) > MAX_NAME:
-        violations.append(FieldViolation("name", f"must be at most {MAX_NAME} characters"))
-    if len(msg.description) > MAX_DESCRIPTION:
-        violations.append(
-            FieldViolation("description", f"must be at most {MAX_DESCRIPTION} characters")
-        )
+    violations += text_violations("name", name, MAX_NAME, required=True)
+    violations += text_violations("description", msg.description, MAX_DESCRIPTION, multiline=True)
     fmt = FORMATS.get(msg.format)
     if fmt is None:
         violations.append(FieldViolation("format", "is required: GENERIC, SLACK or PAGERDUTY"))
@@ -96,6 +97,8 @@ def webhook_values(
         violations.append(FieldViolation("url", "is required"))
     elif len(url) > MAX_URL:
         violations.append(FieldViolation("url", f"must be at most {MAX_URL} characters"))
+    elif first_unsafe(url) is not None:
+        violations.append(FieldViolation("url", "must not contain control characters"))
     else:
         try:
             url_policy.target(url)

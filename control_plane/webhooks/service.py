@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from control_plane.errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound
 from control_plane.keyring import Keyring, SecretUnreadable
 from control_plane.service import ControlPlane, clamp_page_size
-from control_plane.store import repo, webhook_repo
+from control_plane.store import webhook_repo
 from control_plane.store.models import WebhookRow
 from control_plane.webhooks import convert, events, sealed
 from control_plane.webhooks.formats import PAGERDUTY, Message, render, render_test_resolve
@@ -86,12 +86,13 @@ class WebhookAdmin:
 
     async def list_webhooks(self, page_size: int, page_token: str) -> tuple[list[wpb.Webhook], str]:
         limit = clamp_page_size(page_size, default=50)
-        after = _after(page_token)
+        tokens = await self.cp.page_tokens()
+        after = tokens.decode("webhooks", page_token, 1)[0] if page_token else ""
         rows = await self.cp.run(
             lambda s: webhook_repo.list_webhooks(s, after_id=after, limit=limit + 1)
         )
         page = rows[:limit]
-        token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
+        token = tokens.encode("webhooks", page[-1].id) if len(rows) > limit else ""
         return [convert.webhook_message(r) for r in page], token
 
     async def update_webhook(
@@ -209,7 +210,8 @@ class WebhookAdmin:
         self, req: wpb.ListDeliveriesRequest
     ) -> tuple[list[wpb.WebhookDelivery], str]:
         limit = clamp_page_size(req.page_size, default=50)
-        before = _after(req.page_token)
+        tokens = await self.cp.page_tokens()
+        before = tokens.decode("deliveries", req.page_token, 1)[0] if req.page_token else ""
         state = ""
         if req.state:
             if req.state not in convert.STATES:
@@ -232,12 +234,13 @@ class WebhookAdmin:
 
         views = await self.cp.run(query)
         page = views[:limit]
-        token = repo.encode_page_token(page[-1].delivery.id) if len(views) > limit else ""
+        token = tokens.encode("deliveries", page[-1].delivery.id) if len(views) > limit else ""
         return [convert.delivery_message(v) for v in page], token
 
     async def list_events(self, req: wpb.ListEventsRequest) -> tuple[list[wpb.BudgetEvent], str]:
         limit = clamp_page_size(req.page_size, default=50)
-        before = _after(req.page_token)
+        tokens = await self.cp.page_tokens()
+        before = tokens.decode("events", req.page_token, 1)[0] if req.page_token else ""
         if req.type and req.type not in events.SUBSCRIBABLE:
             raise InvalidArgument.one("type", f"must be one of {', '.join(events.SUBSCRIBABLE)}")
         kinds = (req.type,) if req.type else events.SUBSCRIBABLE
@@ -247,14 +250,5 @@ class WebhookAdmin:
             )
         )
         page = rows[:limit]
-        token = repo.encode_page_token(page[-1].id) if len(rows) > limit else ""
+        token = tokens.encode("events", page[-1].id) if len(rows) > limit else ""
         return [convert.event_message(r) for r in page], token
-
-
-def _after(page_token: str) -> str:
-    if not page_token:
-        return ""
-    parts = repo.decode_page_token(page_token, 1)
-    if parts is None:
-        raise InvalidArgument.one("page_token", "is not a token this server returned")
-    return parts[0]

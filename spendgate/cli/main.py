@@ -7,6 +7,7 @@ import sys
 
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.credentials import client_server, client_token
+from spendgate.visible import visible
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
         return 0
     except CliError as e:
-        print(f"spendgate: {e}", file=sys.stderr)
+        print(f"spendgate: {visible(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,18 +1,30 @@
-"""Human-readable tables and JSON for the CLI."""
+"""Human-readable tables and JSON for the CLI.
+
+Every value printed came from somewhere else (an admin, a client request, a
+provider), so text output escapes control characters visibly (``\x1b``):
+a policy name or model name cannot move the cursor, recolour the terminal
+or rewrite earlier lines. JSON output escapes them the JSON way.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+
+from spendgate.visible import visible
+
+M = TypeVar("M", bound=Message)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     if not rows:
         return "(none)"
+    rows = [[visible(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
     for r in rows:
@@ -31,5 +43,40 @@ def as_json(messages: Message | Sequence[Message]) -> Any:
     return [one(m) for m in messages]
 
 
-def echo(text: str) -> None:
-    sys.stdout.write(text + "\n")
+def visible_message(message: M) -> M:
+    """A copy of ``message`` with every string field (nested, repeated, map
+    values too) escaped by :func:`spendgate.visible.visible`, for text views
+    that format values themselves."""
+    out = type(message)()
+    out.CopyFrom(message)
+    _escape_fields(out)
+    return out
+
+
+def _escape_fields(m: Message) -> None:
+    for field, value in m.ListFields():
+        entry = field.message_type
+        if entry is not None:
+            if entry.GetOptions().map_entry:
+                entry_value = entry.fields_by_name["value"]
+                for key in list(value):
+                    if entry_value.type == FieldDescriptor.TYPE_STRING:
+                        value[key] = visible(value[key])
+                    elif entry_value.type == FieldDescriptor.TYPE_MESSAGE:
+                        _escape_fields(value[key])
+            elif field.is_repeated:
+                for item in value:
+                    _escape_fields(item)
+            else:
+                _escape_fields(value)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [visible(v) for v in value]
+            else:
+                setattr(m, field.name, visible(value))
+
+
+def echo(text: str, *, raw: bool = False) -> None:
+    """Print ``text``; control characters but newlines escaped unless
+    ``raw`` (a view that escaped its values and adds its own colours)."""
+    sys.stdout.write((text if raw else visible(text, keep_newlines=True)) + "\n")

@@ -11,7 +11,9 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import as_json, echo, table
+from spendgate.domain.limits import MAX_THRESHOLD_PERCENT, MAX_WINDOW_COUNT
 from spendgate.v1 import budget_pb2 as pb
+from spendgate.visible import visible
 
 _UNITS = {
     "m": pb.WINDOW_UNIT_MINUTES,
@@ -46,9 +48,18 @@ def parse_window(text: str) -> pb.BudgetWindow:
     m = re.fullmatch(r"\s*(\d*)\s*([a-z]+)\s*", text.lower())
     if not m or m.group(2) not in _UNITS:
         raise CliError(
-            f"--window {text!r}: use a count and a unit, e.g. 1d, 12h, 15m, 2w, 1mo, day, month"
+            f"--window '{visible(text, 40)}': use a count and a unit, "
+            "e.g. 1d, 12h, 15m, 2w, 1mo, day, month"
         )
-    return pb.BudgetWindow(unit=_UNITS[m.group(2)], count=int(m.group(1) or 1))
+    digits = m.group(1).lstrip("0") or ("0" if m.group(1) else "1")
+    # A count that cannot even be sent is refused here; the server checks the
+    # rest (1..MAX_WINDOW_COUNT), together with every other field.
+    if len(digits) > 10 or int(digits) >= 2**31:
+        raise CliError(
+            f"--window '{visible(text, 40)}': the count must be 1 to {MAX_WINDOW_COUNT}, "
+            "e.g. 3mo for a quarter"
+        )
+    return pb.BudgetWindow(unit=_UNITS[m.group(2)], count=int(digits))
 
 
 def window_text(w: pb.BudgetWindow) -> str:
@@ -58,9 +69,14 @@ def window_text(w: pb.BudgetWindow) -> str:
 
 def _thresholds(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise CliError(f"--thresholds {text!r}: use percentages like 50,80,100") from None
+        raise CliError(
+            f"--thresholds '{visible(text, 40)}': use percentages like 50,80,100"
+        ) from None
+    if any(not -(2**31) <= t < 2**31 for t in values):  # cannot be sent; the server checks the rest
+        raise CliError(f"--thresholds: each must be 1 to {MAX_THRESHOLD_PERCENT} (percent)")
+    return values
 
 
 def add_policy_fields(p: argparse.ArgumentParser, *, create: bool) -> None:

@@ -14,6 +14,7 @@ once for scripts. Colour only when stdout is a terminal (and NO_COLOR is unset).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,11 +27,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from spendgate.cli.client import AdminClient, CliError
-from spendgate.cli.output import echo
+from spendgate.cli.output import echo, visible_message
 from spendgate.cli.policies import window_text
 from spendgate.domain.policies import Scope
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import webhooks_pb2 as wpb
+from spendgate.visible import visible
 from spendgate.wire import SCOPES, from_timestamp
 
 OK, ALERTING, EXCEEDED = "OK", "ALERTING", "EXCEEDED"
@@ -395,6 +397,24 @@ def _event_line(e: wpb.BudgetEvent, style: Style) -> str:
     )
 
 
+def visible_snapshot(snap: Snapshot) -> Snapshot:
+    """``snap`` with every string value escaped for a terminal."""
+    return dataclasses.replace(
+        snap,
+        policies=[
+            dataclasses.replace(
+                ps,
+                policy=visible_message(ps.policy),
+                spend=[dataclasses.replace(s, member=visible(s.member)) for s in ps.spend],
+            )
+            for ps in snap.policies
+        ],
+        events=[visible_message(e) for e in snap.events],
+        quarantined=[visible_message(q) for q in snap.quarantined],
+        anomalies=[visible_message(a) for a in snap.anomalies],
+    )
+
+
 def render(
     snap: Snapshot | None,
     *,
@@ -404,7 +424,12 @@ def render(
     style: Style,
     error: str = "",
 ) -> str:
-    """The whole view as text; ``snap`` None when nothing was ever fetched."""
+    """The whole view as text; ``snap`` None when nothing was ever fetched.
+    Every value from the server is escaped (control characters shown as
+    ``\x1b``); the only escape sequences in the text are ``style``'s."""
+    server, error = visible(server), visible(error)
+    if snap is not None:
+        snap = visible_snapshot(snap)
     lines = [
         style.bold("spendgate status")
         + f"  ·  control plane {server}  ·  {now.strftime('%Y-%m-%d %H:%M:%S')} UTC"
@@ -558,7 +583,8 @@ def run_status(args: argparse.Namespace, client: AdminClient) -> None:
     if args.json:
         echo(json.dumps(as_json(snap, args.top), indent=2))
     else:
-        echo(render(snap, server=client.server, now=now, top=args.top, style=Style(_colour())))
+        text = render(snap, server=client.server, now=now, top=args.top, style=Style(_colour()))
+        echo(text, raw=True)
 
 
 def watch(args: argparse.Namespace, client: AdminClient) -> None:

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spendgate import envoy_config, ports, settings
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import load_or_create_tokens, secrets_key_env
+from spendgate.visible import visible
 
 STOP_TIMEOUT_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -87,8 +88,10 @@ class Child:
         for line in iter(stream.readline, b""):
             if not writable:
                 continue  # keep draining, or the child blocks on a full pipe
+            # Escaped: a child's line may quote what a client sent.
+            text = visible(line.decode(errors="replace").rstrip("\n"))
             try:
-                sys.stdout.write(f"{self.name:>13} | {line.decode(errors='replace')}")
+                sys.stdout.write(f"{self.name:>13} | {text}\n")
                 sys.stdout.flush()
             except (OSError, ValueError):  # the terminal is gone (SIGHUP)
                 writable = False

@@ -9,15 +9,17 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from spendgate.domain import limits
 from spendgate.domain.members import MemberInvalid, canonical
 from spendgate.domain.windows import WindowSpec
+from spendgate.visible import first_unsafe, visible
 
-MAX_NAME_LENGTH = 200
-MAX_TARGET_LENGTH = 512
-MAX_AMOUNT_NANOS = 10**9 * 10**9  # one billion dollars: far beyond any real budget
+MAX_NAME_LENGTH = limits.MAX_NAME_CHARS
+MAX_TARGET_LENGTH = limits.MAX_TARGET_CHARS
+MAX_AMOUNT_NANOS = limits.MAX_AMOUNT_USD * 10**9  # far beyond any real budget
 _SHA256_TARGET = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -101,7 +103,10 @@ def normalize_target(scope: Scope, target: str) -> str:
         return PolicyInvalid([FieldViolation("target", description)])
 
     if len(target) > MAX_TARGET_LENGTH:
-        raise bad(f"must be at most {MAX_TARGET_LENGTH} characters")
+        raise bad(f"must be at most {MAX_TARGET_LENGTH} characters (got {len(target)})")
+    # Identity scopes get canonical()'s more precise refusal below.
+    if scope not in IDENTITY_SCOPES and (ch := first_unsafe(target)) is not None:
+        raise bad(f"must not contain control characters (found {visible(ch)})")
     if scope is Scope.GLOBAL:
         if target not in ("", WILDCARD):
             raise bad("must be empty for scope GLOBAL")
@@ -123,6 +128,9 @@ def normalize_target(scope: Scope, target: str) -> str:
             raise bad(str(e)) from None
         return f"{key}={value}"
     if scope in (Scope.MODEL, Scope.PROVIDER):
+        size = len(target.encode())
+        if size > limits.MAX_MODEL_BYTES:
+            raise bad(f"must be at most {limits.MAX_MODEL_BYTES} bytes (UTF-8) (got {size})")
         return target.lower()
     if scope in IDENTITY_SCOPES and target != WILDCARD:
         try:
@@ -149,23 +157,53 @@ def _match_target(scope: Scope, target: str) -> str:
         return target
 
 
-def validate_policy(
-    *, name: str, amount_nanos: int | None, alert_thresholds: Iterable[int]
+def text_violations(
+    field: str, value: str, max_chars: int, *, required: bool = False, multiline: bool = False
 ) -> list[FieldViolation]:
-    """Violations of the fields that need no parsing (name, amount, thresholds)."""
-    violations: list[FieldViolation] = []
-    if not name.strip():
-        violations.append(FieldViolation("name", "is required"))
-    elif len(name) > MAX_NAME_LENGTH:
-        violations.append(FieldViolation("name", f"must be at most {MAX_NAME_LENGTH} characters"))
+    """The violation of a free-text field: blank when ``required``, longer
+    than ``max_chars``, or holding control characters (tab and newline are
+    allowed when ``multiline``)."""
+    if required and not value.strip():
+        return [FieldViolation(field, "is required")]
+    if len(value) > max_chars:
+        return [FieldViolation(field, f"must be at most {max_chars} characters (got {len(value)})")]
+    ch = first_unsafe(value, allow="\t\n" if multiline else "")
+    if ch is not None:
+        return [FieldViolation(field, f"must not contain control characters (found {visible(ch)})")]
+    return []
+
+
+def validate_policy(
+    *,
+    name: str,
+    amount_nanos: int | None,
+    alert_thresholds: Sequence[int],
+    description: str = "",
+) -> list[FieldViolation]:
+    """Violations of the fields that need no parsing (name, description,
+    amount, thresholds)."""
+    violations = text_violations("name", name, MAX_NAME_LENGTH, required=True)
+    violations += text_violations(
+        "description", description, limits.MAX_DESCRIPTION_CHARS, multiline=True
+    )
     if amount_nanos is not None and amount_nanos <= 0:
         violations.append(FieldViolation("amount_usd", "must be greater than 0"))
     elif amount_nanos is not None and amount_nanos > MAX_AMOUNT_NANOS:
-        violations.append(FieldViolation("amount_usd", "must be at most 1000000000"))
+        violations.append(FieldViolation("amount_usd", f"must be at most {limits.MAX_AMOUNT_USD}"))
+    if len(alert_thresholds) > limits.MAX_THRESHOLDS:
+        # One violation, not one per value: 3,000 of them would not fit an answer.
+        violations.append(
+            FieldViolation(
+                "alert_thresholds",
+                f"at most {limits.MAX_THRESHOLDS} thresholds (got {len(alert_thresholds)})",
+            )
+        )
+        return violations
     seen: set[int] = set()
+    top = limits.MAX_THRESHOLD_PERCENT
     for t in alert_thresholds:
-        if not 1 <= t <= 1000:
-            violations.append(FieldViolation("alert_thresholds", f"{t} is not in 1..1000"))
+        if not 1 <= t <= top:
+            violations.append(FieldViolation("alert_thresholds", f"{t} is not in 1..{top}"))
         elif t in seen:
             violations.append(FieldViolation("alert_thresholds", f"{t} is listed twice"))
         seen.add(t)

@@ -6,13 +6,13 @@ Envoy with the official OpenAI SDK, on SQLite and PostgreSQL.
   delivery: now it is charged saturated, raises a ``usage.anomaly`` event, and
   a normal request afterwards is delivered with its exact cost.
 * A 5 MB model name under a MODEL ``*`` policy made a batch over gRPC's 4 MB
-  limit that was retried forever: now the record is quarantined (file next to
-  the journal, control plane table, metric) and later usage flows.
+  limit that was retried forever: model names are now bounded at the door
+  (tests/e2e/test_limits_data_path.py); a record too large to send that is
+  already in a journal is quarantined (tests/durability/test_poison_journal.py).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -137,47 +137,3 @@ def test_absurd_token_counts_are_charged_saturated_and_usage_keeps_flowing(
     assert "output tokens), charged $9223372036.854775807; cost saturated" in lines[3]
     assert "(99999999999999999 output tokens)" in lines[3]
     assert lines[4] == "1 policy: 1 EXCEEDED"
-
-
-def test_a_five_megabyte_model_name_is_quarantined_and_later_usage_flows(
-    stack: Stack, capsys: pytest.CaptureFixture[str]
-) -> None:
-    models = create(
-        stack,
-        name="each model",
-        amount_usd="10",
-        action=pb.ACTION_ALERT,
-        scope=pb.SCOPE_MODEL,
-        target="*",
-    )
-    huge = "m" * (5 * 1024 * 1024)
-    chat(client(stack, "carol"), model=huge)
-    chat(client(stack, "carol"), model="gpt-4o")
-    normal = stack.provider.log.billed[-1]
-    wait_until(
-        lambda: spent(stack, models.id, "gpt-4o") == billed(stack, "gpt-4o", normal.usage),
-        message="usage behind the poison record is delivered",
-    )
-
-    def listed() -> pb.ListQuarantinedUsageResponse:
-        return stack.budgets.ListQuarantinedUsage(
-            pb.ListQuarantinedUsageRequest(), metadata=stack.admin
-        )
-
-    wait_until(lambda: listed().total_size == 1, message="quarantine reaches the control plane")
-    [record] = listed().records
-    assert record.reason == "too_large"
-    assert record.policy_id == models.id and record.member == huge[:256]
-    assert record.member_bytes == len(huge) and record.data_plane_id == "test-dp"
-    assert Decimal(record.cost_usd) > 0
-    # The file next to the journal keeps it, bounded and greppable.
-    lines = (stack.workdir / "journal" / "quarantine.v1.jsonl").read_text().splitlines()
-    assert [json.loads(line)["reason"] for line in lines] == ["too_large"]
-    assert stack.ext.state.quarantine.counts["too_large"] == 1
-    assert stack.ext.sync.backlog is False
-    assert stack.ext.state.unsent_count() == 0
-
-    lines = status_lines(stack, capsys)
-    assert lines[1].startswith("! 1 usage record quarantined (their cost is in no window")
-    assert f"too_large        ${record.cost_usd} policy {models.id} member " in lines[2]
-    assert f"({len(huge)} bytes)" in lines[2]

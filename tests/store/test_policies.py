@@ -6,6 +6,7 @@ is driven directly, with a FakeClock, never by sleeping.
 
 from __future__ import annotations
 
+import base64
 from datetime import timedelta
 
 import pytest
@@ -18,7 +19,6 @@ from sqlalchemy.orm import Session
 from control_plane.api.budgets import mask_merger
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound
 from control_plane.service import ControlPlane
-from control_plane.store import repo
 from control_plane.store.db import create_db_engine, migrate
 from control_plane.store.models import Base, PolicyRow
 from spendgate.domain.policies import hash_api_key
@@ -60,6 +60,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             "window_holds",
             "quarantined_usage",
             "spend_adjustments",
+            "server_keys",
         }
         assert insp.get_pk_constraint("window_spend")["constrained_columns"] == [
             "policy_id",
@@ -70,7 +71,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             ctx = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
-            assert ctx.get_current_revision() == "0010"
+            assert ctx.get_current_revision() == "0011"
             assert compare_metadata(ctx, Base.metadata) == []
     finally:
         engine.dispose()
@@ -156,7 +157,17 @@ async def test_list_policies_pages(cp: ControlPlane) -> None:
     page, token = await cp.list_policies(7, "")
     assert [p.id for p in page] == ids and token == ""
 
-    for bad in ("not a token!!", repo.encode_page_token("a", "b"), "////"):
+    tokens = await cp.page_tokens()
+    forged = base64.urlsafe_b64encode(b"policies\x1f" + ids[2].encode()).decode()
+    for bad in (
+        "not a token!!",
+        tokens.encode("policies", "a", "b"),  # signed, but not this list's shape
+        tokens.encode("webhooks", ids[2]),  # another list's token
+        forged,  # the unsigned form
+        forged + "." + "A" * 22,  # a made-up signature
+        "A" * 100_000,
+        "////",
+    ):
         with pytest.raises(InvalidArgument) as e:
             await cp.list_policies(3, bad)
         assert fields(e.value) == ["page_token"]

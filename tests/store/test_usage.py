@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 
 from control_plane.errors import InvalidArgument, NotFound
 from control_plane.service import ControlPlane
-from control_plane.store import repo
 from control_plane.store.models import AppliedBatchRow, WindowSpendRow
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
@@ -238,7 +237,7 @@ async def test_list_spend_entries_filters_and_pages(cp: ControlPlane) -> None:
         await cp.list_spend("", "", 10, "garbage!")
     assert fields(e.value) == ["page_token"]
     with pytest.raises(InvalidArgument) as e:
-        await cp.list_spend("", "", 10, repo.encode_page_token("only-one-part"))
+        await cp.list_spend("", "", 10, (await cp.page_tokens()).encode("spend", "only-one-part"))
     assert fields(e.value) == ["page_token"]
     with pytest.raises(NotFound):
         await cp.list_spend("bp_nope", "", 0, "")

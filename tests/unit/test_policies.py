@@ -146,7 +146,7 @@ def test_normalize_target(scope: Scope, target: str, expected: str) -> None:
         pytest.param(
             Scope.ENDPOINT,
             "u" * (MAX_TARGET_LENGTH + 1),
-            f"must be at most {MAX_TARGET_LENGTH} characters",
+            f"must be at most {MAX_TARGET_LENGTH} characters (got {MAX_TARGET_LENGTH + 1})",
             id="too-long",
         ),
         pytest.param(
@@ -196,7 +196,12 @@ def test_normalize_target_accepts_max_length() -> None:
             "t" * (MAX_NAME_LENGTH + 1),
             1,
             (),
-            [FieldViolation("name", f"must be at most {MAX_NAME_LENGTH} characters")],
+            [
+                FieldViolation(
+                    "name",
+                    f"must be at most {MAX_NAME_LENGTH} characters (got {MAX_NAME_LENGTH + 1})",
+                )
+            ],
             id="name-too-long",
         ),
         pytest.param(
