@@ -26,6 +26,7 @@ from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
+from tests.e2e.budgets import create_policy, delete_policies, spent
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -44,38 +45,18 @@ GEMINI_AUTH = {"x-goog-api-key": "gm-test"}
 @pytest.fixture(autouse=True)
 def clean(stack: Stack) -> Iterator[None]:
     yield
-    resp = stack.budgets.ListBudgetPolicies(
-        pb.ListBudgetPoliciesRequest(page_size=1000), metadata=stack.admin
-    )
-    for p in resp.policies:
-        stack.budgets.DeleteBudgetPolicy(
-            pb.DeleteBudgetPolicyRequest(id=p.id), metadata=stack.admin
-        )
-    wait_until(lambda: len(stack.ext.state.index) == 0, message="policies removed")
-    stack.provider.log.clear()
+    delete_policies(stack)
 
 
 def user_policy(stack: Stack, user: str, *, amount: str, action: int) -> pb.BudgetPolicy:
-    p = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(
-            policy=pb.BudgetPolicy(
-                name=f"cov-{user}",
-                amount_usd=amount,
-                action=action,
-                scope=pb.SCOPE_USER,
-                target=user,
-                window=pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1),
-            )
-        ),
-        metadata=stack.admin,
+    return create_policy(
+        stack,
+        name=f"cov-{user}",
+        amount_usd=amount,
+        action=action,
+        scope=pb.SCOPE_USER,
+        target=user,
     )
-    wait_until(lambda: p.id in stack.ext.state.index.policies, message="policy synced")
-    return p
-
-
-def spent(stack: Stack, policy_id: str) -> Decimal:
-    resp = stack.budgets.ListSpend(pb.ListSpendRequest(policy_id=policy_id), metadata=stack.admin)
-    return Decimal(resp.entries[0].spent_usd) if resp.entries else Decimal(0)
 
 
 def spent_budget(stack: Stack) -> dict[str, str]:

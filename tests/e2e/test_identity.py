@@ -10,7 +10,6 @@ Stacks: ``stack`` (tests/conftest.py) trusts identity headers from
 from __future__ import annotations
 
 import ssl
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from spendgate import envoy_config
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.deploy.files import envoy_validate
+from tests.e2e.budgets import create_policy, delete_policies
 from tests.e2e.identity_setup import (
     JWT_HEADER,
     CertificateAuthority,
@@ -44,29 +44,8 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def create(stack: Stack, **fields: Any) -> pb.BudgetPolicy:
-    fields.setdefault("window", pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1))
-    fields.setdefault("action", pb.ACTION_REJECT)
     fields.setdefault("amount_usd", ONE_REQUEST)
-    fields.setdefault("name", f"id-{uuid.uuid4().hex[:6]}")
-    policy = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(policy=pb.BudgetPolicy(**fields)), metadata=stack.admin
-    )
-    wait_until(
-        lambda: policy.id in stack.ext.state.index.policies, message="policy reaches ext_proc"
-    )
-    return policy
-
-
-def delete_policies(stack: Stack) -> None:
-    resp = stack.budgets.ListBudgetPolicies(
-        pb.ListBudgetPoliciesRequest(page_size=1000), metadata=stack.admin
-    )
-    for p in resp.policies:
-        stack.budgets.DeleteBudgetPolicy(
-            pb.DeleteBudgetPolicyRequest(id=p.id), metadata=stack.admin
-        )
-    wait_until(lambda: len(stack.ext.state.index) == 0, message="policies gone from ext_proc")
-    stack.provider.log.clear()
+    return create_policy(stack, **fields)
 
 
 def members(stack: Stack, policy: pb.BudgetPolicy) -> set[str]:

@@ -23,6 +23,7 @@ from google.genai import types as genai_types
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack
+from tests.e2e.budgets import create_policy, delete_policies, spent
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -55,33 +56,18 @@ ANTHROPIC_KNOBS = {
 @pytest.fixture(autouse=True)
 def clean(stack: Stack) -> Iterator[None]:
     yield
-    resp = stack.budgets.ListBudgetPolicies(
-        pb.ListBudgetPoliciesRequest(page_size=1000), metadata=stack.admin
-    )
-    for p in resp.policies:
-        stack.budgets.DeleteBudgetPolicy(
-            pb.DeleteBudgetPolicyRequest(id=p.id), metadata=stack.admin
-        )
-    wait_until(lambda: len(stack.ext.state.index) == 0, message="policies removed")
-    stack.provider.log.clear()
+    delete_policies(stack)
 
 
 def policy(stack: Stack, *, amount: str, action: int, user: str) -> pb.BudgetPolicy:
-    p = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(
-            policy=pb.BudgetPolicy(
-                name=f"sdk-{user}",
-                amount_usd=amount,
-                action=action,
-                scope=pb.SCOPE_USER,
-                target=user,
-                window=pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1),
-            )
-        ),
-        metadata=stack.admin,
+    return create_policy(
+        stack,
+        name=f"sdk-{user}",
+        amount_usd=amount,
+        action=action,
+        scope=pb.SCOPE_USER,
+        target=user,
     )
-    wait_until(lambda: p.id in stack.ext.state.index.policies, message="policy synced")
-    return p
 
 
 def billed(stack: Stack) -> Decimal:
@@ -91,11 +77,6 @@ def billed(stack: Stack) -> Decimal:
         assert price is not None, b.model
         total += cost_nanos(b.usage, price)
     return Decimal(total) / NANOS_PER_USD
-
-
-def spent(stack: Stack, policy_id: str) -> Decimal:
-    resp = stack.budgets.ListSpend(pb.ListSpendRequest(policy_id=policy_id), metadata=stack.admin)
-    return Decimal(resp.entries[0].spent_usd) if resp.entries else Decimal(0)
 
 
 # ---- clients ------------------------------------------------------------------

@@ -26,6 +26,7 @@ from google.genai import types as genai_types
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack
+from tests.e2e.budgets import create_policy, delete_policies, spent
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -45,39 +46,12 @@ PROVIDER_OF_API |= {"bedrock": "bedrock"}
 def clean(stack: Stack) -> Iterator[None]:
     stack.provider.log.clear()
     yield
-    resp = stack.budgets.ListBudgetPolicies(
-        pb.ListBudgetPoliciesRequest(page_size=1000), metadata=stack.admin
-    )
-    for p in resp.policies:
-        stack.budgets.DeleteBudgetPolicy(
-            pb.DeleteBudgetPolicyRequest(id=p.id), metadata=stack.admin
-        )
-    wait_until(lambda: len(stack.ext.state.index) == 0, message="policies removed")
-    stack.provider.log.clear()
+    delete_policies(stack)
 
 
 def key_policy(stack: Stack, key: str, amount: str = "0.000001") -> pb.BudgetPolicy:
     """A REJECT budget for one API key (the control plane stores its hash)."""
-    p = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(
-            policy=pb.BudgetPolicy(
-                name=f"key-{uuid.uuid4().hex[:6]}",
-                amount_usd=amount,
-                action=pb.ACTION_REJECT,
-                scope=pb.SCOPE_API_KEY,
-                target=key,
-                window=pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1),
-            )
-        ),
-        metadata=stack.admin,
-    )
-    wait_until(lambda: p.id in stack.ext.state.index.policies, message="policy synced")
-    return p
-
-
-def spent(stack: Stack, policy_id: str) -> Decimal:
-    resp = stack.budgets.ListSpend(pb.ListSpendRequest(policy_id=policy_id), metadata=stack.admin)
-    return Decimal(resp.entries[0].spent_usd) if resp.entries else Decimal(0)
+    return create_policy(stack, amount_usd=amount, scope=pb.SCOPE_API_KEY, target=key)
 
 
 def wait_for_spend(stack: Stack, policy_id: str, want: Decimal) -> None:
