@@ -382,18 +382,7 @@ class ControlPlane:
                     reported_cost_usd=a.reported_cost_usd,
                     deliveries=a.deliveries,
                 )
-            for e in outbox.recorded:  # committed: one line per crossing
-                log.info(
-                    "budget event recorded",
-                    event_id=e.event_id,
-                    event_type=e.kind,
-                    policy_id=e.policy_id,
-                    member=e.member or None,
-                    threshold_percent=e.threshold or None,
-                    spent_usd=e.spent_usd,
-                    amount_usd=e.amount_usd,
-                    deliveries=e.deliveries,
-                )
+            _log_recorded(outbox)
             if outbox.deliveries:
                 self.deliveries_ready.set()
             if unknown:
@@ -512,19 +501,7 @@ class ControlPlane:
             reason=r.reason,
             author=r.created_by,
         )
-        for e in outbox.recorded:  # committed: one line per crossing
-            log.info(
-                "budget event recorded",
-                event_id=e.event_id,
-                event_type=e.kind,
-                policy_id=e.policy_id,
-                member=e.member or None,
-                threshold_percent=e.threshold or None,
-                spent_usd=e.spent_usd,
-                amount_usd=e.amount_usd,
-                deliveries=e.deliveries,
-                adjustment_id=r.id,
-            )
+        _log_recorded(outbox, adjustment_id=r.id)
         if outbox.deliveries:
             self.deliveries_ready.set()
         self.hub.publish(dp.StateUpdate(spend=spend))
@@ -703,6 +680,23 @@ def _spend_message(
         holds=held.get((r.policy_id, r.member, r.window_start), ()),
         adjustment_seq=r.adjustment_count,
     )
+
+
+def _log_recorded(outbox: OutboxResult, **context: str) -> None:
+    """One line per budget event a committed transaction recorded."""
+    for e in outbox.recorded:
+        log.info(
+            "budget event recorded",
+            event_id=e.event_id,
+            event_type=e.kind,
+            policy_id=e.policy_id,
+            member=e.member or None,
+            threshold_percent=e.threshold or None,
+            spent_usd=e.spent_usd,
+            amount_usd=e.amount_usd,
+            deliveries=e.deliveries,
+            **context,
+        )
 
 
 def _spend_entry(
