@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from ext_proc import envoy_codec as codec
+from ext_proc.protocol import envoy_codec as codec
 
 _HEADERS = codec.request_headers_response(None, codec.METERED)
 _ANSWERS = {

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from ext_proc import identity
+from ext_proc.admission import identity
 from spendgate import settings
 from spendgate.domain.pricing import NANOS_PER_USD
 from spendgate.settings import ConfigError
@@ -28,7 +28,7 @@ class Settings:
     control_plane_ca_file: str = ""
     # Identifies this data plane in the control plane's records.
     data_plane_id: str = ""
-    # Who is the caller (ext_proc/identity.py, README "Who is the caller?").
+    # Who is the caller (ext_proc/admission/identity.py, README "Who is the caller?").
     # Identity headers (removed before the provider, always) count only from
     # trusted_header_sources: comma-separated CIDRs matched against the
     # direct peer's address and/or mTLS peer principals (spiffe://...).
@@ -57,7 +57,7 @@ class Settings:
     # How often unsent usage is sent to the control plane.
     flush_interval_ms: int = 100
     # What to charge for a model with no price: default | free | reject
-    # (see ext_proc/pricing.py).
+    # (see ext_proc/metering/pricing.py).
     unpriced_models: str = "default"
     # A request on a provider route of no metered API shape (images, audio,
     # batches, ...): count (admission-checked like any request, counted in a
@@ -69,7 +69,7 @@ class Settings:
     # produced on the route recently, reservation_output_tokens until a few
     # answers were seen, never above the request's max_tokens) against its
     # REJECT windows until it ends, bounding concurrent overshoot
-    # (ext_proc/estimate.py).
+    # (ext_proc/admission/estimate.py).
     reservations: bool = True
     reservation_output_tokens: int = 4096
     reservation_percentile: int = 95
@@ -85,7 +85,7 @@ class Settings:
     # the model only appears in the response).
     default_input_price: str = "15"
     default_output_price: str = "75"
-    # Write-ahead journal of unsent usage (ext_proc/journal.py): a crash or
+    # Write-ahead journal of unsent usage (ext_proc/sync/journal.py): a crash or
     # kill -9 loses at most flush_interval_ms of usage, and usage the control
     # plane could not take is re-sent on the next start. "{port}" becomes the
     # listen port; relative paths are relative to the working directory.
@@ -93,14 +93,14 @@ class Settings:
     journal_dir: str = ".spendgate/ext_proc-{port}"
     # A request arriving before the first policy snapshot waits this long for
     # it (below Envoy's 1 s message_timeout). With a saved snapshot in
-    # journal_dir (ext_proc/snapshot.py) nothing waits: it is enforced at once.
+    # journal_dir (ext_proc/sync/snapshot.py) nothing waits: it is enforced at once.
     startup_wait_ms: int = 500
     # A response costing more than this (USD) is charged and reported as a
     # usage.anomaly event: no real answer costs that much.
     max_cost_per_response_usd: str = "1000"
     # Largest usage message sent to the control plane (gRPC's default limit
     # is 4 MiB); batches are split to fit, and a record larger alone is
-    # quarantined (ext_proc/quarantine.py).
+    # quarantined (ext_proc/sync/quarantine.py).
     usage_message_max_bytes: int = 1024 * 1024
     # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
     metrics_listen: str = "127.0.0.1:9465"

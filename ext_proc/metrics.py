@@ -18,9 +18,9 @@ from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ext_proc.state import LocalState
-from ext_proc.statestream import StreamStats
 from ext_proc.stats import Stats
+from ext_proc.sync.state import LocalState
+from ext_proc.sync.statestream import StreamStats
 from spendgate.metrics import NANOS, counter, gauge, histogram_family, labelled, task_failures
 from spendgate.supervise import Supervisor
 

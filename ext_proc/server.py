@@ -13,16 +13,23 @@ import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from ext_proc import envoy_codec as codec
-from ext_proc import metrics, snapshot
+from ext_proc import metrics
 from ext_proc.config import ConfigError, Settings
-from ext_proc.journal import Journal, JournalError
+from ext_proc.metering.pricing import PriceOverride, PriceTable
 from ext_proc.metrics import SyncStatus
-from ext_proc.pricing import PriceOverride, PriceTable
-from ext_proc.processor import Context, RequestProcessor
-from ext_proc.quarantine import Quarantine
-from ext_proc.state import LocalState
-from ext_proc.sync import FLUSH_TASK, RESERVE_TASK, SNAPSHOT_TASK, WATCH_TASK, ControlPlaneSync
+from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.processor import Context, RequestProcessor
+from ext_proc.sync import snapshot
+from ext_proc.sync.client import (
+    FLUSH_TASK,
+    RESERVE_TASK,
+    SNAPSHOT_TASK,
+    WATCH_TASK,
+    ControlPlaneSync,
+)
+from ext_proc.sync.journal import Journal, JournalError
+from ext_proc.sync.quarantine import Quarantine
+from ext_proc.sync.state import LocalState
 from spendgate.domain.pricing import PriceBook
 from spendgate.health_board import HealthBoard
 from spendgate.metrics import MetricsServer, start_metrics

@@ -60,7 +60,7 @@ class MeteredCounts:
     output_tokens: int = 0
     cost_nanos: int = 0
     # Responses charged whose cost was implausible, by reason
-    # (ext_proc/anomalies.py: cost_above_maximum, cost_saturated).
+    # (ext_proc/metering/anomalies.py: cost_above_maximum, cost_saturated).
     anomalies: dict[str, int] = field(
         default_factory=lambda: {"cost_above_maximum": 0, "cost_saturated": 0}
     )
@@ -92,7 +92,7 @@ class Stats:
     output_tokens: int = 0
     cost_nanos: int = 0
     # Responses charged whose cost was implausible, by reason
-    # (ext_proc/anomalies.py: cost_above_maximum, cost_saturated).
+    # (ext_proc/metering/anomalies.py: cost_above_maximum, cost_saturated).
     anomalies: dict[str, int] = field(
         default_factory=lambda: {"cost_above_maximum": 0, "cost_saturated": 0}
     )
@@ -100,7 +100,7 @@ class Stats:
     # policy id "". Bounded by the policies this process has seen.
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)
     # (route, method) -> requests of no metered API shape let through; the
-    # route names come from Envoy's config, methods are bounded (coverage.py).
+    # route names come from Envoy's config, methods are bounded (metering/coverage.py).
     unmetered: dict[tuple[str, str], int] = field(default_factory=dict)
     # (provider, API shape, model) -> metered; the model is the price table's
     # name for it or UNPRICED, never the raw name a client sent.

@@ -1,7 +1,7 @@
 """Canonical identity values: how a user, workspace, service or tag becomes a
 budget member, the same way in both planes.
 
-Pure. ext_proc canonicalises what a request says (ext_proc/identity.py); the
+Pure. ext_proc canonicalises what a request says (ext_proc/admission/identity.py); the
 control plane canonicalises policy targets (policies.normalize_target), so a
 policy written for ``Alice`` binds the request of ``alice``.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ext_proc.journal import (
+from ext_proc.sync.journal import (
     FILE_NAME,
     HEADER,
     Journal,
@@ -16,7 +16,7 @@ from ext_proc.journal import (
     encode_batch,
     scan,
 )
-from ext_proc.state import Batch, Increment, LocalState
+from ext_proc.sync.state import Batch, Increment, LocalState
 from spendgate.domain.policies import Action, Policy, Scope
 from spendgate.domain.windows import WindowSpec, WindowUnit
 from spendgate.v1 import dataplane_pb2 as dp

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ext_proc.journal import FILE_NAME, Journal
-from ext_proc.quarantine import FILE_NAME as QUARANTINE_FILE
+from ext_proc.sync.journal import FILE_NAME, Journal
+from ext_proc.sync.quarantine import FILE_NAME as QUARANTINE_FILE
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import budget_pb2_grpc
 from spendgate.v1 import dataplane_pb2 as dp

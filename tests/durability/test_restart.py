@@ -8,8 +8,8 @@ from decimal import Decimal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ext_proc.journal import FILE_NAME, scan
 from ext_proc.server import USAGE_HEALTH_SERVICE, ExtProcServer
+from ext_proc.sync.journal import FILE_NAME, scan
 from spendgate.domain.policies import Policy
 from spendgate.v1 import dataplane_pb2_grpc
 from tests.durability.conftest import DATA, Env, create_policy, spend

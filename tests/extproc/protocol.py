@@ -27,11 +27,11 @@ from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProces
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from ext_proc import envoy_codec as codec
 from ext_proc.config import Settings
+from ext_proc.protocol import envoy_codec as codec
 from ext_proc.server import ExtProcServer
-from ext_proc.state import Increment
 from ext_proc.stats import Stats
+from ext_proc.sync.state import Increment
 from spendgate.domain.pricing import PriceBook, cost_nanos
 from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc.state import Increment
+from ext_proc.sync.state import Increment
 from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb
 from tests.extproc.protocol import (

@@ -1,4 +1,4 @@
-"""Who is the caller (ext_proc/identity.py): sources, precedence and refusals
+"""Who is the caller (ext_proc/admission/identity.py): sources, precedence and refusals
 on ProcessingRequests as Envoy sends them, and the answers ext_proc gives."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from ext_proc import envoy_codec as codec
+from ext_proc.admission.identity import Caller, IdentityReader, MemberInvalid
 from ext_proc.config import Settings
-from ext_proc.identity import Caller, IdentityReader, MemberInvalid
+from ext_proc.protocol import envoy_codec as codec
 from spendgate.domain.policies import Action, Policy, PolicyIndex, RequestFacts, Scope
 from spendgate.domain.windows import WindowSpec, WindowUnit
 from spendgate.v1 import budget_pb2 as pb

@@ -10,9 +10,9 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import envoy_codec as codec
-from ext_proc.meters.base import estimate_tokens_from_chars
-from ext_proc.state import Increment
+from ext_proc.metering.meters.base import estimate_tokens_from_chars
+from ext_proc.protocol import envoy_codec as codec
+from ext_proc.sync.state import Increment
 from spendgate.domain.policies import hash_api_key
 from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb

@@ -8,7 +8,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ext_proc import processor
+from ext_proc.protocol import processor
 from spendgate.domain.limits import MAX_MODEL_BYTES
 from spendgate.v1 import budget_pb2 as pb
 from tests.extproc.protocol import (

@@ -8,9 +8,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ext_proc import envoy_codec as codec
-from ext_proc.meters.base import estimate_tokens_from_chars
-from ext_proc.state import Increment
+from ext_proc.metering.meters.base import estimate_tokens_from_chars
+from ext_proc.protocol import envoy_codec as codec
+from ext_proc.sync.state import Increment
 from spendgate.domain.pricing import PriceBook, cost_nanos
 from spendgate.domain.usage import Usage
 from tests.extproc.protocol import (

@@ -15,9 +15,9 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ext_proc import snapshot
 from ext_proc.config import Settings
 from ext_proc.server import SYNC_HEALTH_SERVICE, ExtProcServer
+from ext_proc.sync import snapshot
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import dataplane_pb2_grpc

@@ -147,7 +147,7 @@ def test_an_ext_proc_restarted_during_a_control_plane_outage_loses_nothing(
     pairs: TwoPairs,
 ) -> None:
     """An ext_proc restarted (SIGTERM, start) while no control plane is
-    reachable starts from the policy snapshot it saved (ext_proc/snapshot.py):
+    reachable starts from the policy snapshot it saved (ext_proc/sync/snapshot.py):
     what it admits meanwhile is charged, and reaches the control plane when
     one is back."""
     workspace = f"ws-{uuid.uuid4().hex[:8]}"

@@ -214,8 +214,8 @@ def test_sync_lag_is_zero_in_sync_and_counts_from_the_last_moment_it_was() -> No
 def test_collectors_only_render_what_was_counted() -> None:
     """The ext_proc collector turns plain counters into families at scrape
     time; nothing is registered per label value on the request path."""
-    from ext_proc.state import LocalState
     from ext_proc.stats import Stats
+    from ext_proc.sync.state import LocalState
     from spendgate.domain.usage import Usage
 
     stats = Stats()
@@ -244,10 +244,10 @@ def test_collectors_only_render_what_was_counted() -> None:
 def test_the_request_path_never_touches_prometheus_client() -> None:
     """processor.py and stats.py count with plain ints; only the collector
     (run at scrape time) builds prometheus_client objects."""
-    import ext_proc.processor
+    import ext_proc.protocol.processor
     import ext_proc.stats
 
-    for module in (ext_proc.processor, ext_proc.stats):
+    for module in (ext_proc.protocol.processor, ext_proc.stats):
         assert module.__file__ is not None
         with open(module.__file__) as f:
             assert "prometheus" not in f.read(), module.__name__

@@ -38,7 +38,7 @@ from control_plane.server import (
     WEBHOOKS_HEALTH,
 )
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
-from ext_proc.state import LocalState
+from ext_proc.sync.state import LocalState
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp

@@ -16,10 +16,10 @@ import openai
 import psycopg
 import pytest
 
-from ext_proc import snapshot
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
-from ext_proc.statestream import StateStream
-from ext_proc.sync import FLUSH_TASK, RESERVE_TASK, SNAPSHOT_TASK, WATCH_TASK
+from ext_proc.sync import snapshot
+from ext_proc.sync.client import FLUSH_TASK, RESERVE_TASK, SNAPSHOT_TASK, WATCH_TASK
+from ext_proc.sync.statestream import StateStream
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack

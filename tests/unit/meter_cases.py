@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.base import MeterResult, estimate_tokens_from_chars
+from ext_proc.metering.meters.base import MeterResult, estimate_tokens_from_chars
 from spendgate.domain.usage import Usage
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ext_proc import snapshot
-from ext_proc.state import LocalState
+from ext_proc.sync import snapshot
+from ext_proc.sync.state import LocalState
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp
 

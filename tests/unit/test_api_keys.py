@@ -1,4 +1,4 @@
-"""Which API key a request carries, per provider route (ext_proc/api_keys.py)."""
+"""Which API key a request carries, per provider route (ext_proc/admission/api_keys.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from ext_proc import api_keys, dialects
-from ext_proc.api_keys import Credentials
+from ext_proc.admission import api_keys
+from ext_proc.admission.api_keys import Credentials
+from ext_proc.protocol import dialects
 
 SIGV4 = (
     "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261204/us-east-1/bedrock/aws4_request, "

@@ -1,4 +1,4 @@
-"""The end of an arbitration (ext_proc.processor.RequestProcessor._arbitrate):
+"""The end of an arbitration (ext_proc.protocol.processor.RequestProcessor._arbitrate):
 the control plane's answer is followed; without one in time, the request is
 decided again on this data plane's view as it is after the wait."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
-from ext_proc import envoy_codec as codec
+from ext_proc.admission.decide import SpendKey
 from ext_proc.config import Settings
-from ext_proc.decide import SpendKey
-from ext_proc.pricing import PriceTable
-from ext_proc.processor import Context, RequestProcessor
-from ext_proc.state import LocalState
+from ext_proc.metering.pricing import PriceTable
+from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.processor import Context, RequestProcessor
+from ext_proc.sync.state import LocalState
 from spendgate.domain.policies import Action, Policy, PolicyIndex, Scope
 from spendgate.domain.pricing import PriceBook
 from spendgate.domain.windows import WindowSpec, WindowUnit, window_for

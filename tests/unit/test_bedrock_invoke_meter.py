@@ -19,9 +19,9 @@ from botocore.eventstream import EventStream
 from botocore.exceptions import EventStreamError
 from botocore.parsers import EventStreamJSONParser
 
-from ext_proc.meters.base import MeterResult
-from ext_proc.meters.bedrock_invoke import BedrockInvokeMeter, header_usage
-from ext_proc.shapes import BEDROCK_INVOKE, detect
+from ext_proc.metering.meters.base import MeterResult
+from ext_proc.metering.meters.bedrock_invoke import BedrockInvokeMeter, header_usage
+from ext_proc.metering.shapes import BEDROCK_INVOKE, detect
 from spendgate.domain.usage import Usage
 from tests.fixtures.bedrock.invoke import (
     BODIES,

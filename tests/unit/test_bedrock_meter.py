@@ -20,8 +20,8 @@ from botocore.parsers import EventStreamJSONParser, RestJSONParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.base import MeterResult
-from ext_proc.meters.bedrock_converse import BedrockConverseMeter, bedrock_model_from_path
+from ext_proc.metering.meters.base import MeterResult
+from ext_proc.metering.meters.bedrock_converse import BedrockConverseMeter, bedrock_model_from_path
 from spendgate.domain.usage import Usage
 from tests.fixtures.bedrock.streams import (
     BASIC,

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ext_proc.decide import Rejection, SpendKey, decide
-from ext_proc.state import Batch, Increment, LocalState
+from ext_proc.admission.decide import Rejection, SpendKey, decide
+from ext_proc.sync.state import Batch, Increment, LocalState
 from spendgate.domain.policies import Action, Match, Policy, Scope
 from spendgate.domain.windows import Window, WindowSpec, WindowUnit
 from spendgate.v1 import budget_pb2 as pb

@@ -1,4 +1,4 @@
-"""What a reservation holds (ext_proc/estimate.py): a high percentile of what
+"""What a reservation holds (ext_proc/admission/estimate.py): a high percentile of what
 the model produced on the route recently, the default until there is data,
 never more than the request's max_tokens nor, per window, the policy's amount;
 bounded memory."""
@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from ext_proc import estimate
-from ext_proc.estimate import MIN_SAMPLES, SAMPLES, OutputEstimator, max_tokens_of, per_window
+from ext_proc.admission import estimate
+from ext_proc.admission.estimate import (
+    MIN_SAMPLES,
+    SAMPLES,
+    OutputEstimator,
+    max_tokens_of,
+    per_window,
+)
 
 KEY = ("gpt-4o-mini", "openai")
 

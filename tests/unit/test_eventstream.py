@@ -15,7 +15,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.eventstream import EventMessage, EventStreamDecoder, HeaderValue
+from ext_proc.metering.meters.eventstream import EventMessage, EventStreamDecoder, HeaderValue
 from tests.fixtures.bedrock.streams import STREAMS, Header, encode_message
 
 pytest.register_assert_rewrite("tests.unit.meter_cases")

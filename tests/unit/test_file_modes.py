@@ -15,8 +15,8 @@ from sqlalchemy import text
 
 from control_plane.keyring import load as load_keyring
 from control_plane.store.db import create_db_engine, migrate
-from ext_proc import snapshot
-from ext_proc.journal import FILE_NAME, LOCK_NAME, Journal
+from ext_proc.sync import snapshot
+from ext_proc.sync.journal import FILE_NAME, LOCK_NAME, Journal
 from spendgate.cli.credentials import KEY_SETTINGS_ENV, load_or_create_tokens, secrets_key_env
 from spendgate.v1 import dataplane_pb2 as dp
 

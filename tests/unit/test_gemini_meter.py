@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.base import MeterResult
-from ext_proc.meters.gemini import GeminiMeter, _ArraySplitter, gemini_model_from_path
+from ext_proc.metering.meters.base import MeterResult
+from ext_proc.metering.meters.gemini import GeminiMeter, _ArraySplitter, gemini_model_from_path
 from spendgate.domain.usage import Usage
 
 pytest.register_assert_rewrite("tests.unit.meter_cases")

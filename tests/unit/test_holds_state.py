@@ -1,4 +1,4 @@
-"""A data plane's view of holds across data planes (ext_proc.state.LocalState):
+"""A data plane's view of holds across data planes (ext_proc.sync.state.LocalState):
 the other data planes' holds count as spent, its own never twice, the newest
 report of each wins whatever path it came by, and a silent one's lapse."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from ext_proc.state import Increment, LocalState
+from ext_proc.sync.state import Increment, LocalState
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp
 

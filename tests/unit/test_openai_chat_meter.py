@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ext_proc.meters.base import MeterResult, estimate_tokens_from_chars
-from ext_proc.meters.openai_chat import OpenAIChatMeter
+from ext_proc.metering.meters.base import MeterResult, estimate_tokens_from_chars
+from ext_proc.metering.meters.openai_chat import OpenAIChatMeter
 from spendgate.domain.usage import Usage
 
 pytest.register_assert_rewrite("tests.unit.meter_cases")

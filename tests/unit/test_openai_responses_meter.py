@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.base import MeterResult
-from ext_proc.meters.openai_embeddings import OpenAIEmbeddingsMeter
-from ext_proc.meters.openai_responses import OpenAIResponsesMeter
+from ext_proc.metering.meters.base import MeterResult
+from ext_proc.metering.meters.openai_embeddings import OpenAIEmbeddingsMeter
+from ext_proc.metering.meters.openai_responses import OpenAIResponsesMeter
 from spendgate.domain.usage import Usage
 
 pytest.register_assert_rewrite("tests.unit.meter_cases")

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from ext_proc.pricing import PriceOverride, PriceTable
+from ext_proc.metering.pricing import PriceOverride, PriceTable
 from spendgate.domain.pricing import ModelPrice, PriceBook
 
 CATALOG = PriceBook.bundled()

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 
-from ext_proc.decide import Rejection
-from ext_proc.reject import (
+from ext_proc.admission.decide import Rejection
+from ext_proc.protocol.reject import (
     ERROR_CODE,
     openai_error_body,
     rejection_headers,

@@ -1,4 +1,4 @@
-"""ext_proc/shapes.py and ext_proc/coverage.py: which shape a request is, how
+"""ext_proc/metering/shapes.py and ext_proc/metering/coverage.py: which shape a request is, how
 its ``stream`` flag reads, which methods are never billable, and how requests
 of no metered shape are named in logs and errors."""
 
@@ -7,15 +7,16 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ext_proc import dialects, shapes
-from ext_proc.coverage import UnmeteredPaths, method_label, path_template
-from ext_proc.shapes import (
+from ext_proc.metering import shapes
+from ext_proc.metering.coverage import UnmeteredPaths, method_label, path_template
+from ext_proc.metering.shapes import (
     NEVER_BILLABLE_METHODS,
     detect,
     dialect_for,
     dialect_for_path,
     stream_flag,
 )
+from ext_proc.protocol import dialects
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,12 @@
-"""ext_proc/snapshot.py: the control plane's last word kept on disk."""
+"""ext_proc/sync/snapshot.py: the control plane's last word kept on disk."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ext_proc import snapshot
-from ext_proc.state import LocalState
+from ext_proc.sync import snapshot
+from ext_proc.sync.state import LocalState
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp

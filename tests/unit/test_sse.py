@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.meters.sse import SSEDecoder, SSEEvent
+from ext_proc.metering.meters.sse import SSEDecoder, SSEEvent
 
 pytest.register_assert_rewrite("tests.unit.meter_cases")
 from tests.unit.meter_cases import CUTS, bytewise, split  # noqa: E402

@@ -1,4 +1,4 @@
-"""ext_proc/statestream.py and view.py: a resync takes effect only with its
+"""ext_proc/sync/statestream.py and view.py: a resync takes effect only with its
 last page, changes are checked for gaps, versions and deletions win over
 message order, and snapshots of either format are read back."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ext_proc import snapshot
-from ext_proc.state import LocalState
-from ext_proc.statestream import Received, StateStream, StreamBroken
+from ext_proc.sync import snapshot
+from ext_proc.sync.state import LocalState
+from ext_proc.sync.statestream import Received, StateStream, StreamBroken
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import pricing_pb2 as pp

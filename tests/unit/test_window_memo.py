@@ -1,4 +1,4 @@
-"""ext_proc.windows.current must always equal window_for, whatever order the
+"""ext_proc.admission.windows.current must always equal window_for, whatever order the
 instants come in (a clock that jumps back, boundaries, zones with DST)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc import windows
+from ext_proc.admission import windows
 from spendgate.domain.windows import WindowSpec, WindowUnit, window_for
 
 SPECS = st.builds(

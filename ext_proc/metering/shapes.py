@@ -12,16 +12,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ext_proc import dialects
-from ext_proc.meters.anthropic_messages import AnthropicMessagesMeter
-from ext_proc.meters.base import Meter
-from ext_proc.meters.bedrock_converse import BedrockConverseMeter, bedrock_model_from_path
-from ext_proc.meters.bedrock_invoke import BedrockInvokeMeter
-from ext_proc.meters.gemini import GeminiMeter, gemini_model_from_path
-from ext_proc.meters.openai_chat import OpenAIChatMeter
-from ext_proc.meters.openai_completions import OpenAICompletionsMeter
-from ext_proc.meters.openai_embeddings import OpenAIEmbeddingsMeter
-from ext_proc.meters.openai_responses import OpenAIResponsesMeter
+from ext_proc.metering.meters.anthropic_messages import AnthropicMessagesMeter
+from ext_proc.metering.meters.base import Meter
+from ext_proc.metering.meters.bedrock_converse import BedrockConverseMeter, bedrock_model_from_path
+from ext_proc.metering.meters.bedrock_invoke import BedrockInvokeMeter
+from ext_proc.metering.meters.gemini import GeminiMeter, gemini_model_from_path
+from ext_proc.metering.meters.openai_chat import OpenAIChatMeter
+from ext_proc.metering.meters.openai_completions import OpenAICompletionsMeter
+from ext_proc.metering.meters.openai_embeddings import OpenAIEmbeddingsMeter
+from ext_proc.metering.meters.openai_responses import OpenAIResponsesMeter
+from ext_proc.protocol import dialects
 
 # (request path, response content-type, model named in the path, response
 # headers: {} when ext_proc did not ask for them) -> meter

@@ -26,8 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, StreamDecoder
-from ext_proc.meters.jsonutil import count, loads, loads_object
+from ext_proc.metering.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, StreamDecoder
+from ext_proc.metering.meters.jsonutil import count, loads, loads_object
 from spendgate.domain.usage import Usage
 
 _EDGE = 4096  # bytes kept at each end of an oversized body

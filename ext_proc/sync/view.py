@@ -8,7 +8,7 @@ the resync after the next one: a change published late, after a resync that
 no longer saw the policy, cannot bring it back. Whole sets (from control
 planes and saved snapshots of earlier releases) replace everything.
 
-Single-threaded, like ext_proc/state.py.
+Single-threaded, like ext_proc/sync/state.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ext_proc.state import LocalState
+from ext_proc.sync.state import LocalState
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.v1 import pricing_pb2 as pp
 
@@ -46,7 +46,7 @@ class _Resync:
 
 @dataclass(slots=True)
 class StreamStats:
-    """Counts for the metrics (ext_proc/metrics.py), kept by ext_proc/sync.py."""
+    """Counts for the metrics (ext_proc/metrics.py), kept by ext_proc/sync/client.py."""
 
     resyncs: int = 0
     # reason -> how often the state stream broke: "stream" (gRPC error or

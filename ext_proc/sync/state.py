@@ -12,7 +12,7 @@ stream are merged with max(). Between the moment the control plane applies
 our batch and the moment its ack reaches us, that batch can be counted twice
 — an over-estimate for a few milliseconds, never an under-estimate.
 
-With a journal (ext_proc/journal.py), every batch is written durably before
+With a journal (ext_proc/sync/journal.py), every batch is written durably before
 it is sent, and acknowledged batches are marked there. Usage that cannot be
 sent stays bounded in memory: new usage is merged into the newest batch as
 long as that batch has never been sent (a batch id the control plane may have
@@ -32,11 +32,11 @@ from datetime import UTC, datetime
 
 import structlog
 
-from ext_proc import windows
-from ext_proc.decide import SpendKey
-from ext_proc.journal import Journal
-from ext_proc.quarantine import MAX_MEMBER_CHARS, Quarantine, record
-from ext_proc.view import OverrideSet, PolicySet
+from ext_proc.admission import windows
+from ext_proc.admission.decide import SpendKey
+from ext_proc.sync.journal import Journal
+from ext_proc.sync.quarantine import MAX_MEMBER_CHARS, Quarantine, record
+from ext_proc.sync.view import OverrideSet, PolicySet
 from spendgate.domain.policies import Match, PolicyIndex
 from spendgate.domain.pricing import MAX_COST_NANOS, saturating_add
 from spendgate.v1 import dataplane_pb2 as dp
@@ -175,12 +175,12 @@ class LocalState:
     hold_keys: set[SpendKey] = field(default_factory=set)
     holds_dirty: bool = False
     holds_seq: int = 0
-    # The policies and price overrides the control plane sent (ext_proc/view.py),
-    # and whether anything changed since the state was saved (ext_proc/snapshot.py).
+    # The policies and price overrides the control plane sent (ext_proc/sync/view.py),
+    # and whether anything changed since the state was saved (ext_proc/sync/snapshot.py).
     policy_set: PolicySet = field(default_factory=PolicySet)
     overrides: OverrideSet = field(default_factory=OverrideSet)
     snapshot_dirty: bool = False
-    # Records that cannot be sent go here (ext_proc/quarantine.py); usage
+    # Records that cannot be sent go here (ext_proc/sync/quarantine.py); usage
     # anomalies wait here for the next batch. A batch's records take at most
     # max_batch_bytes (half of usage_message_max_bytes: holds ride along).
     quarantine: Quarantine = field(default_factory=Quarantine)
@@ -528,7 +528,7 @@ class LocalState:
     # ---- control plane state -------------------------------------------------
 
     def saved_state(self) -> dp.StateUpdate:
-        """What ext_proc/snapshot.py keeps: policies, prices and window totals
+        """What ext_proc/sync/snapshot.py keeps: policies, prices and window totals
         (as increments on an empty state; apply_update reads it back)."""
         update = dp.StateUpdate(
             spend=[

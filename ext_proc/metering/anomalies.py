@@ -19,7 +19,7 @@ from datetime import datetime
 
 import structlog
 
-from ext_proc.state import LocalState
+from ext_proc.sync.state import LocalState
 from spendgate.domain.pricing import MAX_COST_NANOS, ModelPrice, exact_cost_nanos, format_usd
 from spendgate.domain.usage import Usage
 from spendgate.v1 import dataplane_pb2 as dp

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from ext_proc.meters.jsonutil import loads_object
+from ext_proc.metering.meters.jsonutil import loads_object
 from spendgate.domain.usage import Usage
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # default: the most of a non-streaming body buffered

@@ -39,9 +39,14 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
-from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, estimate_tokens_from_chars
-from ext_proc.meters.jsonutil import add_counts, count, json_chars, loads_object
-from ext_proc.meters.sse import SSEDecoder
+from ext_proc.metering.meters.base import (
+    MAX_BODY_BYTES,
+    BodyMeter,
+    MeterResult,
+    estimate_tokens_from_chars,
+)
+from ext_proc.metering.meters.jsonutil import add_counts, count, json_chars, loads_object
+from ext_proc.metering.meters.sse import SSEDecoder
 from spendgate.domain.usage import Usage
 
 _MODEL_SEGMENT = re.compile(r"/models/([^/?#]+)")

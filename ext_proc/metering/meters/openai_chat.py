@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter
-from ext_proc.meters.jsonutil import count, detail, loads_object, text_chars
-from ext_proc.meters.sse import SSEDecoder, SSEEvent
+from ext_proc.metering.meters.base import MAX_BODY_BYTES, BodyMeter
+from ext_proc.metering.meters.jsonutil import count, detail, loads_object, text_chars
+from ext_proc.metering.meters.sse import SSEDecoder, SSEEvent
 from spendgate.domain.usage import Usage
 
 

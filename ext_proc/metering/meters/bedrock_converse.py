@@ -42,9 +42,9 @@ from urllib.parse import unquote
 
 import orjson
 
-from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult
-from ext_proc.meters.eventstream import EventMessage, EventStreamDecoder
-from ext_proc.meters.jsonutil import add_counts, count, loads_object, text_chars
+from ext_proc.metering.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult
+from ext_proc.metering.meters.eventstream import EventMessage, EventStreamDecoder
+from ext_proc.metering.meters.jsonutil import add_counts, count, loads_object, text_chars
 from spendgate.domain.usage import Usage
 
 _PATH = re.compile(

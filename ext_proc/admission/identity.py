@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from ext_proc import envoy_codec as codec
+from ext_proc.protocol import envoy_codec as codec
 from spendgate.domain.members import MAX_TAGS, MemberInvalid, canonical
 from spendgate.domain.policies import WILDCARD, Policy, PolicyIndex, RequestFacts
 

@@ -19,25 +19,26 @@ import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from ext_proc import anomalies, api_keys, dialects, identity, windows
-from ext_proc import envoy_codec as codec
+from ext_proc.admission import api_keys, identity, windows
+from ext_proc.admission.decide import Rejection, SpendKey, decide
+from ext_proc.admission.estimate import OutputEstimator, max_tokens_of, per_window
 from ext_proc.config import Settings
-from ext_proc.coverage import UnmeteredPaths, method_label, path_template
-from ext_proc.decide import Rejection, SpendKey, decide
-from ext_proc.decoding import SUPPORTED as DECODABLE
-from ext_proc.decoding import BodyDecoder
-from ext_proc.estimate import OutputEstimator, max_tokens_of, per_window
-from ext_proc.meters.base import Meter, estimate_tokens_from_chars
-from ext_proc.pricing import PriceTable
-from ext_proc.reject import rejection_headers, rejection_message
-from ext_proc.shapes import (
+from ext_proc.metering import anomalies
+from ext_proc.metering.coverage import UnmeteredPaths, method_label, path_template
+from ext_proc.metering.decoding import SUPPORTED as DECODABLE
+from ext_proc.metering.decoding import BodyDecoder
+from ext_proc.metering.meters.base import Meter, estimate_tokens_from_chars
+from ext_proc.metering.pricing import PriceTable
+from ext_proc.metering.shapes import (
     NEVER_BILLABLE_METHODS,
     ApiShape,
     detect,
     dialect_for,
     stream_flag,
 )
-from ext_proc.state import LocalState
+from ext_proc.protocol import dialects
+from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.reject import rejection_headers, rejection_message
 from ext_proc.stats import (
     BUDGET_EXCEEDED,
     IDENTITY_REQUIRED,
@@ -49,6 +50,7 @@ from ext_proc.stats import (
     UNPRICED,
     Stats,
 )
+from ext_proc.sync.state import LocalState
 from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_PATH_BYTES
 from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
@@ -78,7 +80,7 @@ class Context:
     # Paths of unmetered requests already logged (bounded).
     unmetered_paths: UnmeteredPaths = dataclasses.field(default_factory=UnmeteredPaths)
     # Asks the control plane to admit a request near a budget's line (see
-    # ext_proc.sync.ControlPlaneSync.reserve); None keeps decisions local.
+    # ext_proc.sync.client.ControlPlaneSync.reserve); None keeps decisions local.
     arbiter: Arbiter | None = None
     # Set once the first ignored identity header has been logged.
     warned_untrusted: bool = False
@@ -453,7 +455,7 @@ class RequestProcessor:
         return codec.immediate_response(reply.status, headers, reply.body, f"spendgate_{reason}")
 
     def _refuse(self, error: str, route: str) -> codec.ProcessingResponse:
-        """400: which API key the provider would bill is ambiguous (api_keys.py)."""
+        """400: which API key the provider would bill is ambiguous (admission/api_keys.py)."""
         self.done = self.rejected = self.last = True
         self.ctx.stats.count_rejection("", api_keys.REJECT_REASON)
         log.info("rejected", reason=api_keys.REJECT_REASON, error=error, request_id=self.request_id)
@@ -567,7 +569,7 @@ class RequestProcessor:
         if price is None:
             return False
         # The plausible cost: output as this model produced on this route
-        # recently (ext_proc/estimate.py), never more than the request's
+        # recently (ext_proc/admission/estimate.py), never more than the request's
         # own max_tokens; held on each window up to its policy's amount.
         assert self.ctx.estimator is not None
         output = self.ctx.estimator.estimate(

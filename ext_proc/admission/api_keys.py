@@ -32,7 +32,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from ext_proc.dialects import Dialect, ErrorReply
+from ext_proc.protocol.dialects import Dialect, ErrorReply
 
 AUTHORIZATION = "authorization"
 QUERY_KEY = "?key="

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from ext_proc.decide import Rejection
+from ext_proc.admission.decide import Rejection
 from spendgate.domain.policies import Scope
 from spendgate.domain.pricing import format_usd
 from spendgate.domain.windows import describe

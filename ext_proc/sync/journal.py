@@ -27,7 +27,7 @@ File format (``usage.v1.journal``): a sequence of records, nothing else::
                      was split (too large, or refused) is acknowledged
                      in the same write that adds its pieces (new ids derived
                      from its own); a quarantined one after the record went
-                     to the quarantine file (ext_proc/quarantine.py).
+                     to the quarantine file (ext_proc/sync/quarantine.py).
 
 Reading stops at the first record that is incomplete, longer than
 ``MAX_RECORD``, fails its CRC or does not parse; that is a torn write from a

@@ -1,6 +1,6 @@
 """How much a running request holds: its plausible cost, not its theoretical maximum.
 
-A reservation (ext_proc/processor.py ``_reserve``) holds a request's estimated
+A reservation (ext_proc/protocol/processor.py ``_reserve``) holds a request's estimated
 cost against its REJECT windows while it runs. Input tokens are estimated from
 the request's size; output tokens from what the same model produced on the
 same route recently: a high percentile (``reservation_percentile``, 95 by

@@ -34,9 +34,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, estimate_tokens_from_chars
-from ext_proc.meters.jsonutil import add_counts, count, json_chars, loads_object, text_chars
-from ext_proc.meters.sse import SSEDecoder, SSEEvent
+from ext_proc.metering.meters.base import (
+    MAX_BODY_BYTES,
+    BodyMeter,
+    MeterResult,
+    estimate_tokens_from_chars,
+)
+from ext_proc.metering.meters.jsonutil import (
+    add_counts,
+    count,
+    json_chars,
+    loads_object,
+    text_chars,
+)
+from ext_proc.metering.meters.sse import SSEDecoder, SSEEvent
 from spendgate.domain.usage import Usage
 
 _USAGE_KEYS = (

@@ -2,7 +2,7 @@
 
 Two loops: ``watch`` keeps a WatchState stream open (reconnecting with
 backoff) and applies what arrives to the LocalState (a paged resync, then
-numbered changes: ext_proc/statestream.py; a failure is a warning at once
+numbered changes: ext_proc/sync/statestream.py; a failure is a warning at once
 and a new stream); ``flush`` sends unsent
 usage every ``flush_interval_ms`` as ReportUsage batches. A batch keeps its id
 until acknowledged, so a retry after a lost answer never counts twice. While
@@ -23,11 +23,11 @@ from pathlib import Path
 import grpc
 import structlog
 
-from ext_proc import snapshot
+from ext_proc.admission.decide import SpendKey
 from ext_proc.config import Settings
-from ext_proc.decide import SpendKey
-from ext_proc.state import Batch, LocalState
-from ext_proc.statestream import Received, StateStream, StreamBroken, StreamStats
+from ext_proc.sync import snapshot
+from ext_proc.sync.state import Batch, LocalState
+from ext_proc.sync.statestream import Received, StateStream, StreamBroken, StreamStats
 from spendgate import keepalive
 from spendgate.domain.pricing import MAX_COST_NANOS
 from spendgate.supervise import Supervisor
@@ -318,7 +318,7 @@ class ControlPlaneSync:
             self.save_state()
 
     def save_state(self) -> None:
-        """Keep the control plane's last word on disk (ext_proc/snapshot.py)."""
+        """Keep the control plane's last word on disk (ext_proc/sync/snapshot.py)."""
         state = self.state
         if state.journal is None or not state.synced or not state.snapshot_dirty:
             return

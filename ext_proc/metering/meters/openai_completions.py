@@ -9,7 +9,7 @@ then, when the request asked for ``stream_options.include_usage`` (spendgate
 asks), a chunk with empty ``choices`` and ``usage``, then ``data: [DONE]``.
 
 Usage mapping, estimation and errors are the chat completion meter's
-(ext_proc/meters/openai_chat.py): prompt_tokens -> input_tokens,
+(ext_proc/metering/meters/openai_chat.py): prompt_tokens -> input_tokens,
 completion_tokens -> output_tokens; without a usage report the output is
 estimated from the generated ``text``.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ext_proc.meters.openai_chat import OpenAIChatMeter
+from ext_proc.metering.meters.openai_chat import OpenAIChatMeter
 
 
 class OpenAICompletionsMeter(OpenAIChatMeter):

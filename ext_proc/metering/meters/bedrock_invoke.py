@@ -12,7 +12,7 @@ Usage, first found wins:
 1. the family's own report, when it has input and output counts:
    Anthropic Claude (``usage`` of the body, or ``message_start`` +
    ``message_delta`` in a stream; cache reads and writes added to the input
-   as in ext_proc/meters/anthropic_messages.py), Amazon Nova (``usage``
+   as in ext_proc/metering/meters/anthropic_messages.py), Amazon Nova (``usage``
    inputTokens / outputTokens / cacheReadInputTokenCount /
    cacheWriteInputTokenCount, in the body or a stream's ``metadata``), Meta
    Llama (``prompt_token_count`` + ``generation_token_count``; in a stream
@@ -56,11 +56,22 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from ext_proc.meters.anthropic_messages import merge_counts, normalise_counts
-from ext_proc.meters.base import MAX_BODY_BYTES, BodyMeter, MeterResult, estimate_tokens_from_chars
-from ext_proc.meters.bedrock_converse import bedrock_model_from_path
-from ext_proc.meters.eventstream import EventMessage, EventStreamDecoder
-from ext_proc.meters.jsonutil import add_counts, count, json_chars, loads_object, text_chars
+from ext_proc.metering.meters.anthropic_messages import merge_counts, normalise_counts
+from ext_proc.metering.meters.base import (
+    MAX_BODY_BYTES,
+    BodyMeter,
+    MeterResult,
+    estimate_tokens_from_chars,
+)
+from ext_proc.metering.meters.bedrock_converse import bedrock_model_from_path
+from ext_proc.metering.meters.eventstream import EventMessage, EventStreamDecoder
+from ext_proc.metering.meters.jsonutil import (
+    add_counts,
+    count,
+    json_chars,
+    loads_object,
+    text_chars,
+)
 from spendgate.domain.usage import Usage
 
 __all__ = ["BedrockInvokeMeter", "bedrock_model_from_path", "header_usage"]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from ext_proc import windows
+from ext_proc.admission import windows
 from spendgate.domain.policies import Action, Match, Policy
 from spendgate.domain.windows import Window
 

@@ -1,0 +1,1 @@
+"""What a response costs: API shapes, one meter per shape, decoding, prices, anomalies."""

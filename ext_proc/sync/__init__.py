@@ -1,0 +1,1 @@
+"""The local view of policies and spend, kept in step with the control plane; usage sent durably."""
