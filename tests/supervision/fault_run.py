@@ -17,6 +17,7 @@ provider billed. Prints a Markdown table.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import uuid
@@ -38,7 +39,7 @@ from control_plane.server import (
     WEBHOOKS_HEALTH,
 )
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
-from ext_proc.sync.state import LocalState
+from ext_proc.sync.statestream import StateStream
 from spendgate.domain.pricing import NANOS_PER_USD, PriceBook, cost_nanos
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
@@ -195,10 +196,10 @@ class Run:
                 self.chat(3)
         with self.row(
             "watch-state",
-            "applying a state update",
+            "receiving a state update",
             ext.port,
             SYNC_HEALTH_SERVICE,
-            lambda: Fault(LocalState, "apply_update", 2),
+            lambda: Fault(StateStream, "receive", 2),
         ):
             p = self.create()
         self.delete(p)
@@ -292,7 +293,7 @@ class Run:
             REPLICATION_HEALTH,
             lambda: Fault(cp.cp, "publish_policies", 2),
         ):
-            self.notify()
+            self.notify(ids=["bp_changed_elsewhere"])
 
     def crossing(self) -> None:
         """A policy whose 50 % threshold the next report crosses: one delivery."""
@@ -314,9 +315,12 @@ class Run:
             timeout=10,
         )
 
-    def notify(self) -> None:
+    def notify(self, ids: list[str] | None = None) -> None:
+        """What another replica sends: the ids of the policies it changed
+        (none: an earlier release's replica, and every stream resyncs)."""
+        payload = {"r": "other", "k": "policies", **({"i": ids} if ids else {})}
         with psycopg.connect(libpq_url(self.s.cp.engine), autocommit=True) as conn:
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, '{"r":"other","k":"policies"}'))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(payload)))
 
 
 def _restart_seconds(line: dict[str, Any]) -> float:
