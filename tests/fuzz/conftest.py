@@ -24,7 +24,7 @@ _COMMON = {
     "suppress_health_check": list(HealthCheck),
 }
 settings.register_profile(
-    "fuzz-short", max_examples=int(os.environ.get("SPENDGATE_FUZZ_EXAMPLES", "6")), **_COMMON
+    "fuzz-short", max_examples=int(os.environ.get("SPENDGATE_FUZZ_EXAMPLES", "30")), **_COMMON
 )
 settings.register_profile("fuzz", max_examples=100, **_COMMON)
 PROFILE = settings.get_profile(os.environ.get("SPENDGATE_FUZZ_PROFILE", "fuzz-short"))

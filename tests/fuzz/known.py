@@ -19,11 +19,3 @@ INCLUDE = os.environ.get("SPENDGATE_FUZZ_KNOWN_BUGS") == "1"
 # Until then admin strings stay at most 300 characters, or above gRPC's 4 MB
 # receive limit (refused by gRPC itself before spendgate's code sees them).
 ADMIN_ERROR_ECHO = not INCLUDE
-
-# 2026-12-04, Envoy configuration (envoy/envoy.yaml, routes): a path Envoy
-# cannot normalise — one with an escaped NUL, e.g. POST /%00 or
-# /openai/deployments/%00/chat/completions — gets Envoy's own 400 with an
-# empty body (details path_normalization_failed), not an error in the
-# provider's shape. A local_reply_config mapper for that case would fix it.
-# Until then generated paths carry no NUL.
-ENVOY_EMPTY_400 = not INCLUDE
