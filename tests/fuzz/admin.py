@@ -128,7 +128,14 @@ def message_spec(desc: d.Descriptor, depth: int = 0) -> st.SearchStrategy[dict[s
         return st.fixed_dictionaries({"seconds": values.wild_int(64), "nanos": values.wild_int(32)})
     if desc.full_name == "google.protobuf.FieldMask":
         return st.fixed_dictionaries(
-            {"paths": st.lists(st.one_of(st.text(max_size=30), st.sampled_from(_PATHS)))}
+            {
+                "paths": st.lists(
+                    st.one_of(
+                        st.sampled_from(_PATHS), st.sampled_from(_PATHS), st.text(max_size=30)
+                    ),
+                    max_size=3,
+                )
+            }
         )
     if depth > MAX_DEPTH:
         return st.just({})

@@ -11,6 +11,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from spendgate.domain.usage import Usage
 from tests.fuzz import values
 from tests.fuzz.provider import Reply
 
@@ -102,11 +103,37 @@ def usage(api: str) -> st.SearchStrategy[Any]:
         st.one_of(st.sampled_from(keys), st.sampled_from(keys), st.text(max_size=8)), token_value()
     )
     sane = st.tuples(st.sampled_from(keys), st.integers(0, 5000))
+    primary = st.tuples(*(st.tuples(st.just(k), st.integers(0, 5000)) for k in PRIMARY[api])).map(
+        list
+    )
     return st.one_of(
+        primary.map(nest),
         st.lists(st.one_of(sane, entry), max_size=8).map(nest),  # keys may repeat
         st.sampled_from([None, "usage", [], 0, Raw("NaN")]),
         values.big_text((1_000_000,)),
     )
+
+
+# The input and output counts of each API: an answer that reports exactly
+# these two, as plain integers, has one right charge.
+PRIMARY = {
+    "openai": ("prompt_tokens", "completion_tokens"),
+    "anthropic": ("input_tokens", "output_tokens"),
+    "gemini": ("promptTokenCount", "candidatesTokenCount"),
+}
+
+
+def plain_usage(api: str, u: Any) -> Usage | None:
+    """The Usage a well-formed report means, or None if ``u`` is anything else."""
+    if not isinstance(u, Pairs):
+        return None
+    keys = [k for k, _ in u.items]
+    if sorted(keys) != sorted(PRIMARY[api]):
+        return None
+    counts = dict(u.items)
+    if not all(type(v) is int and 0 <= v <= 10_000 for v in counts.values()):
+        return None
+    return Usage(input_tokens=counts[PRIMARY[api][0]], output_tokens=counts[PRIMARY[api][1]])
 
 
 @dataclass(frozen=True)
@@ -114,6 +141,8 @@ class Answer:
     api: str
     stream: bool
     reply: Reply
+    # What the answer must be charged, when that is known (a plain report).
+    expected: Usage | None = None
 
     def __repr__(self) -> str:
         body = self.reply.body
@@ -245,6 +274,9 @@ def answer(draw: st.DrawFn) -> Answer:
     status = draw(st.sampled_from([200, 200, 200, 200, 400, 429, 500, 529]))
     cuts = draw(st.lists(st.integers(0, 2**31), max_size=6))
     parts = tuple(p for e in events for p in _split(e.encode(), cuts))
-    return Answer(
-        api, stream, Reply(status, content_type, parts or (b"",), chunked=stream or bool(cuts))
-    )
+    # A 1 MB field is beyond what ext_proc buffers of one stream event (1 MiB):
+    # such an answer is estimated, not charged from its report.
+    known = status == 200 and model == CALLS[api][1] and pad is None
+    plain = plain_usage(api, u) if known else None
+    reply = Reply(status, content_type, parts or (b"",), chunked=stream or bool(cuts))
+    return Answer(api, stream, reply, plain)
