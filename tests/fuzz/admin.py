@@ -68,7 +68,7 @@ def _plausible_text(field: d.FieldDescriptor) -> st.SearchStrategy[Any]:
     if name in ("id", "policy_id", "webhook_id", "event_id") or name == "etag":
         return st.integers(0, 7).map(lambda i: FromPool(i, etag=name == "etag"))
     if name.endswith("_usd") or (owner == "Price" and name in PRICE_NAMES):
-        return values.decimal_text()
+        return values.decimal_text(_MAX_SMALL)
     if name == "timezone":
         return st.sampled_from(
             ["UTC", "Europe/Paris", "America/New_York", "Pacific/Chatham", "Etc/GMT+12", "utc"]
@@ -297,6 +297,26 @@ class Call:
 
 
 BY_NAME = {m.full_name: m for m in METHODS}
+
+
+_CREATE = {
+    "spendgate.v1.BudgetService.CreateBudgetPolicy": ("policy", "spendgate.v1.BudgetPolicy"),
+    "spendgate.v1.WebhookService.CreateWebhook": ("webhook", "spendgate.v1.Webhook"),
+    "spendgate.v1.PricingService.SetPriceOverride": ("override", "spendgate.v1.PriceOverride"),
+}
+
+
+def calls() -> st.SearchStrategy[list[Call]]:
+    """One to four calls; often the first creates something valid, so the
+    calls after it (Get, Update, Delete, TestWebhook, ...) act on it."""
+    create = st.sampled_from(sorted(_CREATE)).map(
+        lambda name: Call(name, {_CREATE[name][0]: dict(VALID[_CREATE[name][1]])}, b"", False)
+    )
+    then = st.lists(call(), min_size=1, max_size=3)
+    return st.one_of(
+        st.lists(call(), min_size=1, max_size=4),
+        st.tuples(create, then).map(lambda t: [t[0], *t[1]]),
+    )
 
 
 def call() -> st.SearchStrategy[Call]:

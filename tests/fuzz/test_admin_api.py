@@ -13,7 +13,6 @@ from google.protobuf import message_factory
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import given
-from hypothesis import strategies as st
 
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import pricing_pb2 as pp
@@ -144,7 +143,7 @@ def cleanup(fuzz: FuzzStack) -> None:
 
 def test_admin_requests_get_ok_or_a_clean_error(fuzz: FuzzStack) -> None:
     @PROFILE
-    @given(st.lists(admin.call(), min_size=1, max_size=4))
+    @given(admin.calls())
     def run(calls: list[admin.Call]) -> None:
         pool = admin.Pool([])
         try:

@@ -46,7 +46,7 @@ def wild_text(big: bool = True, max_small: int = 100_000) -> st.SearchStrategy[s
     return st.one_of(small, big_text((*(n for n in BIG_SIZES if n <= max_small), 5_000_000)))
 
 
-def decimal_text() -> st.SearchStrategy[str]:
+def decimal_text(max_small: int = 100_000) -> st.SearchStrategy[str]:
     """Amounts and prices, as the API takes them: decimal strings."""
     return st.one_of(
         st.sampled_from(
@@ -75,7 +75,7 @@ def decimal_text() -> st.SearchStrategy[str]:
         ),
         st.decimals(allow_nan=True, allow_infinity=True).map(str),
         st.integers().map(str),
-        wild_text(big=False),
+        wild_text(big=False, max_small=max_small),
     )
 
 
