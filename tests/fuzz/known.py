@@ -15,7 +15,10 @@ INCLUDE = os.environ.get("SPENDGATE_FUZZ_KNOWN_BUGS") == "1"
 # (an id, a description, a page token...) makes the status's trailing
 # metadata exceed gRPC's limit: the client gets RESOURCE_EXHAUSTED "received
 # metadata size exceeds hard limit" instead of INVALID_ARGUMENT / NOT_FOUND.
-# Example: GetBudgetPolicy(id="A" * 100_000); DeleteBudgetPolicy(id="💸" * 1000).
-# Until then admin strings stay at most 300 characters, or above gRPC's 4 MB
-# receive limit (refused by gRPC itself before spendgate's code sees them).
+# The same with 1,000 alert thresholds (the message lists them all).
+# Examples: GetBudgetPolicy(id="A" * 100_000); DeleteBudgetPolicy(id="💸" * 1000);
+# SetPriceOverride(price.input="A" * 100_000); CreateBudgetPolicy with 1,000
+# alert_thresholds. Until then admin strings stay at most 300 characters, or
+# above gRPC's 4 MB receive limit (refused by gRPC before spendgate's code
+# sees them), and threshold lists at most 21 long.
 ADMIN_ERROR_ECHO = not INCLUDE
