@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint proto bench install clean
+.PHONY: run test lint fuzz proto bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# The fuzz harness (tests/fuzz/) for SPENDGATE_FUZZ_SECONDS (default 10 minutes);
+# make test runs its short profile.
+SPENDGATE_FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	SPENDGATE_FUZZ_PROFILE=fuzz SPENDGATE_FUZZ_SECONDS=$(SPENDGATE_FUZZ_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider tests/fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -388,6 +388,32 @@ def test_escaped_slashes_are_refused(stack: Stack, path: str) -> None:
     assert seen(stack) == []
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/v1/%00/chat/completions", id="nul-segment"),
+        pytest.param("/v1/chat/completions%00", id="nul-trailing"),
+        pytest.param("/%00", id="nul-root"),
+    ],
+)
+def test_a_path_envoy_cannot_normalise_gets_a_400_in_the_openai_shape(
+    stack: Stack, path: str
+) -> None:
+    """Found by the fuzz harness: Envoy's own 400 for such a path had no body."""
+    r = raw_chat(stack, path, "sk-nul")
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["code"] == "invalid_path"
+    assert seen(stack) == []
+    # The SDK reads it as its own error, message included.
+    client = openai.OpenAI(
+        base_url=stack.envoy.base_url + "/v1/%00", api_key="sk-nul", max_retries=0
+    )
+    with pytest.raises(openai.BadRequestError, match="cannot be normalised"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    client.close()
+
+
 def test_bedrock_model_arn_keeps_its_escaped_slash(stack: Stack) -> None:
     """Bedrock model ids may be ARNs (`…:inference-profile/us.…`): boto3 sends
     the `/` as %2F inside one path segment, and that reaches Bedrock as sent."""
