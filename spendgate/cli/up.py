@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spendgate import envoy_config, ports, settings, upstreams
 from spendgate.cli.client import CliError
-from spendgate.cli.credentials import load_or_create_tokens, secrets_key_env
+from spendgate.cli.credentials import default_state_dir, load_or_create_tokens, secrets_key_env
 from spendgate.visible import visible
 
 STOP_TIMEOUT_S = 10.0
@@ -155,8 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--state-dir",
-        default=".spendgate",
-        help="where the SQLite database, tokens and Envoy config live",
+        default=str(default_state_dir()),
+        help="where the SQLite database, tokens and Envoy config live "
+        "(default: SPENDGATE_STATE_DIR, else .spendgate)",
     )
     p.add_argument("--database-url", help="default: sqlite:///<state-dir>/spendgate.db")
     p.add_argument(
