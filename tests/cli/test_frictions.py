@@ -5,7 +5,9 @@ given, the real SOURCE in `price list`, and where the CLI finds its token."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,13 @@ def _cli(capsys: pytest.CaptureFixture[str], stack: Stack, *argv: str) -> tuple[
     return code, out, err
 
 
+def _json(out: str) -> Any:
+    """The command's JSON; log lines of the in-process services share stdout."""
+    start = re.search(r"^[\[{]$", out, re.M)
+    assert start is not None, out
+    return json.JSONDecoder().raw_decode(out[start.start() :])[0]
+
+
 def _create(capsys: pytest.CaptureFixture[str], stack: Stack, name: str, amount: str) -> str:
     code, out, err = _cli(
         capsys,
@@ -33,15 +42,15 @@ def _create(capsys: pytest.CaptureFixture[str], stack: Stack, name: str, amount:
         *("--action", "alert", "--json"),
     )
     assert code == 0, err
-    return str(json.loads(out[out.index("{") :])["id"])
+    return str(_json(out)["id"])
 
 
 def test_policy_get_update_delete_by_name(capsys: pytest.CaptureFixture[str], stack: Stack) -> None:
     first = _create(capsys, stack, "by-name", "5")
     code, out, _ = _cli(capsys, stack, "policy", "get", "by-name", "--json")
-    assert code == 0 and json.loads(out[out.index("{") :])["id"] == first
+    assert code == 0 and _json(out)["id"] == first
     code, out, _ = _cli(capsys, stack, "policy", "update", "by-name", "--amount", "7", "--json")
-    assert code == 0 and json.loads(out[out.index("{") :])["amount_usd"] == "7.00"
+    assert code == 0 and _json(out)["amount_usd"] == "7.00"
 
     second = _create(capsys, stack, "by-name", "6")
     for command in (("get", "by-name"), ("delete", "by-name")):
@@ -88,7 +97,7 @@ def test_price_set_keeps_the_prices_it_is_not_given(
 ) -> None:
     def gpt_4o() -> dict[str, str]:
         _, out, _ = _cli(capsys, stack, "price", "list", "--model", "gpt-4o", "--json")
-        listed = json.loads(out[out.index("[") :])
+        listed = _json(out)
         [entry] = [p for p in listed if p["model"] == "gpt-4o"]
         return dict(entry["price"]) | {"override_id": entry.get("override_id", "")}
 
@@ -97,12 +106,13 @@ def test_price_set_keeps_the_prices_it_is_not_given(
         capsys, stack, "price", "set", "gpt-4o", "--input", "2.00", "--output", "8.00"
     )
     assert code == 0, err
-    override_id = out.strip().splitlines()[-1].split(":")[0]
-    assert out.strip().splitlines()[-1] == (
+    [said] = [line for line in out.splitlines() if ": gpt-4o now $" in line]
+    override_id = said.split(":")[0]
+    assert said == (
         f"{override_id}: gpt-4o now $2 in / $8 out per million tokens; kept from its current "
         "price: cached-input $1.25, cache-write none (priced as input), "
         "cache-write-1h none (priced as input)"
-    ), out.strip().splitlines()[-1]
+    ), said
     price = gpt_4o()
     assert (price["input"], price["output"], price["cached_input"]) == ("2", "8", "1.25")
     # A later change keeps the override's other prices, not the catalog's.
