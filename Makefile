@@ -2,41 +2,55 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two install stamps: `make run` needs only the services' dependencies; tests
+# and lint add the dev extra (SDKs, pytest, ruff, mypy) on top.
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
+# Extra `spendgate up` options: make run ARGS='--config spendgate.yaml'
+ARGS ?=
 
-.PHONY: run test lint fuzz proto bench install clean
+.PHONY: run test lint fuzz proto bench install install-dev clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# The dev extra includes every runtime dependency: `make run` after it installs nothing.
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $@ $(RUN_STAMP)
 
-install: $(STAMP)
+install: $(RUN_STAMP)
 
-run: $(STAMP)
-	$(BIN)/spendgate up --demo
+install-dev: $(DEV_STAMP)
 
-test: $(STAMP)
+run: $(RUN_STAMP)
+	$(BIN)/spendgate up --demo $(ARGS)
+
+test: $(DEV_STAMP)
 	$(BIN)/pytest -q
 
 # The fuzz harness (tests/fuzz/) for SPENDGATE_FUZZ_SECONDS (default 10 minutes);
 # make test runs its short profile.
 SPENDGATE_FUZZ_SECONDS ?= 600
-fuzz: $(STAMP)
+fuzz: $(DEV_STAMP)
 	SPENDGATE_FUZZ_PROFILE=fuzz SPENDGATE_FUZZ_SECONDS=$(SPENDGATE_FUZZ_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider tests/fuzz
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy spendgate control_plane ext_proc
 
-proto: $(STAMP)
+proto: $(RUN_STAMP)
 	$(BIN)/python -m spendgate.protogen
 
 # wrk (Debian's package) drives the load; installed here when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk \
 		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	$(BIN)/python -m bench

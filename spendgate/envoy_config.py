@@ -7,14 +7,18 @@ The YAML files in envoy/ stay complete and valid on their own (the tests run
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from spendgate.upstreams import Upstream
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_BOOTSTRAP = ROOT / "envoy" / "envoy.yaml"
 EXT_PROC_CLUSTER = "spendgate_ext_proc"
+DEMO_CLUSTER = "demo_provider"
 
 
 def load(path: Path = LOCAL_BOOTSTRAP) -> dict[str, Any]:
@@ -57,12 +61,15 @@ def adapt(
     ext_proc: tuple[str, int] | None = None,
     providers_to: tuple[str, int] | None = None,
     demo_to: tuple[str, int] | None = None,
+    upstreams: Mapping[str, Upstream] | None = None,
 ) -> dict[str, Any]:
     """Return ``config`` with the given addresses replaced.
 
     providers_to: send every provider cluster (not ext_proc) to this plain-HTTP
     address instead, e.g. a local fake provider; routes that rewrite Host from
     the cluster (`auto_host_rewrite`) still send the provider's host name.
+    upstreams: send these provider clusters (by name) to another origin, with
+    TLS (SNI = its host) or without, and Host rewritten to it.
     """
     if listen_port is not None:
         config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = (
@@ -80,11 +87,58 @@ def adapt(
                     "address": ext_proc[0],
                     "port_value": ext_proc[1],
                 }
-        elif name == "demo_provider" and demo_to is not None:
+        elif name == DEMO_CLUSTER and demo_to is not None:
             clusters[i] = _static(name, *demo_to)
+        elif upstreams and name in upstreams:
+            _send_to(cluster, upstreams[name])
         elif providers_to is not None:
             clusters[i] = _static(name, *providers_to, hostname=_dns_name(cluster))
+    for name, upstream in (upstreams or {}).items():
+        for route in _routes_to(config, name):
+            # Host names the new origin: a virtual host there (vLLM behind a
+            # proxy, an Azure resource) answers to its own name only.
+            route.pop("auto_host_rewrite", None)
+            route["host_rewrite_literal"] = upstream.authority
     return config
+
+
+def provider_clusters(config: dict[str, Any]) -> list[str]:
+    """The clusters that reach an LLM provider (what --upstream may name)."""
+    return [
+        c["name"]
+        for c in config["static_resources"]["clusters"]
+        if c["name"] not in (EXT_PROC_CLUSTER, DEMO_CLUSTER)
+    ]
+
+
+def _routes_to(config: dict[str, Any], cluster: str) -> Iterator[dict[str, Any]]:
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                rc = f.get("typed_config", {}).get("route_config", {})
+                for vhost in rc.get("virtual_hosts", []):
+                    for r in vhost.get("routes", []):
+                        if r.get("route", {}).get("cluster") == cluster:
+                            yield r["route"]
+
+
+def _send_to(cluster: dict[str, Any], upstream: Upstream) -> None:
+    cluster["type"] = "STATIC" if upstream.is_ip else "LOGICAL_DNS"
+    address = {"address": upstream.host, "port_value": upstream.port}
+    endpoint = {"address": {"socket_address": address}}
+    cluster["load_assignment"] = {
+        "cluster_name": cluster["name"],
+        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+    }
+    if not upstream.tls:
+        cluster.pop("transport_socket", None)
+        return
+    tls: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+    }
+    if not upstream.is_ip:  # SNI carries host names only (RFC 6066)
+        tls["sni"] = upstream.host
+    cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
 class _Dumper(yaml.SafeDumper):

@@ -15,11 +15,15 @@ TIMEOUT_S = 10.0
 
 class CliError(Exception):
     """A failure to show the user as one line (exit status 1). ``retryable``:
-    the control plane could not be reached (trying again may succeed)."""
+    the control plane could not be reached (trying again may succeed).
+    ``code``: the gRPC status of a failed call, else None."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, code: grpc.StatusCode | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.code = code
 
 
 class AdminClient:
@@ -51,8 +55,9 @@ class AdminClient:
     def call(self, method: str, request: Any) -> Any:
         if not self.token:
             raise CliError(
-                "no token: pass --token, set SPENDGATE_TOKEN, or run in the folder where "
-                "`spendgate up` keeps .spendgate/credentials.json"
+                "no token: pass --token, set SPENDGATE_TOKEN, or run in (or below) the folder "
+                "where `spendgate up` keeps .spendgate/credentials.json (or give its "
+                "--state-dir / SPENDGATE_STATE_DIR)"
             )
         stub = next(s for s in self._stubs if hasattr(s, method))
         try:
@@ -61,7 +66,7 @@ class AdminClient:
             )
         except grpc.RpcError as e:
             retryable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            raise CliError(self.describe(e), retryable=retryable) from None
+            raise CliError(self.describe(e), retryable=retryable, code=e.code()) from None
 
     def describe(self, e: grpc.RpcError) -> str:
         code = e.code()

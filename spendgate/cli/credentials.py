@@ -2,7 +2,9 @@
 
 Order: command-line flags, then SPENDGATE_SERVER / SPENDGATE_TOKEN (or
 SPENDGATE_ADMIN_TOKEN), then the credentials file `spendgate up` writes in
-its state directory (``.spendgate/credentials.json``, mode 0600). `spendgate
+its state directory (``credentials.json``, mode 0600): the one --state-dir or
+SPENDGATE_STATE_DIR names, else ``.spendgate/`` in the current folder or the
+nearest parent that has one (as git finds ``.git``). `spendgate
 up` keeps the control plane's secrets key there too (``secrets.key``, 0600).
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_STATE_DIR = Path(".spendgate")
+STATE_DIR_ENV = "SPENDGATE_STATE_DIR"
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 
@@ -86,18 +89,39 @@ def secrets_key_env(state_dir: Path) -> dict[str, str]:
     return {"SPENDGATE_CONTROL_PLANE_SECRETS_KEY_FILE": str(path)}
 
 
-def client_token(flag: str | None, state_dir: Path = DEFAULT_STATE_DIR) -> str:
+def default_state_dir() -> Path:
+    """Where `spendgate up` keeps its state unless --state-dir says otherwise."""
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def find_credentials(state_dir: str | None = None, cwd: Path | None = None) -> Path | None:
+    """The credentials file the CLI reads: in ``state_dir`` or
+    SPENDGATE_STATE_DIR when given (only there: an explicit folder is not
+    second-guessed), else in ``.spendgate/`` of ``cwd`` or its nearest parent."""
+    explicit = state_dir or os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        path = credentials_path(Path(explicit))
+        return path if path.is_file() else None
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        path = credentials_path(folder / DEFAULT_STATE_DIR)
+        if path.is_file():
+            return path
+    return None
+
+
+def client_token(flag: str | None, state_dir: str | None = None) -> str:
     if flag:
         return flag
     env = os.environ
     for name in ("SPENDGATE_TOKEN", "SPENDGATE_ADMIN_TOKEN"):
         if env.get(name):
             return env[name]
-    path = credentials_path(state_dir)
-    if path.exists():
+    path = find_credentials(state_dir)
+    if path is not None:
         try:
             return str(json.loads(path.read_text())["admin_token"])
-        except (ValueError, KeyError):
+        except (OSError, ValueError, KeyError):
             return ""
     return ""
 

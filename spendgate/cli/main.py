@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     def admin_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", help="control plane host:port (default 127.0.0.1:50051)")
         p.add_argument("--token", help="bearer token (default: SPENDGATE_TOKEN or .spendgate/)")
+        p.add_argument(
+            "--state-dir",
+            help="folder of `spendgate up`'s credentials.json (default: SPENDGATE_STATE_DIR, "
+            "else .spendgate/ here or in the nearest parent folder)",
+        )
         p.add_argument("--tls", action="store_true", help="connect with TLS")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -35,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     admin_flags(psub.add_parser("list", help="list budget policies"))
     for name in ("get", "delete"):
         p = psub.add_parser(name, help=f"{name} a budget policy")
-        p.add_argument("id")
+        p.add_argument("id", metavar="ID_OR_NAME")
         admin_flags(p)
     update = psub.add_parser("update", help="change fields of a budget policy")
-    update.add_argument("id")
+    update.add_argument("id", metavar="ID_OR_NAME")
     policies.add_policy_fields(update, create=False)
     admin_flags(update)
 
@@ -66,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if secrets.run_offline(args):
             return 0
-        client = AdminClient(client_server(args.server), client_token(args.token), tls=args.tls)
+        client = AdminClient(
+            client_server(args.server), client_token(args.token, args.state_dir), tls=args.tls
+        )
         try:
             if args.command == "policy":
                 policies.run_policy(args, client)

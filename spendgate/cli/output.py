@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -30,6 +31,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def percent_of(spent_usd: str, limit_usd: str) -> int:
+    """Spent / limit in whole percent, rounded down (99.99 % is 99, not yet
+    exceeded; 109.5 % is 109). Every command prints percentages with this."""
+    limit = Decimal(limit_usd)
+    if limit <= 0:
+        return 0
+    return int((Decimal(spent_usd) * 100 / limit).to_integral_value(ROUND_FLOOR))
+
+
+def percent_text(spent_usd: str, limit_usd: str) -> str:
+    return f"{percent_of(spent_usd, limit_usd)}%"
 
 
 def as_json(messages: Message | Sequence[Message]) -> Any:

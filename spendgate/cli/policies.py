@@ -7,10 +7,11 @@ import json
 import re
 from datetime import UTC, datetime
 
+import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from spendgate.cli.client import AdminClient, CliError
-from spendgate.cli.output import as_json, echo, table
+from spendgate.cli.output import as_json, echo, percent_text, table
 from spendgate.domain.limits import MAX_THRESHOLD_PERCENT, MAX_WINDOW_COUNT
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.visible import visible
@@ -41,6 +42,9 @@ _UNIT_NAMES = {
     pb.WINDOW_UNIT_MONTHS: "month",
 }
 _WEEKDAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+
+
+POLICY_ID_PREFIX = "bp_"
 
 
 def parse_window(text: str) -> pb.BudgetWindow:
@@ -186,18 +190,9 @@ def run_policy(args: argparse.Namespace, client: AdminClient) -> None:
             policy.enabled = False
         _show(args, client.call("CreateBudgetPolicy", pb.CreateBudgetPolicyRequest(policy=policy)))
     elif cmd == "get":
-        _show(args, client.call("GetBudgetPolicy", pb.GetBudgetPolicyRequest(id=args.id)))
+        _show(args, resolve_policy(client, args.id))
     elif cmd == "list":
-        policies: list[pb.BudgetPolicy] = []
-        token = ""
-        while True:
-            resp = client.call(
-                "ListBudgetPolicies", pb.ListBudgetPoliciesRequest(page_size=500, page_token=token)
-            )
-            policies.extend(resp.policies)
-            token = resp.next_page_token
-            if not token:
-                break
+        policies = all_policies(client)
         echo(json.dumps(as_json(policies), indent=2) if args.json else _policy_rows(policies))
     elif cmd == "update":
         policy, paths = policy_from_args(args)
@@ -206,16 +201,55 @@ def run_policy(args: argparse.Namespace, client: AdminClient) -> None:
             paths.append("enabled")
         if not paths:
             raise CliError("nothing to update: give at least one field, e.g. --amount 50")
-        policy.id = args.id
+        policy.id = resolve_policy(client, args.id).id
         policy.etag = args.etag or ""
         req = pb.UpdateBudgetPolicyRequest(policy=policy, update_mask=FieldMask(paths=paths))
         _show(args, client.call("UpdateBudgetPolicy", req))
     elif cmd == "delete":
-        client.call("DeleteBudgetPolicy", pb.DeleteBudgetPolicyRequest(id=args.id))
+        policy_id = resolve_policy(client, args.id).id
+        client.call("DeleteBudgetPolicy", pb.DeleteBudgetPolicyRequest(id=policy_id))
         if args.json:
-            echo(json.dumps({"deleted": args.id}))
+            echo(json.dumps({"deleted": policy_id}))
         else:
-            echo(f"deleted {args.id}")
+            echo(f"deleted {policy_id}")
+
+
+def all_policies(client: AdminClient) -> list[pb.BudgetPolicy]:
+    policies: list[pb.BudgetPolicy] = []
+    token = ""
+    while True:
+        resp = client.call(
+            "ListBudgetPolicies", pb.ListBudgetPoliciesRequest(page_size=500, page_token=token)
+        )
+        policies.extend(resp.policies)
+        token = resp.next_page_token
+        if not token:
+            return policies
+
+
+def resolve_policy(client: AdminClient, ref: str) -> pb.BudgetPolicy:
+    """The policy ``ref`` names: its id, else its name when one policy has it.
+    Two policies may share a name; then the error lists their ids."""
+    not_found: CliError | None = None
+    if ref.startswith(POLICY_ID_PREFIX):
+        try:
+            found: pb.BudgetPolicy = client.call(
+                "GetBudgetPolicy", pb.GetBudgetPolicyRequest(id=ref)
+            )
+            return found
+        except CliError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            not_found = e  # a name may look like an id
+    named = [p for p in all_policies(client) if p.name == ref]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        ids = ", ".join(p.id for p in named)
+        raise CliError(f"{len(named)} policies are named '{ref}' ({ids}); give the id")
+    if not_found is not None:
+        raise not_found
+    raise CliError(f"no policy has the id or name '{ref}' (see `spendgate policy list`)")
 
 
 def _reset_in(end: datetime, now: datetime) -> str:
@@ -275,7 +309,7 @@ def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
                     f"${e.held_usd or '0.00'}"
                     + (f" ({e.held_requests} running)" if e.held_requests else ""),
                     f"${e.limit_usd}",
-                    f"{_percent(e):.0f}%",
+                    percent_text(e.spent_usd, e.limit_usd),
                     ("EXCEEDED" if e.exceeded else "ok")
                     + (" (rejecting)" if e.exceeded and e.action == pb.ACTION_REJECT else ""),
                     _reset_in(e.window_end.ToDatetime(UTC), now),
@@ -285,13 +319,6 @@ def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
             ],
         )
     )
-
-
-def _percent(e: pb.SpendEntry) -> float:
-    from decimal import Decimal
-
-    limit = Decimal(e.limit_usd)
-    return float(Decimal(e.spent_usd) / limit * 100) if limit else 0.0
 
 
 def _adjusted(e: pb.SpendEntry) -> str:

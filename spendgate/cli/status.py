@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_FLOOR, Decimal
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from spendgate.cli.client import AdminClient, CliError
-from spendgate.cli.output import echo, visible_message
+from spendgate.cli.output import echo, percent_of, visible_message
 from spendgate.cli.policies import window_text
 from spendgate.domain.policies import Scope
 from spendgate.v1 import budget_pb2 as pb
@@ -116,13 +116,6 @@ class Snapshot:
 
 # How many quarantined records and anomalies the top of the view lists.
 ATTENTION_ROWS = 5
-
-
-def percent_of(spent_usd: str, limit_usd: str) -> int:
-    limit = Decimal(limit_usd)
-    if limit <= 0:
-        return 0
-    return int((Decimal(spent_usd) * 100 / limit).to_integral_value(ROUND_FLOOR))
 
 
 def state_of(percent_floor: int, exceeded: bool, thresholds: Sequence[int]) -> str:

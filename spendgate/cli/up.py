@@ -25,14 +25,15 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate import envoy_config, ports, settings
+from spendgate import envoy_config, ports, settings, upstreams
 from spendgate.cli.client import CliError
-from spendgate.cli.credentials import load_or_create_tokens, secrets_key_env
+from spendgate.cli.credentials import default_state_dir, load_or_create_tokens, secrets_key_env
 from spendgate.visible import visible
 
 STOP_TIMEOUT_S = 10.0
@@ -154,10 +155,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--state-dir",
-        default=".spendgate",
-        help="where the SQLite database, tokens and Envoy config live",
+        default=str(default_state_dir()),
+        help="where the SQLite database, tokens and Envoy config live "
+        "(default: SPENDGATE_STATE_DIR, else .spendgate)",
     )
     p.add_argument("--database-url", help="default: sqlite:///<state-dir>/spendgate.db")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML settings file for both services (control_plane: / ext_proc: sections)",
+    )
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="send a provider's route elsewhere, e.g. openai=http://127.0.0.1:8000, "
+        "azure-openai=https://myres.openai.azure.com (or azure-openai=myres), "
+        "bedrock=us-west-2; repeatable",
+    )
     p.add_argument("--port", type=int, default=10000, help="Envoy listener (LLM traffic)")
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--control-plane-port", type=int, default=50051)
@@ -193,8 +209,44 @@ def check_ports(args: argparse.Namespace) -> None:
             raise CliError(f"{ports.describe(port)}; stop it or choose another {option}")
 
 
+def check_config(path: str | None) -> str | None:
+    """The --config file as an absolute path, once it reads as a YAML mapping
+    (each service then checks its own section and names a bad setting)."""
+    if path is None:
+        return None
+    file = Path(path).resolve()
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CliError(f"--config {path}: {e}") from e
+    if not isinstance(loaded, dict | None):
+        raise CliError(f"--config {path}: must be a mapping of settings")
+    return str(file)
+
+
+def envoy_bootstrap(args: argparse.Namespace, demo_to: tuple[str, int] | None) -> dict[str, Any]:
+    """envoy/envoy.yaml with this run's ports and upstreams."""
+    base = envoy_config.load()
+    try:
+        chosen = upstreams.parse_all(args.upstream, envoy_config.provider_clusters(base))
+    except upstreams.UpstreamError as e:
+        raise CliError(str(e)) from e
+    return envoy_config.adapt(
+        base,
+        listen_port=args.port,
+        admin_port=args.envoy_admin_port,
+        ext_proc=("127.0.0.1", args.ext_proc_port),
+        demo_to=demo_to,
+        upstreams=chosen,
+    )
+
+
 def run_up(args: argparse.Namespace) -> int:
     check_ports(args)
+    config_file = check_config(args.config)
+    # Checked now, so a bad --upstream stops `up` before anything starts.
+    envoy_bootstrap(args, None)
+    config_args = ("--config", config_file) if config_file else ()
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     tokens = load_or_create_tokens(state_dir)
@@ -233,6 +285,7 @@ def run_up(args: argparse.Namespace) -> int:
             [
                 *(sys.executable, "-m", "control_plane", "--listen", cp_addr),
                 *("--database-url", db_url, "--metrics-listen", cp_metrics),
+                *config_args,
             ],
             env,
         )
@@ -243,6 +296,7 @@ def run_up(args: argparse.Namespace) -> int:
             [
                 *(sys.executable, "-m", "ext_proc", "--listen", ep_addr),
                 *("--control-plane", cp_addr, "--metrics-listen", ep_metrics),
+                *config_args,
             ],
             env,
         )
@@ -269,13 +323,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "HTTP",
                 stopping,
             )
-        config = envoy_config.adapt(
-            envoy_config.load(),
-            listen_port=args.port,
-            admin_port=args.envoy_admin_port,
-            ext_proc=("127.0.0.1", args.ext_proc_port),
-            demo_to=demo_to,
-        )
+        config = envoy_bootstrap(args, demo_to)
         path = envoy_config.write(config, state_dir / "envoy.yaml")
         envoy = Child(
             "envoy",
@@ -327,6 +375,8 @@ def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> No
         f"  LLM traffic (Envoy)   http://127.0.0.1:{args.port}  "
         "(OpenAI at /v1, Anthropic, Gemini, Bedrock, Azure OpenAI: by path and key)",
     ]
+    for spec in args.upstream:
+        lines.append(f"  upstream              {visible(spec)}")
     if args.demo:
         lines.append(
             f"  demo provider         http://127.0.0.1:{args.port}/demo/v1  "

@@ -9,7 +9,7 @@ import copy
 import importlib
 import importlib.util
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,11 @@ class _Started(Exception):
     """Raised by the fake Envoy child: everything before it has been started."""
 
 
-def spendgate_up_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """Run ``spendgate up --demo`` with fake child processes and return the
-    argv of each child by its name ("control-plane", "ext_proc", ...)."""
+def spendgate_up_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: Sequence[str] = ()
+) -> dict[str, list[str]]:
+    """Run ``spendgate up --demo [extra]`` with fake child processes and return
+    the argv of each child by its name ("control-plane", "ext_proc", ...)."""
     from spendgate.cli import up
 
     started: dict[str, list[str]] = {}
@@ -59,7 +61,7 @@ def spendgate_up_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     parser = argparse.ArgumentParser()
     up.add_arguments(parser)
     with pytest.raises(_Started):
-        up.run_up(parser.parse_args(["--demo", "--state-dir", str(tmp_path)]))
+        up.run_up(parser.parse_args(["--demo", "--state-dir", str(tmp_path), *extra]))
     return started
 
 
@@ -114,15 +116,18 @@ def unknown_env_names(module: str, env: Mapping[str, str]) -> list[str]:
 
 def effective_settings(module: str, argv: list[str], env: Mapping[str, str]) -> Any:
     """The settings a process started as ``argv`` with ``env`` would run with
-    (flags are the settings of the same name, e.g. --database-url)."""
+    (flags are the settings of the same name, e.g. --database-url; --config
+    is the settings file)."""
     cfg = config_module(module)
     names = {f.name for f in fields(cfg.Settings)}
     overrides = {}
-    for flag, value in flags_of(argv).items():
+    flags = flags_of(argv)
+    file = flags.pop("--config", None)
+    for flag, value in flags.items():
         name = flag.removeprefix("--").replace("-", "_")
         assert name in names, f"{flag} of {module} is not a setting"
         overrides[name] = value
-    return cfg.load_settings(env=env, **overrides)
+    return cfg.load_settings(env=env, file=file, **overrides)
 
 
 def host_port(address: str) -> tuple[str, int]:

@@ -276,7 +276,9 @@ def test_price_override_from_the_cli(up: Up) -> None:
     assert set_.returncode == 0, set_.stderr
     override_id = set_.stdout.split(":")[0]
     assert set_.stdout.strip() == (
-        f"{override_id}: gpt-4o-mini now $100 in / $200 out per million tokens"
+        f"{override_id}: gpt-4o-mini now $100 in / $200 out per million tokens; kept from its "
+        "current price: cached-input $0.075, cache-write none (priced as input), "
+        "cache-write-1h none (priced as input)"
     )
     listed = json.loads(up.cli("price", "list", "--model", "gpt-4o-mini", "--json").stdout)
     mini = next(p for p in listed if p["model"] == "gpt-4o-mini")
