@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -168,3 +169,37 @@ def grpc_channel(port: int) -> grpc.Channel:
 
 def env_without_spendgate() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
+
+
+SPENDGATE_CLI = [sys.executable, "-m", "spendgate.cli.main"]
+
+
+def start_spendgate_up(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """``spendgate up ARGS`` run in ``cwd`` (no SPENDGATE_* variables), returned
+    once it says everything started, with the lines it printed until then.
+    If it exits first, it is an AssertionError carrying its output."""
+    proc = subprocess.Popen(
+        [*SPENDGATE_CLI, "up", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env_without_spendgate(),
+    )
+    output: list[str] = []
+
+    def started() -> bool:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        output.append(line)
+        if proc.poll() is not None:
+            raise AssertionError("spendgate up exited:\n" + "".join(output))
+        return "Ctrl-C stops everything." in line
+
+    try:
+        wait_until(started, timeout=60, interval=0, message="spendgate up")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc, output

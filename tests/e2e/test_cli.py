@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from control_plane.keyring import load as load_keyring
-from tests.harness import env_without_spendgate, free_port, wait_until
+from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
 
 pytestmark = pytest.mark.e2e
 SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
@@ -61,25 +61,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         )
     }
     args = [f"--{k}={v}" for k, v in ports.items()]
-    proc = subprocess.Popen(
-        [*SPENDGATE, "up", "--demo", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env_without_spendgate(),
-    )
-    output: list[str] = []
-
-    def started() -> bool:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        output.append(line)
-        if proc.poll() is not None:
-            raise AssertionError("spendgate up exited:\n" + "".join(output))
-        return "Ctrl-C stops everything." in line
-
-    wait_until(started, timeout=60, interval=0, message="spendgate up")
+    proc, output = start_spendgate_up(["--demo", *args], cwd)
     u = Up(proc, cwd, ports["port"], f"127.0.0.1:{ports['control-plane-port']}", output)
     yield u
     if proc.poll() is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spendgate.ports import in_use
-from tests.harness import env_without_spendgate, free_port, wait_until
+from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
 
 pytestmark = pytest.mark.e2e
 SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
@@ -54,25 +54,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
     ports = {name: free_port() for name in PORT_OPTIONS}
-    proc = subprocess.Popen(
-        [*SPENDGATE, "up", *(f"--{k}={v}" for k, v in ports.items())],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env_without_spendgate(),
-    )
-    output: list[str] = []
-
-    def started() -> bool:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        output.append(line)
-        if proc.poll() is not None:
-            raise AssertionError("spendgate up exited:\n" + "".join(output))
-        return "Ctrl-C stops everything." in line
-
-    wait_until(started, timeout=60, interval=0, message="spendgate up")
+    proc, _ = start_spendgate_up([*(f"--{k}={v}" for k, v in ports.items())], tmp_path)
     children = _children(proc.pid)
     assert len(children) == 3  # control plane, ext_proc, envoy
     u = Up(proc, ports, children)

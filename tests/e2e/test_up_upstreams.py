@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from spendgate.demo.fake_provider import FakeProviderServer
-from tests.harness import env_without_spendgate, free_port, wait_until
+from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
 
 pytestmark = pytest.mark.e2e
 SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
@@ -66,36 +66,15 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         )
     )
     ports = {name: free_port() for name in PORT_OPTIONS}
-    proc = subprocess.Popen(
-        [
-            *SPENDGATE,
-            "up",
-            *(f"--{k}={v}" for k, v in ports.items()),
-            "--config",
-            "spendgate.yaml",
-            "--upstream",
-            f"openai=http://127.0.0.1:{provider.port}",
-            "--upstream",
-            "azure-openai=myres",
-        ],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env_without_spendgate(),
-    )
-    output: list[str] = []
-
-    def started() -> bool:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        output.append(line)
-        if proc.poll() is not None:
-            raise AssertionError("spendgate up exited:\n" + "".join(output))
-        return "Ctrl-C stops everything." in line
-
+    args = [*(f"--{k}={v}" for k, v in ports.items()), "--config", "spendgate.yaml"]
+    args += ["--upstream", f"openai=http://127.0.0.1:{provider.port}"]
+    args += ["--upstream", "azure-openai=myres"]
     try:
-        wait_until(started, timeout=60, interval=0, message="spendgate up")
+        proc, output = start_spendgate_up(args, cwd)
+    except BaseException:
+        provider.shutdown()
+        raise
+    try:
         yield Up(cwd, ports["port"], f"127.0.0.1:{ports['control-plane-port']}", provider, output)
     finally:
         if proc.poll() is None:
