@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 
 from tests.deploy.files import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 DEV_ONLY = {
     "openai",
     "anthropic",
