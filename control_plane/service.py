@@ -390,7 +390,11 @@ class ControlPlane:
                     "usage for unknown policies dropped", count=unknown, batch_id=req.batch_id
                 )
             if spend and (not duplicate or req.holds):
-                self.hub.publish(dp.StateUpdate(spend=spend))
+                update = dp.StateUpdate(spend=spend)
+                if not duplicate and req.batch_id:
+                    update.applied.data_plane_id = req.data_plane_id
+                    update.applied.batch_id = req.batch_id
+                self.hub.publish(update)
 
         try:
             duplicate, spend, unknown, _ = await self.run(apply, committed)

@@ -88,11 +88,13 @@ def split(update: dp.StateUpdate, limit: int = PAGE_BYTES) -> list[dp.StateUpdat
     """An increment as messages of at most ``limit`` bytes (itself when it fits).
 
     Only increments are split (policy_changes, price_changes, spend): the
-    whole-set fields of streams of earlier releases cannot be cut.
+    whole-set fields of streams of earlier releases cannot be cut. ``applied``
+    goes on the last piece: a data plane stops counting its batch as unsent
+    only once every total that includes it has arrived.
     """
     if update.ByteSize() <= limit - _PAGE_OVERHEAD:
         return [update]
-    pager = Pager(limit)
+    pager = Pager(limit - update.applied.ByteSize() - _ITEM_OVERHEAD)
     add_all(
         pager,
         update.policy_changes.upserts,
@@ -101,7 +103,10 @@ def split(update: dp.StateUpdate, limit: int = PAGE_BYTES) -> list[dp.StateUpdat
         update.price_changes.deleted_ids,
         update.spend,
     )
-    return [p for p in pager.finish() if p.ByteSize()]
+    pieces = [p for p in pager.finish() if p.ByteSize()]
+    if update.HasField("applied") and pieces:
+        pieces[-1].applied.CopyFrom(update.applied)
+    return pieces
 
 
 def add_all(

@@ -8,9 +8,12 @@ Spend of a window as this data plane sees it =
     acknowledged usage, ours too)
   + our usage not yet acknowledged (pending + in flight).
 Totals only grow within a window, so totals from acks and from the state
-stream are merged with max(). Between the moment the control plane applies
-our batch and the moment its ack reaches us, that batch can be counted twice
-— an over-estimate for a few milliseconds, never an under-estimate.
+stream are merged with max(). A batch stops being ours to count when the
+first total that includes it arrives: the ack, or the state stream message
+marked with its id (``StateUpdate.applied``), whichever comes first. Only a
+total from another data plane's batch applied just after ours, arriving
+before either, counts ours twice for a moment: an over-estimate, never an
+under-estimate.
 
 With a journal (ext_proc/sync/journal.py), every batch is written durably before
 it is sent, and acknowledged batches are marked there. Usage that cannot be
@@ -504,8 +507,16 @@ class LocalState:
     def acknowledge(self, batch: Batch, resp: dp.ReportUsageResponse) -> None:
         # Merge the totals first so the batch is never missing from both.
         self.merge_spend(resp.spend)
-        self.in_flight.pop(batch.batch_id, None)
-        self._journal(lambda j: j.acknowledge(batch.batch_id))
+        self._applied(batch.batch_id)
+
+    def _applied(self, batch_id: str) -> None:
+        """The control plane applied ``batch_id`` and its totals (merged
+        already) include it: it is no longer ours to count or to send. Known
+        first from the ReportUsage answer or from the state stream, whichever
+        arrives first; the second is a no-op."""
+        if self.in_flight.pop(batch_id, None) is None:
+            return
+        self._journal(lambda j: j.acknowledge(batch_id))
         if self.journal is not None and self.journal.needs_compaction():
             live = [b.message("") for b in self.in_flight.values()]
             self._journal(lambda j: j.compact(live))
@@ -571,6 +582,8 @@ class LocalState:
             self.held_others_until = {}
             self.synced = True
         self.merge_spend(update.spend)
+        if self.identity and update.applied.data_plane_id == self.identity:
+            self._applied(update.applied.batch_id)
         # Pruning walks every known window: do it at most every few seconds.
         if update.full_snapshot or now.timestamp() - self.last_prune >= PRUNE_INTERVAL_S:
             self.prune(now)

@@ -246,7 +246,7 @@ class PriceOverrides(_message.Message):
     def __init__(self, overrides: _Optional[_Iterable[_Union[_pricing_pb2.PriceOverride, _Mapping]]] = ...) -> None: ...
 
 class StateUpdate(_message.Message):
-    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides", "seq", "resync", "policy_changes", "price_changes")
+    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides", "seq", "resync", "policy_changes", "price_changes", "applied")
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class StateUpdate(_message.Message):
     RESYNC_FIELD_NUMBER: _ClassVar[int]
     POLICY_CHANGES_FIELD_NUMBER: _ClassVar[int]
     PRICE_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     policies: PolicySnapshot
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     full_snapshot: bool
@@ -265,7 +266,16 @@ class StateUpdate(_message.Message):
     resync: ResyncPage
     policy_changes: PolicyChanges
     price_changes: PriceOverrideChanges
-    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ..., seq: _Optional[int] = ..., resync: _Optional[_Union[ResyncPage, _Mapping]] = ..., policy_changes: _Optional[_Union[PolicyChanges, _Mapping]] = ..., price_changes: _Optional[_Union[PriceOverrideChanges, _Mapping]] = ...) -> None: ...
+    applied: AppliedBatch
+    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ..., seq: _Optional[int] = ..., resync: _Optional[_Union[ResyncPage, _Mapping]] = ..., policy_changes: _Optional[_Union[PolicyChanges, _Mapping]] = ..., price_changes: _Optional[_Union[PriceOverrideChanges, _Mapping]] = ..., applied: _Optional[_Union[AppliedBatch, _Mapping]] = ...) -> None: ...
+
+class AppliedBatch(_message.Message):
+    __slots__ = ("data_plane_id", "batch_id")
+    DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    data_plane_id: str
+    batch_id: str
+    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class ResyncPage(_message.Message):
     __slots__ = ("page", "last")

@@ -187,3 +187,32 @@ def test_disk_errors_never_stop_metering(tmp_path: Path) -> None:
     assert state.take_batch() is not None
     assert state.journal_failed
     assert state.spent(KEY) == 5
+
+
+def test_a_batch_applied_by_stream_then_by_answer_is_journaled_once(tmp_path: Path) -> None:
+    state = LocalState(journal=Journal(tmp_path), identity="dp-1")
+    assert state.journal is not None
+    state.restore(state.journal.open())
+    state.charge([(DAILY, "")], 5, NOW, estimated=False)
+    b1 = state.take_batch()
+    assert b1 is not None
+    b1.sent = True
+    state.charge([(DAILY, "")], 7, NOW, estimated=False)
+    b2 = state.take_batch()
+    assert b2 is not None
+    size = state.journal.size
+    applied = dp.StateUpdate()
+    applied.applied.data_plane_id = "dp-1"
+    applied.applied.batch_id = b1.batch_id
+    state.apply_update(applied, NOW)
+    after_stream = state.journal.size
+    assert after_stream > size  # the ack record
+    state.acknowledge(b1, dp.ReportUsageResponse())
+    assert state.journal.size == after_stream  # not written twice
+    state.journal.close()
+
+    again = LocalState(journal=Journal(tmp_path))
+    assert again.journal is not None
+    again.restore(again.journal.open())
+    assert list(again.in_flight) == [b2.batch_id]
+    again.journal.close()

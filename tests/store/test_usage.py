@@ -64,10 +64,14 @@ async def test_apply_usage_totals_and_idempotency(cp: ControlPlane, engine: Engi
             hub_updates.append(await sub.next())
 
     # Each applied batch was published once, numbered after the policy's
-    # creation (seq 1); the duplicate was not.
+    # creation (seq 1) and marked with its id; the duplicate was not.
     assert hub_updates == [
-        dp.StateUpdate(spend=r1.spend, seq=2),
-        dp.StateUpdate(spend=r2.spend, seq=3),
+        dp.StateUpdate(
+            spend=r1.spend, seq=2, applied=dp.AppliedBatch(data_plane_id="dp-1", batch_id="batch-1")
+        ),
+        dp.StateUpdate(
+            spend=r2.spend, seq=3, applied=dp.AppliedBatch(data_plane_id="dp-1", batch_id="batch-2")
+        ),
     ]
     assert spend_rows(engine) == [(p.id, "", ts(HOUR_START), ts(HOUR_END), 3_750_000_000, 5)]
     with Session(engine) as s:

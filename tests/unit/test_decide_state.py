@@ -446,3 +446,37 @@ def test_disabled_policy_in_snapshot_is_not_enforced() -> None:
     state = LocalState()
     state.apply_update(snapshot(policy_msg("on"), policy_msg("off", enabled=False)), NOW)
     assert list(state.index.policies) == ["on"]
+
+
+def test_a_stream_total_marked_with_our_batch_ends_its_double_count() -> None:
+    """The state stream can bring the total that includes our batch before
+    the ReportUsage answer does: the batch stops counting as unsent then."""
+    state = LocalState(identity="dp-1")
+    state.merge_spend([window_spend(KEY, 1000)])
+    state.charge([(DAILY, "")], 50, NOW, estimated=False)
+    batch = state.take_batch()
+    assert batch is not None
+    batch.sent = True
+    update = dp.StateUpdate(spend=[window_spend(KEY, 1050)])
+    update.applied.data_plane_id = "dp-1"
+    update.applied.batch_id = batch.batch_id
+    state.apply_update(update, NOW)
+    assert state.in_flight == {}
+    assert state.spent(KEY) == 1050  # not 1100
+    # The answer arriving afterwards changes nothing.
+    state.acknowledge(batch, dp.ReportUsageResponse(spend=[window_spend(KEY, 1050)]))
+    assert state.spent(KEY) == 1050
+
+
+def test_another_data_planes_applied_batch_is_not_ours() -> None:
+    state = LocalState(identity="dp-1")
+    state.charge([(DAILY, "")], 50, NOW, estimated=False)
+    batch = state.take_batch()
+    assert batch is not None
+    for who in ("dp-2", ""):
+        update = dp.StateUpdate(spend=[window_spend(KEY, 70)])
+        update.applied.data_plane_id = who
+        update.applied.batch_id = batch.batch_id
+        state.apply_update(update, NOW)
+        assert list(state.in_flight) == [batch.batch_id]
+        assert state.spent(KEY) == 70 + 50  # their 70; ours is still unsent
