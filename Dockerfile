@@ -9,6 +9,6 @@ COPY proto ./proto
 COPY envoy ./envoy
 RUN pip install --no-cache-dir . \
  && mkdir -p /var/lib/spendgate && chown nobody /var/lib/spendgate
-# ext_proc's usage journal (README "Usage is never lost"): mount a volume here.
+# ext_proc's usage journal (docs/concepts/request-flow.md "Usage is never lost"): mount a volume here.
 ENV SPENDGATE_EXT_PROC_JOURNAL_DIR=/var/lib/spendgate/ext_proc-{port}
 USER nobody

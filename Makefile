@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # Extra `spendgate up` options: make run ARGS='--config spendgate.yaml'
 ARGS ?=
 
-.PHONY: run test lint fuzz proto bench install install-dev clean
+.PHONY: run test lint docs fuzz proto bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,24 @@ SPENDGATE_FUZZ_SECONDS ?= 600
 fuzz: $(DEV_STAMP)
 	SPENDGATE_FUZZ_PROFILE=fuzz SPENDGATE_FUZZ_SECONDS=$(SPENDGATE_FUZZ_SECONDS) $(BIN)/pytest -q -s -p no:cacheprovider tests/fuzz
 
+# Material for MkDocs prints a banner about its successor on every build.
+export NO_MKDOCS_2_WARNING := 1
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy spendgate control_plane ext_proc
+	@# not --quiet: it hides the warnings that --strict turns into failures
+	out=$$(mktemp -d) && $(BIN)/mkdocs build --strict --site-dir $$out; \
+		status=$$?; rm -rf $$out; exit $$status
+
+# The documentation site (mkdocs.yml, docs/) into site/, after regenerating its
+# reference pages from the code (spendgate/docgen.py; a test fails when they are
+# stale). `make lint` builds it with --strict (a broken link or anchor fails)
+# into a scratch folder.
+docs: $(DEV_STAMP)
+	$(BIN)/python -m spendgate.docgen
+	$(BIN)/mkdocs build --strict
 
 proto: $(RUN_STAMP)
 	$(BIN)/python -m spendgate.protogen
@@ -56,4 +70,4 @@ bench: $(DEV_STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .spendgate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .spendgate .pytest_cache .mypy_cache .ruff_cache site

@@ -17,54 +17,66 @@ __all__ = ["ConfigError", "Settings", "load_settings"]
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    # gRPC address: admin API, DataPlaneService, health, reflection.
     listen: str = "127.0.0.1:50051"
+    # The database: SQLite, or `postgresql://user@host/db` (needed for more than one replica).
     database_url: str = "sqlite:///.spendgate/spendgate.db"
+    # Bearer token allowed every method. Required; `spendgate up` generates it.
     admin_token: str = ""
+    # Bearer token allowed `Get*` / `List*` only (`spendgate status`, `spend`, dashboards).
     read_token: str = ""
+    # Bearer token ext_proc presents (DataPlaneService only).
     data_plane_token: str = ""
     # First day of WEEKS windows when a policy does not say.
     week_start: str = "monday"
     # How long applied usage batch ids are kept to recognise retries.
     batch_retention_hours: int = 168
-    # A data plane's holds (reservations) on windows lapse this long after its
-    # last report: what a data plane that died held is released then.
+    # A data plane's holds (reservations) lapse this long after its last report, so a dead data
+    # plane's are released (15 to 3600; live data planes refresh theirs every 5 s).
     hold_ttl_s: int = 30
+    # PEM certificate: serve TLS (with `tls_key_file`).
     tls_cert_file: str = ""
+    # PEM private key of `tls_cert_file`.
     tls_key_file: str = ""
-    # Keys that encrypt stored secrets (control_plane/keyring.py): a file with
-    # one base64 key per line, or the keys themselves (comma-separated); the
-    # first is current. Read at start; a bad key stops start-up.
+    # File of keys that encrypt stored webhook URLs, secrets and routing keys: base64 of 32
+    # bytes, one per line, the first encrypts, all decrypt (see docs/operations/secrets.md).
+    # Empty: `spendgate up` makes `.spendgate/secrets.key`.
     secrets_key_file: str = ""
+    # The same keys given directly, comma-separated (not together with `secrets_key_file`).
     secrets_key: str = field(default="", repr=False)
     # ---- webhooks (see control_plane/webhooks/) ----
-    # Timeouts of one delivery attempt, in seconds.
+    # Connect timeout of one delivery attempt.
     webhook_connect_timeout_s: float = 5.0
+    # Read (and write) timeout of one delivery attempt.
     webhook_read_timeout_s: float = 10.0
-    # Retry n waits min(base * 2**(n-1), max) seconds, times a random factor
-    # in [1 - jitter, 1 + jitter]; a longer Retry-After from the receiver wins.
+    # Retry n waits `min(base·2^(n-1), max)` less a random part; a longer `Retry-After` wins.
     webhook_backoff_base_s: float = 10.0
+    # The longest wait between attempts.
     webhook_backoff_max_s: float = 3600.0
+    # The random part: up to this fraction of the wait (0 to 1).
     webhook_backoff_jitter: float = 0.5
-    # A delivery is given up (state failed) after this many attempts, or when
-    # its next attempt would come later than this long after the event.
+    # After this many attempts the delivery is `failed` (still listed, logged).
     webhook_max_attempts: int = 15
+    # A delivery not done this long after its event is `failed`.
     webhook_max_age_hours: float = 48.0
-    # How often the dispatcher looks for due deliveries (it is also woken at
-    # once when this control plane records new ones).
+    # How often due deliveries are looked for (new ones wake the dispatcher at once).
     webhook_poll_interval_s: float = 1.0
     # Deliveries sent at the same time by one control plane.
     webhook_max_in_flight: int = 32
     # Finished deliveries, their attempts and old events are kept this long.
     webhook_retention_hours: int = 720
-    # SSRF guard: webhook URLs must be https and resolve to public addresses
-    # unless these allow more. Hosts: comma-separated names or IP literals
-    # whose addresses are not checked; ranges: comma-separated CIDRs.
+    # SSRF guard: allow plain `http://` webhook URLs.
     webhook_allow_http: bool = False
+    # Host names or IPs (comma-separated) whose addresses are not checked.
     webhook_allow_hosts: str = ""
+    # CIDRs (comma-separated) webhooks may call besides public addresses.
     webhook_allow_private_ranges: str = ""
-    # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
+    # HTTP address serving Prometheus `GET /metrics`; `""` disables it.
     metrics_listen: str = "127.0.0.1:9464"
+    # JSON lines on stderr (production); `false`: console lines (`spendgate up` sets
+    # `SPENDGATE_LOG_JSON=false`).
     log_json: bool = True
+    # `debug`, `info`, `warning` or `error`.
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -19,92 +19,105 @@ __all__ = ["ConfigError", "Settings", "load_settings"]
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    # gRPC address Envoy's ext_proc filter calls.
     listen: str = "127.0.0.1:50052"
-    # The control plane's DataPlaneService address; several replicas as
-    # "host1:port,host2:port" (the next is tried when one goes away).
+    # Control plane address, or several replicas `host1:port,host2:port` (when the state stream
+    # to one breaks, the next is used).
     control_plane: str = "127.0.0.1:50051"
+    # The control plane's `data_plane_token`. Required.
     data_plane_token: str = ""
+    # Connect to the control plane with TLS.
     control_plane_tls: bool = False
+    # PEM CA bundle for that TLS (empty: the system's roots).
     control_plane_ca_file: str = ""
-    # Identifies this data plane in the control plane's records.
+    # This data plane's name in the control plane's records. Empty: `<hostname>-<pid>`.
     data_plane_id: str = ""
-    # Who is the caller (ext_proc/admission/identity.py, README "Who is the caller?").
-    # Identity headers (removed before the provider, always) count only from
-    # trusted_header_sources: comma-separated CIDRs matched against the
-    # direct peer's address and/or mTLS peer principals (spiffe://...).
-    # "" (the default) = identity headers are ignored from everyone.
+    # Where identity headers count from: CIDRs of the direct peer (`10.0.0.0/8,127.0.0.1/32`)
+    # and/or mTLS peer principals (`spiffe://corp/ns/infra/sa/gateway`), comma-separated;
+    # `spendgate up --demo` sets `127.0.0.1/32,::1/128` (see docs/concepts/identity.md). Empty:
+    # identity headers ignored.
     trusted_header_sources: str = ""
+    # Request header naming the end user (USER policies), from a trusted source only; always
+    # removed before the provider.
     user_header: str = "x-spendgate-user"
+    # Request header naming the workspace (WORKSPACE policies), likewise.
     workspace_header: str = "x-spendgate-workspace"
+    # Request header with `key=value,…` tags (TAG policies, at most 32), likewise.
     tags_header: str = "x-spendgate-tags"
+    # Request header naming the calling service (SERVICE policies), likewise.
     service_header: str = "x-spendgate-service"
-    # JWT claims verified by Envoy's jwt_authn (payload_in_metadata), found
-    # in dynamic metadata namespace / key; "" claim = that field not from JWTs.
+    # Dynamic metadata namespace of verified JWT payloads (forwarded by the ext_proc filter's
+    # `metadata_options`).
     jwt_metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    # jwt_authn's `payload_in_metadata` key.
     jwt_payload_key: str = "jwt_payload"
+    # JWT claim naming the user, e.g. `sub` (empty: users not from JWTs).
     user_claim: str = ""
+    # JWT claim naming the workspace.
     workspace_claim: str = ""
+    # JWT claim naming the calling service.
     service_claim: str = ""
-    # Claims that become tags: "team,env" or "team=org_team" (tag key=claim).
+    # JWT claims that become tags: `team,env` (tag = claim name) or `env=deploy_env` (tag `env`
+    # from claim `deploy_env`).
     tags_claims: str = ""
-    # The mTLS peer's SPIFFE id (connection.uri_san_peer_certificate) names
-    # the SERVICE when nothing above does.
+    # The mTLS peer's SPIFFE id (`connection.uri_san_peer_certificate`) names the SERVICE when
+    # no claim or trusted header does.
     service_from_peer: bool = True
-    # A request naming no member for a REJECT "*" policy of scope USER,
-    # WORKSPACE, SERVICE or TAG: reject (403) | anonymous (charged to the
-    # member "anonymous").
+    # A request naming no member for a REJECT `*` policy of scope USER, WORKSPACE, SERVICE or
+    # TAG: `reject` (403 naming the policy) or `anonymous` (charged to the member `anonymous`).
     missing_identity: str = "reject"
-    # How often unsent usage is sent to the control plane.
+    # How often usage is journalled and sent to the control plane (10 to 60000).
     flush_interval_ms: int = 100
-    # What to charge for a model with no price: default | free | reject
-    # (see ext_proc/metering/pricing.py).
+    # Model with no price: `default` (charge the default price, logged once per model), `free`
+    # (charge $0, counted and logged), `reject` (403 before the provider).
     unpriced_models: str = "default"
-    # A request on a provider route of no metered API shape (images, audio,
-    # batches, ...): count (admission-checked like any request, counted in a
-    # metric and logged once per path) | reject (403 in the provider's error
-    # shape, naming the path).
+    # A request of no metered API shape (images, audio, batches, files, …; see
+    # docs/concepts/metered-apis.md): `count` (admission-checked like any request, so a spent
+    # REJECT budget refuses it; counted in `spendgate_ext_proc_requests_unmetered_total` and
+    # logged once per path) or `reject` (403 in the provider's error shape, naming the path).
     unmetered_requests: str = "count"
-    # Reservations: an admitted request holds its estimated cost (input from
-    # the request size; output the reservation_percentile of what the model
-    # produced on the route recently, reservation_output_tokens until a few
-    # answers were seen, never above the request's max_tokens) against its
-    # REJECT windows until it ends, bounding concurrent overshoot
-    # (ext_proc/admission/estimate.py).
+    # Hold each admitted request's estimated cost against its REJECT windows until it ends.
     reservations: bool = True
+    # Output tokens a reservation assumes for a model and route until 5 of its answers were seen
+    # (never more than the request's `max_tokens` / `max_completion_tokens` /
+    # `max_output_tokens`).
     reservation_output_tokens: int = 4096
+    # After that, a reservation assumes this percentile of the output tokens of the model's last
+    # 100 answers on the route (50 to 100; never more than the request's own limit).
     reservation_percentile: int = 95
-    # Across data planes: a request whose REJECT window has room for fewer
-    # than this many more requests of its estimated size is admitted by the
-    # control plane (one round trip, against every data plane's holds)
-    # instead of locally. 0 keeps every decision local.
+    # A request whose REJECT window has room for fewer than this many more requests of its size
+    # is admitted by the control plane (against every data plane's holds) instead of locally;
+    # `0`: always local.
     arbiter_headroom_requests: int = 100
-    # How long a request waits for that answer; without one in time it is
-    # decided again on the local view (and counted).
+    # How long such a request waits for the control plane's answer; without one it is decided
+    # again on the local view, which counts the holds of the requests admitted meanwhile
+    # (10 to 900).
     arbiter_timeout_ms: int = 500
-    # USD per million tokens, for unpriced_models = default (or reject, when
-    # the model only appears in the response).
+    # USD per million input tokens for `default` (and for `reject` when the model only appears
+    # in the response) — deliberately high, so an unknown model is no way around a budget.
     default_input_price: str = "15"
+    # USD per million output tokens for `default`.
     default_output_price: str = "75"
-    # Write-ahead journal of unsent usage (ext_proc/sync/journal.py): a crash or
-    # kill -9 loses at most flush_interval_ms of usage, and usage the control
-    # plane could not take is re-sent on the next start. "{port}" becomes the
-    # listen port; relative paths are relative to the working directory.
-    # "" disables the journal (unsent usage then lives only in memory).
+    # Write-ahead journal of unsent usage (ext_proc/sync/journal.py), and the last policy
+    # snapshot (ext_proc/sync/snapshot.py; `{port}` = listen port, relative paths are relative
+    # to the working directory; `""` disables: a crash then loses unsent usage).
     journal_dir: str = ".spendgate/ext_proc-{port}"
-    # A request arriving before the first policy snapshot waits this long for
-    # it (below Envoy's 1 s message_timeout). With a saved snapshot in
-    # journal_dir (ext_proc/sync/snapshot.py) nothing waits: it is enforced at once.
+    # A request that arrives before the first policy snapshot (none saved in `journal_dir`)
+    # waits this long for it (0 to 900, below Envoy's `message_timeout`); with a saved snapshot
+    # nothing waits.
     startup_wait_ms: int = 500
-    # A response costing more than this (USD) is charged and reported as a
-    # usage.anomaly event: no real answer costs that much.
+    # A response costing more (USD) is charged in full and raises a `usage.anomaly` event (see
+    # docs/concepts/anomalies.md).
     max_cost_per_response_usd: str = "1000"
-    # Largest usage message sent to the control plane (gRPC's default limit
-    # is 4 MiB); batches are split to fit, and a record larger alone is
-    # quarantined (ext_proc/sync/quarantine.py).
+    # Largest usage message sent to the control plane (65536 to 4128768, below gRPC's 4 MiB
+    # default): batches are split to fit, a record larger alone is quarantined.
     usage_message_max_bytes: int = 1024 * 1024
-    # "host:port" of the HTTP server for Prometheus (GET /metrics); "" = none.
+    # HTTP address serving Prometheus `GET /metrics`; `""` disables it.
     metrics_listen: str = "127.0.0.1:9465"
+    # JSON lines on stderr (production); `false`: console lines (`spendgate up` sets
+    # `SPENDGATE_LOG_JSON=false`).
     log_json: bool = True
+    # `debug`, `info`, `warning` or `error`.
     log_level: str = "info"
 
     def __post_init__(self) -> None:

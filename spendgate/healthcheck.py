@@ -6,7 +6,7 @@ Exit status 0 when the service is SERVING; 1 when it is not, is unknown or
 the server cannot be reached within ``--timeout`` seconds (the reason goes to
 stderr). Service names: ``""`` is the whole process (both servers); ext_proc
 also has ``spendgate.ControlPlaneSync`` and ``spendgate.UsageDelivery``
-(README "How a request flows").
+(docs/concepts/request-flow.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Who is calling: user, workspace, service and tags from the sources an
-operator chose, canonicalised (README "Who is the caller?").
+operator chose, canonicalised (docs/concepts/identity.md).
 
 Sources, per field, the first that has a value wins:
 

@@ -264,7 +264,7 @@ def run_up(args: argparse.Namespace) -> int:
     ):
         # The demo names callers in x-spendgate-* headers sent from this
         # machine; without --demo identity headers count only where the
-        # operator says (README "Who is the caller?").
+        # operator says (docs/concepts/identity.md).
         env["SPENDGATE_EXT_PROC_TRUSTED_HEADER_SOURCES"] = "127.0.0.1/32,::1/128"
     cp_addr = f"127.0.0.1:{args.control_plane_port}"
     ep_addr = f"127.0.0.1:{args.ext_proc_port}"

@@ -3,7 +3,7 @@
 
 Pure. The constants here are the ones the checks use (or re-exports of the
 modules that own them); ``LIMITS`` describes each for people, and the
-README's "Limits" table is generated from it (``python -m
+table in docs/concepts/limits.md is generated from it (``python -m
 spendgate.domain.limits``; tests/unit/test_limits_table.py compares the two).
 
 Admin API values that break a bound are refused with INVALID_ARGUMENT and a
@@ -118,7 +118,7 @@ LIMITS: tuple[Limit, ...] = (
 
 
 def markdown() -> str:
-    """The README's table of limits."""
+    """The table of limits in docs/concepts/limits.md."""
     rows = ["| Value | Bound | Checked in | Beyond it |", "|---|---|---|---|"]
     rows += [f"| {x.value} | {x.bound} | {x.where} | {x.answer} |" for x in LIMITS]
     return "\n".join(rows) + "\n"

@@ -26,6 +26,8 @@ DEV_ONLY = {
     "hypothesis",
     "ruff",
     "mypy",
+    "mkdocs",
+    "material",
 }
 
 
@@ -54,9 +56,17 @@ def test_run_installs_without_the_dev_extra(tmp_path: Path) -> None:
     assert "spendgate up --demo" in plan
 
 
-@pytest.mark.parametrize("target", ["test", "lint"])
-def test_tests_and_lint_install_the_dev_extra(tmp_path: Path, target: str) -> None:
+@pytest.mark.parametrize("target", ["test", "lint", "docs"])
+def test_tests_lint_and_docs_install_the_dev_extra(tmp_path: Path, target: str) -> None:
     assert _installs(_plan(target, tmp_path / "venv")) == ["'.[dev]'"]
+
+
+def test_lint_builds_the_docs_strictly_and_docs_regenerates_the_reference(tmp_path: Path) -> None:
+    (build,) = re.findall(r".*mkdocs build.*", _plan("lint", tmp_path / "venv"))
+    assert "--strict" in build
+    assert "--quiet" not in build and " -q" not in build  # it would hide what --strict counts
+    plan = _plan("docs", tmp_path / "venv")
+    assert plan.index("-m spendgate.docgen") < plan.index("mkdocs build --strict")
 
 
 def test_run_after_a_dev_install_installs_nothing(tmp_path: Path) -> None:

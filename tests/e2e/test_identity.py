@@ -490,15 +490,14 @@ def test_no_or_foreign_client_certificate_never_reaches_ext_proc(
     assert stack.provider.log.requests == []
 
 
-# ---- the README's jwt_authn filter -------------------------------------------
+# ---- the jwt_authn filter of docs/concepts/identity.md ------------------------
 
 
-def test_readme_jwt_filter_is_accepted_by_envoy(tmp_path: Path) -> None:
-    """The filter "Who is the caller?" shows, put before ext_proc in the
+def test_documented_jwt_filter_is_accepted_by_envoy(tmp_path: Path) -> None:
+    """The filter docs/concepts/identity.md shows, put before ext_proc in the
     shipped bootstrap with a cluster for the JWKS host, passes validation."""
-    readme = (envoy_config.ROOT / "README.md").read_text()
-    section = readme.split("## Who is the caller?", 1)[1].split("\n## ", 1)[0]
-    snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    page = (envoy_config.ROOT / "docs" / "concepts" / "identity.md").read_text()
+    snippet = page.split("```yaml\n", 1)[1].split("```", 1)[0]
     (jwt_filter,) = yaml.safe_load(snippet)
     provider = jwt_filter["typed_config"]["providers"]["corp"]
     assert provider["payload_in_metadata"] == "jwt_payload"  # ext_proc's jwt_payload_key

@@ -3,8 +3,9 @@ a spent budget rejects (issue 16). spendgate's 429 says `x-should-retry:
 false`, which the openai and anthropic SDKs honour. google-genai retries only
 when HttpRetryOptions are given, on the status codes they list. boto3 retries
 every ThrottlingException (and any unmodelled 429) whatever the headers say,
-so no answer stops it that still raises ThrottlingException: the README gives
-the client setting, and these tests count the attempts that reach spendgate."""
+so no answer stops it that still raises ThrottlingException: the docs give the
+client setting (docs/concepts/request-flow.md), and these tests count the
+attempts that reach spendgate."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from tests.harness import wait_until
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "hi"}]
 BEDROCK_MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
-# The genai setting the README gives: HttpRetryOptions' default codes without 429.
+# The genai setting the docs give (docs/concepts/request-flow.md): HttpRetryOptions'
+# default codes without 429.
 GENAI_NO_429 = genai_types.HttpRetryOptions(http_status_codes=[408, 500, 502, 503, 504])
 
 
@@ -160,7 +162,7 @@ def _converse(client: Any) -> Callable[[], None]:
 
 
 def test_boto3_at_its_defaults_retries_a_throttling_error(stack: Stack, user: str) -> None:
-    # Standard mode, 3 attempts: what the README tells Bedrock users to change.
+    # Standard mode, 3 attempts: what the docs tell Bedrock users to change.
     assert _attempts(stack, _converse(_bedrock(stack, user, None)), ClientError) == 3
 
 

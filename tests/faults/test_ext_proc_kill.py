@@ -1,6 +1,6 @@
 """An ext_proc dies under traffic (``kill -9``, or a plain restart).
 
-README ("Usage is never lost"): usage is journaled (fdatasync) every flush
+docs/concepts/request-flow.md ("Usage is never lost"): usage is journaled (fdatasync) every flush
 interval before it is sent, so a ``kill -9`` loses at most the last
 ``flush_interval_ms`` of usage: what the killed process had charged but not
 yet journaled, plus the answers in flight when it died (the provider billed
@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 VICTIM = 0
 # Client-side times trail ext_proc's: an answer is charged a little before the
 # client has read it, and the next flush starts flush_interval_ms after the
-# previous one *ended*. This much is added to the README's window when
+# previous one *ended*. This much is added to the documented window when
 # deciding which answers could still have been unjournaled at the kill.
 SLACK_S = 0.1
 
@@ -108,8 +108,9 @@ def test_kill_9_of_one_ext_proc_loses_at_most_one_flush_interval(pairs: TwoPairs
     assert down and statuses(down).keys() == {500}, statuses(down)
     assert not [r for r in down if r.prompt in seen], "provider called while failing closed"
 
-    # The README's bound: answers the provider billed for the victim in the
-    # last flush interval before the kill, or still in flight then.
+    # The documented bound (docs/concepts/request-flow.md): answers the provider
+    # billed for the victim in the last flush interval before the kill, or still
+    # in flight then.
     window = killed_at - pairs.flush_interval_ms / 1000 - SLACK_S
     at_risk = [r for r in billed if r.user == "before" and r.start < killed_at and r.end >= window]
     cut = [r for r in billed if r.pair == VICTIM and not r.ok]

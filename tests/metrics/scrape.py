@@ -20,7 +20,7 @@ class Family:
 
     @property
     def display_name(self) -> str:
-        """The name as queried (and listed in the README): counters with _total."""
+        """The name as queried (and listed in docs/operations/metrics.md): counters with _total."""
         return self.name + "_total" if self.type == "counter" else self.name
 
     def label_names(self) -> set[str]:

@@ -1,4 +1,4 @@
-"""The fault-injection run behind the README's "Reliability" table.
+"""The fault-injection run behind the table in docs/operations/reliability.md.
 
     python -m tests.supervision.fault_run      (PostgreSQL at 127.0.0.1:5432
                                                  for the replication rows)

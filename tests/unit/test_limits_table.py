@@ -1,5 +1,6 @@
-"""The table of limits (spendgate/domain/limits.py) is the README's, and the
-pure helpers behind safe output and page tokens do what they promise."""
+"""The table of limits (spendgate/domain/limits.py) is the one in
+docs/concepts/limits.md, and the pure helpers behind safe output and page
+tokens do what they promise."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ from spendgate.domain import limits
 from spendgate.domain.policies import FieldViolation, text_violations
 from spendgate.visible import clip, first_unsafe, visible
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "concepts" / "limits.md"
 BEGIN, END = "<!-- limits table: generated -->\n", "<!-- end of limits table -->"
 
 
-def test_the_readme_table_is_generated_from_the_code() -> None:
-    text = README.read_text()
+def test_the_documented_table_is_generated_from_the_code() -> None:
+    text = PAGE.read_text()
     table = text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
     assert table == limits.markdown(), "run: python -m spendgate.domain.limits"
 
