@@ -151,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="also run a local fake OpenAI-compatible provider behind /demo/",
+        help="also run a local fake OpenAI-compatible provider behind /demo/, and let "
+        "webhooks reach this machine over http (`spendgate webhook listen`)",
     )
     p.add_argument(
         "--state-dir",
@@ -209,12 +210,12 @@ def check_ports(args: argparse.Namespace) -> None:
             raise CliError(f"{ports.describe(port)}; stop it or choose another {option}")
 
 
-def check_config(path: str | None) -> tuple[str | None, providers.Providers]:
+def check_config(path: str | None) -> tuple[str | None, providers.Providers, dict[str, Any]]:
     """The --config file as an absolute path, once it reads as a YAML mapping
-    (each service then checks its own section and names a bad setting), and
-    its ``providers:`` section, checked."""
+    (each service then checks its own section and names a bad setting), its
+    ``providers:`` section, checked, and its whole content."""
     if path is None:
-        return None, providers.Providers()
+        return None, providers.Providers(), {}
     file = Path(path).resolve()
     try:
         loaded = yaml.safe_load(file.read_text())
@@ -226,7 +227,28 @@ def check_config(path: str | None) -> tuple[str | None, providers.Providers]:
         declared = providers.from_file_data(loaded)
     except upstreams.UpstreamError as e:
         raise CliError(f"--config {path}: {e}") from e
-    return str(file), declared
+    return str(file), declared, loaded or {}
+
+
+# What --demo lets the control plane do unless the operator set it: register
+# a webhook receiver on this machine over plain http (`spendgate webhook listen`).
+DEMO_WEBHOOK_SETTINGS = (
+    ("webhook_allow_http", "true"),
+    ("webhook_allow_private_ranges", "127.0.0.1/32,::1/128"),
+)
+
+
+def demo_webhook_env(loaded: dict[str, Any]) -> dict[str, str]:
+    """The control plane variables --demo sets: each setting neither the
+    environment nor the --config file gives."""
+    section = loaded.get("control_plane")
+    in_file = set(loaded) | (set(section) if isinstance(section, dict) else set())
+    return {
+        settings.env_keys("control_plane", name)[0]: value
+        for name, value in DEMO_WEBHOOK_SETTINGS
+        if name not in in_file
+        and not any(k in os.environ for k in settings.env_keys("control_plane", name))
+    }
 
 
 def envoy_bootstrap(
@@ -248,7 +270,7 @@ def envoy_bootstrap(
 
 def run_up(args: argparse.Namespace) -> int:
     check_ports(args)
-    config_file, declared = check_config(args.config)
+    config_file, declared, loaded = check_config(args.config)
     # Checked now, so a bad --upstream stops `up` before anything starts.
     envoy_bootstrap(args, declared, None)
     config_args = ("--config", config_file) if config_file else ()
@@ -271,6 +293,8 @@ def run_up(args: argparse.Namespace) -> int:
         # machine; without --demo identity headers count only where the
         # operator says (README "Who is the caller?").
         env["SPENDGATE_EXT_PROC_TRUSTED_HEADER_SOURCES"] = "127.0.0.1/32,::1/128"
+    if args.demo:
+        env.update(demo_webhook_env(loaded))
     cp_addr = f"127.0.0.1:{args.control_plane_port}"
     ep_addr = f"127.0.0.1:{args.ext_proc_port}"
     db_url = args.database_url or f"sqlite:///{state_dir}/spendgate.db"
@@ -429,7 +453,7 @@ def add_envoy_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_envoy_config(args: argparse.Namespace) -> int:
     """Print the Envoy bootstrap `spendgate up` would run, or compose's."""
-    config_file, declared = check_config(args.config)
+    config_file, declared, _ = check_config(args.config)
     try:
         config = envoy_config.generate(declared, args.upstream, compose=args.compose)
     except upstreams.UpstreamError as e:
