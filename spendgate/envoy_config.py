@@ -300,32 +300,50 @@ COMPOSE_BOOTSTRAP = ROOT / "envoy" / "envoy-compose.yaml"
 EXAMPLE_PROVIDERS = ROOT / "examples" / "spendgate.yaml"
 
 
-def generated_header(source: str, *, compose: bool) -> str:
+TARGETS = ("local", "compose", "kubernetes")
+_TARGET_NOTES = {
+    "local": [],
+    "compose": [
+        "# docker-compose variant: addresses are compose service names, and the",
+        "# listener and admin bind every interface inside the container. The",
+        "# spendgate_ext_proc cluster holds both ext_proc containers: each HTTP",
+        "# request (one ext_proc stream) goes to one of them, round robin, and an",
+        "# ext_proc that fails its gRPC health check gets no new requests.",
+        "# Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.",
+    ],
+    "kubernetes": [
+        "# Kubernetes variant, for an Envoy you run yourself (not Istio or Envoy",
+        "# Gateway: see istio-*.yaml and envoy-gateway.yaml): mount data.envoy.yaml",
+        "# and run `envoy -c` on it. The listener binds every interface of the pod,",
+        "# the admin 127.0.0.1 only. The spendgate_ext_proc cluster resolves the",
+        "# headless Service (ext-proc.yaml), so Envoy sees every ext_proc pod and",
+        "# spreads the streams over them, skipping pods that fail gRPC health.",
+        "# No demo route. Bedrock credentials: the pod's (IRSA, Pod Identity, env).",
+    ],
+}
+# ext-proc.yaml's headless Service, as a self-run Envoy in the cluster reaches it.
+KUBERNETES_EXT_PROC = ("spendgate-ext-proc-headless.spendgate.svc.cluster.local", 50052)
+KUBERNETES_BOOTSTRAP = ROOT / "deploy" / "kubernetes" / "envoy-bootstrap.yaml"
+
+
+def generated_header(source: str, target: str = "local") -> str:
     """The comment heading a generated bootstrap: what made it and from what."""
-    flag = " --compose" if compose else ""
+    flag = "" if target == "local" else f" --{target}"
     lines = [
         "# spendgate: Envoy bootstrap GENERATED from envoy/envoy.yaml and the",
         f"# providers: of {source} by `spendgate envoy-config{flag} --config FILE`.",
         "# Regenerate rather than edit (a test checks the shipped copies).",
+        *_TARGET_NOTES[target],
     ]
-    if compose:
-        lines += [
-            "# docker-compose variant: addresses are compose service names, and the",
-            "# listener and admin bind every interface inside the container. The",
-            "# spendgate_ext_proc cluster holds both ext_proc containers: each HTTP",
-            "# request (one ext_proc stream) goes to one of them, round robin, and an",
-            "# ext_proc that fails its gRPC health check gets no new requests.",
-            "# Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.",
-        ]
     return "\n".join(lines) + "\n"
 
 
 def generate(
-    declared: Providers, upstream_specs: list[str] | tuple[str, ...] = (), *, compose: bool = False
+    declared: Providers, upstream_specs: list[str] | tuple[str, ...] = (), *, target: str = "local"
 ) -> dict[str, Any]:
-    """envoy/envoy.yaml routing to the declared providers; each ``--upstream``
-    NAME=URL wins over the file's url for that provider (and declares it).
-    Raises UpstreamError naming a bad value."""
+    """envoy/envoy.yaml routing to the declared providers, for ``target``
+    (one of TARGETS); each ``--upstream`` NAME=URL wins over the file's url
+    for that provider (and declares it). Raises UpstreamError naming a bad value."""
     base = load()
     chosen = upstream_flags.parse_all(upstream_specs, provider_clusters(base))
     merged = dataclasses.replace(
@@ -334,7 +352,61 @@ def generate(
         declared=None if declared.declared is None else declared.declared | set(chosen),
     )
     config = apply_providers(base, merged)
-    return compose_variant(config) if compose else config
+    if target == "compose":
+        return compose_variant(config)
+    if target == "kubernetes":
+        return kubernetes_variant(config)
+    return config
+
+
+def text(
+    declared: Providers, source: str, target: str, upstream_specs: list[str] | tuple[str, ...] = ()
+) -> str:
+    """What `spendgate envoy-config` prints: a bootstrap file, or for
+    kubernetes a ConfigMap holding one."""
+    body = dump(generate(declared, upstream_specs, target=target))
+    if target != "kubernetes":
+        return generated_header(source, target) + body
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "spendgate-envoy-bootstrap",
+            "namespace": "spendgate",
+            "labels": {"app.kubernetes.io/part-of": "spendgate"},
+        },
+        "data": {"envoy.yaml": body},
+    }
+    return generated_header(source, target) + yaml.dump(
+        config_map, Dumper=_Literal, sort_keys=False, width=1000
+    )
+
+
+class _Literal(_Dumper):
+    """Multi-line strings as YAML block literals (the bootstrap in the ConfigMap)."""
+
+
+_Literal.add_representer(
+    str,
+    lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None),
+)
+
+
+def kubernetes_variant(config: dict[str, Any]) -> dict[str, Any]:
+    """The local bootstrap for an Envoy pod next to deploy/kubernetes/."""
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "0.0.0.0"
+    routes = _route_list(config)
+    routes[:] = [r for r in routes if r.get("route", {}).get("cluster") != DEMO_CLUSTER]
+    clusters = config["static_resources"]["clusters"]
+    clusters[:] = [c for c in clusters if c["name"] != DEMO_CLUSTER]
+    for cluster in clusters:
+        if cluster["name"] == EXT_PROC_CLUSTER:
+            cluster["type"] = "STRICT_DNS"
+            cluster["load_assignment"]["endpoints"] = [
+                {"lb_endpoints": [_endpoint(*KUBERNETES_EXT_PROC)]}
+            ]
+            cluster["health_checks"] = _ext_proc_health_checks()
+    return config
 
 
 # docker-compose.yml services Envoy sends to, with the ports they listen on
@@ -369,26 +441,35 @@ def compose_variant(config: dict[str, Any]) -> dict[str, Any]:
                 {"lb_endpoints": [_endpoint(h, p) for h, p in services[cluster["name"]]]}
             ]
         if cluster["name"] == EXT_PROC_CLUSTER:
-            # gRPC health "" of each ext_proc; a failing one gets no new streams.
-            cluster["health_checks"] = [
-                {
-                    "timeout": "1s",
-                    "interval": "2s",
-                    "unhealthy_threshold": 2,
-                    "healthy_threshold": 1,
-                    "grpc_health_check": {},
-                }
-            ]
+            cluster["health_checks"] = _ext_proc_health_checks()
     return config
 
 
-def compose_text() -> str:
-    """envoy/envoy-compose.yaml: the providers of examples/spendgate.yaml."""
+def _ext_proc_health_checks() -> list[dict[str, Any]]:
+    """gRPC health "" of each ext_proc; a failing one gets no new streams."""
+    return [
+        {
+            "timeout": "1s",
+            "interval": "2s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "grpc_health_check": {},
+        }
+    ]
+
+
+def example_text(target: str) -> str:
+    """The shipped bootstrap for ``target``: the providers of examples/spendgate.yaml."""
     declared = providers_file.from_file_data(yaml.safe_load(EXAMPLE_PROVIDERS.read_text()))
-    header = generated_header("examples/spendgate.yaml", compose=True)
-    return header + dump(generate(declared, compose=True))
+    return text(declared, "examples/spendgate.yaml", target)
+
+
+def compose_text() -> str:
+    """envoy/envoy-compose.yaml."""
+    return example_text("compose")
 
 
 if __name__ == "__main__":
-    COMPOSE_BOOTSTRAP.write_text(compose_text())
-    print(f"wrote {COMPOSE_BOOTSTRAP}")
+    for target, path in (("compose", COMPOSE_BOOTSTRAP), ("kubernetes", KUBERNETES_BOOTSTRAP)):
+        path.write_text(example_text(target))
+        print(f"wrote {path}")

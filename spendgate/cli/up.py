@@ -444,21 +444,31 @@ def add_envoy_config_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=URL",
         help="as for `spendgate up`; wins over the file's url for that provider",
     )
-    p.add_argument(
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
         "--compose",
-        action="store_true",
+        action="store_const",
+        const="compose",
+        dest="target",
         help="for docker-compose.yml: its service names, listening on every interface",
+    )
+    target.add_argument(
+        "--kubernetes",
+        action="store_const",
+        const="kubernetes",
+        dest="target",
+        help="a ConfigMap for an Envoy pod next to deploy/kubernetes/ (no demo route)",
     )
 
 
 def run_envoy_config(args: argparse.Namespace) -> int:
-    """Print the Envoy bootstrap `spendgate up` would run, or compose's."""
+    """Print the Envoy bootstrap `spendgate up` would run, or compose's, or
+    a Kubernetes ConfigMap holding one."""
     config_file, declared, _ = check_config(args.config)
+    source = Path(config_file).name if config_file else "no providers: file"
     try:
-        config = envoy_config.generate(declared, args.upstream, compose=args.compose)
+        out = envoy_config.text(declared, source, args.target or "local", args.upstream)
     except upstreams.UpstreamError as e:
         raise CliError(str(e)) from e
-    source = Path(config_file).name if config_file else "no providers: file"
-    print(envoy_config.generated_header(source, compose=args.compose), end="")
-    print(envoy_config.dump(config), end="")
+    print(out, end="")
     return 0

@@ -250,3 +250,22 @@ def test_the_shipped_example_and_compose_bootstrap_agree() -> None:
     assert declared.declared == {"openai", "anthropic", "gemini", "azure_openai", "bedrock"}
     assert [c.name for c in declared.compatible] == ["vllm"]
     assert envoy_config.COMPOSE_BOOTSTRAP.read_text() == envoy_config.compose_text()
+    assert envoy_config.KUBERNETES_BOOTSTRAP.read_text() == envoy_config.example_text("kubernetes")
+
+
+def test_the_kubernetes_config_map_holds_a_bootstrap_envoy_accepts(tmp_path: Path) -> None:
+    (config_map,) = yaml.safe_load_all(envoy_config.KUBERNETES_BOOTSTRAP.read_text())
+    assert config_map["kind"] == "ConfigMap"
+    assert config_map["metadata"]["namespace"] == "spendgate"
+    bootstrap = yaml.safe_load(config_map["data"]["envoy.yaml"])
+    ext_proc = cluster(bootstrap, envoy_config.EXT_PROC_CLUSTER)
+    address = ext_proc["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert address["address"]["socket_address"] == {
+        "address": "spendgate-ext-proc-headless.spendgate.svc.cluster.local",
+        "port_value": 50052,
+    }
+    assert "demo" not in [r.get("name") for r in routes(bootstrap)]
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    path = tmp_path / "envoy.yaml"
+    path.write_text(config_map["data"]["envoy.yaml"])
+    envoy_validate(path)
