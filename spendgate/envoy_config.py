@@ -346,6 +346,17 @@ def generate(
     for that provider (and declares it). Raises UpstreamError naming a bad value."""
     base = load()
     chosen = upstream_flags.parse_all(upstream_specs, provider_clusters(base))
+    signing = declared.bedrock_signing
+    if signing is not None and "bedrock" in chosen:
+        host = chosen["bedrock"].host
+        if (
+            host.startswith("bedrock-runtime.")
+            and host != f"bedrock-runtime.{signing.region}.amazonaws.com"
+        ):
+            raise upstream_flags.UpstreamError(
+                f"--upstream bedrock={host}: Envoy signs Bedrock requests for "
+                f"{signing.region} (providers.bedrock.region); change the region there"
+            )
     merged = dataclasses.replace(
         declared,
         upstreams={**declared.upstreams, **chosen},

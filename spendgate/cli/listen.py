@@ -14,6 +14,7 @@ import argparse
 import hmac
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -95,6 +96,8 @@ class _Receiver(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], secret: str, as_json: bool) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.secret = secret
         self.as_json = as_json

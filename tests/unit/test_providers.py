@@ -269,3 +269,16 @@ def test_the_kubernetes_config_map_holds_a_bootstrap_envoy_accepts(tmp_path: Pat
     path = tmp_path / "envoy.yaml"
     path.write_text(config_map["data"]["envoy.yaml"])
     envoy_validate(path)
+
+
+def test_an_upstream_flag_for_another_bedrock_region_than_signed_for_is_refused() -> None:
+    from spendgate.upstreams import UpstreamError
+
+    declared = parse({"bedrock": {"region": "us-west-2"}})
+    with pytest.raises(UpstreamError) as e:
+        envoy_config.generate(declared, ["bedrock=eu-west-1"])
+    assert "signs Bedrock requests for us-west-2 (providers.bedrock.region)" in str(e.value)
+    # A fake or a proxy elsewhere is fine; so is the same region.
+    for spec in ("bedrock=http://127.0.0.1:9000", "bedrock=us-west-2"):
+        config = envoy_config.generate(declared, [spec])
+        assert "typed_extension_protocol_options" in cluster(config, "bedrock")
