@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from spendgate.upstreams import Upstream, UpstreamError, origin
+from spendgate.upstreams import AWS_REGION, AZURE_RESOURCE, Upstream, UpstreamError, origin
 
 # Built-in providers: the key in the file -> the Envoy cluster of envoy/envoy.yaml.
 BUILT_IN = {
@@ -54,8 +54,6 @@ CREDENTIAL_SOURCES = ("chain", "environment")
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~-]{1,100}$")
-_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-_AZURE_RESOURCE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
 _API_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,39}$")
 
 
@@ -164,7 +162,7 @@ def _azure(entry: Mapping[str, Any], key: str) -> tuple[Upstream | None, str | N
     if resource is not None and url is not None:
         raise ProvidersError(f"{key}: give resource or url, not both")
     if resource is not None:
-        if not _AZURE_RESOURCE.match(resource):
+        if not AZURE_RESOURCE.match(resource):
             raise ProvidersError(
                 f"{key}.resource: {resource!r} is not an Azure resource name "
                 "(letters, digits and -, at most 64)"
@@ -188,7 +186,7 @@ def _bedrock(entry: Mapping[str, Any], key: str) -> tuple[Upstream, BedrockSigni
     region = _text(entry, "region", key, 40)
     if region is None:
         raise ProvidersError(f"{key}.region: required (e.g. us-west-2)")
-    if not _AWS_REGION.match(region):
+    if not AWS_REGION.match(region):
         raise ProvidersError(f"{key}.region: {region!r} is not an AWS region like us-west-2")
     url = _text(entry, "url", key) or f"https://bedrock-runtime.{region}.amazonaws.com"
     up, _ = _url_upstream("bedrock", url, key, _tls(entry, key))

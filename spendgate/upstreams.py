@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 # Host names as DNS spells them (RFC 1123 labels); IP literals are checked apart.
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-_AZURE_RESOURCE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
+AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+AZURE_RESOURCE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
 
 
 class UpstreamError(ValueError):
@@ -67,9 +67,9 @@ def _check_host(host: str, where: str) -> None:
 
 def _shorthand(cluster: str, target: str) -> str:
     """A region or resource name as the https URL it stands for."""
-    if cluster == "bedrock" and _AWS_REGION.match(target):
+    if cluster == "bedrock" and AWS_REGION.match(target):
         return f"https://bedrock-runtime.{target}.amazonaws.com"
-    if cluster == "azure_openai" and _AZURE_RESOURCE.match(target) and "." not in target:
+    if cluster == "azure_openai" and AZURE_RESOURCE.match(target) and "." not in target:
         return f"https://{target.lower()}.openai.azure.com"
     return target
 

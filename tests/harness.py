@@ -172,6 +172,27 @@ def env_without_spendgate() -> dict[str, str]:
 
 
 SPENDGATE_CLI = [sys.executable, "-m", "spendgate.cli.main"]
+# The options of `spendgate up` that set a port (all but --demo-port).
+UP_PORT_OPTIONS = (
+    "port",
+    "envoy-admin-port",
+    "control-plane-port",
+    "ext-proc-port",
+    "control-plane-metrics-port",
+    "ext-proc-metrics-port",
+)
+
+
+def spendgate_cli(cwd: Path, server: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``spendgate ARGS --server SERVER`` run in ``cwd`` (no SPENDGATE_* variables)."""
+    return subprocess.run(
+        [*SPENDGATE_CLI, *args, "--server", server],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env_without_spendgate(),
+        timeout=30,
+    )
 
 
 def start_spendgate_up(

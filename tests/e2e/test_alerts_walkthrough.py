@@ -18,21 +18,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
+from tests.harness import (
+    UP_PORT_OPTIONS,
+    env_without_spendgate,
+    free_port,
+    start_spendgate_up,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "alerts.md"
 CLI = f"{sys.executable} -m spendgate.cli.main"
-PORT_OPTIONS = (
-    "port",
-    "envoy-admin-port",
-    "control-plane-port",
-    "ext-proc-port",
-    "control-plane-metrics-port",
-    "ext-proc-metrics-port",
-    "demo-port",
-)
 EVENT = re.compile(r"(budget_policy\.\w+)  policy (\S+) .*?(?:(\d+)% threshold)?  \$")
 
 
@@ -61,7 +58,7 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert shells[0].strip() == "make run"
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^run: .*\n\t\$\(BIN\)/spendgate up --demo \$\(ARGS\)$", makefile, re.M)
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in (*UP_PORT_OPTIONS, "demo-port")}
     proc, _ = start_spendgate_up(["--demo", *(f"--{k}={v}" for k, v in ports.items())], tmp_path)
     listen_port = free_port()
     env = {

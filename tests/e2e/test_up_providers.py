@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -29,19 +28,19 @@ from google.genai import types as genai_types
 
 from spendgate.demo.fake_provider import FakeProviderServer
 from tests.e2e.sigv4_fake import SigV4FakeBedrock
-from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
+from tests.harness import (
+    SPENDGATE_CLI,
+    UP_PORT_OPTIONS,
+    env_without_spendgate,
+    free_port,
+    spendgate_cli,
+    start_spendgate_up,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
-PORT_OPTIONS = (
-    "port",
-    "envoy-admin-port",
-    "control-plane-port",
-    "ext-proc-port",
-    "control-plane-metrics-port",
-    "ext-proc-metrics-port",
-)
+
 # What Envoy signs with (from its environment) and what clients sign with.
 ENVOY_AWS = Credentials("AKIDENVOYCONFIGURED1", "envoy-configured-secret")
 CLIENT_AWS = Credentials("AKIDCLIENTDUMMY00001", "client-dummy-secret")
@@ -59,14 +58,7 @@ class Up:
     output: list[str]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*SPENDGATE, *args, "--server", self.server],
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            env=env_without_spendgate(),
-            timeout=30,
-        )
+        return spendgate_cli(self.cwd, self.server, *args)
 
     def last(self, path_part: str) -> dict[str, Any]:
         found = [r for r in self.provider.log.requests if path_part in r["path"]]
@@ -108,7 +100,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         f"http://127.0.0.1:{provider.port}", f"http://127.0.0.1:{bedrock.port}"
     )
     (cwd / "spendgate.yaml").write_text(yaml.safe_dump(config))
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     args = [*(f"--{k}={v}" for k, v in ports.items()), "--config", "spendgate.yaml"]
     env = {
         "AWS_ACCESS_KEY_ID": ENVOY_AWS.access_key,
@@ -262,7 +254,7 @@ def test_a_provider_the_file_does_not_declare_gets_the_local_404(tmp_path: Path,
     config = {"providers": {"openai": {}}}
     (tmp_path / "only-openai.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run(
-        [*SPENDGATE, "envoy-config", "--config", str(tmp_path / "only-openai.yaml")],
+        [*SPENDGATE_CLI, "envoy-config", "--config", str(tmp_path / "only-openai.yaml")],
         capture_output=True,
         text=True,
         env=env_without_spendgate(),
