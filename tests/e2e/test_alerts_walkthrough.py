@@ -54,6 +54,9 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
     shells = [body for lang, body in blocks if lang == "sh"]
     expected_output = [body for lang, body in blocks if lang == "text"]
     assert len(shells) == 3 and len(expected_output) == 2
+    # The README's alert section shows the same receiver command.
+    readme = (ROOT / "README.md").read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
+    assert shells[1].strip() in readme and "docs/alerts.md" in readme
     # 1. `make run` is `spendgate up --demo`.
     assert shells[0].strip() == "make run"
     makefile = (ROOT / "Makefile").read_text()
