@@ -264,3 +264,42 @@ def test_a_provider_the_file_does_not_declare_gets_the_local_404(tmp_path: Path,
     bootstrap = yaml.safe_load(done.stdout)
     clusters = [c["name"] for c in bootstrap["static_resources"]["clusters"]]
     assert clusters == ["spendgate_ext_proc", "demo_provider", "openai"]
+
+
+@pytest.mark.parametrize(
+    ("providers", "message"),
+    [
+        ({"bedrock": {}}, "providers.bedrock.region: required (e.g. us-west-2)"),
+        (
+            {"compatible": [{"name": "x", "url": "http://h", "prefix": "/openai"}]},
+            "providers.compatible[0].prefix: /openai/ is where a built-in provider's requests go",
+        ),
+        ({"azure": {"url": "https://u:s3cret@h"}}, "providers.azure.url: no credentials"),
+    ],
+)
+def test_a_bad_providers_section_stops_up_before_anything_starts(
+    tmp_path: Path, providers: dict[str, Any], message: str
+) -> None:
+    (tmp_path / "spendgate.yaml").write_text(yaml.safe_dump({"providers": providers}))
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
+    done = subprocess.run(
+        [
+            *SPENDGATE_CLI,
+            "up",
+            *(f"--{k}={v}" for k, v in ports.items()),
+            "--config",
+            "spendgate.yaml",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env_without_spendgate(),
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (
+        done.stderr
+        == f"spendgate: --config spendgate.yaml: {message}" + (done.stderr.split(message, 1)[1])
+    )
+    assert len(done.stderr.strip().splitlines()) == 1 and "s3cret" not in done.stderr
+    assert not (tmp_path / ".spendgate").exists()
