@@ -109,8 +109,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     try:
         proc, output = start_spendgate_up(args, cwd, env)
     except BaseException:
-        provider.shutdown()
-        bedrock.shutdown()
+        stop_fakes(provider, bedrock)
         raise
     try:
         yield Up(
@@ -126,8 +125,13 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        provider.shutdown()
-        bedrock.shutdown()
+        stop_fakes(provider, bedrock)
+
+
+def stop_fakes(*servers: FakeProviderServer) -> None:
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def test_openai_anthropic_and_gemini_reach_their_upstream(up: Up) -> None:
