@@ -29,6 +29,7 @@ from tests.harness import (
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "alerts.md"
+README = ROOT / "README.md"
 CLI = f"{sys.executable} -m spendgate.cli.main"
 EVENT = re.compile(r"(budget_policy\.\w+)  policy (\S+) .*?(?:(\d+)% threshold)?  \$")
 
@@ -55,7 +56,7 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
     expected_output = [body for lang, body in blocks if lang == "text"]
     assert len(shells) == 3 and len(expected_output) == 2
     # The README's alert section shows the same receiver command.
-    readme = (ROOT / "README.md").read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
+    readme = README.read_text().split("## Alerts", 1)[1].split("\n## ", 1)[0]
     assert shells[1].strip() in readme and "docs/alerts.md" in readme
     # 1. `make run` is `spendgate up --demo`.
     assert shells[0].strip() == "make run"
