@@ -7,12 +7,16 @@ The YAML files in envoy/ stay complete and valid on their own (the tests run
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from spendgate import providers as providers_file
+from spendgate import upstreams as upstream_flags
+from spendgate.providers import Compatible, Providers
 from spendgate.upstreams import Upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +145,141 @@ def _send_to(cluster: dict[str, Any], upstream: Upstream) -> None:
     cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
+def _route_list(config: dict[str, Any]) -> list[dict[str, Any]]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes: list[dict[str, Any]] = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    return routes
+
+
+def _upstream_filters(cluster: dict[str, Any], filters: list[dict[str, Any]]) -> None:
+    """Run ``filters`` on each request the cluster sends, after routing and
+    ext_proc (so ext_proc reads what the client sent)."""
+    options = cluster.setdefault("typed_extension_protocol_options", {})
+    http = options.setdefault(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+        },
+    )
+    chain = http.setdefault(
+        "http_filters",
+        [
+            {
+                "name": "envoy.filters.http.upstream_codec",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                },
+            }
+        ],
+    )
+    chain[-1:-1] = filters
+
+
+def _signing_filter(providers: Providers) -> dict[str, Any]:
+    signing = providers.bedrock_signing
+    assert signing is not None
+    typed: dict[str, Any] = {
+        "@type": "type.googleapis.com/"
+        "envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigning",
+        "service_name": "bedrock",
+        "region": signing.region,
+        # The payload hash is signed too: Bedrock checks it.
+        "use_unsigned_payload": False,
+    }
+    if signing.credentials == "environment":
+        typed["credential_provider"] = {
+            "custom_credential_provider_chain": True,
+            "environment_credential_provider": {},
+        }
+    return {"name": "envoy.filters.http.aws_request_signing", "typed_config": typed}
+
+
+def _api_version_filter(version: str) -> dict[str, Any]:
+    mutation = {
+        "append": {
+            "record": {"key": "api-version", "value": version},
+            "action": "ADD_IF_ABSENT",
+        }
+    }
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"query_parameter_mutations": [mutation]},
+        },
+    }
+
+
+def _compatible_cluster(c: Compatible) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": c.cluster,
+        "type": "STATIC",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+    }
+    _send_to(cluster, c.upstream)
+    if cluster["type"] == "STATIC":
+        del cluster["dns_lookup_family"]
+    return cluster
+
+
+def _compatible_route(c: Compatible) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "match": {"prefix": c.prefix},
+        "route": {
+            "cluster": c.cluster,
+            # The prefix is spendgate's, not the server's: it is replaced by
+            # the URL's path, so /vllm/v1/chat/completions reaches /v1/chat/completions.
+            "prefix_rewrite": c.path + "/",
+            "host_rewrite_literal": c.upstream.authority,
+            "timeout": "600s",
+        },
+    }
+
+
+def apply_providers(config: dict[str, Any], providers: Providers) -> dict[str, Any]:
+    """``config`` routing to what a ``providers:`` section declares: built-in
+    providers not declared lose their routes and clusters, declared ones go
+    to their upstream (with Bedrock re-signed and Azure's api-version added
+    when configured), and each OpenAI-compatible upstream gets a cluster and a
+    prefix route placed before the built-in provider routes."""
+    clusters = config["static_resources"]["clusters"]
+    routes = _route_list(config)
+    if providers.declared is not None:
+        dropped = {
+            c["name"]
+            for c in clusters
+            if c["name"] not in (EXT_PROC_CLUSTER, DEMO_CLUSTER)
+            and c["name"] not in providers.declared
+        }
+        routes[:] = [r for r in routes if r.get("route", {}).get("cluster") not in dropped]
+        clusters[:] = [c for c in clusters if c["name"] not in dropped]
+    adapt(config, upstreams=providers.upstreams)
+    by_name = {c["name"]: c for c in clusters}
+    if providers.bedrock_signing is not None and "bedrock" in by_name:
+        _upstream_filters(by_name["bedrock"], [_signing_filter(providers)])
+        for route in routes:
+            if route.get("route", {}).get("cluster") == "bedrock":
+                # Envoy's signature replaces the client's; a session token the
+                # client signed with would make it invalid.
+                route["request_headers_to_remove"] = ["x-amz-security-token"]
+    if providers.azure_api_version is not None and "azure_openai" in by_name:
+        _upstream_filters(
+            by_name["azure_openai"], [_api_version_filter(providers.azure_api_version)]
+        )
+    # After the escaped-slash refusal, before every provider route; their
+    # first path segments never overlap (providers.RESERVED_SEGMENTS).
+    names = [r.get("name") for r in routes]
+    at = names.index("escaped-slash") + 1 if "escaped-slash" in names else 0
+    routes[at:at] = [_compatible_route(c) for c in providers.compatible]
+    clusters.extend(_compatible_cluster(c) for c in providers.compatible)
+    return config
+
+
 class _Dumper(yaml.SafeDumper):
     """Writes what an anchor in envoy/envoy.yaml shares out in full at each use."""
 
@@ -158,16 +297,129 @@ def write(config: dict[str, Any], path: Path) -> Path:
 
 
 COMPOSE_BOOTSTRAP = ROOT / "envoy" / "envoy-compose.yaml"
-COMPOSE_HEADER = """\
-# spendgate: Envoy bootstrap for docker-compose.yml — GENERATED from
-# envoy/envoy.yaml by `python -m spendgate.envoy_config` (a test checks it).
-# Same routes and ext_proc filter; addresses are compose service names, and
-# the listener and admin bind every interface inside the container. The
-# spendgate_ext_proc cluster holds both ext_proc containers: each HTTP request
-# (one ext_proc stream) goes to one of them, round robin, and an ext_proc that
-# fails its gRPC health check gets no new requests.
-# Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.
-"""
+EXAMPLE_PROVIDERS = ROOT / "examples" / "spendgate.yaml"
+
+
+TARGETS = ("local", "compose", "kubernetes")
+_TARGET_NOTES = {
+    "local": [],
+    "compose": [
+        "# docker-compose variant: addresses are compose service names, and the",
+        "# listener and admin bind every interface inside the container. The",
+        "# spendgate_ext_proc cluster holds both ext_proc containers: each HTTP",
+        "# request (one ext_proc stream) goes to one of them, round robin, and an",
+        "# ext_proc that fails its gRPC health check gets no new requests.",
+        "# Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.",
+    ],
+    "kubernetes": [
+        "# Kubernetes variant, for an Envoy you run yourself (not Istio or Envoy",
+        "# Gateway: see istio-*.yaml and envoy-gateway.yaml): mount data.envoy.yaml",
+        "# and run `envoy -c` on it. The listener binds every interface of the pod,",
+        "# the admin 127.0.0.1 only. The spendgate_ext_proc cluster resolves the",
+        "# headless Service (ext-proc.yaml), so Envoy sees every ext_proc pod and",
+        "# spreads the streams over them, skipping pods that fail gRPC health.",
+        "# No demo route. Bedrock credentials: the pod's (IRSA, Pod Identity, env).",
+    ],
+}
+# ext-proc.yaml's headless Service, as a self-run Envoy in the cluster reaches it.
+KUBERNETES_EXT_PROC = ("spendgate-ext-proc-headless.spendgate.svc.cluster.local", 50052)
+KUBERNETES_BOOTSTRAP = ROOT / "deploy" / "kubernetes" / "envoy-bootstrap.yaml"
+
+
+def generated_header(source: str, target: str = "local") -> str:
+    """The comment heading a generated bootstrap: what made it and from what."""
+    flag = "" if target == "local" else f" --{target}"
+    lines = [
+        "# spendgate: Envoy bootstrap GENERATED from envoy/envoy.yaml and the",
+        f"# providers: of {source} by `spendgate envoy-config{flag} --config FILE`.",
+        "# Regenerate rather than edit (a test checks the shipped copies).",
+        *_TARGET_NOTES[target],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generate(
+    declared: Providers, upstream_specs: list[str] | tuple[str, ...] = (), *, target: str = "local"
+) -> dict[str, Any]:
+    """envoy/envoy.yaml routing to the declared providers, for ``target``
+    (one of TARGETS); each ``--upstream`` NAME=URL wins over the file's url
+    for that provider (and declares it). Raises UpstreamError naming a bad value."""
+    base = load()
+    chosen = upstream_flags.parse_all(upstream_specs, provider_clusters(base))
+    signing = declared.bedrock_signing
+    if signing is not None and "bedrock" in chosen:
+        host = chosen["bedrock"].host
+        if (
+            host.startswith("bedrock-runtime.")
+            and host != f"bedrock-runtime.{signing.region}.amazonaws.com"
+        ):
+            raise upstream_flags.UpstreamError(
+                f"--upstream bedrock={host}: Envoy signs Bedrock requests for "
+                f"{signing.region} (providers.bedrock.region); change the region there"
+            )
+    merged = dataclasses.replace(
+        declared,
+        upstreams={**declared.upstreams, **chosen},
+        declared=None if declared.declared is None else declared.declared | set(chosen),
+    )
+    config = apply_providers(base, merged)
+    if target == "compose":
+        return compose_variant(config)
+    if target == "kubernetes":
+        return kubernetes_variant(config)
+    return config
+
+
+def text(
+    declared: Providers, source: str, target: str, upstream_specs: list[str] | tuple[str, ...] = ()
+) -> str:
+    """What `spendgate envoy-config` prints: a bootstrap file, or for
+    kubernetes a ConfigMap holding one."""
+    body = dump(generate(declared, upstream_specs, target=target))
+    if target != "kubernetes":
+        return generated_header(source, target) + body
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "spendgate-envoy-bootstrap",
+            "namespace": "spendgate",
+            "labels": {"app.kubernetes.io/part-of": "spendgate"},
+        },
+        "data": {"envoy.yaml": body},
+    }
+    return generated_header(source, target) + yaml.dump(
+        config_map, Dumper=_Literal, sort_keys=False, width=1000
+    )
+
+
+class _Literal(_Dumper):
+    """Multi-line strings as YAML block literals (the bootstrap in the ConfigMap)."""
+
+
+_Literal.add_representer(
+    str,
+    lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None),
+)
+
+
+def kubernetes_variant(config: dict[str, Any]) -> dict[str, Any]:
+    """The local bootstrap for an Envoy pod next to deploy/kubernetes/."""
+    config["static_resources"]["listeners"][0]["address"]["socket_address"]["address"] = "0.0.0.0"
+    routes = _route_list(config)
+    routes[:] = [r for r in routes if r.get("route", {}).get("cluster") != DEMO_CLUSTER]
+    clusters = config["static_resources"]["clusters"]
+    clusters[:] = [c for c in clusters if c["name"] != DEMO_CLUSTER]
+    for cluster in clusters:
+        if cluster["name"] == EXT_PROC_CLUSTER:
+            cluster["type"] = "STRICT_DNS"
+            cluster["load_assignment"]["endpoints"] = [
+                {"lb_endpoints": [_endpoint(*KUBERNETES_EXT_PROC)]}
+            ]
+            cluster["health_checks"] = _ext_proc_health_checks()
+    return config
+
+
 # docker-compose.yml services Envoy sends to, with the ports they listen on
 # (tests/deploy/test_compose.py checks them against the compose file).
 COMPOSE_EXT_PROCS = (("ext-proc-1", 50052), ("ext-proc-2", 50052))
@@ -200,23 +452,35 @@ def compose_variant(config: dict[str, Any]) -> dict[str, Any]:
                 {"lb_endpoints": [_endpoint(h, p) for h, p in services[cluster["name"]]]}
             ]
         if cluster["name"] == EXT_PROC_CLUSTER:
-            # gRPC health "" of each ext_proc; a failing one gets no new streams.
-            cluster["health_checks"] = [
-                {
-                    "timeout": "1s",
-                    "interval": "2s",
-                    "unhealthy_threshold": 2,
-                    "healthy_threshold": 1,
-                    "grpc_health_check": {},
-                }
-            ]
+            cluster["health_checks"] = _ext_proc_health_checks()
     return config
 
 
+def _ext_proc_health_checks() -> list[dict[str, Any]]:
+    """gRPC health "" of each ext_proc; a failing one gets no new streams."""
+    return [
+        {
+            "timeout": "1s",
+            "interval": "2s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "grpc_health_check": {},
+        }
+    ]
+
+
+def example_text(target: str) -> str:
+    """The shipped bootstrap for ``target``: the providers of examples/spendgate.yaml."""
+    declared = providers_file.from_file_data(yaml.safe_load(EXAMPLE_PROVIDERS.read_text()))
+    return text(declared, "examples/spendgate.yaml", target)
+
+
 def compose_text() -> str:
-    return COMPOSE_HEADER + dump(compose_variant(load()))
+    """envoy/envoy-compose.yaml."""
+    return example_text("compose")
 
 
 if __name__ == "__main__":
-    COMPOSE_BOOTSTRAP.write_text(compose_text())
-    print(f"wrote {COMPOSE_BOOTSTRAP}")
+    for target, path in (("compose", COMPOSE_BOOTSTRAP), ("kubernetes", KUBERNETES_BOOTSTRAP)):
+        path.write_text(example_text(target))
+        print(f"wrote {path}")

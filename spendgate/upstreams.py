@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 # Host names as DNS spells them (RFC 1123 labels); IP literals are checked apart.
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-_AZURE_RESOURCE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
+AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+AZURE_RESOURCE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
 
 
 class UpstreamError(ValueError):
@@ -54,7 +54,7 @@ class Upstream:
         return f"{'https' if self.tls else 'http'}://{self.authority}"
 
 
-def _check_host(host: str, spec: str) -> None:
+def _check_host(host: str, where: str) -> None:
     try:
         ipaddress.ip_address(host)
         return
@@ -62,14 +62,14 @@ def _check_host(host: str, spec: str) -> None:
         pass
     labels = host.rstrip(".").split(".")
     if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise UpstreamError(f"--upstream {spec}: {host!r} is not a host name or IP address")
+        raise UpstreamError(f"{where}: {host!r} is not a host name or IP address")
 
 
 def _shorthand(cluster: str, target: str) -> str:
     """A region or resource name as the https URL it stands for."""
-    if cluster == "bedrock" and _AWS_REGION.match(target):
+    if cluster == "bedrock" and AWS_REGION.match(target):
         return f"https://bedrock-runtime.{target}.amazonaws.com"
-    if cluster == "azure_openai" and _AZURE_RESOURCE.match(target) and "." not in target:
+    if cluster == "azure_openai" and AZURE_RESOURCE.match(target) and "." not in target:
         return f"https://{target.lower()}.openai.azure.com"
     return target
 
@@ -96,31 +96,52 @@ def parse(spec: str, clusters: Iterable[str]) -> Upstream:
         raise UpstreamError(
             f"--upstream {spec}: {target!r} is not an http:// or https:// URL{hint}"
         )
+    up, _ = origin(cluster, url, f"--upstream {spec}", secret_label=f"--upstream {name}=...")
+    return up
+
+
+def origin(
+    cluster: str,
+    url: str,
+    where: str,
+    *,
+    secret_label: str | None = None,
+    allow_path: bool = False,
+    tls: bool | None = None,
+) -> tuple[Upstream, str]:
+    """``url`` checked as where ``cluster`` sends its traffic, and its path
+    ("" unless ``allow_path``). ``where`` starts each error message;
+    secret_label replaces it when the URL holds credentials (not repeated).
+    tls: overrides what the scheme says (a TLS server on http://host:8443)."""
+    if "://" not in url:
+        raise UpstreamError(f"{where}: {url!r} is not an http:// or https:// URL")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        raise UpstreamError(f"--upstream {spec}: {e}") from e
+        raise UpstreamError(f"{where}: {e}") from e
     if parts.scheme not in ("http", "https"):
-        raise UpstreamError(
-            f"--upstream {spec}: scheme must be http or https, not {parts.scheme!r}"
-        )
+        raise UpstreamError(f"{where}: scheme must be http or https, not {parts.scheme!r}")
     if parts.username is not None or parts.password is not None:
         # The value itself is not repeated: it holds a secret.
         raise UpstreamError(
-            f"--upstream {name}=...: no credentials in the URL (clients send their own)"
+            f"{secret_label or where}: no credentials in the URL (clients send their own)"
         )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
+    path = parts.path.rstrip("/")
+    if (path and not allow_path) or parts.query or parts.fragment:
         raise UpstreamError(
-            f"--upstream {spec}: give the origin only (scheme://host[:port]); "
+            f"{where}: give the origin only (scheme://host[:port]); "
             "requests keep the path the client sent"
         )
+    if any(c in path for c in "%;\\") or any(ord(c) < 33 or ord(c) > 126 for c in path):
+        raise UpstreamError(f"{where}: the path may hold only plain characters (no %, ; or \\)")
     host = parts.hostname or ""
     if not host:
-        raise UpstreamError(f"--upstream {spec}: no host")
-    _check_host(host, spec)
-    tls = parts.scheme == "https"
-    return Upstream(cluster, tls, host, port if port is not None else (443 if tls else 80))
+        raise UpstreamError(f"{where}: no host")
+    _check_host(host, where)
+    on = parts.scheme == "https" if tls is None else tls
+    default = 443 if parts.scheme == "https" else 80
+    return Upstream(cluster, on, host, port if port is not None else default), path
 
 
 def parse_all(specs: Iterable[str], clusters: Iterable[str]) -> Mapping[str, Upstream]:

@@ -172,19 +172,43 @@ def env_without_spendgate() -> dict[str, str]:
 
 
 SPENDGATE_CLI = [sys.executable, "-m", "spendgate.cli.main"]
+# The options of `spendgate up` that set a port (all but --demo-port).
+UP_PORT_OPTIONS = (
+    "port",
+    "envoy-admin-port",
+    "control-plane-port",
+    "ext-proc-port",
+    "control-plane-metrics-port",
+    "ext-proc-metrics-port",
+)
 
 
-def start_spendgate_up(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    """``spendgate up ARGS`` run in ``cwd`` (no SPENDGATE_* variables), returned
-    once it says everything started, with the lines it printed until then.
-    If it exits first, it is an AssertionError carrying its output."""
+def spendgate_cli(cwd: Path, server: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``spendgate ARGS --server SERVER`` run in ``cwd`` (no SPENDGATE_* variables)."""
+    return subprocess.run(
+        [*SPENDGATE_CLI, *args, "--server", server],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env_without_spendgate(),
+        timeout=30,
+    )
+
+
+def start_spendgate_up(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """``spendgate up ARGS`` run in ``cwd`` (no SPENDGATE_* variables, plus
+    ``env``), returned once it says everything started, with the lines it
+    printed until then. If it exits first, it is an AssertionError carrying
+    its output."""
     proc = subprocess.Popen(
         [*SPENDGATE_CLI, "up", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env_without_spendgate(),
+        env={**env_without_spendgate(), **(env or {})},
     )
     output: list[str] = []
 

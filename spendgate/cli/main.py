@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_up = sub.add_parser("up", help="run control plane, ext_proc and Envoy on this machine")
     up.add_arguments(p_up)
+    p_envoy = sub.add_parser(
+        "envoy-config",
+        help="print the Envoy bootstrap for a spendgate.yaml (what `up` runs, or --compose)",
+    )
+    up.add_envoy_config_arguments(p_envoy)
 
     def admin_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", help="control plane host:port (default 127.0.0.1:50051)")
@@ -67,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
+        if args.command == "envoy-config":
+            from spendgate.cli.up import run_envoy_config
+
+            return run_envoy_config(args)
         from spendgate.cli import adjustments, policies, prices, secrets, status, webhooks
 
         if secrets.run_offline(args):

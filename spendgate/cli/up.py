@@ -31,7 +31,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate import envoy_config, ports, settings, upstreams
+from spendgate import envoy_config, ports, providers, settings, upstreams
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import default_state_dir, load_or_create_tokens, secrets_key_env
 from spendgate.visible import visible
@@ -151,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="also run a local fake OpenAI-compatible provider behind /demo/",
+        help="also run a local fake OpenAI-compatible provider behind /demo/, and let "
+        "webhooks reach this machine over http (`spendgate webhook listen`)",
     )
     p.add_argument(
         "--state-dir",
@@ -209,11 +210,12 @@ def check_ports(args: argparse.Namespace) -> None:
             raise CliError(f"{ports.describe(port)}; stop it or choose another {option}")
 
 
-def check_config(path: str | None) -> str | None:
+def check_config(path: str | None) -> tuple[str | None, providers.Providers, dict[str, Any]]:
     """The --config file as an absolute path, once it reads as a YAML mapping
-    (each service then checks its own section and names a bad setting)."""
+    (each service then checks its own section and names a bad setting), its
+    ``providers:`` section, checked, and its whole content."""
     if path is None:
-        return None
+        return None, providers.Providers(), {}
     file = Path(path).resolve()
     try:
         loaded = yaml.safe_load(file.read_text())
@@ -221,31 +223,56 @@ def check_config(path: str | None) -> str | None:
         raise CliError(f"--config {path}: {e}") from e
     if not isinstance(loaded, dict | None):
         raise CliError(f"--config {path}: must be a mapping of settings")
-    return str(file)
-
-
-def envoy_bootstrap(args: argparse.Namespace, demo_to: tuple[str, int] | None) -> dict[str, Any]:
-    """envoy/envoy.yaml with this run's ports and upstreams."""
-    base = envoy_config.load()
     try:
-        chosen = upstreams.parse_all(args.upstream, envoy_config.provider_clusters(base))
+        declared = providers.from_file_data(loaded)
+    except upstreams.UpstreamError as e:
+        raise CliError(f"--config {path}: {e}") from e
+    return str(file), declared, loaded or {}
+
+
+# What --demo lets the control plane do unless the operator set it: register
+# a webhook receiver on this machine over plain http (`spendgate webhook listen`).
+DEMO_WEBHOOK_SETTINGS = (
+    ("webhook_allow_http", "true"),
+    ("webhook_allow_private_ranges", "127.0.0.1/32,::1/128"),
+)
+
+
+def demo_webhook_env(loaded: dict[str, Any]) -> dict[str, str]:
+    """The control plane variables --demo sets: each setting neither the
+    environment nor the --config file gives."""
+    section = loaded.get("control_plane")
+    in_file = set(loaded) | (set(section) if isinstance(section, dict) else set())
+    return {
+        settings.env_keys("control_plane", name)[0]: value
+        for name, value in DEMO_WEBHOOK_SETTINGS
+        if name not in in_file
+        and not any(k in os.environ for k in settings.env_keys("control_plane", name))
+    }
+
+
+def envoy_bootstrap(
+    args: argparse.Namespace, declared: providers.Providers, demo_to: tuple[str, int] | None
+) -> dict[str, Any]:
+    """The bootstrap of this run: its providers, ports and upstreams."""
+    try:
+        config = envoy_config.generate(declared, args.upstream)
     except upstreams.UpstreamError as e:
         raise CliError(str(e)) from e
     return envoy_config.adapt(
-        base,
+        config,
         listen_port=args.port,
         admin_port=args.envoy_admin_port,
         ext_proc=("127.0.0.1", args.ext_proc_port),
         demo_to=demo_to,
-        upstreams=chosen,
     )
 
 
 def run_up(args: argparse.Namespace) -> int:
     check_ports(args)
-    config_file = check_config(args.config)
+    config_file, declared, loaded = check_config(args.config)
     # Checked now, so a bad --upstream stops `up` before anything starts.
-    envoy_bootstrap(args, None)
+    envoy_bootstrap(args, declared, None)
     config_args = ("--config", config_file) if config_file else ()
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +293,8 @@ def run_up(args: argparse.Namespace) -> int:
         # machine; without --demo identity headers count only where the
         # operator says (docs/concepts/identity.md).
         env["SPENDGATE_EXT_PROC_TRUSTED_HEADER_SOURCES"] = "127.0.0.1/32,::1/128"
+    if args.demo:
+        env.update(demo_webhook_env(loaded))
     cp_addr = f"127.0.0.1:{args.control_plane_port}"
     ep_addr = f"127.0.0.1:{args.ext_proc_port}"
     db_url = args.database_url or f"sqlite:///{state_dir}/spendgate.db"
@@ -323,7 +352,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "HTTP",
                 stopping,
             )
-        config = envoy_bootstrap(args, demo_to)
+        config = envoy_bootstrap(args, declared, demo_to)
         path = envoy_config.write(config, state_dir / "envoy.yaml")
         envoy = Child(
             "envoy",
@@ -343,7 +372,7 @@ def run_up(args: argparse.Namespace) -> int:
         children.append(envoy)
         admin = f"http://127.0.0.1:{args.envoy_admin_port}"
         _wait(envoy, lambda: _http_ok(f"{admin}/ready"), f"{admin}/ready", stopping)
-        _print_summary(args, state_dir, db_url)
+        _print_summary(args, declared, state_dir, db_url)
         while not stopping.is_set():
             for child in children:
                 if not child.alive():
@@ -368,7 +397,9 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> None:
+def _print_summary(
+    args: argparse.Namespace, declared: providers.Providers, state_dir: Path, db_url: str
+) -> None:
     lines = [
         "",
         "spendgate is up:",
@@ -377,6 +408,11 @@ def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> No
     ]
     for spec in args.upstream:
         lines.append(f"  upstream              {visible(spec)}")
+    for c in declared.compatible:
+        lines.append(
+            f"  {c.name + ' (compatible)':<21} http://127.0.0.1:{args.port}{c.prefix[:-1]}  "
+            f"-> {c.upstream.url}{c.path}"
+        )
     if args.demo:
         lines.append(
             f"  demo provider         http://127.0.0.1:{args.port}/demo/v1  "
@@ -395,3 +431,44 @@ def _print_summary(args: argparse.Namespace, state_dir: Path, db_url: str) -> No
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def add_envoy_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="FILE", help="spendgate.yaml whose providers: section to route to"
+    )
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="as for `spendgate up`; wins over the file's url for that provider",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--compose",
+        action="store_const",
+        const="compose",
+        dest="target",
+        help="for docker-compose.yml: its service names, listening on every interface",
+    )
+    target.add_argument(
+        "--kubernetes",
+        action="store_const",
+        const="kubernetes",
+        dest="target",
+        help="a ConfigMap for an Envoy pod next to deploy/kubernetes/ (no demo route)",
+    )
+
+
+def run_envoy_config(args: argparse.Namespace) -> int:
+    """Print the Envoy bootstrap `spendgate up` would run, or compose's, or
+    a Kubernetes ConfigMap holding one."""
+    config_file, declared, _ = check_config(args.config)
+    source = Path(config_file).name if config_file else "no providers: file"
+    try:
+        out = envoy_config.text(declared, source, args.target or "local", args.upstream)
+    except upstreams.UpstreamError as e:
+        raise CliError(str(e)) from e
+    print(out, end="")
+    return 0

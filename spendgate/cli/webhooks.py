@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from spendgate.cli import listen as listen_args
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import as_json, echo, table
 from spendgate.v1 import webhooks_pb2 as wpb
@@ -80,6 +81,12 @@ def add_parser(
     deliveries.add_argument("--state", choices=sorted(STATES))
     deliveries.add_argument("--limit", type=int, default=50, help="at most this many (50)")
     admin_flags(deliveries)
+    listen = wsub.add_parser(
+        "listen",
+        help="receive alerts here: register a signed webhook, print each event, remove it on exit",
+    )
+    listen_args.add_arguments(listen)
+    admin_flags(listen)
 
 
 def _fields(p: argparse.ArgumentParser, *, create: bool) -> None:
@@ -236,6 +243,8 @@ def run_webhook(args: argparse.Namespace, client: AdminClient) -> None:
         _test(args, client)
     elif cmd == "deliveries":
         _deliveries(args, client)
+    elif cmd == "listen":
+        listen_args.run_listen(args, client, _events(args.events) if args.events else [])
 
 
 def _update(args: argparse.Namespace, client: AdminClient) -> None:

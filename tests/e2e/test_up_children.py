@@ -16,18 +16,16 @@ from pathlib import Path
 import pytest
 
 from spendgate.ports import in_use
-from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
+from tests.harness import (
+    UP_PORT_OPTIONS,
+    env_without_spendgate,
+    free_port,
+    start_spendgate_up,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
-PORT_OPTIONS = (
-    "port",
-    "envoy-admin-port",
-    "control-plane-port",
-    "ext-proc-port",
-    "control-plane-metrics-port",
-    "ext-proc-metrics-port",
-)
 
 
 @dataclass
@@ -53,7 +51,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     proc, _ = start_spendgate_up([*(f"--{k}={v}" for k, v in ports.items())], tmp_path)
     children = _children(proc.pid)
     assert len(children) == 3  # control plane, ext_proc, envoy
@@ -87,7 +85,7 @@ def test_sigkill_of_up_stops_every_child(up: Up) -> None:
 
 
 def test_a_taken_port_is_named_before_anything_starts(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", ports["control-plane-port"]))
         taken.listen()

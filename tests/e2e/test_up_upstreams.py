@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -17,18 +16,17 @@ import pytest
 import yaml
 
 from spendgate.demo.fake_provider import FakeProviderServer
-from tests.harness import env_without_spendgate, free_port, start_spendgate_up, wait_until
+from tests.harness import (
+    SPENDGATE_CLI,
+    UP_PORT_OPTIONS,
+    env_without_spendgate,
+    free_port,
+    spendgate_cli,
+    start_spendgate_up,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
-SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
-PORT_OPTIONS = (
-    "port",
-    "envoy-admin-port",
-    "control-plane-port",
-    "ext-proc-port",
-    "control-plane-metrics-port",
-    "ext-proc-metrics-port",
-)
 
 
 @dataclass
@@ -40,14 +38,7 @@ class Up:
     output: list[str]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*SPENDGATE, *args, "--server", self.server],
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            env=env_without_spendgate(),
-            timeout=30,
-        )
+        return spendgate_cli(self.cwd, self.server, *args)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
             }
         )
     )
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     args = [*(f"--{k}={v}" for k, v in ports.items()), "--config", "spendgate.yaml"]
     args += ["--upstream", f"openai=http://127.0.0.1:{provider.port}"]
     args += ["--upstream", "azure-openai=myres"]
@@ -172,9 +163,9 @@ def test_config_file_reaches_the_control_plane(up: Up) -> None:
 def test_bad_values_stop_up_before_anything_starts(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     done = subprocess.run(
-        [*SPENDGATE, "up", *(f"--{k}={v}" for k, v in ports.items()), *args],
+        [*SPENDGATE_CLI, "up", *(f"--{k}={v}" for k, v in ports.items()), *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
