@@ -11,7 +11,16 @@ from spendgate.visible import visible
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import adjustments, policies, prices, secrets, status, up, webhooks
+    from spendgate.cli import (
+        adjustments,
+        apply,
+        policies,
+        prices,
+        secrets,
+        status,
+        up,
+        webhooks,
+    )
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -57,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks.add_parser(sub, admin_flags)
     prices.add_parser(sub, admin_flags)
     secrets.add_parser(sub, admin_flags)
+    apply.add_parsers(sub, admin_flags)
     return parser
 
 
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import adjustments, policies, prices, secrets, status, webhooks
+        from spendgate.cli import adjustments, apply, policies, prices, secrets, status, webhooks
 
         if secrets.run_offline(args):
             return 0
@@ -75,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             client_server(args.server), client_token(args.token, args.state_dir), tls=args.tls
         )
         try:
-            if args.command == "policy":
+            if args.command == "apply":
+                return apply.run_apply(args, client)
+            if args.command == "export":
+                apply.run_export(args, client)
+            elif args.command == "policy":
                 policies.run_policy(args, client)
             elif args.command == "webhook":
                 webhooks.run_webhook(args, client)

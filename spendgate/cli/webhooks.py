@@ -216,16 +216,7 @@ def run_webhook(args: argparse.Namespace, client: AdminClient) -> None:
     elif cmd == "get":
         _show(args, client.call("GetWebhook", wpb.GetWebhookRequest(id=args.id)))
     elif cmd == "list":
-        hooks: list[wpb.Webhook] = []
-        token = ""
-        while True:
-            resp = client.call(
-                "ListWebhooks", wpb.ListWebhooksRequest(page_size=500, page_token=token)
-            )
-            hooks.extend(resp.webhooks)
-            token = resp.next_page_token
-            if not token:
-                break
+        hooks = all_webhooks(client)
         echo(json.dumps(as_json(hooks), indent=2) if args.json else _rows(hooks))
     elif cmd == "update":
         _update(args, client)
@@ -236,6 +227,17 @@ def run_webhook(args: argparse.Namespace, client: AdminClient) -> None:
         _test(args, client)
     elif cmd == "deliveries":
         _deliveries(args, client)
+
+
+def all_webhooks(client: AdminClient) -> list[wpb.Webhook]:
+    hooks: list[wpb.Webhook] = []
+    token = ""
+    while True:
+        resp = client.call("ListWebhooks", wpb.ListWebhooksRequest(page_size=500, page_token=token))
+        hooks.extend(resp.webhooks)
+        token = resp.next_page_token
+        if not token:
+            return hooks
 
 
 def _update(args: argparse.Namespace, client: AdminClient) -> None:
