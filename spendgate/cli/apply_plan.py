@@ -233,7 +233,7 @@ class Change:
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return repr(value) if value == "" or " " in value.strip() != value else value
+        return repr(value) if value == "" or value != value.strip() else value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):

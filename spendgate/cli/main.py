@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_flags(update)
 
     p_spend = sub.add_parser("spend", help="spend in the current window of each policy")
-    p_spend.add_argument("--policy", help="only this policy id")
+    p_spend.add_argument("--policy", help="only this policy (id or name)")
     p_spend.add_argument("--member", help="only this member of a wildcard policy")
     admin_flags(p_spend)
     adjustments.add_parsers(p_spend, admin_flags)

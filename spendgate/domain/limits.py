@@ -116,6 +116,7 @@ LIMITS: tuple[Limit, ...] = (
     # Output
     Limit("string values in log lines", f"control characters escaped (`\\x1b`), clipped at {MAX_LOG_VALUE_CHARS:,} characters with `…[+N chars]`", "every process (spendgate/logs.py)", "-"),
     Limit("metric label values", f"control characters escaped, at most {MAX_LABEL_CHARS} characters", "/metrics of both services", "-"),
+    Limit("budgets file (`spendgate apply -f`)", "at most 4 MiB a file, checked against schemas/budgets.schema.json; a `${file:...}` secret at most 64 KiB", "`spendgate apply`", "exit status 1, the file and key named"),
     Limit("CLI output", "control characters in stored or client-supplied values escaped (`\\x1b`)", "`spendgate` commands", "-"),
 )  # fmt: skip
 

@@ -273,3 +273,30 @@ def test_bad_files_name_the_file_and_key(
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith(f"spendgate: {bad}: ") and message in err, err
+
+
+def test_commands_take_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, env: dict[str, str]
+) -> None:
+    with control_plane(f"sqlite:///{tmp_path}/cp.db") as api:
+        assert cli(capsys, api, "apply", "-f", str(EXAMPLE))[0] == 0
+        capsys.readouterr()
+        argv = ["--server", api.server.settings.listen, "--token", ADMIN_TOKEN]
+        assert main(["webhook", "update", "oncall", "--description", "pager", *argv]) == 0
+        assert main(["webhook", "get", "oncall", "--json", *argv]) == 0
+        assert '"description": "pager"' in capsys.readouterr().out
+        assert main(["spend", "--policy", "org-monthly", *argv]) == 0
+        assert main(["price", "delete", "llama-3.1-70b", "--route", "self-hosted", *argv]) == 0
+        assert main(["webhook", "delete", "finops-slack", *argv]) == 0
+        assert main(["webhook", "get", "finops-slack", *argv]) == 1
+        assert "no webhook has the id or name 'finops-slack'" in capsys.readouterr().err
+        # The description set by hand changed the webhook: apply puts it back;
+        # what was deleted is created again.
+        code, out, _ = cli(capsys, api, "apply", "-f", str(EXAMPLE), "--dry-run")
+        assert code == 2
+        assert [line for line in out if not line.startswith("= unchanged ")] == [
+            "+ would create price override llama-3.1-70b * self-hosted",
+            "~ would update webhook oncall: description pager -> ''",
+            "+ would create webhook finops-slack",
+            "plan: 2 to create, 1 to update, 12 unchanged, 0 to delete",
+        ]

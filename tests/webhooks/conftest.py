@@ -139,7 +139,7 @@ class Rig:
         )
 
     async def webhook(self, url: str, **fields: Any) -> wpb.Webhook:
-        fields.setdefault("name", "ops")
+        fields.setdefault("name", f"ops-{uuid.uuid4().hex[:8]}")  # names are unique
         fields.setdefault("format", wpb.WEBHOOK_FORMAT_GENERIC)
         return await self.admin.create_webhook(wpb.Webhook(url=url, **fields), "admin")
 
