@@ -36,33 +36,19 @@ from spendgate.visible import visible
 from spendgate.wire import PRICE_FIELDS
 
 EXIT_DIFF = 2
+# The fields apply manages (its update masks). Named one by one, not derived
+# from the messages: a field a later release adds must not be cleared by an
+# apply that does not know it.
+# fmt: off
 POLICY_PATHS = [
-    "name",
-    "description",
-    "amount_usd",
-    "window.unit",
-    "window.count",
-    "timezone",
-    "action",
-    "scope",
-    "target",
-    "alert_thresholds",
-    "enabled",
-    "apply_marker",
+    "name", "description", "amount_usd", "window.unit", "window.count", "timezone",
+    "action", "scope", "target", "alert_thresholds", "enabled", "apply_marker",
 ]
 WEBHOOK_PATHS = [
-    "name",
-    "description",
-    "url",
-    "format",
-    "events",
-    "secret",
-    "routing_key",
-    "pagerduty_severity",
-    "resolve_on_reset",
-    "enabled",
-    "apply_marker",
+    "name", "description", "url", "format", "events", "secret", "routing_key",
+    "pagerduty_severity", "resolve_on_reset", "enabled", "apply_marker",
 ]
+# fmt: on
 
 
 def add_parsers(

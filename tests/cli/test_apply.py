@@ -56,6 +56,13 @@ def state(api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
     )
 
 
+def create_by_hand(capsys: pytest.CaptureFixture[str], api: Api) -> None:
+    """A policy made with `spendgate policy create`, not by apply."""
+    argv = ("policy", "create", "--name", "by-hand", "--amount", "1", "--action", "alert")
+    code, _, err = cli(capsys, api, *argv)
+    assert code == 0, err
+
+
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for k, v in ENV.items():
@@ -101,19 +108,7 @@ def test_apply_reapply_edit_export_roundtrip(
         assert all(line.startswith("= unchanged ") for line in out[:-1])
 
         # A policy made by hand is never pruned by --prune, only by --prune-all.
-        code, _, err = cli(
-            capsys,
-            api,
-            "policy",
-            "create",
-            "--name",
-            "by-hand",
-            "--amount",
-            "1",
-            "--action",
-            "alert",
-        )
-        assert code == 0, err
+        create_by_hand(capsys, api)
 
         # Edit: one amount, one policy gone, one new, the Slack URL (a secret),
         # one price.
@@ -196,19 +191,7 @@ def test_prune_all_and_concurrent_change(
 ) -> None:
     with control_plane(f"sqlite:///{tmp_path}/cp.db") as api:
         assert cli(capsys, api, "apply", "-f", str(EXAMPLE))[0] == 0
-        code, _, err = cli(
-            capsys,
-            api,
-            "policy",
-            "create",
-            "--name",
-            "by-hand",
-            "--amount",
-            "1",
-            "--action",
-            "alert",
-        )
-        assert code == 0, err
+        create_by_hand(capsys, api)
 
         # apply reads the state, someone changes org-monthly, apply writes:
         # the change is reported, not overwritten.
@@ -282,7 +265,9 @@ def test_commands_take_names(
         assert cli(capsys, api, "apply", "-f", str(EXAMPLE))[0] == 0
         capsys.readouterr()
         argv = ["--server", api.server.settings.listen, "--token", ADMIN_TOKEN]
-        assert main(["webhook", "update", "oncall", "--description", "pager", *argv]) == 0
+        # A key changed by hand: the control plane marks apply's fingerprint stale.
+        new_key = ["--routing-key", "Rchangedbyhand"]
+        assert main(["webhook", "update", "oncall", "--description", "pager", *new_key, *argv]) == 0
         assert main(["webhook", "get", "oncall", "--json", *argv]) == 0
         assert '"description": "pager"' in capsys.readouterr().out
         assert main(["spend", "--policy", "org-monthly", *argv]) == 0
@@ -290,13 +275,14 @@ def test_commands_take_names(
         assert main(["webhook", "delete", "finops-slack", *argv]) == 0
         assert main(["webhook", "get", "finops-slack", *argv]) == 1
         assert "no webhook has the id or name 'finops-slack'" in capsys.readouterr().err
-        # The description set by hand changed the webhook: apply puts it back;
-        # what was deleted is created again.
+        # What was changed by hand, apply puts back; what was deleted, it
+        # creates again.
         code, out, _ = cli(capsys, api, "apply", "-f", str(EXAMPLE), "--dry-run")
         assert code == 2
         assert [line for line in out if not line.startswith("= unchanged ")] == [
             "+ would create price override llama-3.1-70b * self-hosted",
-            "~ would update webhook oncall: description pager -> ''",
+            "~ would update webhook oncall: description pager -> '', "
+            "secrets (url, secret or routing key)",
             "+ would create webhook finops-slack",
             "plan: 2 to create, 1 to update, 12 unchanged, 0 to delete",
         ]
