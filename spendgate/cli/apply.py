@@ -88,6 +88,7 @@ def current_state(client: AdminClient) -> dict[str, list[Server]]:
 
 def run_apply(args: argparse.Namespace, client: AdminClient) -> int:
     declared = apply_files.load(Path(args.file))
+    apply_plan.check(declared)
     changes = apply_plan.plan(
         declared, current_state(client), prune=args.prune, prune_all=args.prune_all
     )

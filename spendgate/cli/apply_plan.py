@@ -16,13 +16,20 @@ from typing import Any
 from spendgate.cli.apply_files import Declared, Entry, identity
 from spendgate.cli.client import CliError
 from spendgate.cli.policies import parse_window, window_text
-from spendgate.domain.policies import PolicyInvalid, Scope, normalize_target
+from spendgate.domain.policies import (
+    FieldViolation,
+    PolicyInvalid,
+    Scope,
+    normalize_target,
+    validate_policy,
+)
 from spendgate.domain.pricing import format_usd, parse_usd
 from spendgate.domain.webhook_urls import masked_url
+from spendgate.domain.windows import InvalidWindow, WindowSpec
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import pricing_pb2 as pp
 from spendgate.v1 import webhooks_pb2 as wpb
-from spendgate.wire import PRICE_FIELDS, price_from_message, price_message
+from spendgate.wire import PRICE_FIELDS, UNITS, price_from_message, price_message
 
 MARKER = "apply"
 SECRETS_MARK = " secrets="
@@ -54,13 +61,36 @@ def _scope(msg_scope: int) -> str:
 
 
 def declared_policy(e: Entry) -> dict[str, Any]:
+    """The policy as declared, checked here with the control plane's own
+    rules (so --dry-run finds what the server would refuse)."""
     f = e.fields
     amount = str(f["amount"])
     try:
-        amount = _usd(amount)
+        nanos = parse_usd(amount)
     except ValueError:
         raise CliError(f"{e.where}.amount: {amount!r} is not a dollar amount") from None
-    window = parse_window(str(f.get("window", "1d")))
+    thresholds = sorted(int(t) for t in f.get("thresholds", []))
+    problems = validate_policy(
+        name=str(f["name"]).strip(),
+        amount_nanos=nanos,
+        alert_thresholds=thresholds,
+        description=str(f.get("description", "")),
+    )
+    try:
+        window = parse_window(str(f.get("window", "1d")))
+        WindowSpec(
+            unit=UNITS[window.unit], count=window.count, timezone=str(f.get("timezone", "UTC"))
+        )
+    except CliError as err:
+        raise CliError(f"{e.where}.window: {str(err).partition(': ')[2]}") from None
+    except InvalidWindow as err:
+        key = "timezone" if err.field == "timezone" else "window"
+        problems.append(FieldViolation(key, err.message))
+    if problems:
+        first = problems[0]
+        key = {"amount_usd": "amount", "alert_thresholds": "thresholds"}.get(first.field, "")
+        raise CliError(f"{e.where}.{key or first.field}: {first.description}")
+    amount = _usd(amount)
     scope = str(f.get("scope", "global"))
     try:
         target = normalize_target(Scope(scope.upper()), str(f.get("target", "")))
@@ -76,7 +106,7 @@ def declared_policy(e: Entry) -> dict[str, Any]:
         "action": str(f["action"]),
         "scope": scope,
         "target": target,
-        "thresholds": sorted(int(t) for t in f.get("thresholds", [])),
+        "thresholds": thresholds,
         "enabled": bool(f.get("enabled", True)),
         "marker": MARKER,
     }
@@ -239,6 +269,14 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(str(v) for v in value) + "]"
     return str(value)
+
+
+def check(declared: Declared) -> None:
+    """CliError naming the file and key of the first declared value the
+    control plane would refuse (checked before it is asked anything)."""
+    for kind, convert in DECLARED.items():
+        for entry in declared.of(kind):
+            convert(entry)
 
 
 def plan(

@@ -234,6 +234,23 @@ def test_prune_all_and_concurrent_change(
         ("policies:\n  - {name: a, amount: 1e30, action: alert}\n", "policies[0].amount"),
         ("policies:\n  - {name: a, amount: -1, action: alert}\n", "policies[0].amount"),
         (
+            "policies:\n  - {name: a, amount: 2000000000, action: alert}\n",
+            "policies[0].amount: must be at most",
+        ),
+        ("policies:\n  - {name: a, amount: 1, action: alert, window: 0d}\n", "policies[0].window"),
+        (
+            "policies:\n  - {name: a, amount: 1, action: alert, timezone: Mars/Olympus}\n",
+            "policies[0].timezone: unknown IANA timezone 'Mars/Olympus'",
+        ),
+        (
+            "policies:\n  - {name: a, amount: 1, action: alert, scope: global, target: x}\n",
+            "policies[0].target",
+        ),
+        (
+            "price_overrides:\n  - {model: m, input: '1', output: '1', cached_input: '1e5'}\n",
+            "price_overrides[0].cached_input",
+        ),
+        (
             "webhooks:\n  - {name: w, format: pagerduty, routing_key: R012}\n",
             "webhooks[0].routing_key",
         ),
