@@ -107,8 +107,8 @@ def run_apply(args: argparse.Namespace, client: AdminClient) -> int:
         try:
             _execute(client, c)
         except CliError as e:
-            if e.retryable:
-                raise
+            if e.retryable or e.code in _STOP:
+                raise  # the next change would fail the same way
             where = c.entry.where if c.entry else f"{apply_plan.KIND_NAMES[c.kind]} {c.name}"
             failed.append(f"{where}: {_failure(c, e)}")
             continue
@@ -118,6 +118,9 @@ def run_apply(args: argparse.Namespace, client: AdminClient) -> int:
     for line in failed:
         print(f"spendgate: {visible(line)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+_STOP = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _failure(c: Change, e: CliError) -> str:

@@ -20,7 +20,7 @@ from spendgate.cli import apply as apply_cli
 from spendgate.cli import apply_files
 from spendgate.cli.main import main
 from tests.api.apiserver import Api, running_api
-from tests.harness import ADMIN_TOKEN, SECRETS_KEY
+from tests.harness import ADMIN_TOKEN, READ_TOKEN, SECRETS_KEY
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "budgets.yaml"
 ENV = {
@@ -303,3 +303,16 @@ def test_commands_take_names(
             "+ would create webhook finops-slack",
             "plan: 2 to create, 1 to update, 12 unchanged, 0 to delete",
         ]
+
+
+def test_a_read_only_token_plans_but_does_not_write(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, env: dict[str, str]
+) -> None:
+    with control_plane(f"sqlite:///{tmp_path}/cp.db") as api:
+        argv = ["apply", "-f", str(EXAMPLE), "--server", api.server.settings.listen]
+        assert main([*argv, "--token", READ_TOKEN, "--dry-run"]) == 2
+        assert capsys.readouterr().out.count("+ would create ") == 15
+        assert main([*argv, "--token", READ_TOKEN]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("spendgate: not allowed: ") and err.count("\n") == 1, err
+        assert main([*argv, "--token", ADMIN_TOKEN, "--dry-run"]) == 2
