@@ -288,6 +288,10 @@ def test_commands_take_names(
         assert main(["webhook", "get", "oncall", "--json", *argv]) == 0
         assert '"description": "pager"' in capsys.readouterr().out
         assert main(["spend", "--policy", "org-monthly", *argv]) == 0
+        adjust = ["spend", "adjust", "org-monthly", "--amount", "1.5", "--reason", "invoice"]
+        assert main([*adjust, *argv]) == 0
+        assert main(["spend", "adjustments", "--policy", "org-monthly", "--json", *argv]) == 0
+        assert '"reason": "invoice"' in capsys.readouterr().out
         assert main(["price", "delete", "llama-3.1-70b", "--route", "self-hosted", *argv]) == 0
         assert main(["webhook", "delete", "finops-slack", *argv]) == 0
         assert main(["webhook", "get", "finops-slack", *argv]) == 1
