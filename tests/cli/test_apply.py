@@ -6,6 +6,7 @@ to an empty database with an identical result."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import re
 from collections.abc import Iterator
@@ -320,3 +321,39 @@ def test_a_read_only_token_plans_but_does_not_write(
         err = capsys.readouterr().err
         assert err.startswith("spendgate: not allowed: ") and err.count("\n") == 1, err
         assert main([*argv, "--token", ADMIN_TOKEN, "--dry-run"]) == 2
+
+
+def test_a_folder_and_file_references(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    folder = tmp_path / "budgets"
+    (folder / "hooks").mkdir(parents=True)
+    (folder / "policies.yaml").write_text(
+        "policies:\n  - {name: team, amount: '12.5', action: alert, thresholds: [80]}\n"
+    )
+    secret = folder / "hooks" / "signing.secret"
+    secret.write_text("whsec_" + base64.b64encode(b"k" * 32).decode() + "\n")
+    (folder / "hooks" / "generic.json").write_text(
+        '{"webhooks": [{"name": "ops", "format": "generic", '
+        '"url": "https://93.184.216.34/hook", "secret": "${file:signing.secret}"}]}'
+    )
+    with control_plane(f"sqlite:///{tmp_path}/cp.db") as api:
+        code, out, err = cli(capsys, api, "apply", "-f", str(folder))
+        assert code == 0, err
+        assert out == [
+            "+ created webhook ops",
+            "+ created policy team",
+            "applied: 2 created, 0 updated, 0 unchanged, 0 deleted",
+        ]
+        argv = ["--server", api.server.settings.listen, "--token", ADMIN_TOKEN, "--json"]
+        assert main(["webhook", "get", "ops", *argv]) == 0
+        assert '"has_secret": true' in capsys.readouterr().out
+        secret.write_text("whsec_" + base64.b64encode(b"n" * 32).decode())
+        code, out, _ = cli(capsys, api, "apply", "-f", str(folder), "--dry-run")
+        assert code == 2
+        assert "~ would update webhook ops: secrets (url, secret or routing key)" in out
+        secret.unlink()
+        code, _, err = cli(capsys, api, "apply", "-f", str(folder), "--dry-run")
+        assert code == 1
+        assert err.startswith(
+            f"spendgate: {folder / 'hooks' / 'generic.json'}: webhooks[0].secret: "
+        )
+        assert "cannot read" in err
