@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import psycopg
 import pytest
 import yaml
 
@@ -21,6 +23,7 @@ from spendgate.cli import apply as apply_cli
 from spendgate.cli import apply_files
 from spendgate.cli.main import main
 from tests.api.apiserver import Api, running_api
+from tests.conftest import PG_ADMIN_URL
 from tests.harness import ADMIN_TOKEN, READ_TOKEN, SECRETS_KEY
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "budgets.yaml"
@@ -55,6 +58,22 @@ def state(api: Api, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:
         for line in target.read_text().splitlines()
         if not line.startswith("# spendgate export")
     )
+
+
+@contextlib.contextmanager
+def empty_database(like: str, tmp_path: Path) -> Iterator[str]:
+    """A new, empty database of the kind ``like`` names (dropped afterwards)."""
+    if like.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path}/second.db"
+        return
+    name = f"spendgate_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def create_by_hand(capsys: pytest.CaptureFixture[str], api: Api) -> None:
@@ -174,8 +193,8 @@ def test_apply_reapply_edit_export_roundtrip(
             "plan: 0 to create, 1 to update, 15 unchanged, 0 to delete",
         ]
 
-    # ... and to an empty one it makes the same objects.
-    with control_plane(f"sqlite:///{tmp_path}/second.db") as second:
+    # ... and to an empty one (of the same kind) it makes the same objects.
+    with empty_database(db_url, tmp_path) as url, control_plane(url) as second:
         code, out, err = cli(capsys, second, "apply", "-f", str(exported))
         assert code == 0, err
         assert out[-1] == "applied: 16 created, 0 updated, 0 unchanged, 0 deleted"
