@@ -12,6 +12,7 @@ from alembic import command
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
+from control_plane import names
 from control_plane.errors import AlreadyExists
 from control_plane.service import ControlPlane
 from control_plane.store.db import alembic_config, create_db_engine, migrate
@@ -113,3 +114,22 @@ async def test_a_taken_name_is_refused(cp: ControlPlane) -> None:
     await cp.update_policy(first.id, rename, "", "admin")
     await cp.delete_policy(first.id, "", "admin")
     assert (await cp.create_policy(policy("team"), "admin")).name == "team"
+
+
+async def test_a_concurrent_writer_gets_the_same_answer(
+    cp: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two creates that both pass the check (a race): the unique index
+    refuses the second, with ALREADY_EXISTS too."""
+    await cp.create_policy(policy("raced"), "admin")
+    monkeypatch.setattr(names, "check_free", lambda *args: None)
+    with pytest.raises(AlreadyExists, match=r"^name: a policy named 'raced' already exists$"):
+        await cp.create_policy(policy("raced"), "admin")
+    other = await cp.create_policy(policy("other"), "admin")
+
+    def rename(stored: Any) -> Any:
+        stored.name = "raced"
+        return stored
+
+    with pytest.raises(AlreadyExists, match=r"^name: a policy named 'raced' already exists$"):
+        await cp.update_policy(other.id, rename, "", "admin")
