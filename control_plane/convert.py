@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane.errors import InvalidArgument
+from control_plane.names import marker_violations
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow
 from spendgate.domain import limits
@@ -52,6 +53,7 @@ class PolicyValues:
     target: str
     alert_thresholds: tuple[int, ...]
     enabled: bool
+    apply_marker: str = ""
 
 
 def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyValues:
@@ -75,6 +77,7 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
         alert_thresholds=msg.alert_thresholds,
         description=msg.description,
     )
+    violations += marker_violations("apply_marker", msg.apply_marker)
     unit = UNITS.get(msg.window.unit)
     if unit is None:
         violations.append(
@@ -153,6 +156,7 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
         target=target,
         alert_thresholds=tuple(sorted(msg.alert_thresholds)),
         enabled=msg.enabled if msg.HasField("enabled") else True,
+        apply_marker=msg.apply_marker,
     )
 
 
@@ -169,6 +173,7 @@ def apply_values(row: PolicyRow, v: PolicyValues) -> None:
     row.target = v.target
     row.alert_thresholds = ",".join(str(t) for t in v.alert_thresholds)
     row.enabled = v.enabled
+    row.apply_marker = v.apply_marker
 
 
 def window_spec(row: PolicyRow) -> WindowSpec:
@@ -224,6 +229,7 @@ def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
         created_by=row.created_by,
         updated_by=row.updated_by,
         etag=etag(row),
+        apply_marker=row.apply_marker,
     )
 
 

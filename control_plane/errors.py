@@ -5,6 +5,7 @@ codes, in one place; nothing else needs to know about gRPC.
      ├── NotFound          unknown id                     -> NOT_FOUND
      ├── InvalidArgument   field violations               -> INVALID_ARGUMENT (+ BadRequest)
      ├── EtagMismatch      stale read-modify-write        -> ABORTED
+     ├── AlreadyExists     a unique field (a name) taken  -> ALREADY_EXISTS
      ├── FailedPrecondition the server cannot do it as set up -> FAILED_PRECONDITION
      └── Unavailable       database unreachable           -> UNAVAILABLE
 """
@@ -40,6 +41,14 @@ class EtagMismatch(ControlPlaneError):
         super().__init__(
             f"{kind} {id!r} was changed by someone else (etag mismatch); read it again"
         )
+
+
+class AlreadyExists(ControlPlaneError):
+    """``field`` must be unique per kind and another object has the value."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
 
 
 class FailedPrecondition(ControlPlaneError):

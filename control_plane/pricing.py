@@ -7,6 +7,7 @@ the next request anywhere is charged at the new price.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Collection, Iterable
 
@@ -14,7 +15,8 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from control_plane.errors import InvalidArgument, NotFound
+from control_plane.errors import EtagMismatch, InvalidArgument, NotFound
+from control_plane.names import marker_violations
 from control_plane.service import ControlPlane, clamp_page_size
 from control_plane.store.models import PriceOverrideRow
 from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_NAME_CHARS, MAX_NOTE_CHARS
@@ -38,13 +40,23 @@ def override_message(row: PriceOverrideRow) -> pp.PriceOverride:
         note=row.note,
         update_time=timestamp(row.update_time),
         updated_by=row.updated_by,
+        apply_marker=row.apply_marker,
+        etag=etag(row),
     )
+
+
+def etag(row: PriceOverrideRow) -> str:
+    """Changes whenever the override does (every set stamps update_time)."""
+    fields = [row.id, *(getattr(row, n) for n in PRICE_FIELDS), row.note, row.apply_marker]
+    fields.append(row.update_time.isoformat())
+    return "p" + hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:16]
 
 
 def dataplane_override(row: PriceOverrideRow) -> pp.PriceOverride:
     """An override as data planes need it (the note is for people)."""
     msg = override_message(row)
-    msg.ClearField("note")
+    for name in ("note", "apply_marker", "etag"):
+        msg.ClearField(name)
     return msg
 
 
@@ -62,6 +74,7 @@ def _validated(o: pp.PriceOverride) -> tuple[str, str, str, ModelPrice]:
     violations += text_violations("override.provider", o.provider, MAX_NAME_CHARS)
     violations += text_violations("override.route", o.route, MAX_NAME_CHARS)
     violations += text_violations("override.note", o.note, MAX_NOTE, multiline=True)
+    violations += marker_violations("override.apply_marker", o.apply_marker)
     price: ModelPrice | None = None
     try:
         price = price_from_message(model, o.provider.strip().lower(), o.price)
@@ -121,6 +134,8 @@ class PricingAdmin:
                 )
                 .with_for_update()
             ).first()
+            if o.etag and (row is None or etag(row) != o.etag):
+                raise EtagMismatch(f"{model} {provider or '*'} {route or '*'}", "price override")
             if row is None:
                 row = PriceOverrideRow(
                     id="po_" + uuid.uuid4().hex[:24], model=model, provider=provider, route=route
@@ -130,6 +145,7 @@ class PricingAdmin:
             for name in PRICE_FIELDS:
                 setattr(row, name, getattr(text, name))
             row.note = o.note
+            row.apply_marker = o.apply_marker
             row.update_time = now
             row.updated_by = author
             self.cp.changed(s, "prices", [row.id])
@@ -149,11 +165,13 @@ class PricingAdmin:
         self.publish_changes(upserts=[row])
         return override_message(row)
 
-    async def delete_override(self, override_id: str, author: str) -> None:
+    async def delete_override(self, override_id: str, author: str, expected_etag: str = "") -> None:
         def delete(s: Session) -> None:
-            row = s.get(PriceOverrideRow, override_id)
+            row = s.get(PriceOverrideRow, override_id, with_for_update=True)
             if row is None:
                 raise NotFound("price override", override_id)
+            if expected_etag and expected_etag != etag(row):
+                raise EtagMismatch(override_id, "price override")
             s.delete(row)
             self.cp.changed(s, "prices", [override_id])
 

@@ -33,7 +33,7 @@ from control_plane.keyring import (
 from control_plane.service import ControlPlane
 from control_plane.store.models import WebhookRow
 from control_plane.webhooks import sealed
-from control_plane.webhooks.convert import masked_url
+from spendgate.domain.webhook_urls import masked_url
 
 log = structlog.get_logger("spendgate.control_plane")
 BATCH = 200

@@ -22,7 +22,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control_plane import adjustments, anomalies, convert, holds, quarantine, spend_list, statepush
+from control_plane import (
+    adjustments,
+    anomalies,
+    convert,
+    holds,
+    names,
+    quarantine,
+    spend_list,
+    statepush,
+)
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
@@ -169,11 +178,15 @@ class ControlPlane:
                 version=1,
             )
             convert.apply_values(row, values)
+            names.check_free(s, PolicyRow, "policy", row.name, row.id)
             s.add(row)
             self.changed(s, "policies", [row.id])
             return row
 
-        row = await self.run(create)
+        try:
+            row = await self.run(create)
+        except IntegrityError:
+            raise names.taken("policy", values.name) from None
         log.info("policy created", policy_id=row.id, name=row.name, author=author)
         self.publish_policy_changes(upserts=[row])
         return convert.policy_message(row)
@@ -208,6 +221,7 @@ class ControlPlane:
         """Read, merge (``merge`` applies the field mask to the stored message),
         validate and write in one transaction; the row is locked meanwhile."""
         now = self.clock()
+        wanted = {"name": ""}  # the name written, for a concurrent writer's error
 
         def update(s: Session) -> PolicyRow:
             row = s.get(PolicyRow, policy_id, with_for_update=True)
@@ -218,13 +232,18 @@ class ControlPlane:
             merged = merge(convert.policy_message(row))
             values = convert.policy_values(merged, default_week_start=self.default_week_start)
             convert.apply_values(row, values)
+            wanted["name"] = row.name
+            names.check_free(s, PolicyRow, "policy", row.name, row.id)
             row.update_time = now
             row.updated_by = author
             row.version += 1
             self.changed(s, "policies", [row.id])
             return row
 
-        row = await self.run(update)
+        try:
+            row = await self.run(update)
+        except IntegrityError:
+            raise names.taken("policy", wanted["name"]) from None
         log.info("policy updated", policy_id=row.id, author=author, version=row.version)
         self.publish_policy_changes(upserts=[row])
         return convert.policy_message(row)

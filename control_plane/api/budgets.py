@@ -29,6 +29,7 @@ WRITABLE_PATHS = frozenset(
         "target",
         "alert_thresholds",
         "enabled",
+        "apply_marker",
     }
 )
 

@@ -17,6 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from control_plane.errors import (
+    AlreadyExists,
     ControlPlaneError,
     EtagMismatch,
     FailedPrecondition,
@@ -112,6 +113,7 @@ def to_status(e: ControlPlaneError) -> grpc.Status:
     code = {
         NotFound: code_pb2.NOT_FOUND,
         EtagMismatch: code_pb2.ABORTED,
+        AlreadyExists: code_pb2.ALREADY_EXISTS,
         FailedPrecondition: code_pb2.FAILED_PRECONDITION,
         Unavailable: code_pb2.UNAVAILABLE,
     }.get(type(e), code_pb2.INTERNAL)

@@ -46,5 +46,7 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         self, request: pp.DeletePriceOverrideRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         check_id("id", request.id)
-        await self.admin.delete_override(request.id, self.auth.author(context))
+        if len(request.etag) > 64:
+            raise InvalidArgument.one("etag", "must be at most 64 characters")
+        await self.admin.delete_override(request.id, self.auth.author(context), request.etag)
         return empty_pb2.Empty()

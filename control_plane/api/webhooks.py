@@ -25,6 +25,7 @@ WRITABLE_PATHS = frozenset(
         "pagerduty_severity",
         "resolve_on_reset",
         "enabled",
+        "apply_marker",
     }
 )
 _WRITE_ONLY = ("secret", "routing_key")

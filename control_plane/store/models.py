@@ -57,7 +57,7 @@ class PolicyRow(Base):
     __tablename__ = "budget_policies"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     amount_nanos: Mapped[int] = mapped_column(BigInteger)
     window_unit: Mapped[str] = mapped_column(String(16))
@@ -74,6 +74,9 @@ class PolicyRow(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     updated_by: Mapped[str] = mapped_column(String(200))
     version: Mapped[int] = mapped_column(Integer)
+    # Set by `spendgate apply` on what it creates (migration 0015); "" for
+    # objects made otherwise. See docs/policies-as-code.md.
+    apply_marker: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
 
 
 class WindowSpendRow(Base):
@@ -136,7 +139,7 @@ class WebhookRow(Base):
     __tablename__ = "webhooks"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     url: Mapped[str] = mapped_column(Text)
     # A server default: a replica of an earlier release (during an upgrade)
@@ -154,6 +157,9 @@ class WebhookRow(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     updated_by: Mapped[str] = mapped_column(String(200))
     version: Mapped[int] = mapped_column(Integer)
+    # Set by `spendgate apply` on what it creates (migration 0015); "" for
+    # objects made otherwise. See docs/policies-as-code.md.
+    apply_marker: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
 
 
 class WebhookEventRow(Base):
@@ -249,6 +255,9 @@ class PriceOverrideRow(Base):
     note: Mapped[str] = mapped_column(String(500))
     update_time: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_by: Mapped[str] = mapped_column(String(200))
+    # Set by `spendgate apply` on what it creates (migration 0015); "" for
+    # objects made otherwise. See docs/policies-as-code.md.
+    apply_marker: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
 
     __table_args__ = (UniqueConstraint("model", "provider", "route"),)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import orjson
 
 from control_plane.errors import InvalidArgument
 from control_plane.keyring import Keyring, SecretUnreadable, is_encrypted
+from control_plane.names import marker_violations
 from control_plane.store.models import DeliveryAttemptRow, WebhookEventRow, WebhookRow
 from control_plane.store.webhook_repo import DeliveryView
 from control_plane.webhooks import events, sealed
@@ -30,6 +30,7 @@ from control_plane.webhooks.signing import SecretInvalid, secret_key
 from control_plane.webhooks.ssrf import UrlBlocked, UrlPolicy
 from spendgate.domain import limits
 from spendgate.domain.policies import Action, FieldViolation, Scope, text_violations
+from spendgate.domain.webhook_urls import masked_url
 from spendgate.v1 import webhooks_pb2 as wpb
 from spendgate.visible import first_unsafe
 from spendgate.wire import ACTIONS_PB, SCOPES_PB, timestamp
@@ -60,7 +61,6 @@ MAX_NAME, MAX_DESCRIPTION, MAX_URL, MAX_KEY = (
     200,
 )
 _ROUTING_KEY = re.compile(r"^[A-Za-z0-9_\-.:]{1,200}$")
-MASK = "****"
 assert set(SEVERITY.values()) == set(SEVERITIES)
 
 
@@ -78,6 +78,7 @@ class WebhookValues:
     severity: str
     resolve_on_reset: bool
     enabled: bool
+    apply_marker: str = ""
 
 
 def webhook_values(
@@ -89,6 +90,7 @@ def webhook_values(
     name = msg.name.strip()
     violations += text_violations("name", name, MAX_NAME, required=True)
     violations += text_violations("description", msg.description, MAX_DESCRIPTION, multiline=True)
+    violations += marker_violations("apply_marker", msg.apply_marker)
     fmt = FORMATS.get(msg.format)
     if fmt is None:
         violations.append(FieldViolation("format", "is required: GENERIC, SLACK or PAGERDUTY"))
@@ -149,6 +151,7 @@ def webhook_values(
         severity=severity,
         resolve_on_reset=msg.resolve_on_reset if msg.HasField("resolve_on_reset") else True,
         enabled=msg.enabled if msg.HasField("enabled") else True,
+        apply_marker=msg.apply_marker,
     )
 
 
@@ -165,6 +168,7 @@ def apply_values(row: WebhookRow, v: WebhookValues, keyring: Keyring | None) -> 
     row.severity = v.severity
     row.resolve_on_reset = v.resolve_on_reset
     row.enabled = v.enabled
+    row.apply_marker = v.apply_marker
 
 
 def etag(row: WebhookRow) -> str:
@@ -182,20 +186,6 @@ def receiver(row: WebhookRow, keyring: Keyring | None) -> Receiver:
     return Receiver(
         row.format, opened["url"], opened["secret"], opened["routing_key"], row.severity
     )
-
-
-def masked_url(url: str) -> str:
-    """``url`` with query values and the token of a Slack hooks URL masked."""
-    parts = urlsplit(url)
-    path = parts.path
-    if parts.hostname == "hooks.slack.com":
-        head, sep, last = path.rstrip("/").rpartition("/")
-        if sep and last:
-            path = f"{head}/{MASK}"
-    query = "&".join(
-        f"{k}={MASK}" if v else k for k, v in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
 def shown_url(row: WebhookRow) -> str:
@@ -224,6 +214,7 @@ def webhook_message(row: WebhookRow) -> wpb.Webhook:
         created_by=row.created_by,
         updated_by=row.updated_by,
         etag=etag(row),
+        apply_marker=row.apply_marker,
     )
 
 

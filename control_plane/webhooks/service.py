@@ -8,11 +8,13 @@ resolve now is accepted and checked again before every attempt.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from control_plane import names
 from control_plane.errors import EtagMismatch, FailedPrecondition, InvalidArgument, NotFound
 from control_plane.keyring import Keyring, SecretUnreadable
 from control_plane.service import ControlPlane, clamp_page_size
@@ -22,6 +24,7 @@ from control_plane.webhooks import convert, events, sealed
 from control_plane.webhooks.formats import PAGERDUTY, Message, render, render_test_resolve
 from control_plane.webhooks.sender import Sender
 from control_plane.webhooks.ssrf import ResolveFailed, UrlBlocked, UrlPolicy
+from spendgate.domain.webhook_urls import MASK
 from spendgate.v1 import webhooks_pb2 as wpb
 
 log = structlog.get_logger("spendgate.webhooks")
@@ -33,6 +36,16 @@ class Secrets:
 
     secret: str | None = None
     routing_key: str | None = None
+
+
+SECRETS_MARK = " secrets="
+
+
+def stale_marker(marker: str) -> str:
+    """``marker`` with its secrets fingerprint replaced by "changed": the
+    secrets were changed by another writer than `spendgate apply`, so the
+    next apply writes its own again."""
+    return marker.partition(SECRETS_MARK)[0] + SECRETS_MARK + "changed"
 
 
 class WebhookAdmin:
@@ -71,10 +84,14 @@ class WebhookAdmin:
                 version=1,
             )
             convert.apply_values(row, values, self.keyring)
+            names.check_free(s, WebhookRow, "webhook", row.name, row.id)
             s.add(row)
             return row
 
-        row = await self.cp.run(create)
+        try:
+            row = await self.cp.run(create)
+        except IntegrityError:
+            raise names.taken("webhook", values.name) from None
         log.info("webhook created", webhook_id=row.id, format=row.format, author=author)
         return convert.webhook_message(row)
 
@@ -106,6 +123,7 @@ class WebhookAdmin:
         """Read, merge, validate and write in one transaction (row locked)."""
         now = self.cp.clock()
         checked: set[str] = set()
+        wanted = {"name": ""}  # the name written, for a concurrent writer's error
 
         def update(s: Session) -> WebhookRow | str:
             row = s.get(WebhookRow, webhook_id, with_for_update=True)
@@ -117,7 +135,7 @@ class WebhookAdmin:
             # The masked form sent back means "unchanged"; a URL with nothing
             # masked is its own full form (and needs no decryption).
             shown = convert.shown_url(row)
-            url_kept = merged.url == shown and convert.MASK in shown
+            url_kept = merged.url == shown and MASK in shown
             if url_kept:
                 merged.url = self._kept(row, "url")
             values = convert.webhook_values(
@@ -130,20 +148,34 @@ class WebhookAdmin:
             )
             if not url_kept and values.url not in checked:
                 return values.url  # resolve outside the transaction, then again
+            if values.apply_marker == row.apply_marker and self._secrets_changed(row, values):
+                values = replace(values, apply_marker=stale_marker(row.apply_marker))
             convert.apply_values(row, values, self.keyring)
+            wanted["name"] = row.name
+            names.check_free(s, WebhookRow, "webhook", row.name, row.id)
             row.update_time = now
             row.updated_by = author
             row.version += 1
             return row
 
         while True:
-            result = await self.cp.run(update)
+            try:
+                result = await self.cp.run(update)
+            except IntegrityError:
+                raise names.taken("webhook", wanted["name"]) from None
             if isinstance(result, WebhookRow):
                 break
             await self._check_resolved(result)
             checked.add(result)
         log.info("webhook updated", webhook_id=webhook_id, author=author, version=result.version)
         return convert.webhook_message(result)
+
+    def _secrets_changed(self, row: WebhookRow, values: convert.WebhookValues) -> bool:
+        """Whether an update changes a secret column of a webhook whose apply
+        marker carries a fingerprint of the secrets `spendgate apply` wrote."""
+        if SECRETS_MARK not in row.apply_marker:
+            return False
+        return any(getattr(values, c) != self._kept(row, c) for c in sealed.COLUMNS)
 
     def _kept(self, row: WebhookRow, column: str) -> str:
         """A stored secret an update keeps (opened to validate and re-seal it)."""

@@ -9,8 +9,11 @@ import time
 import uuid
 from collections.abc import Callable
 
+import grpc
+
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import as_json, echo, table
+from spendgate.cli.policies import POLICY_ID_PREFIX, resolve_policy
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.wire import from_timestamp
 
@@ -25,7 +28,7 @@ def add_parsers(
         "adjust",
         help="correct the current window's spend of a policy (and member) by a signed amount",
     )
-    adjust.add_argument("policy_id")
+    adjust.add_argument("policy_id", metavar="POLICY", help="the policy's id or name")
     adjust.add_argument("--member", default="", help="the member of a '*' policy")
     adjust.add_argument(
         "--amount",
@@ -35,7 +38,9 @@ def add_parsers(
     adjust.add_argument("--reason", required=True, help="why (kept with the record)")
     admin_flags(adjust)
     listing = sub.add_parser("adjustments", help="spend adjustments made, newest first")
-    listing.add_argument("--policy", help="only this policy id")
+    listing.add_argument(
+        "--policy", help="only this policy (id, also of a deleted policy, or name)"
+    )
     listing.add_argument("--member", help="only this member")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     admin_flags(listing)
@@ -53,10 +58,23 @@ def run(args: argparse.Namespace, client: AdminClient) -> None:
         _list(args, client)
 
 
+def _policy_filter(client: AdminClient, ref: str) -> str:
+    """The policy id to list adjustments of: ``ref``'s, or ``ref`` itself
+    when it names no policy (the records outlive a deleted policy)."""
+    if not ref:
+        return ""
+    try:
+        return resolve_policy(client, ref).id
+    except CliError as e:
+        if ref.startswith(POLICY_ID_PREFIX) and e.code in (None, grpc.StatusCode.NOT_FOUND):
+            return ref
+        raise
+
+
 def _adjust(args: argparse.Namespace, client: AdminClient) -> None:
     request = pb.CreateSpendAdjustmentRequest(
         adjustment=pb.SpendAdjustment(
-            policy_id=args.policy_id,
+            policy_id=resolve_policy(client, args.policy_id).id,
             member=args.member,
             amount_usd=args.amount,
             reason=args.reason,
@@ -97,7 +115,7 @@ def _list(args: argparse.Namespace, client: AdminClient) -> None:
         resp = client.call(
             "ListSpendAdjustments",
             pb.ListSpendAdjustmentsRequest(
-                policy_id=args.policy or "",
+                policy_id=_policy_filter(client, args.policy or ""),
                 member=args.member or "",
                 page_size=min(args.limit - len(found), 1000),
                 page_token=token,

@@ -11,7 +11,16 @@ from spendgate.visible import visible
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import adjustments, policies, prices, secrets, status, up, webhooks
+    from spendgate.cli import (
+        adjustments,
+        apply,
+        policies,
+        prices,
+        secrets,
+        status,
+        up,
+        webhooks,
+    )
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -53,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_flags(update)
 
     p_spend = sub.add_parser("spend", help="spend in the current window of each policy")
-    p_spend.add_argument("--policy", help="only this policy id")
+    p_spend.add_argument("--policy", help="only this policy (id or name)")
     p_spend.add_argument("--member", help="only this member of a wildcard policy")
     admin_flags(p_spend)
     adjustments.add_parsers(p_spend, admin_flags)
@@ -62,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks.add_parser(sub, admin_flags)
     prices.add_parser(sub, admin_flags)
     secrets.add_parser(sub, admin_flags)
+    apply.add_parsers(sub, admin_flags)
     return parser
 
 
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_envoy_config
 
             return run_envoy_config(args)
-        from spendgate.cli import adjustments, policies, prices, secrets, status, webhooks
+        from spendgate.cli import adjustments, apply, policies, prices, secrets, status, webhooks
 
         if secrets.run_offline(args):
             return 0
@@ -84,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             client_server(args.server), client_token(args.token, args.state_dir), tls=args.tls
         )
         try:
-            if args.command == "policy":
+            if args.command == "apply":
+                return apply.run_apply(args, client)
+            if args.command == "export":
+                apply.run_export(args, client)
+            elif args.command == "policy":
                 policies.run_policy(args, client)
             elif args.command == "webhook":
                 webhooks.run_webhook(args, client)

@@ -7,10 +7,10 @@ import json
 import re
 from datetime import UTC, datetime
 
-import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from spendgate.cli.client import AdminClient, CliError
+from spendgate.cli.lookup import by_id_or_name
 from spendgate.cli.output import as_json, echo, percent_text, table
 from spendgate.domain.limits import MAX_THRESHOLD_PERCENT, MAX_WINDOW_COUNT
 from spendgate.v1 import budget_pb2 as pb
@@ -228,28 +228,15 @@ def all_policies(client: AdminClient) -> list[pb.BudgetPolicy]:
 
 
 def resolve_policy(client: AdminClient, ref: str) -> pb.BudgetPolicy:
-    """The policy ``ref`` names: its id, else its name when one policy has it.
-    Two policies may share a name; then the error lists their ids."""
-    not_found: CliError | None = None
-    if ref.startswith(POLICY_ID_PREFIX):
-        try:
-            found: pb.BudgetPolicy = client.call(
-                "GetBudgetPolicy", pb.GetBudgetPolicyRequest(id=ref)
-            )
-            return found
-        except CliError as e:
-            if e.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            not_found = e  # a name may look like an id
-    named = [p for p in all_policies(client) if p.name == ref]
-    if len(named) == 1:
-        return named[0]
-    if named:
-        ids = ", ".join(p.id for p in named)
-        raise CliError(f"{len(named)} policies are named '{ref}' ({ids}); give the id")
-    if not_found is not None:
-        raise not_found
-    raise CliError(f"no policy has the id or name '{ref}' (see `spendgate policy list`)")
+    """The policy ``ref`` names: its id, else its name."""
+    return by_id_or_name(
+        ref,
+        kind="policy",
+        id_prefix=POLICY_ID_PREFIX,
+        get=lambda i: client.call("GetBudgetPolicy", pb.GetBudgetPolicyRequest(id=i)),
+        listing=lambda: all_policies(client),
+        list_command="spendgate policy list",
+    )
 
 
 def _reset_in(end: datetime, now: datetime) -> str:
@@ -267,11 +254,12 @@ def _reset_in(end: datetime, now: datetime) -> str:
 def run_spend(args: argparse.Namespace, client: AdminClient) -> None:
     entries: list[pb.SpendEntry] = []
     token = ""
+    policy_id = resolve_policy(client, args.policy).id if args.policy else ""
     while True:
         resp = client.call(
             "ListSpend",
             pb.ListSpendRequest(
-                policy_id=args.policy or "",
+                policy_id=policy_id,
                 member=args.member or "",
                 page_size=1000,
                 page_token=token,

@@ -36,8 +36,26 @@ def add_parser(
     st.add_argument("--note", default="")
     admin_flags(st)
     rm = psub.add_parser("delete", help="remove a price override")
-    rm.add_argument("id")
+    rm.add_argument("id", metavar="ID_OR_MODEL", help="the override's id, or its model")
+    rm.add_argument("--provider", default="", help="with a model: the override's provider")
+    rm.add_argument("--route", default="", help="with a model: the override's route")
     admin_flags(rm)
+
+
+def _override_id(client: AdminClient, ref: str, provider: str, route: str) -> str:
+    """The id of the override ``ref`` names: an id, or a model (with the
+    provider and route it is restricted to; none means any)."""
+    overrides = client.call("ListPriceOverrides", pp.ListPriceOverridesRequest()).overrides
+    if any(o.id == ref for o in overrides):
+        return ref
+    key = (ref.strip().lower(), provider.strip().lower(), route.strip())
+    for o in overrides:
+        if (o.model, o.provider, o.route) == key:
+            return str(o.id)
+    raise CliError(
+        f"no price override has the id '{ref}', nor the model '{key[0]}' for provider "
+        f"'{key[1] or '*'}' and route '{key[2] or '*'}' (see `spendgate price overrides`)"
+    )
 
 
 # pp.Price field -> the `price set` option that sets it.
@@ -203,7 +221,8 @@ def run_price(args: argparse.Namespace, client: AdminClient) -> None:
             "tokens" + (f"; kept from its current price: {kept_text}" if kept else "")
         )
     elif cmd == "delete":
-        client.call("DeletePriceOverride", pp.DeletePriceOverrideRequest(id=args.id))
-        echo(json.dumps({"deleted": args.id}) if args.json else f"deleted {args.id}")
+        override_id = _override_id(client, args.id, args.provider, args.route)
+        client.call("DeletePriceOverride", pp.DeletePriceOverrideRequest(id=override_id))
+        echo(json.dumps({"deleted": override_id}) if args.json else f"deleted {override_id}")
     else:  # argparse guarantees one of the above
         raise CliError(f"unknown price command {cmd!r}")

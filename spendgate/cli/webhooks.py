@@ -21,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from spendgate.cli import listen as listen_args
 from spendgate.cli.client import AdminClient, CliError
+from spendgate.cli.lookup import by_id_or_name
 from spendgate.cli.output import as_json, echo, table
 from spendgate.v1 import webhooks_pb2 as wpb
 
@@ -66,17 +67,17 @@ def add_parser(
     admin_flags(wsub.add_parser("list", help="list webhooks"))
     for name, text in (("get", "show a webhook"), ("delete", "delete a webhook")):
         one = wsub.add_parser(name, help=text)
-        one.add_argument("id")
+        one.add_argument("id", metavar="ID_OR_NAME")
         admin_flags(one)
     update = wsub.add_parser("update", help="change fields of a webhook")
-    update.add_argument("id")
+    update.add_argument("id", metavar="ID_OR_NAME")
     _fields(update, create=False)
     admin_flags(update)
     test = wsub.add_parser("test", help="send a test event now and show the answer")
-    test.add_argument("id")
+    test.add_argument("id", metavar="ID_OR_NAME")
     admin_flags(test)
     deliveries = wsub.add_parser("deliveries", help="deliveries and their attempts, newest first")
-    deliveries.add_argument("--webhook", help="only this webhook id")
+    deliveries.add_argument("--webhook", help="only this webhook (id or name)")
     deliveries.add_argument("--event", help="only this event id")
     deliveries.add_argument("--state", choices=sorted(STATES))
     deliveries.add_argument("--limit", type=int, default=50, help="at most this many (50)")
@@ -221,30 +222,45 @@ def run_webhook(args: argparse.Namespace, client: AdminClient) -> None:
             w.enabled = False
         _show(args, client.call("CreateWebhook", wpb.CreateWebhookRequest(webhook=w)), secret)
     elif cmd == "get":
-        _show(args, client.call("GetWebhook", wpb.GetWebhookRequest(id=args.id)))
+        _show(args, resolve_webhook(client, args.id))
     elif cmd == "list":
-        hooks: list[wpb.Webhook] = []
-        token = ""
-        while True:
-            resp = client.call(
-                "ListWebhooks", wpb.ListWebhooksRequest(page_size=500, page_token=token)
-            )
-            hooks.extend(resp.webhooks)
-            token = resp.next_page_token
-            if not token:
-                break
+        hooks = all_webhooks(client)
         echo(json.dumps(as_json(hooks), indent=2) if args.json else _rows(hooks))
     elif cmd == "update":
         _update(args, client)
     elif cmd == "delete":
-        client.call("DeleteWebhook", wpb.DeleteWebhookRequest(id=args.id))
-        echo(json.dumps({"deleted": args.id}) if args.json else f"deleted {args.id}")
+        webhook_id = resolve_webhook(client, args.id).id
+        client.call("DeleteWebhook", wpb.DeleteWebhookRequest(id=webhook_id))
+        echo(json.dumps({"deleted": webhook_id}) if args.json else f"deleted {webhook_id}")
     elif cmd == "test":
         _test(args, client)
     elif cmd == "deliveries":
         _deliveries(args, client)
     elif cmd == "listen":
         listen_args.run_listen(args, client, _events(args.events) if args.events else [])
+
+
+def resolve_webhook(client: AdminClient, ref: str) -> wpb.Webhook:
+    """The webhook ``ref`` names: its id, else its name."""
+    return by_id_or_name(
+        ref,
+        kind="webhook",
+        id_prefix="wh_",
+        get=lambda i: client.call("GetWebhook", wpb.GetWebhookRequest(id=i)),
+        listing=lambda: all_webhooks(client),
+        list_command="spendgate webhook list",
+    )
+
+
+def all_webhooks(client: AdminClient) -> list[wpb.Webhook]:
+    hooks: list[wpb.Webhook] = []
+    token = ""
+    while True:
+        resp = client.call("ListWebhooks", wpb.ListWebhooksRequest(page_size=500, page_token=token))
+        hooks.extend(resp.webhooks)
+        token = resp.next_page_token
+        if not token:
+            return hooks
 
 
 def _update(args: argparse.Namespace, client: AdminClient) -> None:
@@ -262,14 +278,16 @@ def _update(args: argparse.Namespace, client: AdminClient) -> None:
         paths.append("enabled")
     if not paths:
         raise CliError("nothing to update: give at least one field, e.g. --url or --disable")
-    w.id = args.id
+    w.id = resolve_webhook(client, args.id).id
     w.etag = args.etag or ""
     req = wpb.UpdateWebhookRequest(webhook=w, update_mask=FieldMask(paths=paths))
     _show(args, client.call("UpdateWebhook", req))
 
 
 def _test(args: argparse.Namespace, client: AdminClient) -> None:
-    resp = client.call("TestWebhook", wpb.TestWebhookRequest(id=args.id))
+    resp = client.call(
+        "TestWebhook", wpb.TestWebhookRequest(id=resolve_webhook(client, args.id).id)
+    )
     if args.json:
         echo(json.dumps(as_json(resp), indent=2))
     if not resp.delivered:
@@ -295,7 +313,7 @@ def _deliveries(args: argparse.Namespace, client: AdminClient) -> None:
         resp = client.call(
             "ListDeliveries",
             wpb.ListDeliveriesRequest(
-                webhook_id=args.webhook or "",
+                webhook_id=resolve_webhook(client, args.webhook).id if args.webhook else "",
                 event_id=args.event or "",
                 state=STATES[args.state] if args.state else wpb.DELIVERY_STATE_UNSPECIFIED,
                 page_size=min(args.limit - len(found), 1000),

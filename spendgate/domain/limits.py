@@ -22,6 +22,7 @@ from spendgate.domain.windows import MAX_COUNT as MAX_WINDOW_COUNT
 
 # ---- admin API ------------------------------------------------------------
 MAX_NAME_CHARS = 200
+MAX_APPLY_MARKER_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 MAX_TARGET_CHARS = 512
 MAX_AMOUNT_USD = 1_000_000_000
@@ -80,6 +81,8 @@ _ADMIN = "INVALID_ARGUMENT, field violation"
 LIMITS: tuple[Limit, ...] = (
     # Admin API
     Limit("policy `name`, webhook `name`", f"1 to {MAX_NAME_CHARS} characters, no control characters", "BudgetService, WebhookService", f"{_ADMIN} `name`"),
+    Limit("policy `name`, webhook `name`: unique", "one object per name and kind", "BudgetService, WebhookService", "ALREADY_EXISTS naming `name` and the object that has it"),
+    Limit("`apply_marker` (policy, webhook, price override)", f"at most {MAX_APPLY_MARKER_CHARS} characters, no control characters", "BudgetService, WebhookService, PricingService", f"{_ADMIN} `apply_marker`"),
     Limit("`description` (policy, webhook)", f"at most {MAX_DESCRIPTION_CHARS} characters; no control characters but tab and newline", "BudgetService, WebhookService", f"{_ADMIN} `description`"),
     Limit("policy `target`", f"at most {MAX_TARGET_CHARS} characters, no control characters; MODEL at most {MAX_MODEL_BYTES} bytes; USER, WORKSPACE, SERVICE, TAG values canonical members (at most {MAX_MEMBER_BYTES} bytes)", "BudgetService", f"{_ADMIN} `target`"),
     Limit("policy `amount_usd`", f"a decimal above 0, at most {_usd(MAX_AMOUNT_USD)}", "BudgetService", f"{_ADMIN} `amount_usd`"),
@@ -113,6 +116,7 @@ LIMITS: tuple[Limit, ...] = (
     # Output
     Limit("string values in log lines", f"control characters escaped (`\\x1b`), clipped at {MAX_LOG_VALUE_CHARS:,} characters with `…[+N chars]`", "every process (spendgate/logs.py)", "-"),
     Limit("metric label values", f"control characters escaped, at most {MAX_LABEL_CHARS} characters", "/metrics of both services", "-"),
+    Limit("budgets file (`spendgate apply -f`)", "at most 4 MiB a file, checked against schemas/budgets.schema.json; a `${file:...}` secret at most 64 KiB", "`spendgate apply`", "exit status 1, the file and key named"),
     Limit("CLI output", "control characters in stored or client-supplied values escaped (`\\x1b`)", "`spendgate` commands", "-"),
 )  # fmt: skip
 

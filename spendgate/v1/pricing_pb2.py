@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspendgate/v1/pricing.proto\x12\x0cspendgate.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n\x05Price\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_input\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_write\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61\x63he_write_1h\x18\x05 \x01(\t\"\xc2\x01\n\rPriceOverride\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\r\n\x05route\x18\x04 \x01(\t\x12\"\n\x05price\x18\x05 \x01(\x0b\x32\x13.spendgate.v1.Price\x12\x0c\n\x04note\x18\x06 \x01(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x08 \x01(\t\"\x96\x01\n\nModelPrice\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05price\x18\x03 \x01(\x0b\x32\x13.spendgate.v1.Price\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07\x63hecked\x18\x05 \x01(\t\x12\x13\n\x0boverride_id\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\"d\n\x11ListPricesRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x16\n\x0emodel_contains\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x12ListPricesResponse\x12(\n\x06prices\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.ModelPrice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\x19ListPriceOverridesRequest\"L\n\x1aListPriceOverridesResponse\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"H\n\x17SetPriceOverrideRequest\x12-\n\x08override\x18\x01 \x01(\x0b\x32\x1b.spendgate.v1.PriceOverride\"(\n\x1a\x44\x65letePriceOverrideRequest\x12\n\n\x02id\x18\x01 \x01(\t2\xfb\x02\n\x0ePricingService\x12O\n\nListPrices\x12\x1f.spendgate.v1.ListPricesRequest\x1a .spendgate.v1.ListPricesResponse\x12g\n\x12ListPriceOverrides\x12\'.spendgate.v1.ListPriceOverridesRequest\x1a(.spendgate.v1.ListPriceOverridesResponse\x12V\n\x10SetPriceOverride\x12%.spendgate.v1.SetPriceOverrideRequest\x1a\x1b.spendgate.v1.PriceOverride\x12W\n\x13\x44\x65letePriceOverride\x12(.spendgate.v1.DeletePriceOverrideRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspendgate/v1/pricing.proto\x12\x0cspendgate.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"i\n\x05Price\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61\x63hed_input\x18\x03 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_write\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61\x63he_write_1h\x18\x05 \x01(\t\"\xe6\x01\n\rPriceOverride\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\r\n\x05route\x18\x04 \x01(\t\x12\"\n\x05price\x18\x05 \x01(\x0b\x32\x13.spendgate.v1.Price\x12\x0c\n\x04note\x18\x06 \x01(\t\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x08 \x01(\t\x12\x14\n\x0c\x61pply_marker\x18< \x01(\t\x12\x0c\n\x04\x65tag\x18= \x01(\t\"\x96\x01\n\nModelPrice\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05price\x18\x03 \x01(\x0b\x32\x13.spendgate.v1.Price\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07\x63hecked\x18\x05 \x01(\t\x12\x13\n\x0boverride_id\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\"d\n\x11ListPricesRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x16\n\x0emodel_contains\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x12ListPricesResponse\x12(\n\x06prices\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.ModelPrice\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1b\n\x19ListPriceOverridesRequest\"L\n\x1aListPriceOverridesResponse\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"H\n\x17SetPriceOverrideRequest\x12-\n\x08override\x18\x01 \x01(\x0b\x32\x1b.spendgate.v1.PriceOverride\"6\n\x1a\x44\x65letePriceOverrideRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18< \x01(\t2\xfb\x02\n\x0ePricingService\x12O\n\nListPrices\x12\x1f.spendgate.v1.ListPricesRequest\x1a .spendgate.v1.ListPricesResponse\x12g\n\x12ListPriceOverrides\x12\'.spendgate.v1.ListPriceOverridesRequest\x1a(.spendgate.v1.ListPriceOverridesResponse\x12V\n\x10SetPriceOverride\x12%.spendgate.v1.SetPriceOverrideRequest\x1a\x1b.spendgate.v1.PriceOverride\x12W\n\x13\x44\x65letePriceOverride\x12(.spendgate.v1.DeletePriceOverrideRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRICE']._serialized_start=106
   _globals['_PRICE']._serialized_end=211
   _globals['_PRICEOVERRIDE']._serialized_start=214
-  _globals['_PRICEOVERRIDE']._serialized_end=408
-  _globals['_MODELPRICE']._serialized_start=411
-  _globals['_MODELPRICE']._serialized_end=561
-  _globals['_LISTPRICESREQUEST']._serialized_start=563
-  _globals['_LISTPRICESREQUEST']._serialized_end=663
-  _globals['_LISTPRICESRESPONSE']._serialized_start=665
-  _globals['_LISTPRICESRESPONSE']._serialized_end=752
-  _globals['_LISTPRICEOVERRIDESREQUEST']._serialized_start=754
-  _globals['_LISTPRICEOVERRIDESREQUEST']._serialized_end=781
-  _globals['_LISTPRICEOVERRIDESRESPONSE']._serialized_start=783
-  _globals['_LISTPRICEOVERRIDESRESPONSE']._serialized_end=859
-  _globals['_SETPRICEOVERRIDEREQUEST']._serialized_start=861
-  _globals['_SETPRICEOVERRIDEREQUEST']._serialized_end=933
-  _globals['_DELETEPRICEOVERRIDEREQUEST']._serialized_start=935
-  _globals['_DELETEPRICEOVERRIDEREQUEST']._serialized_end=975
-  _globals['_PRICINGSERVICE']._serialized_start=978
-  _globals['_PRICINGSERVICE']._serialized_end=1357
+  _globals['_PRICEOVERRIDE']._serialized_end=444
+  _globals['_MODELPRICE']._serialized_start=447
+  _globals['_MODELPRICE']._serialized_end=597
+  _globals['_LISTPRICESREQUEST']._serialized_start=599
+  _globals['_LISTPRICESREQUEST']._serialized_end=699
+  _globals['_LISTPRICESRESPONSE']._serialized_start=701
+  _globals['_LISTPRICESRESPONSE']._serialized_end=788
+  _globals['_LISTPRICEOVERRIDESREQUEST']._serialized_start=790
+  _globals['_LISTPRICEOVERRIDESREQUEST']._serialized_end=817
+  _globals['_LISTPRICEOVERRIDESRESPONSE']._serialized_start=819
+  _globals['_LISTPRICEOVERRIDESRESPONSE']._serialized_end=895
+  _globals['_SETPRICEOVERRIDEREQUEST']._serialized_start=897
+  _globals['_SETPRICEOVERRIDEREQUEST']._serialized_end=969
+  _globals['_DELETEPRICEOVERRIDEREQUEST']._serialized_start=971
+  _globals['_DELETEPRICEOVERRIDEREQUEST']._serialized_end=1025
+  _globals['_PRICINGSERVICE']._serialized_start=1028
+  _globals['_PRICINGSERVICE']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class Price(_message.Message):
     def __init__(self, input: _Optional[str] = ..., output: _Optional[str] = ..., cached_input: _Optional[str] = ..., cache_write: _Optional[str] = ..., cache_write_1h: _Optional[str] = ...) -> None: ...
 
 class PriceOverride(_message.Message):
-    __slots__ = ("id", "model", "provider", "route", "price", "note", "update_time", "updated_by")
+    __slots__ = ("id", "model", "provider", "route", "price", "note", "update_time", "updated_by", "apply_marker", "etag")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,8 @@ class PriceOverride(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    APPLY_MARKER_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     provider: str
@@ -42,7 +44,9 @@ class PriceOverride(_message.Message):
     note: str
     update_time: _timestamp_pb2.Timestamp
     updated_by: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., price: _Optional[_Union[Price, _Mapping]] = ..., note: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ...) -> None: ...
+    apply_marker: str
+    etag: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., route: _Optional[str] = ..., price: _Optional[_Union[Price, _Mapping]] = ..., note: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ..., apply_marker: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class ModelPrice(_message.Message):
     __slots__ = ("provider", "model", "price", "source", "checked", "override_id", "route")
@@ -99,7 +103,9 @@ class SetPriceOverrideRequest(_message.Message):
     def __init__(self, override: _Optional[_Union[PriceOverride, _Mapping]] = ...) -> None: ...
 
 class DeletePriceOverrideRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "etag")
     ID_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    etag: str
+    def __init__(self, id: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...

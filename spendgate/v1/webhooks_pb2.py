@@ -28,53 +28,53 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from spendgate.v1 import budget_pb2 as spendgate_dot_v1_dot_budget__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspendgate/v1/webhooks.proto\x12\x0cspendgate.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\"\xff\x03\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12+\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x1b.spendgate.v1.WebhookFormat\x12\x0e\n\x06\x65vents\x18\x06 \x03(\t\x12\x0e\n\x06secret\x18\x07 \x01(\t\x12\x12\n\nhas_secret\x18\x08 \x01(\x08\x12\x13\n\x0brouting_key\x18\t \x01(\t\x12\x17\n\x0fhas_routing_key\x18\n \x01(\x08\x12;\n\x12pagerduty_severity\x18\x0b \x01(\x0e\x32\x1f.spendgate.v1.PagerDutySeverity\x12\x1d\n\x10resolve_on_reset\x18\x0c \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x07\x65nabled\x18\r \x01(\x08H\x01\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x10 \x01(\t\x12\x12\n\nupdated_by\x18\x11 \x01(\t\x12\x0c\n\x04\x65tag\x18\x12 \x01(\tB\x13\n\x11_resolve_on_resetB\n\n\x08_enabled\">\n\x14\x43reateWebhookRequest\x12&\n\x07webhook\x18\x01 \x01(\x0b\x32\x15.spendgate.v1.Webhook\"\x1f\n\x11GetWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListWebhooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListWebhooksResponse\x12\'\n\x08webhooks\x18\x01 \x03(\x0b\x32\x15.spendgate.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x14UpdateWebhookRequest\x12&\n\x07webhook\x18\x01 \x01(\x0b\x32\x15.spendgate.v1.Webhook\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"0\n\x14\x44\x65leteWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\" \n\x12TestWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"{\n\x13TestWebhookResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10response_excerpt\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x05\"\xc0\x03\n\x0b\x42udgetEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpolicy_id\x18\x03 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\"\n\x05scope\x18\x05 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06member\x18\x07 \x01(\t\x12$\n\x06\x61\x63tion\x18\x08 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\x19\n\x11threshold_percent\x18\t \x01(\x05\x12\x12\n\namount_usd\x18\n \x01(\t\x12\x11\n\tspent_usd\x18\x0b \x01(\t\x12\x30\n\x0cwindow_start\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07\x61nomaly\x18\x0f \x01(\x0b\x32\x1f.spendgate.v1.UsageAnomalyEvent\"\x85\x02\n\x11UsageAnomalyEvent\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rdata_plane_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63harged_usd\x18\x07 \x01(\t\x12\x19\n\x11reported_cost_usd\x18\x08 \x01(\t\x12\x14\n\x0cinput_tokens\x18\t \x01(\t\x12\x15\n\routput_tokens\x18\n \x01(\t\x12\x14\n\x0cmax_cost_usd\x18\x0b \x01(\t\x12\x12\n\npolicy_ids\x18\x0c \x03(\t\"\xa4\x01\n\x0f\x44\x65liveryAttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x05\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10response_excerpt\x18\x06 \x01(\t\"\xd0\x03\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nwebhook_id\x18\x02 \x01(\t\x12(\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x19.spendgate.v1.BudgetEvent\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.spendgate.v1.DeliveryState\x12\x15\n\rattempt_count\x18\x05 \x01(\x05\x12\x18\n\x10last_status_code\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x35\n\x11next_attempt_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65livered_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x08\x61ttempts\x18\x0c \x03(\x0b\x32\x1d.spendgate.v1.DeliveryAttempt\"\x90\x01\n\x15ListDeliveriesRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.spendgate.v1.DeliveryState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"d\n\x16ListDeliveriesResponse\x12\x31\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"[\n\x11ListEventsRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"X\n\x12ListEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.spendgate.v1.BudgetEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x83\x01\n\rWebhookFormat\x12\x1e\n\x1aWEBHOOK_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16WEBHOOK_FORMAT_GENERIC\x10\x01\x12\x18\n\x14WEBHOOK_FORMAT_SLACK\x10\x02\x12\x1c\n\x18WEBHOOK_FORMAT_PAGERDUTY\x10\x03*\xb8\x01\n\x11PagerDutySeverity\x12#\n\x1fPAGER_DUTY_SEVERITY_UNSPECIFIED\x10\x00\x12 \n\x1cPAGER_DUTY_SEVERITY_CRITICAL\x10\x01\x12\x1d\n\x19PAGER_DUTY_SEVERITY_ERROR\x10\x02\x12\x1f\n\x1bPAGER_DUTY_SEVERITY_WARNING\x10\x03\x12\x1c\n\x18PAGER_DUTY_SEVERITY_INFO\x10\x04*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\x94\x05\n\x0eWebhookService\x12J\n\rCreateWebhook\x12\".spendgate.v1.CreateWebhookRequest\x1a\x15.spendgate.v1.Webhook\x12\x44\n\nGetWebhook\x12\x1f.spendgate.v1.GetWebhookRequest\x1a\x15.spendgate.v1.Webhook\x12U\n\x0cListWebhooks\x12!.spendgate.v1.ListWebhooksRequest\x1a\".spendgate.v1.ListWebhooksResponse\x12J\n\rUpdateWebhook\x12\".spendgate.v1.UpdateWebhookRequest\x1a\x15.spendgate.v1.Webhook\x12K\n\rDeleteWebhook\x12\".spendgate.v1.DeleteWebhookRequest\x1a\x16.google.protobuf.Empty\x12R\n\x0bTestWebhook\x12 .spendgate.v1.TestWebhookRequest\x1a!.spendgate.v1.TestWebhookResponse\x12[\n\x0eListDeliveries\x12#.spendgate.v1.ListDeliveriesRequest\x1a$.spendgate.v1.ListDeliveriesResponse\x12O\n\nListEvents\x12\x1f.spendgate.v1.ListEventsRequest\x1a .spendgate.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspendgate/v1/webhooks.proto\x12\x0cspendgate.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\"\x95\x04\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12+\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x1b.spendgate.v1.WebhookFormat\x12\x0e\n\x06\x65vents\x18\x06 \x03(\t\x12\x0e\n\x06secret\x18\x07 \x01(\t\x12\x12\n\nhas_secret\x18\x08 \x01(\x08\x12\x13\n\x0brouting_key\x18\t \x01(\t\x12\x17\n\x0fhas_routing_key\x18\n \x01(\x08\x12;\n\x12pagerduty_severity\x18\x0b \x01(\x0e\x32\x1f.spendgate.v1.PagerDutySeverity\x12\x1d\n\x10resolve_on_reset\x18\x0c \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x07\x65nabled\x18\r \x01(\x08H\x01\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x10 \x01(\t\x12\x12\n\nupdated_by\x18\x11 \x01(\t\x12\x0c\n\x04\x65tag\x18\x12 \x01(\t\x12\x14\n\x0c\x61pply_marker\x18< \x01(\tB\x13\n\x11_resolve_on_resetB\n\n\x08_enabled\">\n\x14\x43reateWebhookRequest\x12&\n\x07webhook\x18\x01 \x01(\x0b\x32\x15.spendgate.v1.Webhook\"\x1f\n\x11GetWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"<\n\x13ListWebhooksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListWebhooksResponse\x12\'\n\x08webhooks\x18\x01 \x03(\x0b\x32\x15.spendgate.v1.Webhook\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x14UpdateWebhookRequest\x12&\n\x07webhook\x18\x01 \x01(\x0b\x32\x15.spendgate.v1.Webhook\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"0\n\x14\x44\x65leteWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\" \n\x12TestWebhookRequest\x12\n\n\x02id\x18\x01 \x01(\t\"{\n\x13TestWebhookResponse\x12\x11\n\tdelivered\x18\x01 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x18\n\x10response_excerpt\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x05\"\xc0\x03\n\x0b\x42udgetEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpolicy_id\x18\x03 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\"\n\x05scope\x18\x05 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\x06 \x01(\t\x12\x0e\n\x06member\x18\x07 \x01(\t\x12$\n\x06\x61\x63tion\x18\x08 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\x19\n\x11threshold_percent\x18\t \x01(\x05\x12\x12\n\namount_usd\x18\n \x01(\t\x12\x11\n\tspent_usd\x18\x0b \x01(\t\x12\x30\n\x0cwindow_start\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07\x61nomaly\x18\x0f \x01(\x0b\x32\x1f.spendgate.v1.UsageAnomalyEvent\"\x85\x02\n\x11UsageAnomalyEvent\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\rdata_plane_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63harged_usd\x18\x07 \x01(\t\x12\x19\n\x11reported_cost_usd\x18\x08 \x01(\t\x12\x14\n\x0cinput_tokens\x18\t \x01(\t\x12\x15\n\routput_tokens\x18\n \x01(\t\x12\x14\n\x0cmax_cost_usd\x18\x0b \x01(\t\x12\x12\n\npolicy_ids\x18\x0c \x03(\t\"\xa4\x01\n\x0f\x44\x65liveryAttempt\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x05\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10response_excerpt\x18\x06 \x01(\t\"\xd0\x03\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nwebhook_id\x18\x02 \x01(\t\x12(\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x19.spendgate.v1.BudgetEvent\x12*\n\x05state\x18\x04 \x01(\x0e\x32\x1b.spendgate.v1.DeliveryState\x12\x15\n\rattempt_count\x18\x05 \x01(\x05\x12\x18\n\x10last_status_code\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x35\n\x11next_attempt_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65livered_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x08\x61ttempts\x18\x0c \x03(\x0b\x32\x1d.spendgate.v1.DeliveryAttempt\"\x90\x01\n\x15ListDeliveriesRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.spendgate.v1.DeliveryState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"d\n\x16ListDeliveriesResponse\x12\x31\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"[\n\x11ListEventsRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"X\n\x12ListEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.spendgate.v1.BudgetEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x83\x01\n\rWebhookFormat\x12\x1e\n\x1aWEBHOOK_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16WEBHOOK_FORMAT_GENERIC\x10\x01\x12\x18\n\x14WEBHOOK_FORMAT_SLACK\x10\x02\x12\x1c\n\x18WEBHOOK_FORMAT_PAGERDUTY\x10\x03*\xb8\x01\n\x11PagerDutySeverity\x12#\n\x1fPAGER_DUTY_SEVERITY_UNSPECIFIED\x10\x00\x12 \n\x1cPAGER_DUTY_SEVERITY_CRITICAL\x10\x01\x12\x1d\n\x19PAGER_DUTY_SEVERITY_ERROR\x10\x02\x12\x1f\n\x1bPAGER_DUTY_SEVERITY_WARNING\x10\x03\x12\x1c\n\x18PAGER_DUTY_SEVERITY_INFO\x10\x04*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\x94\x05\n\x0eWebhookService\x12J\n\rCreateWebhook\x12\".spendgate.v1.CreateWebhookRequest\x1a\x15.spendgate.v1.Webhook\x12\x44\n\nGetWebhook\x12\x1f.spendgate.v1.GetWebhookRequest\x1a\x15.spendgate.v1.Webhook\x12U\n\x0cListWebhooks\x12!.spendgate.v1.ListWebhooksRequest\x1a\".spendgate.v1.ListWebhooksResponse\x12J\n\rUpdateWebhook\x12\".spendgate.v1.UpdateWebhookRequest\x1a\x15.spendgate.v1.Webhook\x12K\n\rDeleteWebhook\x12\".spendgate.v1.DeleteWebhookRequest\x1a\x16.google.protobuf.Empty\x12R\n\x0bTestWebhook\x12 .spendgate.v1.TestWebhookRequest\x1a!.spendgate.v1.TestWebhookResponse\x12[\n\x0eListDeliveries\x12#.spendgate.v1.ListDeliveriesRequest\x1a$.spendgate.v1.ListDeliveriesResponse\x12O\n\nListEvents\x12\x1f.spendgate.v1.ListEventsRequest\x1a .spendgate.v1.ListEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.webhooks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WEBHOOKFORMAT']._serialized_start=3035
-  _globals['_WEBHOOKFORMAT']._serialized_end=3166
-  _globals['_PAGERDUTYSEVERITY']._serialized_start=3169
-  _globals['_PAGERDUTYSEVERITY']._serialized_end=3353
-  _globals['_DELIVERYSTATE']._serialized_start=3356
-  _globals['_DELIVERYSTATE']._serialized_end=3488
+  _globals['_WEBHOOKFORMAT']._serialized_start=3057
+  _globals['_WEBHOOKFORMAT']._serialized_end=3188
+  _globals['_PAGERDUTYSEVERITY']._serialized_start=3191
+  _globals['_PAGERDUTYSEVERITY']._serialized_end=3375
+  _globals['_DELIVERYSTATE']._serialized_start=3378
+  _globals['_DELIVERYSTATE']._serialized_end=3510
   _globals['_WEBHOOK']._serialized_start=169
-  _globals['_WEBHOOK']._serialized_end=680
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=682
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=744
-  _globals['_GETWEBHOOKREQUEST']._serialized_start=746
-  _globals['_GETWEBHOOKREQUEST']._serialized_end=777
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=779
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=839
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=841
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=929
-  _globals['_UPDATEWEBHOOKREQUEST']._serialized_start=931
-  _globals['_UPDATEWEBHOOKREQUEST']._serialized_end=1042
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1044
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1092
-  _globals['_TESTWEBHOOKREQUEST']._serialized_start=1094
-  _globals['_TESTWEBHOOKREQUEST']._serialized_end=1126
-  _globals['_TESTWEBHOOKRESPONSE']._serialized_start=1128
-  _globals['_TESTWEBHOOKRESPONSE']._serialized_end=1251
-  _globals['_BUDGETEVENT']._serialized_start=1254
-  _globals['_BUDGETEVENT']._serialized_end=1702
-  _globals['_USAGEANOMALYEVENT']._serialized_start=1705
-  _globals['_USAGEANOMALYEVENT']._serialized_end=1966
-  _globals['_DELIVERYATTEMPT']._serialized_start=1969
-  _globals['_DELIVERYATTEMPT']._serialized_end=2133
-  _globals['_WEBHOOKDELIVERY']._serialized_start=2136
-  _globals['_WEBHOOKDELIVERY']._serialized_end=2600
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=2603
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=2747
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=2749
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=2849
-  _globals['_LISTEVENTSREQUEST']._serialized_start=2851
-  _globals['_LISTEVENTSREQUEST']._serialized_end=2942
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=2944
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=3032
-  _globals['_WEBHOOKSERVICE']._serialized_start=3491
-  _globals['_WEBHOOKSERVICE']._serialized_end=4151
+  _globals['_WEBHOOK']._serialized_end=702
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=704
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=766
+  _globals['_GETWEBHOOKREQUEST']._serialized_start=768
+  _globals['_GETWEBHOOKREQUEST']._serialized_end=799
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=801
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=861
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=863
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=951
+  _globals['_UPDATEWEBHOOKREQUEST']._serialized_start=953
+  _globals['_UPDATEWEBHOOKREQUEST']._serialized_end=1064
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=1066
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=1114
+  _globals['_TESTWEBHOOKREQUEST']._serialized_start=1116
+  _globals['_TESTWEBHOOKREQUEST']._serialized_end=1148
+  _globals['_TESTWEBHOOKRESPONSE']._serialized_start=1150
+  _globals['_TESTWEBHOOKRESPONSE']._serialized_end=1273
+  _globals['_BUDGETEVENT']._serialized_start=1276
+  _globals['_BUDGETEVENT']._serialized_end=1724
+  _globals['_USAGEANOMALYEVENT']._serialized_start=1727
+  _globals['_USAGEANOMALYEVENT']._serialized_end=1988
+  _globals['_DELIVERYATTEMPT']._serialized_start=1991
+  _globals['_DELIVERYATTEMPT']._serialized_end=2155
+  _globals['_WEBHOOKDELIVERY']._serialized_start=2158
+  _globals['_WEBHOOKDELIVERY']._serialized_end=2622
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=2625
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=2769
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=2771
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=2871
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2873
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2964
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2966
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=3054
+  _globals['_WEBHOOKSERVICE']._serialized_start=3513
+  _globals['_WEBHOOKSERVICE']._serialized_end=4173
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ DELIVERY_STATE_DELIVERED: DeliveryState
 DELIVERY_STATE_FAILED: DeliveryState
 
 class Webhook(_message.Message):
-    __slots__ = ("id", "name", "description", "url", "format", "events", "secret", "has_secret", "routing_key", "has_routing_key", "pagerduty_severity", "resolve_on_reset", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag")
+    __slots__ = ("id", "name", "description", "url", "format", "events", "secret", "has_secret", "routing_key", "has_routing_key", "pagerduty_severity", "resolve_on_reset", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag", "apply_marker")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class Webhook(_message.Message):
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    APPLY_MARKER_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -86,7 +87,8 @@ class Webhook(_message.Message):
     created_by: str
     updated_by: str
     etag: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., url: _Optional[str] = ..., format: _Optional[_Union[WebhookFormat, str]] = ..., events: _Optional[_Iterable[str]] = ..., secret: _Optional[str] = ..., has_secret: _Optional[bool] = ..., routing_key: _Optional[str] = ..., has_routing_key: _Optional[bool] = ..., pagerduty_severity: _Optional[_Union[PagerDutySeverity, str]] = ..., resolve_on_reset: _Optional[bool] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+    apply_marker: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., url: _Optional[str] = ..., format: _Optional[_Union[WebhookFormat, str]] = ..., events: _Optional[_Iterable[str]] = ..., secret: _Optional[str] = ..., has_secret: _Optional[bool] = ..., routing_key: _Optional[str] = ..., has_routing_key: _Optional[bool] = ..., pagerduty_severity: _Optional[_Union[PagerDutySeverity, str]] = ..., resolve_on_reset: _Optional[bool] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ..., apply_marker: _Optional[str] = ...) -> None: ...
 
 class CreateWebhookRequest(_message.Message):
     __slots__ = ("webhook",)

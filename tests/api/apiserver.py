@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -55,7 +56,8 @@ class Api:
 
 
 @contextlib.contextmanager
-def running_api(database_url: str, db_path: Path | None = None) -> Iterator[Api]:
+def running_api(database_url: str, db_path: Path | None = None, **settings_: Any) -> Iterator[Api]:
+    """A control plane on ``database_url``; ``settings_`` override Settings."""
     clock = FakeClock(T0)
     loop = LoopThread("control-plane-under-test")
     port = free_port()
@@ -66,6 +68,7 @@ def running_api(database_url: str, db_path: Path | None = None) -> Iterator[Api]
         read_token=READ_TOKEN,
         data_plane_token=DATA_PLANE_TOKEN,
         metrics_listen="",
+        **settings_,
     )
     try:
         # grpc.aio objects must be made on the loop that runs them.

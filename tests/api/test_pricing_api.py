@@ -181,3 +181,33 @@ def test_a_price_above_the_bound_is_refused_naming_field_and_bound(db_url: str, 
             override(**{field: "100000"}), metadata=ADMIN, timeout=TIMEOUT
         )
         assert getattr(ok.price, field) == "100000"
+
+
+def test_etags_refuse_a_stale_write(api: Api) -> None:
+    def call(method: str, request: object) -> pp.PriceOverride:
+        return getattr(stub(api), method)(request, metadata=ADMIN, timeout=TIMEOUT)  # type: ignore[no-any-return]
+
+    def aborted(method: str, request: object) -> str:
+        with pytest.raises(grpc.RpcError) as e:
+            call(method, request)
+        assert e.value.code() == grpc.StatusCode.ABORTED  # type: ignore[attr-defined]
+        return e.value.details()  # type: ignore[attr-defined,no-any-return]
+
+    first = call("SetPriceOverride", override(note="a"))
+    assert first.etag and first.apply_marker == ""
+    marked = override(note="b")
+    marked.override.apply_marker = "apply"
+    second = call("SetPriceOverride", marked)
+    assert second.etag != first.etag and second.apply_marker == "apply"
+    stale = override(note="c")
+    stale.override.etag = first.etag
+    assert "changed by someone else" in aborted("SetPriceOverride", stale)
+    stale_delete = pp.DeletePriceOverrideRequest(id=second.id, etag=first.etag)
+    aborted("DeletePriceOverride", stale_delete)
+    current = override(note="c")
+    current.override.etag = second.etag
+    assert call("SetPriceOverride", current).note == "c"
+    listed = stub(api).ListPriceOverrides(pp.ListPriceOverridesRequest(), metadata=ADMIN).overrides
+    call("DeletePriceOverride", pp.DeletePriceOverrideRequest(id=second.id, etag=listed[0].etag))
+    # An etag for an override that is gone: refused, not re-created.
+    aborted("SetPriceOverride", current)

@@ -52,15 +52,16 @@ def test_policy_get_update_delete_by_name(capsys: pytest.CaptureFixture[str], st
     code, out, _ = _cli(capsys, stack, "policy", "update", "by-name", "--amount", "7", "--json")
     assert code == 0 and _json(out)["amount_usd"] == "7.00"
 
-    second = _create(capsys, stack, "by-name", "6")
-    for command in (("get", "by-name"), ("delete", "by-name")):
-        code, _, err = _cli(capsys, stack, "policy", *command)
-        assert code == 1
-        assert err.startswith("spendgate: 2 policies are named 'by-name' (")
-        assert first in err and second in err and err.strip().endswith("; give the id")
-    assert _cli(capsys, stack, "policy", "delete", first)[0] == 0
+    # Names are unique: a second "by-name" is refused, naming the field and the holder.
+    code, _, err = _cli(
+        capsys, stack, "policy", "create", "--name", "by-name", "--amount", "6", "--action", "alert"
+    )
+    assert code == 1
+    assert err.strip() == (
+        f"spendgate: already exists: name: a policy named 'by-name' already exists ({first})"
+    )
     code, out, _ = _cli(capsys, stack, "policy", "delete", "by-name")
-    assert code == 0 and out.strip().endswith(f"deleted {second}")
+    assert code == 0 and out.strip().endswith(f"deleted {first}")
     code, _, err = _cli(capsys, stack, "policy", "get", "by-name")
     assert code == 1 and "no policy has the id or name 'by-name'" in err
     # An unknown id is still the control plane's own answer.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, select
@@ -23,8 +24,11 @@ DAY_START = datetime(2025, 3, 10, tzinfo=UTC)
 DAY_END = datetime(2025, 3, 11, tzinfo=UTC)
 
 
+_names = itertools.count(1)
+
+
 def policy(
-    name: str = "team budget",
+    name: str = "",
     *,
     amount: str = "10.00",
     unit: int = pb.WINDOW_UNIT_HOURS,
@@ -35,8 +39,9 @@ def policy(
     action: int = pb.ACTION_REJECT,
     thresholds: tuple[int, ...] = (),
 ) -> pb.BudgetPolicy:
+    # Names are unique per control plane: each default one is new.
     return pb.BudgetPolicy(
-        name=name,
+        name=name or f"team budget {next(_names)}",
         amount_usd=amount,
         window=pb.BudgetWindow(unit=unit, count=count),
         timezone=timezone,

@@ -7,6 +7,7 @@ Runs on SQLite and PostgreSQL (``db_url``), with a FakeClock for expiry.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -40,7 +41,7 @@ def cp(engine: Engine, clock: FakeClock) -> Iterator[ControlPlane]:
 
 async def daily(cp: ControlPlane, amount: str = "1.00", action: int = pb.ACTION_REJECT) -> str:
     msg = pb.BudgetPolicy(
-        name="daily",
+        name=f"daily {uuid.uuid4().hex[:8]}",  # unique per control plane
         amount_usd=amount,
         window=pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1),
         action=action,

@@ -104,12 +104,13 @@ class Rig:
         action: int = pb.ACTION_REJECT,
         scope: int = pb.SCOPE_GLOBAL,
         target: str = "",
-        name: str = "team budget",
+        name: str = "",
         unit: int = pb.WINDOW_UNIT_HOURS,
     ) -> pb.BudgetPolicy:
         return await self.cp.create_policy(
             pb.BudgetPolicy(
-                name=name,
+                # Names are unique per control plane: each default one is new.
+                name=name or f"team budget {uuid.uuid4().hex[:8]}",
                 amount_usd=amount,
                 window=pb.BudgetWindow(unit=unit, count=1),
                 action=action,
@@ -138,7 +139,7 @@ class Rig:
         )
 
     async def webhook(self, url: str, **fields: Any) -> wpb.Webhook:
-        fields.setdefault("name", "ops")
+        fields.setdefault("name", f"ops-{uuid.uuid4().hex[:8]}")  # names are unique
         fields.setdefault("format", wpb.WEBHOOK_FORMAT_GENERIC)
         return await self.admin.create_webhook(wpb.Webhook(url=url, **fields), "admin")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -75,7 +76,7 @@ def status(api: Api) -> tuple[str, dict[str, int]]:
 
 
 def create(api: Api, **fields: Any) -> wpb.Webhook:
-    fields.setdefault("name", "ops")
+    fields.setdefault("name", f"ops-{uuid.uuid4().hex[:8]}")  # names are unique
     fields.setdefault("format", wpb.WEBHOOK_FORMAT_GENERIC)
     return api.webhooks.CreateWebhook(
         wpb.CreateWebhookRequest(webhook=wpb.Webhook(**fields)), metadata=ADMIN, timeout=10

@@ -5,6 +5,7 @@ TestWebhook and ListDeliveries. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,7 @@ def violations(err: grpc.RpcError) -> dict[str, str]:
 
 
 def create(api: Api, **fields: Any) -> wpb.Webhook:
-    fields.setdefault("name", "ops")
+    fields.setdefault("name", f"ops-{uuid.uuid4().hex[:8]}")  # names are unique
     fields.setdefault("format", wpb.WEBHOOK_FORMAT_GENERIC)
     return call(api.webhooks.CreateWebhook, wpb.CreateWebhookRequest(webhook=wpb.Webhook(**fields)))
 
@@ -418,3 +419,23 @@ def test_secret_base64_must_be_standard(api: Api) -> None:
         ),
     )
     assert list(violations(err)) == ["secret"]
+
+
+def test_names_are_unique(api: Api) -> None:
+    first = create(api, name="ops", url="https://93.184.216.34/a")
+    err = rpc_error(
+        api.webhooks.CreateWebhook,
+        wpb.CreateWebhookRequest(
+            webhook=wpb.Webhook(
+                name="ops", format=wpb.WEBHOOK_FORMAT_GENERIC, url="https://93.184.216.34/b"
+            )
+        ),
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert err.details() == f"name: a webhook named 'ops' already exists ({first.id})"
+    other = create(api, name="other", url="https://93.184.216.34/c")
+    rename = wpb.UpdateWebhookRequest(
+        webhook=wpb.Webhook(id=other.id, name="ops"), update_mask=FieldMask(paths=["name"])
+    )
+    err = rpc_error(api.webhooks.UpdateWebhook, rename)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "name: " in err.details()

@@ -16,7 +16,7 @@ from alembic import context, op
 
 from control_plane.keyring import KEY_SETTINGS, SecretsKeyRequired, is_encrypted
 from control_plane.webhooks import sealed
-from control_plane.webhooks.convert import masked_url
+from spendgate.domain.webhook_urls import masked_url
 
 revision = "0005"
 down_revision = "0004"
