@@ -29,6 +29,8 @@ WRITABLE_PATHS = frozenset(
         "target",
         "alert_thresholds",
         "enabled",
+        "enforcement",
+        "expose_to_clients",
     }
 )
 
