@@ -36,7 +36,7 @@ from ext_proc.metering.shapes import (
     dialect_for,
     stream_flag,
 )
-from ext_proc.protocol import dialects
+from ext_proc.protocol import budget_headers, dialects
 from ext_proc.protocol import envoy_codec as codec
 from ext_proc.protocol.reject import rejection_headers, rejection_message
 from ext_proc.stats import (
@@ -251,8 +251,12 @@ class RequestProcessor:
         read_body = not bodyless and (shape.needs_request_body or not self._size_from(h))
         if bodyless and shape.needs_request_body:
             self.ctx.stats.unparsed_requests += 1
+        # Budget headers for clients go on the response headers: ask for
+        # them when some policy shows its budget (decided here, as the mode
+        # can only change now).
         mode = codec.metered_mode(
-            request_body=read_body, response_headers=shape.needs_response_headers
+            request_body=read_body,
+            response_headers=shape.needs_response_headers or self.ctx.state.index.exposes,
         )
         reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
         self.forwarded = not read_body
@@ -516,9 +520,26 @@ class RequestProcessor:
     # ---- response -------------------------------------------------------------
 
     def on_response_headers(self, headers: Any) -> codec.ProcessingResponse:
+        h = codec.header_dict(headers)
+        reply = self._meter_response_headers(headers, h)
+        # Budget headers: nobody else's pass (a provider's, a hop's), ours
+        # are set on an admitted request's answer.
+        remove = budget_headers.foreign(h)
+        show = (
+            budget_headers.budget_headers(self.matches, self.ctx.state.spent, self.ctx.clock())
+            if self.matches and not self.rejected
+            else {}
+        )
+        if not remove and not show:
+            return reply
+        out = ep.ProcessingResponse()
+        out.CopyFrom(reply)
+        out.response_headers.response.header_mutation.CopyFrom(codec.header_mutation(show, remove))
+        return out
+
+    def _meter_response_headers(self, headers: Any, h: dict[str, str]) -> codec.ProcessingResponse:
         if self.done or self.shape is None:
             return codec.RESPONSE_HEADERS_CONTINUE
-        h = codec.header_dict(headers)
         status = int(h.get(":status", "0") or 0)
         if not 200 <= status < 300:
             self.done = True  # errors carry no usage and cost nothing

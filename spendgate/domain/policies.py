@@ -272,6 +272,8 @@ class PolicyIndex:
             else:
                 self._exact.setdefault((p.scope, target), []).append(p)
         self.needs_model = any(p.scope is Scope.MODEL for p in self.policies.values())
+        # Some policy shows clients its budget: responses need their headers.
+        self.exposes = any(p.expose_to_clients for p in self.policies.values())
         # REJECT policies with one budget per caller: a request that names no
         # such caller is subject to missing_identity (see unidentified). A
         # SHADOW policy never refuses, so it has no say here.
