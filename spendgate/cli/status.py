@@ -41,6 +41,7 @@ BAR_WIDTH = 10
 _EVENT_TYPES = {
     "budget_policy.exceeded": "exceeded",
     "budget_policy.threshold_crossed": "threshold",
+    "budget_policy.would_reject": "would reject (shadow)",
 }
 ANOMALY = "usage.anomaly"
 
