@@ -21,10 +21,10 @@ import pytest
 from spendgate.cli.main import main
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
+from tests.e2e.budgets import create_policy
 from tests.harness import ADMIN_TOKEN, FakeClock, wait_until
 
 pytestmark = pytest.mark.e2e
-DAY = pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1)
 # A gpt-4o-mini answer with these fake-provider knobs costs exactly $0.00045.
 BIG = {"x-fake-prompt-tokens": "1000", "x-fake-completion-tokens": "500"}
 NOW = datetime(2026, 6, 15, 10, 30, tzinfo=UTC)
@@ -45,13 +45,9 @@ def stack(db_url: str) -> Iterator[Stack]:
 
 
 def create(stack: Stack, **fields: object) -> pb.BudgetPolicy:
+    """An ALERT budget per day unless ``fields`` say otherwise."""
     fields.setdefault("action", pb.ACTION_ALERT)
-    p = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(policy=pb.BudgetPolicy(window=DAY, **fields)),  # type: ignore[arg-type]
-        metadata=stack.admin,
-    )
-    wait_until(lambda: p.id in stack.ext.state.index.policies, message="policy reaches ext_proc")
-    return p
+    return create_policy(stack, **fields)
 
 
 def oai(stack: Stack, user: str, **headers: str) -> openai.OpenAI:

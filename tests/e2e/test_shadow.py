@@ -24,10 +24,10 @@ from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import webhooks_pb2 as wpb
 from spendgate.v1 import webhooks_pb2_grpc
 from tests.conftest import Stack, start_stack, stop_stack
+from tests.e2e.budgets import create_policy
 from tests.harness import ADMIN_TOKEN, READ_TOKEN, grpc_channel, wait_until
 
 pytestmark = pytest.mark.e2e
-DAY = pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1)
 # A gpt-4o-mini answer with these fake-provider knobs costs exactly $0.00045.
 BIG = {"x-fake-prompt-tokens": "1000", "x-fake-completion-tokens": "500"}
 COST = Decimal("0.00045")
@@ -55,16 +55,6 @@ def chat(c: openai.OpenAI) -> None:
     )
 
 
-def create(stack: Stack, **fields: object) -> pb.BudgetPolicy:
-    fields.setdefault("action", pb.ACTION_REJECT)
-    p = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(policy=pb.BudgetPolicy(window=DAY, **fields)),  # type: ignore[arg-type]
-        metadata=stack.admin,
-    )
-    wait_until(lambda: p.id in stack.ext.state.index.policies, message="policy reaches ext_proc")
-    return p
-
-
 def get(stack: Stack, policy_id: str) -> pb.BudgetPolicy:
     return stack.budgets.GetBudgetPolicy(
         pb.GetBudgetPolicyRequest(id=policy_id), metadata=stack.admin
@@ -86,7 +76,7 @@ def test_shadow_admits_counts_what_its_enforced_twin_refuses_and_promotes(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server = f"127.0.0.1:{stack.cp.port}"
-    enforced = create(
+    enforced = create_policy(
         stack, name="enforced twin", amount_usd="0.0018", scope=pb.SCOPE_USER, target="alice"
     )
     # Created with the CLI, as an operator would.
@@ -167,8 +157,8 @@ def test_shadow_admits_counts_what_its_enforced_twin_refuses_and_promotes(
 def test_shadow_policy_holds_nothing_and_never_refuses_an_unnamed_caller(stack: Stack) -> None:
     """A shadow ``*`` policy does not refuse a request that names no user
     (missing_identity is for policies that block), and reserves nothing."""
-    each = create(stack, name="each user", amount_usd="5", scope=pb.SCOPE_USER, target="*",
-                  enforcement=pb.ENFORCEMENT_SHADOW)  # fmt: skip
+    each = create_policy(stack, name="each user", amount_usd="5", scope=pb.SCOPE_USER,
+                         target="*", enforcement=pb.ENFORCEMENT_SHADOW)  # fmt: skip
     anonymous = openai.OpenAI(
         base_url=stack.envoy.base_url + "/v1", api_key="sk-test", max_retries=0
     )
@@ -187,11 +177,11 @@ def test_shadow_on_an_alert_policy_is_refused_with_the_field_named(stack: Stack)
     import grpc
 
     with pytest.raises(grpc.RpcError) as exc:
-        create(stack, name="x", amount_usd="1", scope=pb.SCOPE_GLOBAL, action=pb.ACTION_ALERT,
-               enforcement=pb.ENFORCEMENT_SHADOW)  # fmt: skip
+        create_policy(stack, name="x", amount_usd="1", scope=pb.SCOPE_GLOBAL,
+                      action=pb.ACTION_ALERT, enforcement=pb.ENFORCEMENT_SHADOW)  # fmt: skip
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "enforcement: SHADOW applies only to action REJECT" in (exc.value.details() or "")
     with pytest.raises(grpc.RpcError) as exc:
-        create(stack, name="x", amount_usd="1", scope=pb.SCOPE_GLOBAL, enforcement=7)
+        create_policy(stack, name="x", amount_usd="1", scope=pb.SCOPE_GLOBAL, enforcement=7)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "enforcement: must be ENFORCED or SHADOW (got 7)" in (exc.value.details() or "")
