@@ -57,8 +57,12 @@ class PolicyValues:
     expose_to_clients: bool = False
 
 
-ENFORCEMENTS = {pb.ENFORCEMENT_UNSPECIFIED: False, pb.ENFORCEMENT_ENFORCED: False}
-ENFORCEMENTS[pb.ENFORCEMENT_SHADOW] = True
+# Enforcement on the wire -> "is SHADOW" (UNSPECIFIED is ENFORCED).
+SHADOW_BY_ENFORCEMENT: dict[int, bool] = {
+    pb.ENFORCEMENT_UNSPECIFIED: False,
+    pb.ENFORCEMENT_ENFORCED: False,
+    pb.ENFORCEMENT_SHADOW: True,
+}
 
 
 def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyValues:
@@ -147,7 +151,7 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
             target = normalize_target(scope, msg.target)
         except PolicyInvalid as e:
             violations += e.violations
-    shadow = ENFORCEMENTS.get(msg.enforcement)
+    shadow = SHADOW_BY_ENFORCEMENT.get(msg.enforcement)
     if shadow is None:
         violations.append(
             FieldViolation(
