@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from control_plane.errors import InvalidArgument
@@ -54,6 +55,16 @@ class PolicyValues:
     alert_thresholds: tuple[int, ...]
     enabled: bool
     apply_marker: str = ""
+    shadow: bool = False
+    expose_to_clients: bool = False
+
+
+# Enforcement on the wire -> "is SHADOW" (UNSPECIFIED is ENFORCED).
+SHADOW_BY_ENFORCEMENT: dict[int, bool] = {
+    pb.ENFORCEMENT_UNSPECIFIED: False,
+    pb.ENFORCEMENT_ENFORCED: False,
+    pb.ENFORCEMENT_SHADOW: True,
+}
 
 
 def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyValues:
@@ -143,6 +154,21 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
             target = normalize_target(scope, msg.target)
         except PolicyInvalid as e:
             violations += e.violations
+    shadow = SHADOW_BY_ENFORCEMENT.get(msg.enforcement)
+    if shadow is None:
+        violations.append(
+            FieldViolation(
+                "enforcement", f"must be ENFORCED or SHADOW (got {int(msg.enforcement)})"
+            )
+        )
+    elif shadow and action is Action.ALERT:
+        # An ALERT policy never blocks: there is nothing to shadow.
+        violations.append(
+            FieldViolation(
+                "enforcement",
+                "SHADOW applies only to action REJECT (an ALERT policy never blocks)",
+            )
+        )
     if violations:
         raise InvalidArgument(violations)
     assert window is not None and action is not None and scope is not None
@@ -157,10 +183,14 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
         alert_thresholds=tuple(sorted(msg.alert_thresholds)),
         enabled=msg.enabled if msg.HasField("enabled") else True,
         apply_marker=msg.apply_marker,
+        shadow=bool(shadow),
+        expose_to_clients=msg.expose_to_clients,
     )
 
 
-def apply_values(row: PolicyRow, v: PolicyValues) -> None:
+def apply_values(row: PolicyRow, v: PolicyValues, now: datetime) -> None:
+    """Write validated values to ``row``; ``now`` marks when it became SHADOW
+    (the first time: its would-reject count is of every shadow period)."""
     row.name = v.name
     row.description = v.description
     row.amount_nanos = v.amount_nanos
@@ -174,6 +204,10 @@ def apply_values(row: PolicyRow, v: PolicyValues) -> None:
     row.alert_thresholds = ",".join(str(t) for t in v.alert_thresholds)
     row.enabled = v.enabled
     row.apply_marker = v.apply_marker
+    row.enforcement = "SHADOW" if v.shadow else "ENFORCED"
+    if v.shadow and row.shadow_since is None:
+        row.shadow_since = now
+    row.expose_to_clients = v.expose_to_clients
 
 
 def window_spec(row: PolicyRow) -> WindowSpec:
@@ -200,6 +234,8 @@ def domain_policy(row: PolicyRow) -> Policy:
         target=row.target,
         alert_thresholds=thresholds(row),
         enabled=row.enabled,
+        shadow=row.enforcement == "SHADOW",
+        expose_to_clients=row.expose_to_clients,
     )
 
 
@@ -207,8 +243,9 @@ def etag(row: PolicyRow) -> str:
     return f"v{row.version}"
 
 
-def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
-    return pb.BudgetPolicy(
+def policy_message(row: PolicyRow, would_reject: int = 0) -> pb.BudgetPolicy:
+    """``would_reject``: the policy's would-reject count (repo.would_reject_counts)."""
+    msg = pb.BudgetPolicy(
         id=row.id,
         name=row.name,
         description=row.description,
@@ -230,7 +267,15 @@ def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
         updated_by=row.updated_by,
         etag=etag(row),
         apply_marker=row.apply_marker,
+        # Enforced policies leave it unset (UNSPECIFIED is ENFORCED), so
+        # their messages are byte for byte those of earlier releases.
+        enforcement=pb.ENFORCEMENT_SHADOW if row.enforcement == "SHADOW" else None,
+        expose_to_clients=row.expose_to_clients,
+        would_reject_count=would_reject,
     )
+    if row.shadow_since is not None:
+        msg.shadow_since.CopyFrom(timestamp(row.shadow_since))
+    return msg
 
 
 def window_spend_message(

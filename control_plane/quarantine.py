@@ -58,7 +58,7 @@ def storable(policy_id: str, member: str) -> tuple[str, str] | None:
 
 def check_increment(inc: dp.SpendIncrement) -> tuple[str, str] | None:
     """None when the increment can be applied, else (reason, detail)."""
-    if inc.cost_nanos < 0 or inc.request_count < 0 or inc.estimated_count < 0:
+    if min(inc.cost_nanos, inc.request_count, inc.estimated_count, inc.would_reject_count) < 0:
         return "invalid", "cost and counts must be >= 0"
     return storable(inc.policy_id, inc.member)
 

@@ -177,7 +177,7 @@ class ControlPlane:
                 updated_by=author,
                 version=1,
             )
-            convert.apply_values(row, values)
+            convert.apply_values(row, values, now)
             names.check_free(s, PolicyRow, "policy", row.name, row.id)
             s.add(row)
             self.changed(s, "policies", [row.id])
@@ -192,10 +192,14 @@ class ControlPlane:
         return convert.policy_message(row)
 
     async def get_policy(self, policy_id: str) -> pb.BudgetPolicy:
-        row = await self.run(lambda s: repo.get_policy(s, policy_id))
-        if row is None:
-            raise NotFound("policy", policy_id)
-        return convert.policy_message(row)
+        def query(s: Session) -> pb.BudgetPolicy:
+            row = repo.get_policy(s, policy_id)
+            if row is None:
+                raise NotFound("policy", policy_id)
+            counts = repo.would_reject_counts(s, [row])
+            return convert.policy_message(row, counts.get(row.id, 0))
+
+        return await self.run(query)
 
     async def list_policies(
         self, page_size: int, page_token: str
@@ -203,13 +207,18 @@ class ControlPlane:
         limit = clamp_page_size(page_size, default=50)
         tokens = await self.page_tokens()
         after = tokens.decode("policies", page_token, 1)[0] if page_token else ""
-        page, more = await self.run(
-            lambda s: repo.list_policies_sized(
+
+        def query(s: Session) -> tuple[list[pb.BudgetPolicy], str, bool]:
+            rows, more = repo.list_policies_sized(
                 s, after_id=after, limit=limit, max_bytes=LIST_PAGE_BYTES
             )
-        )
-        token = tokens.encode("policies", page[-1].id) if more else ""
-        return [convert.policy_message(r) for r in page], token
+            counts = repo.would_reject_counts(s, rows)
+            last = rows[-1].id if rows else ""
+            return [convert.policy_message(r, counts.get(r.id, 0)) for r in rows], last, more
+
+        page, last, more = await self.run(query)
+        token = tokens.encode("policies", last) if more else ""
+        return page, token
 
     async def update_policy(
         self,
@@ -231,7 +240,7 @@ class ControlPlane:
                 raise EtagMismatch(policy_id)
             merged = merge(convert.policy_message(row))
             values = convert.policy_values(merged, default_week_start=self.default_week_start)
-            convert.apply_values(row, values)
+            convert.apply_values(row, values, now)
             wanted["name"] = row.name
             names.check_free(s, PolicyRow, "policy", row.name, row.id)
             row.update_time = now
@@ -294,7 +303,7 @@ class ControlPlane:
             ids = {inc.policy_id for inc in good} | {h.policy_id for h in hold_list}
             rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
             buckets = holds.Buckets(rows)
-            deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+            deltas: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
             unknown = 0
             for inc in good:
                 found = buckets.key(inc.policy_id, inc.member, inc.window_start.seconds)
@@ -307,13 +316,14 @@ class ControlPlane:
                 acc[1] = saturating_add(acc[1], inc.cost_nanos)
                 acc[2] += inc.request_count
                 acc[3] += inc.estimated_count
+                acc[4] += inc.would_reject_count
             held_now = buckets.holds(hold_list, req.unapplied, s)
             duplicate = bool(req.batch_id) and not repo.claim_batch(
                 s, req.batch_id, req.data_plane_id, now
             )
             if duplicate:  # count nothing again; report the current totals
                 for acc in deltas.values():
-                    acc[1:] = [0, 0, 0]
+                    acc[1:] = [0, 0, 0, 0]
             else:
                 s.add_all(
                     quarantine.from_increment(
@@ -340,7 +350,7 @@ class ControlPlane:
             totals = repo.add_spend(
                 s,
                 (
-                    repo.SpendDelta(k[0], k[1], k[2], a[0], a[1], a[2], a[3])
+                    repo.SpendDelta(k[0], k[1], k[2], a[0], a[1], a[2], a[3], a[4])
                     for k, a in deltas.items()
                 ),
                 now,
@@ -747,6 +757,7 @@ def _spend_entry(
         held_requests=sum(h.requests for h in holds or ()),
         adjusted_usd=adjustments.usd(r.adjusted_nanos) if r.adjustment_count else "",
         adjustment_count=r.adjustment_count or 0,
+        would_reject_count=r.would_reject_count or 0,
     )
 
 

@@ -126,6 +126,15 @@ class ExtProcCollector(Collector):
             ),
             list(s.rejections.items()),
         )
+        yield labelled(
+            CounterMetricFamily(
+                "spendgate_shadow_rejections",
+                "Requests a SHADOW policy would have refused (they were admitted), by "
+                "policy; counted once per request and policy.",
+                labels=["policy_id"],
+            ),
+            [((pid,), n) for pid, n in s.shadow_rejections.items()],
+        )
         yield counter(
             "spendgate_ext_proc_identity_headers_untrusted",
             "Requests whose identity headers came from a source not in "

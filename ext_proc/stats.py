@@ -99,6 +99,8 @@ class Stats:
     # (policy id, reason) -> rejected requests; reason "model_not_priced" has
     # policy id "". Bounded by the policies this process has seen.
     rejections: dict[tuple[str, str], int] = field(default_factory=dict)
+    # policy id -> requests a SHADOW policy would have refused (admitted).
+    shadow_rejections: dict[str, int] = field(default_factory=dict)
     # (route, method) -> requests of no metered API shape let through; the
     # route names come from Envoy's config, methods are bounded (metering/coverage.py).
     unmetered: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -109,6 +111,9 @@ class Stats:
     latency: dict[str, Histogram] = field(
         default_factory=lambda: {p: Histogram(DECISION_BUCKETS_NS) for p in PHASES}
     )
+
+    def count_shadow_rejection(self, policy_id: str) -> None:
+        self.shadow_rejections[policy_id] = self.shadow_rejections.get(policy_id, 0) + 1
 
     def count_rejection(self, policy_id: str, reason: str) -> None:
         self.rejected_requests += 1

@@ -75,6 +75,8 @@ def policy_from_message(msg: pb.BudgetPolicy) -> Policy:
         target=msg.target,
         alert_thresholds=tuple(msg.alert_thresholds),
         enabled=msg.enabled,
+        shadow=msg.enforcement == pb.ENFORCEMENT_SHADOW,
+        expose_to_clients=msg.expose_to_clients,
     )
 
 

@@ -30,6 +30,8 @@ WRITABLE_PATHS = frozenset(
         "alert_thresholds",
         "enabled",
         "apply_marker",
+        "enforcement",
+        "expose_to_clients",
     }
 )
 

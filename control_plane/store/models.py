@@ -77,6 +77,14 @@ class PolicyRow(Base):
     # Set by `spendgate apply` on what it creates (migration 0015); "" for
     # objects made otherwise. See docs/policies-as-code.md.
     apply_marker: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
+    # ENFORCED | SHADOW (REJECT only); when the policy last became SHADOW.
+    enforcement: Mapped[str] = mapped_column(
+        String(16), default="ENFORCED", server_default="ENFORCED"
+    )
+    shadow_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    expose_to_clients: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
 
 
 class WindowSpendRow(Base):
@@ -97,6 +105,8 @@ class WindowSpendRow(Base):
     # lowered total from a stale one by: WindowSpend.adjustment_seq).
     adjusted_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     adjustment_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Requests a SHADOW policy would have refused in this window.
+    would_reject_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_window_spend_window_end", "window_end"),)
 

@@ -114,6 +114,21 @@ def policies_by_id(
     return rows
 
 
+def would_reject_counts(session: Session, rows: Sequence[PolicyRow]) -> dict[str, int]:
+    """Requests each policy that has been SHADOW would have refused, summed
+    over its windows and members (policies never in shadow are not read)."""
+    ids = [r.id for r in rows if r.shadow_since is not None]
+    if not ids:
+        return {}
+    W = WindowSpendRow
+    q = (
+        select(W.policy_id, func.sum(W.would_reject_count))
+        .where(W.policy_id.in_(ids), W.would_reject_count > 0)
+        .group_by(W.policy_id)
+    )
+    return {pid: int(n or 0) for pid, n in session.execute(q)}
+
+
 def all_policies(session: Session) -> Sequence[PolicyRow]:
     return session.scalars(select(PolicyRow).order_by(PolicyRow.id)).all()
 
@@ -177,6 +192,7 @@ class SpendDelta:
     cost_nanos: int
     request_count: int
     estimated_count: int
+    would_reject: int = 0  # requests a SHADOW policy would have refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,29 +205,34 @@ class SpendTotal:
     request_count: int
     previous_nanos: int  # spend before this apply, for crossing detection
     adjustment_seq: int = 0  # the window's adjustment_count (WindowSpend.adjustment_seq)
+    would_reject: int = 0  # the window's would_reject_count after the apply
 
 
 _PG_UPSERT = text("""
     INSERT INTO window_spend AS w (policy_id, member, window_start, window_end, spent_nanos,
-                                   request_count, estimated_count, updated_at)
-    SELECT p, m, ws, we, c, r, e, :now
+                                   request_count, estimated_count, would_reject_count,
+                                   updated_at)
+    SELECT p, m, ws, we, c, r, e, wr, :now
     FROM unnest(CAST(:p AS varchar[]), CAST(:m AS varchar[]), CAST(:ws AS bigint[]),
                 CAST(:we AS bigint[]), CAST(:c AS bigint[]), CAST(:r AS bigint[]),
-                CAST(:e AS bigint[])) WITH ORDINALITY AS t(p, m, ws, we, c, r, e, n)
+                CAST(:e AS bigint[]), CAST(:wr AS bigint[]))
+         WITH ORDINALITY AS t(p, m, ws, we, c, r, e, wr, n)
     ORDER BY n
     ON CONFLICT (policy_id, member, window_start) DO UPDATE SET
         spent_nanos = LEAST(w.spent_nanos, 9223372036854775807 - excluded.spent_nanos)
                       + excluded.spent_nanos,
         request_count = w.request_count + excluded.request_count,
         estimated_count = w.estimated_count + excluded.estimated_count,
+        would_reject_count = w.would_reject_count + excluded.would_reject_count,
         updated_at = excluded.updated_at
-    RETURNING policy_id, member, window_start, spent_nanos, request_count, adjustment_count
+    RETURNING policy_id, member, window_start, spent_nanos, request_count, adjustment_count,
+              would_reject_count
 """)
 
 
 def _upsert_postgres(
     session: Session, ordered: list[SpendDelta], now: datetime
-) -> list[tuple[int, int, int]]:
+) -> list[tuple[int, int, int, int]]:
     """PostgreSQL: the whole batch as seven arrays in one statement (unnest),
     far cheaper to send and parse than one VALUES row per window."""
     rows = session.execute(
@@ -224,11 +245,12 @@ def _upsert_postgres(
             "c": [d.cost_nanos for d in ordered],
             "r": [d.request_count for d in ordered],
             "e": [d.estimated_count for d in ordered],
+            "wr": [d.would_reject for d in ordered],
             "now": now.astimezone(UTC).replace(tzinfo=None),
         },
     ).all()
     # RETURNING order is not promised: match rows back by key.
-    after = {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in rows}
+    after = {(r[0], r[1], r[2]): (r[3], r[4], r[5], r[6]) for r in rows}
     return [after[(d.policy_id, d.member, d.window_start)] for d in ordered]
 
 
@@ -258,8 +280,9 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
                 count,
                 spent - d.cost_nanos,
                 adjustments,
+                would_reject,
             )
-            for d, (spent, count, adjustments) in zip(ordered, after, strict=True)
+            for d, (spent, count, adjustments, would_reject) in zip(ordered, after, strict=True)
         ]
     table = WindowSpendRow.__table__
     ins = dialect_insert(session, WindowSpendRow)
@@ -271,12 +294,14 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
             + ins.excluded.spent_nanos,
             "request_count": table.c.request_count + ins.excluded.request_count,
             "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
+            "would_reject_count": table.c.would_reject_count + ins.excluded.would_reject_count,
             "updated_at": ins.excluded.updated_at,
         },
     ).returning(
         table.c.spent_nanos,
         table.c.request_count,
         table.c.adjustment_count,
+        table.c.would_reject_count,
         sort_by_parameter_order=True,
     )
     params = [
@@ -288,6 +313,7 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
             "spent_nanos": d.cost_nanos,
             "request_count": d.request_count,
             "estimated_count": d.estimated_count,
+            "would_reject_count": d.would_reject,
             "updated_at": now,
         }
         for d in ordered
@@ -303,8 +329,9 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
             count,
             spent - d.cost_nanos,
             adjustments,
+            would_reject,
         )
-        for d, (spent, count, adjustments) in zip(ordered, returned, strict=True)
+        for d, (spent, count, adjustments, would_reject) in zip(ordered, returned, strict=True)
     ]
 
 

@@ -24,7 +24,10 @@ WINDOW_RESET = "budget_policy.window_reset"
 # A response whose cost was above a data plane's max_cost_per_response_usd,
 # or beyond the largest representable cost (charged saturated).
 ANOMALY = "usage.anomaly"
-SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY)
+# A SHADOW policy would have refused a request: once per window and member
+# (the first report of a would-reject in it).
+WOULD_REJECT = "budget_policy.would_reject"
+SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY, WOULD_REJECT)
 # What a webhook created without a list of events receives.
 DEFAULT_EVENTS = (EXCEEDED, THRESHOLD_CROSSED)
 TEST = "webhook.test"
@@ -87,8 +90,10 @@ def event_data(
     spent_nanos: int,
     window_start: int,
     window_end: int,
+    would_reject: int = 0,
 ) -> dict[str, Any]:
-    """The ``data`` of an event's payload, as stored with the event."""
+    """The ``data`` of an event's payload, as stored with the event
+    (``would_reject``: the window's would-reject count, for WOULD_REJECT)."""
     data: dict[str, Any] = {
         "event_id": event_id,
         "type": kind,
@@ -107,6 +112,10 @@ def event_data(
     }
     if kind == THRESHOLD_CROSSED:
         data["threshold_percent"] = threshold
+    if policy.shadow:  # (absent for enforced policies: payloads as before)
+        data["enforcement"] = "shadow"
+    if kind == WOULD_REJECT:
+        data["would_reject_count"] = would_reject
     return data
 
 

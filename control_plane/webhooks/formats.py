@@ -130,6 +130,8 @@ def _headline(message: Message) -> tuple[str, str]:
         return ":rotating_light:", f"Budget exceeded: {name}"
     if message.kind == events.THRESHOLD_CROSSED:
         return ":warning:", f"Budget {d['threshold_percent']}% reached: {name}"
+    if message.kind == events.WOULD_REJECT:
+        return ":eyes:", f"Shadow budget would reject requests: {name}"
     return ":white_check_mark:", f"Budget window reset: {name}"
 
 
@@ -148,8 +150,11 @@ def slack_message(message: Message) -> dict[str, Any]:
     if message.kind == events.WINDOW_RESET:
         text = f"{emoji} {_esc(title)} — a new window started for {_esc(_who(d))}"
         detail = f"a new window started for {_esc(_who(d))}."
+    shadow = d.get("enforcement") == "shadow"
     consequence = (
-        "Requests are answered with HTTP 429 until the window resets."
+        "Shadow policy: requests are admitted; those it would refuse are counted."
+        if shadow and message.kind != events.WINDOW_RESET
+        else "Requests are answered with HTTP 429 until the window resets."
         if d["action"] == "reject" and message.kind == events.EXCEEDED
         else "Traffic keeps flowing."
         if message.kind != events.WINDOW_RESET

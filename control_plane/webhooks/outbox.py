@@ -158,7 +158,10 @@ def record_crossings(
             continue
         policy = convert.domain_policy(row)
         pagerduty: set[str] = set()
-        for c in events.crossings(policy.amount_nanos, policy.alert_thresholds, total.spent_nanos):
+        levels = events.crossings(policy.amount_nanos, policy.alert_thresholds, total.spent_nanos)
+        if total.would_reject > 0:
+            levels.append(events.Crossing(100, 2, events.WOULD_REJECT))
+        for c in levels:
             key = EventKey(policy.id, total.member, total.window_start, c.kind, c.threshold)
             if key in known:
                 continue
@@ -173,6 +176,7 @@ def record_crossings(
                 spent_nanos=total.spent_nanos,
                 window_start=total.window_start,
                 window_end=total.window_end,
+                would_reject=total.would_reject,
             )
             if not webhook_repo.insert_event(
                 session, key, event_id=event_id, window_end=total.window_end, data=data, now=now

@@ -47,7 +47,7 @@ def decide(
     """
     worst: Rejection | None = None
     for policy, member in matches:
-        if policy.action is not Action.REJECT:
+        if not policy.enforces:  # ALERT, or a SHADOW policy (see shadowed)
             continue
         window, start = windows.current(policy.window, now)
         key = (policy.id, member, start)
@@ -55,3 +55,21 @@ def decide(
         if amount >= policy.amount_nanos and (worst is None or window.end > worst.window.end):
             worst = Rejection(policy, member, window, amount)
     return worst
+
+
+def shadowed(
+    matches: Iterable[Match],
+    spent: Callable[[SpendKey], int],
+    now: datetime,
+) -> list[SpendKey]:
+    """The windows of SHADOW policies that would refuse the request: the
+    same rule as ``decide`` (spend and holds at or over the limit), but the
+    request is admitted; the caller counts these."""
+    out: list[SpendKey] = []
+    for policy, member in matches:
+        if not policy.shadow or policy.action is not Action.REJECT:
+            continue
+        key = (policy.id, member, windows.current(policy.window, now)[1])
+        if spent(key) >= policy.amount_nanos:
+            out.append(key)
+    return out

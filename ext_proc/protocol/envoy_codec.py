@@ -75,8 +75,12 @@ def request_headers_response(
     return resp
 
 
-def response_headers_response(mode: pm.ProcessingMode | None = None) -> ep.ProcessingResponse:
+def response_headers_response(
+    mode: pm.ProcessingMode | None = None, mutation: ep.HeaderMutation | None = None
+) -> ep.ProcessingResponse:
     resp = ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+    if mutation is not None:
+        resp.response_headers.response.header_mutation.CopyFrom(mutation)
     if mode is not None:
         resp.mode_override.CopyFrom(mode)
     return resp

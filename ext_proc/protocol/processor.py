@@ -20,7 +20,7 @@ import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc.admission import api_keys, identity, windows
-from ext_proc.admission.decide import Rejection, SpendKey, decide
+from ext_proc.admission.decide import Rejection, SpendKey, decide, shadowed
 from ext_proc.admission.estimate import OutputEstimator, max_tokens_of, per_window
 from ext_proc.config import Settings
 from ext_proc.metering import anomalies
@@ -36,7 +36,7 @@ from ext_proc.metering.shapes import (
     dialect_for,
     stream_flag,
 )
-from ext_proc.protocol import dialects
+from ext_proc.protocol import budget_headers, dialects
 from ext_proc.protocol import envoy_codec as codec
 from ext_proc.protocol.reject import rejection_headers, rejection_message
 from ext_proc.stats import (
@@ -52,7 +52,7 @@ from ext_proc.stats import (
 )
 from ext_proc.sync.state import LocalState
 from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_PATH_BYTES
-from spendgate.domain.policies import Action, Match, RequestFacts, hash_api_key
+from spendgate.domain.policies import Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
 from spendgate.v1.dataplane_pb2 import ReserveVerdict
@@ -120,6 +120,9 @@ class RequestProcessor:
         # Envoy's x-request-id (also in its access log); only ever read to log.
         self.request_id = ""
         self.rejected = False  # answered by ext_proc itself (429 or 403)
+        # Windows of SHADOW policies that would have refused this request,
+        # counted once each however often the request is decided.
+        self.would_reject: set[SpendKey] = set()
         # Envoy sends nothing more on this stream once this message is answered.
         self.last = False
 
@@ -248,8 +251,12 @@ class RequestProcessor:
         read_body = not bodyless and (shape.needs_request_body or not self._size_from(h))
         if bodyless and shape.needs_request_body:
             self.ctx.stats.unparsed_requests += 1
+        # Budget headers for clients go on the response headers: ask for
+        # them when some policy shows its budget (decided here, as the mode
+        # can only change now).
         mode = codec.metered_mode(
-            request_body=read_body, response_headers=shape.needs_response_headers
+            request_body=read_body,
+            response_headers=shape.needs_response_headers or self.ctx.state.index.exposes,
         )
         reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
         self.forwarded = not read_body
@@ -371,11 +378,29 @@ class RequestProcessor:
         if not self.matches:
             return None
         now = self.ctx.clock()
+        self._count_shadowed(self.ctx.state.spent, now)
         r = decide(self.matches, self.ctx.state.spent, now)
         if r is None:
             return None
         self.done = True
         return self._reject(r, now)
+
+    def _count_shadowed(self, spent: Callable[[SpendKey], int], now: datetime) -> None:
+        """Count this request against each SHADOW policy that would refuse it
+        (whatever an enforced policy decides: a shadow counts what it would
+        do, as its enforced twin would)."""
+        keys = [k for k in shadowed(self.matches, spent, now) if k not in self.would_reject]
+        if not keys:
+            return
+        self.would_reject.update(keys)
+        self.ctx.state.count_would_reject(keys)
+        for key in keys:
+            self.ctx.stats.count_shadow_rejection(key[0])
+        log.info(
+            "shadow policy would have rejected",
+            request_id=self.request_id,
+            policy_ids=[k[0] for k in keys],
+        )
 
     def _reject(self, r: Rejection, now: datetime) -> codec.ProcessingResponse:
         self.rejected = self.last = True
@@ -495,9 +520,26 @@ class RequestProcessor:
     # ---- response -------------------------------------------------------------
 
     def on_response_headers(self, headers: Any) -> codec.ProcessingResponse:
+        h = codec.header_dict(headers)
+        reply = self._meter_response_headers(headers, h)
+        # Budget headers: nobody else's pass (a provider's, a hop's), ours
+        # are set on an admitted request's answer.
+        remove = budget_headers.foreign(h)
+        show = (
+            budget_headers.budget_headers(self.matches, self.ctx.state.spent, self.ctx.clock())
+            if self.matches and not self.rejected
+            else {}
+        )
+        if not remove and not show:
+            return reply
+        out = ep.ProcessingResponse()
+        out.CopyFrom(reply)
+        out.response_headers.response.header_mutation.CopyFrom(codec.header_mutation(show, remove))
+        return out
+
+    def _meter_response_headers(self, headers: Any, h: dict[str, str]) -> codec.ProcessingResponse:
         if self.done or self.shape is None:
             return codec.RESPONSE_HEADERS_CONTINUE
-        h = codec.header_dict(headers)
         status = int(h.get(":status", "0") or 0)
         if not 200 <= status < 300:
             self.done = True  # errors carry no usage and cost nothing
@@ -559,7 +601,9 @@ class RequestProcessor:
         if not s.reservations:
             return False
         now = self.ctx.clock()
-        rejecting = [(p, m) for p, m in self.matches if p.action is Action.REJECT]
+        # A SHADOW policy holds nothing: a hold could block (here or, through
+        # the control plane's Reserve, on another data plane).
+        rejecting = [(p, m) for p, m in self.matches if p.enforces]
         if not rejecting:
             return False
         keys = [(p.id, m, windows.current(p.window, now)[1]) for p, m in rejecting]
@@ -641,6 +685,7 @@ class RequestProcessor:
         own = dict(self.held)
         state = self.ctx.state
         now = self.ctx.clock()
+        self._count_shadowed(state.spent, now)
         r = decide(self.matches, lambda k: state.spent(k) - own.get(k, 0), now)
         if r is None:
             return admitted

@@ -55,11 +55,13 @@ class Increment:
     cost_nanos: int = 0
     requests: int = 0
     estimated: int = 0
+    would_reject: int = 0  # requests a SHADOW policy would have refused
 
     def add(self, other: Increment) -> None:
         self.cost_nanos = saturating_add(self.cost_nanos, other.cost_nanos)
         self.requests += other.requests
         self.estimated += other.estimated
+        self.would_reject += other.would_reject
 
 
 # Most records one usage batch carries (the control plane takes 50,000).
@@ -107,13 +109,18 @@ class Batch:
         batch.size = REPORT_BYTES * (len(batch.anomalies) + len(batch.quarantined))
         for i in msg.increments:
             key = (i.policy_id, i.member, i.window_start.seconds)
-            batch.add(key, Increment(i.cost_nanos, i.request_count, i.estimated_count))
+            batch.add(
+                key,
+                Increment(i.cost_nanos, i.request_count, i.estimated_count, i.would_reject_count),
+            )
         return batch
 
     def add(self, key: SpendKey, inc: Increment, size: int | None = None) -> None:
         into = self.increments.get(key)
         if into is None:
-            self.increments[key] = Increment(inc.cost_nanos, inc.requests, inc.estimated)
+            self.increments[key] = Increment(
+                inc.cost_nanos, inc.requests, inc.estimated, inc.would_reject
+            )
             self.size += size if size is not None else (record_size(key) or 0)
         else:
             into.add(inc)
@@ -130,6 +137,7 @@ class Batch:
                     cost_nanos=min(i.cost_nanos, MAX_COST_NANOS),
                     request_count=i.requests,
                     estimated_count=i.estimated,
+                    would_reject_count=i.would_reject,
                 )
                 for k, i in self.increments.items()
             ],
@@ -229,6 +237,15 @@ class LocalState:
             inc.cost_nanos = saturating_add(inc.cost_nanos, cost_nanos)
             inc.requests += 1
             inc.estimated += int(estimated)
+
+    def count_would_reject(self, keys: Iterable[SpendKey]) -> None:
+        """One request a SHADOW policy would have refused, on each window:
+        reported with the usage (the control plane sums it per window)."""
+        for key in keys:
+            inc = self.pending.get(key)
+            if inc is None:
+                inc = self.pending[key] = Increment()
+            inc.would_reject += 1
 
     def held(self, key: SpendKey) -> tuple[int, int]:
         """(nanos, requests) of ``spent(key)`` that running requests hold

@@ -110,7 +110,25 @@ def add_policy_fields(p: argparse.ArgumentParser, *, create: bool) -> None:
     p.add_argument("--thresholds", help="alert percentages, e.g. 50,80,100")
     if create:
         p.add_argument("--disabled", action="store_true", help="create it disabled")
+        p.add_argument(
+            "--shadow",
+            action="store_true",
+            help="REJECT only: meter and evaluate it, never block; count what it would refuse",
+        )
+        p.add_argument(
+            "--expose-to-clients",
+            action="store_true",
+            help="admitted responses carry its x-spendgate-budget-* headers",
+        )
     else:
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--shadow", action="store_true", help="stop blocking; count instead")
+        mode.add_argument(
+            "--enforce", action="store_true", help="promote a SHADOW policy: block from now on"
+        )
+        expose = p.add_mutually_exclusive_group()
+        expose.add_argument("--expose-to-clients", action="store_true")
+        expose.add_argument("--hide-from-clients", action="store_true")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--enable", action="store_true")
         group.add_argument("--disable", action="store_true")
@@ -151,7 +169,19 @@ def policy_from_args(args: argparse.Namespace) -> tuple[pb.BudgetPolicy, list[st
     if args.thresholds is not None:
         policy.alert_thresholds.extend(_thresholds(args.thresholds))
         paths.append("alert_thresholds")
+    if args.shadow or getattr(args, "enforce", False):
+        policy.enforcement = pb.ENFORCEMENT_SHADOW if args.shadow else pb.ENFORCEMENT_ENFORCED
+        paths.append("enforcement")
+    if args.expose_to_clients or getattr(args, "hide_from_clients", False):
+        policy.expose_to_clients = bool(args.expose_to_clients)
+        paths.append("expose_to_clients")
     return policy, paths
+
+
+def action_text(p: pb.BudgetPolicy) -> str:
+    """ "alert", "reject", or "reject (shadow)"."""
+    action = pb.Action.Name(p.action).removeprefix("ACTION_").lower()
+    return f"{action} (shadow)" if p.enforcement == pb.ENFORCEMENT_SHADOW else action
 
 
 def _policy_rows(policies: list[pb.BudgetPolicy]) -> str:
@@ -161,7 +191,7 @@ def _policy_rows(policies: list[pb.BudgetPolicy]) -> str:
             [
                 p.id,
                 p.name,
-                pb.Action.Name(p.action).removeprefix("ACTION_").lower(),
+                action_text(p),
                 pb.Scope.Name(p.scope).removeprefix("SCOPE_").lower(),
                 p.target or "-",
                 f"${p.amount_usd}",

@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import echo, percent_of, visible_message
-from spendgate.cli.policies import window_text
+from spendgate.cli.policies import action_text, window_text
 from spendgate.domain.policies import Scope
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import webhooks_pb2 as wpb
@@ -41,6 +41,7 @@ BAR_WIDTH = 10
 _EVENT_TYPES = {
     "budget_policy.exceeded": "exceeded",
     "budget_policy.threshold_crossed": "threshold",
+    "budget_policy.would_reject": "would reject (shadow)",
 }
 ANOMALY = "usage.anomaly"
 
@@ -296,7 +297,7 @@ def _adjusted_text(s: Spend) -> str:
 def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> list[str]:
     p = ps.policy
     zone = p.timezone or "UTC"
-    action = pb.Action.Name(p.action).removeprefix("ACTION_").lower()
+    action = action_text(p)
     title = f"{style.bold(p.name)}  {style.dim(p.id)}"
     if not p.enabled:
         title += "  (disabled)"
@@ -310,7 +311,9 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
             f"  current window {_local(start, zone)} → {_local(end, zone)}, "
             f"resets in {duration((end - now).total_seconds())}"
         )
-    rejects = p.action == pb.ACTION_REJECT
+    if (line := shadow_text(p)) is not None:
+        lines.append(f"  {line}")
+    rejects = p.action == pb.ACTION_REJECT and p.enforcement != pb.ENFORCEMENT_SHADOW
     if not ps.wildcard:
         lines += [f"  {_spend_line(s, style, rejects)}" for s in ps.spend]
         return lines
@@ -325,6 +328,18 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
     width = max((len(s.member) for s in shown), default=0)
     lines += [f"    {s.member.ljust(width)}  {_spend_line(s, style, rejects)}" for s in shown]
     return lines
+
+
+def shadow_text(p: pb.BudgetPolicy) -> str | None:
+    """What a policy that has been SHADOW would have refused, or None."""
+    if not p.HasField("shadow_since"):
+        return None
+    n = p.would_reject_count
+    since = _local(from_timestamp(p.shadow_since), p.timezone or "UTC")
+    text = f"would have rejected {n:,} request{'s' if n != 1 else ''} since {since}"
+    if p.enforcement == pb.ENFORCEMENT_SHADOW:
+        return f"shadow: {text} (admitted; promote with: spendgate policy update {p.id} --enforce)"
+    return f"enforced now; while in shadow it {text}" if n else None
 
 
 def _count(spend: Sequence[Spend], state: str) -> int:
@@ -489,6 +504,11 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
                 "scope": pb.Scope.Name(p.scope).removeprefix("SCOPE_").lower(),
                 "target": p.target,
                 "action": pb.Action.Name(p.action).removeprefix("ACTION_").lower(),
+                "enforcement": "shadow" if p.enforcement == pb.ENFORCEMENT_SHADOW else "enforced",
+                "shadow_since": _iso(from_timestamp(p.shadow_since))
+                if p.HasField("shadow_since")
+                else None,
+                "would_reject_count": p.would_reject_count,
                 "window": f"{window_text(p.window)}, {p.timezone or 'UTC'}",
                 "timezone": p.timezone or "UTC",
                 "alert_thresholds": list(p.alert_thresholds),

@@ -238,6 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(reply.body)))
             for name, value in reply.headers.items():
                 self.send_header(name, value)
+            self._send_extra_header()
             self.end_headers()
             self.wfile.write(reply.body)
             return
@@ -304,6 +305,13 @@ class _Handler(BaseHTTPRequestHandler):
             body, model, usage, chunks, stream=path.endswith("converse-stream")
         )
 
+    def _send_extra_header(self) -> None:
+        """``x-fake-response-header: name: value`` adds that header to a 200
+        answer (a provider sending headers spendgate must not pass on)."""
+        name, sep, value = self.headers.get("x-fake-response-header", "").partition(":")
+        if sep and name.strip():
+            self.send_header(name.strip(), value.strip())
+
     def _record(self, billed: Billed) -> None:
         with self.server.log.lock:
             self.server.log.billed.append(billed)
@@ -317,6 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", reply.content_type)
         self.send_header("transfer-encoding", "chunked")
+        self._send_extra_header()
         self.end_headers()
         for i, event in enumerate(reply.events):
             if i > 0:

@@ -76,6 +76,16 @@ class Policy:
     target: str = ""
     alert_thresholds: tuple[int, ...] = ()
     enabled: bool = True
+    # A SHADOW policy (REJECT only): metered and evaluated like an enforced
+    # one, but it never blocks; the requests it would refuse are counted.
+    shadow: bool = False
+    # Admitted responses may carry this policy's x-spendgate-budget-* headers.
+    expose_to_clients: bool = False
+
+    @property
+    def enforces(self) -> bool:
+        """True when the policy refuses requests over its limit."""
+        return self.action is Action.REJECT and not self.shadow
 
     @property
     def is_wildcard(self) -> bool:
@@ -262,19 +272,19 @@ class PolicyIndex:
             else:
                 self._exact.setdefault((p.scope, target), []).append(p)
         self.needs_model = any(p.scope is Scope.MODEL for p in self.policies.values())
+        # Some policy shows clients its budget: responses need their headers.
+        self.exposes = any(p.expose_to_clients for p in self.policies.values())
         # REJECT policies with one budget per caller: a request that names no
-        # such caller is subject to missing_identity (see unidentified).
+        # such caller is subject to missing_identity (see unidentified). A
+        # SHADOW policy never refuses, so it has no say here.
         self._rejecting_wildcards = [
             (p.scope, p)
             for scope in (Scope.USER, Scope.WORKSPACE, Scope.SERVICE)
             for p in self._wildcard.get(scope, ())
-            if p.action is Action.REJECT
+            if p.enforces
         ]
         self._rejecting_tag_wildcards = [
-            (key, p)
-            for key, ps in self._tag_wildcard.items()
-            for p in ps
-            if p.action is Action.REJECT
+            (key, p) for key, ps in self._tag_wildcard.items() for p in ps if p.enforces
         ]
         # Tag keys with a budget per value (any action): an anonymous request
         # is charged to the member "anonymous" of each.

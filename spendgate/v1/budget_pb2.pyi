@@ -31,6 +31,12 @@ class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTION_ALERT: _ClassVar[Action]
     ACTION_REJECT: _ClassVar[Action]
 
+class Enforcement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENFORCEMENT_UNSPECIFIED: _ClassVar[Enforcement]
+    ENFORCEMENT_ENFORCED: _ClassVar[Enforcement]
+    ENFORCEMENT_SHADOW: _ClassVar[Enforcement]
+
 class WindowUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WINDOW_UNIT_UNSPECIFIED: _ClassVar[WindowUnit]
@@ -63,6 +69,9 @@ SCOPE_SERVICE: Scope
 ACTION_UNSPECIFIED: Action
 ACTION_ALERT: Action
 ACTION_REJECT: Action
+ENFORCEMENT_UNSPECIFIED: Enforcement
+ENFORCEMENT_ENFORCED: Enforcement
+ENFORCEMENT_SHADOW: Enforcement
 WINDOW_UNIT_UNSPECIFIED: WindowUnit
 WINDOW_UNIT_MINUTES: WindowUnit
 WINDOW_UNIT_HOURS: WindowUnit
@@ -89,7 +98,7 @@ class BudgetWindow(_message.Message):
     def __init__(self, unit: _Optional[_Union[WindowUnit, str]] = ..., count: _Optional[int] = ..., week_start: _Optional[_Union[Weekday, str]] = ...) -> None: ...
 
 class BudgetPolicy(_message.Message):
-    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag", "apply_marker")
+    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag", "apply_marker", "enforcement", "expose_to_clients", "shadow_since", "would_reject_count")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +116,10 @@ class BudgetPolicy(_message.Message):
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
     APPLY_MARKER_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPOSE_TO_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SINCE_FIELD_NUMBER: _ClassVar[int]
+    WOULD_REJECT_COUNT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -124,7 +137,11 @@ class BudgetPolicy(_message.Message):
     updated_by: str
     etag: str
     apply_marker: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ..., apply_marker: _Optional[str] = ...) -> None: ...
+    enforcement: Enforcement
+    expose_to_clients: bool
+    shadow_since: _timestamp_pb2.Timestamp
+    would_reject_count: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ..., apply_marker: _Optional[str] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., expose_to_clients: _Optional[bool] = ..., shadow_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
 
 class CreateBudgetPolicyRequest(_message.Message):
     __slots__ = ("policy",)
@@ -183,7 +200,7 @@ class ListSpendRequest(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SpendEntry(_message.Message):
-    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count")
+    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count", "would_reject_count")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +218,7 @@ class SpendEntry(_message.Message):
     HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ADJUSTED_USD_FIELD_NUMBER: _ClassVar[int]
     ADJUSTMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WOULD_REJECT_COUNT_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     policy_name: str
     scope: Scope
@@ -218,7 +236,8 @@ class SpendEntry(_message.Message):
     held_requests: int
     adjusted_usd: str
     adjustment_count: int
-    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ...) -> None: ...
+    would_reject_count: int
+    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")

@@ -12,20 +12,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SpendIncrement(_message.Message):
-    __slots__ = ("policy_id", "member", "window_start", "cost_nanos", "request_count", "estimated_count")
+    __slots__ = ("policy_id", "member", "window_start", "cost_nanos", "request_count", "estimated_count", "would_reject_count")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     COST_NANOS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WOULD_REJECT_COUNT_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     member: str
     window_start: _timestamp_pb2.Timestamp
     cost_nanos: int
     request_count: int
     estimated_count: int
-    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., estimated_count: _Optional[int] = ...) -> None: ...
+    would_reject_count: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., estimated_count: _Optional[int] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
     __slots__ = ("data_plane_id", "batch_id", "increments", "holds", "holds_seq", "unapplied", "anomalies", "quarantined")

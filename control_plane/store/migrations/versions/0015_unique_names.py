@@ -11,7 +11,7 @@ made by hand and set by ``spendgate apply`` on what it creates (see
 docs/policies-as-code.md): ``--prune`` deletes only marked objects.
 
 Revision ID: 0015
-Revises: 0011
+Revises: 0012
 """
 
 import sqlalchemy as sa
@@ -19,7 +19,7 @@ import structlog
 from alembic import op
 
 revision = "0015"
-down_revision = "0011"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
