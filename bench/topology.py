@@ -164,10 +164,21 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
     wait_until(lambda: _listening(streamer_port), timeout=30, message="fake provider")
     ports = [ep_port, *(free_port() for _ in range(ext_procs - 1))]
     extra = ext_proc_args or []
+    # BENCH_PROFILE=DIR: each ext_proc runs under cProfile and writes
+    # DIR/ext_proc-PORT.prof when it stops (its event loop thread only: the
+    # Python that spendgate and grpc.aio run per message).
+    profile = os.environ.get("BENCH_PROFILE", "")
     processes = [
         _python(
-            "ext_proc",
-            ["--listen", f"127.0.0.1:{port}", "--control-plane", cp_address, *extra],
+            "cProfile" if profile else "ext_proc",
+            [
+                *(["-o", f"{profile}/ext_proc-{port}.prof", "-m", "ext_proc"] if profile else []),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--control-plane",
+                cp_address,
+                *extra,
+            ],
             env,
             workdir / f"ext_proc-{port}.log",
         )
