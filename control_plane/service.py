@@ -589,6 +589,41 @@ class ControlPlane:
             token = tokens.encode("spend", page[-1].policy_id, page[-1].member)
         return page, token
 
+    async def list_top_spend(
+        self, policy_id: str, page_size: int, page_token: str, top: int
+    ) -> tuple[list[pb.SpendEntry], str, list[pb.MemberCounts]]:
+        """ListSpend with top_members: a page of whole policies (``page_size``
+        of them), a wildcard policy's ``top`` biggest spenders only; its
+        entries, the next page's token and the wildcard policies' member counts."""
+        policies = clamp_page_size(page_size, default=100)
+        tokens = await self.page_tokens()
+        after = tokens.decode("spend-top", page_token, 1)[0] if page_token else ""
+        now = self.clock()
+
+        def query(s: Session) -> tuple[list[pb.SpendEntry], list[pb.MemberCounts], str]:
+            if policy_id and not repo.policies_by_id(s, [policy_id], description=False):
+                raise NotFound("policy", policy_id)
+            page = spend_list.top_page(
+                s, policy_id=policy_id, after_id=after, policies=policies, top=top, now=now
+            )
+            held = repo.holds_by_window(
+                s,
+                [(r.policy_id, r.member, r.window_start) for r, _ in page.rows],
+                int(now.timestamp()),
+            )
+            entries = [
+                _spend_entry(r, p, held.get((r.policy_id, r.member, r.window_start)))
+                for r, p in page.rows
+            ]
+            counts = [
+                pb.MemberCounts(policy_id=pid, members=n, exceeded=over, alerting=near)
+                for pid, n, over, near in page.counts
+            ]
+            return entries, counts, page.last_policy_id
+
+        entries, counts, last = await self.run(query)
+        return entries, tokens.encode("spend-top", last) if last else "", counts
+
     async def forget_old_batches(self, retention: timedelta) -> int:
         """Drop batch ids older than ``retention``. A data plane retries a batch
         until it is acknowledged, so retention only has to outlast the longest

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import LargeBinary, Select, cast, delete, func, select, text, tuple_
+from sqlalchemy import LargeBinary, Select, case, cast, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
@@ -349,6 +349,53 @@ def open_windows_page(
     if after is not None:
         q = q.where(tuple_(w.policy_id, w.member, w.window_start) > after)
     return session.scalars(q.order_by(w.policy_id, w.member, w.window_start).limit(limit)).all()
+
+
+def top_spenders(
+    session: Session, *, policy_id: str, window_start: int, limit: int
+) -> Sequence[WindowSpendRow]:
+    """The ``limit`` rows of one policy's window with the most spent (most
+    first, ties by member): a range of ix_window_spend_top, whatever the
+    number of members."""
+    w = WindowSpendRow
+    return session.scalars(
+        select(w)
+        .where(w.policy_id == policy_id, w.window_start == window_start)
+        .order_by(w.spent_nanos.desc(), w.member)
+        .limit(limit)
+    ).all()
+
+
+def count_members(
+    session: Session, *, policy_id: str, window_start: int, exceeded_at: int, alerting_at: int
+) -> tuple[int, int, int]:
+    """(members, members at or over ``exceeded_at``, members at or over
+    ``alerting_at`` and under ``exceeded_at``) of one policy's window, counted
+    by the database (on ix_window_spend_top's columns only)."""
+    w = WindowSpendRow
+    over = w.spent_nanos >= exceeded_at
+    near = (w.spent_nanos >= alerting_at) & (w.spent_nanos < exceeded_at)
+    members, exceeded, alerting = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((over, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((near, 1), else_=0)), 0),
+        ).where(w.policy_id == policy_id, w.window_start == window_start)
+    ).one()
+    return int(members), int(exceeded), int(alerting)
+
+
+def unnamed_open_windows(
+    session: Session, *, active_at: int, policy_ids: Iterable[str]
+) -> Sequence[WindowSpendRow]:
+    """The member-less rows (non-wildcard policies) of ``policy_ids`` whose
+    windows contain ``active_at``: primary key lookups."""
+    ids = list(policy_ids)
+    if not ids:
+        return []
+    w = WindowSpendRow
+    q = spend_rows_query(active_at=active_at).where(w.policy_id.in_(ids), w.member == "")
+    return session.scalars(q).all()
 
 
 @dataclass(frozen=True, slots=True)
