@@ -52,6 +52,8 @@ Clock = Callable[[], datetime]
 ChangeKeys = Sequence[tuple[str, str, int]] | Sequence[str]
 ChangeHook = Callable[[Session, str, ChangeKeys], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
+# Spend rows of old windows deleted per transaction (forget_old_spend).
+SPEND_CHUNK = 5_000
 # A list page stops short of page_size at about this many bytes (at least one
 # item per page), far below the 4 MB a gRPC client accepts by default:
 # descriptions are free text of any length.
@@ -623,6 +625,21 @@ class ControlPlane:
 
         entries, counts, last = await self.run(query)
         return entries, tokens.encode("spend-top", last) if last else "", counts
+
+    async def forget_old_spend(self, retention: timedelta, chunk: int = SPEND_CHUNK) -> int:
+        """Delete the spend rows of windows that ended more than ``retention``
+        ago, ``chunk`` rows a transaction (other writers wait for one chunk at
+        most); how many."""
+        cutoff = int((self.clock() - retention).timestamp())
+        removed = 0
+        while True:
+            n = await self.run(lambda s: repo.forget_spend(s, ended_before=cutoff, limit=chunk))
+            removed += n
+            if n < chunk:
+                break
+        if removed:
+            log.info("forgot spend of old windows", count=removed, ended_before=cutoff)
+        return removed
 
     async def forget_old_batches(self, retention: timedelta) -> int:
         """Drop batch ids older than ``retention``. A data plane retries a batch

@@ -119,8 +119,25 @@ def all_policies(session: Session) -> Sequence[PolicyRow]:
 
 
 def delete_policy(session: Session, row: PolicyRow) -> None:
+    """The policy, its spend rows and its holds (nothing is left for a cleanup)."""
     session.execute(delete(WindowSpendRow).where(WindowSpendRow.policy_id == row.id))
+    session.execute(delete(WindowHoldRow).where(WindowHoldRow.policy_id == row.id))
     session.delete(row)
+
+
+def forget_spend(session: Session, *, ended_before: int, limit: int) -> int:
+    """Delete up to ``limit`` spend rows of windows that ended before
+    ``ended_before`` (Unix seconds), found on ix_window_spend_window_end; how
+    many. Bounded so that one transaction never holds a large delete."""
+    w = WindowSpendRow
+    key = tuple_(w.policy_id, w.member, w.window_start)
+    old = (
+        select(w.policy_id, w.member, w.window_start)
+        .where(w.window_end < ended_before)
+        .order_by(w.window_end)
+        .limit(limit)
+    )
+    return len(session.scalars(delete(w).where(key.in_(old)).returning(w.policy_id)).all())
 
 
 def dialect_insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite.Insert:
