@@ -36,6 +36,8 @@ FILE_NAME = "snapshot.pb"
 _WRITING = threading.Lock()
 _written: dict[Path, int] = {}
 _generations = itertools.count(1)
+# Windows (or policies, prices) serialised per call into protobuf (encode).
+CHUNK = 2000
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,27 @@ class Parts:
 def build(parts: Parts) -> dp.StateUpdate:
     """The message saved: the parts as increments on an empty state
     (LocalState.apply_update reads it back)."""
+    update = dp.StateUpdate()
+    update.ParseFromString(encode(parts))
+    return update
+
+
+def encode(parts: Parts, chunk: int = CHUNK) -> bytes:
+    """``build(parts)`` serialised, made of pieces of ``chunk`` windows or
+    policies: each piece is one short call into protobuf's C code, which holds
+    the GIL throughout, so the event loop waits for one piece at most (a whole
+    message of 63,000 windows would hold it for about 60 ms). Serialised
+    messages concatenated parse as one, their repeated fields appended."""
+    pieces = [
+        # The two change sets are present even when empty, as in one message.
+        dp.StateUpdate(
+            policy_changes=dp.PolicyChanges(), price_changes=dp.PriceOverrideChanges()
+        ).SerializeToString()
+    ]
     seqs = parts.seqs
-    return dp.StateUpdate(
-        spend=[
+    spend = list(parts.spend.items())
+    for i in range(0, len(spend), chunk):
+        windows = [
             dp.WindowSpend(
                 policy_id=k[0],
                 member=k[1],
@@ -70,26 +90,34 @@ def build(parts: Parts) -> dp.StateUpdate:
                 spent_nanos=v[0],
                 adjustment_seq=seqs.get(k, 0),
             )
-            for k, v in parts.spend.items()
-        ],
-        policy_changes=dp.PolicyChanges(upserts=parts.policies),
-        price_changes=dp.PriceOverrideChanges(upserts=parts.prices),
-    )
+            for k, v in spend[i : i + chunk]
+        ]
+        pieces.append(dp.StateUpdate(spend=windows).SerializeToString())
+    for i in range(0, len(parts.policies), chunk):
+        changes = dp.PolicyChanges(upserts=parts.policies[i : i + chunk])
+        pieces.append(dp.StateUpdate(policy_changes=changes).SerializeToString())
+    for i in range(0, len(parts.prices), chunk):
+        prices = dp.PriceOverrideChanges(upserts=parts.prices[i : i + chunk])
+        pieces.append(dp.StateUpdate(price_changes=prices).SerializeToString())
+    return b"".join(pieces)
 
 
 def write(directory: str | Path, parts: Parts) -> bool:
     """Build and save the snapshot (for a thread: touches no loop state); False,
     writing nothing, when a later copy is already on disk. Raises OSError when
     the disk refuses."""
-    return save(directory, build(parts), parts.generation)
+    return _replace(Path(directory) / FILE_NAME, encode(parts), parts.generation)
 
 
-def save(directory: str | Path, update: dp.StateUpdate, generation: int | None = None) -> bool:
-    """Replace the saved snapshot, unless one of a later ``generation`` was
-    saved there (None: always replace); raises OSError when the disk refuses."""
-    path = Path(directory) / FILE_NAME
+def save(directory: str | Path, update: dp.StateUpdate) -> None:
+    """Replace the saved snapshot with ``update``; raises OSError when the disk refuses."""
+    _replace(Path(directory) / FILE_NAME, update.SerializeToString(), None)
+
+
+def _replace(path: Path, data: bytes, generation: int | None) -> bool:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename),
+    unless a later ``generation`` was written there (None: always write)."""
     tmp = path.with_suffix(".tmp")
-    data = update.SerializeToString()
     with _WRITING:
         if generation is not None:
             if generation < _written.get(path, 0):

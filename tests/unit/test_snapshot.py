@@ -148,3 +148,30 @@ def test_an_older_copy_never_replaces_a_newer_one(tmp_path: Path) -> None:
     assert saved == snapshot.build(newer)
     assert len(saved.spend) == 2  # the newer copy: two members (a full snapshot)
     assert not (tmp_path / "snapshot.tmp").exists()
+
+
+def test_pieces_parse_as_the_one_message(tmp_path: Path) -> None:
+    state = LocalState()
+    state.apply_update(large_update(10), NOW)
+    parts = state.snapshot_parts()
+    whole = dp.StateUpdate(
+        spend=[
+            dp.WindowSpend(
+                policy_id=k[0],
+                member=k[1],
+                window_start=timestamp(k[2]),
+                window_end=timestamp(v[1]),
+                spent_nanos=v[0],
+            )
+            for k, v in state.remote.items()
+        ],
+        policy_changes=dp.PolicyChanges(upserts=state.policy_set.msgs.values()),
+        price_changes=dp.PriceOverrideChanges(),
+    )
+    assert len(whole.spend) == 10 and len(whole.policy_changes.upserts) == 1
+    for chunk in (1, 3, 10, 2000):
+        assert dp.StateUpdate.FromString(snapshot.encode(parts, chunk)) == whole
+    empty = LocalState().snapshot_parts()
+    decoded = dp.StateUpdate.FromString(snapshot.encode(empty))
+    assert decoded.HasField("policy_changes") and decoded.HasField("price_changes")
+    assert not decoded.spend
