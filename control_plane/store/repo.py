@@ -127,17 +127,21 @@ def delete_policy(session: Session, row: PolicyRow) -> None:
 
 def forget_spend(session: Session, *, ended_before: int, limit: int) -> int:
     """Delete up to ``limit`` spend rows of windows that ended before
-    ``ended_before`` (Unix seconds), found on ix_window_spend_window_end; how
-    many. Bounded so that one transaction never holds a large delete."""
-    w = WindowSpendRow
-    key = tuple_(w.policy_id, w.member, w.window_start)
+    ``ended_before`` (Unix seconds), oldest first; how many. Bounded so that one
+    transaction never holds a large delete, and each chunk costs its own rows
+    only: found on ix_window_spend_window_end, deleted by physical row id (a
+    join on the primary key would scan the whole table per chunk)."""
+    row_id = "ctid" if session.get_bind().dialect.name == "postgresql" else "rowid"
     old = (
-        select(w.policy_id, w.member, w.window_start)
-        .where(w.window_end < ended_before)
-        .order_by(w.window_end)
-        .limit(limit)
+        f"SELECT {row_id} FROM window_spend WHERE window_end < :ended_before "
+        "ORDER BY window_end LIMIT :limit"
     )
-    return len(session.scalars(delete(w).where(key.in_(old)).returning(w.policy_id)).all())
+    where = f"ctid = ANY(ARRAY({old}))" if row_id == "ctid" else f"rowid IN ({old})"
+    result = session.execute(
+        text(f"DELETE FROM window_spend WHERE {where}"),
+        {"ended_before": ended_before, "limit": limit},
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def dialect_insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite.Insert:
