@@ -27,6 +27,9 @@ from spendgate.domain.windows import window_for
 
 CHUNK = 1000
 MAX_NANOS = 2**63 - 1  # above any spend a BIGINT column holds
+# Entries after which a top_members page ends (with whole policies): about
+# 0.5 MB, as LIST_PAGE_BYTES bounds the other lists.
+TOP_PAGE_ROWS = 2000
 _AFTER_ANY_START = 2**62  # sorts after every window start of a key
 
 
@@ -114,11 +117,19 @@ class TopPage:
 
 
 def top_page(
-    s: Session, *, policy_id: str, after_id: str, policies: int, top: int, now: datetime
+    s: Session,
+    *,
+    policy_id: str,
+    after_id: str,
+    policies: int,
+    top: int,
+    now: datetime,
+    max_rows: int = TOP_PAGE_ROWS,
 ) -> TopPage:
-    """Up to ``policies`` policies after ``after_id`` (or just ``policy_id``):
-    one primary-key read for the non-wildcard ones, two index ranges of at
-    most ``top`` rows and a count per wildcard policy, whatever its members."""
+    """Up to ``policies`` policies after ``after_id`` (or just ``policy_id``),
+    fewer once the page holds ``max_rows`` entries (at least one policy a
+    page): one primary-key read for the non-wildcard ones, an index range of
+    at most ``top`` rows and a count per wildcard policy, whatever its members."""
     if policy_id:
         chosen = [p for p in repo.policies_by_id(s, [policy_id], description=False)]
         more = False
@@ -135,7 +146,10 @@ def top_page(
     }
     rows: list[tuple[WindowSpendRow, PolicyRow]] = []
     counts: list[tuple[str, int, int, int]] = []
-    for p in chosen:
+    for i, p in enumerate(chosen):
+        if len(rows) >= max_rows:  # the page stays far below gRPC's message limit
+            chosen, more = chosen[:i], True
+            break
         start = _start(p, now)
         if p.id in plain:
             rows.append((found.get(p.id) or _zero(p, now), p))

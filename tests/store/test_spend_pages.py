@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from control_plane import spend_list
 from control_plane.service import ControlPlane
 from spendgate.v1 import budget_pb2 as pb
 from tests.harness import FakeClock
-from tests.store.builders import batch, inc, policy
+from tests.store.builders import T0, batch, inc, policy
 
 
 async def all_pages(cp: ControlPlane, size: int, **kw: str) -> tuple[list[pb.SpendEntry], int]:
@@ -115,3 +116,28 @@ async def test_top_members_read_whole_policies_and_count_every_member(
     later, later_counts, _ = await all_top_pages(cp, 1000, 3)
     assert sorted(e.policy_id for e in later) == sorted([spent.id, unspent.id])
     assert {(c.policy_id, c.members) for c in later_counts} == {(users.id, 0), (idle.id, 0)}
+
+
+async def test_a_top_members_page_ends_after_enough_entries(cp: ControlPlane) -> None:
+    a = await cp.create_policy(policy("a", scope=pb.SCOPE_USER, target="*"), "x")
+    b = await cp.create_policy(policy("b", scope=pb.SCOPE_USER, target="*"), "x")
+    await cp.apply_usage(
+        batch("b1", *[inc(p.id, 1, member=f"m{i}") for p in (a, b) for i in range(3)])
+    )
+    first, second = sorted([a.id, b.id])
+    page = await cp.run(
+        lambda s: spend_list.top_page(
+            s, policy_id="", after_id="", policies=10, top=3, now=T0, max_rows=2
+        )
+    )
+    # The first policy whole (3 entries, past max_rows), the second on the next page.
+    assert [r.policy_id for r, _ in page.rows] == [first] * 3
+    assert [c[0] for c in page.counts] == [first]
+    assert page.last_policy_id == first
+    rest = await cp.run(
+        lambda s: spend_list.top_page(
+            s, policy_id="", after_id=first, policies=10, top=3, now=T0, max_rows=2
+        )
+    )
+    assert [r.policy_id for r, _ in rest.rows] == [second] * 3
+    assert rest.last_policy_id == ""
