@@ -3,6 +3,9 @@
 Environment: BENCH_SECONDS (per wrk run, default 10), BENCH_PG (PostgreSQL
 URL for the ingest measurement, default the local server), BENCH_QUICK=1
 (short runs, for a smoke check of the harness itself).
+
+    python -m bench          everything
+    python -m bench paced    only the paced streams (no wrk needed)
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import psycopg
 
-from bench import ingest, load, stream, topology
+from bench import ingest, load, paced, stream, topology
+from bench.procstat import cpu_seconds, rss_mb
 from tests.harness import free_port, wait_until
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "10"))
@@ -24,18 +28,6 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 # ext_proc processes behind spendgate's Envoy (each a data plane of its own).
 EXT_PROCS = int(os.environ.get("BENCH_EXT_PROCS", "1"))
 PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def progress(text: str) -> None:
@@ -47,10 +39,46 @@ def row(*cells: object) -> str:
     return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))
 
 
+def paced_targets(topo: topology.Topology) -> list[paced.Target]:
+    """Plain Envoy, the protocol floor and spendgate: the paced streams' columns."""
+    return [
+        paced.Target("plain", topo.plain.base_url, topo.plain.proc.pid),
+        paced.Target("floor", topo.floor.base_url, topo.floor.proc.pid, (topo.floor_server.pid,)),
+        paced.Target(
+            "spendgate",
+            topo.spendgate.base_url,
+            topo.spendgate.proc.pid,
+            tuple(p.pid for p in topo.ext_procs),
+        ),
+    ]
+
+
+def paced_streams(topo: topology.Topology, *, quick: bool) -> list[str]:
+    """32 streams of 200 events 10 ms apart (three rounds), then 32 of 1,000 events;
+    in quick mode a few short ones."""
+    targets = paced_targets(topo)
+    runs = [(4, 4, 20, 2), (4, 4, 50, 2)] if quick else [(32, 96, 200, 10), (32, 32, 1000, 10)]
+    out: list[str] = []
+    for concurrency, streams, events, delay_ms in runs:
+        progress(f"paced streams: {streams} x {events} events")
+        out += paced.compare(
+            targets, concurrency=concurrency, streams=streams, events=events, delay_ms=delay_ms
+        )
+    return out
+
+
 def main() -> None:
     seconds = 2.0 if QUICK else SECONDS
     topo = topology.start(ext_procs=EXT_PROCS)
     out: list[str] = []
+    if sys.argv[1:] == ["paced"]:
+        try:
+            topology.load_policies(topo.cp_address)
+            out = paced_streams(topo, quick=QUICK)
+        finally:
+            topo.stop()
+        print("\n".join(out))
+        return
     try:
         matched = topology.load_policies(topo.cp_address)
         pids = [p.pid for p in topo.ext_procs]
@@ -140,6 +168,7 @@ def main() -> None:
                 ("total p99 ms", ps.total_p99_ms, other.total_p99_ms),
             ):
                 out.append(row(name, f"{a:.3f}", f"{b:.3f}", f"{b / a:.2f}x", f"+{b - a:.3f} ms"))
+        out += paced_streams(topo, quick=QUICK)
         total = 10_000 if QUICK else 100_000
         rss0 = sum(map(rss_mb, pids))
         marks: dict[int, float] = {}

@@ -2,7 +2,9 @@
 
 upstream     Envoy answering a fixed chat completion with direct_response
              (fast enough never to be the bottleneck)
-streamer     the fake provider (Python), for the streaming measurement only
+streamer     the fake provider (Python, a process of its own so that its pacing
+             never waits for the benchmark's client), for the streaming
+             measurements only
 plain        Envoy routing to the upstream, no ext_proc: the floor
 spendgate    Envoy with the repo's bootstrap (ext_proc filter) + ext_proc +
              control plane, with realistic policies loaded
@@ -27,7 +29,6 @@ import grpc
 import yaml
 
 from spendgate import envoy_config
-from spendgate.demo.fake_provider import FakeProviderServer
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import budget_pb2_grpc
 from tests.harness import EnvoyProcess, free_port, wait_until
@@ -81,7 +82,7 @@ def plain_config(spendgate: dict[str, Any]) -> dict[str, Any]:
 class Topology:
     workdir: Path
     upstream: EnvoyProcess
-    streamer: FakeProviderServer
+    streamer: subprocess.Popen[bytes]
     plain: EnvoyProcess
     spendgate: EnvoyProcess
     control_plane: subprocess.Popen[bytes]
@@ -94,21 +95,21 @@ class Topology:
     def stop(self) -> None:
         for env in (self.spendgate, self.plain, self.floor, self.upstream):
             env.stop()
-        for proc in (*self.ext_procs, self.floor_server, self.control_plane):
+        for proc in (*self.ext_procs, self.floor_server, self.control_plane, self.streamer):
             proc.terminate()
             proc.wait(15)
-        self.streamer.shutdown()
 
 
 def _python(
     module: str, args: list[str], env: dict[str, str], log: Path
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _serving(address: str) -> bool:
@@ -134,8 +135,6 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
     upstream = EnvoyProcess(upstream_cfg, workdir)
     # EnvoyProcess assigns its own listener port: read it back.
     up_port = upstream.port
-    streamer = FakeProviderServer()
-    streamer.start_in_thread()
     env = {
         **os.environ,
         "SPENDGATE_ADMIN_TOKEN": ADMIN,
@@ -146,6 +145,13 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
         # wrk sends the identity headers from loopback: trust them there.
         "SPENDGATE_EXT_PROC_TRUSTED_HEADER_SOURCES": "127.0.0.1/32",
     }
+    streamer_port = free_port()
+    streamer = _python(
+        "spendgate.demo.fake_provider",
+        ["--port", str(streamer_port)],
+        env,
+        workdir / "fake_provider.log",
+    )
     cp_address = f"127.0.0.1:{free_port()}"
     ep_port = free_port()
     control_plane = _python(
@@ -155,12 +161,24 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
         workdir / "control_plane.log",
     )
     wait_until(lambda: _serving(cp_address), timeout=30, message="control plane")
+    wait_until(lambda: _listening(streamer_port), timeout=30, message="fake provider")
     ports = [ep_port, *(free_port() for _ in range(ext_procs - 1))]
     extra = ext_proc_args or []
+    # BENCH_PROFILE=DIR: each ext_proc runs under cProfile and writes
+    # DIR/ext_proc-PORT.prof when it stops (its event loop thread only: the
+    # Python that spendgate and grpc.aio run per message).
+    profile = os.environ.get("BENCH_PROFILE", "")
     processes = [
         _python(
-            "ext_proc",
-            ["--listen", f"127.0.0.1:{port}", "--control-plane", cp_address, *extra],
+            "cProfile" if profile else "ext_proc",
+            [
+                *(["-o", f"{profile}/ext_proc-{port}.prof", "-m", "ext_proc"] if profile else []),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--control-plane",
+                cp_address,
+                *extra,
+            ],
             env,
             workdir / f"ext_proc-{port}.log",
         )
@@ -173,7 +191,7 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
             envoy_config.load(),
             ext_proc=("127.0.0.1", ep_port),
             providers_to=("127.0.0.1", up_port),
-            demo_to=("127.0.0.1", streamer.port),
+            demo_to=("127.0.0.1", streamer_port),
         )
     )
     envoy_config.set_ext_proc_endpoints(base, [("127.0.0.1", p) for p in ports])

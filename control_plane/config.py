@@ -11,6 +11,8 @@ from control_plane import keyring
 from spendgate import settings
 from spendgate.settings import ConfigError
 
+# About a hundred years: past any window a policy can have, within datetime's range.
+MAX_SPEND_RETENTION_DAYS = 36_500
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -31,6 +33,10 @@ class Settings:
     week_start: str = "monday"
     # How long applied usage batch ids are kept to recognise retries.
     batch_retention_hours: int = 168
+    # Spend rows of windows that ended longer ago than this are deleted (by the hourly
+    # maintenance, in bounded chunks; 1 to 36500): the database stops growing by members x
+    # windows. The current windows of every policy are never touched.
+    spend_retention_days: int = 400
     # A data plane's holds (reservations) lapse this long after its last report, so a dead data
     # plane's are released (15 to 3600; live data planes refresh theirs every 5 s).
     hold_ttl_s: int = 30
@@ -97,6 +103,10 @@ class Settings:
             keyring.parse_keys(self.secrets_key.split(","), "secrets_key", file=False)
         if self.batch_retention_hours < 1:
             raise ConfigError("batch_retention_hours must be at least 1")
+        if not 1 <= self.spend_retention_days <= MAX_SPEND_RETENTION_DAYS:
+            raise ConfigError(
+                f"spend_retention_days must be between 1 and {MAX_SPEND_RETENTION_DAYS}"
+            )
         if not 15 <= self.hold_ttl_s <= 3600:
             raise ConfigError(
                 "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)"

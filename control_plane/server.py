@@ -226,7 +226,10 @@ class ControlPlaneServer:
             spawn(
                 MAINTENANCE_TASK,
                 self._maintenance,
-                doing="forgetting old usage batch ids, expired holds and old webhook deliveries",
+                doing=(
+                    "forgetting old usage batch ids, spend of old windows, expired holds "
+                    "and old webhook deliveries"
+                ),
                 settle_s=5.0,
             ),
             spawn(
@@ -278,10 +281,13 @@ class ControlPlaneServer:
 
     async def _maintenance(self) -> None:
         retention = timedelta(hours=self.settings.batch_retention_hours)
+        spend_retention = timedelta(days=self.settings.spend_retention_days)
         while True:
             # A database outage is logged by the service; try next round.
             with contextlib.suppress(Unavailable):
                 await self.cp.forget_old_batches(retention)
+            with contextlib.suppress(Unavailable):
+                await self.cp.forget_old_spend(spend_retention)
             with contextlib.suppress(Unavailable):
                 await self.cp.forget_expired_holds()
             with contextlib.suppress(Unavailable):

@@ -61,6 +61,8 @@ Clock = Callable[[], datetime]
 ChangeKeys = Sequence[tuple[str, str, int]] | Sequence[str]
 ChangeHook = Callable[[Session, str, ChangeKeys], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
+# Spend rows of old windows deleted per transaction (forget_old_spend).
+SPEND_CHUNK = 5_000
 # A list page stops short of page_size at about this many bytes (at least one
 # item per page), far below the 4 MB a gRPC client accepts by default:
 # descriptions are free text of any length.
@@ -621,6 +623,56 @@ class ControlPlane:
             page = page[:limit]
             token = tokens.encode("spend", page[-1].policy_id, page[-1].member)
         return page, token
+
+    async def list_top_spend(
+        self, policy_id: str, page_size: int, page_token: str, top: int
+    ) -> tuple[list[pb.SpendEntry], str, list[pb.MemberCounts]]:
+        """ListSpend with top_members: a page of whole policies (``page_size``
+        of them), a wildcard policy's ``top`` biggest spenders only; its
+        entries, the next page's token and the wildcard policies' member counts."""
+        policies = clamp_page_size(page_size, default=100)
+        tokens = await self.page_tokens()
+        after = tokens.decode("spend-top", page_token, 1)[0] if page_token else ""
+        now = self.clock()
+
+        def query(s: Session) -> tuple[list[pb.SpendEntry], list[pb.MemberCounts], str]:
+            if policy_id and not repo.policies_by_id(s, [policy_id], description=False):
+                raise NotFound("policy", policy_id)
+            page = spend_list.top_page(
+                s, policy_id=policy_id, after_id=after, policies=policies, top=top, now=now
+            )
+            held = repo.holds_by_window(
+                s,
+                [(r.policy_id, r.member, r.window_start) for r, _ in page.rows],
+                int(now.timestamp()),
+            )
+            entries = [
+                _spend_entry(r, p, held.get((r.policy_id, r.member, r.window_start)))
+                for r, p in page.rows
+            ]
+            counts = [
+                pb.MemberCounts(policy_id=pid, members=n, exceeded=over, alerting=near)
+                for pid, n, over, near in page.counts
+            ]
+            return entries, counts, page.last_policy_id
+
+        entries, counts, last = await self.run(query)
+        return entries, tokens.encode("spend-top", last) if last else "", counts
+
+    async def forget_old_spend(self, retention: timedelta, chunk: int = SPEND_CHUNK) -> int:
+        """Delete the spend rows of windows that ended more than ``retention``
+        ago, ``chunk`` rows a transaction (other writers wait for one chunk at
+        most); how many."""
+        cutoff = int((self.clock() - retention).timestamp())
+        removed = 0
+        while True:
+            n = await self.run(lambda s: repo.forget_spend(s, ended_before=cutoff, limit=chunk))
+            removed += n
+            if n < chunk:
+                break
+        if removed:
+            log.info("forgot spend of old windows", count=removed, ended_before=cutoff)
+        return removed
 
     async def forget_old_batches(self, retention: timedelta) -> int:
         """Drop batch ids older than ``retention``. A data plane retries a batch

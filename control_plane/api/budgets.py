@@ -35,6 +35,9 @@ WRITABLE_PATHS = frozenset(
     }
 )
 
+# ListSpendRequest.top_members: at most one page of a wildcard policy's members.
+MAX_TOP_MEMBERS = 1000
+
 
 def mask_merger(patch: pb.BudgetPolicy, mask: FieldMask) -> MaskMerge:
     bad = [p for p in mask.paths if p not in WRITABLE_PATHS]
@@ -118,6 +121,18 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 "member", f"must be at most {MAX_MEMBER_FILTER_CHARS} characters"
             )
         check_text("member", request.member)
+        top = request.top_members
+        if not 0 <= top <= MAX_TOP_MEMBERS:
+            raise InvalidArgument.one("top_members", f"must be between 0 and {MAX_TOP_MEMBERS}")
+        if top and request.member:
+            raise InvalidArgument.one("top_members", "cannot be combined with member")
+        if top:
+            entries, token, counts = await self.cp.list_top_spend(
+                request.policy_id, request.page_size, request.page_token, top
+            )
+            return pb.ListSpendResponse(
+                entries=entries, next_page_token=token, member_counts=counts
+            )
         entries, token = await self.cp.list_spend(
             request.policy_id, request.member, request.page_size, request.page_token
         )

@@ -108,7 +108,11 @@ class WindowSpendRow(Base):
     # Requests a SHADOW policy would have refused in this window.
     would_reject_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
-    __table_args__ = (Index("ix_window_spend_window_end", "window_end"),)
+    __table_args__ = (
+        Index("ix_window_spend_window_end", "window_end"),
+        # A wildcard policy's top spenders and member counts (`spendgate status`).
+        Index("ix_window_spend_top", "policy_id", "window_start", "spent_nanos"),
+    )
 
 
 class WindowHoldRow(Base):

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import LargeBinary, Select, cast, delete, func, select, text, tuple_
+from sqlalchemy import LargeBinary, Select, case, cast, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
@@ -134,8 +134,29 @@ def all_policies(session: Session) -> Sequence[PolicyRow]:
 
 
 def delete_policy(session: Session, row: PolicyRow) -> None:
+    """The policy, its spend rows and its holds (nothing is left for a cleanup)."""
     session.execute(delete(WindowSpendRow).where(WindowSpendRow.policy_id == row.id))
+    session.execute(delete(WindowHoldRow).where(WindowHoldRow.policy_id == row.id))
     session.delete(row)
+
+
+def forget_spend(session: Session, *, ended_before: int, limit: int) -> int:
+    """Delete up to ``limit`` spend rows of windows that ended before
+    ``ended_before`` (Unix seconds), oldest first; how many. Bounded so that one
+    transaction never holds a large delete, and each chunk costs its own rows
+    only: found on ix_window_spend_window_end, deleted by physical row id (a
+    join on the primary key would scan the whole table per chunk)."""
+    row_id = "ctid" if session.get_bind().dialect.name == "postgresql" else "rowid"
+    old = (
+        f"SELECT {row_id} FROM window_spend WHERE window_end < :ended_before "
+        "ORDER BY window_end LIMIT :limit"
+    )
+    where = f"ctid = ANY(ARRAY({old}))" if row_id == "ctid" else f"rowid IN ({old})"
+    result = session.execute(
+        text(f"DELETE FROM window_spend WHERE {where}"),
+        {"ended_before": ended_before, "limit": limit},
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def dialect_insert(session: Session, table: type[object]) -> postgresql.Insert | sqlite.Insert:
@@ -376,6 +397,53 @@ def open_windows_page(
     if after is not None:
         q = q.where(tuple_(w.policy_id, w.member, w.window_start) > after)
     return session.scalars(q.order_by(w.policy_id, w.member, w.window_start).limit(limit)).all()
+
+
+def top_spenders(
+    session: Session, *, policy_id: str, window_start: int, limit: int
+) -> Sequence[WindowSpendRow]:
+    """The ``limit`` rows of one policy's window with the most spent (most
+    first, ties by member): a range of ix_window_spend_top, whatever the
+    number of members."""
+    w = WindowSpendRow
+    return session.scalars(
+        select(w)
+        .where(w.policy_id == policy_id, w.window_start == window_start)
+        .order_by(w.spent_nanos.desc(), w.member)
+        .limit(limit)
+    ).all()
+
+
+def count_members(
+    session: Session, *, policy_id: str, window_start: int, exceeded_at: int, alerting_at: int
+) -> tuple[int, int, int]:
+    """(members, members at or over ``exceeded_at``, members at or over
+    ``alerting_at`` and under ``exceeded_at``) of one policy's window, counted
+    by the database (on ix_window_spend_top's columns only)."""
+    w = WindowSpendRow
+    over = w.spent_nanos >= exceeded_at
+    near = (w.spent_nanos >= alerting_at) & (w.spent_nanos < exceeded_at)
+    members, exceeded, alerting = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((over, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((near, 1), else_=0)), 0),
+        ).where(w.policy_id == policy_id, w.window_start == window_start)
+    ).one()
+    return int(members), int(exceeded), int(alerting)
+
+
+def unnamed_open_windows(
+    session: Session, *, active_at: int, policy_ids: Iterable[str]
+) -> Sequence[WindowSpendRow]:
+    """The member-less rows (non-wildcard policies) of ``policy_ids`` whose
+    windows contain ``active_at``: primary key lookups."""
+    ids = list(policy_ids)
+    if not ids:
+        return []
+    w = WindowSpendRow
+    q = spend_rows_query(active_at=active_at).where(w.policy_id.in_(ids), w.member == "")
+    return session.scalars(q).all()
 
 
 @dataclass(frozen=True, slots=True)

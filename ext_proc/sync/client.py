@@ -202,7 +202,7 @@ class ControlPlaneSync:
         except Exception:
             log.exception("the last flush failed")
         try:
-            self.save_state()
+            await self.save_state()
         except Exception:
             log.exception("the last policy snapshot could not be saved")
         left = self.state.unsent_count()
@@ -315,21 +315,28 @@ class ControlPlaneSync:
         # A task of its own: a snapshot that cannot be saved never stops usage.
         while True:
             await asyncio.sleep(self._save_every)
-            self.save_state()
+            await self.save_state()
 
-    def save_state(self) -> None:
-        """Keep the control plane's last word on disk (ext_proc/sync/snapshot.py)."""
+    async def save_state(self) -> None:
+        """Keep the control plane's last word on disk (ext_proc/sync/snapshot.py):
+        a copy taken here, built and written in a thread (the loop keeps serving)."""
         state = self.state
         if state.journal is None or not state.synced or not state.snapshot_dirty:
             return
         started = time.perf_counter()
         try:
-            snapshot.save(state.journal.directory, state.saved_state())
+            parts = state.snapshot_parts()
+            await asyncio.to_thread(snapshot.write, state.journal.directory, parts)
+        except asyncio.CancelledError:
+            # The thread goes on and may still fail: save again at the next chance.
+            state.snapshot_dirty = True
+            raise
         except OSError as e:
             state.snapshot_dirty = True
             log.warning("could not save the policy snapshot", error=str(e))
-        # A large state (many policies, members) takes a while to write: keep
-        # saving it from costing more than about SNAPSHOT_SHARE of the loop.
+        # A large state (many policies, members) takes a while to write, and the
+        # thread building it holds the GIL for much of that time: keep saving
+        # from costing more than about SNAPSHOT_SHARE of the process.
         took = time.perf_counter() - started
         self._save_every = max(SNAPSHOT_INTERVAL_S, took / SNAPSHOT_SHARE)
 

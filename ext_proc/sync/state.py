@@ -37,6 +37,7 @@ import structlog
 
 from ext_proc.admission import windows
 from ext_proc.admission.decide import SpendKey
+from ext_proc.sync import snapshot
 from ext_proc.sync.journal import Journal
 from ext_proc.sync.quarantine import MAX_MEMBER_CHARS, Quarantine, record
 from ext_proc.sync.view import OverrideSet, PolicySet
@@ -555,26 +556,23 @@ class LocalState:
 
     # ---- control plane state -------------------------------------------------
 
-    def saved_state(self) -> dp.StateUpdate:
-        """What ext_proc/sync/snapshot.py keeps: policies, prices and window totals
-        (as increments on an empty state; apply_update reads it back)."""
-        update = dp.StateUpdate(
-            spend=[
-                dp.WindowSpend(
-                    policy_id=k[0],
-                    member=k[1],
-                    window_start=timestamp(k[2]),
-                    window_end=timestamp(v[1]),
-                    spent_nanos=v[0],
-                    adjustment_seq=self.remote_seq.get(k, 0),
-                )
-                for k, v in self.remote.items()
-            ],
-            policy_changes=dp.PolicyChanges(upserts=self.policy_set.msgs.values()),
-            price_changes=dp.PriceOverrideChanges(upserts=self.overrides.msgs.values()),
+    def snapshot_parts(self) -> snapshot.Parts:
+        """What ext_proc/sync/snapshot.py keeps (policies, prices and window
+        totals), copied: cheap on the event loop, and the copy may then be
+        built and written in a thread while this state keeps changing."""
+        parts = snapshot.Parts(
+            spend=dict(self.remote),
+            seqs=dict(self.remote_seq),
+            policies=list(self.policy_set.msgs.values()),
+            prices=list(self.overrides.msgs.values()),
         )
         self.snapshot_dirty = False
-        return update
+        return parts
+
+    def saved_state(self) -> dp.StateUpdate:
+        """The snapshot message of this state, built here (snapshot_parts and
+        snapshot.write do the same with the building off the event loop)."""
+        return snapshot.build(self.snapshot_parts())
 
     def apply_update(self, update: dp.StateUpdate, now: datetime) -> None:
         """Apply a change (or, from an earlier release's control plane or

@@ -96,10 +96,25 @@ class PolicyStatus:
     wildcard: bool
     spend: list[Spend]  # highest spend first; empty for a wildcard nobody has spent on
     window: tuple[datetime, datetime] | None  # the current window (None: not known)
+    # A wildcard policy's members counted by the control plane (members,
+    # exceeded, alerting) when ``spend`` holds only the top ones; None: ``spend``
+    # is every member (a control plane without ListSpendRequest.top_members).
+    counts: tuple[int, int, int] | None = None
 
     @property
     def state(self) -> str:
+        # The top spenders include the worst state: one limit, one scale.
         return min((s.state for s in self.spend), key=_SEVERITY.__getitem__, default=OK)
+
+    @property
+    def members(self) -> int:
+        return self.counts[0] if self.counts is not None else len(self.spend)
+
+    def count(self, state: str) -> int:
+        """Members in ``state`` (EXCEEDED or ALERTING)."""
+        if self.counts is not None:
+            return self.counts[1] if state == EXCEEDED else self.counts[2]
+        return sum(1 for s in self.spend if s.state == state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,8 @@ class Snapshot:
     anomalies: list[wpb.BudgetEvent] = field(default_factory=list)
 
 
+# The most members a wildcard policy shows (ListSpendRequest.top_members' limit).
+MAX_TOP = 1000
 # How many quarantined records and anomalies the top of the view lists.
 ATTENTION_ROWS = 5
 
@@ -164,7 +181,30 @@ def _is_wildcard(p: pb.BudgetPolicy) -> bool:
     return p.target == "*"
 
 
-def fetch(client: AdminClient, *, events: int, now: datetime) -> Snapshot:
+def _top_spend(
+    client: AdminClient, top: int
+) -> tuple[dict[str, list[pb.SpendEntry]], dict[str, tuple[int, int, int]]]:
+    """Every policy's current spend, a wildcard policy's ``top`` biggest
+    spenders only (and its member counts): pages of whole policies, whatever
+    the number of members."""
+    entries: dict[str, list[pb.SpendEntry]] = {}
+    counts: dict[str, tuple[int, int, int]] = {}
+    token = ""
+    while True:
+        resp = client.call(
+            "ListSpend", pb.ListSpendRequest(page_size=1000, page_token=token, top_members=top)
+        )
+        for e in resp.entries:
+            entries.setdefault(e.policy_id, []).append(e)
+        counts.update(
+            {c.policy_id: (c.members, c.exceeded, c.alerting) for c in resp.member_counts}
+        )
+        token = resp.next_page_token
+        if not token:
+            return entries, counts
+
+
+def fetch(client: AdminClient, *, events: int, now: datetime, top: int = 5) -> Snapshot:
     policies = list(
         _pages(
             lambda t: client.call(
@@ -173,12 +213,8 @@ def fetch(client: AdminClient, *, events: int, now: datetime) -> Snapshot:
             "policies",
         )
     )
-    entries: dict[str, list[pb.SpendEntry]] = {}
-    for e in _pages(
-        lambda t: client.call("ListSpend", pb.ListSpendRequest(page_size=1000, page_token=t)),
-        "entries",
-    ):
-        entries.setdefault(e.policy_id, []).append(e)
+    # At least one member each: the top spender carries the policy's state.
+    entries, counts = _top_spend(client, min(max(top, 1), MAX_TOP))
     recent: list[wpb.BudgetEvent] = []
     if events > 0:
         resp = client.call("ListEvents", wpb.ListEventsRequest(page_size=events))
@@ -190,7 +226,7 @@ def fetch(client: AdminClient, *, events: int, now: datetime) -> Snapshot:
             key=lambda s: (-Decimal(s.spent_usd), s.member),
         )
         window = (spend[0].window_start, spend[0].window_end) if spend else None
-        result.append(PolicyStatus(p, _is_wildcard(p), spend, window))
+        result.append(PolicyStatus(p, _is_wildcard(p), spend, window, counts.get(p.id)))
     result.sort(key=lambda s: (not s.policy.enabled, _SEVERITY[s.state], s.policy.name))
     quarantined = client.call(
         "ListQuarantinedUsage", pb.ListQuarantinedUsageRequest(page_size=ATTENTION_ROWS)
@@ -320,9 +356,9 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
     if not ps.spend:
         lines.append("  no member has spent in the current window")
         return lines
-    counts = [f"{n} {state}" for state in (EXCEEDED, ALERTING) if (n := _count(ps.spend, state))]
+    counts = [f"{n} {state}" for state in (EXCEEDED, ALERTING) if (n := ps.count(state))]
     shown = ps.spend[: max(top, 0)]
-    members = f"{len(ps.spend)} member{'s' if len(ps.spend) != 1 else ''}"
+    members = f"{ps.members} member{'s' if ps.members != 1 else ''}"
     head = ", ".join([members, *counts])
     lines.append(f"  {head}" + (f"; top {len(shown)} by spend:" if shown else ""))
     width = max((len(s.member) for s in shown), default=0)
@@ -340,10 +376,6 @@ def shadow_text(p: pb.BudgetPolicy) -> str | None:
     if p.enforcement == pb.ENFORCEMENT_SHADOW:
         return f"shadow: {text} (admitted; promote with: spendgate policy update {p.id} --enforce)"
     return f"enforced now; while in shadow it {text}" if n else None
-
-
-def _count(spend: Sequence[Spend], state: str) -> int:
-    return sum(1 for s in spend if s.state == state)
 
 
 def _anomaly_text(e: wpb.BudgetEvent) -> str:
@@ -516,7 +548,7 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
                 "wildcard": ps.wildcard,
                 "window_start": _iso(ps.window[0]) if ps.window else None,
                 "window_end": _iso(ps.window[1]) if ps.window else None,
-                "member_count": len(ps.spend) if ps.wildcard else None,
+                "member_count": ps.members if ps.wildcard else None,
                 "spend": [spend(s) for s in shown],
             }
         )
@@ -592,7 +624,7 @@ def run_status(args: argparse.Namespace, client: AdminClient) -> None:
         watch(args, client)
         return
     now = datetime.now(UTC)
-    snap = fetch(client, events=args.events, now=now)
+    snap = fetch(client, events=args.events, now=now, top=args.top)
     if args.json:
         echo(json.dumps(as_json(snap, args.top), indent=2))
     else:
@@ -616,7 +648,7 @@ def watch(args: argparse.Namespace, client: AdminClient) -> None:
             now = datetime.now(UTC)
             error = ""
             try:
-                snap = fetch(client, events=args.events, now=now)
+                snap = fetch(client, events=args.events, now=now, top=args.top)
             except CliError as e:
                 if not e.retryable:
                     raise  # a bad token or request does not fix itself

@@ -24,7 +24,12 @@ Per-request knobs (request headers; Envoy passes them through):
   x-fake-reasoning-tokens   the reasoning part of the output
   x-fake-status             answer this HTTP status with the API's error body
   x-fake-chunks             content chunks when streaming (default 5)
-  x-fake-chunk-delay-ms     pause between streamed events
+  x-fake-chunk-delay-ms     pause between streamed events (paced on a schedule:
+                            event i leaves i x delay after the first, so the
+                            time spent writing does not add up)
+  x-fake-stamp              "1": each streamed event carries an SSE comment line
+                            ": t=NS" with the CLOCK_MONOTONIC nanoseconds at which
+                            it was written (the benchmark's per-event latency)
   x-fake-delay-ms           pause before answering at all
   x-fake-cut-after          stream this many events after the first, then drop
                             the connection
@@ -319,7 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, reply: fake_apis.Reply) -> bool:
         """Send the events one HTTP chunk each; False if the stream was cut."""
-        delay = self._int("x-fake-chunk-delay-ms", 0) / 1000
+        delay = min(self._int("x-fake-chunk-delay-ms", 0), 60_000) / 1000
+        stamp = self.headers.get("x-fake-stamp") == "1"
         cut_after = self._int("x-fake-cut-after", -1)
         gate = self.server.gate(self.headers.get("x-fake-gate", ""))
         self.send_response(200)
@@ -327,6 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self._send_extra_header()
         self.end_headers()
+        start = time.monotonic()
         for i, event in enumerate(reply.events):
             if i > 0:
                 if gate is not None and not gate.acquire(timeout=15):
@@ -336,7 +343,9 @@ class _Handler(BaseHTTPRequestHandler):
                     self.connection.shutdown(2)
                     return False
                 if delay:
-                    time.sleep(delay)
+                    time.sleep(max(0.0, start + i * delay - time.monotonic()))
+            if stamp:
+                event = b": t=%d\n" % time.monotonic_ns() + event
             self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")
@@ -347,6 +356,9 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeProviderServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Many streams open at once (the benchmark opens 32): the default backlog of 5
+    # drops connections, which then wait a second for the SYN to be retried.
+    request_queue_size = 128
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__((host, port), _Handler)

@@ -188,16 +188,30 @@ class DeleteBudgetPolicyRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class ListSpendRequest(_message.Message):
-    __slots__ = ("policy_id", "member", "page_size", "page_token")
+    __slots__ = ("policy_id", "member", "page_size", "page_token", "top_members")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOP_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     member: str
     page_size: int
     page_token: str
-    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    top_members: int
+    def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., top_members: _Optional[int] = ...) -> None: ...
+
+class MemberCounts(_message.Message):
+    __slots__ = ("policy_id", "members", "exceeded", "alerting")
+    POLICY_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    EXCEEDED_FIELD_NUMBER: _ClassVar[int]
+    ALERTING_FIELD_NUMBER: _ClassVar[int]
+    policy_id: str
+    members: int
+    exceeded: int
+    alerting: int
+    def __init__(self, policy_id: _Optional[str] = ..., members: _Optional[int] = ..., exceeded: _Optional[int] = ..., alerting: _Optional[int] = ...) -> None: ...
 
 class SpendEntry(_message.Message):
     __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count", "would_reject_count")
@@ -240,12 +254,14 @@ class SpendEntry(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
-    __slots__ = ("entries", "next_page_token")
+    __slots__ = ("entries", "next_page_token", "member_counts")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_COUNTS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[SpendEntry]
     next_page_token: str
-    def __init__(self, entries: _Optional[_Iterable[_Union[SpendEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    member_counts: _containers.RepeatedCompositeFieldContainer[MemberCounts]
+    def __init__(self, entries: _Optional[_Iterable[_Union[SpendEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., member_counts: _Optional[_Iterable[_Union[MemberCounts, _Mapping]]] = ...) -> None: ...
 
 class QuarantinedUsage(_message.Message):
     __slots__ = ("id", "reason", "detail", "data_plane_id", "batch_id", "policy_id", "member", "member_bytes", "member_sha256", "window_start", "cost_usd", "request_count", "quarantine_time")

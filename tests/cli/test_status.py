@@ -236,6 +236,55 @@ def test_status_json(crossed: Crossed, capsys: pytest.CaptureFixture[str]) -> No
     assert [e["id"] for e in data["events"]] == [e.id for e in crossed.events()]
 
 
+def test_status_top_one_counts_every_member_on_the_server(
+    crossed: Crossed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["status", "--server", crossed.server, "--token", ADMIN_TOKEN, "--top", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    users_at = lines.index(f"per user  {crossed.users.id}")
+    alice = crossed.spend()[(crossed.users.id, "alice")]
+    # Only alice was fetched (top_members=1); the counts are the control plane's.
+    assert lines[users_at + 3 : users_at + 6] == [
+        "  2 members, 1 EXCEEDED, 1 ALERTING; top 1 by spend:",
+        "    alice  " + _spend_text(alice, "EXCEEDED"),
+        "",
+    ]
+
+
+def test_list_spend_top_members(crossed: Crossed) -> None:
+    def call(**fields: object) -> pb.ListSpendResponse:
+        return crossed.stack.budgets.ListSpend(  # type: ignore[no-any-return]
+            pb.ListSpendRequest(**fields),  # type: ignore[arg-type]
+            metadata=crossed.stack.admin,
+            timeout=10,
+        )
+
+    resp = call(policy_id=crossed.users.id, top_members=1)
+    assert [(e.member, e.spent_usd) for e in resp.entries] == [("alice", "0.0009")]
+    assert [(c.policy_id, c.members, c.exceeded, c.alerting) for c in resp.member_counts] == [
+        (crossed.users.id, 2, 1, 1)
+    ]
+    assert resp.next_page_token == ""
+    first = call(top_members=1, page_size=1)
+    second = call(top_members=1, page_size=1, page_token=first.next_page_token)
+    assert {e.policy_id for e in [*first.entries, *second.entries]} == {
+        crossed.team.id,
+        crossed.users.id,
+    }
+    assert second.next_page_token == ""
+    for fields, message in (
+        ({"top_members": -1}, "top_members: must be between 0 and 1000"),
+        ({"top_members": 1001}, "top_members: must be between 0 and 1000"),
+        ({"top_members": 1, "member": "alice"}, "top_members: cannot be combined with member"),
+        ({"top_members": 1, "page_token": "forged"}, "page_token: is not a token"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call(**fields)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert message in (err.value.details() or ""), err.value.details()
+
+
 def test_status_as_a_subprocess_with_the_read_token(crossed: Crossed) -> None:
     result = subprocess.run(
         [*SPENDGATE, "status", "--server", crossed.server, "--token", READ_TOKEN],

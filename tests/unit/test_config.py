@@ -459,6 +459,14 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
             "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)",
             id="hold-ttl-below-refresh",
         ),
+        *(
+            pytest.param(
+                {**CP_REQUIRED, "SPENDGATE_SPEND_RETENTION_DAYS": days},
+                "spend_retention_days must be between 1 and 36500",
+                id=f"spend-retention-{days}",
+            )
+            for days in ("0", "-1", "36501")
+        ),
         pytest.param(
             {**CP_REQUIRED, "SPENDGATE_TLS_CERT_FILE": "/cert.pem"},
             "tls_cert_file and tls_key_file must be set together",

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_proc.metering.meters.sse import SSEDecoder, SSEEvent
+from ext_proc.metering.meters.sse import SSEDecoder, SSEEvent, _whole_events
 
 pytest.register_assert_rewrite("tests.unit.meter_cases")
 from tests.unit.meter_cases import CUTS, bytewise, split  # noqa: E402
@@ -169,3 +169,60 @@ def test_garbage_is_chunking_invariant_and_bounded(
     assert events == expected
     assert decoder.oversized_events == whole.oversized_events
     assert all(len(e.data) <= max_event_bytes for e in events)
+
+
+# -- the whole-events path (a chunk of complete events, as providers send them) --
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        pytest.param(b'data: {"a":1}\n\n', [ev(b'{"a":1}')], id="openai"),
+        pytest.param(b"data:x\n\ndata: y\n\n", [ev(b"x"), ev(b"y")], id="two-no-space"),
+        pytest.param(
+            b"event: message_delta\ndata: {}\n\n", [ev(b"{}", "message_delta")], id="anthropic"
+        ),
+        pytest.param(b": t=1\ndata: a\ndata: b\n\n", [ev(b"a\nb")], id="comment-multiline"),
+    ],
+)
+def test_whole_events_take_the_short_path(chunk: bytes, expected: list[SSEEvent]) -> None:
+    assert _whole_events(chunk, 1024) == expected
+    decoder = SSEDecoder()
+    decoder.feed(b"")  # past the BOM check
+    assert decoder.feed(chunk) == expected
+    assert decoder.buffered_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"data: a\n",  # unterminated
+        b"data: a\r\n\r\n",
+        b"\n\ndata: a\n\n",  # a blank line first
+        b"id: 1\ndata: a\n\n",
+        b"data\n\n",  # a field without a colon
+        b"retry: 5\n\n",
+        b": keep-alive\n\n",  # a lone comment: rare, left to the general path
+        b"data: " + b"x" * 2000 + b"\n\n",  # longer than the limit
+    ],
+)
+def test_anything_else_takes_the_general_path(chunk: bytes) -> None:
+    assert _whole_events(chunk, 1024) is None
+
+
+@settings(database=None)
+@given(event_streams() | SOUP.map(lambda b: (b, [])), st.integers(1, 60))
+def test_the_short_path_agrees_with_the_general_one(
+    stream: tuple[bytes, list[SSEEvent]], max_event_bytes: int
+) -> None:
+    data = stream[0].replace(b"\r", b"")
+    whole = SSEDecoder(max_event_bytes)
+    events = whole.feed(data) + whole.flush()
+    assert events == bytewise_decode(data, max_event_bytes)
+
+
+def bytewise_decode(data: bytes, max_event_bytes: int) -> list[SSEEvent]:
+    """One byte at a time: never a chunk of whole events, always the general path."""
+    decoder = SSEDecoder(max_event_bytes)
+    events = [e for i in range(len(data)) for e in decoder.feed(data[i : i + 1])]
+    return events + decoder.flush()

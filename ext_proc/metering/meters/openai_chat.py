@@ -82,6 +82,10 @@ def _parse_usage(usage: dict[str, Any]) -> Usage | None:
 
 def _generated_chars(message: dict[str, Any]) -> int:
     """Characters of generated text in a message or delta."""
+    if len(message) == 1:  # the usual stream delta: {"content": "..."}, one per token
+        content = message.get("content")
+        if content is not None:
+            return len(content) if isinstance(content, str) else 0
     reasoning = message.get("reasoning_content")  # vLLM, DeepSeek; newer vLLM: "reasoning"
     if not isinstance(reasoning, str):
         reasoning = message.get("reasoning")

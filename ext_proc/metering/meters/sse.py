@@ -67,6 +67,10 @@ class SSEDecoder:
             chunk = self._drop_to_line_end(chunk)
         if not chunk:
             return []
+        if not self._buf and not self._size and not self._skipping:
+            whole = _whole_events(chunk, self.max_event_bytes)
+            if whole is not None:
+                return whole
 
         if b"\n" not in chunk and b"\r" not in chunk:  # no line end: just buffer
             self._keep_partial(chunk)
@@ -167,3 +171,38 @@ class SSEDecoder:
         self._size = 0
         self._event = None
         self._data = []
+
+
+def _whole_events(chunk: bytes, max_event_bytes: int) -> list[SSEEvent] | None:
+    """The events of a chunk that is whole events only, as providers send them
+    (one event per chunk, lines of ``data:``, ``event:`` or comments, each event
+    ended by a blank line, no CR); None for anything else, which the general
+    line-by-line path then decodes. Same result, a third of the work: this is
+    the per-token path of every stream."""
+    if not chunk.endswith(b"\n\n") or b"\r" in chunk or len(chunk) > max_event_bytes:
+        return None
+    events: list[SSEEvent] = []
+    for block in chunk[:-2].split(b"\n\n"):
+        if b"\n" not in block:  # the usual event: one data line
+            if not block.startswith(b"data:"):
+                return None
+            value = block[5:]
+            events.append(SSEEvent(None, value[1:] if value[:1] == b" " else value))
+            continue
+        event: str | None = None
+        data: list[bytes] = []
+        for line in block.split(b"\n"):
+            name, colon, value = line.partition(b":")
+            if not colon or not line:
+                return None
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                event = value.decode("utf-8", "replace") or None
+            elif name:  # id, retry and unknown fields: the general path
+                return None
+        if data:
+            events.append(SSEEvent(event, b"\n".join(data)))
+    return events
