@@ -1,0 +1,62 @@
+"""The fake provider behind TLS, with a certificate chosen by the test, that
+counts what reaches it: TCP connections, TLS handshakes completed and
+failed, and (in its log) the HTTP requests it decrypted."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from typing import Any
+
+from spendgate.demo.fake_provider import FakeProviderServer
+from tests.e2e.identity_setup import Pem
+
+HANDSHAKE_TIMEOUT_S = 10
+
+
+class TlsFakeProvider(FakeProviderServer):
+    """Listens on ::1 and 127.0.0.1 (one dual-stack socket): Envoy may
+    resolve ``localhost`` to either."""
+
+    address_family = socket.AF_INET6
+
+    def __init__(self, pem: Pem) -> None:
+        super().__init__("::")
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pem.cert, pem.key)
+        self.counts_lock = threading.Lock()
+        self.connections = 0
+        self.handshakes = 0
+        self.failed_handshakes = 0
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        # The handshake runs in the request's thread (finish_request), so a
+        # client that never completes it cannot stall accept().
+        wrapped = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        with self.counts_lock:
+            self.connections += 1
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError):
+            with self.counts_lock:
+                self.failed_handshakes += 1
+            return
+        request.settimeout(None)
+        with self.counts_lock:
+            self.handshakes += 1
+        super().finish_request(request, client_address)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(connections, handshakes completed, handshakes failed)."""
+        with self.counts_lock:
+            return self.connections, self.handshakes, self.failed_handshakes
