@@ -1,12 +1,11 @@
 """`spendgate up` with TLS upstreams, run as an operator runs it: the
 providers' certificates come from a CA made at run time and trusted with
 `--upstream-ca`; a certificate for another host is refused; `tls: insecure`
-accepts it, with a warning; a bundle that does not exist stops `up` before
-anything starts."""
+accepts it, with a warning. (A bundle that does not exist stops `up` before
+anything starts: tests/e2e/test_up_upstreams.py.)"""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,9 @@ import openai
 import pytest
 import yaml
 
-from tests.e2e.identity_setup import CertificateAuthority
-from tests.e2e.tls_fake import TlsFakeProvider
+from tests.e2e.tls_fake import TlsFakeProvider, fakes_of
 from tests.harness import (
-    SPENDGATE_CLI,
     UP_PORT_OPTIONS,
-    env_without_spendgate,
     free_port,
     start_spendgate_up,
 )
@@ -38,55 +34,42 @@ class Up:
     good: TlsFakeProvider  # certificate for localhost
     wrong_host: TlsFakeProvider  # certificate for elsewhere.spendgate.test
     output: list[str]
+    ca: Path
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     cwd = tmp_path_factory.mktemp("up-tls")
-    ca = CertificateAuthority(cwd)
-    good = TlsFakeProvider(ca.issue("provider", server=True))
-    wrong_host = TlsFakeProvider(
-        ca.issue("elsewhere", server=True, hosts=("elsewhere.spendgate.test",))
-    )
-    for fake in (good, wrong_host):
-        fake.start_in_thread()
-    (cwd / "spendgate.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "providers": {
-                    "openai": {"url": f"https://localhost:{good.port}"},
-                    "anthropic": {},
-                    "compatible": [
-                        {
-                            "name": "selfsigned",
-                            "url": f"https://localhost:{wrong_host.port}",
-                            "tls": "insecure",
-                            "prefix": "/selfsigned",
-                        }
-                    ],
+    with fakes_of(cwd) as (ca, good, wrong_host):
+        (cwd / "spendgate.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "providers": {
+                        "openai": {"url": f"https://localhost:{good.port}"},
+                        "anthropic": {},
+                        "compatible": [
+                            {
+                                "name": "selfsigned",
+                                "url": f"https://localhost:{wrong_host.port}",
+                                "tls": "insecure",
+                                "prefix": "/selfsigned",
+                            }
+                        ],
+                    }
                 }
-            }
+            )
         )
-    )
-    ports = {name: free_port() for name in UP_PORT_OPTIONS}
-    args = [*(f"--{k}={v}" for k, v in ports.items()), "--config", "spendgate.yaml"]
-    args += ["--upstream-ca", str(ca.pem.cert)]
-    args += ["--upstream", f"anthropic=https://localhost:{wrong_host.port}"]
-    try:
+        ports = {name: free_port() for name in UP_PORT_OPTIONS}
+        args = [*(f"--{k}={v}" for k, v in ports.items()), "--config", "spendgate.yaml"]
+        args += ["--upstream-ca", str(ca)]
+        args += ["--upstream", f"anthropic=https://localhost:{wrong_host.port}"]
         proc, output = start_spendgate_up(args, cwd)
-    except BaseException:
-        for fake in (good, wrong_host):
-            fake.shutdown()
-        raise
-    try:
-        yield Up(cwd, ports["port"], good, wrong_host, output)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for fake in (good, wrong_host):
-            fake.shutdown()
-            fake.server_close()
+        try:
+            yield Up(cwd, ports["port"], good, wrong_host, output, ca)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def test_the_configured_ca_verifies_the_provider(up: Up) -> None:
@@ -98,7 +81,7 @@ def test_the_configured_ca_verifies_the_provider(up: Up) -> None:
     (openai_cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "openai"]
     context = openai_cluster["transport_socket"]["typed_config"]["common_tls_context"]
     trusted = context["validation_context"]["trusted_ca"]["filename"]
-    assert Path(trusted).resolve() == (up.cwd / "spendgate-test-CA.crt").resolve()
+    assert Path(trusted).resolve() == up.ca.resolve()
 
 
 def test_a_certificate_for_another_host_is_refused(up: Up) -> None:
@@ -123,27 +106,3 @@ def test_tls_insecure_accepts_any_certificate_and_says_so(up: Up) -> None:
         "tls: insecure: Envoy accepts any certificate there"
     )
     assert any(line.startswith(warning) for line in up.output), up.output
-
-
-def test_a_missing_ca_bundle_stops_up_before_anything_starts(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in UP_PORT_OPTIONS}
-    done = subprocess.run(
-        [
-            *SPENDGATE_CLI,
-            "up",
-            *(f"--{k}={v}" for k, v in ports.items()),
-            "--upstream-ca",
-            "corp-ca.pem",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env_without_spendgate(),
-        timeout=60,
-    )
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert done.stderr == (
-        f"spendgate: upstream_ca_file (--upstream-ca): {tmp_path.resolve() / 'corp-ca.pem'} "
-        "does not exist or is not a file\n"
-    )
-    assert not (tmp_path / ".spendgate").exists()

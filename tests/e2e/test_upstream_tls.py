@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -31,8 +30,7 @@ from spendgate.upstreams import Upstream
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.e2e.budgets import create_policy, spent
-from tests.e2e.identity_setup import CertificateAuthority
-from tests.e2e.tls_fake import TlsFakeProvider
+from tests.e2e.tls_fake import OTHER_HOST, TlsFakeProvider, fakes_of
 from tests.harness import tempdir, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +44,6 @@ class Tls:
     stack: Stack
     good: TlsFakeProvider  # certificate for localhost and 127.0.0.1
     wrong_host: TlsFakeProvider  # certificate for elsewhere.spendgate.test only
-    ca: Path
 
 
 def _send(config: dict[str, Any], cluster: str, host: str, port: int, ca_file: str) -> None:
@@ -58,32 +55,21 @@ def _send(config: dict[str, Any], cluster: str, host: str, port: int, ca_file: s
 
 @pytest.fixture(scope="module")
 def tls() -> Iterator[Tls]:
-    workdir = tempdir()
-    ca = CertificateAuthority(workdir)
-    good = TlsFakeProvider(ca.issue("provider", server=True))
-    wrong_host = TlsFakeProvider(
-        ca.issue("elsewhere", server=True, hosts=("elsewhere.spendgate.test",))
-    )
-    for fake in (good, wrong_host):
-        fake.start_in_thread()
-    system = upstream_tls.resolve_ca_file("")
-    test_ca = str(ca.pem.cert)
+    with fakes_of(tempdir()) as (ca, good, wrong_host):
+        system = upstream_tls.resolve_ca_file("")
 
-    def edit(config: dict[str, Any]) -> None:
-        _send(config, "openai", "localhost", good.port, test_ca)
-        _send(config, "anthropic", "localhost", good.port, system)
-        _send(config, "azure_openai", "localhost", wrong_host.port, test_ca)
-        _send(config, "gemini", "127.0.0.1", good.port, test_ca)
-        _send(config, "bedrock", "localhost", wrong_host.port, test_ca)
+        def edit(config: dict[str, Any]) -> None:
+            _send(config, "openai", "localhost", good.port, str(ca))
+            _send(config, "anthropic", "localhost", good.port, system)
+            _send(config, "azure_openai", "localhost", wrong_host.port, str(ca))
+            _send(config, "gemini", "127.0.0.1", good.port, str(ca))
+            _send(config, "bedrock", "localhost", wrong_host.port, str(ca))
 
-    stack = start_stack(envoy=edit)
-    try:
-        yield Tls(stack, good, wrong_host, ca.pem.cert)
-    finally:
-        stop_stack(stack)
-        for fake in (good, wrong_host):
-            fake.shutdown()
-            fake.server_close()
+        stack = start_stack(envoy=edit)
+        try:
+            yield Tls(stack, good, wrong_host)
+        finally:
+            stop_stack(stack)
 
 
 def test_a_provider_certificate_from_the_configured_ca_is_served_and_metered(tls: Tls) -> None:
@@ -183,7 +169,7 @@ def test_a_certificate_for_another_host_name_is_refused(tls: Tls) -> None:
         "code": "provider_unreachable",
     }
     _reason(error.body["message"])
-    assert "elsewhere.spendgate.test" in error.body["message"]  # the SANs it showed
+    assert OTHER_HOST in error.body["message"]  # the SANs it showed
     _refused_without_a_request(tls.wrong_host, before)
     assert tls.wrong_host.log.requests == []
 

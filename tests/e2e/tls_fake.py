@@ -7,12 +7,16 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from spendgate.demo.fake_provider import FakeProviderServer
-from tests.e2e.identity_setup import Pem
+from tests.e2e.identity_setup import CertificateAuthority, Pem
 
 HANDSHAKE_TIMEOUT_S = 10
+OTHER_HOST = "elsewhere.spendgate.test"
 
 
 class TlsFakeProvider(FakeProviderServer):
@@ -60,3 +64,21 @@ class TlsFakeProvider(FakeProviderServer):
         """(connections, handshakes completed, handshakes failed)."""
         with self.counts_lock:
             return self.connections, self.handshakes, self.failed_handshakes
+
+
+@contextmanager
+def fakes_of(workdir: Path) -> Iterator[tuple[Path, TlsFakeProvider, TlsFakeProvider]]:
+    """A CA made now (its certificate file), and two running fakes with
+    certificates from it: one for localhost and 127.0.0.1, one for OTHER_HOST
+    only. Both are stopped on exit."""
+    ca = CertificateAuthority(workdir)
+    good = TlsFakeProvider(ca.issue("provider", server=True))
+    wrong_host = TlsFakeProvider(ca.issue("elsewhere", server=True, hosts=(OTHER_HOST,)))
+    for fake in (good, wrong_host):
+        fake.start_in_thread()
+    try:
+        yield ca.pem.cert, good, wrong_host
+    finally:
+        for fake in (good, wrong_host):
+            fake.shutdown()
+            fake.server_close()
