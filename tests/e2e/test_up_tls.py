@@ -40,7 +40,8 @@ class Up:
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     cwd = tmp_path_factory.mktemp("up-tls")
-    with fakes_of(cwd) as (ca, good, wrong_host):
+    with fakes_of(cwd) as fakes:
+        ca, good, wrong_host = fakes.ca, fakes.good, fakes.wrong_host
         (cwd / "spendgate.yaml").write_text(
             yaml.safe_dump(
                 {

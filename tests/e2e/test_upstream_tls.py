@@ -8,6 +8,8 @@ providers behind TLS with certificates from a CA made at run time.
                trusted: a 503 in OpenAI's shape, no request decrypted.
 - bedrock    → the fake for another host: a 503 in AWS's error shape.
 - gemini     → the first fake by its IP address (the IP SAN is checked): served.
+- /wild/     → a compatible upstream api.wild.spendgate.test, a fake with a
+               certificate for *.wild.spendgate.test: served.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from spendgate import envoy_config, upstream_tls
+from spendgate.providers import Compatible, Providers
 from spendgate.upstreams import Upstream
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.e2e.budgets import create_policy, spent
-from tests.e2e.tls_fake import OTHER_HOST, TlsFakeProvider, fakes_of
+from tests.e2e.tls_fake import OTHER_HOST, WILDCARD_DOMAIN, TlsFakeProvider, fakes_of
 from tests.harness import tempdir, wait_until
 
 pytestmark = pytest.mark.e2e
+WILD_HOST = f"api.{WILDCARD_DOMAIN}"
 KEY = "sk-secret-never-leaves-envoy"
 MODEL = "gpt-4o-mini"
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -44,6 +48,7 @@ class Tls:
     stack: Stack
     good: TlsFakeProvider  # certificate for localhost and 127.0.0.1
     wrong_host: TlsFakeProvider  # certificate for elsewhere.spendgate.test only
+    wildcard: TlsFakeProvider  # certificate for *.wild.spendgate.test
 
 
 def _send(config: dict[str, Any], cluster: str, host: str, port: int, ca_file: str) -> None:
@@ -55,19 +60,35 @@ def _send(config: dict[str, Any], cluster: str, host: str, port: int, ca_file: s
 
 @pytest.fixture(scope="module")
 def tls() -> Iterator[Tls]:
-    with fakes_of(tempdir()) as (ca, good, wrong_host):
+    with fakes_of(tempdir()) as fakes:
+        ca, good, wrong_host = str(fakes.ca), fakes.good, fakes.wrong_host
         system = upstream_tls.resolve_ca_file("")
+        # A compatible upstream by host name, as providers: writes it; the
+        # name resolves nowhere, so its cluster is pointed at the fake's
+        # address with the TLS context (SNI, SAN check) left as generated.
+        wild = Compatible(
+            "wild", "/wild/", Upstream("compatible-wild", True, WILD_HOST, fakes.wildcard.port)
+        )
 
         def edit(config: dict[str, Any]) -> None:
-            _send(config, "openai", "localhost", good.port, str(ca))
+            _send(config, "openai", "localhost", good.port, ca)
             _send(config, "anthropic", "localhost", good.port, system)
-            _send(config, "azure_openai", "localhost", wrong_host.port, str(ca))
-            _send(config, "gemini", "127.0.0.1", good.port, str(ca))
-            _send(config, "bedrock", "localhost", wrong_host.port, str(ca))
+            _send(config, "azure_openai", "localhost", wrong_host.port, ca)
+            _send(config, "gemini", "127.0.0.1", good.port, ca)
+            _send(config, "bedrock", "localhost", wrong_host.port, ca)
+            envoy_config.apply_providers(config, Providers(compatible=(wild,)))
+            (cluster,) = [
+                c for c in config["static_resources"]["clusters"] if c["name"] == wild.cluster
+            ]
+            cluster["type"] = "STATIC"
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
+            typed = cluster["transport_socket"]["typed_config"]
+            typed["common_tls_context"]["validation_context"]["trusted_ca"] = {"filename": ca}
 
         stack = start_stack(envoy=edit)
         try:
-            yield Tls(stack, good, wrong_host)
+            yield Tls(stack, good, wrong_host, fakes.wildcard)
         finally:
             stop_stack(stack)
 
@@ -93,6 +114,16 @@ def test_ip_address_upstream_is_checked_against_the_ip_san(tls: Tls) -> None:
         timeout=10,
     )
     assert r.status_code == 200, r.text
+
+
+def test_a_wildcard_certificate_matches_the_host_name(tls: Tls) -> None:
+    client = openai.OpenAI(base_url=tls.stack.envoy.base_url + "/wild/v1", api_key=KEY)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert reply.usage is not None
+    seen = tls.wildcard.log.requests[-1]
+    assert seen["path"] == "/v1/chat/completions"
+    host = {k.lower(): v for k, v in seen["headers"].items()}["host"]
+    assert host == f"{WILD_HOST}:{tls.wildcard.port}"
 
 
 def _refused_without_a_request(fake: TlsFakeProvider, before: tuple[int, int, int]) -> None:

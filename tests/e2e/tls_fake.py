@@ -9,6 +9,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.e2e.identity_setup import CertificateAuthority, Pem
 
 HANDSHAKE_TIMEOUT_S = 10
 OTHER_HOST = "elsewhere.spendgate.test"
+WILDCARD_DOMAIN = "wild.spendgate.test"
 
 
 class TlsFakeProvider(FakeProviderServer):
@@ -66,19 +68,33 @@ class TlsFakeProvider(FakeProviderServer):
             return self.connections, self.handshakes, self.failed_handshakes
 
 
+@dataclass
+class Fakes:
+    ca: Path  # the certificate of the CA that signed the fakes'
+    good: TlsFakeProvider  # certificate for localhost and 127.0.0.1
+    wrong_host: TlsFakeProvider  # for OTHER_HOST only
+    wildcard: TlsFakeProvider  # for *.WILDCARD_DOMAIN only
+
+    def all(self) -> tuple[TlsFakeProvider, ...]:
+        return self.good, self.wrong_host, self.wildcard
+
+
 @contextmanager
-def fakes_of(workdir: Path) -> Iterator[tuple[Path, TlsFakeProvider, TlsFakeProvider]]:
-    """A CA made now (its certificate file), and two running fakes with
-    certificates from it: one for localhost and 127.0.0.1, one for OTHER_HOST
-    only. Both are stopped on exit."""
+def fakes_of(workdir: Path) -> Iterator[Fakes]:
+    """A CA made now and three running fakes with certificates from it,
+    stopped on exit."""
     ca = CertificateAuthority(workdir)
-    good = TlsFakeProvider(ca.issue("provider", server=True))
-    wrong_host = TlsFakeProvider(ca.issue("elsewhere", server=True, hosts=(OTHER_HOST,)))
-    for fake in (good, wrong_host):
+    fakes = Fakes(
+        ca.pem.cert,
+        TlsFakeProvider(ca.issue("provider", server=True)),
+        TlsFakeProvider(ca.issue("elsewhere", server=True, hosts=(OTHER_HOST,))),
+        TlsFakeProvider(ca.issue("wildcard", server=True, hosts=(f"*.{WILDCARD_DOMAIN}",))),
+    )
+    for fake in fakes.all():
         fake.start_in_thread()
     try:
-        yield ca.pem.cert, good, wrong_host
+        yield fakes
     finally:
-        for fake in (good, wrong_host):
+        for fake in fakes.all():
             fake.shutdown()
             fake.server_close()
