@@ -3,8 +3,9 @@ provider's certificate against a CA bundle and the upstream's host name
 (docs/upstreams.md "TLS to providers").
 
 Envoy 1.40 has no working "system roots" option for an upstream
-(CertificateValidationContext.system_root_certs is marked not implemented),
-so the bundle is a file named in the bootstrap: the ``upstream_ca_file``
+(CertificateValidationContext.system_root_certs is for gRPC clients; given
+alone, Envoy refuses the SAN check as "without trusted CA"), so the bundle
+is a file named in the bootstrap: the ``upstream_ca_file``
 setting, else the first system bundle that exists on this machine, resolved
 when the bootstrap is generated. Compose and Kubernetes bootstraps name the
 bundle inside the Envoy image instead.

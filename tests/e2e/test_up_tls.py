@@ -92,8 +92,7 @@ def test_a_certificate_for_another_host_is_refused(up: Up) -> None:
         client.messages.create(model="claude-3-5-haiku-latest", max_tokens=16, messages=MESSAGES)  # type: ignore[arg-type]
     assert raised.value.status_code == 503
     assert raised.value.response.headers["x-spendgate-error"] == "provider_unreachable"
-    connections, handshakes, failed = up.wrong_host.counts()
-    assert connections > before[0] and failed > before[2] and handshakes == before[1]
+    up.wrong_host.assert_refused_since(before)
     assert not any(r["path"] == "/v1/messages" for r in up.wrong_host.log.requests)
 
 

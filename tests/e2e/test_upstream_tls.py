@@ -6,8 +6,9 @@ providers behind TLS with certificates from a CA made at run time.
                CA): a 503 in Anthropic's error shape, no request decrypted.
 - azure      → a fake whose certificate names another host, the test CA
                trusted: a 503 in OpenAI's shape, no request decrypted.
-- bedrock    → the fake for another host: a 503 in AWS's error shape.
-- gemini     → the first fake by its IP address (the IP SAN is checked): served.
+- bedrock, gemini → the fake for another host: a 503 in AWS's, Google's shape.
+- /ip/       → a compatible upstream by IP address, the first fake (its IP SAN
+               is checked): served.
 - /wild/     → a compatible upstream api.wild.spendgate.test, a fake with a
                certificate for *.wild.spendgate.test: served.
 """
@@ -51,11 +52,15 @@ class Tls:
     wildcard: TlsFakeProvider  # certificate for *.wild.spendgate.test
 
 
-def _send(config: dict[str, Any], cluster: str, host: str, port: int, ca_file: str) -> None:
-    envoy_config.adapt(config, upstreams={cluster: Upstream(cluster, True, host, port)})
+def _trust(config: dict[str, Any], cluster: str, ca_file: str) -> None:
     for name, typed in upstream_tls.tls_contexts(config):
         if name == cluster:
             typed["common_tls_context"]["validation_context"]["trusted_ca"] = {"filename": ca_file}
+
+
+def _send(config: dict[str, Any], cluster: str, host: str, port: int, ca_file: str) -> None:
+    envoy_config.adapt(config, upstreams={cluster: Upstream(cluster, True, host, port)})
+    _trust(config, cluster, ca_file)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +68,10 @@ def tls() -> Iterator[Tls]:
     with fakes_of(tempdir()) as fakes:
         ca, good, wrong_host = str(fakes.ca), fakes.good, fakes.wrong_host
         system = upstream_tls.resolve_ca_file("")
-        # A compatible upstream by host name, as providers: writes it; the
-        # name resolves nowhere, so its cluster is pointed at the fake's
-        # address with the TLS context (SNI, SAN check) left as generated.
+        # Compatible upstreams as providers: writes them: one by IP address,
+        # one by a host name that resolves nowhere, so its cluster is pointed
+        # at the fake's address with the TLS context (SNI, SAN check) kept.
+        by_ip = Compatible("ip", "/ip/", Upstream("compatible-ip", True, "127.0.0.1", good.port))
         wild = Compatible(
             "wild", "/wild/", Upstream("compatible-wild", True, WILD_HOST, fakes.wildcard.port)
         )
@@ -74,17 +80,17 @@ def tls() -> Iterator[Tls]:
             _send(config, "openai", "localhost", good.port, ca)
             _send(config, "anthropic", "localhost", good.port, system)
             _send(config, "azure_openai", "localhost", wrong_host.port, ca)
-            _send(config, "gemini", "127.0.0.1", good.port, ca)
+            _send(config, "gemini", "localhost", wrong_host.port, ca)
             _send(config, "bedrock", "localhost", wrong_host.port, ca)
-            envoy_config.apply_providers(config, Providers(compatible=(wild,)))
+            envoy_config.apply_providers(config, Providers(compatible=(by_ip, wild)))
+            _trust(config, by_ip.cluster, ca)
+            _trust(config, wild.cluster, ca)
             (cluster,) = [
                 c for c in config["static_resources"]["clusters"] if c["name"] == wild.cluster
             ]
             cluster["type"] = "STATIC"
             endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
             endpoint["address"]["socket_address"]["address"] = "127.0.0.1"
-            typed = cluster["transport_socket"]["typed_config"]
-            typed["common_tls_context"]["validation_context"]["trusted_ca"] = {"filename": ca}
 
         stack = start_stack(envoy=edit)
         try:
@@ -107,13 +113,10 @@ def test_a_provider_certificate_from_the_configured_ca_is_served_and_metered(tls
 
 
 def test_ip_address_upstream_is_checked_against_the_ip_san(tls: Tls) -> None:
-    r = httpx.post(
-        tls.stack.envoy.base_url + "/v1beta/models/gemini-2.0-flash:generateContent",
-        json={"contents": [{"parts": [{"text": "hi"}]}]},
-        headers={"x-goog-api-key": KEY},
-        timeout=10,
-    )
-    assert r.status_code == 200, r.text
+    client = openai.OpenAI(base_url=tls.stack.envoy.base_url + "/ip/v1", api_key=KEY)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert reply.usage is not None
+    assert tls.good.log.requests[-1]["path"] == "/v1/chat/completions"
 
 
 def test_a_wildcard_certificate_matches_the_host_name(tls: Tls) -> None:
@@ -126,16 +129,8 @@ def test_a_wildcard_certificate_matches_the_host_name(tls: Tls) -> None:
     assert host == f"{WILD_HOST}:{tls.wildcard.port}"
 
 
-def _refused_without_a_request(fake: TlsFakeProvider, before: tuple[int, int, int]) -> None:
-    """``fake`` saw a new connection whose TLS handshake failed, and nothing
-    completed: not one byte of the request (nor its key) was decrypted."""
-    connections, handshakes, failed = fake.counts()
-    assert connections > before[0] and failed > before[2]
-    assert handshakes == before[1]
-
-
 def _reason(message: str) -> None:
-    assert message.startswith("spendgate: the provider could not be reached, so the request")
+    assert message.startswith("spendgate: the provider could not be reached or closed the")
     assert "CERTIFICATE_VERIFY_FAILED" in message and KEY not in message
 
 
@@ -167,7 +162,7 @@ def test_the_system_bundle_does_not_trust_the_test_ca(tls: Tls) -> None:
     assert isinstance(error.body, dict) and error.body["type"] == "error"
     assert error.body["error"]["type"] == "api_error"
     _reason(error.body["error"]["message"])
-    _refused_without_a_request(tls.good, before)
+    tls.good.assert_refused_since(before)
     assert len(tls.good.log.requests) == requests
     # A request served after it is charged; once its usage is in, so would
     # be anything the refused one had been charged (usage is sent in order).
@@ -201,8 +196,27 @@ def test_a_certificate_for_another_host_name_is_refused(tls: Tls) -> None:
     }
     _reason(error.body["message"])
     assert OTHER_HOST in error.body["message"]  # the SANs it showed
-    _refused_without_a_request(tls.wrong_host, before)
+    tls.wrong_host.assert_refused_since(before)
     assert tls.wrong_host.log.requests == []
+
+
+def test_gemini_clients_get_googles_error_shape(tls: Tls) -> None:
+    before = tls.wrong_host.counts()
+    r = httpx.post(
+        tls.stack.envoy.base_url + "/v1beta/models/gemini-2.0-flash:generateContent",
+        json={"contents": [{"parts": [{"text": "hi"}]}]},
+        headers={"x-goog-api-key": KEY},
+        timeout=10,
+    )
+    assert r.status_code == 503
+    assert r.headers["x-spendgate-error"] == "provider_unreachable"
+    error = r.json()["error"]
+    assert {k: v for k, v in error.items() if k != "message"} == {
+        "code": 503,
+        "status": "UNAVAILABLE",
+    }
+    _reason(error["message"])
+    tls.wrong_host.assert_refused_since(before)
 
 
 def test_bedrock_clients_get_the_aws_error_shape(tls: Tls) -> None:
@@ -224,5 +238,5 @@ def test_bedrock_clients_get_the_aws_error_shape(tls: Tls) -> None:
     assert error["ResponseMetadata"]["HTTPStatusCode"] == 503
     assert error["Error"]["Code"] == "ServiceUnavailableException"
     _reason(error["Error"]["Message"])
-    _refused_without_a_request(tls.wrong_host, before)
+    tls.wrong_host.assert_refused_since(before)
     assert tls.wrong_host.log.requests == []

@@ -15,6 +15,7 @@ from typing import Any
 
 from spendgate.demo.fake_provider import FakeProviderServer
 from tests.e2e.identity_setup import CertificateAuthority, Pem
+from tests.harness import wait_until
 
 HANDSHAKE_TIMEOUT_S = 10
 OTHER_HOST = "elsewhere.spendgate.test"
@@ -66,6 +67,15 @@ class TlsFakeProvider(FakeProviderServer):
         """(connections, handshakes completed, handshakes failed)."""
         with self.counts_lock:
             return self.connections, self.handshakes, self.failed_handshakes
+
+    def assert_refused_since(self, before: tuple[int, int, int]) -> None:
+        """Since ``before`` (counts()), a connection came whose handshake
+        failed, and none completed: no byte of a request (nor its key) was
+        decrypted. The failure is counted by the fake's own thread, maybe
+        after the client already has its 503: wait for it."""
+        wait_until(lambda: self.counts()[2] > before[2], message="a failed TLS handshake")
+        connections, handshakes, _ = self.counts()
+        assert connections > before[0] and handshakes == before[1]
 
 
 @dataclass
