@@ -51,6 +51,11 @@ SETTINGS = (
         "Control plane (`python -m control_plane`)", "control_plane.config", "control_plane"
     ),
     SettingsClass("ext_proc (`python -m ext_proc`)", "ext_proc.config", "ext_proc"),
+    SettingsClass(
+        "Envoy bootstrap (`spendgate up`, `spendgate envoy-config`)",
+        "spendgate.upstream_tls",
+        "envoy",
+    ),
 )
 
 

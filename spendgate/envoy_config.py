@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from spendgate import providers as providers_file
+from spendgate import upstream_tls
 from spendgate import upstreams as upstream_flags
 from spendgate.providers import Compatible, Providers
 from spendgate.upstreams import Upstream
@@ -137,11 +138,9 @@ def _send_to(cluster: dict[str, Any], upstream: Upstream) -> None:
     if not upstream.tls:
         cluster.pop("transport_socket", None)
         return
-    tls: dict[str, Any] = {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-    }
-    if not upstream.is_ip:  # SNI carries host names only (RFC 6066)
-        tls["sni"] = upstream.host
+    # The bundle is the image's until generate() resolves this machine's.
+    ca_file = upstream_tls.CONTAINER_CA_BUNDLE if upstream.verify else None
+    tls = upstream_tls.tls_context(upstream.host, upstream.is_ip, ca_file)
     cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
@@ -310,15 +309,20 @@ _TARGET_NOTES = {
         "# request (one ext_proc stream) goes to one of them, round robin, and an",
         "# ext_proc that fails its gRPC health check gets no new requests.",
         "# Fail-open/closed: see `failure_mode_allow` and the notes in envoy/envoy.yaml.",
+        "# Provider certificates are verified against the Envoy image's CA bundle",
+        "# (or upstream_ca_file, a path in the Envoy container).",
     ],
     "kubernetes": [
         "# Kubernetes variant, for an Envoy you run yourself (not Istio or Envoy",
-        "# Gateway: see istio-*.yaml and envoy-gateway.yaml): mount data.envoy.yaml",
-        "# and run `envoy -c` on it. The listener binds every interface of the pod,",
-        "# the admin 127.0.0.1 only. The spendgate_ext_proc cluster resolves the",
-        "# headless Service (ext-proc.yaml), so Envoy sees every ext_proc pod and",
-        "# spreads the streams over them, skipping pods that fail gRPC health.",
+        "# Gateway: see istio-*.yaml and envoy-gateway.yaml): envoy.yaml here",
+        "# mounts data.envoy.yaml and runs `envoy -c` on it. The listener binds",
+        "# every interface of the pod, the admin 127.0.0.1 only. The",
+        "# spendgate_ext_proc cluster resolves the headless Service (ext-proc.yaml),",
+        "# so Envoy sees every ext_proc pod and spreads the streams over them,",
+        "# skipping pods that fail gRPC health.",
         "# No demo route. Bedrock credentials: the pod's (IRSA, Pod Identity, env).",
+        "# Provider certificates are verified against the Envoy image's CA bundle",
+        "# (or upstream_ca_file, a path in the pod).",
     ],
 }
 # ext-proc.yaml's headless Service, as a self-run Envoy in the cluster reaches it.
@@ -339,11 +343,19 @@ def generated_header(source: str, target: str = "local") -> str:
 
 
 def generate(
-    declared: Providers, upstream_specs: list[str] | tuple[str, ...] = (), *, target: str = "local"
+    declared: Providers,
+    upstream_specs: list[str] | tuple[str, ...] = (),
+    *,
+    target: str = "local",
+    ca_file: str = "",
 ) -> dict[str, Any]:
     """envoy/envoy.yaml routing to the declared providers, for ``target``
     (one of TARGETS); each ``--upstream`` NAME=URL wins over the file's url
-    for that provider (and declares it). Raises UpstreamError naming a bad value."""
+    for that provider (and declares it). Every TLS cluster (but those with
+    ``tls: insecure``) verifies its upstream's certificate against ``ca_file``
+    (the upstream_ca_file setting; empty: this machine's system bundle, or
+    the Envoy image's for compose and kubernetes). Raises UpstreamError
+    naming a bad value, or when no CA bundle is found."""
     base = load()
     chosen = upstream_flags.parse_all(upstream_specs, provider_clusters(base))
     signing = declared.bedrock_signing
@@ -363,6 +375,15 @@ def generate(
         declared=None if declared.declared is None else declared.declared | set(chosen),
     )
     config = apply_providers(base, merged)
+    if target == "local":
+        if ca_file or upstream_tls.needs_bundle(config):
+            upstream_tls.set_trusted_ca(config, upstream_tls.resolve_ca_file(ca_file))
+    elif ca_file:  # a path in the Envoy container: nothing to check here
+        if not ca_file.startswith("/") or any(ord(c) < 33 or ord(c) == 127 for c in ca_file):
+            raise upstream_flags.UpstreamError(
+                f"upstream_ca_file: {ca_file!r} must be an absolute path in the Envoy container"
+            )
+        upstream_tls.set_trusted_ca(config, ca_file)
     if target == "compose":
         return compose_variant(config)
     if target == "kubernetes":
@@ -371,11 +392,15 @@ def generate(
 
 
 def text(
-    declared: Providers, source: str, target: str, upstream_specs: list[str] | tuple[str, ...] = ()
+    declared: Providers,
+    source: str,
+    target: str,
+    upstream_specs: list[str] | tuple[str, ...] = (),
+    ca_file: str = "",
 ) -> str:
     """What `spendgate envoy-config` prints: a bootstrap file, or for
     kubernetes a ConfigMap holding one."""
-    body = dump(generate(declared, upstream_specs, target=target))
+    body = dump(generate(declared, upstream_specs, target=target, ca_file=ca_file))
     if target != "kubernetes":
         return generated_header(source, target) + body
     config_map = {

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spendgate.upstreams import AWS_REGION, AZURE_RESOURCE, Upstream, UpstreamError, origin
@@ -49,6 +49,7 @@ RESERVED_SEGMENTS = frozenset(
     | {"async-invoke", "guardrail"}
 )
 MAX_COMPATIBLE = 100
+INSECURE = "insecure"  # tls: insecure = TLS, any certificate accepted (tests only)
 SIGNING_SERVICE = "bedrock"  # SigV4 service name of bedrock-runtime
 CREDENTIAL_SOURCES = ("chain", "environment")
 
@@ -100,6 +101,12 @@ class Providers:
     bedrock_signing: BedrockSigning | None = None
     compatible: tuple[Compatible, ...] = ()
 
+    @property
+    def insecure(self) -> list[Upstream]:
+        """The upstreams declared with ``tls: insecure`` (no certificate check)."""
+        ups = [*self.upstreams.values(), *(c.upstream for c in self.compatible)]
+        return [u for u in ups if u.tls and not u.verify]
+
 
 def _mapping(value: Any, key: str) -> dict[str, Any]:
     if value is None:
@@ -130,29 +137,34 @@ def _text(entry: Mapping[str, Any], name: str, key: str, limit: int = 2048) -> s
     return value.strip()
 
 
-def _tls(entry: Mapping[str, Any], key: str) -> bool | None:
+def _tls(entry: Mapping[str, Any], key: str) -> bool | str | None:
     value = entry.get("tls")
-    if value is not None and not isinstance(value, bool):
-        raise ProvidersError(f"{key}.tls: must be true or false")
+    if value is not None and not isinstance(value, bool) and value != INSECURE:
+        raise ProvidersError(
+            f"{key}.tls: must be true, false or {INSECURE} (TLS without verifying "
+            "the certificate: for tests only)"
+        )
     return value
 
 
 def _url_upstream(
-    cluster: str, url: str, key: str, tls: bool | None, *, allow_path: bool = False
+    cluster: str, url: str, key: str, tls: bool | str | None, *, allow_path: bool = False
 ) -> tuple[Upstream, str]:
+    on = True if tls == INSECURE else tls if isinstance(tls, bool) else None
     try:
-        return origin(
+        up, path = origin(
             cluster,
             url,
             f"{key}.url",
             secret_label=f"{key}.url",
             allow_path=allow_path,
-            tls=tls,
+            tls=on,
         )
     except ProvidersError:
         raise
     except UpstreamError as e:
         raise ProvidersError(str(e)) from e
+    return (replace(up, verify=False) if tls == INSECURE else up), path
 
 
 def _azure(entry: Mapping[str, Any], key: str) -> tuple[Upstream | None, str | None]:

@@ -33,6 +33,9 @@ class Upstream:
     tls: bool
     host: str  # a DNS name or an IP literal (IPv6 without brackets)
     port: int
+    # False only for `tls: insecure` in providers: (tests against a fake):
+    # Envoy then accepts any certificate the upstream shows.
+    verify: bool = True
 
     @property
     def is_ip(self) -> bool:

@@ -31,7 +31,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate import envoy_config, ports, providers, settings, upstreams
+from spendgate import envoy_config, ports, providers, settings, upstream_tls, upstreams
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import default_state_dir, load_or_create_tokens, secrets_key_env
 from spendgate.visible import visible
@@ -175,6 +175,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "azure-openai=https://myres.openai.azure.com (or azure-openai=myres), "
         "bedrock=us-west-2; repeatable",
     )
+    _add_upstream_ca(p)
     p.add_argument("--port", type=int, default=10000, help="Envoy listener (LLM traffic)")
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--control-plane-port", type=int, default=50051)
@@ -182,6 +183,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-port", type=int, default=18080)
     p.add_argument("--control-plane-metrics-port", type=int, default=9464)
     p.add_argument("--ext-proc-metrics-port", type=int, default=9465)
+
+
+def _add_upstream_ca(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        help="PEM bundle of the CAs Envoy trusts for the providers' certificates "
+        "(setting upstream_ca_file; default: the system's bundle)",
+    )
+
+
+def upstream_ca_file(args: argparse.Namespace, config_file: str | None) -> str:
+    """The upstream_ca_file setting: --upstream-ca, else the environment,
+    else the --config file (top level or its ``envoy:`` section); "" = unset."""
+    try:
+        tls = settings.load(
+            upstream_tls.Settings,
+            section="envoy",
+            file=config_file,
+            overrides={"upstream_ca_file": args.upstream_ca},
+        )
+    except settings.ConfigError as e:
+        raise CliError(f"--config {config_file}: {e}" if config_file else str(e)) from e
+    return tls.upstream_ca_file
+
+
+def warn_insecure(declared: providers.Providers) -> None:
+    """One warning line on stderr per upstream that skips certificate checks."""
+    for up in declared.insecure:
+        print(
+            f"warning: {up.cluster} ({up.url}) has tls: insecure: Envoy accepts any "
+            "certificate there, so anyone on the path can read the callers' API keys "
+            "(for tests only)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _ports(args: argparse.Namespace) -> list[tuple[int, str]]:
@@ -252,11 +289,15 @@ def demo_webhook_env(loaded: dict[str, Any]) -> dict[str, str]:
 
 
 def envoy_bootstrap(
-    args: argparse.Namespace, declared: providers.Providers, demo_to: tuple[str, int] | None
+    args: argparse.Namespace,
+    declared: providers.Providers,
+    demo_to: tuple[str, int] | None,
+    ca_file: str = "",
 ) -> dict[str, Any]:
-    """The bootstrap of this run: its providers, ports and upstreams."""
+    """The bootstrap of this run: its providers, ports, upstreams and the CA
+    bundle that verifies them."""
     try:
-        config = envoy_config.generate(declared, args.upstream)
+        config = envoy_config.generate(declared, args.upstream, ca_file=ca_file)
     except upstreams.UpstreamError as e:
         raise CliError(str(e)) from e
     return envoy_config.adapt(
@@ -271,8 +312,10 @@ def envoy_bootstrap(
 def run_up(args: argparse.Namespace) -> int:
     check_ports(args)
     config_file, declared, loaded = check_config(args.config)
-    # Checked now, so a bad --upstream stops `up` before anything starts.
-    envoy_bootstrap(args, declared, None)
+    ca_file = upstream_ca_file(args, config_file)
+    # Checked now, so a bad --upstream or CA bundle stops `up` before anything starts.
+    envoy_bootstrap(args, declared, None, ca_file)
+    warn_insecure(declared)
     config_args = ("--config", config_file) if config_file else ()
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +395,7 @@ def run_up(args: argparse.Namespace) -> int:
                 "HTTP",
                 stopping,
             )
-        config = envoy_bootstrap(args, declared, demo_to)
+        config = envoy_bootstrap(args, declared, demo_to, ca_file)
         path = envoy_config.write(config, state_dir / "envoy.yaml")
         envoy = Child(
             "envoy",
@@ -444,6 +487,7 @@ def add_envoy_config_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=URL",
         help="as for `spendgate up`; wins over the file's url for that provider",
     )
+    _add_upstream_ca(p)
     target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--compose",
@@ -465,10 +509,12 @@ def run_envoy_config(args: argparse.Namespace) -> int:
     """Print the Envoy bootstrap `spendgate up` would run, or compose's, or
     a Kubernetes ConfigMap holding one."""
     config_file, declared, _ = check_config(args.config)
+    ca_file = upstream_ca_file(args, config_file)
     source = Path(config_file).name if config_file else "no providers: file"
     try:
-        out = envoy_config.text(declared, source, args.target or "local", args.upstream)
+        out = envoy_config.text(declared, source, args.target or "local", args.upstream, ca_file)
     except upstreams.UpstreamError as e:
         raise CliError(str(e)) from e
+    warn_insecure(declared)
     print(out, end="")
     return 0

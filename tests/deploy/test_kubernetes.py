@@ -14,6 +14,7 @@ import yaml
 
 from control_plane.server import SERVICE_NAMES as CONTROL_PLANE_HEALTH
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
+from spendgate import upstream_tls
 from tests.deploy.files import (
     EVERY_INTERFACE,
     ROOT,
@@ -68,12 +69,17 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def is_envoy(container: dict[str, Any]) -> bool:
+    return str(container["image"]).startswith("envoyproxy/envoy:")
+
+
 def workloads() -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(workload, container) for every spendgate container."""
+    """(workload, container) for every spendgate container (not Envoy's)."""
     found = []
     for doc in of_kind("Deployment") + of_kind("Job"):
         for c in doc["spec"]["template"]["spec"]["containers"]:
-            found.append((doc, c))
+            if not is_envoy(c):
+                found.append((doc, c))
     return found
 
 
@@ -105,6 +111,8 @@ def test_every_document_parses_and_is_named() -> None:
         "istio-ingress.yaml",
         "istio-sidecar.yaml",
         "envoy-gateway.yaml",
+        "envoy.yaml",
+        "envoy-bootstrap.yaml",
     }
     for doc in ALL:
         assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
@@ -497,3 +505,66 @@ def test_envoy_gateway_buffers_like_the_local_listener_and_may_reference_the_ser
     )
     (target,) = grant["spec"]["to"]
     assert (target["kind"], target["name"]) == ("Service", svc["metadata"]["name"])
+
+
+# ---- the self-run Envoy (envoy.yaml) and its bootstrap (envoy-bootstrap.yaml)
+
+
+def envoy_deployment() -> tuple[dict[str, Any], dict[str, Any]]:
+    (found,) = [
+        (d, c)
+        for d in of_kind("Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if is_envoy(c)
+    ]
+    return found
+
+
+def test_the_envoy_deployment_runs_the_generated_bootstrap() -> None:
+    workload, container = envoy_deployment()
+    config_map = one("ConfigMap", "spendgate-envoy-bootstrap")
+    assert workload["metadata"]["namespace"] == config_map["metadata"]["namespace"]
+    # -c names the ConfigMap's envoy.yaml where the volume mounts it.
+    path = Path(container["command"][container["command"].index("-c") + 1])
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    source = volumes[mount["name"]]["configMap"]
+    assert source["name"] == config_map["metadata"]["name"]
+    (item,) = [i for i in source["items"] if i["path"] == path.name]
+    assert item["key"] in config_map["data"]
+    bootstrap = yaml.safe_load(config_map["data"][item["key"]])
+    # The listener is the container's http port, the one its Service exposes.
+    listen = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listen["address"] in EVERY_INTERFACE
+    assert port_named(container, "http") == listen["port_value"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"]["port"] == "http"
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    (svc,) = [s for s in of_kind("Service") if s["spec"]["selector"].items() <= labels.items()]
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "http"
+
+
+def test_the_envoy_deployment_runs_the_envoy_of_compose_and_the_tests() -> None:
+    _, container = envoy_deployment()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert container["image"] == compose["services"]["envoy"]["image"]
+
+
+def test_the_kubernetes_bootstrap_verifies_providers_with_the_image_bundle(
+    tmp_path: Path,
+) -> None:
+    config_map = one("ConfigMap", "spendgate-envoy-bootstrap")
+    bootstrap = yaml.safe_load(config_map["data"]["envoy.yaml"])
+    contexts = dict(upstream_tls.tls_contexts(bootstrap))
+    assert contexts, "no provider cluster speaks TLS"
+    for name, typed in contexts.items():
+        context = upstream_tls.verified(typed)
+        assert context is not None, name
+        assert context["trusted_ca"] == {"filename": upstream_tls.CONTAINER_CA_BUNDLE}
+        assert context["match_typed_subject_alt_names"] == [
+            {"san_type": "DNS", "matcher": {"exact": typed["sni"].lower()}}
+        ]
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(config_map["data"]["envoy.yaml"])
+    envoy_validate(path)

@@ -48,6 +48,13 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
     return Pem(cert_path, key_path)
 
 
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 class CertificateAuthority:
     """A throwaway CA; ``issue`` signs leaf certificates with the SANs given."""
 
@@ -83,12 +90,21 @@ class CertificateAuthority:
         )
         self.pem = _write(workdir / name.replace(" ", "-"), self.cert, self.key)
 
-    def issue(self, name: str, *, uris: tuple[str, ...] = (), server: bool = False) -> Pem:
+    def issue(
+        self,
+        name: str,
+        *,
+        uris: tuple[str, ...] = (),
+        server: bool = False,
+        hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    ) -> Pem:
+        """A leaf certificate; a server one names ``hosts`` (DNS names and IP
+        addresses) in its SANs."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.now(UTC)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         if server:
-            sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            sans += [_host_name(h) for h in hosts]
         usage = (
             x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
             if server

@@ -158,6 +158,11 @@ def test_config_file_reaches_the_control_plane(up: Up) -> None:
         (["--upstream", "bedrock=mars-1"], "or an AWS region like us-west-2"),
         (["--upstream", "openai=http://a:1", "--upstream", "openai=http://b:2"], "already"),
         (["--config", "missing.yaml"], "--config missing.yaml: "),
+        (
+            ["--upstream-ca", "corp-ca.pem"],
+            "spendgate: upstream_ca_file (--upstream-ca): /",  # the path it tried, absolute
+        ),
+        (["--upstream-ca", "."], "is not a file"),
     ],
 )
 def test_bad_values_stop_up_before_anything_starts(
