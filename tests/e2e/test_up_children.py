@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pytest
 
 from spendgate.ports import in_use
 from tests.harness import (
+    SPENDGATE_CLI,
     UP_PORT_OPTIONS,
     env_without_spendgate,
     free_port,
@@ -27,7 +27,6 @@ from tests.harness import (
 )
 
 pytestmark = pytest.mark.e2e
-SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
 
 
 @dataclass
@@ -104,7 +103,7 @@ def test_a_taken_port_is_named_before_anything_starts(tmp_path: Path) -> None:
 
 
 def test_ext_proc_workers_run_under_up_and_die_with_it(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     proc, printed = start_spendgate_up(
         ["--demo", "--demo-port", str(free_port()), "--ext-proc-workers", "2"]
         + [f"--{k}={v}" for k, v in ports.items()],
@@ -136,7 +135,7 @@ def test_ext_proc_workers_run_under_up_and_die_with_it(tmp_path: Path) -> None:
 
 
 def test_a_taken_worker_metrics_port_is_named_before_anything_starts(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in PORT_OPTIONS}
+    ports = {name: free_port() for name in UP_PORT_OPTIONS}
     worker_2 = ports["ext-proc-metrics-port"] + 2
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", worker_2))
@@ -153,7 +152,7 @@ def test_a_taken_worker_metrics_port_is_named_before_anything_starts(tmp_path: P
 def _up(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """``spendgate up ARGS``, run to its end (it is expected to refuse to start)."""
     return subprocess.run(
-        [*SPENDGATE, "up", *args],
+        [*SPENDGATE_CLI, "up", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
