@@ -141,39 +141,49 @@ class WorkerGroup:
         )
 
     async def _run_worker(self, k: int) -> None:
-        if self.stopping:
+        if self.stopping or self.failed.is_set():
             return
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ext_proc",
-            *self.argv,
-            *("--worker", str(k), "--listen", self.listen, "--data-plane-id", self.group_id),
-            start_new_session=True,
-            preexec_fn=functools.partial(process.die_with_parent, os.getpid()),
-        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ext_proc",
+                *self.argv,
+                *("--worker", str(k), "--listen", self.listen, "--data-plane-id", self.group_id),
+                start_new_session=True,
+                preexec_fn=functools.partial(process.die_with_parent, os.getpid()),
+            )
+        except OSError as e:  # no process to wait for: as good as one that exited at once
+            self._count_exit(k, pid=None, status=None)
+            raise WorkerExited(f"worker {k} could not be started: {e}") from e
         self.procs[k] = proc
         log.info("ext_proc worker started", worker=k, pid=proc.pid)
         status = await proc.wait()
         if self.stopping:
             return
-        loop = asyncio.get_running_loop()
-        exits = self._exits.setdefault(k, deque())
-        exits.append(loop.time())
-        while exits and exits[0] < loop.time() - self.exit_window_s:
-            exits.popleft()
-        if len(exits) > self.max_exits:
-            log.error(
-                "ext_proc worker keeps exiting: stopping every worker",
-                worker=k,
-                pid=proc.pid,
-                status=status,
-                exits=len(exits),
-                window_s=self.exit_window_s,
-            )
-            self.failed.set()
-            raise WorkerExited(f"worker {k} exited {len(exits)} times; not restarted")
+        self._count_exit(k, pid=proc.pid, status=status)
         raise WorkerExited(f"worker {k} (pid {proc.pid}) exited with status {status}")
+
+    def _count_exit(self, k: int, *, pid: int | None, status: int | None) -> None:
+        """Remember worker ``k``'s exit; past ``max_exits`` in ``exit_window_s``
+        the group has failed (WorkerExited, not restarted)."""
+        now = asyncio.get_running_loop().time()
+        exits = self._exits.setdefault(k, deque())
+        exits.append(now)
+        while exits and exits[0] < now - self.exit_window_s:
+            exits.popleft()
+        if len(exits) <= self.max_exits:
+            return
+        log.error(
+            "ext_proc worker keeps exiting: stopping every worker",
+            worker=k,
+            pid=pid,
+            status=status,
+            exits=len(exits),
+            window_s=self.exit_window_s,
+        )
+        self.failed.set()
+        raise WorkerExited(f"worker {k} exited {len(exits)} times; not restarted")
 
     async def stop(self, grace: float = STOP_TIMEOUT_S) -> None:
         self.stopping = True
