@@ -8,6 +8,7 @@ import pytest
 
 from ext_proc.__main__ import main
 from ext_proc.config import MAX_WORKERS, Settings, load_settings
+from spendgate import logs
 from spendgate.settings import ConfigError
 
 DP = "data-plane-token-0123456789"
@@ -82,6 +83,8 @@ def test_bad_flags_exit_2_naming_the_setting(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SPENDGATE_DATA_PLANE_TOKEN", DP)
+    # Logging stays as the test session set it up (not bound to capsys's stream).
+    monkeypatch.setattr(logs, "configure", lambda **_: None)
     assert main(["--workers", "0"]) == 2
     assert "bad configuration: workers must be between 1 and 64, not 0" in capsys.readouterr().err
     # A worker number its parent never gives: refused before anything binds.
