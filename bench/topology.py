@@ -123,9 +123,15 @@ def _serving(address: str) -> bool:
     return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topology:
+def start(
+    *,
+    ext_procs: int = 1,
+    ext_proc_args: list[str] | None = None,
+    database_url: str | None = None,
+) -> Topology:
     """The topology with ``ext_procs`` ext_proc processes in one Envoy cluster
-    (each a data plane of its own)."""
+    (each a data plane of its own); the control plane on ``database_url``
+    (default: SQLite in the run's folder)."""
     workdir = Path(tempfile.mkdtemp(prefix="spendgate-bench-"))
     upstream_cfg = upstream_config()
     up_port = free_port()
@@ -156,7 +162,7 @@ def start(*, ext_procs: int = 1, ext_proc_args: list[str] | None = None) -> Topo
     ep_port = free_port()
     control_plane = _python(
         "control_plane",
-        ["--listen", cp_address, "--database-url", f"sqlite:///{workdir}/bench.db"],
+        ["--listen", cp_address, "--database-url", database_url or f"sqlite:///{workdir}/bench.db"],
         env,
         workdir / "control_plane.log",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Mapping
@@ -12,9 +13,10 @@ from typing import Any
 from ext_proc.admission import identity
 from spendgate import settings
 from spendgate.domain.pricing import NANOS_PER_USD
+from spendgate.process import MAX_WORKERS
 from spendgate.settings import ConfigError
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+__all__ = ["MAX_WORKERS", "ConfigError", "Settings", "load_settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +114,16 @@ class Settings:
     # Largest usage message sent to the control plane (65536 to 4128768, below gRPC's 4 MiB
     # default): batches are split to fit, a record larger alone is quarantined.
     usage_message_max_bytes: int = 1024 * 1024
-    # HTTP address serving Prometheus `GET /metrics`; `""` disables it.
+    # HTTP address serving Prometheus `GET /metrics`; `""` disables it. With `workers` above 1
+    # this is the parent's (worker counts and restarts) and worker `k` serves its own on this
+    # port + k (port 0: each an ephemeral port, logged at start).
     metrics_listen: str = "127.0.0.1:9465"
+    # Processes serving `listen` (1 to 64): above 1, a parent starts that many workers that each
+    # bind the same address (SO_REUSEPORT; the kernel spreads Envoy's connections over them) and
+    # are each a data plane of their own: id `<data_plane_id>-w<k>`, journal and snapshot in
+    # `journal_dir/w<k>`. A worker that dies is restarted; one that keeps dying stops the parent
+    # (docs/operations/workers.md).
+    workers: int = 1
     # JSON lines on stderr (production); `false`: console lines (`spendgate up` sets
     # `SPENDGATE_LOG_JSON=false`).
     log_json: bool = True
@@ -182,6 +192,15 @@ class Settings:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, not {self.workers}")
+        if self.metrics_listen and self.workers > 1:
+            port = settings.parse_host_port(self.metrics_listen)[1]
+            if port and port + self.workers > 65535:
+                raise ConfigError(
+                    f"metrics_listen port {port} + workers {self.workers} is above 65535 "
+                    "(worker k serves its metrics on port + k)"
+                )
 
     @property
     def max_cost_per_response_nanos(self) -> int:
@@ -194,6 +213,24 @@ class Settings:
     @property
     def identity(self) -> str:
         return self.data_plane_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    def for_worker(self, k: int, listen: str, group_id: str) -> Settings:
+        """Worker ``k``'s settings (1-based) in a group of ``workers`` serving
+        ``listen`` (a bound port, not 0) whose data planes are named after
+        ``group_id``: its own id, journal, snapshot and metrics port."""
+        if not 1 <= k <= self.workers:
+            raise ConfigError(f"worker must be between 1 and {self.workers}, not {k}")
+        metrics_listen = self.metrics_listen
+        if metrics_listen:
+            host, port = settings.parse_host_port(metrics_listen)
+            metrics_listen = settings.join_host_port(host, port + k if port else 0)
+        return dataclasses.replace(
+            self,
+            listen=listen,
+            data_plane_id=f"{group_id}-w{k}",
+            journal_dir=os.path.join(self.journal_dir, f"w{k}") if self.journal_dir else "",
+            metrics_listen=metrics_listen,
+        )
 
 
 def load_settings(

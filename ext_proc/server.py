@@ -142,9 +142,11 @@ class ExtProcServer:
         # depends on the control plane.
         self.board = HealthBoard(self.health, ("", SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE))
         self.board.report("disconnected", True, (SYNC_HEALTH_SERVICE,))
-        self.server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        options: list[tuple[str, int]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if settings.workers > 1:
+            # A worker of a group (ext_proc/workers.py): every worker binds the same port.
+            options.append(("grpc.so_reuseport", 1))
+        self.server = grpc.aio.server(options=options)
         self.processor = ExternalProcessor(
             self.ctx, self.sync.connected, settings.startup_wait_ms / 1000
         )
@@ -242,6 +244,7 @@ class ExtProcServer:
             "ext_proc listening",
             address=self.settings.listen,
             port=self.port,
+            data_plane_id=self.state.identity,
             control_plane=self.settings.control_plane,
             prices=len(self.ctx.prices),
             metrics_port=self.metrics_port,

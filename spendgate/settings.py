@@ -106,6 +106,11 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of parse_host_port: IPv6 hosts in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_listen(name: str, value: str, *, allow_empty: bool = False) -> None:
     """ConfigError naming ``name`` unless ``value`` is host:port (or "" when allowed)."""
     if allow_empty and value == "":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import shutil
 import signal
@@ -31,30 +29,17 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spendgate import envoy_config, ports, providers, settings, upstream_tls, upstreams
+from spendgate import envoy_config, ports, process, providers, settings, upstream_tls, upstreams
 from spendgate.cli.client import CliError
 from spendgate.cli.credentials import default_state_dir, load_or_create_tokens, secrets_key_env
 from spendgate.visible import visible
 
 STOP_TIMEOUT_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class Stopping(Exception):
     """A stop signal arrived while the children were starting."""
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child, before exec: get SIGTERM when the parent dies (Linux).
-    If the parent died already (before this ran), stop now."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def envoy_binary() -> str:
@@ -78,7 +63,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only us; we stop children in order
-            preexec_fn=lambda: _die_with_parent(parent),
+            preexec_fn=lambda: process.die_with_parent(parent),
         )
         assert self.proc.stdout is not None
         self._pump = threading.Thread(target=self._copy, args=(self.proc.stdout,), daemon=True)
@@ -183,6 +168,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-port", type=int, default=18080)
     p.add_argument("--control-plane-metrics-port", type=int, default=9464)
     p.add_argument("--ext-proc-metrics-port", type=int, default=9465)
+    p.add_argument(
+        "--ext-proc-workers",
+        type=int,
+        metavar="N",
+        help="ext_proc processes on --ext-proc-port, one per core you give it; worker k serves "
+        "metrics on --ext-proc-metrics-port + k (default: the ext_proc workers setting, 1)",
+    )
 
 
 def _add_upstream_ca(p: argparse.ArgumentParser) -> None:
@@ -231,6 +223,11 @@ def _ports(args: argparse.Namespace) -> list[tuple[int, str]]:
         (args.port, "--port"),
         (args.envoy_admin_port, "--envoy-admin-port"),
     ]
+    if (args.ext_proc_workers or 1) > 1:
+        wanted += [
+            (args.ext_proc_metrics_port + k, f"--ext-proc-metrics-port + {k} (worker {k})")
+            for k in range(1, args.ext_proc_workers + 1)
+        ]
     if args.demo:
         wanted.append((args.demo_port, "--demo-port"))
     return wanted
@@ -238,6 +235,10 @@ def _ports(args: argparse.Namespace) -> list[tuple[int, str]]:
 
 def check_ports(args: argparse.Namespace) -> None:
     """CliError naming the first port that is taken (twice, or by a process)."""
+    workers = args.ext_proc_workers
+    if workers is not None and not 1 <= workers <= process.MAX_WORKERS:
+        bounds = f"between 1 and {process.MAX_WORKERS}"
+        raise CliError(f"--ext-proc-workers must be {bounds}, not {workers}")
     seen: dict[int, str] = {}
     for port, option in _ports(args):
         if port in seen:
@@ -343,6 +344,7 @@ def run_up(args: argparse.Namespace) -> int:
     db_url = args.database_url or f"sqlite:///{state_dir}/spendgate.db"
     cp_metrics = f"127.0.0.1:{args.control_plane_metrics_port}"
     ep_metrics = f"127.0.0.1:{args.ext_proc_metrics_port}"
+    workers_args = ("--workers", str(args.ext_proc_workers)) if args.ext_proc_workers else ()
     children: list[Child] = []
     stopping = threading.Event()
 
@@ -368,6 +370,7 @@ def run_up(args: argparse.Namespace) -> int:
             [
                 *(sys.executable, "-m", "ext_proc", "--listen", ep_addr),
                 *("--control-plane", cp_addr, "--metrics-listen", ep_metrics),
+                *workers_args,
                 *config_args,
             ],
             env,
@@ -463,7 +466,8 @@ def _print_summary(
         )
     lines += [
         f"  control plane (gRPC)  127.0.0.1:{args.control_plane_port}",
-        f"  ext_proc (gRPC)       127.0.0.1:{args.ext_proc_port}",
+        f"  ext_proc (gRPC)       127.0.0.1:{args.ext_proc_port}"
+        + (f"  ({args.ext_proc_workers} workers)" if (args.ext_proc_workers or 1) > 1 else ""),
         f"  Envoy admin           http://127.0.0.1:{args.envoy_admin_port}",
         f"  metrics (Prometheus)  http://127.0.0.1:{args.control_plane_metrics_port}/metrics "
         f"(control plane), http://127.0.0.1:{args.ext_proc_metrics_port}/metrics (ext_proc)",
