@@ -26,6 +26,8 @@ class Settings:
     week_start: str = "monday"
     # How long applied usage batch ids are kept to recognise retries.
     batch_retention_hours: int = 168
+    # Chargeback rollups (ReportService) of hours older than this are deleted.
+    report_retention_days: int = 400
     # A data plane's holds (reservations) on windows lapse this long after its
     # last report: what a data plane that died held is released then.
     hold_ttl_s: int = 30
@@ -85,6 +87,8 @@ class Settings:
             keyring.parse_keys(self.secrets_key.split(","), "secrets_key", file=False)
         if self.batch_retention_hours < 1:
             raise ConfigError("batch_retention_hours must be at least 1")
+        if not 1 <= self.report_retention_days <= 36_500:
+            raise ConfigError("report_retention_days must be between 1 and 36500")
         if not 15 <= self.hold_ttl_s <= 3600:
             raise ConfigError(
                 "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)"

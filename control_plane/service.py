@@ -9,6 +9,7 @@ after its transaction commits, never before.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -22,7 +23,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control_plane import adjustments, anomalies, convert, holds, quarantine, spend_list, statepush
+from control_plane import (
+    adjustments,
+    anomalies,
+    convert,
+    holds,
+    quarantine,
+    reports,
+    spend_list,
+    statepush,
+)
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
@@ -40,6 +50,7 @@ from spendgate.domain.limits import MAX_PAGE_SIZE
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.v1 import reports_pb2 as rp
 from spendgate.wire import timestamp
 
 log = structlog.get_logger("spendgate.control_plane")
@@ -68,6 +79,7 @@ class UsageResult:
     spend: list[dp.WindowSpend]
     unknown_policy_increments: int
     quarantined_increments: int = 0
+    refused_rollups: int = 0
 
 
 class ControlPlane:
@@ -248,14 +260,24 @@ class ControlPlane:
     async def apply_usage(self, req: dp.ReportUsageRequest) -> UsageResult:
         """Apply a usage batch exactly once (by batch_id), atomically, and
         record the data plane's holds it carries (newest report wins)."""
-        if req.increments and not req.batch_id:
-            raise InvalidArgument.one("batch_id", "is required when there are increments")
+        if (req.increments or req.rollups) and not req.batch_id:
+            raise InvalidArgument.one(
+                "batch_id", "is required when there are increments or rollups"
+            )
         if len(req.batch_id) > 80:
             raise InvalidArgument.one("batch_id", "must be at most 80 characters")
         if len(req.increments) > MAX_INCREMENTS_PER_BATCH:
             raise InvalidArgument.one("increments", f"at most {MAX_INCREMENTS_PER_BATCH} per batch")
+        if len(req.rollups) > reports.MAX_ROLLUPS_PER_BATCH:
+            raise InvalidArgument.one(
+                "rollups", f"at most {reports.MAX_ROLLUPS_PER_BATCH} per batch"
+            )
         holds.check_holds(req.holds, "holds", req.data_plane_id)
         holds.check_unapplied(req.unapplied)
+        # Rollups that cannot be stored are dropped (and logged), never the batch.
+        rollup_problems = [(n, p) for n, r in enumerate(req.rollups) if (p := reports.check(r))]
+        bad_rollups = {n for n, _ in rollup_problems}
+        rollup_rows = reports.rows_of(r for n, r in enumerate(req.rollups) if n not in bad_rollups)
         anomalies.check(req)
         # Increments that cannot be stored are quarantined, not refused with
         # the batch: one bad record must not block the ones behind it.
@@ -313,6 +335,7 @@ class ControlPlane:
                     )
                     for r in req.quarantined
                 )
+                reports.add(s, rollup_rows)
             # Windows that only holds touch get a row too (adding nothing),
             # which also locks them in key order like any spend.
             for key, (_, end) in held_now.items():
@@ -365,11 +388,20 @@ class ControlPlane:
             self.metrics.usage_applied(
                 duplicate=duplicate,
                 records=len(req.increments),
+                rollups=len(req.rollups),
                 unknown=unknown,
                 events=[e.kind for e in outbox.recorded] + [ANOMALY] * len(outbox.anomalies),
             )
             if not duplicate:
                 self._log_quarantined(req, refused)
+                if rollup_problems:
+                    log.error(
+                        "usage rollups refused: values out of bounds; dropped",
+                        count=len(rollup_problems),
+                        first=rollup_problems[0][1],
+                        data_plane_id=req.data_plane_id,
+                        batch_id=req.batch_id,
+                    )
             for a in outbox.anomalies:  # committed: one error line per anomaly
                 log.error(
                     "usage anomaly recorded",
@@ -402,7 +434,7 @@ class ControlPlane:
             raise InvalidArgument.one(
                 "increments", f"the database refused a value: {why}"
             ) from refused_by_db
-        return UsageResult(duplicate, spend, unknown, len(refused))
+        return UsageResult(duplicate, spend, unknown, len(refused), len(rollup_problems))
 
     def _log_quarantined(
         self,
@@ -601,6 +633,40 @@ class ControlPlane:
         forgotten = await self.run(lambda s: quarantine.forget(s, before=old))
         if forgotten:
             log.info("forgot old quarantined usage records", count=forgotten)
+        return removed
+
+    # ---- chargeback reports ------------------------------------------------
+
+    async def query_spend(self, req: rp.QuerySpendRequest) -> rp.QuerySpendResponse:
+        """ReportService.QuerySpend: a page of groups (control_plane/reports.py)."""
+        q = reports.parse_query(req, self.clock())
+        limit = clamp_page_size(req.page_size, default=100)
+        tokens = await self.page_tokens()
+        kind = "report-" + q.digest()
+        after: list[str | int] | None = None
+        if req.page_token:
+            (encoded,) = tokens.decode(kind, req.page_token, 1)
+            after = json.loads(encoded)
+        groups = await self.run(lambda s: reports.query_page(s, q, after, limit + 1))
+        token = ""
+        # A page ends at page_size groups or at about LIST_PAGE_BYTES.
+        size, kept = 0, 0
+        for g in groups[:limit]:
+            size += g.ByteSize()
+            kept += 1
+            if size >= LIST_PAGE_BYTES:
+                break
+        if kept < len(groups):
+            groups = groups[:kept]
+            token = tokens.encode(kind, json.dumps(reports.position(q, groups[-1])))
+        return rp.QuerySpendResponse(columns=q.columns, groups=groups, next_page_token=token)
+
+    async def forget_old_rollups(self, retention: timedelta) -> int:
+        """Delete chargeback rollups of hours older than ``retention``."""
+        before = self.clock() - retention
+        removed = await self.run(lambda s: reports.forget(s, before))
+        if removed:
+            log.info("forgot old usage rollups", count=removed, before=before.isoformat())
         return removed
 
     # ---- data-plane state ------------------------------------------------

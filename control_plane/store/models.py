@@ -310,3 +310,31 @@ class ServerKeyRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     key: Mapped[str] = mapped_column(String(128))  # hex
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class UsageRollupRow(Base):
+    """Chargeback rollups: what the responses of one UTC hour with the same
+    dimensions cost (control_plane/reports.py). A request's usage is in the
+    row with ``tag_key`` "" and, once more, in one row per tag it carries
+    (``tag_key``/``tag_value``), so every report sums one kind of row.
+    ``key_hash`` identifies the dimensions (a short unique key however long
+    the values are)."""
+
+    __tablename__ = "usage_rollups"
+
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    route: Mapped[str] = mapped_column(String(512))
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(512))
+    user_name: Mapped[str] = mapped_column(String(512))
+    workspace: Mapped[str] = mapped_column(String(512))
+    api_key_hash: Mapped[str] = mapped_column(String(128))
+    tag_key: Mapped[str] = mapped_column(String(512))
+    tag_value: Mapped[str] = mapped_column(String(512))
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    request_count: Mapped[int] = mapped_column(BigInteger)
+    estimated_count: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_usage_rollups_tag_key_hour", "tag_key", "hour"),)

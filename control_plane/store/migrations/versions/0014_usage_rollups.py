@@ -1,0 +1,41 @@
+"""usage rollups: hourly cost, tokens and requests per dimension (chargeback reports)
+
+Revision ID: 0014
+Revises: 0011
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0014"
+down_revision = "0011"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "usage_rollups",
+        sa.Column("hour", sa.BigInteger(), nullable=False),
+        sa.Column("key_hash", sa.String(length=32), nullable=False),
+        sa.Column("route", sa.String(length=512), nullable=False),
+        sa.Column("provider", sa.String(length=64), nullable=False),
+        sa.Column("model", sa.String(length=512), nullable=False),
+        sa.Column("user_name", sa.String(length=512), nullable=False),
+        sa.Column("workspace", sa.String(length=512), nullable=False),
+        sa.Column("api_key_hash", sa.String(length=128), nullable=False),
+        sa.Column("tag_key", sa.String(length=512), nullable=False),
+        sa.Column("tag_value", sa.String(length=512), nullable=False),
+        sa.Column("cost_nanos", sa.BigInteger(), nullable=False),
+        sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("request_count", sa.BigInteger(), nullable=False),
+        sa.Column("estimated_count", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("hour", "key_hash", name=op.f("pk_usage_rollups")),
+    )
+    op.create_index("ix_usage_rollups_tag_key_hour", "usage_rollups", ["tag_key", "hour"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_usage_rollups_tag_key_hour", table_name="usage_rollups")
+    op.drop_table("usage_rollups")
