@@ -559,7 +559,7 @@ class ControlPlaneSync:
         """A batch the control plane will never take: split in pieces that
         fit (too large) or in halves (refused), until one record is left,
         which is quarantined."""
-        if len(batch.increments) > 1:
+        if batch.records > 1:
             pieces = self.state.split(batch, "s" if reason == "too_large" else "h")
             log.warning(
                 "usage batch split",
