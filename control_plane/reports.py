@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from control_plane.errors import InvalidArgument
 from control_plane.store.models import UsageRollupRow
 from control_plane.store.repo import dialect_insert
-from spendgate.domain.pricing import MAX_COST_NANOS
+from spendgate.domain.pricing import MAX_COST_NANOS, format_usd
 from spendgate.v1 import reports_pb2 as rp
 from spendgate.visible import first_unsafe
 
@@ -369,7 +369,7 @@ def query_page(
             rp.SpendGroup(
                 values=values,
                 cost_nanos=sums[0],
-                cost_usd=usd_text(sums[0]),
+                cost_usd=format_usd(sums[0]).removeprefix("$"),
                 input_tokens=sums[1],
                 output_tokens=sums[2],
                 request_count=sums[3],
@@ -383,12 +383,6 @@ def position(q: Query, group: rp.SpendGroup) -> list[str | int]:
     """A group's values as the query orders them (for the next page's start)."""
     pairs = zip(q.columns, group.values, strict=True)
     return [_hour_of(v) if name == "hour" else v for name, v in pairs]
-
-
-def usd_text(nanos: int) -> str:
-    """Exact decimal USD of integer nano-dollars ("0.000012345")."""
-    whole, frac = divmod(nanos, 10**9)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
 def _hour_text(seconds: object) -> str:

@@ -11,7 +11,7 @@ from spendgate.visible import visible
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import adjustments, policies, prices, secrets, status, up, webhooks
+    from spendgate.cli import adjustments, policies, prices, reports, secrets, status, up, webhooks
 
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks.add_parser(sub, admin_flags)
     prices.add_parser(sub, admin_flags)
     secrets.add_parser(sub, admin_flags)
+    reports.add_parser(sub, admin_flags)
     return parser
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_up
 
             return run_up(args)
-        from spendgate.cli import adjustments, policies, prices, secrets, status, webhooks
+        from spendgate.cli import adjustments, policies, prices, reports, secrets, status, webhooks
 
         if secrets.run_offline(args):
             return 0
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 prices.run_price(args, client)
             elif args.command == "secrets":
                 secrets.run_secrets(args, client)
+            elif args.command == "report":
+                reports.run_report(args, client)
             elif args.command == "status":
                 status.run_status(args, client)
             elif getattr(args, "spend_command", None):

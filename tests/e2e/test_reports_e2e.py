@@ -5,6 +5,7 @@ grouped by user, provider, model and tag, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -14,7 +15,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from spendgate.domain.pricing import PriceBook, cost_nanos
+from spendgate.cli.main import main
+from spendgate.domain.pricing import PriceBook, cost_nanos, format_usd, parse_usd
 from spendgate.v1 import reports_pb2 as rp
 from spendgate.v1 import reports_pb2_grpc
 from tests.conftest import Stack, start_stack, stop_stack
@@ -73,7 +75,9 @@ def query(stack: Stack, *group_by: str, tag_key: str = "", page_size: int = 0) -
             return rows
 
 
-def test_reports_equal_the_provider_bill_by_every_dimension(stack: Stack) -> None:
+def test_reports_equal_the_provider_bill_by_every_dimension(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
     by_user: Counter[str] = Counter()
     by_team: Counter[str] = Counter()
     by_model: Counter[tuple[str, str]] = Counter()
@@ -109,8 +113,44 @@ def test_reports_equal_the_provider_bill_by_every_dimension(stack: Stack) -> Non
     # Nothing was charged to a budget: there is none; reports do not need one.
     assert stack.ext.state.index.policies == {}
 
+    # The CLI prints the same numbers (read-only token), as CSV, JSON and a table.
+    since = (stack.clock() - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    out = cli(stack, capsys, "--by", "user", "--since", since, "--format", "csv")
+    lines = out.splitlines()
+    assert lines[0] == "user,cost_usd,requests,input_tokens,output_tokens,estimated"
+    assert [(r.split(",")[0], parse_usd(r.split(",")[1])) for r in lines[1:]] == sorted(
+        by_user.items()
+    )
+    rows = json.loads(cli(stack, capsys, "--since", since, "--tag", "team", "--json"))
+    assert [(r["tag:team"], r["cost_nanos"]) for r in rows] == sorted(by_team.items())
+    assert sum(int(r["requests"]) for r in rows) == sum(requests.values())
+    text = cli(stack, capsys, "--by", "provider,model", "--since", since)
+    assert text.splitlines()[0].split() == [
+        "PROVIDER",
+        "MODEL",
+        "COST",
+        "REQUESTS",
+        "INPUT",
+        "TOKENS",
+        "OUTPUT",
+        "TOKENS",
+        "ESTIMATED",
+    ]
+    assert text.splitlines()[-1].split()[:2] == ["TOTAL", format_usd(total)]
 
-def test_report_service_requires_a_token_and_names_bad_fields(stack: Stack) -> None:
+
+def cli(stack: Stack, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``spendgate report ARGS`` against the stack, with the read-only token."""
+    capsys.readouterr()
+    code = main(["report", *args, "--server", f"127.0.0.1:{stack.cp.port}", "--token", READ_TOKEN])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_report_service_requires_a_token_and_names_bad_fields(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
     stub = reports_pb2_grpc.ReportServiceStub(grpc_channel(stack.cp.port))
     with pytest.raises(grpc.RpcError) as e:
         stub.QuerySpend(rp.QuerySpendRequest(group_by=["user"]))
@@ -119,3 +159,11 @@ def test_report_service_requires_a_token_and_names_bad_fields(stack: Stack) -> N
         stub.QuerySpend(rp.QuerySpendRequest(group_by=["colour"]), metadata=READ)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "group_by" in (e.value.details() or "")
+    capsys.readouterr()
+    cli_args = ["--server", f"127.0.0.1:{stack.cp.port}", "--token", READ_TOKEN]
+    assert main(["report", "--by", "user", "--since", "soon", *cli_args]) == 1
+    assert "--since: 'soon' is not a date" in capsys.readouterr().err
+    assert main(["report", "--filter", "user", "--since", "2026-11-01", *cli_args]) == 1
+    assert "--filter: 'user' is not DIMENSION=VALUE" in capsys.readouterr().err
+    assert main(["report", "--by", "colour", "--since", "2026-11-01", *cli_args]) == 1
+    assert "group_by" in capsys.readouterr().err
