@@ -5,38 +5,29 @@ UTC hour and dimensions (route, provider, model, user, workspace, API key
 hash, tags): ``UsageRollup`` rows, applied in the batch's transaction, so
 they count exactly once (by batch_id) like spend increments.
 
-Storage (table ``usage_rollups``): each rollup adds to its row with
-``tag_key`` "" and to one row per tag it carries, so a report sums one kind of
-row. A report grouped by a tag key reads that key's rows, and the requests
-without the tag as the difference between the untagged rows and the key's
-rows (empty value), so every report's groups add up to the same total.
+Storage: table ``usage_rollups`` has one row per hour, dimensions and tag
+set; ``rollup_tags`` the tags of each tag set (written once per set). A
+report grouped by a tag key joins the key's tag of each row's set: requests
+without the tag form the group of the empty value, so every report's groups
+add up to the same total. One row per rollup keeps ingest as cheap as
+spend increments (the ingest benchmark, bench/ingest.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Select,
-    and_,
-    delete,
-    func,
-    literal,
-    select,
-    text,
-    tuple_,
-    union_all,
-)
+import orjson
+from sqlalchemy import ColumnElement, and_, delete, func, literal, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from control_plane.errors import InvalidArgument
-from control_plane.store.models import UsageRollupRow
+from control_plane.store.models import RollupTagRow, UsageRollupRow
 from control_plane.store.repo import dialect_insert
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd
 from spendgate.v1 import reports_pb2 as rp
@@ -57,6 +48,8 @@ MAX_SECONDS = 253_402_300_799
 MAX_ROLLUPS_PER_BATCH = 50_000
 
 _C = UsageRollupRow.__table__.c
+_TAGS = RollupTagRow.__table__
+_T = _TAGS.c
 # Dimension name -> column, in the order reports list them.
 DIMENSIONS: dict[str, str] = {
     "hour": "hour",
@@ -83,73 +76,144 @@ _TEXT_LIMITS = {
 
 
 def check(r: rp.UsageRollup) -> str | None:
-    """Why ``r`` cannot be stored (names the field and the bound), or None."""
+    """Why ``r`` cannot be stored (names the field and the bound), or None.
+
+    On the ingest path (every rollup of every batch): one scan for control
+    characters over all of its text, a field by field search only to name
+    the culprit."""
     if r.hour < 0 or r.hour > MAX_SECONDS or r.hour % HOUR_S:
         return f"hour {r.hour} is not the start of an hour (Unix seconds, 0 to {MAX_SECONDS})"
-    for name, limit in _TEXT_LIMITS.items():
-        value = getattr(r, name)
+    texts = [r.route, r.provider, r.model, r.user, r.workspace, r.api_key_hash]
+    for value, (name, limit) in zip(texts, _TEXT_LIMITS.items(), strict=True):
         if len(value) > limit:
             return f"{name} is longer than {limit} characters"
-        if first_unsafe(value) is not None:
-            return f"{name} has a control character"
-    if len(r.tags) > MAX_TAGS:
-        return f"more than {MAX_TAGS} tags ({len(r.tags)})"
-    for k, v in r.tags.items():
+    tags = r.tags
+    if len(tags) > MAX_TAGS:
+        return f"more than {MAX_TAGS} tags ({len(tags)})"
+    for k, v in tags.items():
         if not k or not v:
             return "a tag has an empty key or value"
         if len(k) > MAX_TEXT_CHARS or len(v) > MAX_TEXT_CHARS:
             return f"a tag key or value is longer than {MAX_TEXT_CHARS} characters"
-        if first_unsafe(k) is not None or first_unsafe(v) is not None:
-            return "a tag has a control character"
-    for name in _SUMS:
-        if getattr(r, name) < 0:
-            return f"{name} is negative"
+        texts += (k, v)
+    if first_unsafe("".join(texts)) is not None:
+        names = [*_TEXT_LIMITS, *["a tag"] * (len(texts) - 6)]
+        for value, name in zip(texts, names, strict=True):
+            if first_unsafe(value) is not None:
+                return f"{name} has a control character"
+    if min(r.cost_nanos, r.input_tokens, r.output_tokens, r.estimated_count) < 0:
+        return "cost_nanos, input_tokens, output_tokens and estimated_count must not be negative"
     if r.request_count < 1 or r.estimated_count > r.request_count:
         return "request_count must be at least 1 and at least estimated_count"
     return None
 
 
-def key_hash(values: Sequence[str]) -> str:
-    """The row key of a rollup's dimensions (128 bits of SHA-256)."""
-    return hashlib.sha256(json.dumps(list(values)).encode()).hexdigest()[:32]
+def _md5(text_value: str) -> str:
+    return hashlib.md5(text_value.encode(), usedforsecurity=False).hexdigest()
+
+
+def tag_set_of(tags: Iterable[tuple[str, str]]) -> str:
+    """The id of a set of tags ("" for none): MD5 (an identifier, not a
+    secret) of its sorted key/value pairs joined by U+001E and U+001F, which
+    no checked value contains."""
+    pairs = sorted(tags)
+    return _md5("\x1f".join(f"{k}\x1e{v}" for k, v in pairs)) if pairs else ""
+
+
+def key_hash(dims: Sequence[str]) -> str:
+    """The row key of a rollup's dimensions and tag set: MD5 of the values
+    joined by U+001F, as PostgreSQL computes it in ``add``."""
+    return _md5("\x1f".join(dims))
+
+
+# One table row: (hour, route, provider, model, user, workspace, api key hash,
+# tag set) -> [cost, input tokens, output tokens, requests, estimated]
+RowKey = tuple[int, str, str, str, str, str, str, str]
 
 
 @dataclass(slots=True)
-class _Row:
-    hour: int
-    dims: tuple[str, ...]  # route, provider, model, user, workspace, api key, tag key, value
-    sums: list[int] = field(default_factory=lambda: [0] * len(_SUMS))
+class Rows:
+    """What a batch's rollups add: table rows summed per key, in key order
+    (rows are locked in one order: no deadlocks), and their tag sets."""
 
-    def add(self, r: rp.UsageRollup) -> None:
-        for i, name in enumerate(_SUMS):
-            self.sums[i] = min(self.sums[i] + getattr(r, name), MAX_COUNT)
+    rows: list[tuple[RowKey, list[int]]]
+    tag_sets: dict[str, list[tuple[str, str]]]
 
 
-def rows_of(rollups: Iterable[rp.UsageRollup]) -> list[_Row]:
-    """The table rows ``rollups`` add to (valid rollups only), summed per
-    row, in key order (rows are locked in one order: no deadlocks)."""
-    rows: dict[tuple[int, str], _Row] = {}
+def rows_of(rollups: Sequence[rp.UsageRollup]) -> tuple[Rows, list[str]]:
+    """The rows the valid ``rollups`` add to, and why each invalid one was
+    left out (``check``).
+
+    The ingest path of every batch: each field is read once, and the text of
+    the whole batch is scanned for control characters at once; only when it
+    has one is each rollup checked on its own."""
+    rows: dict[RowKey, list[int]] = {}
+    sets: dict[str, list[tuple[str, str]]] = {}
+    texts: list[str] = []
+    problems: list[str] = []
+    seen_sets: dict[tuple[tuple[str, str], ...], str] = {}
     for r in rollups:
-        base = (r.route, r.provider, r.model, r.user, r.workspace, r.api_key_hash)
-        for tag in (("", ""), *sorted(r.tags.items())):
-            dims = (*base, *tag)
-            k = (r.hour, key_hash(dims))
-            row = rows.get(k)
-            if row is None:
-                row = rows[k] = _Row(r.hour, dims)
-            row.add(r)
-    return [rows[k] for k in sorted(rows)]
+        hour, route, provider, model = r.hour, r.route, r.provider, r.model
+        user, workspace, api_key = r.user, r.workspace, r.api_key_hash
+        add = [r.cost_nanos, r.input_tokens, r.output_tokens, r.request_count, r.estimated_count]
+        tags = r.tags
+        if (
+            hour % HOUR_S
+            or not 0 <= hour <= MAX_SECONDS
+            or min(add) < 0
+            or add[3] < 1
+            or add[4] > add[3]
+            or len(route) > MAX_TEXT_CHARS
+            or len(provider) > MAX_PROVIDER_CHARS
+            or len(model) > MAX_TEXT_CHARS
+            or len(user) > MAX_TEXT_CHARS
+            or len(workspace) > MAX_TEXT_CHARS
+            or len(api_key) > MAX_KEY_HASH_CHARS
+            or len(tags) > MAX_TAGS
+        ):
+            problems.append(check(r) or "invalid")
+            continue
+        tag_set = ""
+        if tags:
+            pairs = tuple(sorted(tags.items()))
+            found = seen_sets.get(pairs)
+            if found is None:
+                if not all(
+                    0 < len(k) <= MAX_TEXT_CHARS and 0 < len(v) <= MAX_TEXT_CHARS for k, v in pairs
+                ):
+                    problems.append(check(r) or "invalid")
+                    continue
+                found = seen_sets[pairs] = tag_set_of(pairs)
+                sets[found] = list(pairs)
+                texts.extend(k + v for k, v in pairs)
+            tag_set = found
+        texts += (route, provider, model, user, workspace, api_key)
+        key = (hour, route, provider, model, user, workspace, api_key, tag_set)
+        into = rows.get(key)
+        if into is None:
+            rows[key] = add
+        else:
+            for i in range(5):
+                into[i] = min(into[i] + add[i], MAX_COUNT)
+    if first_unsafe("".join(texts)) is not None:
+        good = [r for r in rollups if check(r) is None]
+        return rows_of(good)[0], [p for r in rollups if (p := check(r)) is not None]
+    return Rows(sorted(rows.items()), sets), problems
 
 
+# PostgreSQL reads the rows as one JSON array, parsed once (jsonb): far cheaper
+# for both sides than an array per column; it computes the key hash itself, as
+# key_hash does.
 _PG_ADD = text("""
     INSERT INTO usage_rollups AS u (hour, key_hash, route, provider, model, user_name,
-        workspace, api_key_hash, tag_key, tag_value, cost_nanos, input_tokens, output_tokens,
+        workspace, api_key_hash, tag_set, cost_nanos, input_tokens, output_tokens,
         request_count, estimated_count)
-    SELECT * FROM unnest(CAST(:h AS bigint[]), CAST(:k AS varchar[]), CAST(:ro AS varchar[]),
-        CAST(:pr AS varchar[]), CAST(:mo AS varchar[]), CAST(:us AS varchar[]),
-        CAST(:ws AS varchar[]), CAST(:ak AS varchar[]), CAST(:tk AS varchar[]),
-        CAST(:tv AS varchar[]), CAST(:c AS bigint[]), CAST(:i AS bigint[]),
-        CAST(:o AS bigint[]), CAST(:r AS bigint[]), CAST(:e AS bigint[]))
+    SELECT (x->>0)::bigint, md5(concat_ws(chr(31), x->>1, x->>2, x->>3, x->>4, x->>5, x->>6,
+                                          x->>7)),
+        x->>1, x->>2, x->>3, x->>4, x->>5, x->>6, x->>7, (x->>8)::bigint, (x->>9)::bigint,
+        (x->>10)::bigint, (x->>11)::bigint, (x->>12)::bigint
+    FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(x, n)
+    ORDER BY n
     ON CONFLICT (hour, key_hash) DO UPDATE SET
         cost_nanos = LEAST(u.cost_nanos, 9223372036854775807 - excluded.cost_nanos)
                      + excluded.cost_nanos,
@@ -163,34 +227,31 @@ _PG_ADD = text("""
                                 9223372036854775807 - excluded.estimated_count)
                           + excluded.estimated_count
 """)
-_DIM_COLUMNS = (
-    "route",
-    "provider",
-    "model",
-    "user_name",
-    "workspace",
-    "api_key_hash",
-    "tag_key",
-    "tag_value",
-)
+_DIM_COLUMNS = ("route", "provider", "model", "user_name", "workspace", "api_key_hash", "tag_set")
 
 
-def add(session: Session, rows: Sequence[_Row]) -> None:
-    """Add ``rows`` (from ``rows_of``) to the table: ``x = x + delta`` per
-    row, saturating at the int64 maximum, in one statement."""
-    if not rows:
-        return
+def add(session: Session, rows: Rows, known_sets: Collection[str] = ()) -> list[str]:
+    """Add ``rows`` (from ``rows_of``) to the tables: ``x = x + delta`` per
+    row, saturating at the int64 maximum, in one statement; and the tag
+    sets not in ``known_sets`` (already stored). Returns the tag sets written."""
+    new_sets = sorted(t for t in rows.tag_sets if t not in known_sets)
+    if new_sets:
+        tags = dialect_insert(session, RollupTagRow).on_conflict_do_nothing(
+            index_elements=["tag_set", "tag_key"]
+        )
+        session.execute(
+            tags,
+            [
+                {"tag_set": t, "tag_key": k, "tag_value": v}
+                for t in new_sets
+                for k, v in rows.tag_sets[t]
+            ],
+        )
+    if not rows.rows:
+        return new_sets
     if session.get_bind().dialect.name == "postgresql":
-        params: dict[str, list[object]] = {
-            "h": [r.hour for r in rows],
-            "k": [key_hash(r.dims) for r in rows],
-        }
-        for i, name in enumerate(("ro", "pr", "mo", "us", "ws", "ak", "tk", "tv")):
-            params[name] = [r.dims[i] for r in rows]
-        for i, name in enumerate(("c", "i", "o", "r", "e")):
-            params[name] = [r.sums[i] for r in rows]
-        session.execute(_PG_ADD, params)
-        return
+        session.execute(_PG_ADD, {"rows": orjson.dumps([(*k, *v) for k, v in rows.rows]).decode()})
+        return new_sets
     ins = dialect_insert(session, UsageRollupRow)
     stmt = ins.on_conflict_do_update(
         index_elements=["hour", "key_hash"],
@@ -203,14 +264,15 @@ def add(session: Session, rows: Sequence[_Row]) -> None:
         stmt,
         [
             {
-                "hour": r.hour,
-                "key_hash": key_hash(r.dims),
-                **dict(zip(_DIM_COLUMNS, r.dims, strict=True)),
-                **dict(zip(_SUMS, r.sums, strict=True)),
+                "hour": k[0],
+                "key_hash": key_hash(k[1:]),
+                **dict(zip(_DIM_COLUMNS, k[1:], strict=True)),
+                **dict(zip(_SUMS, v, strict=True)),
             }
-            for r in rows
+            for k, v in rows.rows
         ],
     )
+    return new_sets
 
 
 def forget(session: Session, before: datetime) -> int:
@@ -318,48 +380,35 @@ def parse_query(req: rp.QuerySpendRequest, now: datetime) -> Query:
     )
 
 
-def _source(q: Query, tag_key: str, value: ColumnElement[str], sign: int) -> Select[Any]:
-    """The rows with ``tag_key`` in range and filtered, as the group's
-    columns plus the sums (times ``sign``)."""
-    conds = [_C.hour >= q.start, _C.hour < q.end, _C.tag_key == tag_key]
-    conds += [_C[col] == v for col, v in q.filters]
-    if q.tag_filter is not None and tag_key:
-        conds.append(_C.tag_value == q.tag_filter[1])
-    cols: list[ColumnElement[Any]] = [_C[DIMENSIONS[d]].label(d) for d in q.group_by]
-    cols.append(value.label("tag_value"))
-    cols += [(_C[s] * sign if sign < 0 else _C[s]).label(s) for s in _SUMS]
-    return select(*cols).where(and_(*conds))
-
-
 def query_page(
     session: Session, q: Query, after: Sequence[str | int] | None, limit: int
 ) -> list[rp.SpendGroup]:
     """Up to ``limit`` groups after the group ``after`` (its values), in order."""
-    if q.tag_filter is not None:
-        # Only the requests with that tag value: the tag's rows.
-        parts = [_source(q, q.tag_filter[0], _C.tag_value, 1)]
-    elif q.tag_key:
-        empty = literal("")
-        parts = [
-            _source(q, "", empty, 1),
-            _source(q, q.tag_key, empty, -1),
-            _source(q, q.tag_key, _C.tag_value, 1),
-        ]
-    else:
-        parts = [_source(q, "", literal(""), 1)]
-    sub = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery()
-    keys: list[ColumnElement[Any]] = [sub.c[d] for d in q.group_by]
-    if q.tag_key:
-        keys.append(sub.c.tag_value)
-    stmt = select(*keys, *(func.sum(sub.c[s]) for s in _SUMS))
+    conds = [_C.hour >= q.start, _C.hour < q.end]
+    conds += [_C[col] == v for col, v in q.filters]
+    keys: list[ColumnElement[Any]] = [_C[DIMENSIONS[d]] for d in q.group_by]
+    source: Any = UsageRollupRow.__table__
+    tag_key = q.tag_filter[0] if q.tag_filter is not None else q.tag_key
+    if tag_key:
+        on = and_(_T.tag_set == _C.tag_set, _T.tag_key == tag_key)
+        if q.tag_filter is not None:
+            # Only the requests with that tag value.
+            source = source.join(_TAGS, and_(on, _T.tag_value == q.tag_filter[1]))
+        else:
+            # Requests without the tag: the group of the empty value.
+            source = source.outerjoin(_TAGS, on)
+        if q.tag_key:
+            keys.append(func.coalesce(_T.tag_value, ""))
+    stmt = select(*keys, *(func.sum(_C[s]) for s in _SUMS)).select_from(source).where(*conds)
     if keys:
         stmt = stmt.group_by(*keys).order_by(*keys)
         if after is not None:
-            stmt = stmt.where(tuple_(*keys) > tuple_(*(literal(v) for v in after)))
-    # Groups of no request: the tag's residue when every request had the tag.
-    stmt = stmt.having(func.sum(sub.c.request_count) != 0).limit(limit)
+            stmt = stmt.having(tuple_(*keys) > tuple_(*(literal(v) for v in after)))
+    else:
+        # One total: none when there is no usage at all.
+        stmt = stmt.having(func.count() > 0)
     groups = []
-    for row in session.execute(stmt):
+    for row in session.execute(stmt.limit(limit)):
         values = [
             _hour_text(v) if name == "hour" else str(v)
             for name, v in zip(q.columns, row[: len(keys)], strict=True)

@@ -63,6 +63,9 @@ Clock = Callable[[], datetime]
 ChangeKeys = Sequence[tuple[str, str, int]] | Sequence[str]
 ChangeHook = Callable[[Session, str, ChangeKeys], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
+# Tag sets remembered as stored (control_plane/reports.py); forgotten all at
+# once beyond this (writing a known set again is harmless, only slower).
+MAX_KNOWN_TAG_SETS = 100_000
 # A list page stops short of page_size at about this many bytes (at least one
 # item per page), far below the 4 MB a gRPC client accepts by default:
 # descriptions are free text of any length.
@@ -106,6 +109,8 @@ class ControlPlane:
         self.on_change: ChangeHook | None = None
         self.metrics = ControlPlaneMetrics()
         self._page_tokens: PageTokens | None = None
+        # Tag sets of usage rollups stored (committed): not written again.
+        self.known_tag_sets: set[str] = set()
 
     def changed(self, session: Session, kind: str, keys: ChangeKeys = ()) -> None:
         """Record, in ``session``'s transaction, that data-plane state changed."""
@@ -275,9 +280,8 @@ class ControlPlane:
         holds.check_holds(req.holds, "holds", req.data_plane_id)
         holds.check_unapplied(req.unapplied)
         # Rollups that cannot be stored are dropped (and logged), never the batch.
-        rollup_problems = [(n, p) for n, r in enumerate(req.rollups) if (p := reports.check(r))]
-        bad_rollups = {n for n, _ in rollup_problems}
-        rollup_rows = reports.rows_of(r for n, r in enumerate(req.rollups) if n not in bad_rollups)
+        rollup_rows, rollup_problems = reports.rows_of(req.rollups)
+        tag_sets_written: list[str] = []
         anomalies.check(req)
         # Increments that cannot be stored are quarantined, not refused with
         # the batch: one bad record must not block the ones behind it.
@@ -335,7 +339,7 @@ class ControlPlane:
                     )
                     for r in req.quarantined
                 )
-                reports.add(s, rollup_rows)
+                tag_sets_written[:] = reports.add(s, rollup_rows, self.known_tag_sets)
             # Windows that only holds touch get a row too (adding nothing),
             # which also locks them in key order like any spend.
             for key, (_, end) in held_now.items():
@@ -384,6 +388,9 @@ class ControlPlane:
             # deadline expired meanwhile: counters and log lines say what the
             # database holds.
             duplicate, spend, unknown, outbox = result
+            if len(self.known_tag_sets) > MAX_KNOWN_TAG_SETS:
+                self.known_tag_sets.clear()
+            self.known_tag_sets.update(tag_sets_written)
             self.known_events.add(outbox.seen, now)
             self.metrics.usage_applied(
                 duplicate=duplicate,
@@ -398,7 +405,7 @@ class ControlPlane:
                     log.error(
                         "usage rollups refused: values out of bounds; dropped",
                         count=len(rollup_problems),
-                        first=rollup_problems[0][1],
+                        first=rollup_problems[0],
                         data_plane_id=req.data_plane_id,
                         batch_id=req.batch_id,
                     )

@@ -314,11 +314,10 @@ class ServerKeyRow(Base):
 
 class UsageRollupRow(Base):
     """Chargeback rollups: what the responses of one UTC hour with the same
-    dimensions cost (control_plane/reports.py). A request's usage is in the
-    row with ``tag_key`` "" and, once more, in one row per tag it carries
-    (``tag_key``/``tag_value``), so every report sums one kind of row.
-    ``key_hash`` identifies the dimensions (a short unique key however long
-    the values are)."""
+    dimensions cost (control_plane/reports.py). ``tag_set`` names the
+    request's tags (rows of ``rollup_tags``; "" for none); ``key_hash``
+    identifies the dimensions and the tag set (a short unique key however
+    long the values are)."""
 
     __tablename__ = "usage_rollups"
 
@@ -330,11 +329,20 @@ class UsageRollupRow(Base):
     user_name: Mapped[str] = mapped_column(String(512))
     workspace: Mapped[str] = mapped_column(String(512))
     api_key_hash: Mapped[str] = mapped_column(String(128))
-    tag_key: Mapped[str] = mapped_column(String(512))
-    tag_value: Mapped[str] = mapped_column(String(512))
+    tag_set: Mapped[str] = mapped_column(String(32))
     cost_nanos: Mapped[int] = mapped_column(BigInteger)
     input_tokens: Mapped[int] = mapped_column(BigInteger)
     output_tokens: Mapped[int] = mapped_column(BigInteger)
     request_count: Mapped[int] = mapped_column(BigInteger)
     estimated_count: Mapped[int] = mapped_column(BigInteger)
-    __table_args__ = (Index("ix_usage_rollups_tag_key_hour", "tag_key", "hour"),)
+
+
+class RollupTagRow(Base):
+    """The tags of a tag set (``UsageRollupRow.tag_set``): one row per tag.
+    Written once per set, never changed."""
+
+    __tablename__ = "rollup_tags"
+
+    tag_set: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tag_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    tag_value: Mapped[str] = mapped_column(String(512))

@@ -62,6 +62,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             "spend_adjustments",
             "server_keys",
             "usage_rollups",
+            "rollup_tags",
         }
         assert insp.get_pk_constraint("window_spend")["constrained_columns"] == [
             "policy_id",
