@@ -533,29 +533,22 @@ class LocalState:
         or none): its record is quarantined, its anomalies and reports go
         with the next batch."""
         now = datetime.fromtimestamp(time.time(), UTC)
+        records = [(key, inc.cost_nanos, inc.requests) for key, inc in batch.increments.items()]
+        records += [
+            (rollups.quarantine_key(key), sums.cost_nanos, sums.requests)
+            for key, sums in batch.rollups.items()
+        ]
         self.quarantine.add(
             record(
                 key,
-                min(inc.cost_nanos, MAX_COST_NANOS),
-                inc.requests,
+                min(cost, MAX_COST_NANOS),
+                requests,
                 reason=reason,
                 detail=detail,
                 batch_id=batch.batch_id,
                 now=now,
             )
-            for key, inc in batch.increments.items()
-        )
-        self.quarantine.add(
-            record(
-                rollups.quarantine_key(key),
-                min(sums.cost_nanos, MAX_COST_NANOS),
-                sums.requests,
-                reason=reason,
-                detail=detail,
-                batch_id=batch.batch_id,
-                now=now,
-            )
-            for key, sums in batch.rollups.items()
+            for key, cost, requests in records
         )
         self.in_flight.pop(batch.batch_id, None)
         self.anomalies[:0] = batch.anomalies
