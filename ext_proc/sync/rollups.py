@@ -13,6 +13,7 @@ batches, never an oversized one.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +22,8 @@ from spendgate.domain.pricing import MAX_COST_NANOS, saturating_add
 from spendgate.v1 import reports_pb2 as rp
 
 HOUR_S = 3600
+# Longest route name a rollup carries as is (see ``bounded``).
+MAX_VALUE_CHARS = 256
 # hour, route, provider, model, user, workspace, api key hash, sorted tags
 RollupKey = tuple[int, str, str, str, str, str, str, tuple[tuple[str, str], ...]]
 
@@ -52,7 +55,7 @@ def key_of(facts: RequestFacts, model: str, now: datetime) -> RollupKey:
     hour = int(now.timestamp()) // HOUR_S * HOUR_S
     return (
         hour,
-        facts.route,
+        bounded(facts.route),
         facts.provider,
         model.lower(),
         facts.user,
@@ -60,6 +63,16 @@ def key_of(facts: RequestFacts, model: str, now: datetime) -> RollupKey:
         facts.api_key_hash,
         tuple(sorted((k, v) for k, v in facts.tags.items() if k and v)),
     )
+
+
+def bounded(value: str) -> str:
+    """``value``, or when longer than MAX_VALUE_CHARS (an operator's route
+    name may be any length) its start and a hash of the whole, so distinct
+    values stay distinct and the control plane (512 characters) takes it."""
+    if len(value) <= MAX_VALUE_CHARS:
+        return value
+    digest = hashlib.sha256(value.encode(errors="surrogatepass")).hexdigest()[:16]
+    return f"{value[: MAX_VALUE_CHARS - 19]}...{digest}"
 
 
 def size(key: RollupKey) -> int | None:

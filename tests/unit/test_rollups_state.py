@@ -4,6 +4,7 @@ quarantined like spend increments (ext_proc/sync/rollups.py, state.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -134,3 +135,12 @@ def test_split_and_quarantine_cover_rollups(tmp_path: Path) -> None:
     assert reports[0].member == "rollup user=u0 model=gpt-4o route=openai"
     assert reports[0].cost_nanos == 1
     assert len(everything(state)) == 6
+
+
+def test_a_long_route_name_is_bounded_and_stays_distinct() -> None:
+    long_a, long_b = "r" * 300 + "a", "r" * 300 + "b"
+    a = rollups.key_of(dataclasses.replace(facts(), route=long_a), "m", NOW)[1]
+    b = rollups.key_of(dataclasses.replace(facts(), route=long_b), "m", NOW)[1]
+    assert len(a) == len(b) == rollups.MAX_VALUE_CHARS and a != b
+    assert a.startswith("r" * 200)
+    assert rollups.key_of(facts(), "m", NOW)[1] == "openai"
