@@ -547,6 +547,12 @@ class ControlPlaneSync:
                 "control plane dropped usage of deleted policies",
                 count=resp.unknown_policy_increments,
             )
+        if resp.refused_rollups:
+            log.error(
+                "control plane refused chargeback rollups it cannot store",
+                count=resp.refused_rollups,
+                batch_id=batch.batch_id,
+            )
         if resp.quarantined_increments:
             log.error(
                 "control plane quarantined usage records it cannot apply",
