@@ -295,6 +295,9 @@ class Query:
     end: int  # hours before this
     filters: tuple[tuple[str, str], ...]  # (column, value) of non-tag dimensions
     tag_filter: tuple[str, str] | None
+    # False when end is the time of the first page (no end_time): the next
+    # pages keep that end (their tokens carry it).
+    end_given: bool = True
 
     @property
     def columns(self) -> list[str]:
@@ -304,7 +307,14 @@ class Query:
         """Names the query in its page tokens: a token is good for this query only."""
         return hashlib.sha256(
             json.dumps(
-                [self.group_by, self.tag_key, self.start, self.end, self.filters, self.tag_filter]
+                [
+                    self.group_by,
+                    self.tag_key,
+                    self.start,
+                    self.end if self.end_given else None,
+                    self.filters,
+                    self.tag_filter,
+                ]
             ).encode()
         ).hexdigest()[:16]
 
@@ -377,6 +387,7 @@ def parse_query(req: rp.QuerySpendRequest, now: datetime) -> Query:
         end=end,
         filters=tuple(filters),
         tag_filter=tag_filter,
+        end_given=req.HasField("end_time"),
     )
 
 

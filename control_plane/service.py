@@ -9,6 +9,7 @@ after its transaction commits, never before.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -652,8 +653,10 @@ class ControlPlane:
         kind = "report-" + q.digest()
         after: list[str | int] | None = None
         if req.page_token:
-            (encoded,) = tokens.decode(kind, req.page_token, 1)
+            encoded, end = tokens.decode(kind, req.page_token, 2)
             after = json.loads(encoded)
+            # Every page of a query without end_time ends where the first did.
+            q = dataclasses.replace(q, end=int(end))
         groups = await self.run(lambda s: reports.query_page(s, q, after, limit + 1))
         token = ""
         # A page ends at page_size groups or at about LIST_PAGE_BYTES.
@@ -665,7 +668,7 @@ class ControlPlane:
                 break
         if kept < len(groups):
             groups = groups[:kept]
-            token = tokens.encode(kind, json.dumps(reports.position(q, groups[-1])))
+            token = tokens.encode(kind, json.dumps(reports.position(q, groups[-1])), str(q.end))
         return rp.QuerySpendResponse(columns=q.columns, groups=groups, next_page_token=token)
 
     async def forget_old_rollups(self, retention: timedelta) -> int:

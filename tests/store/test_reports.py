@@ -242,3 +242,21 @@ async def test_retention_forgets_old_hours(cp: ControlPlane, clock: FakeClock) -
     assert await cp.forget_old_rollups(timedelta(days=2)) == 0
     left = await cp.query_spend(query("user", start=H - 10 * 86400))
     assert [g.values[0] for g in left.groups] == ["new"]
+
+
+async def test_pages_without_end_time_keep_the_first_pages_end(
+    cp: ControlPlane, clock: FakeClock
+) -> None:
+    await cp.apply_usage(report("b1", *(rollup(f"u{n}", cost=1) for n in range(3))))
+    first = await cp.query_spend(query("user", end=None, page_size=2))
+    assert [g.values[0] for g in first.groups] == ["u0", "u1"]
+    # Time passes and usage of a later hour arrives: the next page still
+    # ends where the first did.
+    clock.advance(timedelta(hours=3))
+    await cp.apply_usage(report("b2", rollup("u3", cost=1, hour=H + 2 * 3600)))
+    rest = await cp.query_spend(
+        query("user", end=None, page_size=2, page_token=first.next_page_token)
+    )
+    assert [g.values[0] for g in rest.groups] == ["u2"] and rest.next_page_token == ""
+    fresh = await cp.query_spend(query("user", end=None, page_size=10))
+    assert [g.values[0] for g in fresh.groups] == ["u0", "u1", "u2", "u3"]
