@@ -34,9 +34,6 @@ from spendgate.v1 import reports_pb2 as rp
 from spendgate.visible import first_unsafe
 
 HOUR_S = 3600
-# Rollups are kept this long unless the control plane is told otherwise
-# (report_retention_days).
-DEFAULT_RETENTION_DAYS = 400
 # Bounds of one rollup's values (the data plane's own bounds are lower).
 MAX_TEXT_CHARS = 512
 MAX_PROVIDER_CHARS = 64
@@ -77,10 +74,8 @@ _TEXT_LIMITS = {
 
 def check(r: rp.UsageRollup) -> str | None:
     """Why ``r`` cannot be stored (names the field and the bound), or None.
-
-    On the ingest path (every rollup of every batch): one scan for control
-    characters over all of its text, a field by field search only to name
-    the culprit."""
+    ``rows_of`` checks the same for a whole batch, faster; this names the
+    problem of a rollup it found one in."""
     if r.hour < 0 or r.hour > MAX_SECONDS or r.hour % HOUR_S:
         return f"hour {r.hour} is not the start of an hour (Unix seconds, 0 to {MAX_SECONDS})"
     texts = [r.route, r.provider, r.model, r.user, r.workspace, r.api_key_hash]
