@@ -260,3 +260,32 @@ async def test_pages_without_end_time_keep_the_first_pages_end(
     assert [g.values[0] for g in rest.groups] == ["u2"] and rest.next_page_token == ""
     fresh = await cp.query_spend(query("user", end=None, page_size=10))
     assert [g.values[0] for g in fresh.groups] == ["u0", "u1", "u2", "u3"]
+
+
+async def test_every_grouping_adds_up_to_the_same_total(cp: ControlPlane) -> None:
+    """Whatever the dimensions, tag and filter, the groups of a report sum to
+    the total of the usage it covers."""
+    data = [
+        rollup("alice", "gpt-4o", 11, tags={"team": "red", "env": "prod"}, route="a"),
+        rollup("alice", "claude", 13, tags={"team": "blue"}, hour=H + 3600),
+        rollup("bob", "gpt-4o", 17, requests=2, route="b"),
+        rollup("bob", "claude", 19, tags={"env": "dev"}, hour=H - 3600),
+        rollup("carol", "gpt-4o", 23, tags={"team": "red"}),
+    ]
+    await cp.apply_usage(report("b1", *data))
+    dims = ["hour", "route", "model", "user"]
+    for mask in range(1 << len(dims)):
+        group = [d for i, d in enumerate(dims) if mask >> i & 1]
+        for tag in ("", "team", "env"):
+            resp = await cp.query_spend(query(*group, tag_key=tag, page_size=3))
+            token, groups = resp.next_page_token, list(resp.groups)
+            while token:
+                more = await cp.query_spend(query(*group, tag_key=tag, page_token=token))
+                groups += more.groups
+                token = more.next_page_token
+            assert sum(g.cost_nanos for g in groups) == 83, (group, tag)
+            assert sum(g.request_count for g in groups) == 6, (group, tag)
+            keys = [tuple(g.values) for g in groups]
+            assert keys == sorted(set(keys)), (group, tag)  # ordered, each group once
+    red = await cp.query_spend(query("user", filters={"tag:team": "red", "model": "gpt-4o"}))
+    assert table(red) == [("alice", 11, 10, 5, 1), ("carol", 23, 10, 5, 1)]
