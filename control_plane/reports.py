@@ -405,7 +405,15 @@ def query_page(
             source = source.outerjoin(_TAGS, on)
         if q.tag_key:
             keys.append(func.coalesce(_T.tag_value, ""))
-    stmt = select(*keys, *(func.sum(_C[s]) for s in _SUMS)).select_from(source).where(*conds)
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite's SUM fails on an int64 overflow (PostgreSQL's is exact):
+        # sum the high and the low 32 bits apart, each far from overflowing.
+        sums: list[ColumnElement[Any]] = []
+        for name in _SUMS:
+            sums += (func.sum(_C[name].op(">>")(32)), func.sum(_C[name].op("&")(0xFFFFFFFF)))
+    else:
+        sums = [func.sum(_C[name]) for name in _SUMS]
+    stmt = select(*keys, *sums).select_from(source).where(*conds)
     if keys:
         stmt = stmt.group_by(*keys).order_by(*keys)
         if after is not None:
@@ -419,16 +427,19 @@ def query_page(
             _hour_text(v) if name == "hour" else str(v)
             for name, v in zip(q.columns, row[: len(keys)], strict=True)
         ]
-        sums = [min(int(str(v or 0)), MAX_COUNT) for v in row[len(keys) :]]
+        found = [int(str(v or 0)) for v in row[len(keys) :]]
+        if len(found) > len(_SUMS):  # SQLite: high and low halves
+            found = [(hi << 32) + lo for hi, lo in zip(found[::2], found[1::2], strict=True)]
+        totals = [min(v, MAX_COUNT) for v in found]
         groups.append(
             rp.SpendGroup(
                 values=values,
-                cost_nanos=sums[0],
-                cost_usd=format_usd(sums[0]).removeprefix("$"),
-                input_tokens=sums[1],
-                output_tokens=sums[2],
-                request_count=sums[3],
-                estimated_count=sums[4],
+                cost_nanos=totals[0],
+                cost_usd=format_usd(totals[0]).removeprefix("$"),
+                input_tokens=totals[1],
+                output_tokens=totals[2],
+                request_count=totals[3],
+                estimated_count=totals[4],
             )
         )
     return groups

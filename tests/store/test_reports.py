@@ -232,6 +232,16 @@ async def test_sums_saturate_instead_of_overflowing(cp: ControlPlane) -> None:
     await cp.apply_usage(report("b1", rollup(cost=MAX - 10, inp=MAX)))
     await cp.apply_usage(report("b2", rollup(cost=1000, inp=5)))
     assert table(await cp.query_spend(query("user"))) == [("alice", MAX, MAX, 10, 2)]
+    # Groups whose rows together pass the int64 maximum saturate too.
+    await cp.apply_usage(report("b3", rollup("bob", cost=MAX, inp=MAX - 1)))
+    await cp.apply_usage(report("b4", rollup("carol", cost=3 * 10**18, inp=7)))
+    assert table(await cp.query_spend(query())) == [(MAX, MAX, 20, 4)]
+    by_user = await cp.query_spend(query("user"))
+    assert [(g.values[0], g.cost_nanos) for g in by_user.groups] == [
+        ("alice", MAX),
+        ("bob", MAX),
+        ("carol", 3 * 10**18),
+    ]
 
 
 async def test_retention_forgets_old_hours(cp: ControlPlane, clock: FakeClock) -> None:
