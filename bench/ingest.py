@@ -1,4 +1,9 @@
-"""Control plane usage ingest: many data planes' batches, applied to the store."""
+"""Control plane usage ingest: many data planes' batches, applied to the store.
+
+Each batch carries what a data plane sends for the responses behind it:
+window increments (the records counted) and, for chargeback reports, one
+hourly rollup per user (every user of a batch distinct, each with a tag: the
+costly case, two report rows per rollup)."""
 
 from __future__ import annotations
 
@@ -12,11 +17,17 @@ from bench.topology import ADMIN, DATA_PLANE
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import budget_pb2_grpc, dataplane_pb2_grpc
 from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.v1 import reports_pb2 as rp
 from spendgate.wire import timestamp
 
 
 async def run(
-    address: str, *, data_planes: int = 8, batch: int = 500, seconds: float = 8.0
+    address: str,
+    *,
+    data_planes: int = 8,
+    batch: int = 500,
+    seconds: float = 8.0,
+    rollups: bool = True,
 ) -> float:
     """Usage records (window increments) applied per second."""
     async with grpc.aio.insecure_channel(address) as ch:
@@ -42,8 +53,32 @@ async def run(
         stub = dataplane_pb2_grpc.DataPlaneServiceStub(ch)
         dmd = (("authorization", f"Bearer {DATA_PLANE}"),)
         start_of_day = timestamp(int(time.time()) // 86400 * 86400)
+        hour = int(time.time()) // 3600 * 3600
         applied = 0
         deadline = time.monotonic() + seconds
+
+        made: dict[str, rp.UsageRollup] = {}
+
+        def rollup_of(k: int, member: str) -> rp.UsageRollup:
+            """A user's rollup, made once: building messages is the data
+            planes' work (other machines), not the control plane's."""
+            r = made.get(member)
+            if r is None:
+                r = made[member] = rp.UsageRollup(
+                    hour=hour,
+                    route="openai",
+                    provider="openai",
+                    model="gpt-4o-mini",
+                    user=member,
+                    workspace="bench",
+                    api_key_hash="0" * 64,
+                    tags={"team": f"team-{int(member.rsplit('-', 1)[1]) % 20}"},
+                    cost_nanos=1000,
+                    input_tokens=100,
+                    output_tokens=20,
+                    request_count=1,
+                )
+            return r
 
         async def data_plane(k: int) -> None:
             nonlocal applied
@@ -59,9 +94,13 @@ async def run(
                     )
                     for j in range(batch)
                 ]
+                rows = [rollup_of(k, inc.member) for inc in incs] if rollups else []
                 await stub.ReportUsage(
                     dp.ReportUsageRequest(
-                        data_plane_id=f"dp-{k}", batch_id=uuid.uuid4().hex, increments=incs
+                        data_plane_id=f"dp-{k}",
+                        batch_id=uuid.uuid4().hex,
+                        increments=incs,
+                        rollups=rows,
                     ),
                     metadata=dmd,
                 )

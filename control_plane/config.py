@@ -25,7 +25,8 @@ class Settings:
     database_url: str = "sqlite:///.spendgate/spendgate.db"
     # Bearer token allowed every method. Required; `spendgate up` generates it.
     admin_token: str = ""
-    # Bearer token allowed `Get*` / `List*` only (`spendgate status`, `spend`, dashboards).
+    # Bearer token allowed `Get*` / `List*` / `Query*` only (`spendgate status`, `spend`, `report`,
+    # dashboards).
     read_token: str = ""
     # Bearer token ext_proc presents (DataPlaneService only).
     data_plane_token: str = ""
@@ -37,6 +38,8 @@ class Settings:
     # maintenance, in bounded chunks; 1 to 36500): the database stops growing by members x
     # windows. The current windows of every policy are never touched.
     spend_retention_days: int = 400
+    # Chargeback rollups (ReportService) of hours older than this are deleted (1 to 36500).
+    report_retention_days: int = 400
     # A data plane's holds (reservations) lapse this long after its last report, so a dead data
     # plane's are released (15 to 3600; live data planes refresh theirs every 5 s).
     hold_ttl_s: int = 30
@@ -107,6 +110,8 @@ class Settings:
             raise ConfigError(
                 f"spend_retention_days must be between 1 and {MAX_SPEND_RETENTION_DAYS}"
             )
+        if not 1 <= self.report_retention_days <= 36_500:
+            raise ConfigError("report_retention_days must be between 1 and 36500")
         if not 15 <= self.hold_ttl_s <= 3600:
             raise ConfigError(
                 "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)"

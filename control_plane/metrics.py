@@ -97,12 +97,18 @@ class ControlPlaneMetrics:
             self.store_errors[op] = self.store_errors.get(op, 0) + 1
 
     def usage_applied(
-        self, *, duplicate: bool, records: int, unknown: int, events: Iterable[str]
+        self,
+        *,
+        duplicate: bool,
+        records: int,
+        unknown: int,
+        events: Iterable[str],
+        rollups: int = 0,
     ) -> None:
         """A ReportUsage was handled (``records`` increments; a report of
         holds alone has none and is no usage batch); ``events``: the kinds of
         the budget events its transaction recorded."""
-        if records:
+        if records or rollups:
             self.batches["duplicate" if duplicate else "applied"] += 1
         if not duplicate:
             self.records += records

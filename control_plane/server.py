@@ -17,6 +17,7 @@ from control_plane.api.auth import ADMIN, DATA_PLANE, READ, AuthInterceptor, Req
 from control_plane.api.budgets import BudgetServicer
 from control_plane.api.dataplane import DataPlaneServicer
 from control_plane.api.pricing import PricingServicer
+from control_plane.api.reports import ReportServicer
 from control_plane.api.secrets import SecretsServicer
 from control_plane.api.webhooks import WebhookServicer
 from control_plane.config import Settings
@@ -44,6 +45,8 @@ from spendgate.v1 import (
     dataplane_pb2_grpc,
     pricing_pb2,
     pricing_pb2_grpc,
+    reports_pb2,
+    reports_pb2_grpc,
     secrets_pb2,
     secrets_pb2_grpc,
     webhooks_pb2,
@@ -57,6 +60,7 @@ SERVICE_NAMES = (
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name,
     secrets_pb2.DESCRIPTOR.services_by_name["SecretsService"].full_name,
+    reports_pb2.DESCRIPTOR.services_by_name["ReportService"].full_name,
 )
 HEALTH_INTERVAL_S = 5.0
 MAINTENANCE_INTERVAL_S = 3600.0
@@ -143,6 +147,7 @@ class ControlPlaneServer:
         pricing_pb2_grpc.add_PricingServiceServicer_to_server(
             PricingServicer(self.pricing, self.auth), self.server
         )
+        reports_pb2_grpc.add_ReportServiceServicer_to_server(ReportServicer(self.cp), self.server)
         url_policy = UrlPolicy.from_settings(settings)
         self.sender = Sender(
             url_policy,
@@ -227,8 +232,8 @@ class ControlPlaneServer:
                 MAINTENANCE_TASK,
                 self._maintenance,
                 doing=(
-                    "forgetting old usage batch ids, spend of old windows, expired holds "
-                    "and old webhook deliveries"
+                    "forgetting old usage batch ids, spend of old windows, expired holds, "
+                    "old usage rollups and old webhook deliveries"
                 ),
                 settle_s=5.0,
             ),
@@ -290,6 +295,10 @@ class ControlPlaneServer:
                 await self.cp.forget_old_spend(spend_retention)
             with contextlib.suppress(Unavailable):
                 await self.cp.forget_expired_holds()
+            with contextlib.suppress(Unavailable):
+                await self.cp.forget_old_rollups(
+                    timedelta(days=self.settings.report_retention_days)
+                )
             with contextlib.suppress(Unavailable):
                 await self._forget_old_deliveries()
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)

@@ -9,6 +9,8 @@ after its transaction commits, never before.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -29,6 +31,7 @@ from control_plane import (
     holds,
     names,
     quarantine,
+    reports,
     spend_list,
     statepush,
 )
@@ -49,6 +52,7 @@ from spendgate.domain.limits import MAX_PAGE_SIZE
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.v1 import reports_pb2 as rp
 from spendgate.wire import timestamp
 
 log = structlog.get_logger("spendgate.control_plane")
@@ -63,6 +67,9 @@ ChangeHook = Callable[[Session, str, ChangeKeys], None]
 MAX_INCREMENTS_PER_BATCH = 50_000
 # Spend rows of old windows deleted per transaction (forget_old_spend).
 SPEND_CHUNK = 5_000
+# Tag sets remembered as stored (control_plane/reports.py); forgotten all at
+# once beyond this (writing a known set again is harmless, only slower).
+MAX_KNOWN_TAG_SETS = 100_000
 # A list page stops short of page_size at about this many bytes (at least one
 # item per page), far below the 4 MB a gRPC client accepts by default:
 # descriptions are free text of any length.
@@ -79,6 +86,7 @@ class UsageResult:
     spend: list[dp.WindowSpend]
     unknown_policy_increments: int
     quarantined_increments: int = 0
+    refused_rollups: int = 0
 
 
 class ControlPlane:
@@ -105,6 +113,8 @@ class ControlPlane:
         self.on_change: ChangeHook | None = None
         self.metrics = ControlPlaneMetrics()
         self._page_tokens: PageTokens | None = None
+        # Tag sets of usage rollups stored (committed): not written again.
+        self.known_tag_sets: set[str] = set()
 
     def changed(self, session: Session, kind: str, keys: ChangeKeys = ()) -> None:
         """Record, in ``session``'s transaction, that data-plane state changed."""
@@ -278,14 +288,23 @@ class ControlPlane:
     async def apply_usage(self, req: dp.ReportUsageRequest) -> UsageResult:
         """Apply a usage batch exactly once (by batch_id), atomically, and
         record the data plane's holds it carries (newest report wins)."""
-        if req.increments and not req.batch_id:
-            raise InvalidArgument.one("batch_id", "is required when there are increments")
+        if (req.increments or req.rollups) and not req.batch_id:
+            raise InvalidArgument.one(
+                "batch_id", "is required when there are increments or rollups"
+            )
         if len(req.batch_id) > 80:
             raise InvalidArgument.one("batch_id", "must be at most 80 characters")
         if len(req.increments) > MAX_INCREMENTS_PER_BATCH:
             raise InvalidArgument.one("increments", f"at most {MAX_INCREMENTS_PER_BATCH} per batch")
+        if len(req.rollups) > reports.MAX_ROLLUPS_PER_BATCH:
+            raise InvalidArgument.one(
+                "rollups", f"at most {reports.MAX_ROLLUPS_PER_BATCH} per batch"
+            )
         holds.check_holds(req.holds, "holds", req.data_plane_id)
         holds.check_unapplied(req.unapplied)
+        # Rollups that cannot be stored are dropped (and logged), never the batch.
+        rollup_rows, rollup_problems = reports.rows_of(req.rollups)
+        tag_sets_written: list[str] = []
         anomalies.check(req)
         # Increments that cannot be stored are quarantined, not refused with
         # the batch: one bad record must not block the ones behind it.
@@ -344,6 +363,7 @@ class ControlPlane:
                     )
                     for r in req.quarantined
                 )
+                tag_sets_written[:] = reports.add(s, rollup_rows, self.known_tag_sets)
             # Windows that only holds touch get a row too (adding nothing),
             # which also locks them in key order like any spend.
             for key, (_, end) in held_now.items():
@@ -392,15 +412,27 @@ class ControlPlane:
             # deadline expired meanwhile: counters and log lines say what the
             # database holds.
             duplicate, spend, unknown, outbox = result
+            if len(self.known_tag_sets) > MAX_KNOWN_TAG_SETS:
+                self.known_tag_sets.clear()
+            self.known_tag_sets.update(tag_sets_written)
             self.known_events.add(outbox.seen, now)
             self.metrics.usage_applied(
                 duplicate=duplicate,
                 records=len(req.increments),
+                rollups=len(req.rollups),
                 unknown=unknown,
                 events=[e.kind for e in outbox.recorded] + [ANOMALY] * len(outbox.anomalies),
             )
             if not duplicate:
                 self._log_quarantined(req, refused)
+                if rollup_problems:
+                    log.error(
+                        "usage rollups refused: values out of bounds; dropped",
+                        count=len(rollup_problems),
+                        first=rollup_problems[0],
+                        data_plane_id=req.data_plane_id,
+                        batch_id=req.batch_id,
+                    )
             for a in outbox.anomalies:  # committed: one error line per anomaly
                 log.error(
                     "usage anomaly recorded",
@@ -437,7 +469,7 @@ class ControlPlane:
             raise InvalidArgument.one(
                 "increments", f"the database refused a value: {why}"
             ) from refused_by_db
-        return UsageResult(duplicate, spend, unknown, len(refused))
+        return UsageResult(duplicate, spend, unknown, len(refused), len(rollup_problems))
 
     def _log_quarantined(
         self,
@@ -686,6 +718,42 @@ class ControlPlane:
         forgotten = await self.run(lambda s: quarantine.forget(s, before=old))
         if forgotten:
             log.info("forgot old quarantined usage records", count=forgotten)
+        return removed
+
+    # ---- chargeback reports ------------------------------------------------
+
+    async def query_spend(self, req: rp.QuerySpendRequest) -> rp.QuerySpendResponse:
+        """ReportService.QuerySpend: a page of groups (control_plane/reports.py)."""
+        q = reports.parse_query(req, self.clock())
+        limit = clamp_page_size(req.page_size, default=100)
+        tokens = await self.page_tokens()
+        kind = "report-" + q.digest()
+        after: list[str | int] | None = None
+        if req.page_token:
+            encoded, end = tokens.decode(kind, req.page_token, 2)
+            after = json.loads(encoded)
+            # Every page of a query without end_time ends where the first did.
+            q = dataclasses.replace(q, end=int(end))
+        groups = await self.run(lambda s: reports.query_page(s, q, after, limit + 1))
+        token = ""
+        # A page ends at page_size groups or at about LIST_PAGE_BYTES.
+        size, kept = 0, 0
+        for g in groups[:limit]:
+            size += g.ByteSize()
+            kept += 1
+            if size >= LIST_PAGE_BYTES:
+                break
+        if kept < len(groups):
+            groups = groups[:kept]
+            token = tokens.encode(kind, json.dumps(reports.position(q, groups[-1])), str(q.end))
+        return rp.QuerySpendResponse(columns=q.columns, groups=groups, next_page_token=token)
+
+    async def forget_old_rollups(self, retention: timedelta) -> int:
+        """Delete chargeback rollups of hours older than ``retention``."""
+        before = self.clock() - retention
+        removed = await self.run(lambda s: reports.forget(s, before))
+        if removed:
+            log.info("forgot old usage rollups", count=removed, before=before.isoformat())
         return removed
 
     # ---- data-plane state ------------------------------------------------

@@ -1,7 +1,7 @@
 """Bearer-token auth and request ids, as gRPC server interceptors.
 
 Roles: the admin token may call everything; the read-only token may call
-Get*/List* methods; the data-plane token may call DataPlaneService. Health
+Get*/List*/Query* methods; the data-plane token may call DataPlaneService. Health
 and reflection need no token, so orchestrators and grpcurl can probe.
 """
 
@@ -27,7 +27,7 @@ def required_roles(method: str) -> frozenset[str] | None:
     if method.startswith(_DATA_PLANE_PREFIX):
         return frozenset({ADMIN, DATA_PLANE})
     name = method.rsplit("/", 1)[-1]
-    if name.startswith(("Get", "List")):
+    if name.startswith(("Get", "List", "Query")):
         return frozenset({ADMIN, READ})
     return frozenset({ADMIN})
 

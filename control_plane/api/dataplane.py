@@ -33,6 +33,7 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
             spend=result.spend,
             unknown_policy_increments=result.unknown_policy_increments,
             quarantined_increments=result.quarantined_increments,
+            refused_rollups=result.refused_rollups,
         )
 
     @unary

@@ -333,3 +333,39 @@ class ServerKeyRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     key: Mapped[str] = mapped_column(String(128))  # hex
     create_time: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class UsageRollupRow(Base):
+    """Chargeback rollups: what the responses of one UTC hour with the same
+    dimensions cost (control_plane/reports.py). ``tag_set`` names the
+    request's tags (rows of ``rollup_tags``; "" for none); ``key_hash``
+    identifies the dimensions and the tag set (a short unique key however
+    long the values are)."""
+
+    __tablename__ = "usage_rollups"
+
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    route: Mapped[str] = mapped_column(String(512))
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(512))
+    user_name: Mapped[str] = mapped_column(String(512))
+    workspace: Mapped[str] = mapped_column(String(512))
+    api_key_hash: Mapped[str] = mapped_column(String(128))
+    tag_set: Mapped[str] = mapped_column(String(32))
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    request_count: Mapped[int] = mapped_column(BigInteger)
+    estimated_count: Mapped[int] = mapped_column(BigInteger)
+
+
+class RollupTagRow(Base):
+    """The tags of a tag set (``UsageRollupRow.tag_set``): one row per tag.
+    Written once per set, never changed."""
+
+    __tablename__ = "rollup_tags"
+
+    tag_set: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tag_key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    tag_value: Mapped[str] = mapped_column(String(512))

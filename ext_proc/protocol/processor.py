@@ -50,6 +50,7 @@ from ext_proc.stats import (
     UNPRICED,
     Stats,
 )
+from ext_proc.sync import rollups
 from ext_proc.sync.state import LocalState
 from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_PATH_BYTES
 from spendgate.domain.policies import Match, RequestFacts, hash_api_key
@@ -800,8 +801,20 @@ class RequestProcessor:
         _count_tokens(stats, usage)
         api = self.shape.name if self.shape is not None else ""
         stats.count_metered((self.facts.provider, api, priced_as), usage, cost)
+        now = self.ctx.clock()
         if self.matches:
-            self.ctx.state.charge(self.matches, cost, self.ctx.clock(), estimated=usage.estimated)
+            self.ctx.state.charge(self.matches, cost, now, estimated=usage.estimated)
+        # Chargeback reports count every metered response, whatever policies apply.
+        self.ctx.state.record_rollup(
+            rollups.key_of(self.facts, model, now),
+            rollups.RollupSums(
+                cost,
+                usage.input_tokens or 0,
+                usage.output_tokens or 0,
+                1,
+                int(usage.estimated),
+            ),
+        )
 
 
 def _count_tokens(stats: Stats, usage: Usage) -> None:

@@ -554,6 +554,12 @@ class ControlPlaneSync:
                 "control plane dropped usage of deleted policies",
                 count=resp.unknown_policy_increments,
             )
+        if resp.refused_rollups:
+            log.error(
+                "control plane refused chargeback rollups it cannot store",
+                count=resp.refused_rollups,
+                batch_id=batch.batch_id,
+            )
         if resp.quarantined_increments:
             log.error(
                 "control plane quarantined usage records it cannot apply",
@@ -566,7 +572,7 @@ class ControlPlaneSync:
         """A batch the control plane will never take: split in pieces that
         fit (too large) or in halves (refused), until one record is left,
         which is quarantined."""
-        if len(batch.increments) > 1:
+        if batch.records > 1:
             pieces = self.state.split(batch, "s" if reason == "too_large" else "h")
             log.warning(
                 "usage batch split",

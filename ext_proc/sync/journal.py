@@ -21,7 +21,8 @@ File format (``usage.v1.journal``): a sequence of records, nothing else::
     payload := kind:u8  body
     kind 'B' (0x42): body = a serialized ReportUsageRequest with batch_id and
                      increments (data_plane_id empty). Several B records may
-                     carry the same batch_id; their increments add up. A batch
+                     carry the same batch_id; their increments (and
+                     chargeback rollups) add up. A batch
                      is only extended this way before it is first sent.
     kind 'A' (0x41): body = the acknowledged batch_id, UTF-8. A batch that
                      was split (too large, or refused) is acknowledged
@@ -124,6 +125,7 @@ def scan(data: bytes) -> Scan:
                 break
             if msg.batch_id in live:
                 live[msg.batch_id].increments.extend(msg.increments)
+                live[msg.batch_id].rollups.extend(msg.rollups)
             else:
                 live[msg.batch_id] = msg
         elif kind == KIND_ACK:

@@ -37,9 +37,10 @@ import structlog
 
 from ext_proc.admission import windows
 from ext_proc.admission.decide import SpendKey
-from ext_proc.sync import snapshot
+from ext_proc.sync import rollups, snapshot
 from ext_proc.sync.journal import Journal
 from ext_proc.sync.quarantine import MAX_MEMBER_CHARS, Quarantine, record
+from ext_proc.sync.rollups import RollupKey, RollupSums
 from ext_proc.sync.view import OverrideSet, PolicySet
 from spendgate.domain.policies import Match, PolicyIndex
 from spendgate.domain.pricing import MAX_COST_NANOS, saturating_add
@@ -97,6 +98,13 @@ class Batch:
     size: int = 0
     # The control plane refused a message of this batch with holds: send it without.
     without_holds: bool = False
+    # Chargeback rollups (ext_proc/sync/rollups.py) the batch carries.
+    rollups: dict[RollupKey, RollupSums] = field(default_factory=dict)
+
+    @property
+    def records(self) -> int:
+        """Spend increments and rollups: what MAX_BATCH_RECORDS bounds."""
+        return len(self.increments) + len(self.rollups)
 
     @staticmethod
     def from_message(msg: dp.ReportUsageRequest) -> Batch:
@@ -114,6 +122,8 @@ class Batch:
                 key,
                 Increment(i.cost_nanos, i.request_count, i.estimated_count, i.would_reject_count),
             )
+        for r in msg.rollups:
+            batch.add_rollup(*rollups.from_message(r))
         return batch
 
     def add(self, key: SpendKey, inc: Increment, size: int | None = None) -> None:
@@ -125,6 +135,14 @@ class Batch:
             self.size += size if size is not None else (record_size(key) or 0)
         else:
             into.add(inc)
+
+    def add_rollup(self, key: RollupKey, sums: RollupSums, size: int | None = None) -> None:
+        into = self.rollups.get(key)
+        if into is None:
+            self.rollups[key] = sums.copy()
+            self.size += size if size is not None else (rollups.size(key) or 0)
+        else:
+            into.add(sums)
 
     def message(self, data_plane_id: str) -> dp.ReportUsageRequest:
         return dp.ReportUsageRequest(
@@ -144,6 +162,7 @@ class Batch:
             ],
             anomalies=self.anomalies,
             quarantined=self.quarantined,
+            rollups=[rollups.message(k, r) for k, r in self.rollups.items()],
         )
 
 
@@ -165,6 +184,8 @@ class LocalState:
     # spend adjustments (an adjusted total may be lower than an earlier one).
     remote_seq: dict[SpendKey, int] = field(default_factory=dict)
     pending: dict[SpendKey, Increment] = field(default_factory=dict)
+    # Chargeback rollups not yet in a batch (ext_proc/sync/rollups.py).
+    pending_rollups: dict[RollupKey, RollupSums] = field(default_factory=dict)
     in_flight: dict[str, Batch] = field(default_factory=dict)
     synced: bool = False  # a snapshot has arrived at least once
     last_prune: float = 0.0
@@ -247,6 +268,14 @@ class LocalState:
             if inc is None:
                 inc = self.pending[key] = Increment()
             inc.would_reject += 1
+
+    def record_rollup(self, key: RollupKey, sums: RollupSums) -> None:
+        """Add one response to its chargeback rollup (whatever policies apply)."""
+        into = self.pending_rollups.get(key)
+        if into is None:
+            self.pending_rollups[key] = sums
+        else:
+            into.add(sums)
 
     def held(self, key: SpendKey) -> tuple[int, int]:
         """(nanos, requests) of ``spent(key)`` that running requests hold
@@ -363,12 +392,13 @@ class LocalState:
         larger than a batch may be, is quarantined instead: it is never
         journaled as usage, so it can never block a batch.
         """
-        if self.pending:
+        if self.pending or self.pending_rollups:
             self._quarantine_unsendable()
         reports = self.quarantine.take_reports()
-        if not self.pending and not self.anomalies and not reports:
+        if not self.pending and not self.pending_rollups and not self.anomalies and not reports:
             return None
         delta, self.pending = self.pending, {}
+        rollup_delta, self.pending_rollups = self.pending_rollups, {}
         anomalies, self.anomalies = self.anomalies, []
         limit = self.max_batch_bytes
         newest = next(reversed(self.in_flight.values()), None)
@@ -378,7 +408,7 @@ class LocalState:
         def room_for(size: int) -> Batch:
             nonlocal target
             if target is None or (
-                target.size + size > limit or len(target.increments) >= MAX_BATCH_RECORDS
+                target.size + size > limit or target.records >= MAX_BATCH_RECORDS
             ):
                 target = Batch(batch_id=uuid.uuid4().hex, increments={})
                 self.in_flight[target.batch_id] = target
@@ -396,6 +426,15 @@ class LocalState:
             assert target is not None
             target.add(key, inc, size)
             part.add(key, inc, size)
+        for rkey, sums in rollup_delta.items():
+            size = rollups.size(rkey) or 0
+            if target is not None and rkey in target.rollups:
+                part = parts.setdefault(target.batch_id, Batch(target.batch_id, {}))
+            else:
+                part = room_for(size)
+            assert target is not None
+            target.add_rollup(rkey, sums, size)
+            part.add_rollup(rkey, sums, size)
         for a in anomalies:
             part = room_for(REPORT_BYTES)
             assert target is not None
@@ -446,6 +485,22 @@ class LocalState:
                     now=now,
                 )
             )
+        for rkey, sums in list(self.pending_rollups.items()):
+            size = rollups.size(rkey)
+            if size is not None and size <= self.max_batch_bytes:
+                continue
+            del self.pending_rollups[rkey]
+            bad.append(
+                record(
+                    rollups.quarantine_key(rkey),
+                    min(sums.cost_nanos, MAX_COST_NANOS),
+                    sums.requests,
+                    reason="unencodable" if size is None else "too_large",
+                    detail="a chargeback rollup no usage batch can carry",
+                    batch_id="",
+                    now=now,
+                )
+            )
         self.quarantine.add(bad)
 
     def split(self, batch: Batch, kind: str) -> list[Batch]:
@@ -455,8 +510,8 @@ class LocalState:
         batch's (``piece_id``), and a piece already known (replayed from the
         journal after a crash mid-split) is not made twice.
         """
-        keys = list(batch.increments)
-        groups: list[list[SpendKey]] = []
+        keys: list[SpendKey | RollupKey] = [*batch.increments, *batch.rollups]
+        groups: list[list[SpendKey | RollupKey]] = []
         if kind == "h":
             half = max(len(keys) // 2, 1)
             groups = [keys[:half], keys[half:]]
@@ -464,7 +519,7 @@ class LocalState:
             size = REPORT_BYTES * (len(batch.anomalies) + len(batch.quarantined))
             groups = [[]]
             for key in keys:
-                n = record_size(key) or 0
+                n = (record_size(key) if len(key) == 3 else rollups.size(key)) or 0
                 if groups[-1] and (
                     size + n > self.max_batch_bytes or len(groups[-1]) >= MAX_BATCH_RECORDS
                 ):
@@ -476,7 +531,10 @@ class LocalState:
         for n, group in enumerate(g for g in groups if g or not pieces):
             piece = Batch(piece_id(batch.batch_id, kind, n), {}, sent=True)
             for key in group:
-                piece.add(key, batch.increments[key])
+                if len(key) == 3:
+                    piece.add(key, batch.increments[key])
+                else:
+                    piece.add_rollup(key, batch.rollups[key])
             if n == 0:  # anomalies and reports go with the first piece
                 piece.anomalies = list(batch.anomalies)
                 piece.quarantined = list(batch.quarantined)
@@ -495,17 +553,22 @@ class LocalState:
         or none): its record is quarantined, its anomalies and reports go
         with the next batch."""
         now = datetime.fromtimestamp(time.time(), UTC)
+        records = [(key, inc.cost_nanos, inc.requests) for key, inc in batch.increments.items()]
+        records += [
+            (rollups.quarantine_key(key), sums.cost_nanos, sums.requests)
+            for key, sums in batch.rollups.items()
+        ]
         self.quarantine.add(
             record(
                 key,
-                min(inc.cost_nanos, MAX_COST_NANOS),
-                inc.requests,
+                min(cost, MAX_COST_NANOS),
+                requests,
                 reason=reason,
                 detail=detail,
                 batch_id=batch.batch_id,
                 now=now,
             )
-            for key, inc in batch.increments.items()
+            for key, cost, requests in records
         )
         self.in_flight.pop(batch.batch_id, None)
         self.anomalies[:0] = batch.anomalies
@@ -520,7 +583,11 @@ class LocalState:
             self.in_flight[batch.batch_id] = batch
 
     def unsent_count(self) -> int:
-        return len(self.pending) + sum(len(b.increments) for b in self.in_flight.values())
+        return (
+            len(self.pending)
+            + len(self.pending_rollups)
+            + sum(b.records for b in self.in_flight.values())
+        )
 
     def acknowledge(self, batch: Batch, resp: dp.ReportUsageResponse) -> None:
         # Merge the totals first so the batch is never missing from both.

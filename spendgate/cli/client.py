@@ -8,7 +8,13 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from spendgate.v1 import budget_pb2_grpc, pricing_pb2_grpc, secrets_pb2_grpc, webhooks_pb2_grpc
+from spendgate.v1 import (
+    budget_pb2_grpc,
+    pricing_pb2_grpc,
+    reports_pb2_grpc,
+    secrets_pb2_grpc,
+    webhooks_pb2_grpc,
+)
 
 TIMEOUT_S = 10.0
 
@@ -43,7 +49,8 @@ class AdminClient:
         self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(self.channel)
         self.pricing = pricing_pb2_grpc.PricingServiceStub(self.channel)
         self.secrets = secrets_pb2_grpc.SecretsServiceStub(self.channel)
-        self._stubs = (self.budgets, self.webhooks, self.pricing, self.secrets)
+        self.reports = reports_pb2_grpc.ReportServiceStub(self.channel)
+        self._stubs = (self.budgets, self.webhooks, self.pricing, self.secrets, self.reports)
 
     def reconnect(self) -> None:
         """A new channel. After the server was unreachable a channel waits out

@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         apply,
         policies,
         prices,
+        reports,
         secrets,
         status,
         up,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     prices.add_parser(sub, admin_flags)
     secrets.add_parser(sub, admin_flags)
     apply.add_parsers(sub, admin_flags)
+    reports.add_parser(sub, admin_flags)
     return parser
 
 
@@ -86,7 +88,16 @@ def main(argv: list[str] | None = None) -> int:
             from spendgate.cli.up import run_envoy_config
 
             return run_envoy_config(args)
-        from spendgate.cli import adjustments, apply, policies, prices, secrets, status, webhooks
+        from spendgate.cli import (
+            adjustments,
+            apply,
+            policies,
+            prices,
+            reports,
+            secrets,
+            status,
+            webhooks,
+        )
 
         if secrets.run_offline(args):
             return 0
@@ -106,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 prices.run_price(args, client)
             elif args.command == "secrets":
                 secrets.run_secrets(args, client)
+            elif args.command == "report":
+                reports.run_report(args, client)
             elif args.command == "status":
                 status.run_status(args, client)
             elif getattr(args, "spend_command", None):

@@ -25,59 +25,60 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from spendgate.v1 import budget_pb2 as spendgate_dot_v1_dot_budget__pb2
 from spendgate.v1 import pricing_pb2 as spendgate_dot_v1_dot_pricing__pb2
+from spendgate.v1 import reports_pb2 as spendgate_dot_v1_dot_reports__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/dataplane.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\x1a\x1aspendgate/v1/pricing.proto\"\xc5\x01\n\x0eSpendIncrement\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65stimated_count\x18\x06 \x01(\x03\x12\x1a\n\x12would_reject_count\x18( \x01(\x03\"\xc1\x02\n\x12ReportUsageRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x30\n\nincrements\x18\x03 \x03(\x0b\x32\x1c.spendgate.v1.SpendIncrement\x12\'\n\x05holds\x18\x04 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x05 \x01(\x03\x12/\n\tunapplied\x18\x06 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\x12-\n\tanomalies\x18\x07 \x03(\x0b\x32\x1a.spendgate.v1.UsageAnomaly\x12\x34\n\x0bquarantined\x18\x08 \x03(\x0b\x32\x1f.spendgate.v1.QuarantinedRecord\"\xa7\x02\n\x0cUsageAnomaly\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\noccur_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05route\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rcharged_nanos\x18\x08 \x01(\x03\x12\x19\n\x11reported_cost_usd\x18\t \x01(\t\x12\x14\n\x0cinput_tokens\x18\n \x01(\t\x12\x15\n\routput_tokens\x18\x0b \x01(\t\x12\x14\n\x0cmax_cost_usd\x18\x0c \x01(\t\x12\x12\n\npolicy_ids\x18\r \x03(\t\"\xbe\x02\n\x11QuarantinedRecord\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x11\n\tpolicy_id\x18\x03 \x01(\t\x12\x0e\n\x06member\x18\x04 \x01(\t\x12\x14\n\x0cmember_bytes\x18\x05 \x01(\x03\x12\x15\n\rmember_sha256\x18\x06 \x01(\t\x12\x30\n\x0cwindow_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x08 \x01(\x03\x12\x15\n\rrequest_count\x18\t \x01(\x03\x12\x10\n\x08\x62\x61tch_id\x18\n \x01(\t\x12\x33\n\x0fquarantine_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdata_plane_id\x18\x0c \x01(\t\"K\n\x0eUnappliedBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\'\n\x05usage\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\"\x87\x01\n\nWindowHold\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nheld_nanos\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\"\xd4\x01\n\x0eReserveRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\'\n\x05holds\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_nanos\x18\x04 \x01(\x03\x12/\n\tunapplied\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\x12(\n\x05items\x18\x06 \x03(\x0b\x32\x19.spendgate.v1.ReserveItem\"N\n\x0bReserveItem\x12)\n\x07windows\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x14\n\x0c\x61mount_nanos\x18\x02 \x01(\x03\"E\n\x0eReserveVerdict\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\"\xa0\x01\n\x0fReserveResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12(\n\x05spend\x18\x04 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12.\n\x08verdicts\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.ReserveVerdict\"\x95\x01\n\x13ReportUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12!\n\x19unknown_policy_increments\x18\x03 \x01(\x05\x12\x1e\n\x16quarantined_increments\x18\x04 \x01(\x05\"\xa9\x02\n\x0bWindowSpend\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x05 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x06 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x07 \x01(\x08\x12\x15\n\rrequest_count\x18\x08 \x01(\x03\x12*\n\x05holds\x18\t \x03(\x0b\x32\x1b.spendgate.v1.DataPlaneHold\x12\x16\n\x0e\x61\x64justment_seq\x18\n \x01(\x03\"\x8a\x01\n\rDataPlaneHold\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x12\n\nheld_nanos\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x05 \x01(\x03\"?\n\x11WatchStateRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x13\n\x0bincremental\x18\x02 \x01(\x08\">\n\x0ePolicySnapshot\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"@\n\x0ePriceOverrides\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"\xba\x03\n\x0bStateUpdate\x12.\n\x08policies\x18\x01 \x01(\x0b\x32\x1c.spendgate.v1.PolicySnapshot\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12\x15\n\rfull_snapshot\x18\x03 \x01(\x08\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0fprice_overrides\x18\x05 \x01(\x0b\x32\x1c.spendgate.v1.PriceOverrides\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12(\n\x06resync\x18\x07 \x01(\x0b\x32\x18.spendgate.v1.ResyncPage\x12\x33\n\x0epolicy_changes\x18\x08 \x01(\x0b\x32\x1b.spendgate.v1.PolicyChanges\x12\x39\n\rprice_changes\x18\t \x01(\x0b\x32\".spendgate.v1.PriceOverrideChanges\x12+\n\x07\x61pplied\x18\n \x01(\x0b\x32\x1a.spendgate.v1.AppliedBatch\"7\n\x0c\x41ppliedBatch\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\"(\n\nResyncPage\x12\x0c\n\x04page\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\x08\"N\n\x0fVersionedPolicy\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12\x0f\n\x07version\x18\x02 \x01(\x03\"T\n\rPolicyChanges\x12.\n\x07upserts\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.VersionedPolicy\x12\x13\n\x0b\x64\x65leted_ids\x18\x02 \x03(\t\"Y\n\x14PriceOverrideChanges\x12,\n\x07upserts\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\x12\x13\n\x0b\x64\x65leted_ids\x18\x02 \x03(\t2\xfa\x01\n\x10\x44\x61taPlaneService\x12R\n\x0bReportUsage\x12 .spendgate.v1.ReportUsageRequest\x1a!.spendgate.v1.ReportUsageResponse\x12J\n\nWatchState\x12\x1f.spendgate.v1.WatchStateRequest\x1a\x19.spendgate.v1.StateUpdate0\x01\x12\x46\n\x07Reserve\x12\x1c.spendgate.v1.ReserveRequest\x1a\x1d.spendgate.v1.ReserveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspendgate/v1/dataplane.proto\x12\x0cspendgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19spendgate/v1/budget.proto\x1a\x1aspendgate/v1/pricing.proto\x1a\x1aspendgate/v1/reports.proto\"\xc5\x01\n\x0eSpendIncrement\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x04 \x01(\x03\x12\x15\n\rrequest_count\x18\x05 \x01(\x03\x12\x17\n\x0f\x65stimated_count\x18\x06 \x01(\x03\x12\x1a\n\x12would_reject_count\x18( \x01(\x03\"\xed\x02\n\x12ReportUsageRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x30\n\nincrements\x18\x03 \x03(\x0b\x32\x1c.spendgate.v1.SpendIncrement\x12\'\n\x05holds\x18\x04 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x05 \x01(\x03\x12/\n\tunapplied\x18\x06 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\x12-\n\tanomalies\x18\x07 \x03(\x0b\x32\x1a.spendgate.v1.UsageAnomaly\x12\x34\n\x0bquarantined\x18\x08 \x03(\x0b\x32\x1f.spendgate.v1.QuarantinedRecord\x12*\n\x07rollups\x18\x32 \x03(\x0b\x32\x19.spendgate.v1.UsageRollup\"\xa7\x02\n\x0cUsageAnomaly\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12.\n\noccur_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05route\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rcharged_nanos\x18\x08 \x01(\x03\x12\x19\n\x11reported_cost_usd\x18\t \x01(\t\x12\x14\n\x0cinput_tokens\x18\n \x01(\t\x12\x15\n\routput_tokens\x18\x0b \x01(\t\x12\x14\n\x0cmax_cost_usd\x18\x0c \x01(\t\x12\x12\n\npolicy_ids\x18\r \x03(\t\"\xbe\x02\n\x11QuarantinedRecord\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x11\n\tpolicy_id\x18\x03 \x01(\t\x12\x0e\n\x06member\x18\x04 \x01(\t\x12\x14\n\x0cmember_bytes\x18\x05 \x01(\x03\x12\x15\n\rmember_sha256\x18\x06 \x01(\t\x12\x30\n\x0cwindow_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncost_nanos\x18\x08 \x01(\x03\x12\x15\n\rrequest_count\x18\t \x01(\x03\x12\x10\n\x08\x62\x61tch_id\x18\n \x01(\t\x12\x33\n\x0fquarantine_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdata_plane_id\x18\x0c \x01(\t\"K\n\x0eUnappliedBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\'\n\x05usage\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\"\x87\x01\n\nWindowHold\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nheld_nanos\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\"\xd4\x01\n\x0eReserveRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\'\n\x05holds\x18\x02 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x11\n\tholds_seq\x18\x03 \x01(\x03\x12\x14\n\x0c\x61mount_nanos\x18\x04 \x01(\x03\x12/\n\tunapplied\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.UnappliedBatch\x12(\n\x05items\x18\x06 \x03(\x0b\x32\x19.spendgate.v1.ReserveItem\"N\n\x0bReserveItem\x12)\n\x07windows\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.WindowHold\x12\x14\n\x0c\x61mount_nanos\x18\x02 \x01(\x03\"E\n\x0eReserveVerdict\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\"\xa0\x01\n\x0fReserveResponse\x12\x10\n\x08\x61\x64mitted\x18\x01 \x01(\x08\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12(\n\x05spend\x18\x04 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12.\n\x08verdicts\x18\x05 \x03(\x0b\x32\x1c.spendgate.v1.ReserveVerdict\"\xae\x01\n\x13ReportUsageResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12!\n\x19unknown_policy_increments\x18\x03 \x01(\x05\x12\x1e\n\x16quarantined_increments\x18\x04 \x01(\x05\x12\x17\n\x0frefused_rollups\x18\x32 \x01(\x05\"\xa9\x02\n\x0bWindowSpend\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x30\n\x0cwindow_start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bspent_nanos\x18\x05 \x01(\x03\x12\x13\n\x0blimit_nanos\x18\x06 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x07 \x01(\x08\x12\x15\n\rrequest_count\x18\x08 \x01(\x03\x12*\n\x05holds\x18\t \x03(\x0b\x32\x1b.spendgate.v1.DataPlaneHold\x12\x16\n\x0e\x61\x64justment_seq\x18\n \x01(\x03\"\x8a\x01\n\rDataPlaneHold\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x12\n\nheld_nanos\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x05 \x01(\x03\"?\n\x11WatchStateRequest\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x13\n\x0bincremental\x18\x02 \x01(\x08\">\n\x0ePolicySnapshot\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"@\n\x0ePriceOverrides\x12.\n\toverrides\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\"\xba\x03\n\x0bStateUpdate\x12.\n\x08policies\x18\x01 \x01(\x0b\x32\x1c.spendgate.v1.PolicySnapshot\x12(\n\x05spend\x18\x02 \x03(\x0b\x32\x19.spendgate.v1.WindowSpend\x12\x15\n\rfull_snapshot\x18\x03 \x01(\x08\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0fprice_overrides\x18\x05 \x01(\x0b\x32\x1c.spendgate.v1.PriceOverrides\x12\x0b\n\x03seq\x18\x06 \x01(\x04\x12(\n\x06resync\x18\x07 \x01(\x0b\x32\x18.spendgate.v1.ResyncPage\x12\x33\n\x0epolicy_changes\x18\x08 \x01(\x0b\x32\x1b.spendgate.v1.PolicyChanges\x12\x39\n\rprice_changes\x18\t \x01(\x0b\x32\".spendgate.v1.PriceOverrideChanges\x12+\n\x07\x61pplied\x18\n \x01(\x0b\x32\x1a.spendgate.v1.AppliedBatch\"7\n\x0c\x41ppliedBatch\x12\x15\n\rdata_plane_id\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\"(\n\nResyncPage\x12\x0c\n\x04page\x18\x01 \x01(\r\x12\x0c\n\x04last\x18\x02 \x01(\x08\"N\n\x0fVersionedPolicy\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12\x0f\n\x07version\x18\x02 \x01(\x03\"T\n\rPolicyChanges\x12.\n\x07upserts\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.VersionedPolicy\x12\x13\n\x0b\x64\x65leted_ids\x18\x02 \x03(\t\"Y\n\x14PriceOverrideChanges\x12,\n\x07upserts\x18\x01 \x03(\x0b\x32\x1b.spendgate.v1.PriceOverride\x12\x13\n\x0b\x64\x65leted_ids\x18\x02 \x03(\t2\xfa\x01\n\x10\x44\x61taPlaneService\x12R\n\x0bReportUsage\x12 .spendgate.v1.ReportUsageRequest\x1a!.spendgate.v1.ReportUsageResponse\x12J\n\nWatchState\x12\x1f.spendgate.v1.WatchStateRequest\x1a\x19.spendgate.v1.StateUpdate0\x01\x12\x46\n\x07Reserve\x12\x1c.spendgate.v1.ReserveRequest\x1a\x1d.spendgate.v1.ReserveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.dataplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPENDINCREMENT']._serialized_start=135
-  _globals['_SPENDINCREMENT']._serialized_end=332
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=335
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=656
-  _globals['_USAGEANOMALY']._serialized_start=659
-  _globals['_USAGEANOMALY']._serialized_end=954
-  _globals['_QUARANTINEDRECORD']._serialized_start=957
-  _globals['_QUARANTINEDRECORD']._serialized_end=1275
-  _globals['_UNAPPLIEDBATCH']._serialized_start=1277
-  _globals['_UNAPPLIEDBATCH']._serialized_end=1352
-  _globals['_WINDOWHOLD']._serialized_start=1355
-  _globals['_WINDOWHOLD']._serialized_end=1490
-  _globals['_RESERVEREQUEST']._serialized_start=1493
-  _globals['_RESERVEREQUEST']._serialized_end=1705
-  _globals['_RESERVEITEM']._serialized_start=1707
-  _globals['_RESERVEITEM']._serialized_end=1785
-  _globals['_RESERVEVERDICT']._serialized_start=1787
-  _globals['_RESERVEVERDICT']._serialized_end=1856
-  _globals['_RESERVERESPONSE']._serialized_start=1859
-  _globals['_RESERVERESPONSE']._serialized_end=2019
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=2022
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=2171
-  _globals['_WINDOWSPEND']._serialized_start=2174
-  _globals['_WINDOWSPEND']._serialized_end=2471
-  _globals['_DATAPLANEHOLD']._serialized_start=2474
-  _globals['_DATAPLANEHOLD']._serialized_end=2612
-  _globals['_WATCHSTATEREQUEST']._serialized_start=2614
-  _globals['_WATCHSTATEREQUEST']._serialized_end=2677
-  _globals['_POLICYSNAPSHOT']._serialized_start=2679
-  _globals['_POLICYSNAPSHOT']._serialized_end=2741
-  _globals['_PRICEOVERRIDES']._serialized_start=2743
-  _globals['_PRICEOVERRIDES']._serialized_end=2807
-  _globals['_STATEUPDATE']._serialized_start=2810
-  _globals['_STATEUPDATE']._serialized_end=3252
-  _globals['_APPLIEDBATCH']._serialized_start=3254
-  _globals['_APPLIEDBATCH']._serialized_end=3309
-  _globals['_RESYNCPAGE']._serialized_start=3311
-  _globals['_RESYNCPAGE']._serialized_end=3351
-  _globals['_VERSIONEDPOLICY']._serialized_start=3353
-  _globals['_VERSIONEDPOLICY']._serialized_end=3431
-  _globals['_POLICYCHANGES']._serialized_start=3433
-  _globals['_POLICYCHANGES']._serialized_end=3517
-  _globals['_PRICEOVERRIDECHANGES']._serialized_start=3519
-  _globals['_PRICEOVERRIDECHANGES']._serialized_end=3608
-  _globals['_DATAPLANESERVICE']._serialized_start=3611
-  _globals['_DATAPLANESERVICE']._serialized_end=3861
+  _globals['_SPENDINCREMENT']._serialized_start=163
+  _globals['_SPENDINCREMENT']._serialized_end=360
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=363
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=728
+  _globals['_USAGEANOMALY']._serialized_start=731
+  _globals['_USAGEANOMALY']._serialized_end=1026
+  _globals['_QUARANTINEDRECORD']._serialized_start=1029
+  _globals['_QUARANTINEDRECORD']._serialized_end=1347
+  _globals['_UNAPPLIEDBATCH']._serialized_start=1349
+  _globals['_UNAPPLIEDBATCH']._serialized_end=1424
+  _globals['_WINDOWHOLD']._serialized_start=1427
+  _globals['_WINDOWHOLD']._serialized_end=1562
+  _globals['_RESERVEREQUEST']._serialized_start=1565
+  _globals['_RESERVEREQUEST']._serialized_end=1777
+  _globals['_RESERVEITEM']._serialized_start=1779
+  _globals['_RESERVEITEM']._serialized_end=1857
+  _globals['_RESERVEVERDICT']._serialized_start=1859
+  _globals['_RESERVEVERDICT']._serialized_end=1928
+  _globals['_RESERVERESPONSE']._serialized_start=1931
+  _globals['_RESERVERESPONSE']._serialized_end=2091
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=2094
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=2268
+  _globals['_WINDOWSPEND']._serialized_start=2271
+  _globals['_WINDOWSPEND']._serialized_end=2568
+  _globals['_DATAPLANEHOLD']._serialized_start=2571
+  _globals['_DATAPLANEHOLD']._serialized_end=2709
+  _globals['_WATCHSTATEREQUEST']._serialized_start=2711
+  _globals['_WATCHSTATEREQUEST']._serialized_end=2774
+  _globals['_POLICYSNAPSHOT']._serialized_start=2776
+  _globals['_POLICYSNAPSHOT']._serialized_end=2838
+  _globals['_PRICEOVERRIDES']._serialized_start=2840
+  _globals['_PRICEOVERRIDES']._serialized_end=2904
+  _globals['_STATEUPDATE']._serialized_start=2907
+  _globals['_STATEUPDATE']._serialized_end=3349
+  _globals['_APPLIEDBATCH']._serialized_start=3351
+  _globals['_APPLIEDBATCH']._serialized_end=3406
+  _globals['_RESYNCPAGE']._serialized_start=3408
+  _globals['_RESYNCPAGE']._serialized_end=3448
+  _globals['_VERSIONEDPOLICY']._serialized_start=3450
+  _globals['_VERSIONEDPOLICY']._serialized_end=3528
+  _globals['_POLICYCHANGES']._serialized_start=3530
+  _globals['_POLICYCHANGES']._serialized_end=3614
+  _globals['_PRICEOVERRIDECHANGES']._serialized_start=3616
+  _globals['_PRICEOVERRIDECHANGES']._serialized_end=3705
+  _globals['_DATAPLANESERVICE']._serialized_start=3708
+  _globals['_DATAPLANESERVICE']._serialized_end=3958
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from spendgate.v1 import budget_pb2 as _budget_pb2
 from spendgate.v1 import pricing_pb2 as _pricing_pb2
+from spendgate.v1 import reports_pb2 as _reports_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -30,7 +31,7 @@ class SpendIncrement(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., request_count: _Optional[int] = ..., estimated_count: _Optional[int] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
-    __slots__ = ("data_plane_id", "batch_id", "increments", "holds", "holds_seq", "unapplied", "anomalies", "quarantined")
+    __slots__ = ("data_plane_id", "batch_id", "increments", "holds", "holds_seq", "unapplied", "anomalies", "quarantined", "rollups")
     DATA_PLANE_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     INCREMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +40,7 @@ class ReportUsageRequest(_message.Message):
     UNAPPLIED_FIELD_NUMBER: _ClassVar[int]
     ANOMALIES_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    ROLLUPS_FIELD_NUMBER: _ClassVar[int]
     data_plane_id: str
     batch_id: str
     increments: _containers.RepeatedCompositeFieldContainer[SpendIncrement]
@@ -47,7 +49,8 @@ class ReportUsageRequest(_message.Message):
     unapplied: _containers.RepeatedCompositeFieldContainer[UnappliedBatch]
     anomalies: _containers.RepeatedCompositeFieldContainer[UsageAnomaly]
     quarantined: _containers.RepeatedCompositeFieldContainer[QuarantinedRecord]
-    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ..., anomalies: _Optional[_Iterable[_Union[UsageAnomaly, _Mapping]]] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedRecord, _Mapping]]] = ...) -> None: ...
+    rollups: _containers.RepeatedCompositeFieldContainer[_reports_pb2.UsageRollup]
+    def __init__(self, data_plane_id: _Optional[str] = ..., batch_id: _Optional[str] = ..., increments: _Optional[_Iterable[_Union[SpendIncrement, _Mapping]]] = ..., holds: _Optional[_Iterable[_Union[WindowHold, _Mapping]]] = ..., holds_seq: _Optional[int] = ..., unapplied: _Optional[_Iterable[_Union[UnappliedBatch, _Mapping]]] = ..., anomalies: _Optional[_Iterable[_Union[UsageAnomaly, _Mapping]]] = ..., quarantined: _Optional[_Iterable[_Union[QuarantinedRecord, _Mapping]]] = ..., rollups: _Optional[_Iterable[_Union[_reports_pb2.UsageRollup, _Mapping]]] = ...) -> None: ...
 
 class UsageAnomaly(_message.Message):
     __slots__ = ("id", "reason", "occur_time", "model", "provider", "route", "request_id", "charged_nanos", "reported_cost_usd", "input_tokens", "output_tokens", "max_cost_usd", "policy_ids")
@@ -178,16 +181,18 @@ class ReserveResponse(_message.Message):
     def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[ReserveVerdict, _Mapping]]] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
-    __slots__ = ("duplicate", "spend", "unknown_policy_increments", "quarantined_increments")
+    __slots__ = ("duplicate", "spend", "unknown_policy_increments", "quarantined_increments", "refused_rollups")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_POLICY_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_ROLLUPS_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     unknown_policy_increments: int
     quarantined_increments: int
-    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ..., quarantined_increments: _Optional[int] = ...) -> None: ...
+    refused_rollups: int
+    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ..., quarantined_increments: _Optional[int] = ..., refused_rollups: _Optional[int] = ...) -> None: ...
 
 class WindowSpend(_message.Message):
     __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count", "holds", "adjustment_seq")

@@ -13,11 +13,14 @@ from pathlib import Path
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3.external_processor_pb2_grpc import ExternalProcessorStub
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_proc.server import SYNC_HEALTH_SERVICE, USAGE_HEALTH_SERVICE
 from spendgate.domain.usage import Usage
-from tests.durability.conftest import Env, create_policy, spend
+from spendgate.v1 import reports_pb2 as rp
+from spendgate.v1 import reports_pb2_grpc
+from tests.durability.conftest import ADMIN, Env, create_policy, spend
 from tests.extproc.protocol import (
     COMPLETION,
     chat_body,
@@ -85,6 +88,20 @@ def metered_request(port: int) -> None:
     assert len(answers) == len(messages) - 1
 
 
+def report_total(env: Env) -> tuple[int, int]:
+    """(nano-dollars, requests) of every chargeback rollup of the last day."""
+    now = int(time.time())
+    with env.channel() as ch:
+        resp = reports_pb2_grpc.ReportServiceStub(ch).QuerySpend(
+            rp.QuerySpendRequest(
+                start_time=Timestamp(seconds=now - 86400), end_time=Timestamp(seconds=now + 3600)
+            ),
+            metadata=ADMIN,
+            timeout=10,
+        )
+    return sum(g.cost_nanos for g in resp.groups), sum(g.request_count for g in resp.groups)
+
+
 def kill9(proc: subprocess.Popen[bytes]) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
@@ -122,6 +139,8 @@ def test_kill_9_while_the_control_plane_is_down_loses_nothing(env: Env, tmp_path
         wait_until(lambda: spend(env, policy.id) == expected, timeout=20, message="spend")
         time.sleep(0.3)  # nothing more arrives: no double count
         assert spend(env, policy.id) == expected
+        # The chargeback rollups were journaled with the usage: exactly once too.
+        assert report_total(env) == (cost * REQUESTS, REQUESTS)
         proc.terminate()
         assert proc.wait(10) == 0
         assert (env.journal / "usage.v1.journal").stat().st_size == 0

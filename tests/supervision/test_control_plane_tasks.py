@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from control_plane import server as server_module
 from control_plane.config import Settings
@@ -36,6 +37,7 @@ from control_plane.webhooks.dispatcher import DELIVERY_TASK, DISPATCHER_TASK
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import budget_pb2_grpc, dataplane_pb2_grpc, webhooks_pb2_grpc
 from spendgate.v1 import dataplane_pb2 as dp
+from spendgate.v1 import reports_pb2 as rp
 from spendgate.v1 import webhooks_pb2 as wpb
 from spendgate.wire import timestamp
 from tests.harness import (
@@ -340,3 +342,30 @@ def test_replica_publish(running: Running) -> None:
     stream.call.cancel()
     assert_failure_logged(events, PUBLISH_TASK, 2, "publishing other replicas' changes")
     assert running.failures(PUBLISH_TASK) == before + 2
+
+
+def test_maintenance_forgets_rollups_past_their_retention(running: Running) -> None:
+    """The supervised maintenance task deletes chargeback rollups of hours
+    older than report_retention_days (400 by default), and only those."""
+    now = int(running.clock().timestamp()) // 3600 * 3600
+    old, recent = now - 401 * 86400, now - 399 * 86400
+
+    def rollup(hour: int) -> rp.UsageRollup:
+        return rp.UsageRollup(hour=hour, user=f"u{hour}", cost_nanos=7, request_count=1)
+
+    running.loop.run(
+        running.cp.apply_usage(
+            dp.ReportUsageRequest(
+                data_plane_id="dp", batch_id="b-retention", rollups=[rollup(old), rollup(recent)]
+            )
+        )
+    )
+
+    def hours_left() -> list[str]:
+        start = Timestamp(seconds=now - 500 * 86400)
+        resp = running.loop.run(
+            running.cp.query_spend(rp.QuerySpendRequest(group_by=["user"], start_time=start))
+        )
+        return [g.values[0] for g in resp.groups]
+
+    wait_until(lambda: hours_left() == [f"u{recent}"], message="the old rollup forgotten")

@@ -468,6 +468,16 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
             for days in ("0", "-1", "36501")
         ),
         pytest.param(
+            {**CP_REQUIRED, "SPENDGATE_REPORT_RETENTION_DAYS": "0"},
+            "report_retention_days must be between 1 and 36500",
+            id="report-retention-zero",
+        ),
+        pytest.param(
+            {**CP_REQUIRED, "SPENDGATE_REPORT_RETENTION_DAYS": "100000"},
+            "report_retention_days must be between 1 and 36500",
+            id="report-retention-huge",
+        ),
+        pytest.param(
             {**CP_REQUIRED, "SPENDGATE_TLS_CERT_FILE": "/cert.pem"},
             "tls_cert_file and tls_key_file must be set together",
             id="cert-without-key",
