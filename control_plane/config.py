@@ -29,6 +29,10 @@ class Settings:
     # A data plane's holds (reservations) on windows lapse this long after its
     # last report: what a data plane that died held is released then.
     hold_ttl_s: int = 30
+    # Exhaustion forecasts (docs/forecasts.md): the time constant of the
+    # decayed spend rate, in seconds (at most a quarter of a window's length
+    # is used). 60 to 604800.
+    forecast_horizon_s: float = 3600.0
     tls_cert_file: str = ""
     tls_key_file: str = ""
     # Keys that encrypt stored secrets (control_plane/keyring.py): a file with
@@ -89,6 +93,8 @@ class Settings:
             raise ConfigError(
                 "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)"
             )
+        if not 60 <= self.forecast_horizon_s <= 7 * 86400:
+            raise ConfigError("forecast_horizon_s must be between 60 and 604800 (7 days)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)

@@ -14,6 +14,7 @@ from control_plane.errors import InvalidArgument
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow
 from spendgate.domain import limits
+from spendgate.domain.forecast import AlertRule
 from spendgate.domain.policies import (
     Action,
     FieldViolation,
@@ -52,6 +53,7 @@ class PolicyValues:
     target: str
     alert_thresholds: tuple[int, ...]
     enabled: bool
+    forecast_alert: AlertRule
 
 
 def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyValues:
@@ -126,6 +128,7 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
             timezone=timezone,
             week_start=week_start,
         )
+    forecast = forecast_rule(msg, violations)
     action = ACTIONS.get(msg.action)
     if action is None:
         violations.append(FieldViolation("action", "is required: ALERT or REJECT"))
@@ -153,7 +156,29 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
         target=target,
         alert_thresholds=tuple(sorted(msg.alert_thresholds)),
         enabled=msg.enabled if msg.HasField("enabled") else True,
+        forecast_alert=forecast,
     )
+
+
+def forecast_rule(msg: pb.BudgetPolicy, violations: list[FieldViolation]) -> AlertRule:
+    """The policy's forecast_alert (no rule when unset); bad values are
+    appended to ``violations``."""
+    if not msg.HasField("forecast_alert"):
+        return AlertRule()
+    f = msg.forecast_alert
+    within = f.within
+    if within.nanos or within.seconds < 0 or within.seconds > limits.MAX_FORECAST_WITHIN_S:
+        shown = within.seconds + within.nanos / 1e9
+        violations.append(
+            FieldViolation(
+                "forecast_alert.within",
+                f"must be whole seconds from 1 to {limits.MAX_FORECAST_WITHIN_S} "
+                f"({limits.MAX_FORECAST_WITHIN_S // 86400} days), or 0 for no such rule; "
+                f"got {shown:g} s",
+            )
+        )
+        return AlertRule()
+    return AlertRule(within_s=within.seconds, before_window_end=f.before_window_end)
 
 
 def apply_values(row: PolicyRow, v: PolicyValues) -> None:
@@ -169,6 +194,8 @@ def apply_values(row: PolicyRow, v: PolicyValues) -> None:
     row.target = v.target
     row.alert_thresholds = ",".join(str(t) for t in v.alert_thresholds)
     row.enabled = v.enabled
+    row.forecast_within_s = v.forecast_alert.within_s
+    row.forecast_before_end = v.forecast_alert.before_window_end
 
 
 def window_spec(row: PolicyRow) -> WindowSpec:
@@ -177,6 +204,12 @@ def window_spec(row: PolicyRow) -> WindowSpec:
         count=row.window_count,
         timezone=row.timezone,
         week_start=row.week_start,
+    )
+
+
+def forecast_alert(row: PolicyRow) -> AlertRule:
+    return AlertRule(
+        within_s=row.forecast_within_s or 0, before_window_end=bool(row.forecast_before_end)
     )
 
 
@@ -203,7 +236,7 @@ def etag(row: PolicyRow) -> str:
 
 
 def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
-    return pb.BudgetPolicy(
+    msg = pb.BudgetPolicy(
         id=row.id,
         name=row.name,
         description=row.description,
@@ -225,6 +258,12 @@ def policy_message(row: PolicyRow) -> pb.BudgetPolicy:
         updated_by=row.updated_by,
         etag=etag(row),
     )
+    rule = forecast_alert(row)
+    if rule.enabled:
+        msg.forecast_alert.before_window_end = rule.before_window_end
+        if rule.within_s:
+            msg.forecast_alert.within.seconds = rule.within_s
+    return msg
 
 
 def window_spend_message(

@@ -22,20 +22,31 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from control_plane import adjustments, anomalies, convert, holds, quarantine, spend_list, statepush
+from control_plane import (
+    adjustments,
+    anomalies,
+    convert,
+    forecasts,
+    holds,
+    quarantine,
+    spend_list,
+    statepush,
+)
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound, Unavailable
 from control_plane.hub import StateHub
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.page_tokens import PageTokens, load_key
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
-from control_plane.webhooks.events import ANOMALY
+from control_plane.webhooks.events import ANOMALY, rate_per_hour
 from control_plane.webhooks.outbox import (
     KnownEvents,
     OutboxResult,
     record_anomalies,
     record_crossings,
+    record_forecasts,
 )
+from spendgate.domain.forecast import Forecast
 from spendgate.domain.limits import MAX_PAGE_SIZE
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.v1 import budget_pb2 as pb
@@ -79,12 +90,14 @@ class ControlPlane:
         clock: Clock = utc_now,
         default_week_start: int = 0,
         hold_ttl_s: int = 30,
+        forecast_horizon_s: float = forecasts.DEFAULT_HORIZON_S,
     ) -> None:
         self.engine = engine
         self.hub = hub
         self.clock = clock
         self.default_week_start = default_week_start
         self.hold_ttl_s = hold_ttl_s
+        self.forecast_horizon_s = forecast_horizon_s
         workers = 1 if engine.dialect.name == "sqlite" else 8
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="store")
         # Set after a transaction that wrote webhook deliveries commits; the
@@ -351,6 +364,10 @@ class ControlPlane:
                     s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
                 )
             )
+            if not duplicate:
+                costs = {k: a[1] for k, a in deltas.items()}
+                due = forecasts.observe(s, totals, costs, rows, now, self.forecast_horizon_s)
+                record_forecasts(s, due, now, self.known_events, outbox)
             if not duplicate and req.anomalies:
                 record_anomalies(s, req.data_plane_id, req.anomalies, now, outbox)
             spend = holds.total_messages(totals, rows, held)
@@ -572,14 +589,25 @@ class ControlPlane:
                 s, policy_id=policy_id, member=member, after=after, limit=limit + 1, now=now
             )
             # Unexpired holds only: a dead data plane's lapse on their own.
-            held = repo.holds_by_window(
-                s,
-                [(r.policy_id, r.member, r.window_start) for r, _ in rows],
-                int(now.timestamp()),
-            )
+            keys = [(r.policy_id, r.member, r.window_start) for r, _ in rows]
+            held = repo.holds_by_window(s, keys, int(now.timestamp()))
+            rates = forecasts.rates_by_window(s, keys)
             return [
-                _spend_entry(r, p, held.get((r.policy_id, r.member, r.window_start)))
-                for r, p in rows
+                _spend_entry(
+                    r,
+                    p,
+                    held.get(k),
+                    forecasts.forecast_of(
+                        rates.get(k),
+                        window_start=r.window_start,
+                        window_end=r.window_end,
+                        spent_nanos=r.spent_nanos,
+                        amount_nanos=p.amount_nanos,
+                        now=now,
+                        horizon_s=self.forecast_horizon_s,
+                    ),
+                )
+                for k, (r, p) in zip(keys, rows, strict=True)
             ]
 
         page = await self.run(query)
@@ -597,6 +625,10 @@ class ControlPlane:
         removed = await self.run(lambda s: repo.forget_batches(s, cutoff))
         if removed:
             log.info("forgot old usage batch ids", count=removed)
+        at = int(self.clock().timestamp())
+        ended = await self.run(lambda s: forecasts.forget_ended(s, at))
+        if ended:
+            log.info("forgot spend rates of ended windows", count=ended)
         old = self.clock() - quarantine.RETENTION
         forgotten = await self.run(lambda s: quarantine.forget(s, before=old))
         if forgotten:
@@ -700,13 +732,16 @@ def _log_recorded(outbox: OutboxResult, **context: str) -> None:
 
 
 def _spend_entry(
-    r: WindowSpendRow, p: PolicyRow, holds: Sequence[repo.Hold] | None = None
+    r: WindowSpendRow,
+    p: PolicyRow,
+    holds: Sequence[repo.Hold] | None = None,
+    forecast: Forecast | None = None,
 ) -> pb.SpendEntry:
     """``remaining_usd`` is the limit less what is spent; ``held_usd`` (what
     running requests hold, across data planes) is apart from both."""
     remaining = max(p.amount_nanos - r.spent_nanos, 0)
     held = sum(h.held_nanos for h in holds or ())
-    return pb.SpendEntry(
+    entry = pb.SpendEntry(
         policy_id=p.id,
         policy_name=p.name,
         scope=convert.scope_message(convert.domain_policy(p).scope),
@@ -725,6 +760,10 @@ def _spend_entry(
         adjusted_usd=adjustments.usd(r.adjusted_nanos) if r.adjustment_count else "",
         adjustment_count=r.adjustment_count or 0,
     )
+    if forecast is not None:
+        entry.forecast_exhaust_time.FromSeconds(forecast.exhausted_at)
+        entry.forecast_rate_usd_per_hour = rate_per_hour(forecast.rate_nanos_per_s)
+    return entry
 
 
 __all__: Sequence[str] = ("ControlPlane", "UsageResult", "clamp_page_size", "utc_now")

@@ -29,6 +29,9 @@ WRITABLE_PATHS = frozenset(
         "target",
         "alert_thresholds",
         "enabled",
+        "forecast_alert",
+        "forecast_alert.within",
+        "forecast_alert.before_window_end",
     }
 )
 

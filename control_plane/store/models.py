@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -74,6 +75,12 @@ class PolicyRow(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     updated_by: Mapped[str] = mapped_column(String(200))
     version: Mapped[int] = mapped_column(Integer)
+    # forecast_alert (migration 0013): seconds (0 = no such rule), and
+    # whether exhaustion before the window's end warns.
+    forecast_within_s: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    forecast_before_end: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
 
 
 class WindowSpendRow(Base):
@@ -114,6 +121,24 @@ class WindowHoldRow(Base):
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix seconds
     # Running requests whose estimates held_nanos includes (migration 0009).
     requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class WindowRateRow(Base):
+    """The recent spend rate of one window (spendgate.domain.forecast.Rate),
+    updated in the transaction that adds the spend; pruned once the window
+    has ended."""
+
+    __tablename__ = "window_rates"
+
+    policy_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    member: Mapped[str] = mapped_column(String(512), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    window_end: Mapped[int] = mapped_column(BigInteger, index=True)
+    decayed_nanos: Mapped[float] = mapped_column(Float(precision=53))
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    since_ms: Mapped[int] = mapped_column(BigInteger)
+    last_ms: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
 
 
 class AppliedBatchRow(Base):

@@ -15,7 +15,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
 
-from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowHoldRow, WindowSpendRow
+from control_plane.store.models import (
+    AppliedBatchRow,
+    PolicyRow,
+    WindowHoldRow,
+    WindowRateRow,
+    WindowSpendRow,
+)
 from spendgate.domain.pricing import MAX_COST_NANOS
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -120,6 +126,7 @@ def all_policies(session: Session) -> Sequence[PolicyRow]:
 
 def delete_policy(session: Session, row: PolicyRow) -> None:
     session.execute(delete(WindowSpendRow).where(WindowSpendRow.policy_id == row.id))
+    session.execute(delete(WindowRateRow).where(WindowRateRow.policy_id == row.id))
     session.delete(row)
 
 

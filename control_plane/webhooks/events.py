@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Context, Decimal
 from typing import Any
 
 from spendgate.domain.policies import Policy
@@ -18,13 +18,16 @@ from spendgate.domain.pricing import format_usd
 
 EXCEEDED = "budget_policy.exceeded"
 THRESHOLD_CROSSED = "budget_policy.threshold_crossed"
+# The budget will be gone, at the recent spend rate, sooner than the
+# policy's forecast_alert says (once per policy, member and window).
+FORECAST = "budget_policy.forecast"
 # Not subscribable: scheduled at the end of a window that had a crossing, so
 # PagerDuty webhooks can resolve their incident.
 WINDOW_RESET = "budget_policy.window_reset"
 # A response whose cost was above a data plane's max_cost_per_response_usd,
 # or beyond the largest representable cost (charged saturated).
 ANOMALY = "usage.anomaly"
-SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY)
+SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY, FORECAST)
 # What a webhook created without a list of events receives.
 DEFAULT_EVENTS = (EXCEEDED, THRESHOLD_CROSSED)
 TEST = "webhook.test"
@@ -108,6 +111,30 @@ def event_data(
     if kind == THRESHOLD_CROSSED:
         data["threshold_percent"] = threshold
     return data
+
+
+def forecast_data(
+    data: dict[str, Any],
+    *,
+    exhausted_at: int,
+    exhausted_in_s: int,
+    rate_nanos_per_s: float,
+    within_s: int,
+    before_window_end: bool,
+) -> dict[str, Any]:
+    """``data`` (event_data of a FORECAST event) with the forecast and the
+    rule it crossed."""
+    data["exhausted_at"] = iso(exhausted_at)
+    data["exhausted_in_s"] = exhausted_in_s
+    data["rate_usd_per_hour"] = rate_per_hour(rate_nanos_per_s)
+    data["forecast_alert"] = {"within_s": within_s, "before_window_end": before_window_end}
+    return data
+
+
+def rate_per_hour(rate_nanos_per_s: float) -> str:
+    """A rate in nano-dollars per second as US dollars per hour, 6 places."""
+    per_hour = Decimal(repr(rate_nanos_per_s)) * 3600 / 10**9
+    return str(per_hour.quantize(Decimal("0.000001"), context=Context(prec=80)))
 
 
 def anomaly_data(

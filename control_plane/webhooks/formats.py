@@ -20,6 +20,7 @@ import orjson
 
 from control_plane.webhooks import events
 from control_plane.webhooks.signing import signed_headers
+from spendgate.domain.forecast import duration_text
 
 GENERIC, SLACK, PAGERDUTY = "generic", "slack", "pagerduty"
 FORMATS = (GENERIC, SLACK, PAGERDUTY)
@@ -130,6 +131,9 @@ def _headline(message: Message) -> tuple[str, str]:
         return ":rotating_light:", f"Budget exceeded: {name}"
     if message.kind == events.THRESHOLD_CROSSED:
         return ":warning:", f"Budget {d['threshold_percent']}% reached: {name}"
+    if message.kind == events.FORECAST:
+        left = duration_text(d["exhausted_in_s"])
+        return ":hourglass_flowing_sand:", f"Budget runs out in {left} at this pace: {name}"
     return ":white_check_mark:", f"Budget window reset: {name}"
 
 
@@ -148,6 +152,10 @@ def slack_message(message: Message) -> dict[str, Any]:
     if message.kind == events.WINDOW_RESET:
         text = f"{emoji} {_esc(title)} — a new window started for {_esc(_who(d))}"
         detail = f"a new window started for {_esc(_who(d))}."
+    if message.kind == events.FORECAST:
+        pace = f"${d['rate_usd_per_hour']}/h, gone {_when(d['exhausted_at'])}"
+        text += f"; at this pace ({pace})"
+        detail += f" At this pace ({pace}) the budget is gone before it resets."
     consequence = (
         "Requests are answered with HTTP 429 until the window resets."
         if d["action"] == "reject" and message.kind == events.EXCEEDED
@@ -250,6 +258,11 @@ def pagerduty_event(message: Message, routing_key: str, severity: str) -> dict[s
         f"{title}{who}: ${d['spent_usd']} of ${d['amount_usd']} ({d['percent_used']}%), "
         f"action {d['action']}, window ends {d['window_end']}"
     )
+    if message.kind == events.FORECAST:
+        # A warning of what is coming, whatever the webhook's severity for
+        # budgets already spent.
+        severity = "warning"
+        summary += f"; ${d['rate_usd_per_hour']}/h, gone at {d['exhausted_at']}"
     return {
         "routing_key": routing_key,
         "event_action": "trigger",

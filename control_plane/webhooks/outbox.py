@@ -9,9 +9,10 @@ crossing happen once, also when replicas apply usage at the same moment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -22,6 +23,7 @@ from control_plane.store.repo import SpendTotal
 from control_plane.store.webhook_repo import EventKey
 from control_plane.webhooks import events
 from control_plane.webhooks.formats import PAGERDUTY
+from spendgate.domain.forecast import AlertRule, Forecast
 from spendgate.domain.policies import Policy
 from spendgate.v1 import dataplane_pb2 as dp
 
@@ -152,56 +154,119 @@ def record_crossings(
 ) -> OutboxResult:
     """Create the events the new window totals reached, and their deliveries."""
     result = OutboxResult()
-    webhooks: list[WebhookRow] | None = None
+    webhooks = _Webhooks(session)
     for row, total in windows:
         if not row.enabled:
             continue
         policy = convert.domain_policy(row)
         pagerduty: set[str] = set()
         for c in events.crossings(policy.amount_nanos, policy.alert_thresholds, total.spent_nanos):
-            key = EventKey(policy.id, total.member, total.window_start, c.kind, c.threshold)
-            if key in known:
-                continue
-            result.seen.append((key, total.window_end))
-            event_id = webhook_repo.new_id("evt_")
-            data = events.event_data(
-                event_id=event_id,
-                kind=c.kind,
-                policy=policy,
-                member=total.member,
-                threshold=c.threshold,
-                spent_nanos=total.spent_nanos,
-                window_start=total.window_start,
-                window_end=total.window_end,
+            pagerduty |= _record(
+                session, policy, total, c.kind, c.threshold, now, known, webhooks, result
             )
-            if not webhook_repo.insert_event(
-                session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
-            ):
-                continue
-            result.events += 1
-            if webhooks is None:
-                webhooks = list(webhook_repo.enabled_webhooks(session))
-            targets = [w for w in webhooks if c.kind in w.events.split(",")]
-            added = webhook_repo.add_deliveries(
-                session, event_id, (w.id for w in targets), due=now, now=now
-            )
-            result.deliveries += added
-            result.recorded.append(
-                Recorded(
-                    event_id,
-                    c.kind,
-                    policy.id,
-                    total.member,
-                    c.threshold,
-                    data["spent_usd"],
-                    data["amount_usd"],
-                    added,
-                )
-            )
-            pagerduty |= {w.id for w in targets if w.format == PAGERDUTY and w.resolve_on_reset}
         if pagerduty:
             result.deliveries += _schedule_resolve(session, policy, total, pagerduty, now)
     return result
+
+
+def record_forecasts(
+    session: Session,
+    due: Iterable[tuple[PolicyRow, SpendTotal, Forecast]],
+    now: datetime,
+    known: KnownEvents,
+    result: OutboxResult,
+) -> None:
+    """A budget_policy.forecast event per window whose forecast crossed its
+    policy's forecast_alert (once per window: the event key), and its deliveries."""
+    webhooks = _Webhooks(session)
+    for row, total, f in due:
+        policy = convert.domain_policy(row)
+        rule = convert.forecast_alert(row)
+
+        def extra(data: dict[str, Any], f: Forecast = f, rule: AlertRule = rule) -> None:
+            events.forecast_data(
+                data,
+                exhausted_at=f.exhausted_at,
+                exhausted_in_s=f.exhausted_in_s,
+                rate_nanos_per_s=f.rate_nanos_per_s,
+                within_s=rule.within_s,
+                before_window_end=rule.before_window_end,
+            )
+
+        pagerduty = _record(
+            session, policy, total, events.FORECAST, 0, now, known, webhooks, result, extra
+        )
+        if pagerduty:
+            result.deliveries += _schedule_resolve(session, policy, total, pagerduty, now)
+
+
+class _Webhooks:
+    """The enabled webhooks, read once per transaction and only if needed."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._rows: list[WebhookRow] | None = None
+
+    def subscribed(self, kind: str) -> list[WebhookRow]:
+        if self._rows is None:
+            self._rows = list(webhook_repo.enabled_webhooks(self._session))
+        return [w for w in self._rows if kind in w.events.split(",")]
+
+
+def _record(
+    session: Session,
+    policy: Policy,
+    total: SpendTotal,
+    kind: str,
+    threshold: int,
+    now: datetime,
+    known: KnownEvents,
+    webhooks: _Webhooks,
+    result: OutboxResult,
+    extra: Callable[[dict[str, Any]], None] | None = None,
+) -> set[str]:
+    """Create one budget event of a window (unless it exists) and its
+    deliveries; the PagerDuty webhooks that want a resolve at the window's end."""
+    key = EventKey(policy.id, total.member, total.window_start, kind, threshold)
+    if key in known:
+        return set()
+    result.seen.append((key, total.window_end))
+    event_id = webhook_repo.new_id("evt_")
+    data = events.event_data(
+        event_id=event_id,
+        kind=kind,
+        policy=policy,
+        member=total.member,
+        threshold=threshold,
+        spent_nanos=total.spent_nanos,
+        window_start=total.window_start,
+        window_end=total.window_end,
+    )
+    if extra is not None:
+        extra(data)
+    if not webhook_repo.insert_event(
+        session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
+    ):
+        return set()
+    result.events += 1
+    targets = webhooks.subscribed(kind)
+    added = webhook_repo.add_deliveries(
+        session, event_id, (w.id for w in targets), due=now, now=now
+    )
+    result.deliveries += added
+    result.recorded.append(
+        Recorded(
+            event_id,
+            kind,
+            policy.id,
+            total.member,
+            threshold,
+            data["spent_usd"],
+            data["amount_usd"],
+            added,
+        )
+    )
+    return {w.id for w in targets if w.format == PAGERDUTY and w.resolve_on_reset}
 
 
 def _schedule_resolve(

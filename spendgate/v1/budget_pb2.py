@@ -22,62 +22,65 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19spendgate/v1/budget.proto\x12\x0cspendgate.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x0c\x42udgetWindow\x12&\n\x04unit\x18\x01 \x01(\x0e\x32\x18.spendgate.v1.WindowUnit\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12)\n\nweek_start\x18\x03 \x01(\x0e\x32\x15.spendgate.v1.Weekday\"\xbd\x03\n\x0c\x42udgetPolicy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12*\n\x06window\x18\x05 \x01(\x0b\x32\x1a.spendgate.v1.BudgetWindow\x12\x10\n\x08timezone\x18\x06 \x01(\t\x12$\n\x06\x61\x63tion\x18\x07 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\"\n\x05scope\x18\x08 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\t \x01(\t\x12\x18\n\x10\x61lert_thresholds\x18\n \x03(\x05\x12\x14\n\x07\x65nabled\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x12\n\nupdated_by\x18\x0f \x01(\t\x12\x0c\n\x04\x65tag\x18\x10 \x01(\tB\n\n\x08_enabled\"G\n\x19\x43reateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"$\n\x16GetBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x19ListBudgetPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x1aListBudgetPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x19UpdateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x19\x44\x65leteBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\\\n\x10ListSpendRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xbf\x03\n\nSpendEntry\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x02 \x01(\t\x12\"\n\x05scope\x18\x03 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06member\x18\x05 \x01(\t\x12$\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\x30\n\x0cwindow_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspent_usd\x18\t \x01(\t\x12\x11\n\tlimit_usd\x18\n \x01(\t\x12\x15\n\rremaining_usd\x18\x0b \x01(\t\x12\x10\n\x08\x65xceeded\x18\x0c \x01(\x08\x12\x15\n\rrequest_count\x18\r \x01(\x03\x12\x10\n\x08held_usd\x18\x0e \x01(\t\x12\x15\n\rheld_requests\x18\x0f \x01(\x03\x12\x14\n\x0c\x61\x64justed_usd\x18\x10 \x01(\t\x12\x18\n\x10\x61\x64justment_count\x18\x11 \x01(\x03\"W\n\x11ListSpendResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.SpendEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc7\x02\n\x10QuarantinedUsage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\rdata_plane_id\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12\x11\n\tpolicy_id\x18\x06 \x01(\t\x12\x0e\n\x06member\x18\x07 \x01(\t\x12\x14\n\x0cmember_bytes\x18\x08 \x01(\x03\x12\x15\n\rmember_sha256\x18\t \x01(\t\x12\x30\n\x0cwindow_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\t\x12\x15\n\rrequest_count\x18\x0c \x01(\x03\x12\x33\n\x0fquarantine_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x1bListQuarantinedUsageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"|\n\x1cListQuarantinedUsageResponse\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.spendgate.v1.QuarantinedUsage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xe7\x02\n\x0fSpendAdjustment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x30\n\x0cwindow_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10spent_before_usd\x18\x08 \x01(\t\x12\x17\n\x0fspent_after_usd\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpolicy_name\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\"e\n\x1c\x43reateSpendAdjustmentRequest\x12\x31\n\nadjustment\x18\x01 \x01(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"g\n\x1bListSpendAdjustmentsRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"k\n\x1cListSpendAdjustmentsResponse\x12\x32\n\x0b\x61\x64justments\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc3\x01\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x13\n\x0fSCOPE_WORKSPACE\x10\x02\x12\x12\n\x0eSCOPE_ENDPOINT\x10\x03\x12\x0e\n\nSCOPE_USER\x10\x04\x12\x11\n\rSCOPE_API_KEY\x10\x05\x12\x0f\n\x0bSCOPE_MODEL\x10\x06\x12\x12\n\x0eSCOPE_PROVIDER\x10\x07\x12\r\n\tSCOPE_TAG\x10\x08\x12\x11\n\rSCOPE_SERVICE\x10\t*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALERT\x10\x01\x12\x11\n\rACTION_REJECT\x10\x02*\x9e\x01\n\nWindowUnit\x12\x1b\n\x17WINDOW_UNIT_UNSPECIFIED\x10\x00\x12\x17\n\x13WINDOW_UNIT_MINUTES\x10\x01\x12\x15\n\x11WINDOW_UNIT_HOURS\x10\x02\x12\x14\n\x10WINDOW_UNIT_DAYS\x10\x03\x12\x15\n\x11WINDOW_UNIT_WEEKS\x10\x04\x12\x16\n\x12WINDOW_UNIT_MONTHS\x10\x05*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07\x32\xea\x06\n\rBudgetService\x12Y\n\x12\x43reateBudgetPolicy\x12\'.spendgate.v1.CreateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12S\n\x0fGetBudgetPolicy\x12$.spendgate.v1.GetBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12g\n\x12ListBudgetPolicies\x12\'.spendgate.v1.ListBudgetPoliciesRequest\x1a(.spendgate.v1.ListBudgetPoliciesResponse\x12Y\n\x12UpdateBudgetPolicy\x12\'.spendgate.v1.UpdateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12U\n\x12\x44\x65leteBudgetPolicy\x12\'.spendgate.v1.DeleteBudgetPolicyRequest\x1a\x16.google.protobuf.Empty\x12L\n\tListSpend\x12\x1e.spendgate.v1.ListSpendRequest\x1a\x1f.spendgate.v1.ListSpendResponse\x12m\n\x14ListQuarantinedUsage\x12).spendgate.v1.ListQuarantinedUsageRequest\x1a*.spendgate.v1.ListQuarantinedUsageResponse\x12\x62\n\x15\x43reateSpendAdjustment\x12*.spendgate.v1.CreateSpendAdjustmentRequest\x1a\x1d.spendgate.v1.SpendAdjustment\x12m\n\x14ListSpendAdjustments\x12).spendgate.v1.ListSpendAdjustmentsRequest\x1a*.spendgate.v1.ListSpendAdjustmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19spendgate/v1/budget.proto\x12\x0cspendgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x0c\x42udgetWindow\x12&\n\x04unit\x18\x01 \x01(\x0e\x32\x18.spendgate.v1.WindowUnit\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12)\n\nweek_start\x18\x03 \x01(\x0e\x32\x15.spendgate.v1.Weekday\"\xf2\x03\n\x0c\x42udgetPolicy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12*\n\x06window\x18\x05 \x01(\x0b\x32\x1a.spendgate.v1.BudgetWindow\x12\x10\n\x08timezone\x18\x06 \x01(\t\x12$\n\x06\x61\x63tion\x18\x07 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\"\n\x05scope\x18\x08 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\t \x01(\t\x12\x18\n\x10\x61lert_thresholds\x18\n \x03(\x05\x12\x14\n\x07\x65nabled\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x12\n\nupdated_by\x18\x0f \x01(\t\x12\x0c\n\x04\x65tag\x18\x10 \x01(\t\x12\x33\n\x0e\x66orecast_alert\x18\x19 \x01(\x0b\x32\x1b.spendgate.v1.ForecastAlertB\n\n\x08_enabled\"U\n\rForecastAlert\x12)\n\x06within\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x62\x65\x66ore_window_end\x18\x02 \x01(\x08\"G\n\x19\x43reateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"$\n\x16GetBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x19ListBudgetPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x1aListBudgetPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x19UpdateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x19\x44\x65leteBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\\\n\x10ListSpendRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x9e\x04\n\nSpendEntry\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x02 \x01(\t\x12\"\n\x05scope\x18\x03 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06member\x18\x05 \x01(\t\x12$\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\x30\n\x0cwindow_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspent_usd\x18\t \x01(\t\x12\x11\n\tlimit_usd\x18\n \x01(\t\x12\x15\n\rremaining_usd\x18\x0b \x01(\t\x12\x10\n\x08\x65xceeded\x18\x0c \x01(\x08\x12\x15\n\rrequest_count\x18\r \x01(\x03\x12\x10\n\x08held_usd\x18\x0e \x01(\t\x12\x15\n\rheld_requests\x18\x0f \x01(\x03\x12\x14\n\x0c\x61\x64justed_usd\x18\x10 \x01(\t\x12\x18\n\x10\x61\x64justment_count\x18\x11 \x01(\x03\x12\x39\n\x15\x66orecast_exhaust_time\x18- \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x1a\x66orecast_rate_usd_per_hour\x18. \x01(\t\"W\n\x11ListSpendResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.SpendEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc7\x02\n\x10QuarantinedUsage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\rdata_plane_id\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12\x11\n\tpolicy_id\x18\x06 \x01(\t\x12\x0e\n\x06member\x18\x07 \x01(\t\x12\x14\n\x0cmember_bytes\x18\x08 \x01(\x03\x12\x15\n\rmember_sha256\x18\t \x01(\t\x12\x30\n\x0cwindow_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\t\x12\x15\n\rrequest_count\x18\x0c \x01(\x03\x12\x33\n\x0fquarantine_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x1bListQuarantinedUsageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"|\n\x1cListQuarantinedUsageResponse\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.spendgate.v1.QuarantinedUsage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xe7\x02\n\x0fSpendAdjustment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x30\n\x0cwindow_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10spent_before_usd\x18\x08 \x01(\t\x12\x17\n\x0fspent_after_usd\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpolicy_name\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\"e\n\x1c\x43reateSpendAdjustmentRequest\x12\x31\n\nadjustment\x18\x01 \x01(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"g\n\x1bListSpendAdjustmentsRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"k\n\x1cListSpendAdjustmentsResponse\x12\x32\n\x0b\x61\x64justments\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc3\x01\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x13\n\x0fSCOPE_WORKSPACE\x10\x02\x12\x12\n\x0eSCOPE_ENDPOINT\x10\x03\x12\x0e\n\nSCOPE_USER\x10\x04\x12\x11\n\rSCOPE_API_KEY\x10\x05\x12\x0f\n\x0bSCOPE_MODEL\x10\x06\x12\x12\n\x0eSCOPE_PROVIDER\x10\x07\x12\r\n\tSCOPE_TAG\x10\x08\x12\x11\n\rSCOPE_SERVICE\x10\t*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALERT\x10\x01\x12\x11\n\rACTION_REJECT\x10\x02*\x9e\x01\n\nWindowUnit\x12\x1b\n\x17WINDOW_UNIT_UNSPECIFIED\x10\x00\x12\x17\n\x13WINDOW_UNIT_MINUTES\x10\x01\x12\x15\n\x11WINDOW_UNIT_HOURS\x10\x02\x12\x14\n\x10WINDOW_UNIT_DAYS\x10\x03\x12\x15\n\x11WINDOW_UNIT_WEEKS\x10\x04\x12\x16\n\x12WINDOW_UNIT_MONTHS\x10\x05*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07\x32\xea\x06\n\rBudgetService\x12Y\n\x12\x43reateBudgetPolicy\x12\'.spendgate.v1.CreateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12S\n\x0fGetBudgetPolicy\x12$.spendgate.v1.GetBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12g\n\x12ListBudgetPolicies\x12\'.spendgate.v1.ListBudgetPoliciesRequest\x1a(.spendgate.v1.ListBudgetPoliciesResponse\x12Y\n\x12UpdateBudgetPolicy\x12\'.spendgate.v1.UpdateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12U\n\x12\x44\x65leteBudgetPolicy\x12\'.spendgate.v1.DeleteBudgetPolicyRequest\x1a\x16.google.protobuf.Empty\x12L\n\tListSpend\x12\x1e.spendgate.v1.ListSpendRequest\x1a\x1f.spendgate.v1.ListSpendResponse\x12m\n\x14ListQuarantinedUsage\x12).spendgate.v1.ListQuarantinedUsageRequest\x1a*.spendgate.v1.ListQuarantinedUsageResponse\x12\x62\n\x15\x43reateSpendAdjustment\x12*.spendgate.v1.CreateSpendAdjustmentRequest\x1a\x1d.spendgate.v1.SpendAdjustment\x12m\n\x14ListSpendAdjustments\x12).spendgate.v1.ListSpendAdjustmentsRequest\x1a*.spendgate.v1.ListSpendAdjustmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.budget_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOPE']._serialized_start=2997
-  _globals['_SCOPE']._serialized_end=3192
-  _globals['_ACTION']._serialized_start=3194
-  _globals['_ACTION']._serialized_end=3263
-  _globals['_WINDOWUNIT']._serialized_start=3266
-  _globals['_WINDOWUNIT']._serialized_end=3424
-  _globals['_WEEKDAY']._serialized_start=3427
-  _globals['_WEEKDAY']._serialized_end=3609
-  _globals['_BUDGETWINDOW']._serialized_start=139
-  _globals['_BUDGETWINDOW']._serialized_end=251
-  _globals['_BUDGETPOLICY']._serialized_start=254
-  _globals['_BUDGETPOLICY']._serialized_end=699
-  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_start=701
-  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_end=772
-  _globals['_GETBUDGETPOLICYREQUEST']._serialized_start=774
-  _globals['_GETBUDGETPOLICYREQUEST']._serialized_end=810
-  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_start=812
-  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_end=878
-  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_start=880
-  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_end=979
-  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_start=981
-  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_end=1101
-  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_start=1103
-  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_end=1156
-  _globals['_LISTSPENDREQUEST']._serialized_start=1158
-  _globals['_LISTSPENDREQUEST']._serialized_end=1250
-  _globals['_SPENDENTRY']._serialized_start=1253
-  _globals['_SPENDENTRY']._serialized_end=1700
-  _globals['_LISTSPENDRESPONSE']._serialized_start=1702
-  _globals['_LISTSPENDRESPONSE']._serialized_end=1789
-  _globals['_QUARANTINEDUSAGE']._serialized_start=1792
-  _globals['_QUARANTINEDUSAGE']._serialized_end=2119
-  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_start=2121
-  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_end=2189
-  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_start=2191
-  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_end=2315
-  _globals['_SPENDADJUSTMENT']._serialized_start=2318
-  _globals['_SPENDADJUSTMENT']._serialized_end=2677
-  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_start=2679
-  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_end=2780
-  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_start=2782
-  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_end=2885
-  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_start=2887
-  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_end=2994
-  _globals['_BUDGETSERVICE']._serialized_start=3612
-  _globals['_BUDGETSERVICE']._serialized_end=4486
+  _globals['_SCOPE']._serialized_start=3264
+  _globals['_SCOPE']._serialized_end=3459
+  _globals['_ACTION']._serialized_start=3461
+  _globals['_ACTION']._serialized_end=3530
+  _globals['_WINDOWUNIT']._serialized_start=3533
+  _globals['_WINDOWUNIT']._serialized_end=3691
+  _globals['_WEEKDAY']._serialized_start=3694
+  _globals['_WEEKDAY']._serialized_end=3876
+  _globals['_BUDGETWINDOW']._serialized_start=171
+  _globals['_BUDGETWINDOW']._serialized_end=283
+  _globals['_BUDGETPOLICY']._serialized_start=286
+  _globals['_BUDGETPOLICY']._serialized_end=784
+  _globals['_FORECASTALERT']._serialized_start=786
+  _globals['_FORECASTALERT']._serialized_end=871
+  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_start=873
+  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_end=944
+  _globals['_GETBUDGETPOLICYREQUEST']._serialized_start=946
+  _globals['_GETBUDGETPOLICYREQUEST']._serialized_end=982
+  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_start=984
+  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_end=1050
+  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_start=1052
+  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_end=1151
+  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_start=1153
+  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_end=1273
+  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_start=1275
+  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_end=1328
+  _globals['_LISTSPENDREQUEST']._serialized_start=1330
+  _globals['_LISTSPENDREQUEST']._serialized_end=1422
+  _globals['_SPENDENTRY']._serialized_start=1425
+  _globals['_SPENDENTRY']._serialized_end=1967
+  _globals['_LISTSPENDRESPONSE']._serialized_start=1969
+  _globals['_LISTSPENDRESPONSE']._serialized_end=2056
+  _globals['_QUARANTINEDUSAGE']._serialized_start=2059
+  _globals['_QUARANTINEDUSAGE']._serialized_end=2386
+  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_start=2388
+  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_end=2456
+  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_start=2458
+  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_end=2582
+  _globals['_SPENDADJUSTMENT']._serialized_start=2585
+  _globals['_SPENDADJUSTMENT']._serialized_end=2944
+  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_start=2946
+  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_end=3047
+  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_start=3049
+  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_end=3152
+  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_start=3154
+  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_end=3261
+  _globals['_BUDGETSERVICE']._serialized_start=3879
+  _globals['_BUDGETSERVICE']._serialized_end=4753
 # @@protoc_insertion_point(module_scope)

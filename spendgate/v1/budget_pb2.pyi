@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -89,7 +90,7 @@ class BudgetWindow(_message.Message):
     def __init__(self, unit: _Optional[_Union[WindowUnit, str]] = ..., count: _Optional[int] = ..., week_start: _Optional[_Union[Weekday, str]] = ...) -> None: ...
 
 class BudgetPolicy(_message.Message):
-    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag")
+    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag", "forecast_alert")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +107,7 @@ class BudgetPolicy(_message.Message):
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_ALERT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -122,7 +124,16 @@ class BudgetPolicy(_message.Message):
     created_by: str
     updated_by: str
     etag: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+    forecast_alert: ForecastAlert
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ..., forecast_alert: _Optional[_Union[ForecastAlert, _Mapping]] = ...) -> None: ...
+
+class ForecastAlert(_message.Message):
+    __slots__ = ("within", "before_window_end")
+    WITHIN_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    within: _duration_pb2.Duration
+    before_window_end: bool
+    def __init__(self, within: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., before_window_end: _Optional[bool] = ...) -> None: ...
 
 class CreateBudgetPolicyRequest(_message.Message):
     __slots__ = ("policy",)
@@ -181,7 +192,7 @@ class ListSpendRequest(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., member: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SpendEntry(_message.Message):
-    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count")
+    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count", "forecast_exhaust_time", "forecast_rate_usd_per_hour")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +210,8 @@ class SpendEntry(_message.Message):
     HELD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ADJUSTED_USD_FIELD_NUMBER: _ClassVar[int]
     ADJUSTMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_EXHAUST_TIME_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_RATE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     policy_name: str
     scope: Scope
@@ -216,7 +229,9 @@ class SpendEntry(_message.Message):
     held_requests: int
     adjusted_usd: str
     adjustment_count: int
-    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ...) -> None: ...
+    forecast_exhaust_time: _timestamp_pb2.Timestamp
+    forecast_rate_usd_per_hour: str
+    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ..., forecast_exhaust_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., forecast_rate_usd_per_hour: _Optional[str] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("entries", "next_page_token")

@@ -61,6 +61,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             "quarantined_usage",
             "spend_adjustments",
             "server_keys",
+            "window_rates",
         }
         assert insp.get_pk_constraint("window_spend")["constrained_columns"] == [
             "policy_id",
@@ -71,7 +72,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             ctx = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
-            assert ctx.get_current_revision() == "0011"
+            assert ctx.get_current_revision() == "0013"
             assert compare_metadata(ctx, Base.metadata) == []
     finally:
         engine.dispose()
