@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import orjson
@@ -251,7 +252,7 @@ def event_message(e: WebhookEventRow) -> wpb.BudgetEvent:
                 policy_ids=d.get("policy_ids", []),
             ),
         )
-    return wpb.BudgetEvent(
+    msg = wpb.BudgetEvent(
         id=e.id,
         type=e.kind,
         policy_id=e.policy_id,
@@ -267,6 +268,9 @@ def event_message(e: WebhookEventRow) -> wpb.BudgetEvent:
         window_end=timestamp(e.window_end),
         create_time=timestamp(e.create_time),
     )
+    if e.kind == events.FORECAST and "exhausted_at" in d:
+        msg.forecast_exhaust_time.FromDatetime(datetime.fromisoformat(d["exhausted_at"]))
+    return msg
 
 
 def _attempt_message(a: DeliveryAttemptRow) -> wpb.DeliveryAttempt:
