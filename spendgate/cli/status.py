@@ -249,13 +249,23 @@ def bar(percent: int, width: int = BAR_WIDTH) -> str:
     return "[" + "█" * filled + "░" * (width - filled) + "]"
 
 
+def _per_hour(text: str) -> str:
+    """ "0.324000" -> "0.324", "12.000000" -> "12.00": cents at least, no trailing zeros."""
+    try:
+        d = Decimal(text)
+    except ArithmeticError:
+        return text
+    cents = d.quantize(Decimal("0.01"))
+    return f"{cents if cents == d else d.normalize():f}"
+
+
 def pace_text(s: Spend, now: datetime) -> str:
     """ "at this pace ($1.20/h): exhausted in 3h12m (window resets in 9h00m)", or
     "" when there is no forecast."""
     if s.exhausted_at is None:
         return ""
     resets = duration((s.window_end - now).total_seconds())
-    pace = f"at this pace (${s.rate_usd_per_hour}/h)"
+    pace = f"at this pace (${_per_hour(s.rate_usd_per_hour)}/h)"
     if s.exhausted_at >= s.window_end:
         return f"{pace}: not exhausted before the window resets (in {resets})"
     left = duration((s.exhausted_at - now).total_seconds())

@@ -42,8 +42,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def stack(clock: FakeClock) -> Iterator[Stack]:
-    s = start_stack(clock=clock, control_plane={**FAST, "forecast_horizon_s": HORIZON_S})
+def stack(clock: FakeClock, db_url: str) -> Iterator[Stack]:
+    """On SQLite and on PostgreSQL."""
+    s = start_stack(db_url, clock=clock, control_plane={**FAST, "forecast_horizon_s": HORIZON_S})
     yield s
     stop_stack(s)
 
