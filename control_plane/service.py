@@ -46,7 +46,7 @@ from control_plane.webhooks.outbox import (
     record_crossings,
     record_forecasts,
 )
-from spendgate.domain.forecast import Forecast
+from spendgate.domain.forecast import DEFAULT_HORIZON_S, Forecast
 from spendgate.domain.limits import MAX_PAGE_SIZE
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.v1 import budget_pb2 as pb
@@ -90,7 +90,7 @@ class ControlPlane:
         clock: Clock = utc_now,
         default_week_start: int = 0,
         hold_ttl_s: int = 30,
-        forecast_horizon_s: float = forecasts.DEFAULT_HORIZON_S,
+        forecast_horizon_s: float = DEFAULT_HORIZON_S,
     ) -> None:
         self.engine = engine
         self.hub = hub
@@ -338,6 +338,7 @@ class ControlPlane:
                     for k, a in deltas.items()
                 ),
                 now,
+                horizon_s=self.forecast_horizon_s,
             )
             at = int(now.timestamp())
             if held_now:
@@ -366,7 +367,7 @@ class ControlPlane:
             )
             if not duplicate:
                 costs = {k: a[1] for k, a in deltas.items()}
-                due = forecasts.observe(s, totals, costs, rows, now, self.forecast_horizon_s)
+                due = forecasts.due(totals, costs, rows, now, self.forecast_horizon_s)
                 record_forecasts(s, due, now, self.known_events, outbox)
             if not duplicate and req.anomalies:
                 record_anomalies(s, req.data_plane_id, req.anomalies, now, outbox)
@@ -591,21 +592,12 @@ class ControlPlane:
             # Unexpired holds only: a dead data plane's lapse on their own.
             keys = [(r.policy_id, r.member, r.window_start) for r, _ in rows]
             held = repo.holds_by_window(s, keys, int(now.timestamp()))
-            rates = forecasts.rates_by_window(s, keys)
             return [
                 _spend_entry(
                     r,
                     p,
                     held.get(k),
-                    forecasts.forecast_of(
-                        rates.get(k),
-                        window_start=r.window_start,
-                        window_end=r.window_end,
-                        spent_nanos=r.spent_nanos,
-                        amount_nanos=p.amount_nanos,
-                        now=now,
-                        horizon_s=self.forecast_horizon_s,
-                    ),
+                    forecasts.forecast_of(r, p.amount_nanos, now, self.forecast_horizon_s),
                 )
                 for k, (r, p) in zip(keys, rows, strict=True)
             ]
@@ -625,10 +617,6 @@ class ControlPlane:
         removed = await self.run(lambda s: repo.forget_batches(s, cutoff))
         if removed:
             log.info("forgot old usage batch ids", count=removed)
-        at = int(self.clock().timestamp())
-        ended = await self.run(lambda s: forecasts.forget_ended(s, at))
-        if ended:
-            log.info("forgot spend rates of ended windows", count=ended)
         old = self.clock() - quarantine.RETENTION
         forgotten = await self.run(lambda s: quarantine.forget(s, before=old))
         if forgotten:

@@ -101,6 +101,17 @@ class WindowSpendRow(Base):
     # lowered total from a stale one by: WindowSpend.adjustment_seq).
     adjusted_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     adjustment_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The recent spend rate (spendgate.domain.forecast.Rate, migration 0013),
+    # updated by the same upsert that adds spend: the decayed sum of the
+    # costs reported (the first report's included, and kept apart in
+    # rate_first_nanos), its instant, the first and latest report with spend
+    # (Unix ms) and how many reports had spend (0: none yet).
+    rate_nanos: Mapped[float] = mapped_column(Float(precision=53), default=0, server_default="0")
+    rate_first_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_at_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_since_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_last_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_window_spend_window_end", "window_end"),)
 
@@ -121,24 +132,6 @@ class WindowHoldRow(Base):
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix seconds
     # Running requests whose estimates held_nanos includes (migration 0009).
     requests: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-
-
-class WindowRateRow(Base):
-    """The recent spend rate of one window (spendgate.domain.forecast.Rate),
-    updated in the transaction that adds the spend; pruned once the window
-    has ended."""
-
-    __tablename__ = "window_rates"
-
-    policy_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    member: Mapped[str] = mapped_column(String(512), primary_key=True)
-    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    window_end: Mapped[int] = mapped_column(BigInteger, index=True)
-    decayed_nanos: Mapped[float] = mapped_column(Float(precision=53))
-    at_ms: Mapped[int] = mapped_column(BigInteger)
-    since_ms: Mapped[int] = mapped_column(BigInteger)
-    last_ms: Mapped[int] = mapped_column(BigInteger)
-    samples: Mapped[int] = mapped_column(BigInteger)
 
 
 class AppliedBatchRow(Base):

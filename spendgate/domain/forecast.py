@@ -9,9 +9,12 @@ minutes on instead of rising slowly towards it:
     S(t)  = sum of cost_i * exp(-(t - t_i) / horizon)   (observations after the first)
     rate  = S(t) / (horizon * (1 - exp(-(t - since) / horizon)))
 
-The first observation of a window is not in S: it carries spend made before
-anything was seen (since the last report), over an unknown span; leaving it
-out keeps a steady load's rate unbiased.
+The first observation of a window does not count: it carries spend made
+before anything was seen (since the last report), over an unknown span;
+leaving it out keeps a steady load's rate unbiased. It is kept in S and
+apart (``first_nanos``), and taken out when the rate is read, so that an
+update is a function of the stored state and the new cost alone (the store
+does it in the SQL statement that adds the spend, with the same arithmetic).
 
 Minimum evidence: no forecast until the window's spend was seen at least
 ``MIN_SAMPLES`` times over at least ``MIN_EVIDENCE`` of the horizon. A single
@@ -37,13 +40,17 @@ MAX_FORECAST_S = 10 * 366 * 86400
 # window cannot wait an hour for evidence.
 WINDOW_FRACTION = 0.25
 MIN_HORIZON_S = 1.0
+# The control plane's forecast_horizon_s unless configured.
+DEFAULT_HORIZON_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
 class Rate:
     """What is kept per window (policy, member, window start).
 
-    ``decayed_nanos`` is S at ``at_ms``; times are Unix milliseconds.
+    ``decayed_nanos`` is S at ``at_ms`` with the first observation's cost
+    (``first_nanos``, at ``since_ms``) in it; times are Unix milliseconds.
+    ``samples`` 0: nothing observed yet (the other fields mean nothing).
     """
 
     decayed_nanos: float
@@ -51,6 +58,7 @@ class Rate:
     since_ms: int  # the window's first observation of spend
     last_ms: int  # its latest
     samples: int  # observations of spend, the first included
+    first_nanos: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +93,8 @@ def observe(prev: Rate | None, cost_nanos: int, now_ms: int, horizon_s: float) -
     A ``now_ms`` before the state's (clocks of two replicas) counts as the
     state's instant: weights never grow.
     """
-    if prev is None:
-        return Rate(0.0, now_ms, now_ms, now_ms, 1)
+    if prev is None or prev.samples <= 0:
+        return Rate(float(cost_nanos), now_ms, now_ms, now_ms, 1, cost_nanos)
     at = max(now_ms, prev.at_ms)
     return Rate(
         decayed_at(prev, at, horizon_s) + float(cost_nanos),
@@ -94,6 +102,7 @@ def observe(prev: Rate | None, cost_nanos: int, now_ms: int, horizon_s: float) -
         prev.since_ms,
         max(prev.last_ms, at),
         prev.samples + 1,
+        prev.first_nanos,
     )
 
 
@@ -115,7 +124,8 @@ def rate(r: Rate, now_ms: int, horizon_s: float) -> float:
     if elapsed_s <= 0:
         return 0.0
     weight = -math.expm1(-elapsed_s / horizon_s) * horizon_s
-    return decayed_at(r, now_ms, horizon_s) / weight
+    first = r.first_nanos * math.exp(-elapsed_s / horizon_s)
+    return max(0.0, decayed_at(r, now_ms, horizon_s) - first) / weight
 
 
 def project(
@@ -124,7 +134,7 @@ def project(
     """When the budget will be gone at the current rate; None without
     evidence enough, when already spent, or when the rate would take longer
     than MAX_FORECAST_S."""
-    if r is None or spent_nanos >= amount_nanos or not confident(r, horizon_s):
+    if r is None or r.samples <= 0 or spent_nanos >= amount_nanos or not confident(r, horizon_s):
         return None
     per_s = rate(r, now_ms, horizon_s)
     if per_s <= 0:

@@ -8,19 +8,22 @@ Every test runs on SQLite and on PostgreSQL; time moves by a FakeClock.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta
 from itertools import count
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from control_plane.api.budgets import mask_merger
 from control_plane.errors import InvalidArgument
 from control_plane.service import ControlPlane
-from control_plane.store.models import WebhookEventRow, WindowRateRow
+from control_plane.store import repo
+from control_plane.store.models import WebhookEventRow, WindowSpendRow
+from spendgate.domain.forecast import Rate, observe
 from spendgate.v1 import budget_pb2 as pb
 from tests.harness import FakeClock
 from tests.store.builders import DAY_END, T0, USD, batch, fields, inc, policy
@@ -162,12 +165,8 @@ async def test_each_member_of_a_wildcard_policy_has_its_own_forecast(
         await spend(cp, clock, p.id, USD // 10_000, member="bob")  # $0.006/h: not
     assert [m for m, _ in forecast_events(engine)] == ["alice"]
     with Session(engine) as s:
-        assert s.scalar(select(func.count()).select_from(WindowRateRow)) == 2
-    # Ended windows' rates are forgotten by the periodic clean-up.
-    clock.set(DAY_END + timedelta(hours=1))
-    await cp.forget_old_batches(timedelta(hours=1))
-    with Session(engine) as s:
-        assert s.scalar(select(func.count()).select_from(WindowRateRow)) == 0
+        samples = dict(s.execute(select(WindowSpendRow.member, WindowSpendRow.rate_samples)).all())
+    assert samples == {"alice": 40, "bob": 40}
 
 
 async def test_a_duplicate_batch_adds_nothing_to_the_rate(
@@ -177,10 +176,40 @@ async def test_a_duplicate_batch_adds_nothing_to_the_rate(
     await cp.apply_usage(batch("dup-1", inc(p.id, USD, at=clock())))
     clock.advance(timedelta(minutes=1))
     await cp.apply_usage(batch("dup-2", inc(p.id, USD, at=clock())))
+    clock.advance(timedelta(minutes=1))
     await cp.apply_usage(batch("dup-2", inc(p.id, USD, at=clock())))
     with Session(engine) as s:
-        (r,) = s.scalars(select(WindowRateRow)).all()
-    assert (r.samples, r.decayed_nanos) == (2, pytest.approx(USD))
+        (r,) = s.scalars(select(WindowSpendRow)).all()
+    assert (r.rate_samples, r.rate_first_nanos) == (2, USD)
+    assert r.rate_nanos == pytest.approx(USD * math.exp(-60 / HOUR) + USD)
+
+
+async def test_the_store_keeps_the_rate_exactly_as_the_domain_computes_it(
+    cp: ControlPlane, engine: Engine, clock: FakeClock
+) -> None:
+    """The SQL in the spend upsert is spendgate.domain.forecast.observe:
+    irregular reports, reports without spend (holds), a clock that goes back."""
+    p = await cp.create_policy(forecast_policy(amount="1000"), "a")
+    steps = [(0, 0), (17, 3 * USD), (60, 0), (61, USD // 7), (-30, 5), (900, 2 * USD), (1, 1)]
+    expected: Rate | None = None
+    for seconds, cost in steps:
+        clock.advance(timedelta(seconds=seconds))
+        await spend(cp, clock, p.id, cost)
+        if cost > 0:
+            now_ms = int(clock().timestamp() * 1000)
+            expected = observe(expected, cost, now_ms, HOUR)
+    with Session(engine) as s:
+        (row,) = s.scalars(select(WindowSpendRow)).all()
+        got = repo.rate_of(row)
+    assert expected is not None
+    assert (got.at_ms, got.since_ms, got.last_ms, got.samples, got.first_nanos) == (
+        expected.at_ms,
+        expected.since_ms,
+        expected.last_ms,
+        expected.samples,
+        expected.first_nanos,
+    )
+    assert got.decayed_nanos == pytest.approx(expected.decayed_nanos, rel=1e-12)
 
 
 # ---- forecast_alert validation and updates -----------------------------------

@@ -61,7 +61,6 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             "quarantined_usage",
             "spend_adjustments",
             "server_keys",
-            "window_rates",
         }
         assert insp.get_pk_constraint("window_spend")["constrained_columns"] == [
             "policy_id",
