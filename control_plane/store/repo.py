@@ -413,14 +413,15 @@ def _upsert_sqlite(
 
 
 def rate_of(row: WindowSpendRow) -> Rate:
-    """A stored window's spend rate state."""
+    """A window's spend rate state (a row not stored, e.g. ListSpend's
+    zero row of a window nobody spent in, has none: samples 0)."""
     return Rate(
-        row.rate_nanos,
-        row.rate_at_ms,
-        row.rate_since_ms,
-        row.rate_last_ms,
-        row.rate_samples,
-        row.rate_first_nanos,
+        row.rate_nanos or 0.0,
+        row.rate_at_ms or 0,
+        row.rate_since_ms or 0,
+        row.rate_last_ms or 0,
+        row.rate_samples or 0,
+        row.rate_first_nanos or 0,
     )
 
 

@@ -3,8 +3,13 @@ driven with synthetic loads on an injected timeline (milliseconds)."""
 
 from __future__ import annotations
 
+import math
+import sqlite3
+from typing import Any
+
 import pytest
 
+from control_plane.store.db import ensure_exp
 from spendgate.domain.forecast import (
     MAX_FORECAST_S,
     AlertRule,
@@ -157,3 +162,34 @@ def test_horizon_shrinks_for_short_windows() -> None:
     assert horizon_for(3600, 86400) == 3600
     assert horizon_for(3600, 60) == 15
     assert horizon_for(3600, 1) == 1.0
+
+
+class _NoMathSqlite:
+    """A SQLite connection as one built without math functions answers."""
+
+    def __init__(self) -> None:
+        self.conn = sqlite3.connect(":memory:")
+        self.created: list[str] = []
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        if "exp(" in sql and not self.created:
+            raise sqlite3.OperationalError("no such function: exp")
+        return self.conn.execute(sql)
+
+    def create_function(self, name: str, n: int, fn: Any, *, deterministic: bool) -> None:
+        self.created.append(name)
+        self.conn.create_function(name, n, fn, deterministic=deterministic)
+
+
+def test_sqlite_without_math_functions_gets_exp() -> None:
+    fake = _NoMathSqlite()
+    ensure_exp(fake)
+    assert fake.created == ["exp"]
+    assert fake.execute("SELECT exp(1), exp(NULL), exp(1e6)").fetchone() == (
+        pytest.approx(math.e),
+        None,
+        math.inf,
+    )
+    with sqlite3.connect(":memory:") as built_in:
+        ensure_exp(built_in)  # has it (or gets it): either way it works
+        assert built_in.execute("SELECT exp(0)").fetchone() == (1.0,)
