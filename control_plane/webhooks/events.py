@@ -114,7 +114,6 @@ def event_data(
 
 
 def forecast_data(
-    data: dict[str, Any],
     *,
     exhausted_at: int,
     exhausted_in_s: int,
@@ -122,13 +121,14 @@ def forecast_data(
     within_s: int,
     before_window_end: bool,
 ) -> dict[str, Any]:
-    """``data`` (event_data of a FORECAST event) with the forecast and the
-    rule it crossed."""
-    data["exhausted_at"] = iso(exhausted_at)
-    data["exhausted_in_s"] = exhausted_in_s
-    data["rate_usd_per_hour"] = rate_per_hour(rate_nanos_per_s)
-    data["forecast_alert"] = {"within_s": within_s, "before_window_end": before_window_end}
-    return data
+    """What a FORECAST event's ``data`` has besides event_data: the
+    forecast and the rule it crossed."""
+    return {
+        "exhausted_at": iso(exhausted_at),
+        "exhausted_in_s": exhausted_in_s,
+        "rate_usd_per_hour": rate_per_hour(rate_nanos_per_s),
+        "forecast_alert": {"within_s": within_s, "before_window_end": before_window_end},
+    }
 
 
 def rate_per_hour(rate_nanos_per_s: float) -> str:

@@ -9,7 +9,7 @@ crossing happen once, also when replicas apply usage at the same moment.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +23,7 @@ from control_plane.store.repo import SpendTotal
 from control_plane.store.webhook_repo import EventKey
 from control_plane.webhooks import events
 from control_plane.webhooks.formats import PAGERDUTY
-from spendgate.domain.forecast import AlertRule, Forecast
+from spendgate.domain.forecast import Forecast
 from spendgate.domain.policies import Policy
 from spendgate.v1 import dataplane_pb2 as dp
 
@@ -182,17 +182,13 @@ def record_forecasts(
     for row, total, f in due:
         policy = convert.domain_policy(row)
         rule = convert.forecast_alert(row)
-
-        def extra(data: dict[str, Any], f: Forecast = f, rule: AlertRule = rule) -> None:
-            events.forecast_data(
-                data,
-                exhausted_at=f.exhausted_at,
-                exhausted_in_s=f.exhausted_in_s,
-                rate_nanos_per_s=f.rate_nanos_per_s,
-                within_s=rule.within_s,
-                before_window_end=rule.before_window_end,
-            )
-
+        extra = events.forecast_data(
+            exhausted_at=f.exhausted_at,
+            exhausted_in_s=f.exhausted_in_s,
+            rate_nanos_per_s=f.rate_nanos_per_s,
+            within_s=rule.within_s,
+            before_window_end=rule.before_window_end,
+        )
         pagerduty = _record(
             session, policy, total, events.FORECAST, 0, now, known, webhooks, result, extra
         )
@@ -223,7 +219,7 @@ def _record(
     known: KnownEvents,
     webhooks: _Webhooks,
     result: OutboxResult,
-    extra: Callable[[dict[str, Any]], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> set[str]:
     """Create one budget event of a window (unless it exists) and its
     deliveries; the PagerDuty webhooks that want a resolve at the window's end."""
@@ -242,8 +238,8 @@ def _record(
         window_start=total.window_start,
         window_end=total.window_end,
     )
-    if extra is not None:
-        extra(data)
+    if extra:
+        data.update(extra)
     if not webhook_repo.insert_event(
         session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
     ):
