@@ -21,6 +21,9 @@ THRESHOLD_CROSSED = "budget_policy.threshold_crossed"
 # The budget will be gone, at the recent spend rate, sooner than the
 # policy's forecast_alert says (once per policy, member and window).
 FORECAST = "budget_policy.forecast"
+# A window_reset event's "incident" for the forecast's PagerDuty incident
+# (event key threshold 1; the budget's own incident has none, threshold 0).
+FORECAST_INCIDENT = "forecast"
 # Not subscribable: scheduled at the end of a window that had a crossing, so
 # PagerDuty webhooks can resolve their incident.
 WINDOW_RESET = "budget_policy.window_reset"

@@ -4,6 +4,7 @@ GENERIC    {"entity", "action", "timestamp", "data"}, Standard Webhooks headers
 SLACK      an incoming-webhook message: fallback ``text`` and Block Kit ``blocks``
 PAGERDUTY  an Events API v2 trigger (or resolve) with a dedup key per
            policy / member / window, so all alerts of a window are one incident
+           (its forecast warning one of its own)
 
 Every format carries webhook-id (the delivery id, stable across retries) and
 webhook-timestamp; webhook-signature when the webhook has a secret.
@@ -215,6 +216,19 @@ def dedup_key(data: dict[str, Any]) -> str:
     return f"spendgate/{data['policy_id']}/{data['window_start']}/sha256:{member}"
 
 
+def incident_key(data: dict[str, Any]) -> str:
+    """The PagerDuty incident of an event: the window's, or its forecast's
+    (a warning of its own: deduplicated into the window's incident, it would
+    keep a later "exceeded" from paging at its severity)."""
+    if data.get("type") != events.FORECAST and data.get("incident") != events.FORECAST_INCIDENT:
+        return dedup_key(data)
+    key = f"{dedup_key(data)}/forecast"
+    if len(key) <= 255:
+        return key
+    member = hashlib.sha256(data["member"].encode()).hexdigest()
+    return f"spendgate/{data['policy_id']}/{data['window_start']}/sha256:{member}/forecast"
+
+
 def test_dedup_key(test: Message) -> str:
     return f"spendgate/test/{test.id}"
 
@@ -236,7 +250,7 @@ def pagerduty_event(message: Message, routing_key: str, severity: str) -> dict[s
             },
         }
     if message.kind == events.WINDOW_RESET:
-        return pagerduty_resolve(routing_key, dedup_key(d))
+        return pagerduty_resolve(routing_key, incident_key(d))
     if message.kind == events.ANOMALY:
         return {
             "routing_key": routing_key,
@@ -266,7 +280,7 @@ def pagerduty_event(message: Message, routing_key: str, severity: str) -> dict[s
     return {
         "routing_key": routing_key,
         "event_action": "trigger",
-        "dedup_key": dedup_key(d),
+        "dedup_key": incident_key(d),
         "client": "spendgate",
         "payload": {
             "summary": summary[:1024],

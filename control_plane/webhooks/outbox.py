@@ -193,7 +193,9 @@ def record_forecasts(
             session, policy, total, events.FORECAST, 0, now, known, webhooks, result, extra
         )
         if pagerduty:
-            result.deliveries += _schedule_resolve(session, policy, total, pagerduty, now)
+            result.deliveries += _schedule_resolve(
+                session, policy, total, pagerduty, now, events.FORECAST_INCIDENT
+            )
 
 
 class _Webhooks:
@@ -271,10 +273,14 @@ def _schedule_resolve(
     total: SpendTotal,
     webhook_ids: set[str],
     now: datetime,
+    incident: str = "",
 ) -> int:
-    """A window_reset event (once per window) and, for each PagerDuty webhook
-    that was just sent a trigger, a delivery due when the window ends."""
-    key = EventKey(policy.id, total.member, total.window_start, events.WINDOW_RESET, 0)
+    """A window_reset event (once per window and ``incident``) and, for each
+    PagerDuty webhook that was just sent a trigger, a delivery due when the
+    window ends. ``incident`` "forecast": the forecast's own incident (its
+    warning must not hold back the page of a budget spent)."""
+    threshold = 1 if incident == events.FORECAST_INCIDENT else 0
+    key = EventKey(policy.id, total.member, total.window_start, events.WINDOW_RESET, threshold)
     event_id = webhook_repo.new_id("evt_")
     data = events.event_data(
         event_id=event_id,
@@ -286,6 +292,8 @@ def _schedule_resolve(
         window_start=total.window_start,
         window_end=total.window_end,
     )
+    if incident:
+        data["incident"] = incident
     if not webhook_repo.insert_event(
         session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
     ):
