@@ -261,7 +261,8 @@ def event_message(e: WebhookEventRow) -> wpb.BudgetEvent:
         target=d.get("target", ""),
         member=e.member,
         action=ACTIONS_PB[Action(d["action"].upper())],
-        threshold_percent=e.threshold,
+        # (A window_reset event's key uses 1 for the forecast's incident.)
+        threshold_percent=e.threshold if e.kind == events.THRESHOLD_CROSSED else 0,
         amount_usd=d.get("amount_usd", ""),
         spent_usd=d.get("spent_usd", ""),
         window_start=timestamp(e.window_start),
