@@ -193,3 +193,15 @@ def test_steady_sdk_load_sends_one_forecast_event_to_every_format(
         line = r"not exhausted before the window resets \(in \S+\)"
     assert re.search(r"^  at this pace \(\$0\.3\d+/h\): " + line + "$", text, re.MULTILINE), text
     assert re.search(r"  forecast\s+team pace " + policy_id, text), text
+
+    # `policy update --forecast-alert` changes the rule, `off` removes it;
+    # the other fields stay.
+    base = ["--server", server, "--token", ADMIN_TOKEN, "--json"]
+    assert main(["policy", "update", "team pace", "--forecast-alert", "30m,window-end", *base]) == 0
+    changed = printed_json(capsys.readouterr().out)
+    assert changed["forecast_alert"] == {"within": "1800s", "before_window_end": True}
+    assert main(["policy", "update", "team pace", "--forecast-alert", "off", *base]) == 0
+    off = printed_json(capsys.readouterr().out)
+    assert "forecast_alert" not in off and off["amount_usd"] == "0.10"
+    assert main(["policy", "update", "team pace", "--forecast-alert=-2h", *base]) == 1
+    assert "--forecast-alert '-2h': use a time" in capsys.readouterr().err
