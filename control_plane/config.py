@@ -43,6 +43,10 @@ class Settings:
     # A data plane's holds (reservations) lapse this long after its last report, so a dead data
     # plane's are released (15 to 3600; live data planes refresh theirs every 5 s).
     hold_ttl_s: int = 30
+    # Exhaustion forecasts (docs/forecasts.md): the time constant of the
+    # decayed spend rate, in seconds (at most a quarter of a window's length
+    # is used). 60 to 604800.
+    forecast_horizon_s: float = 3600.0
     # PEM certificate: serve TLS (with `tls_key_file`).
     tls_cert_file: str = ""
     # PEM private key of `tls_cert_file`.
@@ -116,6 +120,8 @@ class Settings:
             raise ConfigError(
                 "hold_ttl_s must be between 15 and 3600 (data planes refresh holds every 5 s)"
             )
+        if not 60 <= self.forecast_horizon_s <= 7 * 86400:
+            raise ConfigError("forecast_horizon_s must be between 60 and 604800 (7 days)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
         settings.check_listen("metrics_listen", self.metrics_listen, allow_empty=True)

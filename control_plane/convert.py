@@ -16,6 +16,7 @@ from control_plane.names import marker_violations
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow
 from spendgate.domain import limits
+from spendgate.domain.forecast import AlertRule
 from spendgate.domain.policies import (
     Action,
     FieldViolation,
@@ -54,6 +55,7 @@ class PolicyValues:
     target: str
     alert_thresholds: tuple[int, ...]
     enabled: bool
+    forecast_alert: AlertRule
     apply_marker: str = ""
     shadow: bool = False
     expose_to_clients: bool = False
@@ -140,6 +142,7 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
             timezone=timezone,
             week_start=week_start,
         )
+    forecast = forecast_rule(msg, violations)
     action = ACTIONS.get(msg.action)
     if action is None:
         violations.append(FieldViolation("action", "is required: ALERT or REJECT"))
@@ -185,7 +188,29 @@ def policy_values(msg: pb.BudgetPolicy, *, default_week_start: int) -> PolicyVal
         apply_marker=msg.apply_marker,
         shadow=bool(shadow),
         expose_to_clients=msg.expose_to_clients,
+        forecast_alert=forecast,
     )
+
+
+def forecast_rule(msg: pb.BudgetPolicy, violations: list[FieldViolation]) -> AlertRule:
+    """The policy's forecast_alert (no rule when unset); bad values are
+    appended to ``violations``."""
+    if not msg.HasField("forecast_alert"):
+        return AlertRule()
+    f = msg.forecast_alert
+    within = f.within
+    if within.nanos or within.seconds < 0 or within.seconds > limits.MAX_FORECAST_WITHIN_S:
+        shown = within.seconds + within.nanos / 1e9
+        violations.append(
+            FieldViolation(
+                "forecast_alert.within",
+                f"must be whole seconds from 1 to {limits.MAX_FORECAST_WITHIN_S} "
+                f"({limits.MAX_FORECAST_WITHIN_S // 86400} days), or 0 for no such rule; "
+                f"got {shown:g} s",
+            )
+        )
+        return AlertRule()
+    return AlertRule(within_s=within.seconds, before_window_end=f.before_window_end)
 
 
 def apply_values(row: PolicyRow, v: PolicyValues, now: datetime) -> None:
@@ -208,6 +233,8 @@ def apply_values(row: PolicyRow, v: PolicyValues, now: datetime) -> None:
     if v.shadow and row.shadow_since is None:
         row.shadow_since = now
     row.expose_to_clients = v.expose_to_clients
+    row.forecast_within_s = v.forecast_alert.within_s
+    row.forecast_before_end = v.forecast_alert.before_window_end
 
 
 def window_spec(row: PolicyRow) -> WindowSpec:
@@ -216,6 +243,12 @@ def window_spec(row: PolicyRow) -> WindowSpec:
         count=row.window_count,
         timezone=row.timezone,
         week_start=row.week_start,
+    )
+
+
+def forecast_alert(row: PolicyRow) -> AlertRule:
+    return AlertRule(
+        within_s=row.forecast_within_s or 0, before_window_end=bool(row.forecast_before_end)
     )
 
 
@@ -275,6 +308,11 @@ def policy_message(row: PolicyRow, would_reject: int = 0) -> pb.BudgetPolicy:
     )
     if row.shadow_since is not None:
         msg.shadow_since.CopyFrom(timestamp(row.shadow_since))
+    rule = forecast_alert(row)
+    if rule.enabled:
+        msg.forecast_alert.before_window_end = rule.before_window_end
+        if rule.within_s:
+            msg.forecast_alert.within.seconds = rule.within_s
     return msg
 
 

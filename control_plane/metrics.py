@@ -76,7 +76,7 @@ class ControlPlaneMetrics:
         # Full resyncs sent to data planes (paged; first ones and later ones).
         self.resyncs = 0
         self.unknown_records = 0
-        self.events = {events.EXCEEDED: 0, events.THRESHOLD_CROSSED: 0, events.ANOMALY: 0}
+        self.events = dict.fromkeys(events.SUBSCRIBABLE, 0)
         # Usage records quarantined (by this control plane, or reported by a
         # data plane that could not send them), by reason.
         self.quarantined: dict[str, int] = {}

@@ -108,6 +108,7 @@ class ControlPlaneServer:
             clock=clock,
             default_week_start=settings.week_start_index,
             hold_ttl_s=settings.hold_ttl_s,
+            forecast_horizon_s=settings.forecast_horizon_s,
         )
         self.pricing = PricingAdmin(self.cp)
         self.supervisor = Supervisor(log, on_change=self._on_task_change)

@@ -28,6 +28,7 @@ from control_plane import (
     adjustments,
     anomalies,
     convert,
+    forecasts,
     holds,
     names,
     quarantine,
@@ -41,13 +42,15 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.page_tokens import PageTokens, load_key
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
-from control_plane.webhooks.events import ANOMALY
+from control_plane.webhooks.events import ANOMALY, rate_per_hour
 from control_plane.webhooks.outbox import (
     KnownEvents,
     OutboxResult,
     record_anomalies,
     record_crossings,
+    record_forecasts,
 )
+from spendgate.domain.forecast import DEFAULT_HORIZON_S, Forecast
 from spendgate.domain.limits import MAX_PAGE_SIZE
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, saturating_add
 from spendgate.v1 import budget_pb2 as pb
@@ -98,12 +101,14 @@ class ControlPlane:
         clock: Clock = utc_now,
         default_week_start: int = 0,
         hold_ttl_s: int = 30,
+        forecast_horizon_s: float = DEFAULT_HORIZON_S,
     ) -> None:
         self.engine = engine
         self.hub = hub
         self.clock = clock
         self.default_week_start = default_week_start
         self.hold_ttl_s = hold_ttl_s
+        self.forecast_horizon_s = forecast_horizon_s
         workers = 1 if engine.dialect.name == "sqlite" else 8
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="store")
         # Set after a transaction that wrote webhook deliveries commits; the
@@ -376,6 +381,7 @@ class ControlPlane:
                     for k, a in deltas.items()
                 ),
                 now,
+                horizon_s=self.forecast_horizon_s,
             )
             at = int(now.timestamp())
             if held_now:
@@ -402,6 +408,10 @@ class ControlPlane:
                     s, ((rows[t.policy_id], t) for t in totals), now, self.known_events
                 )
             )
+            if not duplicate:
+                costs = {k: a[1] for k, a in deltas.items()}
+                due = forecasts.due(totals, costs, rows, now, self.forecast_horizon_s)
+                record_forecasts(s, due, now, self.known_events, outbox)
             if not duplicate and req.anomalies:
                 record_anomalies(s, req.data_plane_id, req.anomalies, now, outbox)
             spend = holds.total_messages(totals, rows, held)
@@ -639,14 +649,16 @@ class ControlPlane:
                 s, policy_id=policy_id, member=member, after=after, limit=limit + 1, now=now
             )
             # Unexpired holds only: a dead data plane's lapse on their own.
-            held = repo.holds_by_window(
-                s,
-                [(r.policy_id, r.member, r.window_start) for r, _ in rows],
-                int(now.timestamp()),
-            )
+            keys = [(r.policy_id, r.member, r.window_start) for r, _ in rows]
+            held = repo.holds_by_window(s, keys, int(now.timestamp()))
             return [
-                _spend_entry(r, p, held.get((r.policy_id, r.member, r.window_start)))
-                for r, p in rows
+                _spend_entry(
+                    r,
+                    p,
+                    held.get(k),
+                    forecasts.forecast_of(r, p.amount_nanos, now, self.forecast_horizon_s),
+                )
+                for k, (r, p) in zip(keys, rows, strict=True)
             ]
 
         page = await self.run(query)
@@ -679,7 +691,12 @@ class ControlPlane:
                 int(now.timestamp()),
             )
             entries = [
-                _spend_entry(r, p, held.get((r.policy_id, r.member, r.window_start)))
+                _spend_entry(
+                    r,
+                    p,
+                    held.get((r.policy_id, r.member, r.window_start)),
+                    forecasts.forecast_of(r, p.amount_nanos, now, self.forecast_horizon_s),
+                )
                 for r, p in page.rows
             ]
             counts = [
@@ -853,13 +870,16 @@ def _log_recorded(outbox: OutboxResult, **context: str) -> None:
 
 
 def _spend_entry(
-    r: WindowSpendRow, p: PolicyRow, holds: Sequence[repo.Hold] | None = None
+    r: WindowSpendRow,
+    p: PolicyRow,
+    holds: Sequence[repo.Hold] | None = None,
+    forecast: Forecast | None = None,
 ) -> pb.SpendEntry:
     """``remaining_usd`` is the limit less what is spent; ``held_usd`` (what
     running requests hold, across data planes) is apart from both."""
     remaining = max(p.amount_nanos - r.spent_nanos, 0)
     held = sum(h.held_nanos for h in holds or ())
-    return pb.SpendEntry(
+    entry = pb.SpendEntry(
         policy_id=p.id,
         policy_name=p.name,
         scope=convert.scope_message(convert.domain_policy(p).scope),
@@ -879,6 +899,10 @@ def _spend_entry(
         adjustment_count=r.adjustment_count or 0,
         would_reject_count=r.would_reject_count or 0,
     )
+    if forecast is not None:
+        entry.forecast_exhaust_time.FromSeconds(forecast.exhausted_at)
+        entry.forecast_rate_usd_per_hour = rate_per_hour(forecast.rate_nanos_per_s)
+    return entry
 
 
 __all__: Sequence[str] = ("ControlPlane", "UsageResult", "clamp_page_size", "utc_now")

@@ -216,18 +216,26 @@ def _message(
     out += [f"### {name}", ""]
     if text := _prose(comments.of(path)):
         out += [text, ""]
+    # map<K, V> fields are repeated nested *Entry messages, which get no section.
+    maps = {
+        nested.name: f"map<{_type(nested.field[0])}, {_type(nested.field[1])}>"
+        for nested in msg.nested_type
+        if nested.options.map_entry
+    }
     if msg.field:
         out += ["| Field | Number | Type | Description |", "|---|---|---|---|"]
         for i, field in enumerate(msg.field):
             label = ""
-            if field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED:
+            kind = _type(field)
+            entry = field.type_name.rsplit(".", 1)[-1]
+            if field.type_name and entry in maps:
+                kind = maps[entry]
+            elif field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED:
                 label = "repeated "
             elif field.proto3_optional:
                 label = "optional "
             description = _one_line(comments.of((*path, MESSAGE_FIELD, i)))
-            out.append(
-                f"| `{field.name}` | {field.number} | {label}{_type(field)} | {description} |"
-            )
+            out.append(f"| `{field.name}` | {field.number} | {label}{kind} | {description} |")
         out.append("")
     for i, enum in enumerate(msg.enum_type):
         _enum(out, enum, (*path, MESSAGE_ENUM, i), comments, f"{name}.")

@@ -32,6 +32,9 @@ WRITABLE_PATHS = frozenset(
         "apply_marker",
         "enforcement",
         "expose_to_clients",
+        "forecast_alert",
+        "forecast_alert.within",
+        "forecast_alert.before_window_end",
     }
 )
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,28 @@ def create_db_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            ensure_exp(dbapi_conn)
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def ensure_exp(dbapi_conn: Any) -> None:
+    """SQLite's exp() (the spend-rate upsert uses it) is only there when
+    SQLite was built with its math functions: define it otherwise."""
+    try:
+        dbapi_conn.execute("SELECT exp(0)").fetchone()
+    except sqlite3.OperationalError:
+        dbapi_conn.create_function("exp", 1, _exp, deterministic=True)
+
+
+def _exp(x: float | None) -> float | None:
+    if x is None:
+        return None
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def alembic_config(engine: Engine, keyring: Keyring | None = None) -> Config:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -85,6 +86,12 @@ class PolicyRow(Base):
     expose_to_clients: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=text("false")
     )
+    # forecast_alert (migration 0018): seconds (0 = no such rule), and
+    # whether exhaustion before the window's end warns.
+    forecast_within_s: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    forecast_before_end: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
 
 
 class WindowSpendRow(Base):
@@ -107,6 +114,17 @@ class WindowSpendRow(Base):
     adjustment_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Requests a SHADOW policy would have refused in this window.
     would_reject_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # The recent spend rate (spendgate.domain.forecast.Rate, migration 0018),
+    # updated by the same upsert that adds spend: the decayed sum of the
+    # costs reported (the first report's included, and kept apart in
+    # rate_first_nanos), its instant, the first and latest report with spend
+    # (Unix ms) and how many reports had spend (0: none yet).
+    rate_nanos: Mapped[float] = mapped_column(Float(precision=53), default=0, server_default="0")
+    rate_first_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_at_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_since_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_last_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_window_spend_window_end", "window_end"),

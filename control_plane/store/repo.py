@@ -10,12 +10,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import LargeBinary, Select, case, cast, delete, func, select, text, tuple_
+from sqlalchemy import (
+    LargeBinary,
+    Select,
+    case,
+    cast,
+    delete,
+    func,
+    literal_column,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.elements import ColumnElement
 
 from control_plane.store.models import AppliedBatchRow, PolicyRow, WindowHoldRow, WindowSpendRow
+from spendgate.domain.forecast import DEFAULT_HORIZON_S, Rate
 from spendgate.domain.pricing import MAX_COST_NANOS
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -227,13 +240,44 @@ class SpendTotal:
     previous_nanos: int  # spend before this apply, for crossing detection
     adjustment_seq: int = 0  # the window's adjustment_count (WindowSpend.adjustment_seq)
     would_reject: int = 0  # the window's would_reject_count after the apply
+    rate: Rate | None = None  # the window's spend rate after this apply (add_spend)
 
 
-_PG_UPSERT = text("""
+# The spend rate (spendgate.domain.forecast.observe, the same arithmetic):
+# a report with spend decays the stored sum to its instant (never
+# backwards) and adds its cost; the first one starts it. A report without
+# spend (holds only, a duplicate batch) leaves it as it is. :now is Unix ms;
+# :h the configured horizon, at most a quarter of the window's length.
+_PG_RATE = """
+        rate_nanos = CASE
+            WHEN excluded.spent_nanos <= 0 THEN w.rate_nanos
+            WHEN w.rate_samples <= 0 THEN excluded.rate_nanos
+            ELSE w.rate_nanos * exp(
+                -GREATEST(excluded.rate_at_ms - w.rate_at_ms, 0) / 1000.0
+                / GREATEST(LEAST(CAST(:h AS double precision),
+                                 (w.window_end - w.window_start) / 4.0), 1.0)
+            ) + excluded.rate_nanos END,
+        rate_first_nanos = CASE WHEN excluded.spent_nanos > 0 AND w.rate_samples <= 0
+                           THEN excluded.rate_first_nanos ELSE w.rate_first_nanos END,
+        rate_since_ms = CASE WHEN excluded.spent_nanos > 0 AND w.rate_samples <= 0
+                        THEN excluded.rate_since_ms ELSE w.rate_since_ms END,
+        rate_at_ms = CASE WHEN excluded.spent_nanos <= 0 THEN w.rate_at_ms
+                     WHEN w.rate_samples <= 0 THEN excluded.rate_at_ms
+                     ELSE GREATEST(w.rate_at_ms, excluded.rate_at_ms) END,
+        rate_last_ms = CASE WHEN excluded.spent_nanos <= 0 THEN w.rate_last_ms
+                       WHEN w.rate_samples <= 0 THEN excluded.rate_last_ms
+                       ELSE GREATEST(w.rate_last_ms, excluded.rate_last_ms) END,
+        rate_samples = w.rate_samples + CASE WHEN excluded.spent_nanos > 0 THEN 1 ELSE 0 END"""
+
+_PG_UPSERT = text(
+    """
     INSERT INTO window_spend AS w (policy_id, member, window_start, window_end, spent_nanos,
                                    request_count, estimated_count, would_reject_count,
-                                   updated_at)
-    SELECT p, m, ws, we, c, r, e, wr, :now
+                                   updated_at, rate_nanos, rate_first_nanos, rate_at_ms,
+                                   rate_since_ms, rate_last_ms, rate_samples)
+    SELECT p, m, ws, we, c, r, e, wr, :now, c, c, CAST(:now_ms AS bigint), CAST(:now_ms AS bigint),
+           CAST(:now_ms AS bigint),
+           CASE WHEN c > 0 THEN 1 ELSE 0 END
     FROM unnest(CAST(:p AS varchar[]), CAST(:m AS varchar[]), CAST(:ws AS bigint[]),
                 CAST(:we AS bigint[]), CAST(:c AS bigint[]), CAST(:r AS bigint[]),
                 CAST(:e AS bigint[]), CAST(:wr AS bigint[]))
@@ -245,15 +289,19 @@ _PG_UPSERT = text("""
         request_count = w.request_count + excluded.request_count,
         estimated_count = w.estimated_count + excluded.estimated_count,
         would_reject_count = w.would_reject_count + excluded.would_reject_count,
-        updated_at = excluded.updated_at
+        updated_at = excluded.updated_at,"""
+    + _PG_RATE
+    + """
     RETURNING policy_id, member, window_start, spent_nanos, request_count, adjustment_count,
-              would_reject_count
-""")
+              would_reject_count, rate_nanos, rate_at_ms, rate_since_ms, rate_last_ms,
+              rate_samples, rate_first_nanos
+"""
+)
 
 
 def _upsert_postgres(
-    session: Session, ordered: list[SpendDelta], now: datetime
-) -> list[tuple[int, int, int, int]]:
+    session: Session, ordered: list[SpendDelta], now: datetime, horizon_s: float
+) -> list[tuple[int, int, int, int, Rate]]:
     """PostgreSQL: the whole batch as seven arrays in one statement (unnest),
     far cheaper to send and parse than one VALUES row per window."""
     rows = session.execute(
@@ -268,16 +316,30 @@ def _upsert_postgres(
             "e": [d.estimated_count for d in ordered],
             "wr": [d.would_reject for d in ordered],
             "now": now.astimezone(UTC).replace(tzinfo=None),
+            "now_ms": _ms(now),
+            "h": float(horizon_s),
         },
     ).all()
     # RETURNING order is not promised: match rows back by key.
-    after = {(r[0], r[1], r[2]): (r[3], r[4], r[5], r[6]) for r in rows}
+    after = {(r[0], r[1], r[2]): (r[3], r[4], r[5], r[6], Rate(*r[7:])) for r in rows}
     return [after[(d.policy_id, d.member, d.window_start)] for d in ordered]
 
 
-def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> list[SpendTotal]:
+def _ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def add_spend(
+    session: Session,
+    deltas: Iterable[SpendDelta],
+    now: datetime,
+    *,
+    horizon_s: float = DEFAULT_HORIZON_S,
+) -> list[SpendTotal]:
     """Atomically add each delta to its window row (``spent = spent + x``,
-    saturating at ``MAX_COST_NANOS``; a delta is at most that much).
+    saturating at ``MAX_COST_NANOS``; a delta is at most that much), and
+    its cost to the window's spend rate (``horizon_s``: see
+    spendgate.domain.forecast).
 
     One upsert statement executed for all rows: SQLAlchemy sends them as
     multi-row INSERT ... ON CONFLICT DO UPDATE ... RETURNING batches
@@ -290,56 +352,9 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
     if not ordered:
         return []
     if session.get_bind().dialect.name == "postgresql":
-        after = _upsert_postgres(session, ordered, now)
-        return [
-            SpendTotal(
-                d.policy_id,
-                d.member,
-                d.window_start,
-                d.window_end,
-                spent,
-                count,
-                spent - d.cost_nanos,
-                adjustments,
-                would_reject,
-            )
-            for d, (spent, count, adjustments, would_reject) in zip(ordered, after, strict=True)
-        ]
-    table = WindowSpendRow.__table__
-    ins = dialect_insert(session, WindowSpendRow)
-    stmt = ins.on_conflict_do_update(
-        index_elements=["policy_id", "member", "window_start"],
-        set_={
-            # Saturates at the int64 maximum (MAX_COST_NANOS) without overflowing.
-            "spent_nanos": func.min(table.c.spent_nanos, MAX_COST_NANOS - ins.excluded.spent_nanos)
-            + ins.excluded.spent_nanos,
-            "request_count": table.c.request_count + ins.excluded.request_count,
-            "estimated_count": table.c.estimated_count + ins.excluded.estimated_count,
-            "would_reject_count": table.c.would_reject_count + ins.excluded.would_reject_count,
-            "updated_at": ins.excluded.updated_at,
-        },
-    ).returning(
-        table.c.spent_nanos,
-        table.c.request_count,
-        table.c.adjustment_count,
-        table.c.would_reject_count,
-        sort_by_parameter_order=True,
-    )
-    params = [
-        {
-            "policy_id": d.policy_id,
-            "member": d.member,
-            "window_start": d.window_start,
-            "window_end": d.window_end,
-            "spent_nanos": d.cost_nanos,
-            "request_count": d.request_count,
-            "estimated_count": d.estimated_count,
-            "would_reject_count": d.would_reject,
-            "updated_at": now,
-        }
-        for d in ordered
-    ]
-    returned = session.execute(stmt, params).all()
+        after = _upsert_postgres(session, ordered, now, horizon_s)
+    else:
+        after = _upsert_sqlite(session, ordered, now, horizon_s)
     return [
         SpendTotal(
             d.policy_id,
@@ -351,9 +366,109 @@ def add_spend(session: Session, deltas: Iterable[SpendDelta], now: datetime) -> 
             spent - d.cost_nanos,
             adjustments,
             would_reject,
+            rate,
         )
-        for d, (spent, count, adjustments, would_reject) in zip(ordered, returned, strict=True)
+        for d, (spent, count, adjustments, would_reject, rate) in zip(ordered, after, strict=True)
     ]
+
+
+def _upsert_sqlite(
+    session: Session, ordered: list[SpendDelta], now: datetime, horizon_s: float
+) -> list[tuple[int, int, int, int, Rate]]:
+    table = WindowSpendRow.__table__
+    c = table.c
+    ins = dialect_insert(session, WindowSpendRow)
+    x = ins.excluded
+    has_spend = x.spent_nanos > 0
+    first = c.rate_samples <= 0
+    # The horizon is the same for every statement of this control plane:
+    # a literal keeps the statement cacheable and out of each row's parameters.
+    configured: ColumnElement[float] = literal_column(repr(float(horizon_s)))
+    tau: ColumnElement[float] = func.max(
+        func.min(configured, (c.window_end - c.window_start) / 4.0), 1.0
+    )
+    stmt = ins.on_conflict_do_update(
+        index_elements=["policy_id", "member", "window_start"],
+        set_={
+            # Saturates at the int64 maximum (MAX_COST_NANOS) without overflowing.
+            "spent_nanos": func.min(c.spent_nanos, MAX_COST_NANOS - x.spent_nanos) + x.spent_nanos,
+            "request_count": c.request_count + x.request_count,
+            "estimated_count": c.estimated_count + x.estimated_count,
+            "would_reject_count": c.would_reject_count + x.would_reject_count,
+            "updated_at": x.updated_at,
+            # The spend rate: as _PG_RATE.
+            "rate_nanos": case(
+                (~has_spend, c.rate_nanos),
+                (first, x.rate_nanos),
+                else_=c.rate_nanos
+                * func.exp(-func.max(x.rate_at_ms - c.rate_at_ms, 0) / 1000.0 / tau)
+                + x.rate_nanos,
+            ),
+            "rate_first_nanos": case(
+                (has_spend & first, x.rate_first_nanos), else_=c.rate_first_nanos
+            ),
+            "rate_since_ms": case((has_spend & first, x.rate_since_ms), else_=c.rate_since_ms),
+            "rate_at_ms": case(
+                (~has_spend, c.rate_at_ms),
+                (first, x.rate_at_ms),
+                else_=func.max(c.rate_at_ms, x.rate_at_ms),
+            ),
+            "rate_last_ms": case(
+                (~has_spend, c.rate_last_ms),
+                (first, x.rate_last_ms),
+                else_=func.max(c.rate_last_ms, x.rate_last_ms),
+            ),
+            "rate_samples": c.rate_samples + case((has_spend, 1), else_=0),
+        },
+    ).returning(
+        c.spent_nanos,
+        c.request_count,
+        c.adjustment_count,
+        c.would_reject_count,
+        c.rate_nanos,
+        c.rate_at_ms,
+        c.rate_since_ms,
+        c.rate_last_ms,
+        c.rate_samples,
+        c.rate_first_nanos,
+        sort_by_parameter_order=True,
+    )
+    at = _ms(now)
+    params = [
+        {
+            "policy_id": d.policy_id,
+            "member": d.member,
+            "window_start": d.window_start,
+            "window_end": d.window_end,
+            "spent_nanos": d.cost_nanos,
+            "request_count": d.request_count,
+            "estimated_count": d.estimated_count,
+            "would_reject_count": d.would_reject,
+            "updated_at": now,
+            "rate_nanos": float(d.cost_nanos),
+            "rate_first_nanos": d.cost_nanos,
+            "rate_at_ms": at,
+            "rate_since_ms": at,
+            "rate_last_ms": at,
+            "rate_samples": 1 if d.cost_nanos > 0 else 0,
+        }
+        for d in ordered
+    ]
+    returned = session.execute(stmt, params).all()
+    return [(r[0], r[1], r[2], r[3], Rate(*r[4:])) for r in returned]
+
+
+def rate_of(row: WindowSpendRow) -> Rate:
+    """A window's spend rate state (a row not stored, e.g. ListSpend's
+    zero row of a window nobody spent in, has none: samples 0)."""
+    return Rate(
+        row.rate_nanos or 0.0,
+        row.rate_at_ms or 0,
+        row.rate_since_ms or 0,
+        row.rate_last_ms or 0,
+        row.rate_samples or 0,
+        row.rate_first_nanos or 0,
+    )
 
 
 def spend_rows_query(*, active_at: int) -> Select[WindowSpendRow]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 import orjson
 
@@ -242,7 +243,7 @@ def event_message(e: WebhookEventRow) -> wpb.BudgetEvent:
                 policy_ids=d.get("policy_ids", []),
             ),
         )
-    return wpb.BudgetEvent(
+    msg = wpb.BudgetEvent(
         id=e.id,
         type=e.kind,
         policy_id=e.policy_id,
@@ -251,13 +252,17 @@ def event_message(e: WebhookEventRow) -> wpb.BudgetEvent:
         target=d.get("target", ""),
         member=e.member,
         action=ACTIONS_PB[Action(d["action"].upper())],
-        threshold_percent=e.threshold,
+        # (A window_reset event's key uses 1 for the forecast's incident.)
+        threshold_percent=e.threshold if e.kind == events.THRESHOLD_CROSSED else 0,
         amount_usd=d.get("amount_usd", ""),
         spent_usd=d.get("spent_usd", ""),
         window_start=timestamp(e.window_start),
         window_end=timestamp(e.window_end),
         create_time=timestamp(e.create_time),
     )
+    if e.kind == events.FORECAST and "exhausted_at" in d:
+        msg.forecast_exhaust_time.FromDatetime(datetime.fromisoformat(d["exhausted_at"]))
+    return msg
 
 
 def _attempt_message(a: DeliveryAttemptRow) -> wpb.DeliveryAttempt:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Context, Decimal
 from typing import Any
 
 from spendgate.domain.policies import Policy
@@ -18,6 +18,12 @@ from spendgate.domain.pricing import format_usd
 
 EXCEEDED = "budget_policy.exceeded"
 THRESHOLD_CROSSED = "budget_policy.threshold_crossed"
+# The budget will be gone, at the recent spend rate, sooner than the
+# policy's forecast_alert says (once per policy, member and window).
+FORECAST = "budget_policy.forecast"
+# A window_reset event's "incident" for the forecast's PagerDuty incident
+# (event key threshold 1; the budget's own incident has none, threshold 0).
+FORECAST_INCIDENT = "forecast"
 # Not subscribable: scheduled at the end of a window that had a crossing, so
 # PagerDuty webhooks can resolve their incident.
 WINDOW_RESET = "budget_policy.window_reset"
@@ -27,7 +33,7 @@ ANOMALY = "usage.anomaly"
 # A SHADOW policy would have refused a request: once per window and member
 # (the first report of a would-reject in it).
 WOULD_REJECT = "budget_policy.would_reject"
-SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY, WOULD_REJECT)
+SUBSCRIBABLE = (EXCEEDED, THRESHOLD_CROSSED, ANOMALY, WOULD_REJECT, FORECAST)
 # What a webhook created without a list of events receives.
 DEFAULT_EVENTS = (EXCEEDED, THRESHOLD_CROSSED)
 TEST = "webhook.test"
@@ -117,6 +123,30 @@ def event_data(
     if kind == WOULD_REJECT:
         data["would_reject_count"] = would_reject
     return data
+
+
+def forecast_data(
+    *,
+    exhausted_at: int,
+    exhausted_in_s: int,
+    rate_nanos_per_s: float,
+    within_s: int,
+    before_window_end: bool,
+) -> dict[str, Any]:
+    """What a FORECAST event's ``data`` has besides event_data: the
+    forecast and the rule it crossed."""
+    return {
+        "exhausted_at": iso(exhausted_at),
+        "exhausted_in_s": exhausted_in_s,
+        "rate_usd_per_hour": rate_per_hour(rate_nanos_per_s),
+        "forecast_alert": {"within_s": within_s, "before_window_end": before_window_end},
+    }
+
+
+def rate_per_hour(rate_nanos_per_s: float) -> str:
+    """A rate in nano-dollars per second as US dollars per hour, 6 places."""
+    per_hour = Decimal(repr(rate_nanos_per_s)) * 3600 / 10**9
+    return str(per_hour.quantize(Decimal("0.000001"), context=Context(prec=80)))
 
 
 def anomaly_data(

@@ -4,6 +4,7 @@ GENERIC    {"entity", "action", "timestamp", "data"}, Standard Webhooks headers
 SLACK      an incoming-webhook message: fallback ``text`` and Block Kit ``blocks``
 PAGERDUTY  an Events API v2 trigger (or resolve) with a dedup key per
            policy / member / window, so all alerts of a window are one incident
+           (its forecast warning one of its own)
 
 Every format carries webhook-id (the delivery id, stable across retries) and
 webhook-timestamp; webhook-signature when the webhook has a secret.
@@ -20,6 +21,7 @@ import orjson
 
 from control_plane.webhooks import events
 from control_plane.webhooks.signing import signed_headers
+from spendgate.domain.forecast import duration_text
 
 GENERIC, SLACK, PAGERDUTY = "generic", "slack", "pagerduty"
 FORMATS = (GENERIC, SLACK, PAGERDUTY)
@@ -132,6 +134,9 @@ def _headline(message: Message) -> tuple[str, str]:
         return ":warning:", f"Budget {d['threshold_percent']}% reached: {name}"
     if message.kind == events.WOULD_REJECT:
         return ":eyes:", f"Shadow budget would reject requests: {name}"
+    if message.kind == events.FORECAST:
+        left = duration_text(d["exhausted_in_s"])
+        return ":hourglass_flowing_sand:", f"Budget runs out in {left} at this pace: {name}"
     return ":white_check_mark:", f"Budget window reset: {name}"
 
 
@@ -151,6 +156,10 @@ def slack_message(message: Message) -> dict[str, Any]:
         text = f"{emoji} {_esc(title)} — a new window started for {_esc(_who(d))}"
         detail = f"a new window started for {_esc(_who(d))}."
     shadow = d.get("enforcement") == "shadow"
+    if message.kind == events.FORECAST:
+        pace = f"${d['rate_usd_per_hour']}/h, gone {_when(d['exhausted_at'])}"
+        text += f"; at this pace ({pace})"
+        detail += f" At this pace ({pace}) the budget is gone before it resets."
     consequence = (
         "Shadow policy: requests are admitted; those it would refuse are counted."
         if shadow and message.kind != events.WINDOW_RESET
@@ -212,6 +221,19 @@ def dedup_key(data: dict[str, Any]) -> str:
     return f"spendgate/{data['policy_id']}/{data['window_start']}/sha256:{member}"
 
 
+def incident_key(data: dict[str, Any]) -> str:
+    """The PagerDuty incident of an event: the window's, or its forecast's
+    (a warning of its own: deduplicated into the window's incident, it would
+    keep a later "exceeded" from paging at its severity)."""
+    if data.get("type") != events.FORECAST and data.get("incident") != events.FORECAST_INCIDENT:
+        return dedup_key(data)
+    key = f"{dedup_key(data)}/forecast"
+    if len(key) <= 255:
+        return key
+    member = hashlib.sha256(data["member"].encode()).hexdigest()
+    return f"spendgate/{data['policy_id']}/{data['window_start']}/sha256:{member}/forecast"
+
+
 def test_dedup_key(test: Message) -> str:
     return f"spendgate/test/{test.id}"
 
@@ -233,7 +255,7 @@ def pagerduty_event(message: Message, routing_key: str, severity: str) -> dict[s
             },
         }
     if message.kind == events.WINDOW_RESET:
-        return pagerduty_resolve(routing_key, dedup_key(d))
+        return pagerduty_resolve(routing_key, incident_key(d))
     if message.kind == events.ANOMALY:
         return {
             "routing_key": routing_key,
@@ -255,10 +277,15 @@ def pagerduty_event(message: Message, routing_key: str, severity: str) -> dict[s
         f"{title}{who}: ${d['spent_usd']} of ${d['amount_usd']} ({d['percent_used']}%), "
         f"action {d['action']}, window ends {d['window_end']}"
     )
+    if message.kind == events.FORECAST:
+        # A warning of what is coming, whatever the webhook's severity for
+        # budgets already spent.
+        severity = "warning"
+        summary += f"; ${d['rate_usd_per_hour']}/h, gone at {d['exhausted_at']}"
     return {
         "routing_key": routing_key,
         "event_action": "trigger",
-        "dedup_key": dedup_key(d),
+        "dedup_key": incident_key(d),
         "client": "spendgate",
         "payload": {
             "summary": summary[:1024],

@@ -9,9 +9,10 @@ crossing happen once, also when replicas apply usage at the same moment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -22,6 +23,7 @@ from control_plane.store.repo import SpendTotal
 from control_plane.store.webhook_repo import EventKey
 from control_plane.webhooks import events
 from control_plane.webhooks.formats import PAGERDUTY
+from spendgate.domain.forecast import Forecast
 from spendgate.domain.policies import Policy
 from spendgate.v1 import dataplane_pb2 as dp
 
@@ -152,7 +154,7 @@ def record_crossings(
 ) -> OutboxResult:
     """Create the events the new window totals reached, and their deliveries."""
     result = OutboxResult()
-    webhooks: list[WebhookRow] | None = None
+    webhooks = _Webhooks(session)
     for row, total in windows:
         if not row.enabled:
             continue
@@ -162,50 +164,111 @@ def record_crossings(
         if total.would_reject > 0:
             levels.append(events.Crossing(100, 2, events.WOULD_REJECT))
         for c in levels:
-            key = EventKey(policy.id, total.member, total.window_start, c.kind, c.threshold)
-            if key in known:
-                continue
-            result.seen.append((key, total.window_end))
-            event_id = webhook_repo.new_id("evt_")
-            data = events.event_data(
-                event_id=event_id,
-                kind=c.kind,
-                policy=policy,
-                member=total.member,
-                threshold=c.threshold,
-                spent_nanos=total.spent_nanos,
-                window_start=total.window_start,
-                window_end=total.window_end,
-                would_reject=total.would_reject,
+            pagerduty |= _record(
+                session, policy, total, c.kind, c.threshold, now, known, webhooks, result
             )
-            if not webhook_repo.insert_event(
-                session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
-            ):
-                continue
-            result.events += 1
-            if webhooks is None:
-                webhooks = list(webhook_repo.enabled_webhooks(session))
-            targets = [w for w in webhooks if c.kind in w.events.split(",")]
-            added = webhook_repo.add_deliveries(
-                session, event_id, (w.id for w in targets), due=now, now=now
-            )
-            result.deliveries += added
-            result.recorded.append(
-                Recorded(
-                    event_id,
-                    c.kind,
-                    policy.id,
-                    total.member,
-                    c.threshold,
-                    data["spent_usd"],
-                    data["amount_usd"],
-                    added,
-                )
-            )
-            pagerduty |= {w.id for w in targets if w.format == PAGERDUTY and w.resolve_on_reset}
         if pagerduty:
             result.deliveries += _schedule_resolve(session, policy, total, pagerduty, now)
     return result
+
+
+def record_forecasts(
+    session: Session,
+    due: Iterable[tuple[PolicyRow, SpendTotal, Forecast]],
+    now: datetime,
+    known: KnownEvents,
+    result: OutboxResult,
+) -> None:
+    """A budget_policy.forecast event per window whose forecast crossed its
+    policy's forecast_alert (once per window: the event key), and its deliveries."""
+    webhooks = _Webhooks(session)
+    for row, total, f in due:
+        policy = convert.domain_policy(row)
+        rule = convert.forecast_alert(row)
+        extra = events.forecast_data(
+            exhausted_at=f.exhausted_at,
+            exhausted_in_s=f.exhausted_in_s,
+            rate_nanos_per_s=f.rate_nanos_per_s,
+            within_s=rule.within_s,
+            before_window_end=rule.before_window_end,
+        )
+        pagerduty = _record(
+            session, policy, total, events.FORECAST, 0, now, known, webhooks, result, extra
+        )
+        if pagerduty:
+            result.deliveries += _schedule_resolve(
+                session, policy, total, pagerduty, now, events.FORECAST_INCIDENT
+            )
+
+
+class _Webhooks:
+    """The enabled webhooks, read once per transaction and only if needed."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._rows: list[WebhookRow] | None = None
+
+    def subscribed(self, kind: str) -> list[WebhookRow]:
+        if self._rows is None:
+            self._rows = list(webhook_repo.enabled_webhooks(self._session))
+        return [w for w in self._rows if kind in w.events.split(",")]
+
+
+def _record(
+    session: Session,
+    policy: Policy,
+    total: SpendTotal,
+    kind: str,
+    threshold: int,
+    now: datetime,
+    known: KnownEvents,
+    webhooks: _Webhooks,
+    result: OutboxResult,
+    extra: Mapping[str, Any] | None = None,
+) -> set[str]:
+    """Create one budget event of a window (unless it exists) and its
+    deliveries; the PagerDuty webhooks that want a resolve at the window's end."""
+    key = EventKey(policy.id, total.member, total.window_start, kind, threshold)
+    if key in known:
+        return set()
+    result.seen.append((key, total.window_end))
+    event_id = webhook_repo.new_id("evt_")
+    data = events.event_data(
+        event_id=event_id,
+        kind=kind,
+        policy=policy,
+        member=total.member,
+        threshold=threshold,
+        spent_nanos=total.spent_nanos,
+        window_start=total.window_start,
+        window_end=total.window_end,
+        would_reject=total.would_reject,
+    )
+    if extra:
+        data.update(extra)
+    if not webhook_repo.insert_event(
+        session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
+    ):
+        return set()
+    result.events += 1
+    targets = webhooks.subscribed(kind)
+    added = webhook_repo.add_deliveries(
+        session, event_id, (w.id for w in targets), due=now, now=now
+    )
+    result.deliveries += added
+    result.recorded.append(
+        Recorded(
+            event_id,
+            kind,
+            policy.id,
+            total.member,
+            threshold,
+            data["spent_usd"],
+            data["amount_usd"],
+            added,
+        )
+    )
+    return {w.id for w in targets if w.format == PAGERDUTY and w.resolve_on_reset}
 
 
 def _schedule_resolve(
@@ -214,10 +277,14 @@ def _schedule_resolve(
     total: SpendTotal,
     webhook_ids: set[str],
     now: datetime,
+    incident: str = "",
 ) -> int:
-    """A window_reset event (once per window) and, for each PagerDuty webhook
-    that was just sent a trigger, a delivery due when the window ends."""
-    key = EventKey(policy.id, total.member, total.window_start, events.WINDOW_RESET, 0)
+    """A window_reset event (once per window and ``incident``) and, for each
+    PagerDuty webhook that was just sent a trigger, a delivery due when the
+    window ends. ``incident`` "forecast": the forecast's own incident (its
+    warning must not hold back the page of a budget spent)."""
+    threshold = 1 if incident == events.FORECAST_INCIDENT else 0
+    key = EventKey(policy.id, total.member, total.window_start, events.WINDOW_RESET, threshold)
     event_id = webhook_repo.new_id("evt_")
     data = events.event_data(
         event_id=event_id,
@@ -229,6 +296,8 @@ def _schedule_resolve(
         window_start=total.window_start,
         window_end=total.window_end,
     )
+    if incident:
+        data["incident"] = incident
     if not webhook_repo.insert_event(
         session, key, event_id=event_id, window_end=total.window_end, data=data, now=now
     ):

@@ -12,6 +12,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.lookup import by_id_or_name
 from spendgate.cli.output import as_json, echo, percent_text, table
+from spendgate.domain.forecast import duration_text
 from spendgate.domain.limits import MAX_THRESHOLD_PERCENT, MAX_WINDOW_COUNT
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.visible import visible
@@ -108,6 +109,13 @@ def add_policy_fields(p: argparse.ArgumentParser, *, create: bool) -> None:
     )
     p.add_argument("--target", help="member name, '*' for each member, key=value for tags")
     p.add_argument("--thresholds", help="alert percentages, e.g. 50,80,100")
+    p.add_argument(
+        "--forecast-alert",
+        metavar="RULE",
+        help="budget_policy.forecast event when, at the recent pace, the budget will be gone "
+        "within a time (2h, 90m, 1d12h), before the window ends (window-end), either "
+        "(2h,window-end); off: none",
+    )
     if create:
         p.add_argument("--disabled", action="store_true", help="create it disabled")
         p.add_argument(
@@ -175,6 +183,11 @@ def policy_from_args(args: argparse.Namespace) -> tuple[pb.BudgetPolicy, list[st
     if args.expose_to_clients or getattr(args, "hide_from_clients", False):
         policy.expose_to_clients = bool(args.expose_to_clients)
         paths.append("expose_to_clients")
+    if args.forecast_alert is not None:
+        rule = parse_forecast_alert(args.forecast_alert)
+        if rule is not None:
+            policy.forecast_alert.CopyFrom(rule)
+        paths.append("forecast_alert")
     return policy, paths
 
 
@@ -184,9 +197,46 @@ def action_text(p: pb.BudgetPolicy) -> str:
     return f"{action} (shadow)" if p.enforcement == pb.ENFORCEMENT_SHADOW else action
 
 
+_SPAN = re.compile(r"(\d{1,9})(d|h|m|s)")
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_forecast_alert(text: str) -> pb.ForecastAlert | None:
+    """ "2h", "window-end", "2h,window-end", "1d12h" -> ForecastAlert; "off" -> None.
+    The server checks the bounds."""
+    parts = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if parts == ["off"]:
+        return None
+    rule = pb.ForecastAlert()
+    for part in parts:
+        if part == "window-end" and not rule.before_window_end:
+            rule.before_window_end = True
+        elif re.fullmatch(f"(?:{_SPAN.pattern})+", part) and not rule.HasField("within"):
+            rule.within.seconds = sum(int(n) * _SECONDS[u] for n, u in _SPAN.findall(part))
+        else:
+            raise CliError(
+                f"--forecast-alert '{visible(text, 40)}': use a time (2h, 90m, 1d12h), "
+                "window-end, both (2h,window-end), or off"
+            )
+    if not parts:
+        raise CliError("--forecast-alert: give a rule, e.g. 2h or window-end, or off")
+    return rule
+
+
+def forecast_alert_text(p: pb.BudgetPolicy) -> str:
+    """A policy's forecast_alert as --forecast-alert takes it ("-" when none)."""
+    if not p.HasField("forecast_alert"):
+        return "-"
+    rule = p.forecast_alert
+    parts = [duration_text(rule.within.seconds)] if rule.within.seconds else []
+    if rule.before_window_end:
+        parts.append("window-end")
+    return ",".join(parts) or "-"
+
+
 def _policy_rows(policies: list[pb.BudgetPolicy]) -> str:
     return table(
-        ["id", "name", "action", "scope", "target", "amount", "window", "enabled"],
+        ["id", "name", "action", "scope", "target", "amount", "window", "forecast", "enabled"],
         [
             [
                 p.id,
@@ -196,6 +246,7 @@ def _policy_rows(policies: list[pb.BudgetPolicy]) -> str:
                 p.target or "-",
                 f"${p.amount_usd}",
                 window_text(p.window) + (f" {p.timezone}" if p.timezone != "UTC" else ""),
+                forecast_alert_text(p),
                 "yes" if p.enabled else "no",
             ]
             for p in policies

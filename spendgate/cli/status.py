@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import echo, percent_of, visible_message
 from spendgate.cli.policies import action_text, window_text
+from spendgate.domain.forecast import duration_text as duration
 from spendgate.domain.policies import Scope
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import webhooks_pb2 as wpb
@@ -42,6 +43,7 @@ _EVENT_TYPES = {
     "budget_policy.exceeded": "exceeded",
     "budget_policy.threshold_crossed": "threshold",
     "budget_policy.would_reject": "would reject (shadow)",
+    "budget_policy.forecast": "forecast",
 }
 ANOMALY = "usage.anomaly"
 
@@ -88,6 +90,10 @@ class Spend:
     # in spent_usd; "" when none) and how many.
     adjusted_usd: str = ""
     adjustment_count: int = 0
+    # The exhaustion forecast at the recent spend rate (None: no forecast)
+    # and that rate, US dollars per hour.
+    exhausted_at: datetime | None = None
+    rate_usd_per_hour: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,10 @@ def _spend(e: pb.SpendEntry, thresholds: Sequence[int]) -> Spend:
         held_requests=e.held_requests,
         adjusted_usd=e.adjusted_usd if e.adjustment_count else "",
         adjustment_count=e.adjustment_count,
+        exhausted_at=(
+            from_timestamp(e.forecast_exhaust_time) if e.HasField("forecast_exhaust_time") else None
+        ),
+        rate_usd_per_hour=e.forecast_rate_usd_per_hour,
     )
 
 
@@ -276,19 +286,27 @@ def bar(percent: int, width: int = BAR_WIDTH) -> str:
     return "[" + "█" * filled + "░" * (width - filled) + "]"
 
 
-def duration(seconds: float) -> str:
-    """4h12m, 2d03h, 12m07s, 45s."""
-    s = max(0, int(seconds))
-    days, rem = divmod(s, 86400)
-    hours, rem = divmod(rem, 3600)
-    minutes, secs = divmod(rem, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+def _per_hour(text: str) -> str:
+    """ "0.324000" -> "0.324", "12.000000" -> "12.00": cents at least, no trailing zeros."""
+    try:
+        d = Decimal(text)
+    except ArithmeticError:
+        return text
+    cents = d.quantize(Decimal("0.01"))
+    return f"{cents if cents == d else d.normalize():f}"
+
+
+def pace_text(s: Spend, now: datetime) -> str:
+    """ "at this pace ($1.20/h): exhausted in 3h12m (window resets in 9h00m)", or
+    "" when there is no forecast."""
+    if s.exhausted_at is None:
+        return ""
+    resets = duration((s.window_end - now).total_seconds())
+    pace = f"at this pace (${_per_hour(s.rate_usd_per_hour)}/h)"
+    if s.exhausted_at >= s.window_end:
+        return f"{pace}: not exhausted before the window resets (in {resets})"
+    left = duration((s.exhausted_at - now).total_seconds())
+    return f"{pace}: exhausted in {left} (window resets in {resets})"
 
 
 def _scope_text(p: pb.BudgetPolicy) -> str:
@@ -351,7 +369,10 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
         lines.append(f"  {line}")
     rejects = p.action == pb.ACTION_REJECT and p.enforcement != pb.ENFORCEMENT_SHADOW
     if not ps.wildcard:
-        lines += [f"  {_spend_line(s, style, rejects)}" for s in ps.spend]
+        for s in ps.spend:
+            lines.append(f"  {_spend_line(s, style, rejects)}")
+            if pace := pace_text(s, now):
+                lines.append(f"  {pace}")
         return lines
     if not ps.spend:
         lines.append("  no member has spent in the current window")
@@ -362,7 +383,12 @@ def _policy_block(ps: PolicyStatus, now: datetime, top: int, style: Style) -> li
     head = ", ".join([members, *counts])
     lines.append(f"  {head}" + (f"; top {len(shown)} by spend:" if shown else ""))
     width = max((len(s.member) for s in shown), default=0)
-    lines += [f"    {s.member.ljust(width)}  {_spend_line(s, style, rejects)}" for s in shown]
+    for s in shown:
+        pace = pace_text(s, now)
+        lines.append(
+            f"    {s.member.ljust(width)}  {_spend_line(s, style, rejects)}"
+            + (f"; {pace}" if pace else "")
+        )
     return lines
 
 
@@ -427,6 +453,9 @@ def _event_line(e: wpb.BudgetEvent, style: Style) -> str:
     if e.type == "budget_policy.threshold_crossed":
         what = style.state(ALERTING, f"threshold {e.threshold_percent}% crossed")
         pad = 24 - len(f"threshold {e.threshold_percent}% crossed")
+    elif e.type == "budget_policy.forecast":
+        what = style.state(ALERTING, "forecast")
+        pad = 24 - len("forecast")
     else:
         what = style.state(EXCEEDED, _EVENT_TYPES.get(e.type, e.type))
         pad = 24 - len(_EVENT_TYPES.get(e.type, e.type))
@@ -522,6 +551,8 @@ def as_json(snap: Snapshot, top: int) -> dict[str, Any]:
             "held_requests": s.held_requests,
             "adjusted_usd": s.adjusted_usd or None,
             "adjustment_count": s.adjustment_count,
+            "forecast_exhausted_at": _iso(s.exhausted_at) if s.exhausted_at else None,
+            "forecast_rate_usd_per_hour": s.rate_usd_per_hour or None,
         }
 
     policies = []

@@ -46,6 +46,7 @@ EVENTS = {
     "threshold_crossed": "budget_policy.threshold_crossed",
     "threshold": "budget_policy.threshold_crossed",
     "anomaly": "usage.anomaly",
+    "forecast": "budget_policy.forecast",
 }
 
 
@@ -102,7 +103,9 @@ def _fields(p: argparse.ArgumentParser, *, create: bool) -> None:
         choices=sorted(FORMATS),
         help="default: pagerduty with --routing-key, slack for hooks.slack.com, else generic",
     )
-    p.add_argument("--events", help="exceeded,threshold_crossed,anomaly (default the first two)")
+    p.add_argument(
+        "--events", help="exceeded,threshold_crossed,anomaly,forecast (default the first two)"
+    )
     p.add_argument("--secret", help="whsec_... signing secret (GENERIC); '-' reads stdin")
     p.add_argument("--routing-key", help="PagerDuty integration key; '-' reads stdin")
     p.add_argument("--severity", choices=list(SEVERITIES), help="PagerDuty severity (error)")
@@ -134,7 +137,7 @@ def _events(text: str) -> list[str]:
     for part in (t.strip() for t in text.split(",") if t.strip()):
         name = EVENTS.get(part, part)
         if name not in EVENTS.values():
-            raise CliError(f"--events {part!r}: use exceeded, threshold_crossed, anomaly")
+            raise CliError(f"--events {part!r}: use exceeded, threshold_crossed, anomaly, forecast")
         out.append(name)
     return out
 

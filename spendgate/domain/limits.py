@@ -29,6 +29,7 @@ MAX_AMOUNT_USD = 1_000_000_000
 MAX_TIMEZONE_CHARS = 64
 MAX_THRESHOLDS = 20
 MAX_THRESHOLD_PERCENT = 1000
+MAX_FORECAST_WITHIN_S = 366 * 86400  # a policy's forecast_alert.within
 MAX_ID_CHARS = 64
 MAX_MEMBER_FILTER_CHARS = 512
 MAX_PAGE_SIZE = 1000
@@ -90,6 +91,7 @@ LIMITS: tuple[Limit, ...] = (
     Limit("policy `window.week_start`", "0 (the server's week_start) or 1 (Monday) to 7 (Sunday)", "BudgetService", f"{_ADMIN} `window.week_start`"),
     Limit("policy `timezone`", f"an IANA name, at most {MAX_TIMEZONE_CHARS} characters", "BudgetService", f"{_ADMIN} `timezone`"),
     Limit("policy `alert_thresholds`", f"at most {MAX_THRESHOLDS}, each 1 to {MAX_THRESHOLD_PERCENT} (percent), no repeats", "BudgetService", f"{_ADMIN} `alert_thresholds`"),
+    Limit("policy `forecast_alert.within`", f"whole seconds, 0 (no such rule) to {MAX_FORECAST_WITHIN_S:,} ({MAX_FORECAST_WITHIN_S // 86400} days)", "BudgetService", f"{_ADMIN} `forecast_alert.within`"),
     Limit("ids in requests (policy, webhook, price override, event)", f"at most {MAX_ID_CHARS} characters, no control characters", "every admin service", f"{_ADMIN} naming the id field"),
     Limit("ListSpend `member`", f"at most {MAX_MEMBER_FILTER_CHARS} characters, no control characters", "BudgetService", f"{_ADMIN} `member`"),
     Limit("`page_size`", f"0 (the default) to {MAX_PAGE_SIZE:,}; more is served as {MAX_PAGE_SIZE:,}", "every List method", f"{_ADMIN} `page_size` (negative)"),

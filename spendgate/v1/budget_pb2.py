@@ -22,66 +22,69 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19spendgate/v1/budget.proto\x12\x0cspendgate.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x0c\x42udgetWindow\x12&\n\x04unit\x18\x01 \x01(\x0e\x32\x18.spendgate.v1.WindowUnit\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12)\n\nweek_start\x18\x03 \x01(\x0e\x32\x15.spendgate.v1.Weekday\"\xec\x04\n\x0c\x42udgetPolicy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12*\n\x06window\x18\x05 \x01(\x0b\x32\x1a.spendgate.v1.BudgetWindow\x12\x10\n\x08timezone\x18\x06 \x01(\t\x12$\n\x06\x61\x63tion\x18\x07 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\"\n\x05scope\x18\x08 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\t \x01(\t\x12\x18\n\x10\x61lert_thresholds\x18\n \x03(\x05\x12\x14\n\x07\x65nabled\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x12\n\nupdated_by\x18\x0f \x01(\t\x12\x0c\n\x04\x65tag\x18\x10 \x01(\t\x12\x14\n\x0c\x61pply_marker\x18< \x01(\t\x12.\n\x0b\x65nforcement\x18\x14 \x01(\x0e\x32\x19.spendgate.v1.Enforcement\x12\x19\n\x11\x65xpose_to_clients\x18\x15 \x01(\x08\x12\x30\n\x0cshadow_since\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12would_reject_count\x18\x17 \x01(\x03\x42\n\n\x08_enabled\"G\n\x19\x43reateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"$\n\x16GetBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x19ListBudgetPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x1aListBudgetPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x19UpdateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x19\x44\x65leteBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"q\n\x10ListSpendRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x13\n\x0btop_members\x18\x41 \x01(\x05\"V\n\x0cMemberCounts\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x03 \x01(\x03\x12\x10\n\x08\x61lerting\x18\x04 \x01(\x03\"\xdb\x03\n\nSpendEntry\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x02 \x01(\t\x12\"\n\x05scope\x18\x03 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06member\x18\x05 \x01(\t\x12$\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\x30\n\x0cwindow_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspent_usd\x18\t \x01(\t\x12\x11\n\tlimit_usd\x18\n \x01(\t\x12\x15\n\rremaining_usd\x18\x0b \x01(\t\x12\x10\n\x08\x65xceeded\x18\x0c \x01(\x08\x12\x15\n\rrequest_count\x18\r \x01(\x03\x12\x10\n\x08held_usd\x18\x0e \x01(\t\x12\x15\n\rheld_requests\x18\x0f \x01(\x03\x12\x14\n\x0c\x61\x64justed_usd\x18\x10 \x01(\t\x12\x18\n\x10\x61\x64justment_count\x18\x11 \x01(\x03\x12\x1a\n\x12would_reject_count\x18( \x01(\x03\"\x8a\x01\n\x11ListSpendResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.SpendEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x31\n\rmember_counts\x18\x41 \x03(\x0b\x32\x1a.spendgate.v1.MemberCounts\"\xc7\x02\n\x10QuarantinedUsage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\rdata_plane_id\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12\x11\n\tpolicy_id\x18\x06 \x01(\t\x12\x0e\n\x06member\x18\x07 \x01(\t\x12\x14\n\x0cmember_bytes\x18\x08 \x01(\x03\x12\x15\n\rmember_sha256\x18\t \x01(\t\x12\x30\n\x0cwindow_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\t\x12\x15\n\rrequest_count\x18\x0c \x01(\x03\x12\x33\n\x0fquarantine_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x1bListQuarantinedUsageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"|\n\x1cListQuarantinedUsageResponse\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.spendgate.v1.QuarantinedUsage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xe7\x02\n\x0fSpendAdjustment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x30\n\x0cwindow_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10spent_before_usd\x18\x08 \x01(\t\x12\x17\n\x0fspent_after_usd\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpolicy_name\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\"e\n\x1c\x43reateSpendAdjustmentRequest\x12\x31\n\nadjustment\x18\x01 \x01(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"g\n\x1bListSpendAdjustmentsRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"k\n\x1cListSpendAdjustmentsResponse\x12\x32\n\x0b\x61\x64justments\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc3\x01\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x13\n\x0fSCOPE_WORKSPACE\x10\x02\x12\x12\n\x0eSCOPE_ENDPOINT\x10\x03\x12\x0e\n\nSCOPE_USER\x10\x04\x12\x11\n\rSCOPE_API_KEY\x10\x05\x12\x0f\n\x0bSCOPE_MODEL\x10\x06\x12\x12\n\x0eSCOPE_PROVIDER\x10\x07\x12\r\n\tSCOPE_TAG\x10\x08\x12\x11\n\rSCOPE_SERVICE\x10\t*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALERT\x10\x01\x12\x11\n\rACTION_REJECT\x10\x02*\\\n\x0b\x45nforcement\x12\x1b\n\x17\x45NFORCEMENT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NFORCEMENT_ENFORCED\x10\x01\x12\x16\n\x12\x45NFORCEMENT_SHADOW\x10\x02*\x9e\x01\n\nWindowUnit\x12\x1b\n\x17WINDOW_UNIT_UNSPECIFIED\x10\x00\x12\x17\n\x13WINDOW_UNIT_MINUTES\x10\x01\x12\x15\n\x11WINDOW_UNIT_HOURS\x10\x02\x12\x14\n\x10WINDOW_UNIT_DAYS\x10\x03\x12\x15\n\x11WINDOW_UNIT_WEEKS\x10\x04\x12\x16\n\x12WINDOW_UNIT_MONTHS\x10\x05*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07\x32\xea\x06\n\rBudgetService\x12Y\n\x12\x43reateBudgetPolicy\x12\'.spendgate.v1.CreateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12S\n\x0fGetBudgetPolicy\x12$.spendgate.v1.GetBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12g\n\x12ListBudgetPolicies\x12\'.spendgate.v1.ListBudgetPoliciesRequest\x1a(.spendgate.v1.ListBudgetPoliciesResponse\x12Y\n\x12UpdateBudgetPolicy\x12\'.spendgate.v1.UpdateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12U\n\x12\x44\x65leteBudgetPolicy\x12\'.spendgate.v1.DeleteBudgetPolicyRequest\x1a\x16.google.protobuf.Empty\x12L\n\tListSpend\x12\x1e.spendgate.v1.ListSpendRequest\x1a\x1f.spendgate.v1.ListSpendResponse\x12m\n\x14ListQuarantinedUsage\x12).spendgate.v1.ListQuarantinedUsageRequest\x1a*.spendgate.v1.ListQuarantinedUsageResponse\x12\x62\n\x15\x43reateSpendAdjustment\x12*.spendgate.v1.CreateSpendAdjustmentRequest\x1a\x1d.spendgate.v1.SpendAdjustment\x12m\n\x14ListSpendAdjustments\x12).spendgate.v1.ListSpendAdjustmentsRequest\x1a*.spendgate.v1.ListSpendAdjustmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19spendgate/v1/budget.proto\x12\x0cspendgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x0c\x42udgetWindow\x12&\n\x04unit\x18\x01 \x01(\x0e\x32\x18.spendgate.v1.WindowUnit\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12)\n\nweek_start\x18\x03 \x01(\x0e\x32\x15.spendgate.v1.Weekday\"\xa1\x05\n\x0c\x42udgetPolicy\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12*\n\x06window\x18\x05 \x01(\x0b\x32\x1a.spendgate.v1.BudgetWindow\x12\x10\n\x08timezone\x18\x06 \x01(\t\x12$\n\x06\x61\x63tion\x18\x07 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\"\n\x05scope\x18\x08 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\t \x01(\t\x12\x18\n\x10\x61lert_thresholds\x18\n \x03(\x05\x12\x14\n\x07\x65nabled\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0e \x01(\t\x12\x12\n\nupdated_by\x18\x0f \x01(\t\x12\x0c\n\x04\x65tag\x18\x10 \x01(\t\x12\x14\n\x0c\x61pply_marker\x18< \x01(\t\x12.\n\x0b\x65nforcement\x18\x14 \x01(\x0e\x32\x19.spendgate.v1.Enforcement\x12\x19\n\x11\x65xpose_to_clients\x18\x15 \x01(\x08\x12\x30\n\x0cshadow_since\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12would_reject_count\x18\x17 \x01(\x03\x12\x33\n\x0e\x66orecast_alert\x18\x19 \x01(\x0b\x32\x1b.spendgate.v1.ForecastAlertB\n\n\x08_enabled\"U\n\rForecastAlert\x12)\n\x06within\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x62\x65\x66ore_window_end\x18\x02 \x01(\x08\"G\n\x19\x43reateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\"$\n\x16GetBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x19ListBudgetPoliciesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"c\n\x1aListBudgetPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x19UpdateBudgetPolicyRequest\x12*\n\x06policy\x18\x01 \x01(\x0b\x32\x1a.spendgate.v1.BudgetPolicy\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x19\x44\x65leteBudgetPolicyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"q\n\x10ListSpendRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x13\n\x0btop_members\x18\x41 \x01(\x05\"V\n\x0cMemberCounts\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0f\n\x07members\x18\x02 \x01(\x03\x12\x10\n\x08\x65xceeded\x18\x03 \x01(\x03\x12\x10\n\x08\x61lerting\x18\x04 \x01(\x03\"\xba\x04\n\nSpendEntry\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x02 \x01(\t\x12\"\n\x05scope\x18\x03 \x01(\x0e\x32\x13.spendgate.v1.Scope\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0e\n\x06member\x18\x05 \x01(\t\x12$\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x14.spendgate.v1.Action\x12\x30\n\x0cwindow_start\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspent_usd\x18\t \x01(\t\x12\x11\n\tlimit_usd\x18\n \x01(\t\x12\x15\n\rremaining_usd\x18\x0b \x01(\t\x12\x10\n\x08\x65xceeded\x18\x0c \x01(\x08\x12\x15\n\rrequest_count\x18\r \x01(\x03\x12\x10\n\x08held_usd\x18\x0e \x01(\t\x12\x15\n\rheld_requests\x18\x0f \x01(\x03\x12\x14\n\x0c\x61\x64justed_usd\x18\x10 \x01(\t\x12\x18\n\x10\x61\x64justment_count\x18\x11 \x01(\x03\x12\x1a\n\x12would_reject_count\x18( \x01(\x03\x12\x39\n\x15\x66orecast_exhaust_time\x18- \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x1a\x66orecast_rate_usd_per_hour\x18. \x01(\t\"\x8a\x01\n\x11ListSpendResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.spendgate.v1.SpendEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x31\n\rmember_counts\x18\x41 \x03(\x0b\x32\x1a.spendgate.v1.MemberCounts\"\xc7\x02\n\x10QuarantinedUsage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x15\n\rdata_plane_id\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12\x11\n\tpolicy_id\x18\x06 \x01(\t\x12\x0e\n\x06member\x18\x07 \x01(\t\x12\x14\n\x0cmember_bytes\x18\x08 \x01(\x03\x12\x15\n\rmember_sha256\x18\t \x01(\t\x12\x30\n\x0cwindow_start\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63ost_usd\x18\x0b \x01(\t\x12\x15\n\rrequest_count\x18\x0c \x01(\x03\x12\x33\n\x0fquarantine_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x1bListQuarantinedUsageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"|\n\x1cListQuarantinedUsageResponse\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.spendgate.v1.QuarantinedUsage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\"\xe7\x02\n\x0fSpendAdjustment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpolicy_id\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x12\n\namount_usd\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x30\n\x0cwindow_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10spent_before_usd\x18\x08 \x01(\t\x12\x17\n\x0fspent_after_usd\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bpolicy_name\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\"e\n\x1c\x43reateSpendAdjustmentRequest\x12\x31\n\nadjustment\x18\x01 \x01(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"g\n\x1bListSpendAdjustmentsRequest\x12\x11\n\tpolicy_id\x18\x01 \x01(\t\x12\x0e\n\x06member\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"k\n\x1cListSpendAdjustmentsResponse\x12\x32\n\x0b\x61\x64justments\x18\x01 \x03(\x0b\x32\x1d.spendgate.v1.SpendAdjustment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xc3\x01\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSCOPE_GLOBAL\x10\x01\x12\x13\n\x0fSCOPE_WORKSPACE\x10\x02\x12\x12\n\x0eSCOPE_ENDPOINT\x10\x03\x12\x0e\n\nSCOPE_USER\x10\x04\x12\x11\n\rSCOPE_API_KEY\x10\x05\x12\x0f\n\x0bSCOPE_MODEL\x10\x06\x12\x12\n\x0eSCOPE_PROVIDER\x10\x07\x12\r\n\tSCOPE_TAG\x10\x08\x12\x11\n\rSCOPE_SERVICE\x10\t*E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALERT\x10\x01\x12\x11\n\rACTION_REJECT\x10\x02*\\\n\x0b\x45nforcement\x12\x1b\n\x17\x45NFORCEMENT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NFORCEMENT_ENFORCED\x10\x01\x12\x16\n\x12\x45NFORCEMENT_SHADOW\x10\x02*\x9e\x01\n\nWindowUnit\x12\x1b\n\x17WINDOW_UNIT_UNSPECIFIED\x10\x00\x12\x17\n\x13WINDOW_UNIT_MINUTES\x10\x01\x12\x15\n\x11WINDOW_UNIT_HOURS\x10\x02\x12\x14\n\x10WINDOW_UNIT_DAYS\x10\x03\x12\x15\n\x11WINDOW_UNIT_WEEKS\x10\x04\x12\x16\n\x12WINDOW_UNIT_MONTHS\x10\x05*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07\x32\xea\x06\n\rBudgetService\x12Y\n\x12\x43reateBudgetPolicy\x12\'.spendgate.v1.CreateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12S\n\x0fGetBudgetPolicy\x12$.spendgate.v1.GetBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12g\n\x12ListBudgetPolicies\x12\'.spendgate.v1.ListBudgetPoliciesRequest\x1a(.spendgate.v1.ListBudgetPoliciesResponse\x12Y\n\x12UpdateBudgetPolicy\x12\'.spendgate.v1.UpdateBudgetPolicyRequest\x1a\x1a.spendgate.v1.BudgetPolicy\x12U\n\x12\x44\x65leteBudgetPolicy\x12\'.spendgate.v1.DeleteBudgetPolicyRequest\x1a\x16.google.protobuf.Empty\x12L\n\tListSpend\x12\x1e.spendgate.v1.ListSpendRequest\x1a\x1f.spendgate.v1.ListSpendResponse\x12m\n\x14ListQuarantinedUsage\x12).spendgate.v1.ListQuarantinedUsageRequest\x1a*.spendgate.v1.ListQuarantinedUsageResponse\x12\x62\n\x15\x43reateSpendAdjustment\x12*.spendgate.v1.CreateSpendAdjustmentRequest\x1a\x1d.spendgate.v1.SpendAdjustment\x12m\n\x14ListSpendAdjustments\x12).spendgate.v1.ListSpendAdjustmentsRequest\x1a*.spendgate.v1.ListSpendAdjustmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spendgate.v1.budget_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOPE']._serialized_start=3361
-  _globals['_SCOPE']._serialized_end=3556
-  _globals['_ACTION']._serialized_start=3558
-  _globals['_ACTION']._serialized_end=3627
-  _globals['_ENFORCEMENT']._serialized_start=3629
-  _globals['_ENFORCEMENT']._serialized_end=3721
-  _globals['_WINDOWUNIT']._serialized_start=3724
-  _globals['_WINDOWUNIT']._serialized_end=3882
-  _globals['_WEEKDAY']._serialized_start=3885
-  _globals['_WEEKDAY']._serialized_end=4067
-  _globals['_BUDGETWINDOW']._serialized_start=139
-  _globals['_BUDGETWINDOW']._serialized_end=251
-  _globals['_BUDGETPOLICY']._serialized_start=254
-  _globals['_BUDGETPOLICY']._serialized_end=874
-  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_start=876
-  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_end=947
-  _globals['_GETBUDGETPOLICYREQUEST']._serialized_start=949
-  _globals['_GETBUDGETPOLICYREQUEST']._serialized_end=985
-  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_start=987
-  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_end=1053
-  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_start=1055
-  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_end=1154
-  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_start=1156
-  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_end=1276
-  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_start=1278
-  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_end=1331
-  _globals['_LISTSPENDREQUEST']._serialized_start=1333
-  _globals['_LISTSPENDREQUEST']._serialized_end=1446
-  _globals['_MEMBERCOUNTS']._serialized_start=1448
-  _globals['_MEMBERCOUNTS']._serialized_end=1534
-  _globals['_SPENDENTRY']._serialized_start=1537
-  _globals['_SPENDENTRY']._serialized_end=2012
-  _globals['_LISTSPENDRESPONSE']._serialized_start=2015
-  _globals['_LISTSPENDRESPONSE']._serialized_end=2153
-  _globals['_QUARANTINEDUSAGE']._serialized_start=2156
-  _globals['_QUARANTINEDUSAGE']._serialized_end=2483
-  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_start=2485
-  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_end=2553
-  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_start=2555
-  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_end=2679
-  _globals['_SPENDADJUSTMENT']._serialized_start=2682
-  _globals['_SPENDADJUSTMENT']._serialized_end=3041
-  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_start=3043
-  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_end=3144
-  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_start=3146
-  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_end=3249
-  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_start=3251
-  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_end=3358
-  _globals['_BUDGETSERVICE']._serialized_start=4070
-  _globals['_BUDGETSERVICE']._serialized_end=4944
+  _globals['_SCOPE']._serialized_start=3628
+  _globals['_SCOPE']._serialized_end=3823
+  _globals['_ACTION']._serialized_start=3825
+  _globals['_ACTION']._serialized_end=3894
+  _globals['_ENFORCEMENT']._serialized_start=3896
+  _globals['_ENFORCEMENT']._serialized_end=3988
+  _globals['_WINDOWUNIT']._serialized_start=3991
+  _globals['_WINDOWUNIT']._serialized_end=4149
+  _globals['_WEEKDAY']._serialized_start=4152
+  _globals['_WEEKDAY']._serialized_end=4334
+  _globals['_BUDGETWINDOW']._serialized_start=171
+  _globals['_BUDGETWINDOW']._serialized_end=283
+  _globals['_BUDGETPOLICY']._serialized_start=286
+  _globals['_BUDGETPOLICY']._serialized_end=959
+  _globals['_FORECASTALERT']._serialized_start=961
+  _globals['_FORECASTALERT']._serialized_end=1046
+  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_start=1048
+  _globals['_CREATEBUDGETPOLICYREQUEST']._serialized_end=1119
+  _globals['_GETBUDGETPOLICYREQUEST']._serialized_start=1121
+  _globals['_GETBUDGETPOLICYREQUEST']._serialized_end=1157
+  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_start=1159
+  _globals['_LISTBUDGETPOLICIESREQUEST']._serialized_end=1225
+  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_start=1227
+  _globals['_LISTBUDGETPOLICIESRESPONSE']._serialized_end=1326
+  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_start=1328
+  _globals['_UPDATEBUDGETPOLICYREQUEST']._serialized_end=1448
+  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_start=1450
+  _globals['_DELETEBUDGETPOLICYREQUEST']._serialized_end=1503
+  _globals['_LISTSPENDREQUEST']._serialized_start=1505
+  _globals['_LISTSPENDREQUEST']._serialized_end=1618
+  _globals['_MEMBERCOUNTS']._serialized_start=1620
+  _globals['_MEMBERCOUNTS']._serialized_end=1706
+  _globals['_SPENDENTRY']._serialized_start=1709
+  _globals['_SPENDENTRY']._serialized_end=2279
+  _globals['_LISTSPENDRESPONSE']._serialized_start=2282
+  _globals['_LISTSPENDRESPONSE']._serialized_end=2420
+  _globals['_QUARANTINEDUSAGE']._serialized_start=2423
+  _globals['_QUARANTINEDUSAGE']._serialized_end=2750
+  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_start=2752
+  _globals['_LISTQUARANTINEDUSAGEREQUEST']._serialized_end=2820
+  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_start=2822
+  _globals['_LISTQUARANTINEDUSAGERESPONSE']._serialized_end=2946
+  _globals['_SPENDADJUSTMENT']._serialized_start=2949
+  _globals['_SPENDADJUSTMENT']._serialized_end=3308
+  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_start=3310
+  _globals['_CREATESPENDADJUSTMENTREQUEST']._serialized_end=3411
+  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_start=3413
+  _globals['_LISTSPENDADJUSTMENTSREQUEST']._serialized_end=3516
+  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_start=3518
+  _globals['_LISTSPENDADJUSTMENTSRESPONSE']._serialized_end=3625
+  _globals['_BUDGETSERVICE']._serialized_start=4337
+  _globals['_BUDGETSERVICE']._serialized_end=5211
 # @@protoc_insertion_point(module_scope)

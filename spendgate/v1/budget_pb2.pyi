@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -98,7 +99,7 @@ class BudgetWindow(_message.Message):
     def __init__(self, unit: _Optional[_Union[WindowUnit, str]] = ..., count: _Optional[int] = ..., week_start: _Optional[_Union[Weekday, str]] = ...) -> None: ...
 
 class BudgetPolicy(_message.Message):
-    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag", "apply_marker", "enforcement", "expose_to_clients", "shadow_since", "would_reject_count")
+    __slots__ = ("id", "name", "description", "amount_usd", "window", "timezone", "action", "scope", "target", "alert_thresholds", "enabled", "create_time", "update_time", "created_by", "updated_by", "etag", "apply_marker", "enforcement", "expose_to_clients", "shadow_since", "would_reject_count", "forecast_alert")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +121,7 @@ class BudgetPolicy(_message.Message):
     EXPOSE_TO_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     SHADOW_SINCE_FIELD_NUMBER: _ClassVar[int]
     WOULD_REJECT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_ALERT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -141,7 +143,16 @@ class BudgetPolicy(_message.Message):
     expose_to_clients: bool
     shadow_since: _timestamp_pb2.Timestamp
     would_reject_count: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ..., apply_marker: _Optional[str] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., expose_to_clients: _Optional[bool] = ..., shadow_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
+    forecast_alert: ForecastAlert
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., amount_usd: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, _Mapping]] = ..., timezone: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., alert_thresholds: _Optional[_Iterable[int]] = ..., enabled: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., updated_by: _Optional[str] = ..., etag: _Optional[str] = ..., apply_marker: _Optional[str] = ..., enforcement: _Optional[_Union[Enforcement, str]] = ..., expose_to_clients: _Optional[bool] = ..., shadow_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., would_reject_count: _Optional[int] = ..., forecast_alert: _Optional[_Union[ForecastAlert, _Mapping]] = ...) -> None: ...
+
+class ForecastAlert(_message.Message):
+    __slots__ = ("within", "before_window_end")
+    WITHIN_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    within: _duration_pb2.Duration
+    before_window_end: bool
+    def __init__(self, within: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., before_window_end: _Optional[bool] = ...) -> None: ...
 
 class CreateBudgetPolicyRequest(_message.Message):
     __slots__ = ("policy",)
@@ -214,7 +225,7 @@ class MemberCounts(_message.Message):
     def __init__(self, policy_id: _Optional[str] = ..., members: _Optional[int] = ..., exceeded: _Optional[int] = ..., alerting: _Optional[int] = ...) -> None: ...
 
 class SpendEntry(_message.Message):
-    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count", "would_reject_count")
+    __slots__ = ("policy_id", "policy_name", "scope", "target", "member", "action", "window_start", "window_end", "spent_usd", "limit_usd", "remaining_usd", "exceeded", "request_count", "held_usd", "held_requests", "adjusted_usd", "adjustment_count", "would_reject_count", "forecast_exhaust_time", "forecast_rate_usd_per_hour")
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +244,8 @@ class SpendEntry(_message.Message):
     ADJUSTED_USD_FIELD_NUMBER: _ClassVar[int]
     ADJUSTMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     WOULD_REJECT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_EXHAUST_TIME_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_RATE_USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
     policy_id: str
     policy_name: str
     scope: Scope
@@ -251,7 +264,9 @@ class SpendEntry(_message.Message):
     adjusted_usd: str
     adjustment_count: int
     would_reject_count: int
-    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ..., would_reject_count: _Optional[int] = ...) -> None: ...
+    forecast_exhaust_time: _timestamp_pb2.Timestamp
+    forecast_rate_usd_per_hour: str
+    def __init__(self, policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spent_usd: _Optional[str] = ..., limit_usd: _Optional[str] = ..., remaining_usd: _Optional[str] = ..., exceeded: _Optional[bool] = ..., request_count: _Optional[int] = ..., held_usd: _Optional[str] = ..., held_requests: _Optional[int] = ..., adjusted_usd: _Optional[str] = ..., adjustment_count: _Optional[int] = ..., would_reject_count: _Optional[int] = ..., forecast_exhaust_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., forecast_rate_usd_per_hour: _Optional[str] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
     __slots__ = ("entries", "next_page_token", "member_counts")

@@ -155,7 +155,7 @@ class TestWebhookResponse(_message.Message):
     def __init__(self, delivered: _Optional[bool] = ..., status_code: _Optional[int] = ..., error: _Optional[str] = ..., response_excerpt: _Optional[str] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class BudgetEvent(_message.Message):
-    __slots__ = ("id", "type", "policy_id", "policy_name", "scope", "target", "member", "action", "threshold_percent", "amount_usd", "spent_usd", "window_start", "window_end", "create_time", "anomaly")
+    __slots__ = ("id", "type", "policy_id", "policy_name", "scope", "target", "member", "action", "threshold_percent", "amount_usd", "spent_usd", "window_start", "window_end", "create_time", "anomaly", "forecast_exhaust_time")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class BudgetEvent(_message.Message):
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     ANOMALY_FIELD_NUMBER: _ClassVar[int]
+    FORECAST_EXHAUST_TIME_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: str
     policy_id: str
@@ -186,7 +187,8 @@ class BudgetEvent(_message.Message):
     window_end: _timestamp_pb2.Timestamp
     create_time: _timestamp_pb2.Timestamp
     anomaly: UsageAnomalyEvent
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[_budget_pb2.Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[_budget_pb2.Action, str]] = ..., threshold_percent: _Optional[int] = ..., amount_usd: _Optional[str] = ..., spent_usd: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., anomaly: _Optional[_Union[UsageAnomalyEvent, _Mapping]] = ...) -> None: ...
+    forecast_exhaust_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., policy_id: _Optional[str] = ..., policy_name: _Optional[str] = ..., scope: _Optional[_Union[_budget_pb2.Scope, str]] = ..., target: _Optional[str] = ..., member: _Optional[str] = ..., action: _Optional[_Union[_budget_pb2.Action, str]] = ..., threshold_percent: _Optional[int] = ..., amount_usd: _Optional[str] = ..., spent_usd: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., anomaly: _Optional[_Union[UsageAnomalyEvent, _Mapping]] = ..., forecast_exhaust_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class UsageAnomalyEvent(_message.Message):
     __slots__ = ("reason", "data_plane_id", "model", "provider", "route", "request_id", "charged_usd", "reported_cost_usd", "input_tokens", "output_tokens", "max_cost_usd", "policy_ids")

@@ -73,7 +73,7 @@ def test_migrations_create_the_schema_models_describe(db_url: str) -> None:
             ctx = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
             )
-            assert ctx.get_current_revision() == "0017"
+            assert ctx.get_current_revision() == "0018"
             assert compare_metadata(ctx, Base.metadata) == []
     finally:
         engine.dispose()

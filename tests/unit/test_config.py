@@ -478,6 +478,21 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
             id="report-retention-huge",
         ),
         pytest.param(
+            {**CP_REQUIRED, "SPENDGATE_FORECAST_HORIZON_S": "-1"},
+            "forecast_horizon_s must be between 60 and 604800 (7 days)",
+            id="forecast-horizon-negative",
+        ),
+        pytest.param(
+            {**CP_REQUIRED, "SPENDGATE_FORECAST_HORIZON_S": "1e30"},
+            "forecast_horizon_s must be between 60 and 604800 (7 days)",
+            id="forecast-horizon-huge",
+        ),
+        pytest.param(
+            {**CP_REQUIRED, "SPENDGATE_FORECAST_HORIZON_S": "nan"},
+            "forecast_horizon_s must be between 60 and 604800 (7 days)",
+            id="forecast-horizon-nan",
+        ),
+        pytest.param(
             {**CP_REQUIRED, "SPENDGATE_TLS_CERT_FILE": "/cert.pem"},
             "tls_cert_file and tls_key_file must be set together",
             id="cert-without-key",

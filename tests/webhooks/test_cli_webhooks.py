@@ -131,7 +131,9 @@ def test_errors_name_the_field(cli: Cli) -> None:
     assert (code, out) == (1, "")
     assert err == "spendgate: invalid request: url: must be an https:// URL\n"
     code, _, err = cli("create", "--name", "x", "--url", "https://x.test", "--events", "deleted")
-    assert err == "spendgate: --events 'deleted': use exceeded, threshold_crossed, anomaly\n"
+    assert err == (
+        "spendgate: --events 'deleted': use exceeded, threshold_crossed, anomaly, forecast\n"
+    )
 
 
 def test_deliveries_table_and_json(api: Api, cli: Cli, receiver: Receiver) -> None:

@@ -140,7 +140,7 @@ def test_every_bad_field_is_named(api: Api) -> None:
         "format": "is required: GENERIC, SLACK or PAGERDUTY",
         "url": "must be an https:// URL",
         "events[1]": "must be one of budget_policy.exceeded, budget_policy.threshold_crossed, "
-        "usage.anomaly, budget_policy.would_reject",
+        "usage.anomaly, budget_policy.would_reject, budget_policy.forecast",
         "secret": 'must start with "whsec_" (e.g. from `spendgate webhook create`)',
         "routing_key": "must be 1 to 200 letters, digits or - _ . :",
     }
