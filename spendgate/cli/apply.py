@@ -26,7 +26,7 @@ from spendgate.cli import apply_files, apply_plan
 from spendgate.cli.apply_plan import Change, Server
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.output import echo
-from spendgate.cli.policies import all_policies, parse_window
+from spendgate.cli.policies import all_policies, parse_forecast_alert, parse_window
 from spendgate.cli.webhooks import FORMATS, SEVERITIES, all_webhooks
 from spendgate.domain.webhook_urls import MASK
 from spendgate.v1 import budget_pb2 as pb
@@ -43,6 +43,7 @@ EXIT_DIFF = 2
 POLICY_PATHS = [
     "name", "description", "amount_usd", "window.unit", "window.count", "timezone",
     "action", "scope", "target", "alert_thresholds", "enabled", "apply_marker",
+    "enforcement", "expose_to_clients", "forecast_alert",
 ]
 WEBHOOK_PATHS = [
     "name", "description", "url", "format", "events", "secret", "routing_key",
@@ -200,7 +201,7 @@ def _policy_message(entry: apply_files.Entry, wanted: dict[str, Any]) -> pb.Budg
     window = parse_window(str(f.get("window", "1d")))
     if "week_start" in wanted:
         window.week_start = pb.Weekday.Value(f"WEEKDAY_{wanted['week_start'].upper()}")  # type: ignore[assignment]
-    return pb.BudgetPolicy(
+    policy = pb.BudgetPolicy(
         name=wanted["name"],
         description=wanted["description"],
         amount_usd=wanted["amount"],
@@ -212,7 +213,15 @@ def _policy_message(entry: apply_files.Entry, wanted: dict[str, Any]) -> pb.Budg
         alert_thresholds=wanted["thresholds"],
         enabled=wanted["enabled"],
         apply_marker=wanted["marker"],
+        enforcement=(
+            pb.ENFORCEMENT_SHADOW if wanted["enforcement"] == "shadow" else pb.ENFORCEMENT_ENFORCED
+        ),
+        expose_to_clients=wanted["expose_to_clients"],
     )
+    rule = parse_forecast_alert(str(f.get("forecast_alert", "off")))
+    if rule is not None:
+        policy.forecast_alert.CopyFrom(rule)
+    return policy
 
 
 def _webhook_message(entry: apply_files.Entry, wanted: dict[str, Any]) -> wpb.Webhook:
@@ -270,6 +279,12 @@ def exported_policy(p: pb.BudgetPolicy) -> dict[str, Any]:
         out["thresholds"] = had["thresholds"]
     if not p.enabled:
         out["enabled"] = False
+    if had["enforcement"] != "enforced":
+        out["enforcement"] = had["enforcement"]
+    if p.expose_to_clients:
+        out["expose_to_clients"] = True
+    if had["forecast_alert"] != "-":
+        out["forecast_alert"] = had["forecast_alert"]
     return out
 
 

@@ -15,7 +15,13 @@ from typing import Any
 
 from spendgate.cli.apply_files import Declared, Entry, identity
 from spendgate.cli.client import CliError
-from spendgate.cli.policies import parse_window, window_text
+from spendgate.cli.policies import (
+    forecast_alert_text,
+    parse_forecast_alert,
+    parse_window,
+    window_text,
+)
+from spendgate.domain import limits
 from spendgate.domain.policies import (
     FieldViolation,
     PolicyInvalid,
@@ -97,6 +103,21 @@ def declared_policy(e: Entry) -> dict[str, Any]:
     except PolicyInvalid as err:
         text = "; ".join(v.description for v in err.violations)
         raise CliError(f"{e.where}.target: {text}") from None
+    enforcement = str(f.get("enforcement", "enforced"))
+    if enforcement == "shadow" and str(f["action"]) != "reject":
+        raise CliError(f"{e.where}.enforcement: shadow applies to reject policies only")
+    try:
+        rule = parse_forecast_alert(str(f.get("forecast_alert", "off")))
+    except CliError as err:
+        raise CliError(f"{e.where}.forecast_alert: {err}") from None
+    if rule is not None and rule.within.seconds > limits.MAX_FORECAST_WITHIN_S:
+        raise CliError(
+            f"{e.where}.forecast_alert: forecast_alert.within must be at most "
+            f"{limits.MAX_FORECAST_WITHIN_S // 86400} days"
+        )
+    forecast = "-"
+    if rule is not None:
+        forecast = forecast_alert_text(pb.BudgetPolicy(forecast_alert=rule))
     wanted: dict[str, Any] = {
         "name": str(f["name"]).strip(),
         "description": str(f.get("description", "")),
@@ -108,6 +129,9 @@ def declared_policy(e: Entry) -> dict[str, Any]:
         "target": target,
         "thresholds": thresholds,
         "enabled": bool(f.get("enabled", True)),
+        "enforcement": enforcement,
+        "expose_to_clients": bool(f.get("expose_to_clients", False)),
+        "forecast_alert": forecast,
         "marker": MARKER,
     }
     if "week_start" in f:  # omitted: the server's default, not compared
@@ -128,6 +152,9 @@ def server_policy(p: pb.BudgetPolicy) -> dict[str, Any]:
         "target": p.target,
         "thresholds": sorted(p.alert_thresholds),
         "enabled": p.enabled,
+        "enforcement": "shadow" if p.enforcement == pb.ENFORCEMENT_SHADOW else "enforced",
+        "expose_to_clients": p.expose_to_clients,
+        "forecast_alert": forecast_alert_text(p),
         "marker": p.apply_marker,
     }
 

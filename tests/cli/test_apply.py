@@ -135,6 +135,7 @@ def test_apply_reapply_edit_export_roundtrip(
         data = yaml.safe_load(EXAMPLE.read_text())
         data["policies"][0]["amount"] = "6000"
         data["policies"][0]["thresholds"] = [50, 90, 100]
+        data["policies"][4]["enforcement"] = "enforced"  # a shadow policy promoted
         del data["policies"][9]
         data["policies"].append(
             {"name": "late-night", "amount": 10, "window": "1h", "action": "reject"}
@@ -152,16 +153,17 @@ def test_apply_reapply_edit_export_roundtrip(
             "~ would update webhook finops-slack: secrets (url, secret or routing key)",
             "~ would update policy org-monthly: amount 5000.00 -> 6000.00, "
             "thresholds [50, 80, 100] -> [50, 90, 100]",
+            "~ would update policy each-user-daily: enforcement shadow -> enforced",
             "+ would create policy late-night",
             "  not declared policy by-hand (kept: not created by apply; --prune-all deletes it)",
             "- would delete policy experiments",
-            "plan: 1 to create, 3 to update, 11 unchanged, 1 to delete, 1 not declared (kept)",
+            "plan: 1 to create, 4 to update, 10 unchanged, 1 to delete, 1 not declared (kept)",
         ]
         code, out, err = cli(capsys, api, "apply", "-f", str(edited.parent), "--prune")
         assert code == 0, err
         assert (
             out[-1]
-            == "applied: 1 created, 3 updated, 11 unchanged, 1 deleted, 1 not declared (kept)"
+            == "applied: 1 created, 4 updated, 10 unchanged, 1 deleted, 1 not declared (kept)"
         )
         code, out, _ = cli(capsys, api, "apply", "-f", str(edited), "--dry-run", "--prune")
         assert code == 0 and out[-1].startswith("plan: 0 to create, 0 to update, 15 unchanged")
@@ -176,6 +178,7 @@ def test_apply_reapply_edit_export_roundtrip(
         assert "routing_key: ${env:SPENDGATE_WEBHOOK_ONCALL_ROUTING_KEY}" in text
         assert "# oncall: set SPENDGATE_WEBHOOK_ONCALL_ROUTING_KEY" in text
         assert "url: ${env:SPENDGATE_WEBHOOK_FINOPS_SLACK_URL}" in text
+        assert "forecast_alert: 2h00m,window-end" in text and "expose_to_clients: true" in text
         jsonschema.validate(yaml.safe_load(text), apply_files.schema())
         before = state(api, capsys, tmp_path)
 
@@ -281,6 +284,18 @@ def test_prune_all_and_concurrent_change(
         ("policies: []\npolicies: []\n", "key 'policies' is given twice"),
         ("", "the file is empty"),
         ('policies:\n  - {name: "a\\x1b", amount: 1, action: alert}\n', "policies[0].name"),
+        (
+            "policies:\n  - {name: a, amount: 1, action: alert, enforcement: shadow}\n",
+            "policies[0].enforcement: shadow applies to reject policies only",
+        ),
+        (
+            "policies:\n  - {name: a, amount: 1, action: alert, forecast_alert: soon}\n",
+            "policies[0].forecast_alert",
+        ),
+        (
+            "policies:\n  - {name: a, amount: 1, action: alert, forecast_alert: 400000d}\n",
+            "forecast_alert.within",
+        ),
     ],
 )
 def test_bad_files_name_the_file_and_key(
