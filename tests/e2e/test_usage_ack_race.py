@@ -24,6 +24,7 @@ from control_plane.service import ControlPlane
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from tests.conftest import Stack, start_stack, stop_stack
+from tests.e2e.budgets import create_policy
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -67,21 +68,8 @@ def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Stack, AckGate]]:
 
 def test_a_late_answer_does_not_count_the_batch_twice(gated: tuple[Stack, AckGate]) -> None:
     stack, gate = gated
-    policy = stack.budgets.CreateBudgetPolicy(
-        pb.CreateBudgetPolicyRequest(
-            policy=pb.BudgetPolicy(
-                name="two requests",
-                amount_usd="0.0008",
-                window=pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1),
-                action=pb.ACTION_REJECT,
-                scope=pb.SCOPE_GLOBAL,
-            )
-        ),
-        metadata=stack.admin,
-        timeout=10,
-    )
+    policy = create_policy(stack, amount_usd="0.0008", scope=pb.SCOPE_GLOBAL)  # two requests
     state = stack.ext.state
-    wait_until(lambda: policy.id in state.index.policies, message="policy in ext_proc")
     gate.open = stack.loop.call(asyncio.Event)
 
     def call() -> int:
