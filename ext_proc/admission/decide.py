@@ -41,8 +41,10 @@ class Rejection:
     def held_only(self) -> bool:
         """Spend alone is under the limit: running requests' holds fill the
         rest, and room comes back within seconds as they end (where they cost
-        less than they hold). A $0 budget is never held only."""
-        return self.spent_nanos - self.held_nanos < self.policy.amount_nanos
+        less than they hold). A $0 budget is never held only, nor is a
+        rejection with nothing held (the control plane's, when this data
+        plane's view still shows room: it is taken as spent, as before)."""
+        return self.held_nanos > 0 and self.spent_nanos - self.held_nanos < self.policy.amount_nanos
 
 
 def rejection(

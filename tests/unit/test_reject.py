@@ -223,6 +223,9 @@ def test_the_message_tells_spent_from_held(r: Rejection, expected: str) -> None:
         pytest.param(
             held(0, 1, 1, amount=0), False, "41400", "false", "budget_exceeded", id="zero-budget"
         ),
+        pytest.param(
+            rejection(spent=USD), False, "41400", "false", "budget_exceeded", id="nothing-held"
+        ),
     ],
 )
 def test_a_budget_full_of_holds_asks_for_a_retry_in_seconds(
