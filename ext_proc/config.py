@@ -95,6 +95,10 @@ class Settings:
     # again on the local view, which counts the holds of the requests admitted meanwhile
     # (10 to 900).
     arbiter_timeout_ms: int = 500
+    # `retry-after` of a 429 whose REJECT budget is under its limit but full of running requests'
+    # holds (1 to 60 seconds; `x-should-retry: true`, so the openai and anthropic SDKs retry by
+    # themselves). A spent budget's 429 says the window's reset (docs/concepts/request-flow.md).
+    held_retry_after_s: int = 2
     # USD per million input tokens for `default` (and for `reject` when the model only appears
     # in the response) — deliberately high, so an unknown model is no way around a budget.
     default_input_price: str = "15"
@@ -160,6 +164,8 @@ class Settings:
             raise ConfigError(
                 "arbiter_timeout_ms must be between 10 and 900 (below Envoy's message_timeout)"
             )
+        if not 1 <= self.held_retry_after_s <= 60:
+            raise ConfigError("held_retry_after_s must be between 1 and 60 (seconds)")
         if self.unpriced_models not in ("default", "free", "reject"):
             raise ConfigError("unpriced_models must be default, free or reject")
         if self.unmetered_requests not in ("count", "reject"):

@@ -119,8 +119,10 @@ class ExtProcCollector(Collector):
             CounterMetricFamily(
                 "spendgate_ext_proc_requests_rejected",
                 "HTTP requests ext_proc answered itself: 429 budget_exceeded (policy_id names "
-                "the exceeded policy), 403 model_not_priced or unmetered_request (policy_id "
-                "empty), 400 invalid_identity or ambiguous_api_key (policy_id empty) or 403 "
+                "the exceeded policy) or budget_held (spend under the limit, running "
+                "requests' holds fill the rest; retry in seconds), 403 model_not_priced or "
+                "unmetered_request (policy_id empty), 400 invalid_identity or "
+                "ambiguous_api_key (policy_id empty) or 403 "
                 "identity_required (the * policy the request names no member for).",
                 labels=["policy_id", "reason"],
             ),

@@ -38,6 +38,9 @@ PHASES = (
 )
 # Rejection reasons (the `reason` label).
 BUDGET_EXCEEDED = "budget_exceeded"
+# A REJECT budget under its limit that running requests' holds fill (429,
+# retry in seconds: ext_proc/protocol/reject.py).
+BUDGET_HELD = "budget_held"
 MODEL_NOT_PRICED = "model_not_priced"
 # Identity refused: a value that cannot be a member (400), or none for a
 # REJECT "*" policy under missing_identity: reject (403).

@@ -20,7 +20,7 @@ import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc.admission import api_keys, identity, windows
-from ext_proc.admission.decide import Rejection, SpendKey, decide, shadowed
+from ext_proc.admission.decide import Rejection, SpendKey, decide, rejection, shadowed
 from ext_proc.admission.estimate import OutputEstimator, max_tokens_of, per_window
 from ext_proc.config import Settings
 from ext_proc.metering import anomalies
@@ -38,9 +38,8 @@ from ext_proc.metering.shapes import (
 )
 from ext_proc.protocol import budget_headers, dialects
 from ext_proc.protocol import envoy_codec as codec
-from ext_proc.protocol.reject import rejection_headers, rejection_message
+from ext_proc.protocol.reject import error_code, rejection_headers, rejection_message
 from ext_proc.stats import (
-    BUDGET_EXCEEDED,
     IDENTITY_REQUIRED,
     INVALID_IDENTITY,
     INVALID_MODEL,
@@ -380,7 +379,7 @@ class RequestProcessor:
             return None
         now = self.ctx.clock()
         self._count_shadowed(self.ctx.state.spent, now)
-        r = decide(self.matches, self.ctx.state.spent, now)
+        r = decide(self.matches, self.ctx.state.spent, now, self.ctx.state.held)
         if r is None:
             return None
         self.done = True
@@ -404,19 +403,17 @@ class RequestProcessor:
         )
 
     def _reject(self, r: Rejection, now: datetime) -> codec.ProcessingResponse:
+        """The 429 for ``r``, which tells spent from held (see decide)."""
         self.rejected = self.last = True
-        # Tell spent from held: what running requests hold may be most of it.
-        held, requests = self.ctx.state.held(
-            (r.policy.id, r.member, int(r.window.start.timestamp()))
-        )
-        if held:
-            r = dataclasses.replace(r, held_nanos=min(held, r.spent_nanos), held_requests=requests)
-        self.ctx.stats.count_rejection(r.policy.id, BUDGET_EXCEEDED)
+        reason = error_code(r)
+        self.ctx.stats.count_rejection(r.policy.id, reason)
         # Where running requests hold part of it, the line says how much.
-        in_flight = {"held_nanos": r.held_nanos, "held_requests": r.held_requests} if held else {}
+        in_flight = (
+            {"held_nanos": r.held_nanos, "held_requests": r.held_requests} if r.held_nanos else {}
+        )
         log.info(
             "rejected",
-            reason="budget_exceeded",
+            reason=reason,
             request_id=self.request_id,
             policy_id=r.policy.id,
             member=r.member if r.member else None,
@@ -424,12 +421,10 @@ class RequestProcessor:
             **in_flight,
         )
         dialect = self.shape.dialect if self.shape else dialect_for(self.facts.route, self.path)
-        reply = dialect(429, "budget_exceeded", rejection_message(r))
+        reply = dialect(429, reason, rejection_message(r))
+        headers = rejection_headers(r, now, held_retry_after_s=self.ctx.settings.held_retry_after_s)
         return codec.immediate_response(
-            reply.status,
-            {**reply.headers, **rejection_headers(r, now)},
-            reply.body,
-            "spendgate_budget_exceeded",
+            reply.status, {**reply.headers, **headers}, reply.body, f"spendgate_{reason}"
         )
 
     def _refuse_model(self, model: str) -> codec.ProcessingResponse | None:
@@ -672,8 +667,9 @@ class RequestProcessor:
             if policy.id == answer.policy_id and member == answer.member:
                 window, start = windows.current(policy.window, now)
                 key = (policy.id, member, start)
+                state = self.ctx.state
                 return self._reject(
-                    Rejection(policy, member, window, self.ctx.state.spent(key)), now
+                    rejection(policy, member, window, state.spent(key), state.held(key)), now
                 )
         return admitted  # the policy changed meanwhile: nothing to name, admit
 
@@ -687,7 +683,12 @@ class RequestProcessor:
         state = self.ctx.state
         now = self.ctx.clock()
         self._count_shadowed(state.spent, now)
-        r = decide(self.matches, lambda k: state.spent(k) - own.get(k, 0), now)
+
+        def held(k: SpendKey) -> tuple[int, int]:
+            nanos, requests = state.held(k)
+            return (nanos - own[k], requests - 1) if k in own else (nanos, requests)
+
+        r = decide(self.matches, lambda k: state.spent(k) - own.get(k, 0), now, held)
         if r is None:
             return admitted
         self._release()

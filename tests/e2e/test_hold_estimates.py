@@ -28,6 +28,7 @@ from spendgate.domain.pricing import PriceBook, cost_nanos, format_usd
 from spendgate.domain.usage import Usage
 from spendgate.v1 import budget_pb2 as pb
 from tests.conftest import Stack, start_stack, stop_stack
+from tests.e2e.streams import GatedStream
 from tests.harness import (
     ADMIN_TOKEN,
     DATA_PLANE_TOKEN,
@@ -100,38 +101,6 @@ def spend_entry(stack: Stack, policy_id: str) -> pb.SpendEntry:
     resp = stack.budgets.ListSpend(pb.ListSpendRequest(policy_id=policy_id), metadata=stack.admin)
     (entry,) = resp.entries
     return entry
-
-
-class GatedStream:
-    """A streaming request held open by the fake provider until ``finish``."""
-
-    def __init__(self, stack: Stack, c: openai.OpenAI, **kw: object) -> None:
-        self.provider = stack.provider
-        self.gate = f"gate-{uuid.uuid4().hex[:8]}"
-        self.error: BaseException | None = None
-        self.stream = c.with_options(timeout=30).chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "hello spendgate"}],
-            stream=True,
-            extra_headers={"x-fake-gate": self.gate},
-            **kw,  # type: ignore[arg-type]
-        )
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            for _ in self.stream:
-                pass
-        except BaseException as e:  # a cut stream, reported by finish()
-            self.error = e
-
-    def finish(self) -> BaseException | None:
-        for _ in range(50):
-            self.provider.open_gate(self.gate)
-        self.thread.join(20)
-        assert not self.thread.is_alive()
-        return self.error
 
 
 def burst(stack: Stack, user: str) -> int:

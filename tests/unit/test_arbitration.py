@@ -85,3 +85,28 @@ def test_no_answer_and_the_local_view_full_rejects() -> None:
     reply = asyncio.run(proc._arbitrate(ADMITTED))
     assert status(reply) == 429
     assert proc.ctx.state.reserved == {KEY: USD}  # only the others' holds remain
+    # Nothing is spent: the others' holds fill it, and they are 1 request (this
+    # one's own hold is not counted), so the client may retry in seconds.
+    headers = codec_headers(reply)
+    assert (headers["x-spendgate-error"], headers["retry-after"]) == ("budget_held", "2")
+    assert headers["x-should-retry"] == "true"
+    assert b"held by 1 request in flight" in reply.immediate_response.body
+    assert proc.ctx.stats.rejections == {("bp_1", "budget_held"): 1}
+
+
+def test_the_control_planes_no_with_nothing_held_here_is_a_spent_budget() -> None:
+    """The control plane saw the window spent (this view still shows room and
+    no hold): the 429 tells the SDK not to retry, as before."""
+    proc = processor(dp.ReserveVerdict(admitted=False, policy_id="bp_1"))
+    hold(proc, USD // 10)
+    reply = asyncio.run(proc._arbitrate(ADMITTED))
+    headers = codec_headers(reply)
+    assert (headers["x-spendgate-error"], headers["x-should-retry"]) == ("budget_exceeded", "false")
+    assert proc.ctx.stats.rejections == {("bp_1", "budget_exceeded"): 1}
+
+
+def codec_headers(reply: codec.ProcessingResponse) -> dict[str, str]:
+    return {
+        h.header.key: h.header.raw_value.decode()
+        for h in reply.immediate_response.headers.set_headers
+    }

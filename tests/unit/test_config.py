@@ -367,6 +367,27 @@ def test_int_from_env_and_integral_float(tmp_path: Path) -> None:
         ),
         pytest.param(
             "",
+            {**EP_REQUIRED, "SPENDGATE_EXT_PROC_HELD_RETRY_AFTER_S": "0"},
+            {},
+            "held_retry_after_s must be between 1 and 60 (seconds)",
+            id="held-retry-after-zero",
+        ),
+        pytest.param(
+            "ext_proc:\n  held_retry_after_s: 1e30\n",
+            EP_REQUIRED,
+            {},
+            "held_retry_after_s",
+            id="held-retry-after-huge",
+        ),
+        pytest.param(
+            "",
+            EP_REQUIRED,
+            {"held_retry_after_s": 61},
+            "held_retry_after_s must be between 1 and 60 (seconds)",
+            id="held-retry-after-past-a-minute",
+        ),
+        pytest.param(
+            "",
             {**EP_REQUIRED, "SPENDGATE_EXT_PROC_STARTUP_WAIT_MS": "950"},
             {},
             "startup_wait_ms must be between 0 and 900 (below Envoy's message_timeout)",

@@ -137,6 +137,59 @@ def test_decide(
     assert r.policy.id == pid
 
 
+@pytest.mark.parametrize(
+    ("spent", "held", "expected"),
+    [
+        pytest.param(
+            {("daily", "", DAY_START): 10 * USD},
+            {("daily", "", DAY_START): (3 * USD, 2)},
+            ("daily", 3 * USD, 2, True),
+            id="daily-full-of-holds-only",
+        ),
+        pytest.param(
+            {("daily", "", DAY_START): 13 * USD},
+            {("daily", "", DAY_START): (3 * USD, 2)},
+            ("daily", 3 * USD, 2, False),
+            id="spend-alone-at-the-limit",
+        ),
+        pytest.param(
+            {("daily", "", DAY_START): 10 * USD},
+            {("daily", "", DAY_START): (30 * USD, 1)},
+            ("daily", 10 * USD, 1, True),
+            id="held-more-than-counted-is-capped",
+        ),
+        pytest.param(
+            {("daily", "", DAY_START): 10 * USD, ("hourly", "", HOUR_START): 1 * USD},
+            {("daily", "", DAY_START): (1, 1)},
+            ("hourly", 0, 0, False),
+            id="a-spent-hourly-outranks-a-held-daily",
+        ),
+        pytest.param(
+            {("daily", "", DAY_START): 10 * USD, ("hourly", "", HOUR_START): 1 * USD},
+            {("daily", "", DAY_START): (1, 1), ("hourly", "", HOUR_START): (1, 1)},
+            ("daily", 1, 1, True),
+            id="both-held-latest-reset",
+        ),
+        pytest.param(
+            {("daily", "", DAY_START): 10 * USD, ("hourly", "", HOUR_START): 1 * USD},
+            {("hourly", "", HOUR_START): (1, 1)},
+            ("daily", 0, 0, False),
+            id="spent-daily-over-held-hourly",
+        ),
+    ],
+)
+def test_decide_tells_spent_from_held(
+    spent: dict[SpendKey, int],
+    held: dict[SpendKey, tuple[int, int]],
+    expected: tuple[str, int, int, bool],
+) -> None:
+    """A request is refused as held only (retry in seconds) when every
+    exceeded window's spend alone is under its limit."""
+    r = decide([(DAILY, ""), (HOURLY, "")], spend_of(spent), NOW, lambda k: held.get(k, (0, 0)))
+    assert r is not None
+    assert (r.policy.id, r.held_nanos, r.held_requests, r.held_only) == expected
+
+
 def test_decide_ties_keep_the_first_policy() -> None:
     other = policy("daily-2", 10, DAY)
     spent = {("daily", "", DAY_START): 10 * USD, ("daily-2", "", DAY_START): 10 * USD}

@@ -10,6 +10,7 @@ import pytest
 from ext_proc.admission.decide import Rejection
 from ext_proc.protocol.reject import (
     ERROR_CODE,
+    error_code,
     openai_error_body,
     rejection_headers,
     rejection_message,
@@ -103,7 +104,7 @@ def test_rejection_message(r: Rejection, expected: str) -> None:
 
 def test_api_key_never_appears_in_message_or_headers() -> None:
     r = rejection(Scope.API_KEY, "*", KEY_HASH)
-    text = rejection_message(r) + repr(rejection_headers(r, NOW))
+    text = rejection_message(r) + repr(rejection_headers(r, NOW, held_retry_after_s=2))
     assert KEY_HASH not in text
     assert KEY_HASH.removeprefix("sha256:") not in text
 
@@ -132,10 +133,11 @@ def test_openai_error_body_escapes_quotes() -> None:
 
 def test_rejection_headers() -> None:
     r = rejection(Scope.USER, "*", "alice")
-    assert rejection_headers(r, NOW) == {
+    assert rejection_headers(r, NOW, held_retry_after_s=2) == {
         "content-type": "application/json",
         "retry-after": str(11 * 3600 + 30 * 60),
         "x-should-retry": "false",
+        "x-spendgate-error": "budget_exceeded",
         "x-spendgate-policy": "bp_01TEAM",
         "x-spendgate-reset": "2025-03-11T00:00:00Z",
     }
@@ -155,7 +157,7 @@ def test_rejection_headers() -> None:
 def test_retry_after_is_ceil_seconds_at_least_1(now: datetime, expected: int) -> None:
     r = rejection()
     assert retry_after_seconds(r, now) == expected
-    assert rejection_headers(r, now)["retry-after"] == str(expected)
+    assert rejection_headers(r, now, held_retry_after_s=2)["retry-after"] == str(expected)
 
 
 def test_reset_header_is_utc_for_local_windows() -> None:
@@ -164,7 +166,7 @@ def test_reset_header_is_utc_for_local_windows() -> None:
     assert r.window == Window(
         datetime(2025, 3, 9, 15, tzinfo=UTC), datetime(2025, 3, 10, 15, tzinfo=UTC)
     )
-    headers = rejection_headers(r, NOW)
+    headers = rejection_headers(r, NOW, held_retry_after_s=2)
     assert headers["x-spendgate-reset"] == "2025-03-10T15:00:00Z"
     assert headers["retry-after"] == str(int(timedelta(hours=2, minutes=30).total_seconds()))
 
@@ -179,10 +181,10 @@ def held(spent: int, held_nanos: int, requests: int, amount: int = 10 * USD) -> 
     [
         pytest.param(
             held(8_300, 2_400_000, 3, amount=2_000_000),
-            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $0.002 per 1 day; "
-            "$0.0000083 spent; $0.0024 more held by 3 requests in flight. Requests are "
-            "rejected until those end within the budget, or the window resets at "
-            "2025-03-11T00:00:00Z.",
+            "Budget held by 3 requests in flight: policy 'Team cap' (bp_01TEAM) allows "
+            "$0.002 per 1 day; $0.0000083 spent; $0.0024 more held by 3 requests in flight. "
+            "Retry shortly: room comes back as those requests end within the budget (the "
+            "window resets at 2025-03-11T00:00:00Z).",
             id="held-by-running-requests",
         ),
         pytest.param(
@@ -194,12 +196,51 @@ def held(spent: int, held_nanos: int, requests: int, amount: int = 10 * USD) -> 
         ),
         pytest.param(
             held(USD, 9 * USD, 0),
-            "Budget exceeded: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
-            "$1.00 spent; $9.00 more held in flight. Requests are rejected until those "
-            "end within the budget, or the window resets at 2025-03-11T00:00:00Z.",
+            "Budget held in flight: policy 'Team cap' (bp_01TEAM) allows $10.00 per 1 day; "
+            "$1.00 spent; $9.00 more held in flight. Retry shortly: room comes back as those "
+            "requests end within the budget (the window resets at 2025-03-11T00:00:00Z).",
             id="held-by-usage-not-yet-applied",
         ),
     ],
 )
 def test_the_message_tells_spent_from_held(r: Rejection, expected: str) -> None:
     assert rejection_message(r) == expected
+
+
+@pytest.mark.parametrize(
+    ("r", "held_only", "retry_after", "should_retry", "code"),
+    [
+        pytest.param(rejection(), False, "41400", "false", "budget_exceeded", id="spent"),
+        pytest.param(
+            held(9 * USD, 2 * USD, 3), True, "7", "true", "budget_held", id="spent-under-limit"
+        ),
+        pytest.param(
+            held(10 * USD - 1, 1, 1), True, "7", "true", "budget_held", id="one-nano-under"
+        ),
+        pytest.param(
+            held(10 * USD, 1, 1), False, "41400", "false", "budget_exceeded", id="spent-at-limit"
+        ),
+        pytest.param(
+            held(0, 1, 1, amount=0), False, "41400", "false", "budget_exceeded", id="zero-budget"
+        ),
+        pytest.param(
+            rejection(spent=USD), False, "41400", "false", "budget_exceeded", id="nothing-held"
+        ),
+    ],
+)
+def test_a_budget_full_of_holds_asks_for_a_retry_in_seconds(
+    r: Rejection, held_only: bool, retry_after: str, should_retry: str, code: str
+) -> None:
+    """Spend alone under the limit: the holds end within seconds, so the SDK
+    may retry soon; spend at the limit: not before the window resets."""
+    assert r.held_only is held_only
+    assert error_code(r) == code
+    assert rejection_headers(r, NOW, held_retry_after_s=7) == {
+        "content-type": "application/json",
+        "retry-after": retry_after,
+        "x-should-retry": should_retry,
+        "x-spendgate-error": code,
+        "x-spendgate-policy": "bp_01TEAM",
+        "x-spendgate-reset": "2025-03-11T00:00:00Z",
+    }
+    assert rejection_message(r).startswith("Budget held" if held_only else "Budget exceeded")
