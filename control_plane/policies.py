@@ -92,11 +92,7 @@ async def update_policy(
     wanted = {"name": ""}  # the name written, for a concurrent writer's error
 
     def update(s: Session) -> PolicyRow:
-        row = s.get(PolicyRow, policy_id, with_for_update=True)
-        if row is None:
-            raise NotFound("policy", policy_id)
-        if expected_etag and expected_etag != convert.etag(row):
-            raise EtagMismatch(policy_id)
+        row = _locked(s, policy_id, expected_etag)
         merged = merge(convert.policy_message(row))
         values = convert.policy_values(merged, default_week_start=cp.default_week_start)
         convert.apply_values(row, values, now)
@@ -119,11 +115,7 @@ async def update_policy(
 
 async def delete_policy(cp: Runtime, policy_id: str, expected_etag: str, author: str) -> None:
     def delete(s: Session) -> None:
-        row = s.get(PolicyRow, policy_id, with_for_update=True)
-        if row is None:
-            raise NotFound("policy", policy_id)
-        if expected_etag and expected_etag != convert.etag(row):
-            raise EtagMismatch(policy_id)
+        row = _locked(s, policy_id, expected_etag)
         repo.delete_policy(s, row)
         cp.changed(s, "policies", [policy_id])
 
@@ -150,3 +142,14 @@ async def publish_policies(cp: Runtime, ids: Collection[str]) -> None:
     rows = await cp.run(lambda s: repo.policies_by_id(s, ids))
     found = {r.id for r in rows}
     publish_policy_changes(cp, rows, [i for i in ids if i not in found])
+
+
+def _locked(s: Session, policy_id: str, expected_etag: str) -> PolicyRow:
+    """The policy's row, locked until the transaction ends; NotFound, or
+    EtagMismatch when ``expected_etag`` is set and differs."""
+    row = s.get(PolicyRow, policy_id, with_for_update=True)
+    if row is None:
+        raise NotFound("policy", policy_id)
+    if expected_etag and expected_etag != convert.etag(row):
+        raise EtagMismatch(policy_id)
+    return row
