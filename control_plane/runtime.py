@@ -8,7 +8,7 @@ after its transaction commits, never before.
 
 The use cases themselves live one module per concern (policies.py, usage.py,
 spend_list.py, holds.py, adjustments.py, quarantine.py, reports.py,
-statepush.py, maintenance.py); control_plane/service.py composes them.
+resync.py, maintenance.py); control_plane/service.py composes them.
 """
 
 from __future__ import annotations
