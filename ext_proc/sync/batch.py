@@ -7,6 +7,7 @@ made, journaled, sent, split and acknowledged.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
 
 from ext_proc.admission.decide import SpendKey
@@ -174,3 +175,65 @@ def pieces(batch: Batch, kind: str, max_bytes: int) -> list[Batch]:
         piece.without_holds = batch.without_holds
         pieces.append(piece)
     return pieces
+
+
+def pack(
+    in_flight: dict[str, Batch],
+    usage: dict[SpendKey, Increment],
+    rollup_usage: dict[RollupKey, RollupSums],
+    anomalies: list[dp.UsageAnomaly],
+    reports: list[dp.QuarantinedRecord],
+    max_bytes: int,
+) -> tuple[Batch | None, list[Batch]]:
+    """Add usage, anomalies and quarantine reports to the newest batch of
+    ``in_flight`` while it was never sent and has room (``max_bytes``,
+    MAX_BATCH_RECORDS), else to new batches (fresh ids) added to
+    ``in_flight``. Returns the batch written to last and what each batch
+    gained (to journal)."""
+    newest = next(reversed(in_flight.values()), None)
+    target = newest if newest is not None and not newest.sent else None
+    parts: dict[str, Batch] = {}  # what each batch gains (the caller journals it)
+
+    def room_for(size: int) -> Batch:
+        nonlocal target
+        if target is None or (
+            target.size + size > max_bytes or target.records >= MAX_BATCH_RECORDS
+        ):
+            target = Batch(batch_id=uuid.uuid4().hex, increments={})
+            in_flight[target.batch_id] = target
+        part = parts.get(target.batch_id)
+        if part is None:
+            part = parts[target.batch_id] = Batch(target.batch_id, {})
+        return part
+
+    for key, inc in usage.items():
+        size = record_size(key) or 0
+        if target is not None and key in target.increments:
+            part = parts.setdefault(target.batch_id, Batch(target.batch_id, {}))
+        else:
+            part = room_for(size)
+        assert target is not None
+        target.add(key, inc, size)
+        part.add(key, inc, size)
+    for rkey, sums in rollup_usage.items():
+        size = rollups.size(rkey) or 0
+        if target is not None and rkey in target.rollups:
+            part = parts.setdefault(target.batch_id, Batch(target.batch_id, {}))
+        else:
+            part = room_for(size)
+        assert target is not None
+        target.add_rollup(rkey, sums, size)
+        part.add_rollup(rkey, sums, size)
+    for a in anomalies:
+        part = room_for(REPORT_BYTES)
+        assert target is not None
+        target.anomalies.append(a)
+        target.size += REPORT_BYTES
+        part.anomalies.append(a)
+    for r in reports:
+        part = room_for(REPORT_BYTES)
+        assert target is not None
+        target.quarantined.append(r)
+        target.size += REPORT_BYTES
+        part.quarantined.append(r)
+    return target, list(parts.values())

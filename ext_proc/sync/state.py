@@ -27,7 +27,6 @@ the durable copy.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,9 +38,9 @@ from ext_proc.admission.decide import SpendKey
 from ext_proc.sync import rollups, snapshot
 from ext_proc.sync.batch import (
     MAX_BATCH_RECORDS,
-    REPORT_BYTES,
     Batch,
     Increment,
+    pack,
     record_size,
 )
 from ext_proc.sync.batch import pieces as batch_pieces
@@ -284,54 +283,10 @@ class LocalState:
         delta, self.pending = self.pending, {}
         rollup_delta, self.pending_rollups = self.pending_rollups, {}
         anomalies, self.anomalies = self.anomalies, []
-        limit = self.max_batch_bytes
-        newest = next(reversed(self.in_flight.values()), None)
-        target = newest if newest is not None and not newest.sent else None
-        parts: dict[str, Batch] = {}  # what each batch gains: journaled below
-
-        def room_for(size: int) -> Batch:
-            nonlocal target
-            if target is None or (
-                target.size + size > limit or target.records >= MAX_BATCH_RECORDS
-            ):
-                target = Batch(batch_id=uuid.uuid4().hex, increments={})
-                self.in_flight[target.batch_id] = target
-            part = parts.get(target.batch_id)
-            if part is None:
-                part = parts[target.batch_id] = Batch(target.batch_id, {})
-            return part
-
-        for key, inc in delta.items():
-            size = record_size(key) or 0
-            if target is not None and key in target.increments:
-                part = parts.setdefault(target.batch_id, Batch(target.batch_id, {}))
-            else:
-                part = room_for(size)
-            assert target is not None
-            target.add(key, inc, size)
-            part.add(key, inc, size)
-        for rkey, sums in rollup_delta.items():
-            size = rollups.size(rkey) or 0
-            if target is not None and rkey in target.rollups:
-                part = parts.setdefault(target.batch_id, Batch(target.batch_id, {}))
-            else:
-                part = room_for(size)
-            assert target is not None
-            target.add_rollup(rkey, sums, size)
-            part.add_rollup(rkey, sums, size)
-        for a in anomalies:
-            part = room_for(REPORT_BYTES)
-            assert target is not None
-            target.anomalies.append(a)
-            target.size += REPORT_BYTES
-            part.anomalies.append(a)
-        for r in reports:
-            part = room_for(REPORT_BYTES)
-            assert target is not None
-            target.quarantined.append(r)
-            target.size += REPORT_BYTES
-            part.quarantined.append(r)
-        messages = [part.message("") for part in parts.values()]
+        target, parts = pack(
+            self.in_flight, delta, rollup_delta, anomalies, reports, self.max_batch_bytes
+        )
+        messages = [part.message("") for part in parts]
 
         def append(j: Journal) -> None:
             for m in messages:
