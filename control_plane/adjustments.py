@@ -26,13 +26,17 @@ import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 
+import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from control_plane import convert
+from control_plane import convert, holds
 from control_plane.errors import InvalidArgument, NotFound
+from control_plane.runtime import Runtime, clamp_page_size, log_recorded
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, SpendAdjustmentRow, WindowSpendRow
+from control_plane.webhooks.outbox import OutboxResult, record_crossings
 from spendgate.domain import limits
 from spendgate.domain.members import MemberInvalid, canonical
 from spendgate.domain.policies import (
@@ -46,8 +50,10 @@ from spendgate.domain.policies import (
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd, parse_usd
 from spendgate.domain.windows import window_for
 from spendgate.v1 import budget_pb2 as pb
+from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp
 
+log = structlog.get_logger("spendgate.control_plane")
 MAX_REASON_CHARS = limits.MAX_REASON_CHARS
 MAX_AMOUNT_TEXT = limits.MAX_AMOUNT_TEXT_CHARS
 MAX_MEMBER_INPUT = limits.MAX_MEMBER_INPUT_CHARS
@@ -352,3 +358,85 @@ def page(
     if before_id:
         q = q.where(SpendAdjustmentRow.id < before_id)
     return list(s.scalars(q.order_by(SpendAdjustmentRow.id.desc()).limit(limit)))
+
+
+async def create_adjustment(
+    cp: Runtime, msg: pb.SpendAdjustment, author: str, request_id: str = ""
+) -> pb.SpendAdjustment:
+    """Record a correction and apply it to the policy's current window in
+    one transaction (check and apply above), with the events the
+    new total reaches; then push the window to every data plane. A retry
+    with the same ``request_id`` returns the adjustment already made."""
+    wanted = check(msg, request_id)
+    now = cp.clock()
+
+    def create(
+        s: Session,
+    ) -> tuple[Applied, OutboxResult, list[dp.WindowSpend]]:
+        applied = apply(s, wanted, now, author)
+        t, policy = applied.total, applied.policy
+        if t is None or policy is None:  # a retry: nothing changes
+            return applied, OutboxResult(), []
+        keys = [(t.policy_id, t.member, t.window_start)]
+        cp.changed(s, "spend", keys)
+        outbox = record_crossings(s, [(policy, t)], now, cp.known_events)
+        held = repo.holds_by_window(s, keys, int(now.timestamp()))
+        spend = holds.total_messages([t], {policy.id: policy}, held)
+        return applied, outbox, spend
+
+    try:
+        applied, outbox, spend = await cp.run(create)
+    except IntegrityError:
+        # The same request id committed by a concurrent call in between:
+        # answer with that one (or refuse different fields).
+        applied, outbox, spend = await cp.run(create)
+    r = applied.row
+    if applied.total is None:
+        log.info("spend adjustment retried", adjustment_id=r.id, request_id=request_id)
+        return message(r)
+    cp.known_events.add(outbox.seen, now)
+    cp.metrics.spend_adjusted(wanted.amount_nanos, [e.kind for e in outbox.recorded])
+    log.info(
+        "spend adjusted",
+        adjustment_id=r.id,
+        policy_id=r.policy_id,
+        member=r.member[:256] or None,
+        amount_usd=usd(r.amount_nanos),
+        spent_before_usd=usd(r.spent_before_nanos),
+        spent_after_usd=usd(r.spent_after_nanos),
+        reason=r.reason,
+        author=r.created_by,
+    )
+    log_recorded(outbox, adjustment_id=r.id)
+    if outbox.deliveries:
+        cp.deliveries_ready.set()
+    cp.hub.publish(dp.StateUpdate(spend=spend))
+    return message(r)
+
+
+async def list_adjustments(
+    cp: Runtime, policy_id: str, member: str, page_size: int, page_token: str
+) -> tuple[list[pb.SpendAdjustment], str]:
+    """Newest first. ``member`` is matched as stored (canonical), after
+    canonicalising it for ``policy_id``'s scope when that policy exists."""
+    limit = clamp_page_size(page_size, default=50)
+    tokens = await cp.page_tokens()
+    before = tokens.decode("adjustments", page_token, 1)[0] if page_token else ""
+    if before and not is_id(before):
+        raise InvalidArgument.one("page_token", "is not a token this server returned")
+
+    def query(s: Session) -> list[pb.SpendAdjustment]:
+        wanted = member
+        if member and policy_id:
+            row = repo.get_policy(s, policy_id)
+            if row is not None and convert.domain_policy(row).is_wildcard:
+                try:
+                    wanted = member_of(convert.domain_policy(row), member)
+                except InvalidArgument as e:
+                    raise InvalidArgument.one("member", e.violations[0].description) from None
+        rows = page(s, policy_id=policy_id, member=wanted, before_id=before, limit=limit + 1)
+        return [message(r) for r in rows]
+
+    found = await cp.run(query)
+    token = tokens.encode("adjustments", found[limit - 1].id) if len(found) > limit else ""
+    return found[:limit], token

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from control_plane import convert
 from control_plane.errors import InvalidArgument
+from control_plane.runtime import Runtime
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow
 from spendgate.domain.policies import Action
@@ -235,3 +236,18 @@ class Buckets:
                     key, end = found
                     out[key] = (max(out[key][0] - u.held_nanos, 0), end)
         return out
+
+
+async def reserve(cp: Runtime, req: dp.ReserveRequest) -> dp.ReserveResponse:
+    """Admit requests near a REJECT budget's line, across data planes
+    (decide, above, in one transaction)."""
+    check_reserve(req)
+    now = cp.clock()
+
+    def arbitrate(s: Session) -> tuple[dp.ReserveResponse, list[dp.WindowSpend]]:
+        return decide(s, req, now, cp.hold_ttl_s, cp.changed)
+
+    resp, messages = await cp.run(arbitrate)
+    if messages:
+        cp.hub.publish(dp.StateUpdate(spend=messages))
+    return resp

@@ -59,7 +59,7 @@ ATTEMPT_OUTCOMES = {"delivered": "delivered", "pending": "retry", "failed": "fai
 
 def operation_name(fn: Callable[..., Any]) -> str:
     """The store operation label for ``fn``, a bounded set: the use case
-    that runs it (``ControlPlane.apply_usage.<locals>.apply`` ->
+    that runs it (``apply_usage.<locals>.apply`` ->
     ``apply_usage``), or the function itself (``repo.all_policies``)."""
     while isinstance(fn, functools.partial):
         fn = fn.func

@@ -1,6 +1,6 @@
 """Prices: the bundled catalog and the operator's overrides (PricingService).
 
-One transaction per use case, like control_plane.service; every change is
+One transaction per use case, like the other use cases (control_plane/runtime.py); every change is
 pushed to all data planes (the override set or deleted, as an increment), so
 the next request anywhere is charged at the new price.
 """
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from control_plane.errors import EtagMismatch, InvalidArgument, NotFound
 from control_plane.names import marker_violations
-from control_plane.service import ControlPlane, clamp_page_size
+from control_plane.runtime import Runtime, clamp_page_size
 from control_plane.store.models import PriceOverrideRow
 from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_NAME_CHARS, MAX_NOTE_CHARS
 from spendgate.domain.policies import FieldViolation, text_violations
@@ -101,7 +101,7 @@ def _validated(o: pp.PriceOverride) -> tuple[str, str, str, ModelPrice]:
 
 
 class PricingAdmin:
-    def __init__(self, cp: ControlPlane, catalog: PriceBook | None = None) -> None:
+    def __init__(self, cp: Runtime, catalog: PriceBook | None = None) -> None:
         self.cp = cp
         self.catalog = catalog or PriceBook.bundled()
 

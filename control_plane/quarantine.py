@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from control_plane.runtime import Runtime, clamp_page_size
 from control_plane.store.models import QuarantinedUsageRow
 from control_plane.store.webhook_repo import new_id
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd
@@ -159,3 +160,20 @@ def forget(session: Session, *, before: datetime) -> int:
         delete(QuarantinedUsageRow).where(QuarantinedUsageRow.create_time < before)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def list_quarantined(
+    cp: Runtime, page_size: int, page_token: str
+) -> tuple[list[pb.QuarantinedUsage], str, int]:
+    limit = clamp_page_size(page_size, default=50)
+    tokens = await cp.page_tokens()
+    before = tokens.decode("quarantined", page_token, 1)[0] if page_token else ""
+
+    def query(s: Session) -> tuple[list[pb.QuarantinedUsage], bool, int]:
+        rows = page(s, before_id=before, limit=limit + 1)
+        return [message(r) for r in rows], len(rows) > limit, count(s)
+
+    records, more, total = await cp.run(query)
+    records = records[:limit]
+    token = tokens.encode("quarantined", records[-1].id) if more and records else ""
+    return records, token, total

@@ -15,6 +15,7 @@ spend increments (the ingest benchmark, bench/ingest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Collection, Iterable, Sequence
@@ -27,6 +28,7 @@ from sqlalchemy import ColumnElement, and_, delete, func, literal, select, text,
 from sqlalchemy.orm import Session
 
 from control_plane.errors import InvalidArgument
+from control_plane.runtime import LIST_PAGE_BYTES, Runtime, clamp_page_size
 from control_plane.store.models import RollupTagRow, UsageRollupRow
 from control_plane.store.repo import dialect_insert
 from spendgate.domain.pricing import MAX_COST_NANOS, format_usd
@@ -457,3 +459,30 @@ def _hour_text(seconds: object) -> str:
 
 def _hour_of(text_value: str) -> int:
     return int(datetime.strptime(text_value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+
+
+async def query_spend(cp: Runtime, req: rp.QuerySpendRequest) -> rp.QuerySpendResponse:
+    """ReportService.QuerySpend: a page of groups (control_plane/py)."""
+    q = parse_query(req, cp.clock())
+    limit = clamp_page_size(req.page_size, default=100)
+    tokens = await cp.page_tokens()
+    kind = "report-" + q.digest()
+    after: list[str | int] | None = None
+    if req.page_token:
+        encoded, end = tokens.decode(kind, req.page_token, 2)
+        after = json.loads(encoded)
+        # Every page of a query without end_time ends where the first did.
+        q = dataclasses.replace(q, end=int(end))
+    groups = await cp.run(lambda s: query_page(s, q, after, limit + 1))
+    token = ""
+    # A page ends at page_size groups or at about LIST_PAGE_BYTES.
+    size, kept = 0, 0
+    for g in groups[:limit]:
+        size += g.ByteSize()
+        kept += 1
+        if size >= LIST_PAGE_BYTES:
+            break
+    if kept < len(groups):
+        groups = groups[:kept]
+        token = tokens.encode(kind, json.dumps(position(q, groups[-1])), str(q.end))
+    return rp.QuerySpendResponse(columns=q.columns, groups=groups, next_page_token=token)

@@ -9,6 +9,9 @@ are consistent enough: the caller subscribed to the hub before the first
 read, so every change committed meanwhile also reaches the data plane as an
 increment after the last page, and increments are idempotent (policy
 versions, deletions that stick, spend totals that only grow).
+
+snapshot and policy_snapshot are the whole state in one message, for data
+planes of earlier releases.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ from sqlalchemy.orm import Session
 
 from control_plane import convert, statepush
 from control_plane.pricing import PricingAdmin
-from control_plane.service import ControlPlane
+from control_plane.runtime import Runtime
 from control_plane.store import repo
-from control_plane.store.models import PolicyRow
+from control_plane.store.models import PolicyRow, WindowSpendRow
 from spendgate.v1 import dataplane_pb2 as dp
 
 ROWS_PER_READ = 2000
 
 
 async def pages(
-    cp: ControlPlane, pricing: PricingAdmin, seq: int, limit: int = statepush.PAGE_BYTES
+    cp: Runtime, pricing: PricingAdmin, seq: int, limit: int = statepush.PAGE_BYTES
 ) -> AsyncIterator[dp.StateUpdate]:
     """The resync's pages in order; ``seq``: the hub's counter when it began."""
     pager = statepush.Pager(limit)
@@ -109,3 +112,52 @@ def _resync_windows(
         if r.policy_id in limits
     ]
     return out, (keys[-1] if len(rows) == ROWS_PER_READ else None)
+
+
+async def snapshot(cp: Runtime) -> dp.StateUpdate:
+    """Every policy and the spend of every window open now, in one message:
+    streams of data planes of earlier releases only (resync above
+    pages it for the others)."""
+    at = int(cp.clock().timestamp())
+
+    def query(s: Session) -> dp.StateUpdate:
+        rows = repo.all_policies(s)
+        by_id = {r.id: r for r in rows}
+        held = repo.holds_by_window(s, None, at)
+        spend = [
+            _spend_message(r, by_id[r.policy_id], held)
+            for r in repo.current_spend(s, active_at=at)
+            if r.policy_id in by_id
+        ]
+        return dp.StateUpdate(
+            policies=dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows]),
+            spend=spend,
+            full_snapshot=True,
+        )
+
+    update = await cp.run(query)
+    update.server_time.FromDatetime(cp.clock())
+    return update
+
+
+async def policy_snapshot(cp: Runtime) -> dp.PolicySnapshot:
+    """Every policy in one message (streams of data planes of earlier
+    releases only: it grows with the policy set)."""
+    rows = await cp.run(repo.all_policies)
+    return dp.PolicySnapshot(policies=[convert.policy_message(r) for r in rows])
+
+
+def _spend_message(
+    r: WindowSpendRow, p: PolicyRow, held: dict[tuple[str, str, int], list[repo.Hold]]
+) -> dp.WindowSpend:
+    return convert.window_spend_message(
+        policy_id=r.policy_id,
+        member=r.member,
+        window_start=r.window_start,
+        window_end=r.window_end,
+        spent_nanos=r.spent_nanos,
+        limit_nanos=p.amount_nanos,
+        request_count=r.request_count,
+        holds=held.get((r.policy_id, r.member, r.window_start), ()),
+        adjustment_seq=r.adjustment_count,
+    )

@@ -28,7 +28,6 @@ from control_plane.pricing import PricingAdmin
 from control_plane.replicas import LISTEN_TASK, PUBLISH_TASK, ReplicaSync
 from control_plane.secrets_admin import SecretsAdmin, check_stored_secrets
 from control_plane.service import Clock, ControlPlane, utc_now
-from control_plane.store import webhook_repo
 from control_plane.store.db import create_db_engine, migrate
 from control_plane.webhooks.dispatcher import DELIVERY_TASK, DISPATCHER_TASK, Dispatcher
 from control_plane.webhooks.sender import Sender
@@ -301,18 +300,10 @@ class ControlPlaneServer:
                     timedelta(days=self.settings.report_retention_days)
                 )
             with contextlib.suppress(Unavailable):
-                await self._forget_old_deliveries()
+                await self.cp.forget_old_deliveries(
+                    timedelta(hours=self.settings.webhook_retention_hours)
+                )
             await asyncio.sleep(MAINTENANCE_INTERVAL_S)
-
-    async def _forget_old_deliveries(self) -> None:
-        cutoff = self.cp.clock() - timedelta(hours=self.settings.webhook_retention_hours)
-        removed = await self.cp.run(
-            lambda s: webhook_repo.forget(
-                s, finished_before=cutoff, window_ended_before=int(cutoff.timestamp())
-            )
-        )
-        if removed:
-            log.info("forgot old webhook deliveries and events", count=removed)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.metrics is not None:

@@ -13,17 +13,24 @@ policy brings only its top spenders and the counts of its members: what
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from control_plane import convert
+from control_plane import adjustments, convert, forecasts
+from control_plane.errors import NotFound
+from control_plane.runtime import Runtime, clamp_page_size
 from control_plane.store import repo
 from control_plane.store.models import PolicyRow, WindowSpendRow
+from control_plane.webhooks.events import rate_per_hour
+from spendgate.domain.forecast import Forecast
 from spendgate.domain.policies import Policy
+from spendgate.domain.pricing import format_usd
 from spendgate.domain.windows import window_for
+from spendgate.v1 import budget_pb2 as pb
+from spendgate.wire import timestamp
 
 CHUNK = 1000
 MAX_NANOS = 2**63 - 1  # above any spend a BIGINT column holds
@@ -199,3 +206,116 @@ def _zero(p: PolicyRow, now: datetime) -> WindowSpendRow:
         adjusted_nanos=0,
         adjustment_count=0,
     )
+
+
+async def list_spend(
+    cp: Runtime, policy_id: str, member: str, page_size: int, page_token: str
+) -> tuple[list[pb.SpendEntry], str]:
+    limit = clamp_page_size(page_size, default=100)
+    tokens = await cp.page_tokens()
+    after: tuple[str, str] = ("", "")
+    if page_token:
+        parts = tokens.decode("spend", page_token, 2)
+        after = (parts[0], parts[1])
+    now = cp.clock()
+
+    def query(s: Session) -> list[pb.SpendEntry]:
+        if policy_id and not repo.policies_by_id(s, [policy_id], description=False):
+            raise NotFound("policy", policy_id)
+        rows = page(s, policy_id=policy_id, member=member, after=after, limit=limit + 1, now=now)
+        # Unexpired holds only: a dead data plane's lapse on their own.
+        keys = [(r.policy_id, r.member, r.window_start) for r, _ in rows]
+        held = repo.holds_by_window(s, keys, int(now.timestamp()))
+        return [
+            _spend_entry(
+                r,
+                p,
+                held.get(k),
+                forecasts.forecast_of(r, p.amount_nanos, now, cp.forecast_horizon_s),
+            )
+            for k, (r, p) in zip(keys, rows, strict=True)
+        ]
+
+    entries = await cp.run(query)
+    token = ""
+    if len(entries) > limit:
+        entries = entries[:limit]
+        token = tokens.encode("spend", entries[-1].policy_id, entries[-1].member)
+    return entries, token
+
+
+async def list_top_spend(
+    cp: Runtime, policy_id: str, page_size: int, page_token: str, top: int
+) -> tuple[list[pb.SpendEntry], str, list[pb.MemberCounts]]:
+    """ListSpend with top_members: a page of whole policies (``page_size``
+    of them), a wildcard policy's ``top`` biggest spenders only; its
+    entries, the next page's token and the wildcard policies' member counts."""
+    policies = clamp_page_size(page_size, default=100)
+    tokens = await cp.page_tokens()
+    after = tokens.decode("spend-top", page_token, 1)[0] if page_token else ""
+    now = cp.clock()
+
+    def query(s: Session) -> tuple[list[pb.SpendEntry], list[pb.MemberCounts], str]:
+        if policy_id and not repo.policies_by_id(s, [policy_id], description=False):
+            raise NotFound("policy", policy_id)
+        found = top_page(
+            s, policy_id=policy_id, after_id=after, policies=policies, top=top, now=now
+        )
+        held = repo.holds_by_window(
+            s,
+            [(r.policy_id, r.member, r.window_start) for r, _ in found.rows],
+            int(now.timestamp()),
+        )
+        entries = [
+            _spend_entry(
+                r,
+                p,
+                held.get((r.policy_id, r.member, r.window_start)),
+                forecasts.forecast_of(r, p.amount_nanos, now, cp.forecast_horizon_s),
+            )
+            for r, p in found.rows
+        ]
+        counts = [
+            pb.MemberCounts(policy_id=pid, members=n, exceeded=over, alerting=near)
+            for pid, n, over, near in found.counts
+        ]
+        return entries, counts, found.last_policy_id
+
+    entries, counts, last = await cp.run(query)
+    return entries, tokens.encode("spend-top", last) if last else "", counts
+
+
+def _spend_entry(
+    r: WindowSpendRow,
+    p: PolicyRow,
+    holds: Sequence[repo.Hold] | None = None,
+    forecast: Forecast | None = None,
+) -> pb.SpendEntry:
+    """``remaining_usd`` is the limit less what is spent; ``held_usd`` (what
+    running requests hold, across data planes) is apart from both."""
+    remaining = max(p.amount_nanos - r.spent_nanos, 0)
+    held = sum(h.held_nanos for h in holds or ())
+    entry = pb.SpendEntry(
+        policy_id=p.id,
+        policy_name=p.name,
+        scope=convert.scope_message(convert.domain_policy(p).scope),
+        target=p.target,
+        member=r.member,
+        action=convert.action_message(convert.domain_policy(p).action),
+        window_start=timestamp(r.window_start),
+        window_end=timestamp(r.window_end),
+        spent_usd=format_usd(r.spent_nanos).removeprefix("$"),
+        limit_usd=format_usd(p.amount_nanos).removeprefix("$"),
+        remaining_usd=format_usd(remaining).removeprefix("$"),
+        exceeded=r.spent_nanos >= p.amount_nanos,
+        request_count=r.request_count,
+        held_usd=format_usd(held).removeprefix("$"),
+        held_requests=sum(h.requests for h in holds or ()),
+        adjusted_usd=adjustments.usd(r.adjusted_nanos) if r.adjustment_count else "",
+        adjustment_count=r.adjustment_count or 0,
+        would_reject_count=r.would_reject_count or 0,
+    )
+    if forecast is not None:
+        entry.forecast_exhaust_time.FromSeconds(forecast.exhausted_at)
+        entry.forecast_rate_usd_per_hour = rate_per_hour(forecast.rate_nanos_per_s)
+    return entry

@@ -1,5 +1,5 @@
 """Queries over the control plane's tables. Sessions are passed in; each
-public function of control_plane.service wraps one transaction around them.
+use case wraps one transaction around them (control_plane/runtime.py, Runtime.run).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The outbox: budget events and their deliveries, written in the same
-transaction as the spend that caused them (ControlPlane.apply_usage).
+transaction as the spend that caused them (control_plane/usage.py).
 
 If that transaction commits, the events and one pending delivery per
 subscribed, enabled webhook are durable; if it rolls back, none exist. The

@@ -26,7 +26,8 @@ import structlog
 from ext_proc.admission.decide import SpendKey
 from ext_proc.config import Settings
 from ext_proc.sync import snapshot
-from ext_proc.sync.state import Batch, LocalState
+from ext_proc.sync.batch import Batch
+from ext_proc.sync.state import LocalState
 from ext_proc.sync.statestream import Received, StateStream, StreamBroken, StreamStats
 from spendgate import keepalive
 from spendgate.domain.pricing import MAX_COST_NANOS

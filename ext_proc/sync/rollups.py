@@ -7,7 +7,7 @@ the usage batches (``ReportUsageRequest.rollups``), journaled and
 acknowledged with them, so they count exactly once like spend increments.
 Memory and batches grow with the number of distinct keys per flush interval,
 not with the request rate; a batch's rollups count against its record and
-byte bounds (ext_proc/sync/state.py), so many distinct users make more
+byte bounds (ext_proc/sync/batch.py), so many distinct users make more
 batches, never an oversized one.
 """
 

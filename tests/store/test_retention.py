@@ -1,6 +1,6 @@
 """Spend of old windows is deleted after spend_retention_days, in bounded
 chunks, and a deleted policy leaves neither spend nor holds behind
-(control_plane/service.py forget_old_spend, repo.delete_policy), on SQLite and
+(control_plane/maintenance.py forget_old_spend, repo.delete_policy), on SQLite and
 PostgreSQL."""
 
 from __future__ import annotations
