@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import grpc
 import psycopg
@@ -208,6 +210,10 @@ class Probe:
             raise SystemExit(f"bench scale: probe request answered {resp.status}")
         return {k.lower(): v for k, v in resp.getheaders()}
 
+    def until(self, header: str, value: str) -> None:
+        """Request until a response's ``header`` is ``value`` (ext_proc applied the change)."""
+        wait(lambda: self.headers().get(header) == value, 120, f"{header}: {value}")
+
 
 @dataclass
 class Changes:
@@ -222,7 +228,10 @@ def policy_changes(stub: budget_pb2_grpc.BudgetServiceStub, probe: Probe) -> Cha
     requests through Envoy until its budget headers show the change."""
     md = (("authorization", f"Bearer {topology.ADMIN}"),)
     day = pb.BudgetWindow(unit=pb.WINDOW_UNIT_DAYS, count=1)
-    create, create_applied, update, update_applied = [], [], [], []
+    create: list[float] = []
+    create_applied: list[float] = []
+    update: list[float] = []
+    update_applied: list[float] = []
     policy = pb.BudgetPolicy()
     for i in range(CHANGES):
         t0 = time.perf_counter()
@@ -243,11 +252,7 @@ def policy_changes(stub: budget_pb2_grpc.BudgetServiceStub, probe: Probe) -> Cha
             timeout=600,
         )
         create.append(time.perf_counter() - t0)
-        wait(
-            lambda p=policy.id: probe.headers().get("x-spendgate-budget-policy") == p,
-            120,
-            "create",
-        )
+        probe.until("x-spendgate-budget-policy", policy.id)
         create_applied.append(time.perf_counter() - t0)
     for i in range(CHANGES):
         amount = str(800_000 - i)
@@ -261,14 +266,11 @@ def policy_changes(stub: budget_pb2_grpc.BudgetServiceStub, probe: Probe) -> Cha
             timeout=600,
         )
         update.append(time.perf_counter() - t0)
-        wait(
-            lambda a=amount: probe.headers().get("x-spendgate-budget-limit", "").split(".")[0] == a,
-            120,
-            "update",
-        )
+        probe.until("x-spendgate-budget-limit", f"{amount}.00")
         update_applied.append(time.perf_counter() - t0)
-    ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
-    return Changes(ms(create), ms(create_applied), ms(update), ms(update_applied))
+    return Changes(
+        *(statistics.median(xs) * 1000 for xs in (create, create_applied, update, update_applied))
+    )
 
 
 def cli_seconds(address: str, *args: str) -> float:
@@ -325,7 +327,7 @@ def progress(text: str) -> None:
 
 def measure(kind: str, size: Size) -> list[str]:
     out: list[str] = [f"{kind}, {size.label}"]
-    workdir = Path(topology.tempfile.mkdtemp(prefix="spendgate-scale-"))
+    workdir = Path(tempfile.mkdtemp(prefix="spendgate-scale-"))
     with database(kind, workdir) as url:
         t0 = time.perf_counter()
         wildcard = fill(url, size, datetime.now(UTC))
@@ -334,7 +336,8 @@ def measure(kind: str, size: Size) -> list[str]:
         topo = topology.start(database_url=url)
         try:
             pid = topo.ext_procs[0].pid
-            port = int(topo.ext_procs[0].args[-3].rsplit(":", 1)[1])
+            args = cast(list[str], topo.ext_procs[0].args)  # ... --listen HOST:PORT ...
+            port = int(args[args.index("--listen") + 1].rsplit(":", 1)[1])
             wait(lambda: in_sync(port), 3600, "ext_proc in sync", poll=0.2)
             out.append(row("  start + sync s", f"{time.perf_counter() - t0:.1f}"))
             out.append(row("  ext_proc RSS MB", f"{rss_mb(pid):.1f}"))
@@ -355,7 +358,8 @@ def measure(kind: str, size: Size) -> list[str]:
             probe = Probe(topo.spendgate.port)
             with grpc.insecure_channel(topo.cp_address) as channel:
                 try:
-                    c = policy_changes(budget_pb2_grpc.BudgetServiceStub(channel), probe)
+                    stub = budget_pb2_grpc.BudgetServiceStub(channel)  # type: ignore[no-untyped-call]
+                    c = policy_changes(stub, probe)
                 finally:
                     probe.conn.close()
             out.append(row(f"  create p50 ms (of {CHANGES})", f"{c.create_ms:.1f}",
