@@ -9,7 +9,9 @@ ext_proc start on it and ext_proc syncs it by the ordinary resync. Sizes:
     members    1 / 10,000 / 100,000 / 1,000,000 of one `*` USER policy (10 policies)
 
 Measured per size, all through the real processes:
-- sync: time from starting the services to ext_proc reporting itself in sync;
+- sync: time from starting the services to ext_proc reporting itself in sync,
+  then how long (and how much CPU) ext_proc stays busy after it (the first
+  snapshot save writes every window); the rest is measured after that;
 - ext_proc RSS after the sync;
 - admission: wrk at c=1 through spendgate's Envoy (the request matches the
   `*` policy), p50/p99 and ext_proc CPU per request from /proc;
@@ -185,6 +187,13 @@ def in_sync(port: int) -> bool:
     return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def idle(pid: int, seconds: float = 1.0) -> bool:
+    """``pid`` used under a tenth of a core for ``seconds``."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before < seconds / 10
+
+
 def wait(check: Callable[[], bool], timeout: float, what: str, poll: float = 0.0) -> float:
     """Seconds until ``check()`` holds (SystemExit after ``timeout``)."""
     t0 = time.perf_counter()
@@ -340,6 +349,12 @@ def measure(kind: str, size: Size) -> list[str]:
             port = int(args[args.index("--listen") + 1].rsplit(":", 1)[1])
             wait(lambda: in_sync(port), 3600, "ext_proc in sync", poll=0.2)
             out.append(row("  start + sync s", f"{time.perf_counter() - t0:.1f}"))
+            # The first snapshot save after a resync writes every window (in a
+            # thread, then at most SNAPSHOT_SHARE of the time): measure after it.
+            cpu0, t1 = cpu_seconds(pid), time.perf_counter()
+            wait(lambda: idle(pid), 3600, "ext_proc idle after the sync")
+            settle = f"{time.perf_counter() - t1:.1f}", f"CPU {cpu_seconds(pid) - cpu0:.1f}"
+            out.append(row("  ext_proc busy after sync s", *settle))
             out.append(row("  ext_proc RSS MB", f"{rss_mb(pid):.1f}"))
             lua = load.script(workdir)
             chat = topo.spendgate.base_url + "/v1/chat/completions"
