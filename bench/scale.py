@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,7 @@ CHANGES = 3 if QUICK else 20
 PROBE_MODEL = load.BODY.split('"model":"', 1)[1].split('"', 1)[0]
 USER = load.HEADERS["x-spendgate-user"]
 SPENDGATE = [sys.executable, "-m", "spendgate.cli.main"]
+JOURNAL_ENV = "SPENDGATE_EXT_PROC_JOURNAL_DIR"
 
 
 def sizes(name: str, full: str, quick: str) -> list[int]:
@@ -347,7 +349,17 @@ def measure(kind: str, size: Size) -> list[str]:
         wildcard = fill(url, size, datetime.now(UTC))
         out.append(row("  bulk load s", f"{time.perf_counter() - t0:.1f}"))
         t0 = time.perf_counter()
-        topo = topology.start(database_url=url)
+        # ext_proc's journal and snapshot (about 70 MB at 1,000,000 members)
+        # in the run's folder, removed with it.
+        journal = os.environ.get(JOURNAL_ENV)
+        os.environ[JOURNAL_ENV] = str(workdir / "ext_proc-{port}")
+        try:
+            topo = topology.start(database_url=url)
+        finally:
+            if journal is None:
+                del os.environ[JOURNAL_ENV]
+            else:
+                os.environ[JOURNAL_ENV] = journal
         try:
             pid = topo.ext_procs[0].pid
             args = cast(list[str], topo.ext_procs[0].args)  # ... --listen HOST:PORT ...
@@ -388,6 +400,7 @@ def measure(kind: str, size: Size) -> list[str]:
                            f"applied {c.update_applied_ms:.1f}"))  # fmt: skip
         finally:
             topo.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
