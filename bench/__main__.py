@@ -6,6 +6,7 @@ URL for the ingest measurement, default the local server), BENCH_QUICK=1
 
     python -m bench          everything
     python -m bench paced    only the paced streams (no wrk needed)
+    python -m bench scale    work that grows with the size of the state (bench/scale.py)
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def paced_streams(topo: topology.Topology, *, quick: bool) -> list[str]:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["scale"]:
+        from bench import scale
+
+        scale.main()
+        return
     seconds = 2.0 if QUICK else SECONDS
     topo = topology.start(ext_procs=EXT_PROCS)
     out: list[str] = []

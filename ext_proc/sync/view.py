@@ -48,24 +48,33 @@ class PolicySet:
     msgs: dict[str, dp.VersionedPolicy] = field(default_factory=dict)
     valid: dict[str, Policy] = field(default_factory=dict)
     deleted: Tombstones = field(default_factory=Tombstones)
+    # The index of ``valid``: rebuilt by replace, changed in place by change
+    # (a change costs the policies it touches, not all of them).
+    current: PolicyIndex = field(default_factory=lambda: PolicyIndex(()))
 
     def replace(self, policies: Iterable[dp.VersionedPolicy]) -> PolicyIndex:
         self.msgs, self.valid = {}, {}
         self.deleted.next_generation()
         for p in policies:
             self._put(p)
-        return self.index()
+        self.current = self.index()
+        return self.current
 
     def change(self, changes: dp.PolicyChanges) -> PolicyIndex:
+        put: dict[str, Policy | None] = {}
         for p in changes.upserts:
             old = self.msgs.get(p.policy.id)
             if p.policy.id not in self.deleted and (old is None or p.version >= old.version):
                 self._put(p)
+                put[p.policy.id] = self.valid.get(p.policy.id)
         for policy_id in changes.deleted_ids:
             self.deleted.add(policy_id)
             self.msgs.pop(policy_id, None)
             self.valid.pop(policy_id, None)
-        return self.index()
+            put[policy_id] = None
+        if put:
+            self.current = self.current.changed(put)
+        return self.current
 
     def _put(self, p: dp.VersionedPolicy) -> None:
         self.msgs[p.policy.id] = p

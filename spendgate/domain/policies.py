@@ -6,11 +6,13 @@ what admins write, ext_proc to find the policies that apply to a request.
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from spendgate.domain import limits
 from spendgate.domain.members import MemberInvalid, canonical
@@ -254,26 +256,105 @@ class PolicyIndex:
         self._wildcard: dict[Scope, list[Policy]] = {}
         self._tag_exact: dict[tuple[str, str], list[Policy]] = {}
         self._tag_wildcard: dict[str, list[Policy]] = {}
+        self._models = 0  # policies of scope MODEL
+        self._exposing = 0  # policies with expose_to_clients
         for p in policies:
             if not p.enabled:
                 continue
             self.policies[p.id] = p
-            target = _match_target(p.scope, p.target)
-            if p.scope is Scope.GLOBAL:
+            self._count(p, 1)
+            buckets, key = self._bucket(p)
+            if buckets is None:
                 self._global.append(p)
-            elif p.scope is Scope.TAG:
-                key, _, value = target.partition("=")
-                if value == WILDCARD:
-                    self._tag_wildcard.setdefault(key, []).append(p)
-                else:
-                    self._tag_exact.setdefault((key, value), []).append(p)
-            elif target == WILDCARD:
-                self._wildcard.setdefault(p.scope, []).append(p)
             else:
-                self._exact.setdefault((p.scope, target), []).append(p)
-        self.needs_model = any(p.scope is Scope.MODEL for p in self.policies.values())
+                buckets.setdefault(key, []).append(p)
+        self._derive()
+
+    def changed(self, put: Mapping[str, Policy | None]) -> PolicyIndex:
+        """A new index with each id of ``put`` set to its policy (None, or a
+        disabled policy: removed); this one stays as it is.
+
+        Costs a C-level copy of the dicts plus the buckets touched, not a
+        rebuild: a change at 100,000 policies takes milliseconds instead of
+        half a second on ext_proc's event loop. An updated policy keeps its
+        place in its bucket; one that moves bucket (or comes back enabled)
+        goes to the end of its new bucket, where a rebuild would keep its
+        first place (the order of matches only breaks ties between rejections
+        with the same window end)."""
+        new = copy.copy(self)
+        new.policies = dict(self.policies)
+        new._exact = dict(self._exact)
+        new._wildcard = dict(self._wildcard)
+        new._tag_exact = dict(self._tag_exact)
+        new._tag_wildcard = dict(self._tag_wildcard)
+        for policy_id, p in put.items():
+            p = p if p is not None and p.enabled else None
+            # An update keeps its place in ``policies`` (as a rebuild would).
+            old = new.policies.get(policy_id) if p else new.policies.pop(policy_id, None)
+            placed = False
+            if old is not None:
+                new._count(old, -1)
+                placed = new._refile(old, p)
+            if p is None:
+                continue
+            new.policies[policy_id] = p
+            new._count(p, 1)
+            if not placed:
+                buckets, key = new._bucket(p)
+                if buckets is None:
+                    new._global = [*new._global, p]
+                else:
+                    buckets[key] = [*buckets.get(key, ()), p]
+        new._derive()
+        return new
+
+    def _bucket(self, p: Policy) -> tuple[dict[Any, list[Policy]] | None, Any]:
+        """Where ``p`` is filed: a dict of buckets and the key (None: _global)."""
+        target = _match_target(p.scope, p.target)
+        if p.scope is Scope.GLOBAL:
+            return None, None
+        if p.scope is Scope.TAG:
+            key, _, value = target.partition("=")
+            if value == WILDCARD:
+                return self._tag_wildcard, key
+            return self._tag_exact, (key, value)
+        if target == WILDCARD:
+            return self._wildcard, p.scope
+        return self._exact, (p.scope, target)
+
+    def _refile(self, old: Policy, new: Policy | None) -> bool:
+        """Take ``old`` out of its bucket, or put ``new`` in its place when it
+        belongs to the same bucket (True). Buckets are replaced, never
+        changed: an index built earlier shares them."""
+        buckets, key = self._bucket(old)
+        here = False
+        if new is not None:
+            new_buckets, new_key = self._bucket(new)
+            here = new_buckets is buckets and new_key == key
+        bucket = self._global if buckets is None else buckets[key]
+        if here:
+            items = [new if q.id == old.id else q for q in bucket]
+        else:
+            items = [q for q in bucket if q.id != old.id]
+        if buckets is None:
+            self._global = items  # type: ignore[assignment]
+        elif items:
+            buckets[key] = items  # type: ignore[assignment]
+        else:
+            del buckets[key]
+        return here
+
+    def _count(self, p: Policy, n: int) -> None:
+        if p.scope is Scope.MODEL:
+            self._models += n
+        if p.expose_to_clients:
+            self._exposing += n
+
+    def _derive(self) -> None:
+        """The summaries matching reads, from the buckets and counts."""
+        self.needs_model = self._models > 0
         # Some policy shows clients its budget: responses need their headers.
-        self.exposes = any(p.expose_to_clients for p in self.policies.values())
+        self.exposes = self._exposing > 0
         # REJECT policies with one budget per caller: a request that names no
         # such caller is subject to missing_identity (see unidentified). A
         # SHADOW policy never refuses, so it has no say here.

@@ -5,9 +5,14 @@ unspent policies included, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
 
 from control_plane import spend_list
 from control_plane.service import ControlPlane
+from control_plane.store import repo
 from spendgate.v1 import budget_pb2 as pb
 from tests.harness import FakeClock
 from tests.store.builders import T0, batch, inc, policy
@@ -141,3 +146,38 @@ async def test_a_top_members_page_ends_after_enough_entries(cp: ControlPlane) ->
     )
     assert [r.policy_id for r, _ in rest.rows] == [second] * 3
     assert rest.last_policy_id == ""
+
+
+async def test_one_policy_pages_on_its_key_range(cp: ControlPlane, engine: Engine) -> None:
+    """With policy_id, a page after a key of an earlier policy starts at the
+    policy's first member, after a later policy's key it is empty; on SQLite
+    the read is a range of the primary key (comparing the whole key made it
+    sort every row of the policy for every page, through ix_window_spend_top)."""
+    first = await cp.create_policy(policy("first", scope=pb.SCOPE_USER, target="*"), "a")
+    second = await cp.create_policy(policy("second", scope=pb.SCOPE_USER, target="*"), "a")
+    await cp.apply_usage(
+        batch("b1", *[inc(p.id, 1, member=m) for p in (first, second) for m in ("u1", "u2")])
+    )
+    low, high = sorted([first.id, second.id])
+    at = int(T0.timestamp())
+    with Session(engine) as s:
+
+        def members(after: tuple[str, str, int]) -> list[str]:
+            rows = repo.open_windows_page(s, active_at=at, after=after, limit=10, policy_id=high)
+            return [r.member for r in rows]
+
+        assert members((low, "zzz", 2**62)) == ["u1", "u2"]
+        assert members((high, "u1", 2**62)) == ["u2"]
+        assert members((high + "z", "", 0)) == []
+        if engine.dialect.name == "sqlite":
+            plans: list[str] = []
+
+            @event.listens_for(engine, "before_cursor_execute")
+            def explain(conn: Any, cursor: Any, sql: str, params: Any, *_: Any) -> None:
+                if "FROM window_spend" in sql and not sql.startswith("EXPLAIN"):
+                    rows = cursor.connection.execute("EXPLAIN QUERY PLAN " + sql, params)
+                    plans.append(" ".join(str(r[3]) for r in rows))
+
+            members((high, "u1", 2**62))
+            event.remove(engine, "before_cursor_execute", explain)
+            assert plans and all("(member,window_start)>" in p for p in plans), plans
