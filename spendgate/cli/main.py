@@ -5,24 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from spendgate.cli import (
+    adjustments,
+    apply,
+    policies,
+    prices,
+    reports,
+    secrets,
+    status,
+    up,
+    webhooks,
+)
 from spendgate.cli.client import AdminClient, CliError
 from spendgate.cli.credentials import client_server, client_token
 from spendgate.visible import visible
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spendgate.cli import (
-        adjustments,
-        apply,
-        policies,
-        prices,
-        reports,
-        secrets,
-        status,
-        up,
-        webhooks,
-    )
-
     parser = argparse.ArgumentParser(
         prog="spendgate", description="Hard dollar budgets for LLM traffic, enforced in Envoy."
     )
@@ -81,24 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "up":
-            from spendgate.cli.up import run_up
-
-            return run_up(args)
+            return up.run_up(args)
         if args.command == "envoy-config":
-            from spendgate.cli.up import run_envoy_config
-
-            return run_envoy_config(args)
-        from spendgate.cli import (
-            adjustments,
-            apply,
-            policies,
-            prices,
-            reports,
-            secrets,
-            status,
-            webhooks,
-        )
-
+            return up.run_envoy_config(args)
         if secrets.run_offline(args):
             return 0
         client = AdminClient(
