@@ -69,11 +69,13 @@ def without_access_logs(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def plain_config(spendgate: dict[str, Any]) -> dict[str, Any]:
-    """The same bootstrap with the ext_proc filter removed: the floor."""
+    """The same bootstrap with both ext_proc filters (admission, metering) removed."""
     plain = copy.deepcopy(spendgate)
     hcm = plain["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     hcm["typed_config"]["http_filters"] = [
-        f for f in hcm["typed_config"]["http_filters"] if "ext_proc" not in f["name"]
+        f
+        for f in hcm["typed_config"]["http_filters"]
+        if "ext_proc" not in f["typed_config"].get("@type", "")
     ]
     return plain
 

@@ -78,6 +78,16 @@ class Settings:
     # REJECT budget refuses it; counted in `spendgate_ext_proc_requests_unmetered_total` and
     # logged once per path) or `reject` (403 in the provider's error shape, naming the path).
     unmetered_requests: str = "count"
+    # Where responses are metered (docs/concepts/request-flow.md). `observe`: by Envoy's second
+    # ext_proc filter in `observability_mode` (envoy/envoy.yaml), which sends every response
+    # chunk without waiting for an answer, so no chunk is ever held for metering. `inline`: on
+    # the admission filter's own stream, each chunk held until ext_proc answers it (for an
+    # Envoy config with one ext_proc filter only).
+    response_metering: str = "observe"
+    # `observe`: how long an admitted request's hold waits for its metering stream before it is
+    # released (the stream arrives within milliseconds, on this process or, with `--workers`,
+    # on another one, which holds it again there; 1 to 600).
+    handoff_timeout_s: int = 10
     # Hold each admitted request's estimated cost against its REJECT windows until it ends.
     reservations: bool = True
     # Output tokens a reservation assumes for a model and route until 5 of its answers were seen
@@ -172,6 +182,12 @@ class Settings:
             raise ConfigError(
                 f"unmetered_requests must be count or reject, not {self.unmetered_requests!r}"
             )
+        if self.response_metering not in ("observe", "inline"):
+            raise ConfigError(
+                f"response_metering must be observe or inline, not {self.response_metering!r}"
+            )
+        if not 1 <= self.handoff_timeout_s <= 600:
+            raise ConfigError("handoff_timeout_s must be between 1 and 600 (seconds)")
         for name in ("default_input_price", "default_output_price"):
             try:
                 if Decimal(getattr(self, name)) < 0:

@@ -173,6 +173,22 @@ class ExtProcCollector(Collector):
         for result, n in s.arbitrations.items():
             arbitrations.add_metric([result], n)
         yield arbitrations
+        handoffs = CounterMetricFamily(
+            "spendgate_ext_proc_handoffs",
+            "response_metering: observe. Admitted requests handed from their admission stream "
+            "to their metering stream, by outcome: parked, claimed (metered here), restored "
+            "(another process's request metered here from its metadata), expired (no metering "
+            "stream came here within handoff_timeout_s; its hold was released), unreadable.",
+            labels=["outcome"],
+        )
+        for outcome, n in s.handoffs.items():
+            handoffs.add_metric([outcome], n)
+        yield handoffs
+        yield counter(
+            "spendgate_ext_proc_observed_messages",
+            "response_metering: observe. Messages on metering streams (never answered).",
+            s.observed_messages,
+        )
         yield counter(
             "spendgate_ext_proc_internal_errors",
             "Errors inside ext_proc (the request continued unchanged).",

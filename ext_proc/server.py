@@ -18,6 +18,7 @@ from ext_proc.config import ConfigError, Settings
 from ext_proc.metering.pricing import PriceOverride, PriceTable
 from ext_proc.metrics import SyncStatus
 from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.handoff import Handoffs, metering_stream
 from ext_proc.protocol.processor import Context, RequestProcessor
 from ext_proc.sync import snapshot
 from ext_proc.sync.client import (
@@ -45,6 +46,7 @@ USAGE_HEALTH_SERVICE = "spendgate.UsageDelivery"
 # The health service each supervised task's failure turns NOT_SERVING until
 # it recovers (the health publisher itself has none to report to).
 HEALTH_PUBLISHER_TASK = "health"
+HANDOFF_TASK = "expire-handoffs"
 TASK_HEALTH = {
     FLUSH_TASK: USAGE_HEALTH_SERVICE,
     WATCH_TASK: SYNC_HEALTH_SERVICE,
@@ -65,6 +67,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         self.ready = False
         self.first_snapshot = first_snapshot
         self.wait_s = wait_s
+        self.handoffs = Handoffs(ctx)
 
     async def _wait_for_policies(self) -> None:
         if not self.first_snapshot.is_set():
@@ -84,14 +87,24 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     ) -> AsyncIterator[codec.ProcessingResponse]:
         if not self.ready:
             await self._wait_for_policies()
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        if metering_stream(first):
+            await self._meter(first, requests)
+            return
         proc = RequestProcessor(self.ctx)
         self.ctx.stats.streams += 1
         self.ctx.stats.open_streams += 1
+        req: codec.ProcessingRequest | None = first
         try:
-            async for req in request_iterator:
+            while req is not None:
                 reply = proc.handle(req)
                 if not isinstance(reply, codec.ProcessingResponse):
                     reply = await reply  # the control plane admits this one
+                if proc.handoff_due():
+                    reply = self.handoffs.park(proc, reply)
                 if proc.last:
                     # End the call from this side as soon as Envoy needs nothing
                     # more. Envoy ends a finished stream with a reset, and
@@ -104,9 +117,38 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         yield reply
                     return
                 yield reply
+                req = await anext(requests, None)
         finally:
             self.ctx.stats.open_streams -= 1
             proc.close()
+
+    async def _meter(
+        self, first: codec.ProcessingRequest, requests: AsyncIterator[codec.ProcessingRequest]
+    ) -> None:
+        """A metering stream (response_metering: observe): Envoy's observing
+        filter sends the response and waits for nothing; nothing is answered.
+        It ends when the response is charged, or when Envoy closes it (a
+        response cut short, charged for what it cost)."""
+        proc = self.handoffs.take(first)
+        if proc is None:
+            return  # nothing to meter: ending the stream tells Envoy so
+        try:
+            proc.observe(first)
+            if proc.done:
+                return
+            async for req in requests:
+                proc.observe(req)
+                if proc.done:
+                    return
+        finally:
+            proc.end()
+
+    async def expire_handoffs(self) -> None:
+        """Release, every second, the holds of admitted requests whose
+        metering stream did not come here (ext_proc/protocol/handoff.py)."""
+        while True:
+            self.handoffs.expire()
+            await asyncio.sleep(1.0)
 
 
 class ExtProcServer:
@@ -239,6 +281,12 @@ class ExtProcServer:
         self.supervisor.spawn(
             HEALTH_PUBLISHER_TASK, self.board.run, doing="publishing health statuses"
         )
+        if self.settings.response_metering == "observe":
+            self.supervisor.spawn(
+                HANDOFF_TASK,
+                self.processor.expire_handoffs,
+                doing="releasing the holds of requests metered elsewhere",
+            )
         self.sync.start()
         log.info(
             "ext_proc listening",

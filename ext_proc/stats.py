@@ -91,6 +91,25 @@ class Stats:
     arbitrations: dict[str, int] = field(
         default_factory=lambda: {"admitted": 0, "rejected": 0, "unanswered": 0}
     )
+    # response_metering: observe. Metering streams opened by Envoy's observing
+    # filter, and the messages they carried (never answered).
+    observe_streams: int = 0
+    observed_messages: int = 0
+    # Admitted requests handed from their admission stream to their metering
+    # stream, by outcome: parked (waiting for it) | claimed (it came to this
+    # process) | restored (this process metered another process's request from
+    # its metadata) | expired (none came here in handoff_timeout_s: another
+    # process metered it, or Envoy has no metering filter) | unreadable
+    # (metadata that could not be read: not metered, logged at error).
+    handoffs: dict[str, int] = field(
+        default_factory=lambda: {
+            "parked": 0,
+            "claimed": 0,
+            "restored": 0,
+            "expired": 0,
+            "unreadable": 0,
+        }
+    )
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nanos: int = 0

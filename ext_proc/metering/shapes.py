@@ -171,6 +171,21 @@ _BEDROCK_PATH = re.compile(r"/model/[^?]+/(converse|converse-stream)$")
 _BEDROCK_INVOKE_PATH = re.compile(r"/model/[^?]+/(invoke|invoke-with-response-stream)$")
 
 
+BY_NAME: dict[str, ApiShape] = {
+    s.name: s
+    for s in (
+        OPENAI_CHAT,
+        OPENAI_COMPLETIONS,
+        OPENAI_RESPONSES,
+        OPENAI_EMBEDDINGS,
+        ANTHROPIC_MESSAGES,
+        GEMINI,
+        BEDROCK_CONVERSE,
+        BEDROCK_INVOKE,
+    )
+}
+
+
 def detect(method: str, path: str) -> ApiShape | None:
     """The shape of a request from its method and path (query ignored)."""
     if method != "POST":

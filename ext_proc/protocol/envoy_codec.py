@@ -111,45 +111,42 @@ SKIP_REST = Mode(
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
 )
-# Metered requests: response headers are not needed (the request says whether
-# the answer streams; error bodies are recognised by the meters), so Envoy is
-# asked only for the response body, streamed. One round trip less per request.
-# (A mode_override replaces every body mode: NONE is the proto default, so
-# each one is spelled out.)
-METERED = Mode(
-    request_body_mode=Mode.BUFFERED,
-    response_header_mode=Mode.SKIP,
-    response_body_mode=Mode.STREAMED,
-)
-# ... and shapes that name the model in the path need no request body either.
-METERED_NO_REQUEST_BODY = Mode(
-    request_body_mode=Mode.NONE,
-    response_header_mode=Mode.SKIP,
-    response_body_mode=Mode.STREAMED,
-)
-# ... and shapes whose usage may be in the response headers (Bedrock
-# InvokeModel) ask for them.
-METERED_WITH_RESPONSE_HEADERS = Mode(
-    request_body_mode=Mode.BUFFERED,
-    response_header_mode=Mode.SEND,
-    response_body_mode=Mode.STREAMED,
-)
-METERED_NO_REQUEST_BODY_WITH_RESPONSE_HEADERS = Mode(
-    request_body_mode=Mode.NONE,
-    response_header_mode=Mode.SEND,
-    response_body_mode=Mode.STREAMED,
-)
+# Metered requests ask for what they need and nothing more (a mode_override
+# replaces every body mode: NONE is the proto default, so each is spelled out):
+# - the request body, buffered, unless the shape names the model in the path
+#   and content-length gives the size;
+# - response headers only when the meter reads usage from them (Bedrock
+#   InvokeModel) or some policy shows its budget headers (the error bodies are
+#   recognised by the meters, and the request says whether the answer streams);
+# - the response body, streamed, only with response_metering: inline. With
+#   observe, Envoy's observing filter sends the response to a metering stream
+#   (ext_proc/protocol/handoff.py) and this stream asks for no response body.
+_METERED_MODES = {
+    (request_body, response_headers, response_body): Mode(
+        request_body_mode=Mode.BUFFERED if request_body else Mode.NONE,
+        response_header_mode=Mode.SEND if response_headers else Mode.SKIP,
+        response_body_mode=Mode.STREAMED if response_body else Mode.NONE,
+    )
+    for request_body in (False, True)
+    for response_headers in (False, True)
+    for response_body in (False, True)
+}
 
 
-def metered_mode(*, request_body: bool, response_headers: bool) -> pm.ProcessingMode:
+def metered_mode(
+    *, request_body: bool, response_headers: bool, response_body: bool = True
+) -> pm.ProcessingMode:
     """The phases a metered request asks Envoy for."""
-    if response_headers:
-        if request_body:
-            return METERED_WITH_RESPONSE_HEADERS
-        return METERED_NO_REQUEST_BODY_WITH_RESPONSE_HEADERS
-    return METERED if request_body else METERED_NO_REQUEST_BODY
+    return _METERED_MODES[request_body, response_headers, response_body]
 
 
+# The inline modes by name.
+METERED = metered_mode(request_body=True, response_headers=False)
+METERED_NO_REQUEST_BODY = metered_mode(request_body=False, response_headers=False)
+METERED_WITH_RESPONSE_HEADERS = metered_mode(request_body=True, response_headers=True)
+METERED_NO_REQUEST_BODY_WITH_RESPONSE_HEADERS = metered_mode(
+    request_body=False, response_headers=True
+)
 STREAM_RESPONSE_BODY = Mode(response_body_mode=Mode.STREAMED)
 NO_RESPONSE_BODY = Mode(response_body_mode=Mode.NONE)
 

@@ -125,6 +125,11 @@ class RequestProcessor:
         self.would_reject: set[SpendKey] = set()
         # Envoy sends nothing more on this stream once this message is answered.
         self.last = False
+        # response_metering: observe. Handed to the metering stream (parked by
+        # ext_proc/protocol/handoff.py), which meters the response and ends it;
+        # the admission stream then only answers response headers, if it asked.
+        self.parked = False
+        self.asked_response_headers = False
 
     # ---- dispatch -------------------------------------------------------------
 
@@ -254,10 +259,18 @@ class RequestProcessor:
         # Budget headers for clients go on the response headers: ask for
         # them when some policy shows its budget (decided here, as the mode
         # can only change now).
-        mode = codec.metered_mode(
-            request_body=read_body,
-            response_headers=shape.needs_response_headers or self.ctx.state.index.exposes,
-        )
+        exposes = self.ctx.state.index.exposes
+        if self.ctx.settings.response_metering == "observe":
+            # The metering stream gets the response (headers included).
+            mode = codec.metered_mode(
+                request_body=read_body, response_headers=exposes, response_body=False
+            )
+            self.asked_response_headers = exposes
+        else:
+            mode = codec.metered_mode(
+                request_body=read_body,
+                response_headers=shape.needs_response_headers or exposes,
+            )
         reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
         self.forwarded = not read_body
         if not read_body and self._reserve(None):
@@ -517,7 +530,11 @@ class RequestProcessor:
 
     def on_response_headers(self, headers: Any) -> codec.ProcessingResponse:
         h = codec.header_dict(headers)
-        reply = self._meter_response_headers(headers, h)
+        if self.parked:  # only asked for budget headers; metering is elsewhere
+            self.last = True
+            reply = codec.RESPONSE_HEADERS_CONTINUE
+        else:
+            reply = self._meter_response_headers(headers, h)
         # Budget headers: nobody else's pass (a provider's, a hop's), ours
         # are set on an admitted request's answer.
         remove = budget_headers.foreign(h)
@@ -700,10 +717,53 @@ class RequestProcessor:
             self.ctx.state.release(self.held)
             self.held = None
 
+    # ---- response_metering: observe ---------------------------------------------
+
+    def handoff_due(self) -> bool:
+        """Whether this admission stream has just let a metered request go to
+        the provider, whose response a metering stream meters."""
+        return (
+            self.forwarded
+            and self.shape is not None
+            and not (self.done or self.rejected or self.parked)
+            and self.ctx.settings.response_metering == "observe"
+        )
+
+    def observe(self, req: codec.ProcessingRequest) -> None:
+        """A message of the metering stream (Envoy's observing filter): read,
+        never answered. A bug never breaks metering of the next request."""
+        kind = req.WhichOneof("request")
+        self.ctx.stats.observed_messages += 1
+        try:
+            if self.done:
+                return
+            if kind == "response_headers":
+                headers = req.response_headers
+                self._meter_response_headers(headers, codec.header_dict(headers))
+            elif kind == "response_body":
+                self.on_response_body(req.response_body)
+        except Exception:
+            self.ctx.stats.internal_errors += 1
+            log.exception("ext_proc error while metering", phase=kind, request_id=self.request_id)
+
+    def expire_handoff(self) -> None:
+        """No metering stream took this request here in time: release its
+        holds (whoever meters it holds its own)."""
+        self._release()
+
+    # ---- the end ----------------------------------------------------------------
+
     def close(self) -> None:
-        """The stream with Envoy ended. A response cut short is still charged."""
+        """The stream with Envoy ended. A response cut short is still charged
+        (by its metering stream, when it was handed to one)."""
         if not self.rejected:
             self.ctx.stats.admitted_requests += 1
+        if not self.parked:
+            self.end()
+
+    def end(self) -> None:
+        """Nothing more comes for this request: release its holds, and charge
+        a response cut short (or never begun) for what it cost."""
         self._release()
         unanswered = self.meter is None and self.forwarded and self.shape is not None
         if unanswered and not self.done and not self.rejected:

@@ -146,11 +146,12 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def local_ext_proc_filter() -> dict[str, Any]:
-    """The ext_proc filter's typed_config in envoy/envoy.yaml."""
+def local_ext_proc_filter(name: str = "envoy.filters.http.ext_proc") -> dict[str, Any]:
+    """An ext_proc filter's typed_config in envoy/envoy.yaml: the admission
+    filter, or (spendgate.metering) the metering one."""
     listener = envoy_config.load()["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    (f,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    (f,) = [f for f in hcm["http_filters"] if f["name"] == name]
     return copy.deepcopy(f["typed_config"])
 
 

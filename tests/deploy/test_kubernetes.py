@@ -35,6 +35,7 @@ K8S = ROOT / "deploy" / "kubernetes"
 DOCS = {p.name: yaml_docs(p) for p in sorted(K8S.glob("*.yaml"))}
 ALL = [d for docs in DOCS.values() for d in docs]
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+METERING_FILTER = "spendgate.metering"
 # Health service names each server sets ("" = the whole server, always set).
 HEALTH_NAMES = {
     "control_plane": {"", *CONTROL_PLANE_HEALTH},
@@ -254,7 +255,16 @@ def test_service_monitors_find_the_metrics_ports() -> None:
 
 
 def istio_patches(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {p["applyTo"]: p for p in doc["spec"]["configPatches"]}
+    """The patches by what they apply to; the first HTTP_FILTER (admission)."""
+    patches: dict[str, dict[str, Any]] = {}
+    for p in doc["spec"]["configPatches"]:
+        patches.setdefault(p["applyTo"], p)
+    return patches
+
+
+def istio_filters(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The HTTP filters the patches insert, in order."""
+    return [p for p in doc["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
 
 
 @pytest.mark.parametrize("file", ["istio-ingress.yaml", "istio-sidecar.yaml"])
@@ -262,25 +272,27 @@ def test_istio_filter_is_the_local_one(file: str, up_modules: dict[str, str]) ->
     (doc,) = DOCS[file]
     assert doc["kind"] == "EnvoyFilter"
     patches = istio_patches(doc)
-    http = patches["HTTP_FILTER"]
-    assert http["patch"]["operation"] == "INSERT_BEFORE"
-    assert http["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
-        "envoy.filters.http.router"
-    )
-    value = http["patch"]["value"]
-    assert value["name"] == EXT_PROC_FILTER
-    config = value["typed_config"]
     svc = service_for(up_modules["ext_proc"])
     cluster = (
         f"outbound|{grpc_port(svc)}||{svc['metadata']['name']}."
         f"{svc['metadata']['namespace']}.svc.cluster.local"
     )
-    assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster
-    expected = local_ext_proc_filter()
-    expected["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
-    assert config == expected
+    filters = istio_filters(doc)
+    # Both inserted before the router, in this order: admission, then metering.
+    assert [f["patch"]["value"]["name"] for f in filters] == [EXT_PROC_FILTER, METERING_FILTER]
+    for http in filters:
+        assert http["patch"]["operation"] == "INSERT_BEFORE"
+        assert http["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == (
+            "envoy.filters.http.router"
+        )
+        assert http["match"]["context"] == patches["LISTENER"]["match"]["context"]
+        value = http["patch"]["value"]
+        config = value["typed_config"]
+        assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster
+        expected = local_ext_proc_filter(value["name"])
+        expected["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
+        assert config == expected
     listener = patches["LISTENER"]
-    assert listener["match"]["context"] == http["match"]["context"]
     assert listener["patch"]["value"]["per_connection_buffer_limit_bytes"] == local_buffer_limit()
 
 

@@ -328,6 +328,10 @@ async def running(**settings: Any) -> AsyncIterator[Ext]:
                 "metrics_listen": "",
                 # Requests come from 127.0.0.1 (request_headers' source).
                 "trusted_header_sources": "127.0.0.1/32",
+                # One stream per request, as most tests here drive it; the
+                # metering stream of observe has tests of its own
+                # (test_observe.py) and the e2e suites run it through Envoy.
+                "response_metering": "inline",
                 **settings,
             }
         ),

@@ -1,0 +1,208 @@
+"""response_metering: observe over the real protocol. The admission stream
+hands an admitted request to its metering stream (Envoy's observing filter),
+which meters the response without answering anything: on the same process,
+or, from the handoff's metadata, on another one (ext_proc/protocol/handoff.py).
+tests/e2e/test_envoy_observe.py pins what the real Envoy sends."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import orjson
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.handoff import NAMESPACE
+from ext_proc.sync.state import Increment
+from spendgate.domain.usage import Usage
+from tests.extproc.protocol import (
+    COMPLETION,
+    GLOBAL_KEY,
+    TIMEOUT,
+    Ext,
+    chat_body,
+    chat_headers,
+    policy,
+    price,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    running,
+    spent,
+)
+
+OBSERVE = {"response_metering": "observe"}
+COST = price(Usage(19, 0, output_tokens=10, reasoning_tokens=0))
+
+
+async def admit(ext: Ext, *, body: bytes | None = None) -> ep.ProcessingResponse:
+    """The admission stream of one chat request: its answers, the last of
+    which (the body's) ends the stream and carries the handoff."""
+    body = body or chat_body()
+    s = ext.stream()
+    first = await s.send(request_headers(headers=chat_headers(body, x_request_id="r1")))
+    assert isinstance(first, ep.ProcessingResponse)
+    mode = first.mode_override
+    assert mode.request_body_mode == codec.Mode.BUFFERED
+    assert mode.response_body_mode == codec.Mode.NONE  # the metering stream reads it
+    assert mode.response_header_mode == codec.Mode.SKIP
+    last = await s.answer_and_end(request_body(body))  # Envoy asks nothing more here
+    assert last.WhichOneof("response") == "request_body"
+    await s.close()
+    return last
+
+
+def observed(req: ep.ProcessingRequest, handoff: ep.ProcessingResponse | None) -> Any:
+    """``req`` as the observing filter sends it: with the admission answer's
+    dynamic metadata (Envoy forwards the namespace "spendgate")."""
+    req.observability_mode = True
+    if handoff is not None:
+        ns = handoff.dynamic_metadata.fields[NAMESPACE].struct_value
+        req.metadata_context.filter_metadata[NAMESPACE].CopyFrom(ns)
+    return req
+
+
+async def meter(
+    ext: Ext, messages: list[ep.ProcessingRequest], *, envoy_closes: bool = False
+) -> None:
+    """A metering stream: ext_proc answers nothing and ends it itself once
+    the response is charged (or at once when there is nothing to meter)."""
+    call = ext.stub.Process()
+    for m in messages:
+        await call.write(m)
+    if envoy_closes:  # deferred_close_timeout after a request that ended early
+        await call.done_writing()
+    assert await asyncio.wait_for(call.read(), TIMEOUT) is grpc.aio.EOF
+    assert await call.code() is grpc.StatusCode.OK
+
+
+def response(handoff: ep.ProcessingResponse | None, *, cut: bool = False) -> list[Any]:
+    parts = [response_headers(200), response_body(COMPLETION[:100])]
+    if not cut:
+        parts.append(response_body(COMPLETION[100:], end_of_stream=True))
+    return [observed(request_headers(headers=chat_headers()), handoff)] + [
+        observed(p, handoff) for p in parts
+    ]
+
+
+async def test_the_metering_stream_charges_what_the_admission_stream_let_through() -> None:
+    async with running(**OBSERVE) as ext:
+        ext.set_policies(policy("global"))
+        handoff = await admit(ext)
+        ns = handoff.dynamic_metadata.fields[NAMESPACE].struct_value
+        assert ns.fields["token"].string_value.startswith(
+            ext.server.processor.handoffs.prefix + "."
+        )
+        assert ext.server.state.held(GLOBAL_KEY)[0] > 0  # the hold waits for the response
+        assert ext.stats.handoffs["parked"] == 1
+
+        await meter(ext, response(handoff))
+        assert ext.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+        assert ext.server.state.held(GLOBAL_KEY) == (0, 0)
+        assert ext.stats.handoffs == {
+            "parked": 1,
+            "claimed": 1,
+            "restored": 0,
+            "expired": 0,
+            "unreadable": 0,
+        }
+        assert ext.stats.metered_responses == 1
+        assert len(ext.server.processor.handoffs) == 0
+
+
+async def test_a_response_cut_short_is_charged_when_envoy_closes_the_metering_stream() -> None:
+    async with running(**OBSERVE) as ext:
+        ext.set_policies(policy("global"))
+        handoff = await admit(ext)
+        await meter(ext, response(handoff, cut=True), envoy_closes=True)
+        assert ext.stats.estimated_responses == 1
+        [(key, charged)] = ext.pending().items()
+        assert key == GLOBAL_KEY and charged.cost_nanos > 0
+        assert ext.server.state.held(GLOBAL_KEY) == (0, 0)
+
+
+async def test_a_request_that_never_got_an_answer_is_charged_its_prompt() -> None:
+    """The client gave up before the provider answered: Envoy closes the
+    metering stream after its request headers; the prompt is charged."""
+    async with running(**OBSERVE) as ext:
+        ext.set_policies(policy("global"))
+        handoff = await admit(ext)
+        await meter(
+            ext, [observed(request_headers(headers=chat_headers()), handoff)], envoy_closes=True
+        )
+        assert ext.stats.estimated_responses == 1
+        assert ext.pending()[GLOBAL_KEY].cost_nanos > 0
+
+
+async def test_a_stream_without_a_handoff_is_ended_at_once_and_charges_nothing() -> None:
+    """A refused request's local reply, or a request of no metered shape."""
+    async with running(**OBSERVE) as ext:
+        ext.set_policies(policy("global"))
+        await meter(ext, [observed(response_headers(429), None)])
+        assert ext.pending() == {}
+        assert ext.stats.observe_streams == 1
+        assert ext.stats.handoffs["parked"] == 0
+
+
+async def test_another_process_meters_the_request_from_its_metadata() -> None:
+    """--workers: the metering stream reaches a process that did not admit
+    the request. It meters and charges it there, holding it meanwhile; the
+    admitting process releases its own hold when none comes within
+    handoff_timeout_s."""
+    async with running(**OBSERVE) as a, running(**OBSERVE) as b:
+        for ext in (a, b):
+            ext.set_policies(policy("global"))
+        handoff = await admit(a)
+        held_by_a = a.server.state.held(GLOBAL_KEY)
+        assert held_by_a[0] > 0
+
+        call = b.stub.Process()
+        first, *rest = response(handoff)
+        await call.write(first)
+
+        async def b_holds() -> None:
+            while b.server.state.held(GLOBAL_KEY) != held_by_a:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(b_holds(), TIMEOUT)  # the same hold, made again on b
+        for m in rest:
+            await call.write(m)
+        assert await asyncio.wait_for(call.read(), TIMEOUT) is grpc.aio.EOF
+        assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+        assert b.server.state.held(GLOBAL_KEY) == (0, 0)
+        assert b.stats.handoffs["restored"] == 1
+        assert a.pending() == {}
+
+        handoffs = a.server.processor.handoffs
+        handoffs.expire()
+        assert a.server.state.held(GLOBAL_KEY) == held_by_a  # not yet
+        handoffs.clock = lambda: float("inf")  # handoff_timeout_s later
+        handoffs.expire()
+        assert a.server.state.held(GLOBAL_KEY) == (0, 0)
+        assert a.stats.handoffs["expired"] == 1
+        assert len(handoffs) == 0
+
+
+async def test_unreadable_handoff_metadata_is_counted_and_logged() -> None:
+    async with running(**OBSERVE) as ext:
+        bad = ep.ProcessingResponse()
+        ns = bad.dynamic_metadata.fields[NAMESPACE].struct_value
+        ns.fields["token"].string_value = "elsewhere.1"
+        ns.fields["request"].string_value = orjson.dumps({"s": "no-such-shape"}).decode()
+        await meter(ext, [observed(response_headers(200), bad)])
+        assert ext.stats.handoffs["unreadable"] == 1
+        assert ext.pending() == {}
+
+
+async def test_refused_requests_are_not_handed_off() -> None:
+    async with running(**OBSERVE) as ext:
+        ext.set_policies(policy("global", amount="0.001"), spend=[spent("global", 10**6)])
+        body = chat_body()
+        s = ext.stream()
+        answer = await s.answer_and_end(request_headers(headers=chat_headers(body)))
+        assert answer.immediate_response.status.code == 429
+        assert not answer.HasField("dynamic_metadata")
+        assert ext.stats.handoffs["parked"] == 0
