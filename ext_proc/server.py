@@ -281,7 +281,7 @@ class ExtProcServer:
         self.supervisor.spawn(
             HEALTH_PUBLISHER_TASK, self.board.run, doing="publishing health statuses"
         )
-        if self.settings.response_metering == "observe":
+        if not self.settings.meters_inline:
             self.supervisor.spawn(
                 HANDOFF_TASK,
                 self.processor.expire_handoffs,

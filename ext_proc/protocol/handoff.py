@@ -21,13 +21,14 @@ Envoy 1.40, as tests/e2e/test_envoy_observe.py pins:
 So: when the admission stream lets a metered request go to the provider, the
 request's processor is *parked* here under a token, and the answer carries the
 token and everything metering needs as dynamic metadata. The metering stream
-*takes* it: from this process's parked requests when it lands here (the
-common case: the hold made at admission moves with it), else (``--workers``:
-the two streams of one request may reach different processes, each a data
-plane of its own) *restored* from the metadata, its holds made again here.
-A parked request no metering stream took here within ``handoff_timeout_s`` is
-*expired*: its holds are released (another process meters it, or Envoy has
-no metering filter, which is logged at error level).
+*takes* it from this process's parked requests (the hold made at admission
+moves with it). A parked request no metering stream took within
+``handoff_timeout_s`` is *expired* and its holds released (Envoy has no
+metering filter, which is logged at error level); a metering stream that
+comes later, or reaches a process that did not admit the request, meters it
+*restored* from the metadata, holding nothing. ``--workers`` meters inline
+(Settings.meters_inline): there the two streams of a request may reach
+different workers, and only the admitting one could end the hold.
 """
 
 from __future__ import annotations
@@ -69,21 +70,19 @@ def payload(proc: RequestProcessor) -> str:
             "id": proc.request_id,
             "f": [f.route, f.user, f.api_key_hash, f.workspace, f.provider, f.model, f.service],
             "t": dict(f.tags),
-            "h": proc.held,
         }
     ).decode()
 
 
 def restore(ctx: Context, data: str) -> RequestProcessor:
     """A processor for a request another process admitted, from ``payload``.
-    Its policies are matched again on this process's policy index; its holds
-    are made again here (the admitting process releases its own)."""
+    Its policies are matched again on this process's policy index. It holds
+    nothing here: its holds stay on the admitting process until they expire."""
     try:
         d = orjson.loads(data)
         shape = BY_NAME[d["s"]]
         route, user, key_hash, workspace, provider, model, service = (str(v) for v in d["f"])
         tags = {str(k): str(v) for k, v in d["t"].items()}
-        held = [((str(p), str(m), int(w)), int(n)) for (p, m, w), n in d["h"] or ()]
         proc = RequestProcessor(ctx)
         proc.shape = shape
         proc.path = str(d["p"])
@@ -106,9 +105,6 @@ def restore(ctx: Context, data: str) -> RequestProcessor:
     )
     proc.matches = ctx.state.index.matches(proc.facts)
     proc.forwarded = True
-    if held:
-        ctx.state.reserve(held)
-        proc.held = held
     return proc
 
 

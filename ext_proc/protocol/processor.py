@@ -260,7 +260,7 @@ class RequestProcessor:
         # them when some policy shows its budget (decided here, as the mode
         # can only change now).
         exposes = self.ctx.state.index.exposes
-        if self.ctx.settings.response_metering == "observe":
+        if not self.ctx.settings.meters_inline:
             # The metering stream gets the response (headers included).
             mode = codec.metered_mode(
                 request_body=read_body, response_headers=exposes, response_body=False
@@ -726,7 +726,7 @@ class RequestProcessor:
             self.forwarded
             and self.shape is not None
             and not (self.done or self.rejected or self.parked)
-            and self.ctx.settings.response_metering == "observe"
+            and not self.ctx.settings.meters_inline
         )
 
     def observe(self, req: codec.ProcessingRequest) -> None:

@@ -61,6 +61,9 @@ class Env:
             flush_interval_ms=20,
             journal_dir=str(self.journal),
             metrics_listen="",
+            # These tests drive one stream per request, as Envoy with one
+            # ext_proc filter does (tests/extproc/test_observe.py: observe).
+            response_metering="inline",
         )
         ext = self.loop.call(lambda: ExtProcServer(settings, clock=self.clock))
         self.loop.run(ext.start())

@@ -43,6 +43,8 @@ def start_ext_proc(env: Env, port: int, log: Path) -> subprocess.Popen[bytes]:
         "SPENDGATE_EXT_PROC_JOURNAL_DIR": str(env.journal),
         "SPENDGATE_EXT_PROC_DATA_PLANE_ID": "kill9-dp",
         "SPENDGATE_EXT_PROC_METRICS_LISTEN": "",
+        # One stream per request, driven here as Envoy with one filter does.
+        "SPENDGATE_EXT_PROC_RESPONSE_METERING": "inline",
     }
     with log.open("ab") as out:
         return subprocess.Popen(
