@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # Extra `spendgate up` options: make run ARGS='--config spendgate.yaml'
 ARGS ?=
 
-.PHONY: run test lint docs fuzz proto bench install install-dev clean
+.PHONY: run test lint docs fuzz proto bench wrk install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ install-dev: $(DEV_STAMP)
 run: $(RUN_STAMP)
 	$(BIN)/spendgate up --demo $(ARGS)
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) wrk
 	$(BIN)/pytest -q
 
 # The fuzz harness (tests/fuzz/) for SPENDGATE_FUZZ_SECONDS (default 10 minutes);
@@ -62,11 +62,14 @@ docs: $(DEV_STAMP)
 proto: $(RUN_STAMP)
 	$(BIN)/python -m spendgate.protogen
 
-# wrk (Debian's package) drives the load; installed here when missing.
+# wrk (Debian's package) drives the load (make bench, tests/bench); installed
+# here when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-bench: $(DEV_STAMP)
+wrk:
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk \
 		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
+
+bench: $(DEV_STAMP) wrk
 	$(BIN)/python -m bench
 
 clean:

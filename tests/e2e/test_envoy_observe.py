@@ -85,15 +85,19 @@ class Observer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.log = log
 
     def Process(self, requests: Iterator[ep.ProcessingRequest], context: Any) -> Iterator[Any]:
-        for req in requests:
-            kind = req.WhichOneof("request")
-            md = json_format.MessageToDict(req.metadata_context)
-            answered = md.get("filterMetadata", {}).get("spendgate", {}).get("answered", "")
-            eos = str(getattr(req, kind).end_of_stream) if kind.endswith("body") else ""
-            if kind == "response_body" and not self.log.release.wait(10):
-                self.log.add("observer", "never released")
-            self.log.add("observer", kind, answered, eos, str(req.observability_mode))
-        self.log.add("observer", "ended")
+        try:  # Envoy ends the stream with a half-close or a reset: either counts
+            for req in requests:
+                kind = req.WhichOneof("request")
+                md = json_format.MessageToDict(req.metadata_context)
+                answered = md.get("filterMetadata", {}).get("spendgate", {}).get("answered", "")
+                eos = str(getattr(req, kind).end_of_stream) if kind.endswith("body") else ""
+                if kind == "response_body" and not self.log.release.wait(10):
+                    self.log.add("observer", "never released")
+                self.log.add("observer", kind, answered, eos, str(req.observability_mode))
+        except grpc.RpcError:
+            pass
+        finally:
+            self.log.add("observer", "ended")
         return
         yield  # a generator that answers nothing
 
