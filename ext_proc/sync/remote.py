@@ -9,10 +9,10 @@ are indexed by their end and windows with holds by their first hold's expiry
 (``TimeIndex``), so ``prune`` looks only at the times that have passed: with
 nothing ended it touches no window. When many windows end together (every
 member of a ``*`` policy ends at the same boundary), ``prune`` makes them
-invisible at once (``ended_at``: ``total``, ``others`` and ``holds_on`` ignore
-a window that ends at or before it) and deletes them ``limit`` at a time; the
-caller runs ``delete_ended`` again, letting the event loop serve requests
-between slices (ext_proc/sync/client.py).
+invisible at once (LocalState's reads ignore a window that ends at or before
+``ended_at``, see ``live``) and deletes them ``limit`` at a time; the caller
+runs ``delete_ended`` again, letting the event loop serve requests between
+slices (ControlPlaneSync.prune in ext_proc/sync/client.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ext_proc.admission.decide import SpendKey
 from spendgate.v1 import dataplane_pb2 as dp
@@ -32,45 +32,46 @@ class TimeIndex(Generic[K]):
     """Keys by a time (Unix seconds), to take those due by a time without
     looking at the others: a bucket of keys per time and a heap of the
     times. Many keys share a time (the windows of one policy end together),
-    so the heap stays small."""
+    so the heap stays small.
+
+    A key whose time changes is added again under its new time and left
+    under the old one: whoever takes a bucket checks each key's current
+    time. Buckets are lists, appended to and read in order: at a million
+    keys, reading them in the order they were added (the order they sit in
+    memory) and deleting them costs a third of what a set's order does.
+    """
 
     __slots__ = ("_buckets", "_times")
 
     def __init__(self) -> None:
-        self._buckets: dict[int, set[K]] = {}
+        self._buckets: dict[int, list[K]] = {}
         self._times: list[int] = []  # a heap: one entry per bucket
 
     def add(self, key: K, at: int) -> None:
         bucket = self._buckets.get(at)
         if bucket is None:
-            bucket = self._buckets[at] = set()
+            bucket = self._buckets[at] = []
             heapq.heappush(self._times, at)
-        bucket.add(key)
+        bucket.append(key)
 
-    def discard(self, key: K, at: int) -> None:
-        """Remove ``key`` from time ``at`` (an emptied bucket stays until its time)."""
-        bucket = self._buckets.get(at)
-        if bucket is not None:
-            bucket.discard(key)
-
-    def pop_due(self, now: float) -> list[set[K]]:
+    def pop_due(self, now: float) -> list[list[K]]:
         """Remove and return the buckets of every time at or before ``now``."""
         due = []
         times = self._times
         while times and times[0] <= now:
-            bucket = self._buckets.pop(heapq.heappop(times))
-            if bucket:
-                due.append(bucket)
+            due.append(self._buckets.pop(heapq.heappop(times)))
         return due
 
     def items(self) -> Iterator[tuple[K, int]]:
-        """Every (key, time), in no particular order (for tests and checks)."""
+        """Every (key, time) added and not yet due, in no particular order
+        (for tests and checks)."""
         for at, bucket in self._buckets.items():
             for key in bucket:
                 yield key, at
 
-    def __len__(self) -> int:
-        return sum(len(b) for b in self._buckets.values())
+    def times(self) -> list[int]:
+        """The times of the buckets, as the heap holds them (for tests)."""
+        return list(self._times)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +102,16 @@ class RemoteWindows:
     # Unix seconds of the latest prune: a window ending at or before it is
     # over, whether or not it is deleted yet.
     ended_at: float = 0.0
-    # Ended windows not deleted yet (buckets taken from ``ends``).
-    ending: list[set[SpendKey]] = field(default_factory=list)
+    # Ended windows not deleted yet (buckets taken from ``ends``), and how
+    # far into the first one deleting has come (the entries before it are
+    # set to None as they go).
+    ending: list[list[SpendKey]] = field(default_factory=list)
+    ending_at: int = 0
 
     # ---- reads (hot path) --------------------------------------------------
 
-    def total(self, key: SpendKey) -> int:
-        """The control plane's total of a window that has not ended, else 0."""
-        t = self.totals.get(key)
-        return t[0] if t is not None and t[1] > self.ended_at else 0
-
     def live(self, key: SpendKey) -> bool:
+        """The window is known and has not ended by the last prune."""
         t = self.totals.get(key)
         return t is not None and t[1] > self.ended_at
 
@@ -127,6 +127,7 @@ class RemoteWindows:
         self.ends = TimeIndex()
         self.expiries = TimeIndex()
         self.ending = []
+        self.ending_at = 0
 
     def merge(self, spend: Iterable[dp.WindowSpend], identity: str, now: float) -> None:
         """Merge totals and holds (``identity``: ours, not counted; ``now``:
@@ -147,10 +148,7 @@ class RemoteWindows:
             seq, known = ws.adjustment_seq, seqs.get(key, 0)
             if seq > known or (seq == known and (old is None or ws.spent_nanos >= old[0])):
                 totals[key] = (ws.spent_nanos, end)
-                if old is None:
-                    ends.add(key, end)
-                elif old[1] != end:
-                    ends.discard(key, old[1])
+                if old is None or old[1] != end:
                     ends.add(key, end)
                 if seq:
                     seqs[key] = seq
@@ -184,13 +182,9 @@ class RemoteWindows:
         total = sum(h.nanos for h in known.values())
         self.held_others[key] = total
         until = min((h.expires for h in known.values()), default=0)
-        old = self.held_others_until.get(key, 0)
+        if until and until != self.held_others_until.get(key):
+            self.expiries.add(key, until)
         self.held_others_until[key] = until
-        if until != old:
-            if old:
-                self.expiries.discard(key, old)
-            if until:
-                self.expiries.add(key, until)
         return total
 
     def prune(self, now: float, limit: int) -> bool:
@@ -203,9 +197,11 @@ class RemoteWindows:
         # By ended_at, not now: a clock that went back never brings a window
         # back, and one merged meanwhile with an end before it goes too.
         self.ending += self.ends.pop_due(self.ended_at)
+        until = self.held_others_until
         for bucket in self.expiries.pop_due(now):
             for key in bucket:
-                if key in self.holds:
+                # Not if its holds have a later expiry now, or are gone.
+                if 0 < until.get(key, 0) <= now:
                     self.count_others(key, now)
         return self.delete_ended(limit)
 
@@ -213,33 +209,34 @@ class RemoteWindows:
         """Delete up to ``limit`` windows that ended by the last prune; True
         when some remain."""
         ending, totals, ended_at = self.ending, self.totals, self.ended_at
-        n = 0
+        left = limit
         while ending:
-            bucket = ending[-1]
-            while bucket and n < limit:
-                key = bucket.pop()
-                n += 1
+            bucket: list[Any] = ending[0]  # its keys become None as they go
+            start = self.ending_at
+            stop = min(len(bucket), start + left)
+            for i in range(start, stop):
+                key = bucket[i]
+                bucket[i] = None  # the key is freed with its window, not all at the end
                 t = totals.get(key)
-                # A window merged again with a later end (its policy's window
-                # changed) is not over.
+                # Not a window deleted already, nor one merged again with a
+                # later end (its policy's window changed): that one is not over.
                 if t is not None and t[1] <= ended_at:
                     self._forget(key)
-            if bucket:
+            left -= stop - start
+            if stop < len(bucket):
+                self.ending_at = stop
                 return True
-            ending.pop()
-        return False
+            ending.pop(0)
+            self.ending_at = 0
+            if not left:
+                break
+        return bool(ending)
 
     def _forget(self, key: SpendKey) -> None:
-        # Its bucket was taken from ``ends`` unless it was merged again with
-        # another past end: then it is there too.
-        self.ends.discard(key, self.totals.pop(key)[1])
-        self.seqs.pop(key, None)
-        if self.holds.pop(key, None) is not None:
+        # Left in the indexes: checked against ``totals`` when due.
+        del self.totals[key]
+        if self.seqs:
+            self.seqs.pop(key, None)
+        if self.holds and self.holds.pop(key, None) is not None:
             self.held_others.pop(key, None)
-            until = self.held_others_until.pop(key, 0)
-            if until:
-                self.expiries.discard(key, until)
-
-    def pending_deletes(self) -> int:
-        """Ended windows not deleted yet (an upper bound)."""
-        return sum(len(b) for b in self.ending)
+            self.held_others_until.pop(key, None)
