@@ -209,6 +209,7 @@ class RemoteWindows:
         """Delete up to ``limit`` windows that ended by the last prune; True
         when some remain."""
         ending, totals, ended_at = self.ending, self.totals, self.ended_at
+        seqs, holds = self.seqs, self.holds
         left = limit
         while ending:
             bucket: list[Any] = ending[0]  # its keys become None as they go
@@ -217,11 +218,20 @@ class RemoteWindows:
             for i in range(start, stop):
                 key = bucket[i]
                 bucket[i] = None  # the key is freed with its window, not all at the end
-                t = totals.get(key)
-                # Not a window deleted already, nor one merged again with a
-                # later end (its policy's window changed): that one is not over.
-                if t is not None and t[1] <= ended_at:
-                    self._forget(key)
+                # Inlined _forget: this loop is the whole cost of a boundary.
+                t = totals.pop(key, None)
+                if t is None:
+                    continue  # deleted already
+                if t[1] > ended_at:
+                    # Merged again with a later end (its policy's window
+                    # changed): not over.
+                    totals[key] = t
+                    continue
+                if seqs:
+                    seqs.pop(key, None)
+                if holds and holds.pop(key, None) is not None:
+                    self.held_others.pop(key, None)
+                    self.held_others_until.pop(key, None)
             left -= stop - start
             if stop < len(bucket):
                 self.ending_at = stop
