@@ -22,7 +22,11 @@ Measured per size, all through the real processes:
   the new policy / show the new amount once ext_proc has it;
 - rollover (in-process, the services take no injected clock outside tests):
   a LocalState fed N members the way a resync does (replace_view), then
-  prune() with no window ended and prune() after the window boundary.
+  prune() with no window ended, and the boundary the way ext_proc's
+  save-snapshot task prunes (ControlPlaneSync.prune): prune() at the
+  boundary, then slice after slice with the event loop running between
+  them; its longest slice, all slices together, and the longest stall the
+  event loop saw (the longest gap between two runs of a callback).
 
 Environment: BENCH_QUICK=1 (only the smallest sizes), BENCH_SCALE_DBS
 (comma list of sqlite,postgresql), BENCH_SCALE_POLICIES / BENCH_SCALE_MEMBERS
@@ -31,6 +35,7 @@ Environment: BENCH_QUICK=1 (only the smallest sizes), BENCH_SCALE_DBS
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import shutil
@@ -304,8 +309,11 @@ def cli_seconds(address: str, *args: str) -> float:
 @dataclass
 class Rollover:
     feed_ms: float
-    prune_ms: float
-    boundary_ms: float
+    prune_ms: float  # prune() with no window ended
+    boundary_ms: float  # prune() at the boundary: ends them all, deletes the first slice
+    slice_ms: float  # the longest of the slices after it (prune_more)
+    all_ms: float  # the boundary's prune() and every slice
+    stall_ms: float  # the event loop's longest gap between two runs of a callback
 
 
 def rollover(members: int) -> Rollover:
@@ -326,14 +334,51 @@ def rollover(members: int) -> Rollover:
     t1 = time.perf_counter()
     state.prune(now)
     t2 = time.perf_counter()
-    state.prune(day.end + timedelta(seconds=1))
-    t3 = time.perf_counter()
+    boundary, slices, stall = asyncio.run(_boundary(state, day.end + timedelta(seconds=1)))
     assert not state.remote
-    return Rollover((t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
+    return Rollover(
+        (t1 - t0) * 1000,
+        (t2 - t1) * 1000,
+        boundary * 1000,
+        max(slices, default=0) * 1000,
+        (boundary + sum(slices)) * 1000,
+        stall * 1000,
+    )
+
+
+async def _boundary(state: LocalState, after: datetime) -> tuple[float, list[float], float]:
+    """Prune at ``after`` as ControlPlaneSync.prune does, timing each step,
+    while a callback that reschedules itself measures the loop's gaps.
+    Returns (the prune() call, each slice after it, the longest gap) in s."""
+    loop = asyncio.get_running_loop()
+    last, longest, done = time.perf_counter(), 0.0, False
+
+    def tick() -> None:
+        nonlocal last, longest
+        now = time.perf_counter()
+        longest = max(longest, now - last)
+        last = now
+        if not done:
+            loop.call_soon(tick)
+
+    tick()
+    await asyncio.sleep(0)
+    t0 = time.perf_counter()
+    state.prune(after)
+    boundary = time.perf_counter() - t0
+    slices = []
+    while state.pruning:
+        await asyncio.sleep(0)
+        t0 = time.perf_counter()
+        state.prune_more()
+        slices.append(time.perf_counter() - t0)
+    await asyncio.sleep(0)
+    done = True
+    return boundary, slices, longest
 
 
 def row(*cells: object) -> str:
-    widths = (44, 14, 14, 14, 14, 14)
+    widths = (44, 14, 14, 14, 14, 14, 14)
     return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))
 
 
@@ -416,13 +461,17 @@ def main() -> None:
             lines = measure(kind, size)
             print("\n".join(lines), flush=True)
             out += lines
-    title = "rollover, ext_proc in-process ms: resync feed / prune, none ended / prune at boundary"
+    title = (
+        "rollover, ext_proc in-process ms: resync feed / prune, none ended / boundary:"
+        " prune / longest slice / all slices / longest loop stall"
+    )
     print(title, flush=True)
     out.append(title)
     for m in members:
         r = rollover(m)
-        line = row(f"  {m:,} members", f"{r.feed_ms:.1f}", f"{r.prune_ms:.1f}",
-                   f"{r.boundary_ms:.1f}")  # fmt: skip
+        line = row(f"  {m:,} members", f"{r.feed_ms:.1f}", f"{r.prune_ms:.3f}",
+                   f"{r.boundary_ms:.1f}", f"{r.slice_ms:.1f}", f"{r.all_ms:.1f}",
+                   f"{r.stall_ms:.1f}")  # fmt: skip
         print(line, flush=True)
         out.append(line)
 

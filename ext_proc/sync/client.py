@@ -7,7 +7,9 @@ and a new stream); ``flush`` sends unsent
 usage every ``flush_interval_ms`` as ReportUsage batches. A batch keeps its id
 until acknowledged, so a retry after a lost answer never counts twice. While
 the control plane is unreachable, decisions continue from the last snapshot
-plus local spend, and usage accumulates until it can be sent.
+plus local spend, and usage accumulates until it can be sent. A third, ``save-snapshot``,
+keeps the control plane's last word on disk and forgets the windows that
+have ended (in slices, between which the event loop serves requests).
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ class ControlPlaneSync:
             spawn(
                 SNAPSHOT_TASK,
                 self._snapshot_loop,
-                doing="saving the policy snapshot to disk",
+                doing="forgetting ended windows and saving the policy snapshot to disk",
                 settle_s=1.0 + 2 * SNAPSHOT_INTERVAL_S,
             ),
         ]
@@ -314,9 +316,26 @@ class ControlPlaneSync:
 
     async def _snapshot_loop(self) -> None:
         # A task of its own: a snapshot that cannot be saved never stops usage.
+        # Every second it forgets the windows that have ended; it saves every
+        # _save_every, after the prune (the snapshot then leaves them out).
+        loop = asyncio.get_running_loop()
+        saved_at = loop.time()
         while True:
-            await asyncio.sleep(self._save_every)
-            await self.save_state()
+            await asyncio.sleep(SNAPSHOT_INTERVAL_S)
+            await self.prune()
+            if loop.time() - saved_at >= self._save_every:
+                await self.save_state()
+                saved_at = loop.time()
+
+    async def prune(self) -> None:
+        """Forget the windows that have ended (LocalState.prune): a slice
+        at a time, letting the event loop run between slices, so a boundary
+        where a million windows end together never stalls requests for long."""
+        state = self.state
+        state.prune(self.clock())
+        while state.pruning:
+            await asyncio.sleep(0)
+            state.prune_more()
 
     async def save_state(self) -> None:
         """Keep the control plane's last word on disk (ext_proc/sync/snapshot.py):

@@ -46,6 +46,7 @@ from ext_proc.sync.batch import (
 from ext_proc.sync.batch import pieces as batch_pieces
 from ext_proc.sync.journal import Journal
 from ext_proc.sync.quarantine import MAX_MEMBER_CHARS, Quarantine, record
+from ext_proc.sync.remote import RemoteHold, RemoteWindows
 from ext_proc.sync.rollups import RollupKey, RollupSums
 from ext_proc.sync.view import OverrideSet, PolicySet
 from spendgate.domain.policies import Match, PolicyIndex
@@ -56,16 +57,16 @@ from spendgate.wire import timestamp
 
 log = structlog.get_logger("spendgate.ext_proc")
 PRUNE_INTERVAL_S = 10.0
+# Ended windows deleted in one go; more wait for the next slice (see prune).
+PRUNE_SLICE = 5000
 
 
 @dataclass(slots=True)
 class LocalState:
     index: PolicyIndex = field(default_factory=lambda: PolicyIndex(()))
-    # control plane totals: key -> (spent nanos, window end in Unix seconds)
-    remote: dict[SpendKey, tuple[int, int]] = field(default_factory=dict)
-    # key -> the adjustment_seq of its remote total, for windows that had
-    # spend adjustments (an adjusted total may be lower than an earlier one).
-    remote_seq: dict[SpendKey, int] = field(default_factory=dict)
+    # The control plane's window totals and the other data planes' holds
+    # (ext_proc/sync/remote.py; read them through ``remote`` etc. below).
+    windows: RemoteWindows = field(default_factory=RemoteWindows)
     pending: dict[SpendKey, Increment] = field(default_factory=dict)
     # Chargeback rollups not yet in a batch (ext_proc/sync/rollups.py).
     pending_rollups: dict[RollupKey, RollupSums] = field(default_factory=dict)
@@ -80,14 +81,10 @@ class LocalState:
     reserved: dict[SpendKey, int] = field(default_factory=dict)
     reserved_requests: dict[SpendKey, int] = field(default_factory=dict)
     holding_requests: int = 0  # requests with a reservation, whatever their windows
-    # Holds across data planes (see ReserveRequest): the other data planes'
-    # holds per window (id -> RemoteHold), their sum, and when the first of
-    # them expires; the windows whose holds we report, and the order of our
-    # reports.
+    # Holds across data planes (see ReserveRequest; the other data planes'
+    # are in ``windows``): the windows whose holds we report, and the order
+    # of our reports.
     identity: str = ""
-    holds_remote: dict[SpendKey, dict[str, RemoteHold]] = field(default_factory=dict)
-    held_others: dict[SpendKey, int] = field(default_factory=dict)
-    held_others_until: dict[SpendKey, int] = field(default_factory=dict)
     hold_keys: set[SpendKey] = field(default_factory=set)
     holds_dirty: bool = False
     holds_seq: int = 0
@@ -106,18 +103,41 @@ class LocalState:
     # expiry by this clock, whether or not any update arrives (a dead data
     # plane sends none).
     clock: Callable[[], float] = time.time
+    # Ended windows deleted per step of a prune (tests make it small).
+    prune_slice: int = PRUNE_SLICE
+
+    # ---- the control plane's view (ext_proc/sync/remote.py), read-only -------
+
+    @property
+    def remote(self) -> dict[SpendKey, tuple[int, int]]:
+        """Control plane totals: key -> (spent nanos, window end in Unix
+        seconds); may still hold windows that ended by the last prune."""
+        return self.windows.totals
+
+    @property
+    def remote_seq(self) -> dict[SpendKey, int]:
+        return self.windows.seqs
+
+    @property
+    def holds_remote(self) -> dict[SpendKey, dict[str, RemoteHold]]:
+        return self.windows.holds
 
     # ---- reads (hot path) --------------------------------------------------
 
     def spent(self, key: SpendKey) -> int:
         """Spend of a window as this data plane sees it: the control plane's
-        total, the other data planes' holds, and our own holds and unsent usage."""
-        total = self.remote[key][0] if key in self.remote else 0
-        others = self.held_others.get(key)
-        if others:
-            if self.held_others_until[key] <= self.clock():
-                others = self._count_others(key, self.clock())
-            total += others
+        total, the other data planes' holds (none once the window has ended
+        by the last prune), and our own holds and unsent usage."""
+        w = self.windows
+        total = 0
+        t = w.totals.get(key)
+        if t is not None and t[1] > w.ended_at:
+            total = t[0]
+            others = w.held_others.get(key)
+            if others:
+                if w.held_others_until[key] <= self.clock():
+                    others = w.count_others(key, self.clock())
+                total += others
         held = self.reserved.get(key)
         if held:
             total += held
@@ -166,11 +186,12 @@ class LocalState:
         usage the control plane has not applied yet)."""
         nanos = self.reserved.get(key, 0)
         requests = self.reserved_requests.get(key, 0)
-        if self.held_others.get(key):
+        w = self.windows
+        if w.held_others.get(key) and w.live(key):
             now = self.clock()
-            if self.held_others_until[key] <= now:
-                self._count_others(key, now)
-            for h in self.holds_remote.get(key, {}).values():
+            if w.held_others_until[key] <= now:
+                w.count_others(key, now)
+            for h in w.holds.get(key, {}).values():
                 if h.expires > now:
                     nanos += h.nanos
                     requests += h.requests
@@ -179,9 +200,11 @@ class LocalState:
     def held_elsewhere(self) -> int:
         """The other data planes' unexpired holds, summed over windows (metrics)."""
         now = self.clock()
+        w = self.windows
         return sum(
             h.nanos
-            for known in self.holds_remote.values()
+            for key, known in w.holds.items()
+            if w.live(key)
             for h in known.values()
             if h.expires > now
         )
@@ -436,9 +459,13 @@ class LocalState:
         """What ext_proc/sync/snapshot.py keeps (policies, prices and window
         totals), copied: cheap on the event loop, and the copy may then be
         built and written in a thread while this state keeps changing."""
+        w = self.windows
+        spend = dict(w.totals)
+        if w.ending:  # rare: the snapshot loop prunes before it saves
+            spend = {k: v for k, v in spend.items() if v[1] > w.ended_at}
         parts = snapshot.Parts(
-            spend=dict(self.remote),
-            seqs=dict(self.remote_seq),
+            spend=spend,
+            seqs=dict(w.seqs),
             policies=list(self.policy_set.msgs.values()),
             prices=list(self.overrides.msgs.values()),
         )
@@ -466,16 +493,13 @@ class LocalState:
         if update.HasField("policy_changes"):
             self.index = self.policy_set.change(update.policy_changes)
         if update.full_snapshot:
-            self.remote = {}
-            self.remote_seq = {}
-            self.holds_remote = {}
-            self.held_others = {}
-            self.held_others_until = {}
+            self.windows.clear()
             self.synced = True
         self.merge_spend(update.spend)
         if self.identity and update.applied.data_plane_id == self.identity:
             self._applied(update.applied.batch_id)
-        # Pruning walks every known window: do it at most every few seconds.
+        # Pruning looks only at ended windows, but they come in slices: with
+        # the sync client running, its snapshot loop prunes every second too.
         if update.full_snapshot or now.timestamp() - self.last_prune >= PRUNE_INTERVAL_S:
             self.prune(now)
 
@@ -491,85 +515,34 @@ class LocalState:
         holds stay)."""
         self.index = self.policy_set.replace(policies)
         self.overrides.replace(overrides)
-        self.remote = {}
-        self.remote_seq = {}
-        self.holds_remote = {}
-        self.held_others = {}
-        self.held_others_until = {}
+        self.windows.clear()
         self.merge_spend(spend)
         self.synced = True
         self.snapshot_dirty = True
         self.prune(now)
 
     def merge_spend(self, spend: Iterable[dp.WindowSpend]) -> None:
-        for ws in spend:
-            key = (ws.policy_id, ws.member, ws.window_start.seconds)
-            old = self.remote.get(key)
-            # Totals arrive by several paths and out of order: within one
-            # adjustment_seq the larger is the newer; a higher seq (a spend
-            # adjustment, which may lower the total) supersedes any total.
-            seq, known = ws.adjustment_seq, self.remote_seq.get(key, 0)
-            if seq > known or (seq == known and (old is None or ws.spent_nanos >= old[0])):
-                self.remote[key] = (ws.spent_nanos, ws.window_end.seconds)
-                if seq:
-                    self.remote_seq[key] = seq
-            if ws.holds or key in self.holds_remote:
-                self._merge_holds(key, ws.holds)
-
-    def _merge_holds(self, key: SpendKey, holds: Iterable[dp.DataPlaneHold]) -> None:
-        """Holds rise and fall, and messages about them arrive by several
-        paths: per data plane, the newest report (highest seq) wins."""
-        known = self.holds_remote.get(key)
-        if known is None:
-            known = self.holds_remote[key] = {}
-        for h in holds:
-            if h.data_plane_id == self.identity:
-                continue
-            old = known.get(h.data_plane_id)
-            if old is None or h.seq >= old.seq:
-                known[h.data_plane_id] = RemoteHold(
-                    h.seq, h.held_nanos, h.expire_time.seconds, h.requests
-                )
-        self._count_others(key, self.clock())
-
-    def _count_others(self, key: SpendKey, now: float) -> int:
-        """Sum the other data planes' unexpired holds on ``key``, forget the
-        expired ones, and note when the next one expires."""
-        known = self.holds_remote.get(key, {})
-        for dp_id in [d for d, h in known.items() if h.expires <= now]:
-            del known[dp_id]
-        total = sum(h.nanos for h in known.values())
-        self.held_others[key] = total
-        self.held_others_until[key] = min((h.expires for h in known.values()), default=0)
-        return total
+        """Merge window totals and the other data planes' holds (from the
+        state stream, an ack or a holds report)."""
+        self.windows.merge(spend, self.identity, self.clock())
 
     def prune(self, now: datetime) -> None:
-        """Forget control plane totals of windows that have ended."""
+        """Forget control plane totals of windows that have ended by ``now``,
+        and holds that expired by then. The ended windows stop counting at
+        once; up to ``prune_slice`` of them are deleted here, the rest by
+        ``prune_more`` (see ``pruning``). Costs what ended, not what is known."""
         t = now.timestamp()
         self.last_prune = t
-        ended = [k for k, v in self.remote.items() if v[1] <= t]
-        for k in ended:
-            del self.remote[k]
-            self.remote_seq.pop(k, None)
-        # Holds of a data plane that stopped reporting lapse at their expiry
-        # (spent() and held() already stop counting them then).
-        for k in list(self.holds_remote):
-            if k not in self.remote:
-                del self.holds_remote[k]
-                self.held_others.pop(k, None)
-                self.held_others_until.pop(k, None)
-            else:
-                self._count_others(k, t)
+        self.windows.prune(t, self.prune_slice)
 
+    def prune_more(self) -> bool:
+        """Delete up to ``prune_slice`` more ended windows; True while some remain."""
+        return self.windows.delete_ended(self.prune_slice)
 
-@dataclass(frozen=True, slots=True)
-class RemoteHold:
-    """Another data plane's hold on a window, from its newest report."""
-
-    seq: int
-    nanos: int
-    expires: int  # Unix seconds
-    requests: int  # running requests the hold includes
+    @property
+    def pruning(self) -> bool:
+        """Ended windows remain to delete (``prune_more``)."""
+        return bool(self.windows.ending)
 
 
 def _hold(key: SpendKey, nanos: int, requests: int = 0) -> dp.WindowHold:
@@ -587,6 +560,7 @@ def _hold(key: SpendKey, nanos: int, requests: int = 0) -> dp.WindowHold:
 __all__ = (
     "MAX_BATCH_RECORDS",
     "PRUNE_INTERVAL_S",
+    "PRUNE_SLICE",
     "Batch",
     "Increment",
     "LocalState",

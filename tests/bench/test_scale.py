@@ -71,5 +71,7 @@ def test_one_size_is_measured_end_to_end(kind: str) -> None:
 
 
 def test_rollover_forgets_every_ended_window() -> None:
-    r = scale.rollover(2_000)  # asserts that the state is empty after the boundary
+    r = scale.rollover(12_000)  # asserts that the state is empty after the boundary
     assert r.feed_ms > 0 and r.boundary_ms > 0
+    # More windows than one slice: the rest went in further slices.
+    assert 0 < r.slice_ms <= r.all_ms and r.stall_ms > 0
