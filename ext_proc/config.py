@@ -82,11 +82,11 @@ class Settings:
     # ext_proc filter in `observability_mode` (envoy/envoy.yaml), which sends every response
     # chunk without waiting for an answer, so no chunk is ever held for metering. `inline`: on
     # the admission filter's own stream, each chunk held until ext_proc answers it (for an
-    # Envoy config with one ext_proc filter only; `--workers` always meters inline).
+    # Envoy config with one ext_proc filter only).
     response_metering: str = "observe"
-    # `observe`: how long an admitted request's hold waits for its metering stream on this
-    # process before it is released (it arrives within milliseconds; with `--workers` it may
-    # reach another process, which meters it there, and the hold lasts this long; 1 to 600).
+    # `observe`: how long an admitted request's hold waits for its metering stream before it is
+    # released (it arrives within milliseconds; with `--workers` another worker may take it, and
+    # says so; 1 to 600).
     handoff_timeout_s: int = 10
     # Hold each admitted request's estimated cost against its REJECT windows until it ends.
     reservations: bool = True
@@ -146,11 +146,8 @@ class Settings:
 
     @property
     def meters_inline(self) -> bool:
-        """Whether responses are metered on the admission stream. Under
-        `--workers` they are, whatever response_metering says: a request's
-        metering stream may reach another worker, which cannot release the
-        hold its admitting worker made when the response ends."""
-        return self.response_metering == "inline" or self.workers > 1
+        """Whether responses are metered on the admission stream."""
+        return self.response_metering == "inline"
 
     def __post_init__(self) -> None:
         if not self.data_plane_token:

@@ -178,7 +178,10 @@ class ExtProcCollector(Collector):
             "response_metering: observe. Admitted requests handed from their admission stream "
             "to their metering stream, by outcome: parked, claimed (metered here), restored "
             "(another process's request metered here from its metadata), expired (no metering "
-            "stream came here within handoff_timeout_s; its hold was released), unreadable.",
+            "stream came here within handoff_timeout_s; its hold was released), unreadable, "
+            "taken_elsewhere and ended_elsewhere (--workers: another worker meters it and told "
+            "this one; the hold ended with its end), untold (a datagram to the admitting worker "
+            "failed).",
             labels=["outcome"],
         )
         for outcome, n in s.handoffs.items():

@@ -142,6 +142,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     return
         finally:
             proc.end()
+            self.handoffs.ended(proc)
 
     async def expire_handoffs(self) -> None:
         """Release, every second, the holds of admitted requests whose
@@ -282,6 +283,8 @@ class ExtProcServer:
             HEALTH_PUBLISHER_TASK, self.board.run, doing="publishing health statuses"
         )
         if not self.settings.meters_inline:
+            if self.settings.workers > 1:
+                await self.processor.handoffs.listen()
             self.supervisor.spawn(
                 HANDOFF_TASK,
                 self.processor.expire_handoffs,
@@ -302,6 +305,7 @@ class ExtProcServer:
         await self.health.enter_graceful_shutdown()
         # Finish in-flight HTTP requests first so their usage is charged, then flush.
         await self.server.stop(grace)
+        self.processor.handoffs.close()
         await self.sync.stop()
         await self.supervisor.stop()
         if self.state.journal is not None:

@@ -100,7 +100,10 @@ class Stats:
     # process) | restored (this process metered another process's request from
     # its metadata) | expired (none came here in handoff_timeout_s: another
     # process metered it, or Envoy has no metering filter) | unreadable
-    # (metadata that could not be read: not metered, logged at error).
+    # (metadata that could not be read: not metered, logged at error) |
+    # taken_elsewhere, ended_elsewhere (--workers: another worker meters it and
+    # said so; its hold ended when that worker said "end") | untold (a
+    # datagram to the admitting worker could not be sent; logged at error).
     handoffs: dict[str, int] = field(
         default_factory=lambda: {
             "parked": 0,
@@ -108,6 +111,9 @@ class Stats:
             "restored": 0,
             "expired": 0,
             "unreadable": 0,
+            "taken_elsewhere": 0,
+            "ended_elsewhere": 0,
+            "untold": 0,
         }
     )
     input_tokens: int = 0

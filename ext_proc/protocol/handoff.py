@@ -25,18 +25,30 @@ token and everything metering needs as dynamic metadata. The metering stream
 moves with it). A parked request no metering stream took within
 ``handoff_timeout_s`` is *expired* and its holds released (Envoy has no
 metering filter, which is logged at error level); a metering stream that
-comes later, or reaches a process that did not admit the request, meters it
-*restored* from the metadata, holding nothing. ``--workers`` meters inline
-(Settings.meters_inline): there the two streams of a request may reach
-different workers, and only the admitting one could end the hold.
+comes later meters it *restored* from the metadata, holding nothing.
+
+``--workers``: the two streams of one request may reach different workers
+(each a data plane of its own, on one port). The worker that gets the
+metering stream restores the request from the metadata and meters it there,
+holding nothing; the hold stays with the admitting worker, which alone can
+end it. So the metering worker tells it, with a datagram on a local (Linux
+abstract) unix socket named after the token's process part: ``take`` at once
+(the admitting worker then waits for the end instead of expiring the hold
+after handoff_timeout_s) and ``end`` when the response is charged or cut.
+The hold lasts exactly as long as the request, on whichever worker. A worker
+that never says ``end`` (killed) leaves the hold to expire after
+REMOTE_CAP_S, longer than any request Envoy lets run (route timeout 600 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import structlog
@@ -48,6 +60,13 @@ from spendgate.domain.policies import RequestFacts
 
 log = structlog.get_logger("spendgate.ext_proc")
 NAMESPACE = "spendgate"
+# How long a hold taken over by another worker waits for its "end" at most.
+REMOTE_CAP_S = 900.0
+
+
+def sibling_address(prefix: str) -> str:
+    """The abstract unix socket of the worker whose tokens start with ``prefix``."""
+    return f"\0spendgate-handoff-{prefix}"
 
 
 class Unreadable(ValueError):
@@ -118,7 +137,60 @@ class Handoffs:
         self.prefix = os.urandom(8).hex()
         self.count = itertools.count(1)
         self.parked: dict[str, tuple[float, RequestProcessor]] = {}
+        # Parked requests another worker meters: their holds wait for its "end".
+        self.remote: dict[str, tuple[float, RequestProcessor]] = {}
         self.warned_no_metering = False
+        # --workers: where the siblings' datagrams arrive, and how ours leave.
+        self.transport: asyncio.BaseTransport | None = None
+        self.sender: socket.socket | None = None
+
+    async def listen(self) -> None:
+        """Take the siblings' "take" and "end" datagrams (--workers)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(sibling_address(self.prefix))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: _Siblings(self), sock=sock)
+        self.sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sender.setblocking(False)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.sender is not None:
+            self.sender.close()
+
+    def tell(self, verb: bytes, token: str) -> None:
+        """Tell the worker that admitted ``token`` that it is taken or ended."""
+        if self.sender is None:
+            return
+        prefix = token.partition(".")[0]
+        try:
+            self.sender.sendto(verb + b" " + token.encode(), sibling_address(prefix))
+        except OSError as e:
+            # The sibling is gone (its holds went with it) or its buffer is
+            # full (its hold then expires): either way loud.
+            self.ctx.stats.handoffs["untold"] += 1
+            log.error("could not tell the admitting worker", verb=verb.decode(), error=str(e))
+
+    def on_sibling(self, data: bytes) -> None:
+        verb, _, token = data.decode(errors="replace").partition(" ")
+        stats = self.ctx.stats.handoffs
+        if verb == "take":
+            entry = self.parked.pop(token, None)
+            if entry is not None:
+                self.remote[token] = (self.clock() + REMOTE_CAP_S, entry[1])
+                stats["taken_elsewhere"] += 1
+        elif verb == "end":
+            entry = self.parked.pop(token, None) or self.remote.pop(token, None)
+            if entry is not None:
+                entry[1].expire_handoff()
+                stats["ended_elsewhere"] += 1
+
+    def ended(self, proc: RequestProcessor) -> None:
+        """A metering stream ended: the admitting worker may end the hold."""
+        if proc.handoff_from:
+            self.tell(b"end", proc.handoff_from)
 
     def park(self, proc: RequestProcessor, reply: ep.ProcessingResponse) -> ep.ProcessingResponse:
         """Park ``proc``; ``reply`` (the admission answer that lets it go)
@@ -157,14 +229,23 @@ class Handoffs:
             log.error("handoff metadata unreadable; this response is not metered", error=str(e))
             return None
         stats.handoffs["restored"] += 1
+        if self.sender is not None and not token.startswith(self.prefix + "."):
+            proc.handoff_from = token
+            self.tell(b"take", token)
         return proc
 
     def expire(self) -> None:
-        """Release the holds of requests no metering stream took here in time."""
-        if not self.parked:
-            return
+        """Release the holds of requests no metering stream took here in time
+        (and of those another worker took and never ended)."""
         now = self.clock()
         stats = self.ctx.stats
+        while self.remote:
+            token, (deadline, proc) = next(iter(self.remote.items()))
+            if deadline > now:
+                break
+            del self.remote[token]
+            proc.expire_handoff()
+            stats.handoffs["expired"] += 1
         while self.parked:
             token, (deadline, proc) = next(iter(self.parked.items()))
             if deadline > now:
@@ -183,7 +264,19 @@ class Handoffs:
                 )
 
     def __len__(self) -> int:
-        return len(self.parked)
+        return len(self.parked) + len(self.remote)
+
+
+class _Siblings(asyncio.DatagramProtocol):
+    def __init__(self, handoffs: Handoffs) -> None:
+        self.handoffs = handoffs
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            self.handoffs.on_sibling(data)
+        except Exception:
+            self.handoffs.ctx.stats.internal_errors += 1
+            log.exception("could not apply a sibling worker's handoff message")
 
 
 def metering_stream(first: ep.ProcessingRequest) -> bool:

@@ -130,6 +130,9 @@ class RequestProcessor:
         # the admission stream then only answers response headers, if it asked.
         self.parked = False
         self.asked_response_headers = False
+        # Restored on this worker from another's handoff: that one's token
+        # (it holds the request until told "end"; ext_proc/protocol/handoff.py).
+        self.handoff_from = ""
 
     # ---- dispatch -------------------------------------------------------------
 

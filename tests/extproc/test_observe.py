@@ -7,6 +7,7 @@ tests/e2e/test_envoy_observe.py pins what the real Envoy sends."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -32,6 +33,7 @@ from tests.extproc.protocol import (
     response_headers,
     running,
     spent,
+    wait_for,
 )
 
 OBSERVE = {"response_metering": "observe"}
@@ -108,6 +110,9 @@ async def test_the_metering_stream_charges_what_the_admission_stream_let_through
             "restored": 0,
             "expired": 0,
             "unreadable": 0,
+            "taken_elsewhere": 0,
+            "ended_elsewhere": 0,
+            "untold": 0,
         }
         assert ext.stats.metered_responses == 1
         assert len(ext.server.processor.handoffs) == 0
@@ -195,3 +200,36 @@ async def test_refused_requests_are_not_handed_off() -> None:
         assert answer.immediate_response.status.code == 429
         assert not answer.HasField("dynamic_metadata")
         assert ext.stats.handoffs["parked"] == 0
+
+
+async def test_workers_keep_the_hold_on_the_admitting_worker_until_the_response_ends() -> None:
+    """--workers: the metering worker tells the admitting one "take" at once
+    (no expiry then, however long the response) and "end" when it charged
+    the response; the hold lasts exactly as long as the request."""
+    workers = {**OBSERVE, "workers": 2}
+    async with running(**workers) as a, running(**workers) as b:
+        for ext in (a, b):
+            ext.set_policies(policy("global"))
+        handoff = await admit(a)
+        held_by_a = a.server.state.held(GLOBAL_KEY)
+        assert held_by_a[0] > 0
+        handoffs = a.server.processor.handoffs
+
+        call = b.stub.Process()
+        first, *rest = response(handoff)
+        await call.write(first)
+        await wait_for(lambda: a.stats.handoffs["taken_elsewhere"] == 1, "take")
+        # Long past handoff_timeout_s (10 s), within REMOTE_CAP_S.
+        handoffs.clock = lambda: time.monotonic() + 600
+        handoffs.expire()
+        assert a.server.state.held(GLOBAL_KEY) == held_by_a  # b has it: no expiry
+        assert b.server.state.held(GLOBAL_KEY) == (0, 0)  # held once, on a
+
+        for m in rest:
+            await call.write(m)
+        assert await asyncio.wait_for(call.read(), TIMEOUT) is grpc.aio.EOF
+        await wait_for(lambda: a.stats.handoffs["ended_elsewhere"] == 1, "end")
+        assert a.server.state.held(GLOBAL_KEY) == (0, 0)
+        assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+        assert a.pending() == {}
+        assert len(handoffs) == 0

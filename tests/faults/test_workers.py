@@ -1,6 +1,7 @@
 """``python -m ext_proc --workers 2`` behind the real Envoy (envoy/envoy.yaml):
 Envoy's streams reach both workers (each a data plane of its own), the
-control plane adds their spend up exactly, a REJECT budget holds across them,
+control plane adds their spend up exactly, a REJECT budget holds across them
+(also when a request's metering stream reaches the other worker),
 a killed worker is restarted and counted, SIGTERM stops them all, and a
 worker that keeps exiting stops the group with a non-zero status.
 
@@ -310,6 +311,17 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
         for _, v in _samples(s, "spendgate_ext_proc_requests_rejected_total")
     )
     assert rejected == counts.get(429, 0)
+    # Envoy's metering stream of a request reached the other worker for some
+    # (response_metering: observe): each was metered there, and its hold
+    # ended on the admitting worker when the response did (the line held).
+    handoffs: dict[str, float] = {}
+    for scrape_ in group.workers().values():
+        for labels, v in _samples(scrape_, "spendgate_ext_proc_handoffs_total"):
+            handoffs[labels["outcome"]] = handoffs.get(labels["outcome"], 0) + v
+    print(f"[workers] handoffs {handoffs}")
+    assert handoffs["taken_elsewhere"] > 0
+    assert handoffs["ended_elsewhere"] == handoffs["taken_elsewhere"]
+    assert handoffs["untold"] == handoffs["unreadable"] == 0
 
 
 def test_a_killed_worker_is_restarted_logged_and_counted(group: Group) -> None:
