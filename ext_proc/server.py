@@ -18,8 +18,9 @@ from ext_proc.config import ConfigError, Settings
 from ext_proc.metering.pricing import PriceOverride, PriceTable
 from ext_proc.metrics import SyncStatus
 from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.context import Context
 from ext_proc.protocol.handoff import Handoffs, metering_stream
-from ext_proc.protocol.processor import Context, RequestProcessor
+from ext_proc.protocol.processor import RequestProcessor
 from ext_proc.sync import snapshot
 from ext_proc.sync.client import (
     FLUSH_TASK,

@@ -55,7 +55,8 @@ import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc.metering.shapes import BY_NAME
-from ext_proc.protocol.processor import Context, RequestProcessor
+from ext_proc.protocol.context import Context
+from ext_proc.protocol.processor import RequestProcessor
 from spendgate.domain.policies import RequestFacts
 
 log = structlog.get_logger("spendgate.ext_proc")

@@ -21,14 +21,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc.admission import api_keys, identity, windows
 from ext_proc.admission.decide import Rejection, SpendKey, decide, rejection, shadowed
-from ext_proc.admission.estimate import OutputEstimator, max_tokens_of, per_window
-from ext_proc.config import Settings
-from ext_proc.metering import anomalies
-from ext_proc.metering.coverage import UnmeteredPaths, method_label, path_template
+from ext_proc.admission.estimate import max_tokens_of, per_window
+from ext_proc.metering.charge import Charged, charge
+from ext_proc.metering.coverage import method_label, path_template
 from ext_proc.metering.decoding import SUPPORTED as DECODABLE
 from ext_proc.metering.decoding import BodyDecoder
 from ext_proc.metering.meters.base import Meter, estimate_tokens_from_chars
-from ext_proc.metering.pricing import PriceTable
 from ext_proc.metering.shapes import (
     NEVER_BILLABLE_METHODS,
     ApiShape,
@@ -38,6 +36,7 @@ from ext_proc.metering.shapes import (
 )
 from ext_proc.protocol import budget_headers, dialects
 from ext_proc.protocol import envoy_codec as codec
+from ext_proc.protocol.context import Context, Holds
 from ext_proc.protocol.reject import error_code, rejection_headers, rejection_message
 from ext_proc.stats import (
     IDENTITY_REQUIRED,
@@ -46,55 +45,15 @@ from ext_proc.stats import (
     INVALID_PATH,
     MODEL_NOT_PRICED,
     UNMETERED_REQUEST,
-    UNPRICED,
-    Stats,
 )
-from ext_proc.sync import rollups
-from ext_proc.sync.state import LocalState
 from spendgate.domain.limits import MAX_MODEL_BYTES, MAX_PATH_BYTES
 from spendgate.domain.policies import Match, RequestFacts, hash_api_key
 from spendgate.domain.pricing import cost_nanos
 from spendgate.domain.usage import Usage
-from spendgate.v1.dataplane_pb2 import ReserveVerdict
 
 log = structlog.get_logger("spendgate.ext_proc")
-# A request's holds: what it holds on each of its REJECT windows.
-Holds: TypeAlias = "list[tuple[SpendKey, int]]"
-Arbiter = Callable[[Holds], Awaitable[ReserveVerdict | None]]
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
 _MAX_CONTENT_LENGTH = 1 << 40  # a larger content-length is not believed
-_CUT = ("stream aborted", "response aborted")  # meter errors of a response cut short
-MAX_WARNED_MODELS = 1000
-
-
-@dataclasses.dataclass(slots=True)
-class Context:
-    """Everything a processor shares with the others in this process."""
-
-    settings: Settings
-    state: LocalState
-    prices: PriceTable
-    clock: Callable[[], datetime]
-    stats: Stats = dataclasses.field(default_factory=Stats)
-    warned_models: set[str] = dataclasses.field(default_factory=set)
-    # Paths of unmetered requests already logged (bounded).
-    unmetered_paths: UnmeteredPaths = dataclasses.field(default_factory=UnmeteredPaths)
-    # Asks the control plane to admit a request near a budget's line (see
-    # ext_proc.sync.client.ControlPlaneSync.reserve); None keeps decisions local.
-    arbiter: Arbiter | None = None
-    # Set once the first ignored identity header has been logged.
-    warned_untrusted: bool = False
-    # Who is the caller, read the way the settings say (built once).
-    callers: identity.IdentityReader = dataclasses.field(init=False)
-    # Recent output tokens per (model, route): what a reservation assumes.
-    estimator: OutputEstimator | None = None
-
-    def __post_init__(self) -> None:
-        self.callers = identity.IdentityReader(self.settings)
-        if self.estimator is None:
-            self.estimator = OutputEstimator(
-                self.settings.reservation_output_tokens, self.settings.reservation_percentile
-            )
 
 
 class RequestProcessor:
@@ -786,101 +745,16 @@ class RequestProcessor:
         assert self.meter is not None
         self.done = True
         self._release()  # the real cost (or none) replaces the estimate
-        result = self.meter.finish(aborted=aborted)
-        usage = result.usage
-        stats = self.ctx.stats
-        if usage is None and result.error == "provider error":
-            stats.provider_errors += 1  # an error answer carries no usage and costs nothing
-            return
-        if usage is None and result.error in _CUT and self.request_bytes:
-            # Cut before any usage or text: the provider read the prompt all
-            # the same. Charge its estimated input (completed below).
-            usage = Usage(output_tokens=0, estimated=True)
-        if usage is None:
-            stats.unmetered_responses += 1
-            log.warning(
-                "response not metered",
-                reason=result.error,
-                model=self.request_model,
-                aborted=aborted,
-                request_id=self.request_id,
-            )
-            return
-        if usage.estimated and usage.input_tokens is None:
-            usage = dataclasses.replace(
-                usage, input_tokens=estimate_tokens_from_chars(self.request_bytes)
-            )
-        model = result.model or self.request_model
-        if len(model.encode(errors="replace")) > MAX_MODEL_BYTES:  # bounded like a request
-            model = self.request_model
-        prices = self.ctx.prices
-        price = prices.lookup(model, self.facts.provider, self.facts.route)
-        # A bounded metrics label: the price table's name for the model.
-        priced_as = price.model if price is not None else UNPRICED
-        if price is None:
-            stats.unpriced_responses += 1
-            price = prices.for_charge(model, self.facts.provider, self.facts.route)
-            # Once per model, for the first MAX_WARNED_MODELS distinct names: a
-            # client inventing names must not grow this set (or the log) for good.
-            warned = self.ctx.warned_models
-            if model not in warned and len(warned) < MAX_WARNED_MODELS:
-                warned.add(model)
-                log.warning(
-                    "no price for model; set one with the pricing API",
-                    model=model,
-                    charged=(
-                        "nothing"
-                        if price is None
-                        else f"default ${price.input}/${price.output} per million tokens"
-                    ),
-                )
-        cost = (
-            anomalies.charge(
-                usage,
-                price,
-                max_nanos=self.ctx.settings.max_cost_per_response_nanos,
-                state=self.ctx.state,
-                counts=stats.anomalies,
-                response=anomalies.Response(
-                    model,
-                    self.facts.provider,
-                    self.facts.route,
-                    self.request_id,
-                    tuple(p.id for p, _ in self.matches),
-                ),
-                now=self.ctx.clock(),
-            )
-            if price is not None
-            else 0
-        )
-        if price is not None and not usage.estimated and usage.output_tokens is not None:
-            # What later reservations of this model and route assume; a cut
-            # stream's estimate would teach it too little.
-            assert self.ctx.estimator is not None
-            self.ctx.estimator.record((price.model, self.facts.route), usage.output_tokens)
-        if usage.estimated:
-            stats.estimated_responses += 1
-        stats.metered_responses += 1
-        stats.cost_nanos += cost
-        _count_tokens(stats, usage)
-        api = self.shape.name if self.shape is not None else ""
-        stats.count_metered((self.facts.provider, api, priced_as), usage, cost)
-        now = self.ctx.clock()
-        if self.matches:
-            self.ctx.state.charge(self.matches, cost, now, estimated=usage.estimated)
-        # Chargeback reports count every metered response, whatever policies apply.
-        self.ctx.state.record_rollup(
-            rollups.key_of(self.facts, model, now),
-            rollups.RollupSums(
-                cost,
-                usage.input_tokens or 0,
-                usage.output_tokens or 0,
-                1,
-                int(usage.estimated),
+        charge(
+            self.ctx,
+            self.meter.finish(aborted=aborted),
+            Charged(
+                self.request_model,
+                self.request_bytes,
+                self.facts,
+                self.matches,
+                self.shape.name if self.shape is not None else "",
+                self.request_id,
             ),
+            aborted=aborted,
         )
-
-
-def _count_tokens(stats: Stats, usage: Usage) -> None:
-    stats.input_tokens += usage.input_tokens or 0
-    stats.output_tokens += usage.output_tokens or 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ext_proc.protocol import processor
+from ext_proc.metering import charge
 from spendgate.domain.limits import MAX_MODEL_BYTES
 from spendgate.v1 import budget_pb2 as pb
 from tests.extproc.protocol import (
@@ -58,7 +58,7 @@ async def test_a_provider_reported_model_over_the_bound_is_not_used(ext: Ext) ->
 async def test_unpriced_model_warnings_are_bounded(
     ext: Ext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(processor, "MAX_WARNED_MODELS", 3)
+    monkeypatch.setattr(charge, "MAX_WARNED_MODELS", 3)
     for i in range(6):
         await exchange(ext, f"invented-{i}", f"invented-{i}")
     assert ext.server.ctx.warned_models == {"invented-0", "invented-1", "invented-2"}

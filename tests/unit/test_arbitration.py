@@ -11,7 +11,8 @@ from ext_proc.admission.decide import SpendKey
 from ext_proc.config import Settings
 from ext_proc.metering.pricing import PriceTable
 from ext_proc.protocol import envoy_codec as codec
-from ext_proc.protocol.processor import Context, RequestProcessor
+from ext_proc.protocol.context import Context
+from ext_proc.protocol.processor import RequestProcessor
 from ext_proc.sync.state import LocalState
 from spendgate.domain.policies import Action, Policy, PolicyIndex, Scope
 from spendgate.domain.pricing import PriceBook
