@@ -75,7 +75,7 @@ def plain_config(spendgate: dict[str, Any]) -> dict[str, Any]:
     hcm["typed_config"]["http_filters"] = [
         f
         for f in hcm["typed_config"]["http_filters"]
-        if "ext_proc" not in f["typed_config"].get("@type", "")
+        if "ext_proc.v3" not in json.dumps(f["typed_config"])
     ]
     return plain
 

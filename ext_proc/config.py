@@ -78,11 +78,12 @@ class Settings:
     # REJECT budget refuses it; counted in `spendgate_ext_proc_requests_unmetered_total` and
     # logged once per path) or `reject` (403 in the provider's error shape, naming the path).
     unmetered_requests: str = "count"
-    # Where responses are metered (docs/concepts/request-flow.md). `observe`: by Envoy's second
-    # ext_proc filter in `observability_mode` (envoy/envoy.yaml), which sends every response
-    # chunk without waiting for an answer, so no chunk is ever held for metering. `inline`: on
-    # the admission filter's own stream, each chunk held until ext_proc answers it (for an
-    # Envoy config with one ext_proc filter only).
+    # Where responses are metered (docs/concepts/request-flow.md). `observe`: streams by Envoy's
+    # second ext_proc filter in `observability_mode` (envoy/envoy.yaml), which sends every chunk
+    # without waiting for an answer, so no chunk of a stream is held for metering; JSON answers
+    # (one chunk or two) on the admission filter's stream, which costs less than a second
+    # stream. `inline`: everything on the admission filter's stream, each chunk held until
+    # ext_proc answers it (for an Envoy config with one ext_proc filter only).
     response_metering: str = "observe"
     # `observe`: how long an admitted request's hold waits for its metering stream before it is
     # released (it arrives within milliseconds; with `--workers` another worker may take it, and

@@ -186,6 +186,14 @@ BY_NAME: dict[str, ApiShape] = {
 }
 
 
+def streams_by_path(path: str) -> bool:
+    """Whether the path alone asks for a streamed answer (Gemini, Bedrock)."""
+    path = _path(path)
+    return ":streamGenerateContent" in path or path.endswith(
+        ("/converse-stream", "/invoke-with-response-stream")
+    )
+
+
 def detect(method: str, path: str) -> ApiShape | None:
     """The shape of a request from its method and path (query ignored)."""
     if method != "POST":

@@ -5,20 +5,24 @@ With ``response_metering: observe`` Envoy runs two ext_proc filters
 answer 429: it gets the request headers and body, each held until ext_proc
 answers. The second runs in Envoy's ``observability_mode``: it sends the
 request headers, the response headers and every response chunk without
-waiting for any answer, so no chunk of a response is ever held for metering.
-Envoy 1.40, as tests/e2e/test_envoy_observe.py pins:
+waiting for any answer, so no chunk of a stream is ever held for metering. A
+matcher runs it only for requests the admission filter marked
+``x-spendgate-meter: observe``: streams (a JSON answer is metered on the
+admission stream, which costs less than a second stream). Envoy 1.40, as
+tests/e2e/test_envoy_observe.py pins:
 
 - sends the metering stream's first message only once the admission filter
   has answered the request's last message (its headers, or its body when read);
 - forwards the admission filter's dynamic metadata (namespace ``spendgate``)
   with every message of the metering stream;
-- half-closes the metering stream ``deferred_close_timeout`` after the request
+- lets the matcher see a header set in the answer to the request body;
+- ends the metering stream ``deferred_close_timeout`` after the request
   ended (an aborted response: no ``end_of_stream`` chunk) unless ext_proc
   ended it first;
 - sends a request refused by the admission filter (its local reply) to the
   metering stream without that metadata.
 
-So: when the admission stream lets a metered request go to the provider, the
+So: when the admission stream lets a stream go to the provider, the
 request's processor is *parked* here under a token, and the answer carries the
 token and everything metering needs as dynamic metadata. The metering stream
 *takes* it from this process's parked requests (the hold made at admission

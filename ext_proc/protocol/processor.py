@@ -33,6 +33,7 @@ from ext_proc.metering.shapes import (
     detect,
     dialect_for,
     stream_flag,
+    streams_by_path,
 )
 from ext_proc.protocol import budget_headers, dialects
 from ext_proc.protocol import envoy_codec as codec
@@ -54,6 +55,10 @@ from spendgate.domain.usage import Usage
 log = structlog.get_logger("spendgate.ext_proc")
 Reply: TypeAlias = "ep.ProcessingResponse | Awaitable[ep.ProcessingResponse]"
 _MAX_CONTENT_LENGTH = 1 << 40  # a larger content-length is not believed
+# Set on a request whose response the metering filter is to observe: Envoy's
+# matcher around that filter skips it for any other request (envoy/envoy.yaml),
+# and the route removes the header before the provider.
+METER_HEADER = "x-spendgate-meter"
 
 
 class RequestProcessor:
@@ -88,6 +93,9 @@ class RequestProcessor:
         # ext_proc/protocol/handoff.py), which meters the response and ends it;
         # the admission stream then only answers response headers, if it asked.
         self.parked = False
+        # Its response goes to the metering stream (a stream, with
+        # response_metering: observe); else it is metered on this one.
+        self.observed = False
         self.asked_response_headers = False
         # Restored on this worker from another's handoff: that one's token
         # (it holds the request until told "end"; ext_proc/protocol/handoff.py).
@@ -222,18 +230,34 @@ class RequestProcessor:
         # them when some policy shows its budget (decided here, as the mode
         # can only change now).
         exposes = self.ctx.state.index.exposes
-        if not self.ctx.settings.meters_inline:
-            # The metering stream gets the response (headers included).
+        observe = (
+            not read_body
+            and not bodyless
+            and not self.ctx.settings.meters_inline
+            and streams_by_path(self.path)
+        )
+        set_headers = None
+        if observe:
+            # A stream, said by its path: the metering stream gets the
+            # response (headers included); this one at most its headers.
+            self.observed = True
+            set_headers = {METER_HEADER: "observe"}
             mode = codec.metered_mode(
-                request_body=read_body, response_headers=exposes, response_body=False
+                request_body=False, response_headers=exposes, response_body=False
             )
             self.asked_response_headers = exposes
         else:
+            # Metered here (a JSON answer, one chunk or two: holding it for
+            # one answer costs less than a second stream), unless the body
+            # says the answer streams: then the metering stream takes it and
+            # this one ends (ext_proc/protocol/handoff.py).
+            self.asked_response_headers = shape.needs_response_headers or exposes
             mode = codec.metered_mode(
-                request_body=read_body,
-                response_headers=shape.needs_response_headers or exposes,
+                request_body=read_body, response_headers=self.asked_response_headers
             )
-        reply = codec.request_headers_response(codec.header_mutation(remove=remove), mode)
+        reply = codec.request_headers_response(
+            codec.header_mutation(set_headers, remove=remove), mode
+        )
         self.forwarded = not read_body
         if not read_body and self._reserve(None):
             return self._arbitrate(reply)
@@ -341,12 +365,21 @@ class RequestProcessor:
             return rejected
         assert self.shape is not None
         contested = self._reserve(parsed)
-        if not self.shape.prepare_request(parsed):
+        new = None
+        set_headers = {}
+        if self.shape.prepare_request(parsed):
+            new = orjson.dumps(parsed)
+            if self.content_length_sent:
+                set_headers["content-length"] = str(len(new))
+        if self.stream_requested and not self.ctx.settings.meters_inline:
+            # A stream: Envoy's metering filter runs for it (the header turns
+            # it on; the route removes it before the provider).
+            self.observed = True
+            set_headers[METER_HEADER] = "observe"
+        if new is None and not set_headers:
             reply = codec.REQUEST_BODY_CONTINUE
         else:
-            new = orjson.dumps(parsed)
-            headers = {"content-length": str(len(new))} if self.content_length_sent else None
-            reply = codec.request_body_response(new, headers)
+            reply = codec.request_body_response(new, set_headers)
         return self._arbitrate(reply) if contested else reply
 
     def _decide(self) -> codec.ProcessingResponse | None:
@@ -686,9 +719,9 @@ class RequestProcessor:
         the provider, whose response a metering stream meters."""
         return (
             self.forwarded
+            and self.observed
             and self.shape is not None
             and not (self.done or self.rejected or self.parked)
-            and not self.ctx.settings.meters_inline
         )
 
     def observe(self, req: codec.ProcessingRequest) -> None:

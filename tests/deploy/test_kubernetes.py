@@ -262,6 +262,12 @@ def istio_patches(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return patches
 
 
+def ext_proc_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The ext_proc config of a filter, or of the one a matcher wraps."""
+    wrapped = config.get("extension_config")
+    return wrapped["typed_config"] if wrapped else config
+
+
 def istio_filters(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The HTTP filters the patches insert, in order."""
     return [p for p in doc["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
@@ -288,9 +294,9 @@ def test_istio_filter_is_the_local_one(file: str, up_modules: dict[str, str]) ->
         assert http["match"]["context"] == patches["LISTENER"]["match"]["context"]
         value = http["patch"]["value"]
         config = value["typed_config"]
-        assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster
+        assert ext_proc_of(config)["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster
         expected = local_ext_proc_filter(value["name"])
-        expected["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
+        ext_proc_of(expected)["grpc_service"]["envoy_grpc"]["cluster_name"] = cluster
         assert config == expected
     listener = patches["LISTENER"]
     assert listener["patch"]["value"]["per_connection_buffer_limit_bytes"] == local_buffer_limit()

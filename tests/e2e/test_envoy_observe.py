@@ -12,7 +12,13 @@ Pinned so that an Envoy upgrade that changes any of it fails loudly:
 - a response cut short: Envoy ends the observing stream (no ``end_of_stream``
   chunk came) ``deferred_close_timeout`` after the request ended;
 - a request the admission filter refused (its local reply) reaches the
-  observing filter as response headers and body, without the metadata.
+  observing filter as response headers and body, without the metadata;
+- behind envoy/envoy.yaml's matcher (ExtensionWithMatcher, SkipFilter unless
+  the request header x-spendgate-meter is "observe"), the observing filter
+  runs only for requests whose admission answer set that header: a header
+  set in the answer to the request *body* is seen by the matcher.
+
+Each test runs with the observer bare and behind that matcher.
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class Admission(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 return
             getattr(answer, kind).SetInParent()
             answer.dynamic_metadata.update({"spendgate": {"answered": kind}})
+            if kind == "request_body" and b'"stream":true' in req.request_body.body:
+                mark = answer.request_body.response.header_mutation.set_headers.add()
+                mark.header.key, mark.header.raw_value = "x-spendgate-meter", b"observe"
             self.log.add("admission", f"answered {kind}")
             yield answer
             if kind == "request_body":
@@ -88,6 +97,9 @@ class Observer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         try:  # Envoy ends the stream with a half-close or a reset: either counts
             for req in requests:
                 kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    probe = [h.raw_value for h in req.request_headers.headers.headers]
+                    self.log.add("probe", *(p.decode() for p in probe if p.startswith(b"probe-")))
                 md = json_format.MessageToDict(req.metadata_context)
                 answered = md.get("filterMetadata", {}).get("spendgate", {}).get("answered", "")
                 eos = str(getattr(req, kind).end_of_stream) if kind.endswith("body") else ""
@@ -102,7 +114,42 @@ class Observer(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         yield  # a generator that answers nothing
 
 
-def _config(admission: int, observer: int, upstream: int) -> dict[str, Any]:
+# envoy/envoy.yaml's matcher: the metering filter only for marked requests.
+SKIP_UNLESS_MARKED = {
+    "matcher_list": {
+        "matchers": [
+            {
+                "predicate": {
+                    "not_matcher": {
+                        "single_predicate": {
+                            "input": {
+                                "name": "meter",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.type.matcher.v3"
+                                    ".HttpRequestHeaderMatchInput",
+                                    "header_name": "x-spendgate-meter",
+                                },
+                            },
+                            "value_match": {"exact": "observe"},
+                        }
+                    }
+                },
+                "on_match": {
+                    "action": {
+                        "name": "skip",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.common"
+                            ".matcher.action.v3.SkipFilter"
+                        },
+                    }
+                },
+            }
+        ]
+    }
+}
+
+
+def _config(admission: int, observer: int, upstream: int, matched: bool = False) -> dict[str, Any]:
     def cluster(name: str, port: int, h2: bool) -> dict[str, Any]:
         endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
         c: dict[str, Any] = {
@@ -166,7 +213,17 @@ def _config(admission: int, observer: int, upstream: int) -> dict[str, Any]:
         },
         "http_filters": [
             {"name": "admission", "typed_config": admit},
-            {"name": "metering", "typed_config": observe},
+            {
+                "name": "metering",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.common.matching.v3"
+                    ".ExtensionWithMatcher",
+                    "extension_config": {"name": "metering", "typed_config": observe},
+                    "xds_matcher": SKIP_UNLESS_MARKED,
+                }
+                if matched
+                else observe,
+            },
             {"name": "envoy.filters.http.router", "typed_config": router},
         ],
     }
@@ -194,10 +251,11 @@ def _config(admission: int, observer: int, upstream: int) -> dict[str, Any]:
 class Probe:
     log: Log
     envoy: EnvoyProcess
+    matched: bool  # the observer behind envoy/envoy.yaml's matcher
 
 
-@pytest.fixture
-def probe() -> Iterator[Probe]:
+@pytest.fixture(params=[False, True], ids=["always", "matched"])
+def probe(request: pytest.FixtureRequest) -> Iterator[Probe]:
     log = Log()
     servers = []
     ports = []
@@ -209,9 +267,11 @@ def probe() -> Iterator[Probe]:
         servers.append(server)
     upstream = FakeProviderServer()
     upstream.start_in_thread()
-    envoy = EnvoyProcess(_config(ports[0], ports[1], upstream.port), tempdir())
+    envoy = EnvoyProcess(
+        _config(ports[0], ports[1], upstream.port, matched=request.param), tempdir()
+    )
     try:
-        yield Probe(log, envoy)
+        yield Probe(log, envoy, request.param)
     finally:
         log.release.set()
         envoy.stop()
@@ -269,6 +329,8 @@ def test_envoy_ends_the_observing_stream_of_a_cut_response(probe: Probe) -> None
 
 
 def test_a_refused_request_reaches_the_observer_without_metadata(probe: Probe) -> None:
+    if probe.matched:
+        pytest.skip("unmarked: the matcher skips the observer (next test)")
     probe.log.release.set()
     r = httpx.post(
         probe.envoy.base_url + "/v1/chat/completions",
@@ -281,3 +343,19 @@ def test_a_refused_request_reaches_the_observer_without_metadata(probe: Probe) -
     seen = probe.log.of("observer")
     assert seen[0] == ("response_headers", "", "", "True")
     assert "request_headers" not in [e[0] for e in seen]
+
+
+def test_the_matcher_runs_the_observer_only_for_marked_requests(probe: Probe) -> None:
+    """The admission answer's header x-spendgate-meter: observe turns the
+    observer on (a stream); without it the observer is skipped (a JSON answer,
+    metered on the admission stream)."""
+    if not probe.matched:
+        pytest.skip("no matcher")
+    probe.log.release.set()
+    url = probe.envoy.base_url + "/v1/chat/completions"
+    json_body = BODY.replace(b'"stream":true', b'"stream":false')
+    for body, name in ((json_body, "probe-json"), (BODY, "probe-stream")):
+        r = httpx.post(url, content=body, headers={**HEADERS, "x-probe": name}, timeout=10)
+        assert r.status_code == 200
+    wait_until(lambda: ("ended",) in probe.log.of("observer"), message="the end")
+    assert probe.log.of("probe") == [("probe-stream",)]

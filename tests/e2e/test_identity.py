@@ -252,6 +252,21 @@ def test_identity_headers_never_reach_the_provider(clean: Stack) -> None:
     assert not [k for k in seen if k.startswith("x-spendgate-")]
 
 
+def test_the_metering_mark_of_a_stream_never_reaches_the_provider(clean: Stack) -> None:
+    """ext_proc marks a stream x-spendgate-meter: observe for Envoy's metering
+    filter; the route removes it. A client's own mark is removed as well."""
+    stack = clean
+    r = httpx.post(
+        stack.envoy.base_url + CHAT,
+        json={**BODY, "stream": True},
+        headers={"authorization": "Bearer sk-test", "x-spendgate-meter": "observe", **BIG},
+        timeout=10,
+    )
+    assert r.status_code == 200 and b"data: [DONE]" in r.content
+    seen = provider_saw(stack)[-1]
+    assert not [k for k in seen if k.startswith("x-spendgate-")]
+
+
 # ---- identity headers from an untrusted source: stripped and ignored --------
 
 

@@ -16,10 +16,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from ext_proc.protocol import envoy_codec as codec
 from ext_proc.protocol.handoff import NAMESPACE
+from ext_proc.protocol.processor import METER_HEADER
 from ext_proc.sync.state import Increment
 from spendgate.domain.usage import Usage
 from tests.extproc.protocol import (
     COMPLETION,
+    ENDED,
     GLOBAL_KEY,
     TIMEOUT,
     Ext,
@@ -40,19 +42,25 @@ OBSERVE = {"response_metering": "observe"}
 COST = price(Usage(19, 0, output_tokens=10, reasoning_tokens=0))
 
 
-async def admit(ext: Ext, *, body: bytes | None = None) -> ep.ProcessingResponse:
-    """The admission stream of one chat request: its answers, the last of
-    which (the body's) ends the stream and carries the handoff."""
-    body = body or chat_body()
+async def admit(ext: Ext) -> ep.ProcessingResponse:
+    """The admission stream of one streaming chat request: its answers, the
+    last of which (the body's) turns the metering filter on, carries the
+    handoff and ends the stream (Envoy then sends it nothing of the response)."""
+    body = chat_body(stream=True)
     s = ext.stream()
     first = await s.send(request_headers(headers=chat_headers(body, x_request_id="r1")))
     assert isinstance(first, ep.ProcessingResponse)
     mode = first.mode_override
     assert mode.request_body_mode == codec.Mode.BUFFERED
-    assert mode.response_body_mode == codec.Mode.NONE  # the metering stream reads it
+    # Whether it streams is in the body: a JSON answer is metered here.
+    assert mode.response_body_mode == codec.Mode.STREAMED
     assert mode.response_header_mode == codec.Mode.SKIP
-    last = await s.answer_and_end(request_body(body))  # Envoy asks nothing more here
+    last = await s.answer_and_end(request_body(body))
     assert last.WhichOneof("response") == "request_body"
+    mutation = last.request_body.response.header_mutation
+    assert {(h.header.key, h.header.raw_value) for h in mutation.set_headers} >= {
+        (METER_HEADER, b"observe")
+    }
     await s.close()
     return last
 
@@ -233,3 +241,21 @@ async def test_workers_keep_the_hold_on_the_admitting_worker_until_the_response_
         assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
         assert a.pending() == {}
         assert len(handoffs) == 0
+
+
+async def test_a_json_answer_is_metered_on_the_admission_stream() -> None:
+    """No handoff, no metering filter (its matcher skips it without the
+    header): one chunk or two, held for one answer, cost less than a stream."""
+    async with running(**OBSERVE) as ext:
+        ext.set_policies(policy("global"))
+        body = chat_body()
+        s = ext.stream()
+        await s.send(request_headers(headers=chat_headers(body)))
+        last = await s.send(request_body(body))
+        assert isinstance(last, ep.ProcessingResponse)
+        assert not last.HasField("dynamic_metadata")
+        assert not last.request_body.response.header_mutation.set_headers
+        assert await s.send(response_body(COMPLETION, end_of_stream=True)) is ENDED
+        await s.close()
+        assert ext.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+        assert ext.stats.handoffs["parked"] == 0

@@ -281,7 +281,11 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
     # Below the line: every request admitted, metered on both workers.
     assert group.envoy is not None
     urls = [group.envoy.base_url]
-    first = burst(urls, workspace, "spread", SPREAD_BURST, tokens=tokens, extra_headers=SLOW)
+    # Streams: each has a metering stream of its own (response_metering:
+    # observe), which may reach the other worker.
+    first = burst(
+        urls, workspace, "spread", SPREAD_BURST, tokens=tokens, extra_headers=SLOW, stream=True
+    )
     assert statuses(first) == {200: SPREAD_BURST}
     metered = metered_by_worker(group)
     assert set(metered) == {f"{GROUP_ID}-w{k}" for k in range(1, WORKERS + 1)}
@@ -294,7 +298,7 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
     assert all(n > 0 for n in per_worker.values()), per_worker
 
     # Across the line: what both workers metered counts against one budget.
-    second = burst(urls, workspace, "cross", CROSSING_BURST, tokens=tokens)
+    second = burst(urls, workspace, "cross", CROSSING_BURST, tokens=tokens, stream=True)
     counts = statuses(second)
     assert set(counts) <= {200, 429}, counts
     admitted = SPREAD_BURST + counts.get(200, 0)

@@ -113,6 +113,7 @@ class Client:
         tokens: Tokens = DEFAULT_TOKENS,
         *,
         extra_headers: dict[str, str] | None = None,
+        stream: bool = False,
     ) -> Sent:
         seq = next(self.counter)
         prompt, completion = tokens(seq)
@@ -131,6 +132,8 @@ class Client:
             "max_tokens": completion,
             "messages": [{"role": "user", "content": f"fault test {seq}"}],
         }
+        if stream:  # read whole: charged when the stream ends
+            body["stream"] = True
         start = time.monotonic()
         try:
             resp = self.http.post("/v1/chat/completions", json=body, headers=headers)
@@ -218,6 +221,7 @@ def burst(
     count: int,
     tokens: Tokens = DEFAULT_TOKENS,
     extra_headers: dict[str, str] | None = None,
+    stream: bool = False,
 ) -> list[Sent]:
     """``count`` requests sent at the same moment, spread round robin over
     ``base_urls`` (one client thread each, released together)."""
@@ -231,7 +235,7 @@ def burst(
         client = Client(base_urls[pair], pair, workspace, counter, record)
         try:
             gate.wait(30)
-            client.send(user, tokens, extra_headers=extra_headers)
+            client.send(user, tokens, extra_headers=extra_headers, stream=stream)
         except BaseException as e:
             errors.append(e)
         finally:
