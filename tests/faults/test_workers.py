@@ -307,8 +307,12 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
     recorded = settle(group, limit.id, billed)
     print(f"[workers] crossing burst {counts}; spend {recorded / c:.1f} requests of {ROOM}")
     assert recorded == billed
-    # The line holds as it does across hosts: beyond it at most the request that crossed it.
-    assert ROOM * c <= recorded <= ROOM * c + c
+    # The line holds as it does across hosts: beyond it at most the request that
+    # crossed it. Below it at most one: a stream metered on the other worker is
+    # charged there while its hold, on the admitting worker, reaches the
+    # control plane's view a flush later, so a request of the burst can see
+    # both for a moment (and is refused with budget_held, a retry).
+    assert (ROOM - 1) * c <= recorded <= ROOM * c + c
     rejected = sum(
         v
         for s in group.workers().values()
