@@ -179,9 +179,9 @@ class ExtProcCollector(Collector):
             "to their metering stream, by outcome: parked, claimed (metered here), restored "
             "(another process's request metered here from its metadata), expired (no metering "
             "stream came here within handoff_timeout_s; its hold was released), unreadable, "
-            "taken_elsewhere and ended_elsewhere (--workers: another worker meters it and told "
-            "this one; the hold ended with its end), untold (a datagram to the admitting worker "
-            "failed).",
+            "taken_elsewhere, charged_for_sibling and ended_elsewhere (--workers: another worker "
+            "meters it and told this one; charged here from what it metered, or its hold ended), "
+            "untold (a message to the admitting worker failed).",
             labels=["outcome"],
         )
         for outcome, n in s.handoffs.items():

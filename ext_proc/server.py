@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,6 +20,7 @@ from ext_proc.metering.pricing import PriceOverride, PriceTable
 from ext_proc.metrics import SyncStatus
 from ext_proc.protocol import envoy_codec as codec
 from ext_proc.protocol.context import Context
+from ext_proc.protocol.handoff import KEY_ENV as HANDOFF_KEY_ENV
 from ext_proc.protocol.handoff import Handoffs, metering_stream
 from ext_proc.protocol.processor import RequestProcessor
 from ext_proc.sync import snapshot
@@ -275,6 +277,12 @@ class ExtProcServer:
         self.board.report("disconnected", not up, (SYNC_HEALTH_SERVICE,))
 
     async def start(self) -> None:
+        handoff_key = os.environ.get(HANDOFF_KEY_ENV, "")
+        siblings = not self.settings.meters_inline and self.settings.workers > 1
+        if siblings and not handoff_key:
+            raise ConfigError(
+                f"{HANDOFF_KEY_ENV} is not set: a --worker is started by ext_proc --workers"
+            )
         if self.metrics is not None:
             await start_metrics(self.metrics, self.settings.metrics_listen)
         await self.server.start()
@@ -284,8 +292,8 @@ class ExtProcServer:
             HEALTH_PUBLISHER_TASK, self.board.run, doing="publishing health statuses"
         )
         if not self.settings.meters_inline:
-            if self.settings.workers > 1:
-                await self.processor.handoffs.listen()
+            if siblings:
+                await self.processor.handoffs.listen(handoff_key.encode())
             self.supervisor.spawn(
                 HANDOFF_TASK,
                 self.processor.expire_handoffs,

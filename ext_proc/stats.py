@@ -101,9 +101,10 @@ class Stats:
     # its metadata) | expired (none came here in handoff_timeout_s: another
     # process metered it, or Envoy has no metering filter) | unreadable
     # (metadata that could not be read: not metered, logged at error) |
-    # taken_elsewhere, ended_elsewhere (--workers: another worker meters it and
-    # said so; its hold ended when that worker said "end") | untold (a
-    # datagram to the admitting worker could not be sent; logged at error).
+    # taken_elsewhere, ended_elsewhere, charged_for_sibling (--workers: another
+    # worker meters it and said so; it handed back what it metered, charged
+    # here, or said "end") | untold (a message to the admitting worker could
+    # not be sent; logged at error).
     handoffs: dict[str, int] = field(
         default_factory=lambda: {
             "parked": 0,
@@ -113,6 +114,7 @@ class Stats:
             "unreadable": 0,
             "taken_elsewhere": 0,
             "ended_elsewhere": 0,
+            "charged_for_sibling": 0,
             "untold": 0,
         }
     )

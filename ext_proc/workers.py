@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -39,6 +40,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ext_proc.config import Settings
+from ext_proc.protocol.handoff import KEY_ENV as HANDOFF_KEY_ENV
 from spendgate import process
 from spendgate.metrics import MetricsServer, gauge, start_metrics, task_failures
 from spendgate.settings import ConfigError, join_host_port, parse_host_port
@@ -102,6 +104,9 @@ class WorkerGroup:
         self.stopping = False
         self.supervisor = Supervisor(log)
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        # The workers' proof to each other on their handoff sockets
+        # (ext_proc/protocol/handoff.py).
+        self.env = {**os.environ, HANDOFF_KEY_ENV: secrets.token_hex(16)}
         self._exits: dict[int, deque[float]] = {}
         self._reserved: socket.socket | None = None
         self.listen = settings.listen
@@ -151,6 +156,7 @@ class WorkerGroup:
                 *self.argv,
                 *("--worker", str(k), "--listen", self.listen, "--data-plane-id", self.group_id),
                 start_new_session=True,
+                env=self.env,
                 preexec_fn=functools.partial(process.die_with_parent, os.getpid()),
             )
         except OSError as e:  # no process to wait for: as good as one that exited at once

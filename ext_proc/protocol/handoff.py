@@ -33,40 +33,57 @@ comes later meters it *restored* from the metadata, holding nothing.
 
 ``--workers``: the two streams of one request may reach different workers
 (each a data plane of its own, on one port). The worker that gets the
-metering stream restores the request from the metadata and meters it there,
-holding nothing; the hold stays with the admitting worker, which alone can
-end it. So the metering worker tells it, with a datagram on a local (Linux
-abstract) unix socket named after the token's process part: ``take`` at once
-(the admitting worker then waits for the end instead of expiring the hold
-after handoff_timeout_s) and ``end`` when the response is charged or cut.
-The hold lasts exactly as long as the request, on whichever worker. A worker
-that never says ``end`` (killed) leaves the hold to expire after
-REMOTE_CAP_S, longer than any request Envoy lets run (route timeout 600 s).
+metering stream restores the request from the metadata and meters it there;
+the hold stays with the admitting worker. So the metering worker tells it, on
+a local (Linux abstract) unix stream socket named after the token's process
+part: ``take`` at once (the admitting worker then waits instead of expiring
+the hold after handoff_timeout_s), and ``charge`` with what the meter read
+when the response ends: the admitting worker charges it and releases the
+hold in one step, exactly as for a response metered there. (Charged on the
+metering worker while the hold lived on the admitting one, the control plane
+saw, for a flush, both or neither: a budget's line moved by up to a few
+requests either way.) ``end`` ends a hold with nothing to charge. A worker
+that cannot be told (gone: its holds went with it) has the response charged
+where it was metered. A hold nobody ends (the metering worker killed) expires
+after REMOTE_CAP_S, longer than any request Envoy lets run (route timeout
+600 s). Siblings prove themselves with the group's key
+(``SPENDGATE_HANDOFF_KEY``, set by ``--workers`` for its workers; an abstract
+socket has no file permissions), sent first on every connection. A worker
+killed with ``kill -9`` loses, as always, the usage charged since its last
+flush, now including what its siblings handed it in that time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import itertools
 import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 import structlog
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from ext_proc.metering.meters.base import MeterResult
 from ext_proc.metering.shapes import BY_NAME
 from ext_proc.protocol.context import Context
 from ext_proc.protocol.processor import RequestProcessor
 from spendgate.domain.policies import RequestFacts
+from spendgate.domain.usage import Usage
 
 log = structlog.get_logger("spendgate.ext_proc")
 NAMESPACE = "spendgate"
 # How long a hold taken over by another worker waits for its "end" at most.
 REMOTE_CAP_S = 900.0
+# The environment variable with the --workers group's key.
+KEY_ENV = "SPENDGATE_HANDOFF_KEY"
+LISTEN_BACKLOG = 128
+MAX_LINE = 1 << 20  # a sibling's message, at most (a handoff is about 1 KB)
+MAX_PENDING = 16 << 20  # buffered for a sibling not reading, at most
 
 
 def sibling_address(prefix: str) -> str:
@@ -145,57 +162,119 @@ class Handoffs:
         # Parked requests another worker meters: their holds wait for its "end".
         self.remote: dict[str, tuple[float, RequestProcessor]] = {}
         self.warned_no_metering = False
-        # --workers: where the siblings' datagrams arrive, and how ours leave.
-        self.transport: asyncio.BaseTransport | None = None
-        self.sender: socket.socket | None = None
+        # --workers: where the siblings' messages arrive, and ours to each.
+        self.key = b""
+        self.server: asyncio.Server | None = None
+        self.peers: dict[str, _Peer] = {}
 
-    async def listen(self) -> None:
-        """Take the siblings' "take" and "end" datagrams (--workers)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    async def listen(self, key: bytes) -> None:
+        """Take the siblings' messages (--workers); ``key``: the group's."""
+        self.key = key
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(sibling_address(self.prefix))
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(lambda: _Siblings(self), sock=sock)
-        self.sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sender.setblocking(False)
+        self.server = await loop.create_unix_server(lambda: _Siblings(self), sock=sock)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        if self.sender is not None:
-            self.sender.close()
+        if self.server is not None:
+            self.server.close()
+        for peer in self.peers.values():
+            peer.close()
+        self.peers.clear()
 
-    def tell(self, verb: bytes, token: str) -> None:
-        """Tell the worker that admitted ``token`` that it is taken or ended."""
-        if self.sender is None:
-            return
+    def tell(self, line: bytes, token: str) -> bool:
+        """Send ``line`` to the worker that admitted ``token``. False (logged
+        at error, counted) when that worker cannot be reached."""
+        if self.server is None:
+            return False
         prefix = token.partition(".")[0]
+        peer = self.peers.get(prefix)
         try:
-            self.sender.sendto(verb + b" " + token.encode(), sibling_address(prefix))
+            if peer is None or peer.broken:
+                peer = self.peers[prefix] = _Peer(sibling_address(prefix), self.key, self.ctx)
+            peer.send(line)
         except OSError as e:
-            # The sibling is gone (its holds went with it) or its buffer is
-            # full (its hold then expires): either way loud.
+            # The sibling is gone (its holds went with it) or cannot keep up
+            # (BlockingIOError: what is buffered for it stays, in order).
+            if not isinstance(e, BlockingIOError):
+                self.peers.pop(prefix, None)
             self.ctx.stats.handoffs["untold"] += 1
-            log.error("could not tell the admitting worker", verb=verb.decode(), error=str(e))
+            log.error(
+                "could not tell the admitting worker",
+                verb=line.partition(b" ")[0].decode(),
+                error=str(e),
+            )
+            return False
+        return True
 
-    def on_sibling(self, data: bytes) -> None:
-        verb, _, token = data.decode(errors="replace").partition(" ")
+    def on_sibling(self, line: bytes) -> None:
+        verb, _, rest = line.partition(b" ")
+        token, _, body = rest.partition(b" ")
+        key = token.decode(errors="replace")
         stats = self.ctx.stats.handoffs
-        if verb == "take":
-            entry = self.parked.pop(token, None)
+        if verb == b"take":
+            entry = self.parked.pop(key, None)
             if entry is not None:
-                self.remote[token] = (self.clock() + REMOTE_CAP_S, entry[1])
+                self.remote[key] = (self.clock() + REMOTE_CAP_S, entry[1])
                 stats["taken_elsewhere"] += 1
-        elif verb == "end":
-            entry = self.parked.pop(token, None) or self.remote.pop(token, None)
+        elif verb == b"end":
+            entry = self.parked.pop(key, None) or self.remote.pop(key, None)
             if entry is not None:
                 entry[1].expire_handoff()
                 stats["ended_elsewhere"] += 1
+        elif verb == b"charge":
+            self._charge_for_sibling(key, body)
+        else:
+            raise Unreadable(f"unknown verb {verb[:32]!r}")
+
+    def _charge_for_sibling(self, token: str, body: bytes) -> None:
+        """A sibling metered the response of a request admitted here: charge
+        it and release its hold in one step (restored from the message if its
+        hold already expired here)."""
+        try:
+            d = orjson.loads(body)
+            u = d["u"]
+            result = MeterResult(
+                model=None if d["m"] is None else str(d["m"]),
+                usage=None if u is None else Usage(**u),
+                complete=bool(d["c"]),
+                error=None if d["e"] is None else str(d["e"]),
+            )
+            aborted = bool(d["a"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise Unreadable(f"{type(e).__name__}: {e}") from None
+        entry = self.parked.pop(token, None) or self.remote.pop(token, None)
+        proc = entry[1] if entry is not None else restore(self.ctx, str(d["r"]))
+        self.ctx.stats.handoffs["charged_for_sibling"] += 1
+        proc.settle(result, aborted=aborted)
+
+    def _charge_at_admitter(
+        self, proc: RequestProcessor, result: MeterResult, aborted: bool
+    ) -> bool:
+        """``proc.charge_elsewhere``: hand ``result`` to the worker that holds
+        ``proc``'s request. False: charge it here."""
+        body = orjson.dumps(
+            {
+                "r": payload(proc),
+                "m": result.model,
+                "u": None if result.usage is None else dataclasses.asdict(result.usage),
+                "c": result.complete,
+                "e": result.error,
+                "a": aborted,
+            }
+        )
+        if not self.tell(b"charge " + proc.handoff_from.encode() + b" " + body, proc.handoff_from):
+            return False
+        proc.handoff_from = ""  # charged there: nothing left to end
+        return True
 
     def ended(self, proc: RequestProcessor) -> None:
-        """A metering stream ended: the admitting worker may end the hold."""
+        """A metering stream ended with nothing handed over: the admitting
+        worker may end the hold."""
         if proc.handoff_from:
-            self.tell(b"end", proc.handoff_from)
+            self.tell(b"end " + proc.handoff_from.encode(), proc.handoff_from)
 
     def park(self, proc: RequestProcessor, reply: ep.ProcessingResponse) -> ep.ProcessingResponse:
         """Park ``proc``; ``reply`` (the admission answer that lets it go)
@@ -234,9 +313,10 @@ class Handoffs:
             log.error("handoff metadata unreadable; this response is not metered", error=str(e))
             return None
         stats.handoffs["restored"] += 1
-        if self.sender is not None and not token.startswith(self.prefix + "."):
+        foreign = self.server is not None and not token.startswith(self.prefix + ".")
+        if foreign and self.tell(b"take " + token.encode(), token):
             proc.handoff_from = token
-            self.tell(b"take", token)
+            proc.charge_elsewhere = self._charge_at_admitter
         return proc
 
     def expire(self) -> None:
@@ -272,16 +352,116 @@ class Handoffs:
         return len(self.parked) + len(self.remote)
 
 
-class _Siblings(asyncio.DatagramProtocol):
+class _Siblings(asyncio.Protocol):
+    """One sibling's connection: its key first, then one message per line."""
+
     def __init__(self, handoffs: Handoffs) -> None:
         self.handoffs = handoffs
+        self.buffer = bytearray()
+        self.trusted = False
+        self.transport: asyncio.BaseTransport | None = None
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # uvloop's: not an asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (n := self.buffer.find(b"\n")) >= 0:
+            line = bytes(self.buffer[:n])
+            del self.buffer[: n + 1]
+            if not self._line(line):
+                return
+        if len(self.buffer) > MAX_LINE:
+            self._drop("a message longer than MAX_LINE")
+
+    def _line(self, line: bytes) -> bool:
+        handoffs = self.handoffs
+        if not self.trusted:
+            if not hmac.compare_digest(line, handoffs.key):
+                self._drop("a connection without the group's key")
+                return False
+            self.trusted = True
+            return True
         try:
-            self.handoffs.on_sibling(data)
+            handoffs.on_sibling(line)
+        except Unreadable as e:
+            handoffs.ctx.stats.handoffs["unreadable"] += 1
+            log.error("a sibling worker's handoff message unreadable", error=str(e))
         except Exception:
-            self.handoffs.ctx.stats.internal_errors += 1
+            handoffs.ctx.stats.internal_errors += 1
             log.exception("could not apply a sibling worker's handoff message")
+        return True
+
+    def _drop(self, what: str) -> None:
+        self.handoffs.ctx.stats.handoffs["unreadable"] += 1
+        log.error("handoff socket: connection dropped", reason=what)
+        self.buffer.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Peer:
+    """Our connection to one sibling: lines written without waiting, kept in
+    order (a kernel buffer, then ours while the sibling is busy)."""
+
+    def __init__(self, address: str, key: bytes, ctx: Context) -> None:
+        self.ctx = ctx
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        try:
+            self.sock.connect(address)  # local: done at once, or refused
+        except OSError:
+            self.sock.close()
+            raise
+        self.pending = bytearray()
+        self.broken = False
+        self.loop = asyncio.get_running_loop()
+        self.send(key)
+
+    def send(self, line: bytes) -> None:
+        if self.broken:
+            raise BrokenPipeError("sibling connection broken")
+        if len(self.pending) + len(line) > MAX_PENDING:
+            raise BlockingIOError("sibling not reading: MAX_PENDING buffered")
+        data = line + b"\n"
+        if self.pending:
+            self.pending += data
+            return
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.close()
+            raise
+        if n < len(data):
+            self.pending += data[n:]
+            self.loop.add_writer(self.sock.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        try:
+            n = self.sock.send(self.pending)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            # Only a sibling that died does this: its holds went with it, and
+            # the charges it had not read yet with them (as a kill -9 loses
+            # the usage of its last flush interval).
+            lost = self.pending.count(b"\n")
+            self.ctx.stats.handoffs["untold"] += lost
+            log.error("lost the connection to a sibling worker", error=str(e), messages_lost=lost)
+            self.close()
+            return
+        del self.pending[:n]
+        if not self.pending:
+            self.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if not self.broken:
+            self.broken = True
+            if self.pending:
+                self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
 
 
 def metering_stream(first: ep.ProcessingRequest) -> bool:
@@ -289,4 +469,12 @@ def metering_stream(first: ep.ProcessingRequest) -> bool:
     return bool(first.observability_mode)
 
 
-__all__ = ("NAMESPACE", "Handoffs", "Unreadable", "metering_stream", "payload", "restore")
+__all__ = (
+    "KEY_ENV",
+    "NAMESPACE",
+    "Handoffs",
+    "Unreadable",
+    "metering_stream",
+    "payload",
+    "restore",
+)

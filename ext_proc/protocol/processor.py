@@ -26,7 +26,7 @@ from ext_proc.metering.charge import Charged, charge
 from ext_proc.metering.coverage import method_label, path_template
 from ext_proc.metering.decoding import SUPPORTED as DECODABLE
 from ext_proc.metering.decoding import BodyDecoder
-from ext_proc.metering.meters.base import Meter, estimate_tokens_from_chars
+from ext_proc.metering.meters.base import Meter, MeterResult, estimate_tokens_from_chars
 from ext_proc.metering.shapes import (
     NEVER_BILLABLE_METHODS,
     ApiShape,
@@ -100,6 +100,10 @@ class RequestProcessor:
         # Restored on this worker from another's handoff: that one's token
         # (it holds the request until told "end"; ext_proc/protocol/handoff.py).
         self.handoff_from = ""
+        # Set with handoff_from: hands what the meter read to the admitting
+        # worker, which charges it and ends its hold in one step. False when
+        # that worker cannot be told: the response is then charged here.
+        self.charge_elsewhere: Callable[[RequestProcessor, MeterResult, bool], bool] | None = None
 
     # ---- dispatch -------------------------------------------------------------
 
@@ -777,10 +781,19 @@ class RequestProcessor:
     def _finish(self, *, aborted: bool) -> None:
         assert self.meter is not None
         self.done = True
-        self._release()  # the real cost (or none) replaces the estimate
+        result = self.meter.finish(aborted=aborted)
+        if self.charge_elsewhere is not None and self.charge_elsewhere(self, result, aborted):
+            return
+        self.settle(result, aborted=aborted)
+
+    def settle(self, result: MeterResult, *, aborted: bool) -> None:
+        """Charge what the meter read; the real cost (or none) replaces the
+        estimate held since admission, in one step."""
+        self.done = True
+        self._release()
         charge(
             self.ctx,
-            self.meter.finish(aborted=aborted),
+            result,
             Charged(
                 self.request_model,
                 self.request_bytes,

@@ -12,10 +12,12 @@ from typing import Any
 
 import grpc
 import orjson
+import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
+from ext_proc.config import ConfigError
 from ext_proc.protocol import envoy_codec as codec
-from ext_proc.protocol.handoff import NAMESPACE
+from ext_proc.protocol.handoff import KEY_ENV, NAMESPACE, sibling_address
 from ext_proc.protocol.processor import METER_HEADER
 from ext_proc.sync.state import Increment
 from spendgate.domain.usage import Usage
@@ -120,6 +122,7 @@ async def test_the_metering_stream_charges_what_the_admission_stream_let_through
             "unreadable": 0,
             "taken_elsewhere": 0,
             "ended_elsewhere": 0,
+            "charged_for_sibling": 0,
             "untold": 0,
         }
         assert ext.stats.metered_responses == 1
@@ -210,12 +213,20 @@ async def test_refused_requests_are_not_handed_off() -> None:
         assert ext.stats.handoffs["parked"] == 0
 
 
-async def test_workers_keep_the_hold_on_the_admitting_worker_until_the_response_ends() -> None:
+WORKERS = {**OBSERVE, "workers": 2}
+KEY = "k" * 32
+
+
+async def test_workers_keep_the_hold_on_the_admitting_worker_until_it_charges(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """--workers: the metering worker tells the admitting one "take" at once
-    (no expiry then, however long the response) and "end" when it charged
-    the response; the hold lasts exactly as long as the request."""
-    workers = {**OBSERVE, "workers": 2}
-    async with running(**workers) as a, running(**workers) as b:
+    (no expiry then, however long the response) and hands it what it metered
+    when the response ends: the admitting worker charges it and releases the
+    hold in one step, so the hold lasts exactly as long as the request and
+    no view ever counts the request twice or not at all."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    async with running(**WORKERS) as a, running(**WORKERS) as b:
         for ext in (a, b):
             ext.set_policies(policy("global"))
         handoff = await admit(a)
@@ -236,11 +247,75 @@ async def test_workers_keep_the_hold_on_the_admitting_worker_until_the_response_
         for m in rest:
             await call.write(m)
         assert await asyncio.wait_for(call.read(), TIMEOUT) is grpc.aio.EOF
-        await wait_for(lambda: a.stats.handoffs["ended_elsewhere"] == 1, "end")
+        await wait_for(lambda: a.stats.handoffs["charged_for_sibling"] == 1, "charge")
         assert a.server.state.held(GLOBAL_KEY) == (0, 0)
-        assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
-        assert a.pending() == {}
+        assert a.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+        assert b.pending() == {}
+        assert b.stats.metered_responses == 0 and a.stats.metered_responses == 1
         assert len(handoffs) == 0
+        assert a.stats.handoffs["untold"] == b.stats.handoffs["untold"] == 0
+
+
+async def test_a_response_cut_short_on_another_worker_is_charged_by_the_admitting_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    async with running(**WORKERS) as a, running(**WORKERS) as b:
+        for ext in (a, b):
+            ext.set_policies(policy("global"))
+        handoff = await admit(a)
+        await meter(b, response(handoff, cut=True), envoy_closes=True)
+        await wait_for(lambda: a.stats.handoffs["charged_for_sibling"] == 1, "charge")
+        assert a.server.state.held(GLOBAL_KEY) == (0, 0)
+        ((key, increment),) = a.pending().items()
+        assert key == GLOBAL_KEY and increment.cost_nanos > 0
+        assert b.pending() == {}
+
+
+async def test_a_stranger_on_the_handoff_socket_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An abstract unix socket has no file permissions: any local process can
+    connect. Without the group's key it releases no hold and charges nothing."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    async with running(**WORKERS) as a:
+        a.set_policies(policy("global"))
+        handoff = await admit(a)
+        token = handoff.dynamic_metadata.fields[NAMESPACE].struct_value.fields["token"]
+        held = a.server.state.held(GLOBAL_KEY)
+        handoffs = a.server.processor.handoffs
+        for key in ("wrong", "k" * 31, ""):
+            _, writer = await asyncio.open_unix_connection(sibling_address(handoffs.prefix))
+            writer.write(f"{key}\nend {token.string_value}\n".encode())
+            await writer.drain()
+            writer.close()
+        await wait_for(lambda: a.stats.handoffs["unreadable"] == 3, "three strangers dropped")
+        assert a.server.state.held(GLOBAL_KEY) == held
+        assert a.stats.handoffs["ended_elsewhere"] == 0 and a.pending() == {}
+
+
+async def test_a_metering_worker_that_cannot_reach_the_admitting_one_charges_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admitting worker is gone (its holds went with it): the response is
+    charged where it was metered, and the failure is loud."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    async with running(**OBSERVE) as a, running(**WORKERS) as b:
+        for ext in (a, b):
+            ext.set_policies(policy("global"))
+        handoff = await admit(a)  # a does not listen: as good as gone
+        await meter(b, response(handoff))
+        assert b.stats.handoffs["untold"] == 1
+        assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+
+
+async def test_a_worker_without_the_group_key_does_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ConfigError, match=KEY_ENV):
+        async with running(**WORKERS):
+            pass
 
 
 async def test_a_json_answer_is_metered_on_the_admission_stream() -> None:

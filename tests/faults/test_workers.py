@@ -287,6 +287,13 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
         urls, workspace, "spread", SPREAD_BURST, tokens=tokens, extra_headers=SLOW, stream=True
     )
     assert statuses(first) == {200: SPREAD_BURST}
+    # A stream's client can finish a moment before its metering does.
+    wait_until(
+        lambda: sum(metered_by_worker(group).values()) - sum(before.values()) == SPREAD_BURST,
+        timeout=30,
+        interval=0.05,
+        message="every stream metered",
+    )
     metered = metered_by_worker(group)
     assert set(metered) == {f"{GROUP_ID}-w{k}" for k in range(1, WORKERS + 1)}
     per_worker = {dp: metered[dp] - before.get(dp, 0) for dp in metered}
@@ -308,11 +315,11 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
     print(f"[workers] crossing burst {counts}; spend {recorded / c:.1f} requests of {ROOM}")
     assert recorded == billed
     # The line holds as it does across hosts: beyond it at most the request that
-    # crossed it. Below it at most one: a stream metered on the other worker is
-    # charged there while its hold, on the admitting worker, reaches the
-    # control plane's view a flush later, so a request of the burst can see
-    # both for a moment (and is refused with budget_held, a retry).
-    assert (ROOM - 1) * c <= recorded <= ROOM * c + c
+    # crossed it. A stream metered on the other worker is charged by the one
+    # that admitted it, in the step that ends its hold (charged where it was
+    # metered, the control plane saw both or neither for a flush: 79 and 84
+    # in CI runs).
+    assert ROOM * c <= recorded <= ROOM * c + c
     rejected = sum(
         v
         for s in group.workers().values()
@@ -320,15 +327,16 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
     )
     assert rejected == counts.get(429, 0)
     # Envoy's metering stream of a request reached the other worker for some
-    # (response_metering: observe): each was metered there, and its hold
-    # ended on the admitting worker when the response did (the line held).
+    # (response_metering: observe): each was metered there and handed back,
+    # charged by the admitting worker as its hold ended (the line held).
     handoffs: dict[str, float] = {}
     for scrape_ in group.workers().values():
         for labels, v in _samples(scrape_, "spendgate_ext_proc_handoffs_total"):
             handoffs[labels["outcome"]] = handoffs.get(labels["outcome"], 0) + v
     print(f"[workers] handoffs {handoffs}")
     assert handoffs["taken_elsewhere"] > 0
-    assert handoffs["ended_elsewhere"] == handoffs["taken_elsewhere"]
+    assert handoffs["charged_for_sibling"] == handoffs["taken_elsewhere"]
+    assert handoffs["ended_elsewhere"] == 0
     assert handoffs["untold"] == handoffs["unreadable"] == 0
 
 
