@@ -166,6 +166,7 @@ class Handoffs:
         self.key = b""
         self.server: asyncio.Server | None = None
         self.peers: dict[str, _Peer] = {}
+        self.connections: set[asyncio.BaseTransport] = set()
 
     async def listen(self, key: bytes) -> None:
         """Take the siblings' messages (--workers); ``key``: the group's."""
@@ -178,8 +179,13 @@ class Handoffs:
         self.server = await loop.create_unix_server(lambda: _Siblings(self), sock=sock)
 
     def close(self) -> None:
+        """Take nothing more from the siblings (before the last flush: a
+        sibling that writes after this finds the connection closed and
+        charges what it metered itself)."""
         if self.server is not None:
             self.server.close()
+        for transport in list(self.connections):
+            transport.close()
         for peer in self.peers.values():
             peer.close()
         self.peers.clear()
@@ -265,10 +271,8 @@ class Handoffs:
                 "a": aborted,
             }
         )
-        if not self.tell(b"charge " + proc.handoff_from.encode() + b" " + body, proc.handoff_from):
-            return False
-        proc.handoff_from = ""  # charged there: nothing left to end
-        return True
+        token, proc.handoff_from = proc.handoff_from, ""  # nothing left to end either way
+        return self.tell(b"charge " + token.encode() + b" " + body, token)
 
     def ended(self, proc: RequestProcessor) -> None:
         """A metering stream ended with nothing handed over: the admitting
@@ -363,6 +367,11 @@ class _Siblings(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # uvloop's: not an asyncio.Transport subclass
+        self.handoffs.connections.add(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.handoffs.connections.discard(self.transport)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

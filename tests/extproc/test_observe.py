@@ -309,6 +309,32 @@ async def test_a_metering_worker_that_cannot_reach_the_admitting_one_charges_its
         assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
 
 
+async def test_a_stopping_worker_takes_no_more_and_its_sibling_charges_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The admitting worker stops (its handoffs close before its last flush):
+    what its sibling meters afterwards is charged by the sibling, never
+    written into a process that will not send it."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    async with running(**WORKERS) as a, running(**WORKERS) as b:
+        for ext in (a, b):
+            ext.set_policies(policy("global"))
+        handoff = await admit(a)
+        call = b.stub.Process()
+        first, *rest = response(handoff)
+        await call.write(first)
+        await wait_for(lambda: a.stats.handoffs["taken_elsewhere"] == 1, "take")
+        a.server.processor.handoffs.close()
+        await wait_for(lambda: not a.server.processor.handoffs.connections, "closed")
+        for m in rest:
+            await call.write(m)
+        assert await asyncio.wait_for(call.read(), TIMEOUT) is grpc.aio.EOF
+        await wait_for(lambda: bool(b.pending()), "charged on b")
+        assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+        assert b.stats.handoffs["untold"] == 1
+        assert a.stats.handoffs["charged_for_sibling"] == 0 and a.pending() == {}
+
+
 async def test_a_worker_without_the_group_key_does_not_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -64,11 +64,31 @@ def test_a_killed_ext_procs_hold_stops_blocking_within_hold_ttl(pg_url: str) -> 
 
         holder = threading.Thread(target=hold_open, daemon=True)
         holder.start()
-        wait_until(
-            lambda: probe(pairs.base_urls[OTHER], user) == 429,
-            timeout=20,
-            message="the victim's hold reaches the other pair",
-        )
+        seen: list[int] = []
+
+        def held_on_the_other_pair() -> bool:
+            seen.append(probe(pairs.base_urls[OTHER], user))
+            return seen[-1] == 429
+
+        try:
+            wait_until(
+                held_on_the_other_pair,
+                timeout=30,
+                interval=POLL_S,
+                message="the victim's hold reaches the other pair",
+            )
+        except AssertionError:
+            # Failed once in a CI run and never since: say what each part saw.
+            print(
+                f"probes: {seen[:5]}...{seen[-5:]} ({len(seen)}); holder alive: {holder.is_alive()}"
+            )
+            for name, proc in (
+                *((f"ext_proc {i}", p) for i, p in enumerate(pairs.ext_procs)),
+                *((f"control plane {i}", p) for i, p in enumerate(pairs.control_planes)),
+            ):
+                lines = [e for e in proc.log_events() if e.get("level") != "debug"]
+                print(f"--- {name}: {lines[-15:]}")
+            raise
         pairs.ext_procs[VICTIM].kill()
         killed_at = time.monotonic()
         statuses = []
