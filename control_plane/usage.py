@@ -135,6 +135,12 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
             horizon_s=cp.forecast_horizon_s,
         )
         at = int(now.timestamp())
+        discounted: list[tuple[str, str, int]] = []
+        if not duplicate and req.holds_seq:
+            # Reports newer than this batch's counted it as unapplied.
+            discounted = repo.discount_holds(
+                s, req.data_plane_id, req.holds_seq, {k: a[1] for k, a in deltas.items()}
+            )
         if held_now:
             repo.set_holds(
                 s,
@@ -147,8 +153,9 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
         keys = [(t.policy_id, t.member, t.window_start) for t in totals]
         # Holds change only with a report of them: only those windows'
         # holds are sent again (a data plane keeps what it knew of the rest).
-        held = repo.holds_by_window(s, list(held_now), at) if held_now else {}
-        if not duplicate or held_now:
+        held_keys = {*held_now, *discounted}
+        held = repo.holds_by_window(s, list(held_keys), at) if held_keys else {}
+        if not duplicate or held_keys:
             cp.changed(s, "spend", keys)
         # Crossings are recorded in this transaction: committed together
         # with the spend, or not at all.

@@ -21,6 +21,7 @@ from sqlalchemy import (
     select,
     text,
     tuple_,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, defer
@@ -58,6 +59,8 @@ def list_policies(session: Session, *, after_id: str, limit: int) -> Sequence[Po
 # What a listed policy may take besides its description: every other field is
 # bounded (name 200, target 512 characters, ...); generous on purpose.
 POLICY_FIXED_BYTES = 4096
+# Windows per query when discounting a batch from newer holds (bound parameters).
+DISCOUNT_CHUNK = 500
 
 
 def list_policies_sized(
@@ -669,6 +672,44 @@ class Hold:
     seq: int
     expires_at: int
     requests: int = 0
+
+
+def discount_holds(
+    session: Session, data_plane_id: str, seq: int, costs: Mapping[WindowKey, int]
+) -> list[WindowKey]:
+    """A batch of ``data_plane_id`` sent with holds report ``seq`` is being
+    applied: take its usage (``costs``) out of that data plane's holds
+    recorded from newer reports (higher ``seq``). Those were reported while
+    the batch was in flight, so they count its usage as unapplied, and the
+    batch's own, older report cannot replace them: left alone, the usage
+    would count twice (spent and held) until the data plane reports again.
+    Returns the windows whose holds changed."""
+    h = WindowHoldRow
+    keys = sorted(k for k, cost in costs.items() if cost > 0)
+    newer: list[WindowKey] = []
+    for i in range(0, len(keys), DISCOUNT_CHUNK):  # usually nothing: a report raced the batch
+        rows = session.execute(
+            select(h.policy_id, h.member, h.window_start).where(
+                (h.data_plane_id == data_plane_id)
+                & (h.seq > seq)
+                & tuple_(h.policy_id, h.member, h.window_start).in_(keys[i : i + DISCOUNT_CHUNK])
+            )
+        )
+        newer += ((p, m, w) for p, m, w in rows)
+    for key in sorted(newer):  # in key order, like every write of these rows
+        cost = costs[key]
+        session.execute(
+            update(h)
+            .where(
+                (h.policy_id == key[0])
+                & (h.member == key[1])
+                & (h.window_start == key[2])
+                & (h.data_plane_id == data_plane_id)
+                & (h.seq > seq)
+            )
+            .values(held_nanos=case((h.held_nanos > cost, h.held_nanos - cost), else_=0))
+        )
+    return sorted(newer)
 
 
 def holds_by_window(

@@ -530,11 +530,14 @@ class ControlPlaneSync:
         if msg.ByteSize() > limit:
             self._set_aside(batch, "too_large", f"{msg.ByteSize()} bytes, over {limit}")
             return True
+        if not batch.without_holds:
+            # Even with no holds: it orders the batch among our hold reports
+            # (DataPlaneService.ReportUsage, holds_seq).
+            msg.holds_seq = self.state.next_seq()
         if self.state.hold_keys and not batch.without_holds:
             holds, unapplied = self.state.hold_report(skip=batch)
             msg.holds.extend(holds)
             msg.unapplied.extend(unapplied)
-            msg.holds_seq = self.state.next_seq()
             if msg.ByteSize() > limit:  # this time without them
                 self.state.holds_dirty = True
                 del msg.holds[:]

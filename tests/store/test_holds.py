@@ -203,6 +203,39 @@ async def test_holds_of_applied_batches_are_not_counted_twice(cp: ControlPlane) 
     assert not resp.admitted  # $0.60 + a's $0.40 + b's $0.30 before it = $1.30
 
 
+async def test_a_batch_applied_after_a_newer_report_is_taken_out_of_its_holds(
+    cp: ControlPlane,
+) -> None:
+    """A data plane sends batch b1 (holds report seq 2) and, while it is in
+    flight, a Reserve (seq 3) whose hold counts b1 as unapplied; the control
+    plane handles the Reserve first. b1's own report is then older and
+    cannot replace the hold: b1's usage is taken out of it instead, so it is
+    counted once (spent), not twice (spent and held) until the next report."""
+    pid = await daily(cp)
+    assert (await cp.reserve(reserve(pid, "a", 2 * USD // 10, 2 * USD // 10, 1))).admitted
+    in_flight = dp.UnappliedBatch(batch_id="b1", usage=[hold(pid, 3 * USD // 10)])
+    # a: a new request ($0.10) + the one before ($0.20) + b1 ($0.30) unapplied.
+    raced = await cp.reserve(reserve(pid, "a", 6 * USD // 10, USD // 10, 3, (in_flight,)))
+    assert raced.admitted and holds_of(raced.spend) == {"a": 6 * USD // 10}
+    applied = await cp.apply_usage(
+        usage(pid, "b1", 3 * USD // 10, "a", holds=[hold(pid, USD // 10)], holds_seq=2)
+    )
+    (ws,) = applied.spend
+    assert ws.spent_nanos == 3 * USD // 10
+    assert holds_of([ws]) == {"a": 3 * USD // 10}  # the two running requests
+    # So $0.30 spent + $0.30 held: a request of b's of $0.40 fits.
+    assert (await cp.reserve(reserve(pid, "b", 4 * USD // 10, 4 * USD // 10, 4))).admitted
+    # Applied again (a retry): nothing taken out twice.
+    again = await cp.apply_usage(
+        usage(pid, "b1", 3 * USD // 10, "a", holds=[hold(pid, USD // 10)], holds_seq=2)
+    )
+    assert again.duplicate and holds_of(again.spend) == {"a": 3 * USD // 10, "b": 4 * USD // 10}
+    # A batch sent after the newest report (higher seq) replaces it as before.
+    await cp.apply_usage(usage(pid, "b2", USD // 10, "a", holds=[hold(pid, 0)], holds_seq=5))
+    snap = await cp.snapshot()
+    assert holds_of(snap.spend)["a"] == 0
+
+
 async def test_holds_of_a_silent_data_plane_lapse(cp: ControlPlane, clock: FakeClock) -> None:
     pid = await daily(cp)
     assert (await cp.reserve(reserve(pid, "dead", USD, USD, 1))).admitted
