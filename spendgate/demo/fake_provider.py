@@ -46,6 +46,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -250,8 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
         # An OpenAI (chat or legacy) completion stream reports usage only when asked to.
         asked = api not in ("openai_chat", "openai_completions")
         reports_usage = asked or b'"usage": {' in reply.events[-2]
-        if self._stream(reply) and reports_usage:
-            self._record(billed)
+        # Billed as the last event leaves: a client can have read it, and
+        # returned, before this thread runs again.
+        self._stream(reply, (lambda: self._record(billed)) if reports_usage else None)
 
     def _api(self, path: str) -> tuple[str | None, str | None]:
         if path.endswith("/chat/completions"):
@@ -322,8 +324,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.log.billed.append(billed)
             self.server.log.trim()
 
-    def _stream(self, reply: fake_apis.Reply) -> bool:
-        """Send the events one HTTP chunk each; False if the stream was cut."""
+    def _stream(self, reply: fake_apis.Reply, complete: Callable[[], None] | None) -> bool:
+        """Send the events one HTTP chunk each, calling ``complete`` just
+        before the last; False if the stream was cut."""
         delay = min(self._int("x-fake-chunk-delay-ms", 0), 60_000) / 1000
         stamp = self.headers.get("x-fake-stamp") == "1"
         cut_after = self._int("x-fake-cut-after", -1)
@@ -346,6 +349,8 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(max(0.0, start + i * delay - time.monotonic()))
             if stamp:
                 event = b": t=%d\n" % time.monotonic_ns() + event
+            if i == len(reply.events) - 1 and complete is not None:
+                complete()
             self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             self.wfile.flush()
         self.wfile.write(b"0\r\n\r\n")

@@ -110,7 +110,12 @@ def test_tightest_exposed_budget_reaches_both_sdks_and_only_spendgates_headers_p
     }
     # The next answer shows the first one's cost spent; streaming included
     # (its headers come before the body).
+    stats = stack.ext.ctx.stats
+    metered = stats.metered_responses
     assert chat_headers(c, stream=True)["x-spendgate-budget-remaining"] == "0.00955"
+    # A stream is metered beside it (response_metering: observe): its client
+    # can return a moment before the charge lands.
+    wait_until(lambda: stats.metered_responses == metered + 1, message="the stream charged")
     assert chat_headers(c)["x-spendgate-budget-remaining"] == "0.0091"
 
     # Bob has only the provider-wide budget; a provider's own budget header
