@@ -69,8 +69,11 @@ wrk:
 	@command -v wrk >/dev/null || $(SUDO) apt-get install -y -qq wrk \
 		|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 
+# Then the work that grows with the size of the state (bench/scale.py; its
+# sizes: BENCH_SCALE_POLICIES, BENCH_SCALE_MEMBERS; BENCH_QUICK=1 the smallest).
 bench: $(DEV_STAMP) wrk
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench scale
 
 clean:
 	rm -rf $(VENV) .spendgate .pytest_cache .mypy_cache .ruff_cache site
