@@ -75,10 +75,11 @@ def decide(
     ids = {h.policy_id for h in req.holds}
     rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
     buckets = Buckets(rows)
-    holds = buckets.holds(req.holds, req.unapplied, s)
+    holds = buckets.holds(req.holds)
     totals = repo.add_spend(
         s, (repo.SpendDelta(*k, end, 0, 0, 0) for k, (_, end) in holds.items()), now
     )
+    applied = buckets.without_applied(holds, req.unapplied, s)
     keys = [(t.policy_id, t.member, t.window_start) for t in totals]
     spent = {k: t.spent_nanos for k, t in zip(keys, totals, strict=True)}
     held = repo.holds_by_window(s, keys, at)
@@ -86,6 +87,15 @@ def decide(
         k: sum(h.held_nanos for h in held.get(k, ()) if h.data_plane_id != req.data_plane_id)
         for k in keys
     }
+    # Ours: the newest report wins, in the decision as in the stored rows.
+    # A report newer than this call's (a batch sent after it, applied
+    # before it) already counts as spent the usage this call still counts as
+    # held; its holds include this call's requests, reserved before the call.
+    mine = {k: holds[k][0] for k in keys}
+    for k in keys:
+        for h in held.get(k, ()):
+            if h.data_plane_id == req.data_plane_id and h.seq > req.holds_seq:
+                mine[k] = h.held_nanos
     # Each request's windows, with what it holds on each (its estimate,
     # capped per window at the policy's amount by the data plane).
     windows = [
@@ -97,7 +107,6 @@ def decide(
         for item in items
     ]
     # Ours without the requests of this call; each admitted one joins.
-    mine = {k: holds[k][0] for k in keys}
     count = buckets.requests(req.holds)
     for item_windows in windows:
         for k, amount in item_windows:
@@ -121,6 +130,7 @@ def decide(
     changed(s, "spend", keys)
     messages = total_messages(totals, rows, repo.holds_by_window(s, keys, at))
     resp.spend.extend(messages)
+    resp.applied_batch_ids.extend(applied)
     return resp, messages
 
 
@@ -211,31 +221,44 @@ class Buckets:
                 out[found[0]] = out.get(found[0], 0) + h.requests
         return out
 
-    def holds(
-        self,
-        holds: Sequence[dp.WindowHold],
-        unapplied: Sequence[dp.UnappliedBatch],
-        session: Session,
-    ) -> dict[tuple[str, str, int], tuple[int, int]]:
+    def holds(self, holds: Sequence[dp.WindowHold]) -> dict[WindowKey, tuple[int, int]]:
         """key -> (held nanos, window end); holds on unknown policies are
-        dropped, and so is the usage of batches already applied (the data
-        plane counted it as held, not knowing yet)."""
-        out: dict[tuple[str, str, int], tuple[int, int]] = {}
+        dropped."""
+        out: dict[WindowKey, tuple[int, int]] = {}
         for h in holds:
             found = self.key(h.policy_id, h.member, h.window_start.seconds)
             if found is not None:
                 key, end = found
                 out[key] = (out.get(key, (0, end))[0] + h.held_nanos, end)
+        return out
+
+    def without_applied(
+        self,
+        held: dict[WindowKey, tuple[int, int]],
+        unapplied: Sequence[dp.UnappliedBatch],
+        session: Session,
+    ) -> list[str]:
+        """Take out of ``held`` the usage of the batches of ``unapplied``
+        applied already (the data plane counted it as held, not knowing
+        yet); their ids.
+
+        Call it once the windows' rows are locked (repo.add_spend): a batch
+        applied after this check, and before the totals were read, would be
+        counted twice (in the total and as held). With the rows locked, a
+        batch on these windows is applied either before the totals were read
+        and is seen here, or after this transaction."""
         applied = repo.applied_batches(session, [b.batch_id for b in unapplied])
+        named = []
         for b in unapplied:
             if b.batch_id not in applied:
                 continue
+            named.append(b.batch_id)
             for u in b.usage:
                 found = self.key(u.policy_id, u.member, u.window_start.seconds)
-                if found is not None and found[0] in out:
+                if found is not None and found[0] in held:
                     key, end = found
-                    out[key] = (max(out[key][0] - u.held_nanos, 0), end)
-        return out
+                    held[key] = (max(held[key][0] - u.held_nanos, 0), end)
+        return named
 
 
 async def reserve(cp: Runtime, req: dp.ReserveRequest) -> dp.ReserveResponse:
@@ -249,5 +272,13 @@ async def reserve(cp: Runtime, req: dp.ReserveRequest) -> dp.ReserveResponse:
 
     resp, messages = await cp.run(arbitrate)
     if messages:
-        cp.hub.publish(dp.StateUpdate(spend=messages))
+        cp.hub.publish(
+            dp.StateUpdate(
+                spend=messages,
+                applied_batches=[
+                    dp.AppliedBatch(data_plane_id=req.data_plane_id, batch_id=b)
+                    for b in resp.applied_batch_ids
+                ],
+            )
+        )
     return resp

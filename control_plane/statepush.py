@@ -88,13 +88,15 @@ def split(update: dp.StateUpdate, limit: int = PAGE_BYTES) -> list[dp.StateUpdat
     """An increment as messages of at most ``limit`` bytes (itself when it fits).
 
     Only increments are split (policy_changes, price_changes, spend): the
-    whole-set fields of streams of earlier releases cannot be cut. ``applied``
-    goes on the last piece: a data plane stops counting its batch as unsent
-    only once every total that includes it has arrived.
+    whole-set fields of streams of earlier releases cannot be cut.
+    ``applied`` and ``applied_batches`` go on the last piece: a data plane
+    stops counting its batch as unsent only once every total that includes
+    it has arrived.
     """
     if update.ByteSize() <= limit - _PAGE_OVERHEAD:
         return [update]
-    pager = Pager(limit - update.applied.ByteSize() - _ITEM_OVERHEAD)
+    marks = dp.StateUpdate(applied=update.applied, applied_batches=update.applied_batches)
+    pager = Pager(limit - marks.ByteSize() - _ITEM_OVERHEAD)
     add_all(
         pager,
         update.policy_changes.upserts,
@@ -104,8 +106,10 @@ def split(update: dp.StateUpdate, limit: int = PAGE_BYTES) -> list[dp.StateUpdat
         update.spend,
     )
     pieces = [p for p in pager.finish() if p.ByteSize()]
-    if update.HasField("applied") and pieces:
-        pieces[-1].applied.CopyFrom(update.applied)
+    if pieces:
+        if update.HasField("applied"):
+            pieces[-1].applied.CopyFrom(update.applied)
+        pieces[-1].applied_batches.extend(update.applied_batches)
     return pieces
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from sqlalchemy import select
@@ -43,6 +43,13 @@ class UsageResult:
     unknown_policy_increments: int
     quarantined_increments: int = 0
     refused_rollups: int = 0
+    # Batches of ``unapplied`` applied already (ReportUsageResponse.applied_batch_ids).
+    applied_batch_ids: list[str] = field(default_factory=list)
+
+
+# duplicate, totals, unknown-policy increments, events, batches of
+# ``unapplied`` applied already.
+Applied = tuple[bool, list[dp.WindowSpend], int, OutboxResult, list[str]]
 
 
 async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
@@ -76,7 +83,7 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
     hold_list = [h for h in req.holds if quarantine.storable(h.policy_id, h.member) is None]
     now = cp.clock()
 
-    def apply(s: Session) -> tuple[bool, list[dp.WindowSpend], int, OutboxResult]:
+    def apply(s: Session) -> Applied:
         ids = {inc.policy_id for inc in good} | {h.policy_id for h in hold_list}
         rows = {r.id: r for r in s.scalars(select(PolicyRow).where(PolicyRow.id.in_(ids)))}
         buckets = holds.Buckets(rows)
@@ -94,7 +101,7 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
             acc[2] += inc.request_count
             acc[3] += inc.estimated_count
             acc[4] += inc.would_reject_count
-        held_now = buckets.holds(hold_list, req.unapplied, s)
+        held_now = buckets.holds(hold_list)
         duplicate = bool(req.batch_id) and not repo.claim_batch(
             s, req.batch_id, req.data_plane_id, now
         )
@@ -134,6 +141,8 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
             now,
             horizon_s=cp.forecast_horizon_s,
         )
+        # Checked with the windows locked (see Buckets.without_applied).
+        applied = buckets.without_applied(held_now, req.unapplied, s)
         at = int(now.timestamp())
         discounted: list[tuple[str, str, int]] = []
         if not duplicate and req.holds_seq:
@@ -171,13 +180,13 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
         if not duplicate and req.anomalies:
             record_anomalies(s, req.data_plane_id, req.anomalies, now, outbox)
         spend = holds.total_messages(totals, rows, held)
-        return duplicate, spend, unknown, outbox
+        return duplicate, spend, unknown, outbox, applied
 
-    def committed(result: tuple[bool, list[dp.WindowSpend], int, OutboxResult]) -> None:
+    def committed(result: Applied) -> None:
         # Runs once the transaction committed, even if the caller's
         # deadline expired meanwhile: counters and log lines say what the
         # database holds.
-        duplicate, spend, unknown, outbox = result
+        duplicate, spend, unknown, outbox, applied = result
         if len(cp.known_tag_sets) > MAX_KNOWN_TAG_SETS:
             cp.known_tag_sets.clear()
         cp.known_tag_sets.update(tag_sets_written)
@@ -221,10 +230,13 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
             if not duplicate and req.batch_id:
                 update.applied.data_plane_id = req.data_plane_id
                 update.applied.batch_id = req.batch_id
+            update.applied_batches.extend(
+                dp.AppliedBatch(data_plane_id=req.data_plane_id, batch_id=b) for b in applied
+            )
             cp.hub.publish(update)
 
     try:
-        duplicate, spend, unknown, _ = await cp.run(apply, committed)
+        duplicate, spend, unknown, _, applied = await cp.run(apply, committed)
     except DataError as refused_by_db:
         # A value the database refuses (and no check above caught) would
         # fail this batch on every retry: refuse it as invalid, so the data
@@ -233,7 +245,7 @@ async def apply_usage(cp: Runtime, req: dp.ReportUsageRequest) -> UsageResult:
         raise InvalidArgument.one(
             "increments", f"the database refused a value: {why}"
         ) from refused_by_db
-    return UsageResult(duplicate, spend, unknown, len(refused), len(rollup_problems))
+    return UsageResult(duplicate, spend, unknown, len(refused), len(rollup_problems), applied)
 
 
 def _log_quarantined(

@@ -34,6 +34,7 @@ class DataPlaneServicer(dataplane_pb2_grpc.DataPlaneServiceServicer):
             unknown_policy_increments=result.unknown_policy_increments,
             quarantined_increments=result.quarantined_increments,
             refused_rollups=result.refused_rollups,
+            applied_batch_ids=result.applied_batch_ids,
         )
 
     @unary

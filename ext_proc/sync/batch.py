@@ -66,6 +66,10 @@ class Batch:
     without_holds: bool = False
     # Chargeback rollups (ext_proc/sync/rollups.py) the batch carries.
     rollups: dict[RollupKey, RollupSums] = field(default_factory=dict)
+    # Windows whose known totals include the batch (the answer to a report
+    # that named it as unapplied said it was applied, with their totals):
+    # not counted as unsent there any more; dropped once all are.
+    settled: set[SpendKey] = field(default_factory=set)
 
     @property
     def records(self) -> int:

@@ -412,7 +412,7 @@ class ControlPlaneSync:
             log.debug("holds not reported; will retry", code=e.code().name)
             return
         self._holds_reported_at = now
-        state.merge_spend(resp.spend)
+        state.take_totals(resp.spend, resp.applied_batch_ids)
 
     async def reserve(self, holds: list[tuple[SpendKey, int]]) -> dp.ReserveVerdict | None:
         """Ask the control plane to admit a request near a budget's line
@@ -481,7 +481,7 @@ class ControlPlaneSync:
             except grpc.aio.AioRpcError as e:
                 self._arbiter_failed(e.code().name)
             else:
-                state.merge_spend(resp.spend)
+                state.take_totals(resp.spend, resp.applied_batch_ids)
                 verdicts = list(resp.verdicts)
             for (_, answer), verdict in zip(queued, verdicts, strict=True):
                 if not answer.done():

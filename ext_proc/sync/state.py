@@ -10,7 +10,8 @@ Spend of a window as this data plane sees it =
 Totals only grow within a window, so totals from acks and from the state
 stream are merged with max(). A batch stops being ours to count when the
 first total that includes it arrives: the ack, or the state stream message
-marked with its id (``StateUpdate.applied``), whichever comes first. Only a
+marked with its id (``StateUpdate.applied``), or the answer to a report that
+named it as unapplied (``applied_batch_ids``), whichever comes first. Only a
 total from another data plane's batch applied just after ours, arriving
 before either, counts ours twice for a moment: an over-estimate, never an
 under-estimate.
@@ -27,7 +28,7 @@ the durable copy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -146,7 +147,7 @@ class LocalState:
             total += inc.cost_nanos
         for batch in self.in_flight.values():
             b = batch.increments.get(key)
-            if b is not None:
+            if b is not None and key not in batch.settled:
                 total += b.cost_nanos
         return total
 
@@ -247,7 +248,7 @@ class LocalState:
         for batch in self.in_flight.values():
             if batch is not skip:
                 b = batch.increments.get(key)
-                if b is not None:
+                if b is not None and key not in batch.settled:
                     total += b.cost_nanos
         return total
 
@@ -282,7 +283,9 @@ class LocalState:
             usage = [
                 _hold(k, inc.cost_nanos)
                 for k in wanted
-                if (inc := batch.increments.get(k)) is not None and inc.cost_nanos
+                if (inc := batch.increments.get(k)) is not None
+                and inc.cost_nanos
+                and k not in batch.settled
             ]
             if usage:
                 unapplied.append(dp.UnappliedBatch(batch_id=batch.batch_id, usage=usage))
@@ -423,8 +426,32 @@ class LocalState:
 
     def acknowledge(self, batch: Batch, resp: dp.ReportUsageResponse) -> None:
         # Merge the totals first so the batch is never missing from both.
-        self.merge_spend(resp.spend)
+        self.take_totals(resp.spend, resp.applied_batch_ids)
         self._applied(batch.batch_id)
+
+    def take_totals(self, spend: Sequence[dp.WindowSpend], applied: Sequence[str]) -> None:
+        """Totals from the answer to a report of ours, and the batches it
+        named as unapplied that those totals include (applied already): they
+        stop counting as unsent in the same step, not when their own answer
+        arrives."""
+        self.merge_spend(spend)
+        if applied:
+            self._settled(applied, spend)
+
+    def _settled(self, batch_ids: Iterable[str], spend: Iterable[dp.WindowSpend]) -> None:
+        """The control plane applied these batches of ours, and the totals of
+        ``spend`` (merged) include them: they stop counting as unsent on
+        those windows, and go once that is all of their windows (a report
+        names a batch for the report's windows only; the rest of its
+        windows wait for its own answer)."""
+        keys = {(ws.policy_id, ws.member, ws.window_start.seconds) for ws in spend}
+        for batch_id in batch_ids:
+            batch = self.in_flight.get(batch_id)
+            if batch is None:
+                continue
+            batch.settled.update(k for k in keys if k in batch.increments)
+            if len(batch.settled) == len(batch.increments):
+                self._applied(batch_id)
 
     def _applied(self, batch_id: str) -> None:
         """The control plane applied ``batch_id`` and its totals (merged
@@ -498,6 +525,9 @@ class LocalState:
         self.merge_spend(update.spend)
         if self.identity and update.applied.data_plane_id == self.identity:
             self._applied(update.applied.batch_id)
+        if self.identity and update.applied_batches:
+            ids = [a.batch_id for a in update.applied_batches if a.data_plane_id == self.identity]
+            self._settled(ids, update.spend)
         # Pruning looks only at ended windows, but they come in slices: with
         # the sync client running, its snapshot loop prunes every second too.
         if update.full_snapshot or now.timestamp() - self.last_prune >= PRUNE_INTERVAL_S:

@@ -167,32 +167,36 @@ class ReserveVerdict(_message.Message):
     def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("admitted", "policy_id", "member", "spend", "verdicts")
+    __slots__ = ("admitted", "policy_id", "member", "spend", "verdicts", "applied_batch_ids")
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     POLICY_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
     admitted: bool
     policy_id: str
     member: str
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     verdicts: _containers.RepeatedCompositeFieldContainer[ReserveVerdict]
-    def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[ReserveVerdict, _Mapping]]] = ...) -> None: ...
+    applied_batch_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, admitted: _Optional[bool] = ..., policy_id: _Optional[str] = ..., member: _Optional[str] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., verdicts: _Optional[_Iterable[_Union[ReserveVerdict, _Mapping]]] = ..., applied_batch_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
-    __slots__ = ("duplicate", "spend", "unknown_policy_increments", "quarantined_increments", "refused_rollups")
+    __slots__ = ("duplicate", "spend", "unknown_policy_increments", "quarantined_increments", "refused_rollups", "applied_batch_ids")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_POLICY_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_INCREMENTS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_ROLLUPS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     unknown_policy_increments: int
     quarantined_increments: int
     refused_rollups: int
-    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ..., quarantined_increments: _Optional[int] = ..., refused_rollups: _Optional[int] = ...) -> None: ...
+    applied_batch_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, duplicate: _Optional[bool] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., unknown_policy_increments: _Optional[int] = ..., quarantined_increments: _Optional[int] = ..., refused_rollups: _Optional[int] = ..., applied_batch_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WindowSpend(_message.Message):
     __slots__ = ("policy_id", "member", "window_start", "window_end", "spent_nanos", "limit_nanos", "exceeded", "request_count", "holds", "adjustment_seq")
@@ -253,7 +257,7 @@ class PriceOverrides(_message.Message):
     def __init__(self, overrides: _Optional[_Iterable[_Union[_pricing_pb2.PriceOverride, _Mapping]]] = ...) -> None: ...
 
 class StateUpdate(_message.Message):
-    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides", "seq", "resync", "policy_changes", "price_changes", "applied")
+    __slots__ = ("policies", "spend", "full_snapshot", "server_time", "price_overrides", "seq", "resync", "policy_changes", "price_changes", "applied", "applied_batches")
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     SPEND_FIELD_NUMBER: _ClassVar[int]
     FULL_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +268,7 @@ class StateUpdate(_message.Message):
     POLICY_CHANGES_FIELD_NUMBER: _ClassVar[int]
     PRICE_CHANGES_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     policies: PolicySnapshot
     spend: _containers.RepeatedCompositeFieldContainer[WindowSpend]
     full_snapshot: bool
@@ -274,7 +279,8 @@ class StateUpdate(_message.Message):
     policy_changes: PolicyChanges
     price_changes: PriceOverrideChanges
     applied: AppliedBatch
-    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ..., seq: _Optional[int] = ..., resync: _Optional[_Union[ResyncPage, _Mapping]] = ..., policy_changes: _Optional[_Union[PolicyChanges, _Mapping]] = ..., price_changes: _Optional[_Union[PriceOverrideChanges, _Mapping]] = ..., applied: _Optional[_Union[AppliedBatch, _Mapping]] = ...) -> None: ...
+    applied_batches: _containers.RepeatedCompositeFieldContainer[AppliedBatch]
+    def __init__(self, policies: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., spend: _Optional[_Iterable[_Union[WindowSpend, _Mapping]]] = ..., full_snapshot: _Optional[bool] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., price_overrides: _Optional[_Union[PriceOverrides, _Mapping]] = ..., seq: _Optional[int] = ..., resync: _Optional[_Union[ResyncPage, _Mapping]] = ..., policy_changes: _Optional[_Union[PolicyChanges, _Mapping]] = ..., price_changes: _Optional[_Union[PriceOverrideChanges, _Mapping]] = ..., applied: _Optional[_Union[AppliedBatch, _Mapping]] = ..., applied_batches: _Optional[_Iterable[_Union[AppliedBatch, _Mapping]]] = ...) -> None: ...
 
 class AppliedBatch(_message.Message):
     __slots__ = ("data_plane_id", "batch_id")

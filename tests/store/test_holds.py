@@ -12,11 +12,13 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
 from control_plane.errors import InvalidArgument
 from control_plane.hub import StateHub
 from control_plane.service import ControlPlane
+from control_plane.store import repo
 from spendgate.v1 import budget_pb2 as pb
 from spendgate.v1 import dataplane_pb2 as dp
 from spendgate.wire import timestamp
@@ -234,6 +236,102 @@ async def test_a_batch_applied_after_a_newer_report_is_taken_out_of_its_holds(
     await cp.apply_usage(usage(pid, "b2", USD // 10, "a", holds=[hold(pid, 0)], holds_seq=5))
     snap = await cp.snapshot()
     assert holds_of(snap.spend)["a"] == 0
+
+
+async def test_a_reserve_older_than_the_applied_batch_that_followed_it_counts_the_newer_report(
+    cp: ControlPlane,
+) -> None:
+    """A data plane asks to admit a request (Reserve, seq 2) while its last
+    request's $0.30 is still pending: the call's hold counts it. Then that
+    usage goes out as batch b1 with a newer report (seq 3, the request's
+    $0.10 estimate held), and the control plane applies b1 first. The
+    Reserve decides on the newest report, as the stored rows do: $0.60 +
+    $0.30 spent and $0.10 held < $1, admitted; its own hold would count the
+    $0.30 twice ($1.30)."""
+    pid = await daily(cp)
+    await cp.apply_usage(usage(pid, "b0", 6 * USD // 10, "a", holds_seq=1))
+    applied = await cp.apply_usage(
+        usage(pid, "b1", 3 * USD // 10, "a", holds=[hold(pid, USD // 10)], holds_seq=3)
+    )
+    assert applied.spend[0].spent_nanos == 9 * USD // 10
+    late = await cp.reserve(reserve(pid, "a", 4 * USD // 10, USD // 10, 2))
+    assert late.admitted
+    assert holds_of(late.spend) == {"a": USD // 10}  # the newer report stays
+    # The next report replaces it as usual; the window is then full.
+    assert not (await cp.reserve(reserve(pid, "a", 2 * USD // 10, USD // 10, 4))).admitted
+
+
+async def test_answers_name_the_unapplied_batches_applied_already(cp: ControlPlane) -> None:
+    """A report that names batches as unapplied is told which of them the
+    control plane applied already, in its answer and in the state update of
+    the same totals, so the data plane stops counting them as it takes the
+    totals in."""
+    pid = await daily(cp, amount="10.00")
+    await cp.apply_usage(usage(pid, "done", USD, "a", holds_seq=1))
+    named = (
+        dp.UnappliedBatch(batch_id="done", usage=[hold(pid, USD)]),
+        dp.UnappliedBatch(batch_id="still-out", usage=[hold(pid, USD)]),
+    )
+    async with cp.hub.subscribe() as sub:
+        resp = await cp.reserve(reserve(pid, "a", 3 * USD, USD, 2, named))
+        assert resp.admitted and list(resp.applied_batch_ids) == ["done"]
+        report = await cp.apply_usage(
+            usage(pid, "next", USD, "a", holds=[hold(pid, 2 * USD)], holds_seq=3, unapplied=named)
+        )
+        assert report.applied_batch_ids == ["done"]
+        updates = [await sub.next() for _ in range(sub.queue.qsize())]
+    marks = [[(a.data_plane_id, a.batch_id) for a in u.applied_batches] for u in updates]
+    assert marks == [[("a", "done")], [("a", "done")]]
+    # The held usage of "done" is not counted: $2 spent, a holds $1 + $1.
+    assert holds_of(report.spend) == {"a": USD} and report.spend[0].spent_nanos == 2 * USD
+
+
+async def test_a_batch_applied_while_a_reserve_waits_for_the_window_is_counted_once(
+    cp: ControlPlane, engine: Engine, clock: FakeClock
+) -> None:
+    """Batch b1 is being applied (its id claimed, the window's row locked)
+    when a Reserve that names it as unapplied arrives: the Reserve waits for
+    the row, then reads the total with b1 in it, so it must also see b1 as
+    applied (checked after the lock, not before). Else b1's $0.50 counts
+    twice, spent and held: $0.50 + $0.50 + the request's $0.10 would refuse
+    a request that fits."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one writing transaction at a time")
+    pid = await daily(cp)
+    b1 = dp.UnappliedBatch(batch_id="b1", usage=[hold(pid, 5 * USD // 10)])
+    end = int((DAY_START + timedelta(days=1)).timestamp())
+    with Session(engine) as s:
+        assert repo.claim_batch(s, "b1", "a", clock())
+        repo.add_spend(
+            s,
+            [repo.SpendDelta(pid, "", int(DAY_START.timestamp()), end, 5 * USD // 10, 1, 0)],
+            clock(),
+        )
+        # a: b1 unapplied + a running request ($0.40) + this one ($0.10).
+        waiting = asyncio.create_task(cp.reserve(reserve(pid, "a", USD, USD // 10, 2, (b1,))))
+        for _ in range(500):  # the Reserve's transaction runs on the store's threads
+            if waits_for_a_lock(engine):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the Reserve never waited for the window's row")
+        s.commit()
+    resp = await waiting
+    assert resp.admitted and list(resp.applied_batch_ids) == ["b1"]
+    assert holds_of(resp.spend) == {"a": 5 * USD // 10}
+    assert resp.spend[0].spent_nanos == 5 * USD // 10
+
+
+def waits_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as c:
+        return bool(
+            c.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        )
 
 
 async def test_holds_of_a_silent_data_plane_lapse(cp: ControlPlane, clock: FakeClock) -> None:

@@ -147,6 +147,59 @@ def test_our_hold_report_counts_running_requests_and_unapplied_usage() -> None:
     assert holds[0].held_nanos == 5 * USD and unapplied == []
 
 
+OTHER = ("weekly", "", DAY_START)
+
+
+def test_a_batch_named_applied_by_a_reports_answer_stops_counting_on_its_windows() -> None:
+    """A Reserve (or holds report) named an in-flight batch as unapplied; the
+    control plane had applied it, and its answer's totals include it. Those
+    windows count it once (in the total), not also as unsent, from that
+    answer on; the batch's other windows keep it until its own answer."""
+    state = new_state()
+    state.pending[KEY] = Increment(cost_nanos=2 * USD, requests=1)
+    state.pending[OTHER] = Increment(cost_nanos=3 * USD, requests=1)
+    sent = state.take_batch()
+    assert sent is not None and state.spent(KEY) == 2 * USD
+    state.take_totals([window(spent=2 * USD)], [sent.batch_id])
+    assert state.spent(KEY) == 2 * USD  # not 4: the total includes the batch
+    assert state.spent(OTHER) == 3 * USD  # no total of it yet: still counted
+    assert sent.batch_id in state.in_flight
+    # Named no more in reports on that window: the hold does not count it.
+    holds, unapplied = state.hold_report([KEY])
+    assert [h.held_nanos for h in holds] == [0] and unapplied == []
+    holds, unapplied = state.hold_report([OTHER])
+    assert [h.held_nanos for h in holds] == [3 * USD]
+    assert [b.batch_id for b in unapplied] == [sent.batch_id]
+    # With the total of its last window (here by the state stream) it is gone.
+    other_total = dp.WindowSpend(
+        policy_id=OTHER[0],
+        window_start=timestamp(DAY_START),
+        window_end=timestamp(DAY_START + 7 * 86400),
+        spent_nanos=3 * USD,
+    )
+    state.apply_update(
+        dp.StateUpdate(
+            spend=[other_total],
+            applied_batches=[
+                dp.AppliedBatch(data_plane_id="someone-else", batch_id="theirs"),
+                dp.AppliedBatch(data_plane_id="me", batch_id=sent.batch_id),
+            ],
+        ),
+        datetime.fromtimestamp(DAY_START + 5, UTC),
+    )
+    assert state.in_flight == {}
+    assert (state.spent(KEY), state.spent(OTHER)) == (2 * USD, 3 * USD)
+
+
+def test_an_applied_batch_named_for_windows_it_does_not_touch_stays() -> None:
+    state = new_state()
+    state.pending[OTHER] = Increment(cost_nanos=3 * USD, requests=1)
+    sent = state.take_batch()
+    assert sent is not None
+    state.take_totals([window(spent=USD)], [sent.batch_id, "unknown-batch"])
+    assert list(state.in_flight) == [sent.batch_id] and state.spent(OTHER) == 3 * USD
+
+
 def test_a_window_reported_at_zero_is_no_longer_reported() -> None:
     state = new_state()
     state.reserve([(KEY, USD)])

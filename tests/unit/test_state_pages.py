@@ -88,15 +88,19 @@ def test_split_leaves_a_small_update_alone_and_cuts_a_large_one() -> None:
     assert merged == large
 
 
-def test_an_applied_batch_is_marked_on_the_last_piece_only() -> None:
+def test_applied_batches_are_marked_on_the_last_piece_only() -> None:
     update = dp.StateUpdate(
         spend=[window(i) for i in range(300)],
         applied=dp.AppliedBatch(data_plane_id="dp-" + "d" * 60, batch_id="b" * 80),
+    )
+    update.applied_batches.extend(
+        dp.AppliedBatch(data_plane_id="dp-" + "d" * 60, batch_id=f"{i:080d}") for i in range(20)
     )
     pieces = split(update, LIMIT)
     assert len(pieces) > 2 and all(p.ByteSize() <= LIMIT for p in pieces)
     assert [p.HasField("applied") for p in pieces] == [False] * (len(pieces) - 1) + [True]
     assert pieces[-1].applied == update.applied
+    assert [len(p.applied_batches) for p in pieces] == [0] * (len(pieces) - 1) + [20]
     merged = dp.StateUpdate()
     for p in pieces:
         merged.MergeFrom(p)
