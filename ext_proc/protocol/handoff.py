@@ -48,7 +48,10 @@ where it was metered. A hold nobody ends (the metering worker killed) expires
 after REMOTE_CAP_S, longer than any request Envoy lets run (route timeout
 600 s). Siblings prove themselves with the group's key
 (``SPENDGATE_HANDOFF_KEY``, set by ``--workers`` for its workers; an abstract
-socket has no file permissions), sent first on every connection. A worker
+socket has no file permissions), sent first on every connection; a token
+names its group (``group_tag``), so a token of another group (ext_proc
+with --workers on several hosts behind one Envoy cluster) is metered as
+without workers, nobody told. A worker
 killed with ``kill -9`` loses, as always, the usage charged since its last
 flush, now including what its siblings handed it in that time.
 """
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import itertools
 import os
@@ -84,6 +88,12 @@ KEY_ENV = "SPENDGATE_HANDOFF_KEY"
 LISTEN_BACKLOG = 128
 MAX_LINE = 1 << 20  # a sibling's message, at most (a handoff is about 1 KB)
 MAX_PENDING = 16 << 20  # buffered for a sibling not reading, at most
+
+
+def group_tag(key: bytes) -> str:
+    """The part of a --workers group's tokens that names the group: from
+    its key (one way: the tag is in Envoy's metadata, the key is not)."""
+    return hashlib.sha256(b"spendgate-handoff-group\0" + key).hexdigest()[:12]
 
 
 def sibling_address(prefix: str) -> str:
@@ -155,8 +165,10 @@ class Handoffs:
     def __init__(self, ctx: Context, clock: Callable[[], float] = time.monotonic) -> None:
         self.ctx = ctx
         self.clock = clock
-        # Tokens name this process (random: ports and pids repeat) and a count.
+        # Tokens name this process (random: ports and pids repeat) and a
+        # count; in a --workers group, the group first (``listen``).
         self.prefix = os.urandom(8).hex()
+        self.group = ""
         self.count = itertools.count(1)
         self.parked: dict[str, tuple[float, RequestProcessor]] = {}
         # Parked requests another worker meters: their holds wait for its "end".
@@ -171,6 +183,8 @@ class Handoffs:
     async def listen(self, key: bytes) -> None:
         """Take the siblings' messages (--workers); ``key``: the group's."""
         self.key = key
+        self.group = group_tag(key)
+        self.prefix = f"{self.group}-{self.prefix}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(sibling_address(self.prefix))
         sock.listen(LISTEN_BACKLOG)
@@ -189,6 +203,18 @@ class Handoffs:
         for peer in self.peers.values():
             peer.close()
         self.peers.clear()
+
+    def sibling(self, token: str) -> bool:
+        """``token`` was issued by another worker of this group: one on
+        this host, which holds the request's hold and wants to be told. A
+        token of another group (ext_proc on another host, or another group
+        on this one) is metered here like one of a single process: its
+        admitting process releases its hold after handoff_timeout_s."""
+        return (
+            self.server is not None
+            and token.startswith(self.group + "-")
+            and not token.startswith(self.prefix + ".")
+        )
 
     def tell(self, line: bytes, token: str) -> bool:
         """Send ``line`` to the worker that admitted ``token``. False (logged
@@ -317,8 +343,7 @@ class Handoffs:
             log.error("handoff metadata unreadable; this response is not metered", error=str(e))
             return None
         stats.handoffs["restored"] += 1
-        foreign = self.server is not None and not token.startswith(self.prefix + ".")
-        if foreign and self.tell(b"take " + token.encode(), token):
+        if self.sibling(token) and self.tell(b"take " + token.encode(), token):
             proc.handoff_from = token
             proc.charge_elsewhere = self._charge_at_admitter
         return proc

@@ -300,12 +300,39 @@ async def test_a_metering_worker_that_cannot_reach_the_admitting_one_charges_its
     """The admitting worker is gone (its holds went with it): the response is
     charged where it was metered, and the failure is loud."""
     monkeypatch.setenv(KEY_ENV, KEY)
-    async with running(**OBSERVE) as a, running(**WORKERS) as b:
+    async with running(**WORKERS) as a, running(**WORKERS) as b:
         for ext in (a, b):
             ext.set_policies(policy("global"))
-        handoff = await admit(a)  # a does not listen: as good as gone
+        handoff = await admit(a)
+        listener = a.server.processor.handoffs.server
+        assert listener is not None
+        listener.close()  # a listens no more: as good as gone
+        await listener.wait_closed()
         await meter(b, response(handoff))
         assert b.stats.handoffs["untold"] == 1
+        assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
+
+
+@pytest.mark.parametrize("admitter", ["single process", "another group"])
+async def test_a_token_of_another_group_is_metered_as_without_workers(
+    monkeypatch: pytest.MonkeyPatch, admitter: str
+) -> None:
+    """ext_proc with --workers on several hosts behind one Envoy cluster: a
+    metering stream may bring a token of another host's group (or of an
+    ext_proc without workers). No sibling of this group holds it, so nobody
+    is told (no error per stream, no `untold`): the response is charged
+    here, and the admitting process releases its hold after
+    handoff_timeout_s, as without workers."""
+    monkeypatch.setenv(KEY_ENV, "o" * 32)
+    settings = OBSERVE if admitter == "single process" else WORKERS
+    async with running(**settings) as a:
+        a.set_policies(policy("global"))
+        handoff = await admit(a)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    async with running(**WORKERS) as b:
+        b.set_policies(policy("global"))
+        await meter(b, response(handoff))
+        assert b.stats.handoffs["untold"] == 0 and b.stats.handoffs["restored"] == 1
         assert b.pending() == {GLOBAL_KEY: Increment(COST, 1, 0)}
 
 
