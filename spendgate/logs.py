@@ -63,7 +63,10 @@ def configure(*, json: bool, level: str = "info", stream: TextIO | None = None) 
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write per line, newline included: print() writes the newline
+        # apart, and stderr writes through, so the lines of processes sharing
+        # it (ext_proc --workers) interleaved mid-line.
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(out)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,3 +237,37 @@ def _exceeded(budgets: Any, policy_id: str, metadata: Any) -> bool:
         pb.ListSpendRequest(policy_id=policy_id), metadata=metadata, timeout=10
     )
     return any(e.exceeded for e in resp.entries)
+
+
+WRITER = """
+import sys
+import structlog
+from spendgate import logs
+logs.configure(json=True)
+log = structlog.get_logger("spendgate.test")
+for i in range(int(sys.argv[1])):
+    log.info("line from a worker", worker=sys.argv[2], i=i, pad="x" * 200)
+"""
+
+
+def test_processes_sharing_stderr_write_whole_lines() -> None:
+    """ext_proc --workers: the workers write their logs to the parent's
+    stderr. Each line is one write, so no line is cut by another process's
+    (they were: print() writes the newline apart, and stderr writes
+    through: two workers' lines came out as one unparseable line)."""
+    path = tempdir() / "shared.log"
+    lines = 2000
+    with path.open("wb") as f:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(lines), str(k)],
+                stderr=f,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+            for k in range(3)
+        ]
+        assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    events = _json_lines(path.read_text())
+    assert sorted((e["worker"], e["i"]) for e in events) == [
+        (str(k), i) for k in range(3) for i in range(lines)
+    ]
