@@ -397,6 +397,7 @@ class ControlPlaneSync:
         if not state.holds_dirty and now - self._holds_reported_at < HOLDS_REFRESH_S:
             return
         holds, unapplied = state.hold_report()
+        known = set(state.in_flight)
         msg = dp.ReportUsageRequest(
             data_plane_id=self.settings.identity,
             holds=holds,
@@ -412,7 +413,7 @@ class ControlPlaneSync:
             log.debug("holds not reported; will retry", code=e.code().name)
             return
         self._holds_reported_at = now
-        state.take_totals(resp.spend, resp.applied_batch_ids)
+        state.take_totals(resp.spend, resp.applied_batch_ids, known)
 
     async def reserve(self, holds: list[tuple[SpendKey, int]]) -> dp.ReserveVerdict | None:
         """Ask the control plane to admit a request near a budget's line
@@ -449,6 +450,7 @@ class ControlPlaneSync:
             queued, self._reserve_queue = self._reserve_queue, []
             keys = list(dict.fromkeys(k for q in queued for k, _ in q[0]))
             holds, unapplied = state.hold_report(keys)
+            known = set(state.in_flight)
             msg = dp.ReserveRequest(
                 data_plane_id=self.settings.identity,
                 holds=holds,
@@ -481,7 +483,7 @@ class ControlPlaneSync:
             except grpc.aio.AioRpcError as e:
                 self._arbiter_failed(e.code().name)
             else:
-                state.take_totals(resp.spend, resp.applied_batch_ids)
+                state.take_totals(resp.spend, resp.applied_batch_ids, known)
                 verdicts = list(resp.verdicts)
             for (_, answer), verdict in zip(queued, verdicts, strict=True):
                 if not answer.done():

@@ -11,10 +11,12 @@ Totals only grow within a window, so totals from acks and from the state
 stream are merged with max(). A batch stops being ours to count when the
 first total that includes it arrives: the ack, or the state stream message
 marked with its id (``StateUpdate.applied``), or the answer to a report that
-named it as unapplied (``applied_batch_ids``), whichever comes first. Only a
-total from another data plane's batch applied just after ours, arriving
-before either, counts ours twice for a moment: an over-estimate, never an
-under-estimate.
+named it as unapplied (``applied_batch_ids``), whichever comes first. The
+answer to a report (Reserve, holds) may carry a total that counts a batch
+made after the report, which it cannot name: such a window's total is left
+to the stream (``take_totals``). Only a total from another data plane's
+batch applied just after ours, arriving before either, counts ours twice for
+a moment: an over-estimate, never an under-estimate.
 
 With a journal (ext_proc/sync/journal.py), every batch is written durably before
 it is sent, and acknowledged batches are marked there. Usage that cannot be
@@ -28,7 +30,7 @@ the durable copy.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -429,11 +431,27 @@ class LocalState:
         self.take_totals(resp.spend, resp.applied_batch_ids)
         self._applied(batch.batch_id)
 
-    def take_totals(self, spend: Sequence[dp.WindowSpend], applied: Sequence[str]) -> None:
+    def take_totals(
+        self,
+        spend: Sequence[dp.WindowSpend],
+        applied: Sequence[str],
+        known: Collection[str] | None = None,
+    ) -> None:
         """Totals from the answer to a report of ours, and the batches it
         named as unapplied that those totals include (applied already): they
         stop counting as unsent in the same step, not when their own answer
-        arrives."""
+        arrives.
+
+        ``known``: the batches in flight when the report was made (a Reserve
+        or holds report, which may cross batches on their way). A batch made
+        since (of usage then pending) may have been applied before the
+        report, and its total then counts it while it is still ours: such a
+        window's total is left to the state stream, which marks the batch.
+        """
+        if known is not None:
+            made_since = [b for i, b in self.in_flight.items() if i not in known]
+            if made_since:
+                spend = [ws for ws in spend if not _touched(made_since, ws)]
         self.merge_spend(spend)
         if applied:
             self._settled(applied, spend)
@@ -573,6 +591,11 @@ class LocalState:
     def pruning(self) -> bool:
         """Ended windows remain to delete (``prune_more``)."""
         return bool(self.windows.ending)
+
+
+def _touched(batches: Iterable[Batch], ws: dp.WindowSpend) -> bool:
+    key = (ws.policy_id, ws.member, ws.window_start.seconds)
+    return any(key in b.increments for b in batches)
 
 
 def _hold(key: SpendKey, nanos: int, requests: int = 0) -> dp.WindowHold:

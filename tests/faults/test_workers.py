@@ -319,7 +319,10 @@ def test_streams_reach_every_worker_and_a_shared_budget_holds(group: Group) -> N
     # that admitted it, in the step that ends its hold (charged where it was
     # metered, the control plane saw both or neither for a flush: 79 and 84
     # in CI runs).
-    assert ROOM * c <= recorded <= ROOM * c + c
+    assert ROOM * c <= recorded <= ROOM * c + c, [
+        (e.get("reason"), e.get("held_nanos", 0), e.get("held_requests", 0))
+        for e in group.events("rejected")
+    ]
     rejected = sum(
         v
         for s in group.workers().values()

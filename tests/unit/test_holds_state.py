@@ -191,6 +191,37 @@ def test_a_batch_named_applied_by_a_reports_answer_stops_counting_on_its_windows
     assert (state.spent(KEY), state.spent(OTHER)) == (2 * USD, 3 * USD)
 
 
+def test_a_reports_total_that_may_count_a_batch_made_since_is_not_taken() -> None:
+    """A Reserve is built while $2 of usage is pending; the usage then goes
+    out as a batch, which the control plane may apply before the Reserve.
+    The Reserve's answer then carries a total that counts the batch, still
+    ours to count until its answer or its mark on the state stream: that
+    window's total waits for them (else $2 counts twice). Other windows'
+    totals are taken."""
+    state = new_state()
+    state.pending[KEY] = Increment(cost_nanos=2 * USD, requests=1)
+    known = set(state.in_flight)  # the Reserve is built: no batch yet
+    sent = state.take_batch()
+    assert sent is not None
+    other_total = dp.WindowSpend(
+        policy_id=OTHER[0],
+        window_start=timestamp(DAY_START),
+        window_end=timestamp(DAY_START + 7 * 86400),
+        spent_nanos=5 * USD,
+    )
+    state.take_totals([window(spent=2 * USD), other_total], [], known)
+    assert state.spent(KEY) == 2 * USD  # not 4
+    assert state.spent(OTHER) == 5 * USD
+    state.apply_update(
+        dp.StateUpdate(
+            spend=[window(spent=2 * USD)],
+            applied=dp.AppliedBatch(data_plane_id="me", batch_id=sent.batch_id),
+        ),
+        datetime.fromtimestamp(DAY_START + 5, UTC),
+    )
+    assert state.spent(KEY) == 2 * USD and state.in_flight == {}
+
+
 def test_an_applied_batch_named_for_windows_it_does_not_touch_stays() -> None:
     state = new_state()
     state.pending[OTHER] = Increment(cost_nanos=3 * USD, requests=1)
