@@ -270,15 +270,21 @@ async def reserve(cp: Runtime, req: dp.ReserveRequest) -> dp.ReserveResponse:
     def arbitrate(s: Session) -> tuple[dp.ReserveResponse, list[dp.WindowSpend]]:
         return decide(s, req, now, cp.hold_ttl_s, cp.changed)
 
-    resp, messages = await cp.run(arbitrate)
-    if messages:
-        cp.hub.publish(
-            dp.StateUpdate(
-                spend=messages,
-                applied_batches=[
-                    dp.AppliedBatch(data_plane_id=req.data_plane_id, batch_id=b)
-                    for b in resp.applied_batch_ids
-                ],
+    def publish(result: tuple[dp.ReserveResponse, list[dp.WindowSpend]]) -> None:
+        # Published like a usage batch's totals (on commit, also for a caller
+        # gone meanwhile), so in the order the transactions completed: a
+        # batch's mark is not overtaken by a Reserve's totals that count it.
+        resp, messages = result
+        if messages:
+            cp.hub.publish(
+                dp.StateUpdate(
+                    spend=messages,
+                    applied_batches=[
+                        dp.AppliedBatch(data_plane_id=req.data_plane_id, batch_id=b)
+                        for b in resp.applied_batch_ids
+                    ],
+                )
             )
-        )
+
+    resp, _ = await cp.run(arbitrate, publish)
     return resp
